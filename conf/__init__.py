@@ -1,0 +1,1 @@
+"""Hydra configs of skinclf, shipped inside the package as skinclf.conf."""

@@ -1,0 +1,3 @@
+from skinclf.cli import main
+
+main()

@@ -1,0 +1,49 @@
+"""`skinclf COMMAND ...`: a thin dispatcher; each command lives in its own module."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from skinclf.errors import EXIT_USER_ERROR, SkinclfError
+
+# command -> (module with a ``main(args: list[str])``, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("skinclf.train", "train one combination; -m/--multirun sweeps (Hydra overrides)"),
+}
+
+USAGE = """usage: skinclf COMMAND [ARGS]
+
+Melanoma vs nevus classification experiments: the eight CNN combinations of the DAT341 study.
+A research aid, not a diagnostic device.
+
+commands:
+{commands}
+
+`skinclf COMMAND --help` explains each command."""
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return USAGE.format(commands="\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(
+            f"skinclf: error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_USER_ERROR)
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        module.main(args)
+    except SkinclfError as err:
+        print(f"skinclf {command}: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

@@ -1,0 +1,76 @@
+"""The in-memory form of a dataset: decoded uint8 images and 0/1 labels per split."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import get_method
+from omegaconf import DictConfig
+
+from skinclf.errors import SkinclfError
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """One split. ``images``: uint8 (N, 3, H, W) in channels-last memory; ``labels``: float (N,), MEL = 1."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(
+                f"expected uint8 (N, 3, H, W) images, got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.labels = self.labels.to(torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def class_counts(self) -> dict[str, int]:
+        n_mel = int(self.labels.sum().item())
+        return {"NV": len(self) - n_mel, "MEL": n_mel}
+
+
+@dataclass
+class ImageSplits:
+    """train/val/test splits of one dataset. ``test`` is None where a dataset has no test split."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split | None = None
+
+    def items(self) -> list[tuple[str, Split]]:
+        return [
+            (n, s)
+            for n, s in (("train", self.train), ("val", self.val), ("test", self.test))
+            if s is not None
+        ]
+
+    def describe(self) -> str:
+        parts = [
+            f"{n} {len(s)} (MEL {s.class_counts()['MEL']}, NV {s.class_counts()['NV']})"
+            for n, s in self.items()
+        ]
+        return f"data={self.name}: " + ", ".join(parts)
+
+
+def load_splits(data_cfg: DictConfig) -> ImageSplits:
+    """Load the dataset named by ``data_cfg.loader`` (a dotted path to a function of data_cfg)."""
+    loader = get_method(data_cfg.loader)
+    splits: ImageSplits = loader(data_cfg)
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise SkinclfError(f"data={splits.name}: the {name} split is empty")
+    log.info(splits.describe())
+    return splits

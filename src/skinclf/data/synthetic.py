@@ -1,0 +1,183 @@
+"""Built-in synthetic dermoscopy-like images, so that skinclf runs with no download.
+
+NOT real patients and not a benchmark: each image is drawn from a latent "malignancy" score z
+(MEL: z ~ N(+SEPARATION, 1), NV: z ~ N(-SEPARATION, 1)) that drives size, border irregularity,
+asymmetry and colour variegation, each with its own noise. The two score distributions overlap,
+so the classes are separable only up to a Bayes accuracy well below 100%, like real MEL vs NV.
+Nuisances unrelated to the label: skin tone, lesion position, lighting, vignetting, hair, noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from skinclf.data.splits import ImageSplits, Split
+from skinclf.errors import SkinclfError
+from skinclf.io import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+# Bump when the drawing code changes, so that cached images are regenerated.
+GENERATOR_VERSION = 1
+SEPARATION = 0.9
+IMAGE_SIZE = 128
+
+_SKIN_LIGHT = np.array([236.0, 200.0, 178.0])
+_SKIN_DARK = np.array([150.0, 105.0, 80.0])
+_NEVUS_BROWN = np.array([[165.0, 112.0, 75.0], [105.0, 65.0, 42.0]])
+_MEL_COLOURS = np.array(
+    [
+        [45.0, 30.0, 28.0],  # black-brown
+        [95.0, 100.0, 120.0],  # blue-grey veil
+        [170.0, 80.0, 75.0],  # red / pink
+    ]
+)
+
+
+def _smooth_field(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, n: int = 4
+) -> np.ndarray:
+    """A smooth random field in about [-1, 1]: a sum of a few low-frequency plane waves."""
+    field = np.zeros_like(xx)
+    for _ in range(n):
+        freq = rng.uniform(1.5, 6.0) * 2 * np.pi / IMAGE_SIZE
+        angle = rng.uniform(0, 2 * np.pi)
+        field += np.cos(
+            freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi)
+        )
+    return field / np.sqrt(n)
+
+
+def draw_lesion(
+    rng: np.random.Generator,
+    label: int,
+    size: int = IMAGE_SIZE,
+    center: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one image of class ``label`` (1 = MEL). Returns (uint8 HxWx3 image, bool lesion mask)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    z = rng.normal(SEPARATION if label == 1 else -SEPARATION, 1.0)
+
+    # Background skin: tone, smooth lighting, dermoscope vignetting.
+    tone = rng.uniform(0, 1) ** 1.5
+    skin = _SKIN_LIGHT * (1 - tone) + _SKIN_DARK * tone
+    img = np.broadcast_to(skin, (size, size, 3)).copy()
+    img *= (1 + 0.06 * _smooth_field(rng, yy, xx, 2))[..., None]
+    if center is None:
+        center = (size / 2 + rng.uniform(-14, 14), size / 2 + rng.uniform(-14, 14))
+    cy, cx = center
+
+    # Shape: radius, elongation and a wavy border, larger and more irregular with z.
+    radius = np.clip(25 + 5.5 * z + rng.normal(0, 3.5), 9, 52)
+    elong = np.clip(1.12 + 0.08 * z + rng.normal(0, 0.08), 1.0, 1.7)
+    wobble = np.clip(0.07 + 0.045 * z + rng.normal(0, 0.025), 0.0, 0.3)
+    rot = rng.uniform(0, np.pi)
+    dy, dx = yy - cy, xx - cx
+    u = np.cos(rot) * dx + np.sin(rot) * dy
+    v = (-np.sin(rot) * dx + np.cos(rot) * dy) * elong
+    theta = np.arctan2(v, u)
+    dist = np.hypot(u, v)
+    border = np.ones_like(theta)
+    for k in range(2, 8):
+        border += (
+            wobble
+            * rng.normal(0, 1)
+            / np.sqrt(k - 1)
+            * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+        )
+    # Asymmetry: one side of the lesion reaches further out than the other.
+    border += np.clip(0.08 * z + rng.normal(0, 0.05), 0, 0.35) * np.cos(
+        theta - rng.uniform(0, 2 * np.pi)
+    )
+    edge_width = np.clip(1.5 + 0.8 * z + rng.normal(0, 0.6), 0.6, 5.0)
+    alpha = 1 / (1 + np.exp((dist - radius * border) / edge_width))
+
+    # Colour: nevi are an even brown; with z, patches of black, blue-grey and red appear.
+    lesion = _NEVUS_BROWN[0] + (_NEVUS_BROWN[1] - _NEVUS_BROWN[0]) * rng.uniform(0, 1)
+    lesion_img = np.broadcast_to(lesion, (size, size, 3)).copy()
+    lesion_img *= (1 + 0.05 * _smooth_field(rng, yy, xx))[..., None]
+    variegation = 1 / (1 + np.exp(-(1.6 * z + rng.normal(0, 0.9) - 0.8)))
+    for colour in _MEL_COLOURS:
+        weight = (
+            np.clip(_smooth_field(rng, yy, xx) + 1.3 * variegation - 1.1, 0, 1)[..., None]
+            * variegation
+        )
+        lesion_img = lesion_img * (1 - weight) + colour * weight
+    # Darker centre, as in most pigmented lesions.
+    lesion_img *= (1 - 0.15 * np.exp(-((dist / max(radius, 1)) ** 2)))[..., None]
+    img = img * (1 - alpha[..., None]) + lesion_img * alpha[..., None]
+
+    # Hair: a few thin dark curved strokes across the image.
+    for _ in range(rng.poisson(1.2)):
+        angle = rng.uniform(0, np.pi)
+        py, px = rng.uniform(0, size, 2)
+        normal = -np.sin(angle) * (xx - px) + np.cos(angle) * (yy - py)
+        along = np.cos(angle) * (xx - px) + np.sin(angle) * (yy - py)
+        normal += rng.normal(0, 0.004) * along**2
+        hair = np.exp(-((normal / rng.uniform(0.5, 1.1)) ** 2))[..., None]
+        img = img * (1 - 0.7 * hair) + np.array([40.0, 30.0, 25.0]) * 0.7 * hair
+
+    # Dermoscope field of view: dark corners outside a circle.
+    rim = np.hypot(yy - size / 2, xx - size / 2) / (size * rng.uniform(0.62, 0.85))
+    img *= np.clip(1.15 - rim**4, 0.05, 1)[..., None]
+    img += rng.normal(0, 4.0, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), alpha > 0.5
+
+
+def generate_split(seed: int, split_index: int, n: int, size: int = IMAGE_SIZE) -> Split:
+    """``n`` images (n // 2 MEL, the rest NV, in random order), deterministic from the seeds."""
+    rng = np.random.default_rng([seed, split_index, GENERATOR_VERSION])
+    labels = np.zeros(n, dtype=np.int64)
+    labels[: n // 2] = 1
+    rng.shuffle(labels)
+    images = (
+        np.stack([draw_lesion(rng, int(y), size)[0] for y in labels])
+        if n
+        else np.zeros((0, size, size, 3), np.uint8)
+    )
+    # NHWC storage seen as NCHW: channels-last, the layout the fast training path wants.
+    return Split(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels).float())
+
+
+def load_splits(data_cfg: DictConfig) -> ImageSplits:
+    """Generate (first use) or load from ``data_cfg.cache_dir`` the synthetic train/val/test splits."""
+    sizes = {
+        "train": int(data_cfg.train_size),
+        "val": int(data_cfg.val_size),
+        "test": int(data_cfg.test_size),
+    }
+    for name, n in sizes.items():
+        if n < 2:
+            raise SkinclfError(
+                f"data.{name}_size={n}: the synthetic data needs at least 2 images per split"
+            )
+    seed = int(data_cfg.get("seed", 0))
+    key = json.dumps({"version": GENERATOR_VERSION, "seed": seed, "sizes": sizes}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    cache = Path(data_cfg.cache_dir) / f"synthetic_{digest}.pt"
+    if cache.exists():
+        stored = torch.load(cache, weights_only=True)
+        log.info(f"synthetic data: loaded from cache {cache}")
+    else:
+        log.info(
+            f"synthetic data: generating {sum(sizes.values())} images (seed {seed}) into {cache}"
+        )
+        stored = {}
+        for index, (name, n) in enumerate(sizes.items()):
+            split = generate_split(seed, index, n)
+            stored[name] = {"images": split.images, "labels": split.labels}
+        try:
+            atomic_torch_save(stored, cache)
+        except OSError as err:
+            raise SkinclfError(
+                f"data.cache_dir={data_cfg.cache_dir}: cannot write the synthetic data cache: {err}"
+            ) from err
+    splits = {name: Split(d["images"], d["labels"]) for name, d in stored.items()}
+    return ImageSplits(name="synthetic", **splits)

@@ -1,0 +1,1 @@
+"""Turning predictions into the numbers the paper reports."""

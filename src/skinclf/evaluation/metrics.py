@@ -1,0 +1,22 @@
+"""Binary classification metrics with MEL as the positive class."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
+    """Accuracy, F1, sensitivity, specificity, ROC AUC and the confusion counts at ``threshold``."""
+    labels = np.asarray(labels).astype(int)
+    preds = (np.asarray(probs) >= threshold).astype(int)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, preds, labels=[0, 1]).ravel())
+    both_classes = len(np.unique(labels)) == 2
+    return {
+        "accuracy": (tp + tn) / max(len(labels), 1),
+        "f1": float(f1_score(labels, preds, zero_division=0)),
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "roc_auc": float(roc_auc_score(labels, probs)) if both_classes else float("nan"),
+        "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    }

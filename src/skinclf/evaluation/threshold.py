@@ -1,0 +1,21 @@
+"""The operating point: the decision threshold chosen on validation for a target sensitivity."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity (MEL recall) on these labels reaches ``target``.
+
+    Missing a melanoma costs more than a false alarm (paper section 4), so the threshold is
+    lowered from 0.5 until at least ``target`` of the MEL images are flagged; the highest such
+    threshold keeps specificity as high as possible.
+    """
+    labels = np.asarray(labels).astype(int)
+    mel_probs = np.sort(np.asarray(probs)[labels == 1])[::-1]
+    if len(mel_probs) == 0:
+        return 0.5
+    # Flagging the k highest-scoring MEL images needs threshold <= their k-th probability.
+    k = int(np.ceil(target * len(mel_probs) - 1e-9))
+    return float(mel_probs[max(k, 1) - 1])

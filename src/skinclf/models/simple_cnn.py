@@ -1,0 +1,53 @@
+"""The paper's baseline CNN and its three normalisation variants (Appendix C.1-C.5)."""
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Norm = Literal["none", "batch", "group", "layer"]
+
+IMAGE_SIZE = 128
+GROUP_SIZE = 8  # channels per GroupNorm group, as in the paper (32 channels -> 4 groups)
+
+
+def _norm_layer(norm: Norm, channels: int, spatial: int) -> nn.Module | None:
+    if norm == "none":
+        return None
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "group":
+        return nn.GroupNorm(channels // GROUP_SIZE, channels)
+    if norm == "layer":
+        # Over (C, H, W) with an affine weight per element: this is what makes layer_norm the
+        # paper's largest from-scratch model (9,981,121 parameters).
+        return nn.LayerNorm([channels, spatial, spatial])
+    raise ValueError(f"model.arch.norm={norm!r}: expected one of none, batch, group, layer")
+
+
+class SimpleCNN(nn.Sequential):
+    """2 x (conv3x3 [+ norm] + ReLU + maxpool2) with 32 and 64 channels, then FC 65536-128-1.
+
+    Returns one logit per image; ``sigmoid(logit) >= 0.5`` means MEL.
+    """
+
+    def __init__(self, norm: Norm = "none", image_size: int = IMAGE_SIZE) -> None:
+        layers: list[nn.Module] = []
+        in_channels, spatial = 3, image_size
+        for out_channels in (32, 64):
+            layers.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
+            norm_layer = _norm_layer(norm, out_channels, spatial)
+            if norm_layer is not None:
+                layers.append(norm_layer)
+            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            in_channels, spatial = out_channels, spatial // 2
+        layers += [
+            nn.Flatten(),
+            nn.Linear(in_channels * spatial * spatial, 128),
+            nn.ReLU(inplace=True),
+            nn.Linear(128, 1),
+        ]
+        super().__init__(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)

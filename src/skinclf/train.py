@@ -1,0 +1,159 @@
+"""`skinclf train`: one run (or, with -m, a sweep) of a paper combination, from Hydra config.
+
+The data flows: source (cfg.data) -> decoded uint8 splits -> pipeline of the model
+(cfg.model.pipeline) -> architecture (cfg.model.arch) -> the shared loop -> run files.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from skinclf.data import load_splits
+from skinclf.errors import EXIT_USER_ERROR, SkinclfError
+from skinclf.evaluation.metrics import binary_metrics
+from skinclf.evaluation.threshold import threshold_for_sensitivity
+from skinclf.io import atomic_write_json
+from skinclf.models import build_model
+from skinclf.training.checkpoint import load_checkpoint
+from skinclf.training.hardware import resolve_device, resolve_precision
+from skinclf.training.loop import LoopSettings, evaluate, fit
+
+log = logging.getLogger("skinclf")
+
+DISCLAIMER = "skinclf is a research aid, not a diagnostic device."
+
+
+def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
+    return LoopSettings(
+        max_epochs=int(cfg.trainer.max_epochs),
+        patience=int(cfg.trainer.patience),
+        batch_size=int(cfg.data.batch_size),
+        eval_batch_size=int(cfg.trainer.eval_batch_size),
+        lr=float(cfg.optim.lr),
+        weight_decay=float(cfg.optim.weight_decay),
+        precision=precision,
+        channels_last=bool(cfg.trainer.channels_last),
+        progress=str(cfg.trainer.progress),
+        seed=int(cfg.seed),
+    )
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    """Train and test one combination; writes the run files into ``out_dir`` and returns the test metrics."""
+    torch.manual_seed(int(cfg.seed))
+    device = resolve_device(str(cfg.device))
+    precision = resolve_precision(str(cfg.trainer.precision), device)
+    settings = loop_settings(cfg, precision)
+    if settings.max_epochs < 1 or settings.batch_size < 1:
+        raise SkinclfError("trainer.max_epochs and data.batch_size must be at least 1")
+    log.info(
+        f"model={cfg.model.name} data={cfg.data.name} seed={cfg.seed} device={device} "
+        f"precision={precision} channels_last={settings.channels_last}"
+    )
+
+    splits = load_splits(cfg.data)
+    pipeline = instantiate(cfg.model.pipeline)
+    pipeline.fit(splits.train.images)
+    model = build_model(cfg.model)
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    result = fit(
+        model,
+        pipeline,
+        splits.train,
+        splits.val,
+        settings,
+        device,
+        out_dir,
+        extra_state={"config": config},
+        resume=bool(cfg.resume),
+    )
+
+    # The checkpoint with the best validation accuracy is the one that is tested.
+    best = load_checkpoint(out_dir / "best.pt", map_location=device)
+    model.load_state_dict(best["model"])
+    _, _, val_probs = evaluate(model, pipeline, splits.val, settings, device)
+    target = float(cfg.eval.target_sensitivity)
+    threshold = threshold_for_sensitivity(splits.val.labels.numpy(), val_probs, target)
+    metrics: dict = {
+        "best_epoch": result.best_epoch,
+        "best_val_acc": result.best_val_acc,
+        "epochs_run": result.epochs_run,
+        "data": splits.name,
+        "operating_point": {"target_sensitivity": target, "threshold": threshold},
+    }
+    predictions = [
+        pd.DataFrame(
+            {
+                "split": "val",
+                "index": np.arange(len(val_probs)),
+                "label": splits.val.labels.numpy().astype(int),
+                "prob_mel": val_probs,
+            }
+        )
+    ]
+    if splits.test is None:
+        log.info("no test split in this dataset: the run ends after validation")
+        metrics["n_test"] = 0
+    else:
+        _, _, test_probs = evaluate(model, pipeline, splits.test, settings, device)
+        labels = splits.test.labels.numpy()
+        metrics.update(binary_metrics(labels, test_probs), n_test=len(labels))
+        at_threshold = binary_metrics(labels, test_probs, threshold)
+        metrics["operating_point"].update(
+            test_sensitivity=at_threshold["sensitivity"],
+            test_specificity=at_threshold["specificity"],
+        )
+        predictions.append(
+            pd.DataFrame(
+                {
+                    "split": "test",
+                    "index": np.arange(len(labels)),
+                    "label": labels.astype(int),
+                    "prob_mel": test_probs,
+                }
+            )
+        )
+        log.info(
+            f"test ({len(labels)} images, best epoch {result.best_epoch}): accuracy {metrics['accuracy']:.4f} "
+            f"f1 {metrics['f1']:.4f} sensitivity {metrics['sensitivity']:.4f} "
+            f"specificity {metrics['specificity']:.4f} roc_auc {metrics['roc_auc']:.4f}"
+        )
+    pd.concat(predictions).to_csv(out_dir / "predictions.csv", index=False)
+    atomic_write_json(metrics, out_dir / "test_metrics.json")
+    return metrics
+
+
+def _remove_unstarted_run(out_dir: Path) -> None:
+    """Delete a run folder that holds nothing but what Hydra wrote before the run failed."""
+    if out_dir.is_dir() and all(p.name in {".hydra", "train.log"} for p in out_dir.iterdir()):
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://skinclf.conf", config_name="train")
+def hydra_main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, out_dir)
+    except SkinclfError as err:
+        print(f"skinclf train: error: {err}", file=sys.stderr)
+        _remove_unstarted_run(out_dir)
+        sys.exit(EXIT_USER_ERROR)
+    print(f"output directory: {out_dir}")
+
+
+def main(args: list[str]) -> None:
+    """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
+    sys.argv = ["skinclf train", *args]
+    hydra_main()

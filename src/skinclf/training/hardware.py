@@ -1,0 +1,65 @@
+"""Device and numeric-precision choices, resolved once at the start of a run and logged."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from skinclf.errors import SkinclfError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SkinclfError(
+                f"device={name}: no CUDA GPU is available here; use device=cpu or device=auto"
+            )
+        return torch.device(name)
+    raise SkinclfError(f"device={name}: expected auto, cpu or cuda")
+
+
+@lru_cache
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX-512 BF16 or AMX, where bf16 matmuls/convs run natively and fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the hardware runs it natively, fp32 elsewhere."""
+    if name not in PRECISIONS:
+        raise SkinclfError(f"trainer.precision={name}: expected one of {', '.join(PRECISIONS)}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def input_dtype(precision: str) -> torch.dtype:
+    """The dtype batches are fed in: the autocast dtype, so the model never casts its input."""
+    return _DTYPES[precision]
+
+
+def autocast(
+    precision: str, device: torch.device
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the forward-pass context: a no-op for fp32, ``torch.autocast`` otherwise."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=_DTYPES[precision])

@@ -1,0 +1,268 @@
+"""The one training loop shared by every model: Adam, early stopping on validation accuracy,
+atomic checkpoints every epoch, one metrics.csv row per epoch, and exact resume."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skinclf.data.splits import Split
+from skinclf.training.checkpoint import load_checkpoint, save_checkpoint
+from skinclf.training.hardware import autocast, input_dtype
+from skinclf.training.progress import progress
+
+log = logging.getLogger(__name__)
+
+METRICS_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs to know besides model and data (from cfg.trainer / cfg.optim)."""
+
+    max_epochs: int = 30
+    patience: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    precision: str = "fp32"
+    channels_last: bool = True
+    progress: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best validation accuracy; ``should_stop`` after ``patience`` epochs without one."""
+
+    patience: int
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, val_acc: float) -> bool:
+        """Record an epoch; True when it is a new best."""
+        if val_acc > self.best_val_acc:
+            self.best_val_acc, self.best_epoch, self.bad_epochs = val_acc, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_acc: float
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters; the fused kernel (one pass over all tensors) when available."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # older torch, or a device without a fused Adam
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    pipeline: Any,
+    images: torch.Tensor,
+    settings: LoopSettings,
+    device: torch.device,
+) -> torch.Tensor:
+    """Logits (float32, on CPU) for uint8 images, in eval mode, large batches, no augmentation."""
+    model.eval()
+    forward_ctx, dtype = autocast(settings.precision, device), input_dtype(settings.precision)
+    out = []
+    for start in range(0, len(images), settings.eval_batch_size):
+        batch = images[start : start + settings.eval_batch_size].to(device, non_blocking=True)
+        with forward_ctx():
+            out.append(model(pipeline.eval_batch(batch, dtype)).float().flatten().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def evaluate(
+    model: nn.Module, pipeline: Any, split: Split, settings: LoopSettings, device: torch.device
+) -> tuple[float, float, np.ndarray]:
+    """(mean BCE loss, accuracy at p >= 0.5, MEL probabilities) on a split."""
+    logits = predict_logits(model, pipeline, split.images, settings, device)
+    loss = F.binary_cross_entropy_with_logits(logits, split.labels).item()
+    acc = ((logits >= 0).float() == split.labels).float().mean().item()
+    return loss, acc, torch.sigmoid(logits).numpy()
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    pipeline: Any,
+    split: Split,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+    settings: LoopSettings,
+    device: torch.device,
+    desc: str,
+) -> tuple[float, float]:
+    model.train()
+    forward_ctx, dtype = autocast(settings.precision, device), input_dtype(settings.precision)
+    order = torch.randperm(len(split), generator=generator).to(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    starts = range(0, len(split), settings.batch_size)
+    for start in progress(starts, mode=settings.progress, desc=desc, unit="batch"):
+        idx = order[start : start + settings.batch_size]
+        x = pipeline.train_batch(split.images.index_select(0, idx), generator, dtype)
+        y = split.labels.index_select(0, idx)
+        with forward_ctx():
+            logits = model(x).flatten()
+        # Loss in fp32 whatever the forward precision.
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        # Accumulated on the device: no host sync per step.
+        loss_sum += loss.detach() * len(idx)
+        correct += ((logits.detach() >= 0).float() == y).sum()
+    return loss_sum.item() / len(split), correct.item() / len(split)
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(
+    state: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device
+) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def fit(
+    model: nn.Module,
+    pipeline: Any,
+    train: Split,
+    val: Split,
+    settings: LoopSettings,
+    device: torch.device,
+    out_dir: Path,
+    extra_state: dict[str, Any] | None = None,
+    resume: bool = False,
+) -> FitResult:
+    """Train with early stopping. Writes metrics.csv, last.pt (every epoch) and best.pt into
+    ``out_dir``; with ``resume``, continues from last.pt exactly where it stopped."""
+    extra_state = extra_state or {}
+    if device.type == "cuda":
+        # Small datasets of uint8 images fit on the GPU: move them once, not every batch.
+        train, val = (Split(s.images.to(device), s.labels.to(device)) for s in (train, val))
+    model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, settings.lr, settings.weight_decay, device)
+    # Loss scaling only matters for fp16; for other precisions the scaler is a pass-through.
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
+    generator = torch.Generator().manual_seed(settings.seed)
+    stopper = EarlyStopping(settings.patience)
+    history: list[dict[str, float]] = []
+    start_epoch = 1
+
+    last_path, best_path, metrics_path = (
+        out_dir / "last.pt",
+        out_dir / "best.pt",
+        out_dir / "metrics.csv",
+    )
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"], generator, device)
+        stopper = EarlyStopping(**state["early_stopping"])
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+        # Rows written after the checkpoint (a crash mid-epoch) are dropped with the epoch.
+        _write_metrics(metrics_path, history)
+        log.info(f"resuming from {last_path} after epoch {state['epoch']}")
+    elif resume:
+        log.info(f"resume=true but {last_path} does not exist: starting from epoch 1")
+
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, settings.max_epochs + 1):
+        if stopper.should_stop:
+            break
+        t0 = time.perf_counter()
+        desc = f"epoch {epoch}/{settings.max_epochs}"
+        train_loss, train_acc = _train_one_epoch(
+            model, pipeline, train, optimizer, scaler, generator, settings, device, desc
+        )
+        val_loss, val_acc, _ = evaluate(model, pipeline, val, settings, device)
+        is_best = stopper.update(epoch, val_acc)
+        row = {
+            "epoch": epoch,
+            "train_loss": round(train_loss, 6),
+            "train_acc": round(train_acc, 6),
+            "val_loss": round(val_loss, 6),
+            "val_acc": round(val_acc, 6),
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        history.append(row)
+        common = {
+            "model": model.state_dict(),
+            "epoch": epoch,
+            "pipeline": pipeline.state_dict(),
+            **extra_state,
+        }
+        if is_best:
+            save_checkpoint({**common, "val_acc": val_acc}, best_path)
+        save_checkpoint(
+            {
+                **common,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(generator, device),
+                "early_stopping": asdict(stopper),
+                "history": history,
+            },
+            last_path,
+        )
+        _write_metrics(metrics_path, history)
+        log.info(
+            f"epoch {epoch:>2}/{settings.max_epochs} train_loss {train_loss:.4f} train_acc {train_acc:.4f} "
+            f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} ({row['seconds']:.1f}s)"
+            + (" *best*" if is_best else "")
+        )
+    if stopper.should_stop:
+        log.info(f"early stopping: no better validation accuracy for {settings.patience} epochs")
+    return FitResult(stopper.best_epoch, stopper.best_val_acc, len(history), history)
