@@ -18,8 +18,6 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
     """The train config with ``overrides`` applied, exactly as ``skinclf train`` would see it."""
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            return compose(
-                CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config
-            )
+            return compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
     except HydraException as err:
         raise SkinclfError(str(err).strip().splitlines()[0]) from err

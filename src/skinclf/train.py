@@ -126,7 +126,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             )
         )
         log.info(
-            f"test ({len(labels)} images, best epoch {result.best_epoch}): accuracy {metrics['accuracy']:.4f} "
+            f"test ({len(labels)} images, best epoch {result.best_epoch}): "
+            f"accuracy {metrics['accuracy']:.4f} "
             f"f1 {metrics['f1']:.4f} sensitivity {metrics['sensitivity']:.4f} "
             f"specificity {metrics['specificity']:.4f} roc_auc {metrics['roc_auc']:.4f}"
         )

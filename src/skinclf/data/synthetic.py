@@ -41,17 +41,13 @@ _MEL_COLOURS = np.array(
 )
 
 
-def _smooth_field(
-    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, n: int = 4
-) -> np.ndarray:
+def _smooth_field(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, n: int = 4) -> np.ndarray:
     """A smooth random field in about [-1, 1]: a sum of a few low-frequency plane waves."""
     field = np.zeros_like(xx)
     for _ in range(n):
         freq = rng.uniform(1.5, 6.0) * 2 * np.pi / IMAGE_SIZE
         angle = rng.uniform(0, 2 * np.pi)
-        field += np.cos(
-            freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi)
-        )
+        field += np.cos(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
     return field / np.sqrt(n)
 
 
@@ -86,16 +82,9 @@ def draw_lesion(
     dist = np.hypot(u, v)
     border = np.ones_like(theta)
     for k in range(2, 8):
-        border += (
-            wobble
-            * rng.normal(0, 1)
-            / np.sqrt(k - 1)
-            * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-        )
+        border += wobble * rng.normal(0, 1) / np.sqrt(k - 1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
     # Asymmetry: one side of the lesion reaches further out than the other.
-    border += np.clip(0.08 * z + rng.normal(0, 0.05), 0, 0.35) * np.cos(
-        theta - rng.uniform(0, 2 * np.pi)
-    )
+    border += np.clip(0.08 * z + rng.normal(0, 0.05), 0, 0.35) * np.cos(theta - rng.uniform(0, 2 * np.pi))
     edge_width = np.clip(1.5 + 0.8 * z + rng.normal(0, 0.6), 0.6, 5.0)
     alpha = 1 / (1 + np.exp((dist - radius * border) / edge_width))
 
@@ -105,10 +94,7 @@ def draw_lesion(
     lesion_img *= (1 + 0.05 * _smooth_field(rng, yy, xx))[..., None]
     variegation = 1 / (1 + np.exp(-(1.6 * z + rng.normal(0, 0.9) - 0.8)))
     for colour in _MEL_COLOURS:
-        weight = (
-            np.clip(_smooth_field(rng, yy, xx) + 1.3 * variegation - 1.1, 0, 1)[..., None]
-            * variegation
-        )
+        weight = np.clip(_smooth_field(rng, yy, xx) + 1.3 * variegation - 1.1, 0, 1)[..., None] * variegation
         lesion_img = lesion_img * (1 - weight) + colour * weight
     # Darker centre, as in most pigmented lesions.
     lesion_img *= (1 - 0.15 * np.exp(-((dist / max(radius, 1)) ** 2)))[..., None]
@@ -155,9 +141,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
     }
     for name, n in sizes.items():
         if n < 2:
-            raise SkinclfError(
-                f"data.{name}_size={n}: the synthetic data needs at least 2 images per split"
-            )
+            raise SkinclfError(f"data.{name}_size={n}: the synthetic data needs at least 2 images per split")
     seed = int(data_cfg.get("seed", 0))
     key = json.dumps({"version": GENERATOR_VERSION, "seed": seed, "sizes": sizes}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -166,9 +150,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
         stored = torch.load(cache, weights_only=True)
         log.info(f"synthetic data: loaded from cache {cache}")
     else:
-        log.info(
-            f"synthetic data: generating {sum(sizes.values())} images (seed {seed}) into {cache}"
-        )
+        log.info(f"synthetic data: generating {sum(sizes.values())} images (seed {seed}) into {cache}")
         stored = {}
         for index, (name, n) in enumerate(sizes.items()):
             split = generate_split(seed, index, n)

@@ -23,9 +23,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SkinclfError(
-                f"device={name}: no CUDA GPU is available here; use device=cpu or device=auto"
-            )
+            raise SkinclfError(f"device={name}: no CUDA GPU is available here; use device=cpu or device=auto")
         return torch.device(name)
     raise SkinclfError(f"device={name}: expected auto, cpu or cuda")
 
@@ -56,9 +54,7 @@ def input_dtype(precision: str) -> torch.dtype:
     return _DTYPES[precision]
 
 
-def autocast(
-    precision: str, device: torch.device
-) -> Callable[[], contextlib.AbstractContextManager]:
+def autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of the forward-pass context: a no-op for fp32, ``torch.autocast`` otherwise."""
     if precision == "fp32":
         return contextlib.nullcontext

@@ -153,9 +153,7 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, to
     return state
 
 
-def _set_rng_state(
-    state: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device
-) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device) -> None:
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
