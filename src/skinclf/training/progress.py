@@ -33,7 +33,9 @@ def progress(iterable: Iterable | None = None, *, mode: str = "auto", **kwargs: 
     if mode == "never":
         return tqdm(iterable, disable=True, **kwargs)
     if mode == "auto" and not sys.stderr.isatty():
+        # Nothing for short loops; then at most a line a minute.
         kwargs.setdefault("mininterval", _LOG_INTERVAL_S)
+        kwargs.setdefault("delay", _LOG_INTERVAL_S)
         kwargs["leave"] = False
         return tqdm(
             iterable,
