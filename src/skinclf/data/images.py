@@ -1,0 +1,92 @@
+"""Decoding one image file of any common kind into the uint8 RGB tensor every model takes."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from skinclf.errors import SkinclfError
+
+IMAGE_SIZE = 128
+
+# Grayscale modes with more than 8 bits per pixel (16-bit PNG opens as I;16 or I): scaled, not clipped.
+_WIDE_GRAY_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+
+# We refuse images over Image.MAX_IMAGE_PIXELS ourselves (see _check_pixel_count) with a clear
+# error, so PIL's own warning for the same images would only be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _check_pixel_count(path: Path, img: Image.Image) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and img.width * img.height > limit:
+        raise SkinclfError(
+            f"{path}: refused as a possible decompression bomb: {img.width}x{img.height} pixels is over "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {limit}; expected a dermoscopic photo, shrink it first"
+        )
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, keeping the full tonal range of 16-bit grayscale."""
+    if img.mode in _WIDE_GRAY_MODES:
+        # PIL's own I;16 -> L conversion clips at 255, which turns most 16-bit images white.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 255.0 if img.mode == "F" else (65535.0 if arr.max(initial=0) > 255 else 255.0)
+        gray = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # direct P -> RGB warns about byte transparency
+    # RGBA/LA/PA: the alpha channel is dropped and the colour under it kept (no compositing:
+    # a dermoscopic image with alpha is an export artefact, its colours are the lesion's).
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(path: str | Path, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Decode the image at ``path`` into a uint8 tensor of shape (3, size, size), RGB.
+
+    - Any mode PIL reads: RGB, RGBA/LA (alpha dropped), L, P (palette, with or without
+      transparency), CMYK, 16-bit grayscale PNG (I;16 / I, scaled 0-65535 -> 0-255, not clipped).
+    - EXIF orientation is applied first, so a phone photo stored sideways comes out upright.
+    - The whole image is resized to ``size`` x ``size`` (antialiased bilinear; the aspect ratio is
+      not kept, so no part of the lesion is cropped away, as in MedMNIST). Large JPEGs are
+      decoded at a reduced DCT scale first (PIL draft mode), which is much faster and still at
+      least ``size`` pixels on each side.
+    - Images over ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs) are refused.
+
+    Raises :class:`SkinclfError` naming ``path`` when the file is missing, is not an image, is
+    corrupt or truncated, or is too large. The tensor is a view of HWC memory (channels-last).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            _check_pixel_count(path, img)
+            if img.format == "JPEG":
+                img.draft("RGB", (size, size))
+            img.load()  # decode everything now: a truncated file fails here, not later
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            arr = np.array(img, dtype=np.uint8)  # a writable copy, owned by the tensor
+    except SkinclfError:
+        raise
+    except FileNotFoundError as err:
+        raise SkinclfError(f"{path}: no such image file") from err
+    except IsADirectoryError as err:
+        raise SkinclfError(f"{path}: is a folder; expected an image file") from err
+    except UnidentifiedImageError as err:
+        raise SkinclfError(f"{path}: not an image file PIL can read (expected JPEG, PNG, ...)") from err
+    except Image.DecompressionBombError as err:
+        raise SkinclfError(
+            f"{path}: refused as a possible decompression bomb ({err}); expected a dermoscopic photo"
+        ) from err
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as err:
+        # PIL's plugins report truncated or malformed data with any of these types.
+        raise SkinclfError(f"{path}: corrupt or truncated image ({err}); expected a readable image") from err
+    if arr.shape != (size, size, 3):
+        raise SkinclfError(f"{path}: decoded to shape {arr.shape}; expected ({size}, {size}, 3)")
+    return torch.from_numpy(arr).permute(2, 0, 1)

@@ -1,0 +1,112 @@
+"""decode_image: every image mode becomes RGB 128x128 uint8; bad files give one clear error naming them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skinclf.data.images import decode_image
+from skinclf.errors import SkinclfError
+
+COLOUR = (200, 60, 30)
+
+
+def _solid(mode: str, size: tuple[int, int]) -> Image.Image:
+    return Image.new("RGB", size, COLOUR).convert(mode)
+
+
+@pytest.mark.parametrize(
+    ("mode", "suffix", "size"),
+    [
+        ("RGB", ".jpg", (300, 200)),
+        ("RGB", ".png", (128, 128)),
+        ("RGBA", ".png", (64, 90)),
+        ("L", ".png", (150, 150)),
+        ("P", ".png", (129, 77)),
+        ("CMYK", ".jpg", (200, 256)),
+        ("RGB", ".bmp", (40, 40)),
+    ],
+)
+def test_every_mode_becomes_rgb_128(tmp_path, mode, suffix, size):
+    path = tmp_path / f"img{suffix}"
+    img = _solid(mode, size)
+    img.save(path)
+    out = decode_image(path)
+    assert out.dtype == torch.uint8 and out.shape == (3, 128, 128)
+    # The decoded colour is what the file shows once converted to RGB (JPEG: within its loss).
+    expected = np.asarray(img.convert("RGB"), dtype=np.float64).mean(axis=(0, 1))
+    got = out.double().mean(dim=(1, 2)).numpy()
+    assert np.abs(got - expected).max() < 6, (got, expected)
+
+
+def test_palette_with_transparency_and_custom_size(tmp_path):
+    path = tmp_path / "p.png"
+    img = _solid("P", (50, 50))
+    img.info["transparency"] = 0
+    img.save(path, transparency=0)
+    out = decode_image(path, size=32)
+    assert out.shape == (3, 32, 32)
+
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "gray16.png"
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode in {"I;16", "I"}
+    out = decode_image(path)
+    row = out[0, 64].numpy().astype(int)
+    # Grey (R = G = B), full 0..255 range, monotone: not white from clipping at 255.
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    assert row[0] <= 2 and row[-1] >= 253
+    assert abs(int(out[0, :, 64].float().mean()) - 128) <= 3
+    assert (np.diff(row) >= 0).all()
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    # Stored: left half red, right half blue. Orientation 6 = rotate 90 degrees clockwise to
+    # display, so the displayed image is red on top and blue at the bottom.
+    arr = np.zeros((40, 60, 3), np.uint8)
+    arr[:, :30] = (255, 0, 0)
+    arr[:, 30:] = (0, 0, 255)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif, quality=95)
+    out = decode_image(path).float()
+    top, bottom = out[:, :50].mean(dim=(1, 2)), out[:, -50:].mean(dim=(1, 2))
+    assert top[0] > 200 and top[2] < 50, top
+    assert bottom[2] > 200 and bottom[0] < 50, bottom
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (100, 100)).save(path)
+    for limit in (6000, 1000):  # just over PIL's limit (our check), and over twice it (PIL's own error)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(SkinclfError, match="decompression bomb") as err:
+            decode_image(path)
+        assert str(path) in str(err.value)
+
+
+def test_truncated_jpeg_names_the_file(tmp_path):
+    full = tmp_path / "full.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(full)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(SkinclfError, match="corrupt or truncated") as err:
+        decode_image(cut)
+    assert str(cut) in str(err.value)
+
+
+def test_non_image_and_missing_files_name_the_path(tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    with pytest.raises(SkinclfError, match="not an image") as err:
+        decode_image(text)
+    assert str(text) in str(err.value)
+    with pytest.raises(SkinclfError, match="no such image file"):
+        decode_image(tmp_path / "absent.png")
