@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
-from hydra.utils import get_method
+from hydra.utils import get_method, to_absolute_path
 from omegaconf import DictConfig
 
 from skinclf.errors import SkinclfError
@@ -39,6 +41,32 @@ class Split:
     def class_counts(self) -> dict[str, int]:
         n_mel = int(self.labels.sum().item())
         return {"NV": len(self) - n_mel, "MEL": n_mel}
+
+    def pos_weight(self) -> float:
+        """NV / MEL count: the BCE weight of MEL examples that makes both classes weigh the same."""
+        counts = self.class_counts()
+        if counts["MEL"] == 0:
+            raise SkinclfError("class-weighted loss needs at least one MEL image in the training split")
+        return counts["NV"] / counts["MEL"]
+
+
+def undersample_majority(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Sorted indices keeping every image of the rarer class and as many, drawn at random, of the other."""
+    labels = np.asarray(labels)
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    n = min((len(idx) for idx in by_class), default=0)
+    rng = np.random.default_rng(seed)
+    return np.sort(
+        np.concatenate([rng.choice(idx, n, replace=False) for idx in by_class] or [[]]).astype(int)
+    )
+
+
+def data_path(data_cfg: DictConfig, key: str = "root") -> Path:
+    """``data_cfg[key]`` as an absolute path; relative paths are from where the user started skinclf."""
+    value = data_cfg.get(key)
+    if value in (None, ""):
+        raise SkinclfError(f"data.{key} is not set: data={data_cfg.name} needs data.{key}=PATH")
+    return Path(to_absolute_path(str(Path(str(value)).expanduser())))
 
 
 @dataclass

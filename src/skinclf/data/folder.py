@@ -1,0 +1,127 @@
+"""`data=folder`: images in the paper's layout ROOT/{train,val,test}/{MEL,NV}/*, decoded once.
+
+Split and class folder names are matched case-insensitively; the class folder ``NEV`` is
+accepted for NV; ``test`` may be absent. Files and folders whose name starts with a dot
+(.DS_Store, .ipynb_checkpoints) are ignored; anything else out of place is an error, so that
+nothing silently trains on the wrong data. Other entries directly in ROOT (a manifest, a
+README) are not looked at.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from skinclf.data.decode_cache import load_or_decode, store
+from skinclf.data.images import IMAGE_SIZE
+from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split, data_path
+from skinclf.errors import SkinclfError
+
+log = logging.getLogger(__name__)
+
+# Class folder name (lower case) -> label; MEL is the positive class.
+CLASS_FOLDERS = {"mel": 1.0, "nv": 0.0, "nev": 0.0}
+LAYOUT = "ROOT/{train,val,test}/{MEL,NV}/* (test optional, NEV accepted for NV)"
+
+
+def _visible(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+
+
+def _by_lower_name(parent: Path, entries: list[Path]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for entry in entries:
+        key = entry.name.lower()
+        if key in found:
+            raise SkinclfError(f"{parent}: both {found[key].name!r} and {entry.name!r}; expected one of them")
+        found[key] = entry
+    return found
+
+
+def _class_files(class_dir: Path) -> list[Path]:
+    """Every non-hidden file under ``class_dir`` (subfolders included), sorted."""
+    files = sorted(
+        p
+        for p in class_dir.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
+    )
+    if not files:
+        raise SkinclfError(f"{class_dir}: empty class folder; expected images of this class")
+    return files
+
+
+def _split_files(split_dir: Path) -> tuple[list[Path], list[float]]:
+    entries = _visible(split_dir)
+    for entry in entries:
+        if not entry.is_dir():
+            raise SkinclfError(
+                f"{entry}: file outside a class folder; expected it under {split_dir}/MEL or NV"
+            )
+        if entry.name.lower() not in CLASS_FOLDERS:
+            raise SkinclfError(
+                f"{entry}: unknown class folder; expected only MEL and NV (or NEV) in {split_dir}"
+            )
+    classes = _by_lower_name(split_dir, entries)
+    if "nv" in classes and "nev" in classes:
+        raise SkinclfError(f"{split_dir}: both NV and NEV folders; expected one folder for nevi")
+    files: list[Path] = []
+    labels: list[float] = []
+    for wanted in ("mel", "nv"):
+        names = [wanted] if wanted == "mel" else ["nv", "nev"]
+        class_dir = next((classes[n] for n in names if n in classes), None)
+        if class_dir is None:
+            raise SkinclfError(f"{split_dir / wanted.upper()}: missing class folder; expected {LAYOUT}")
+        class_files = _class_files(class_dir)
+        files += class_files
+        labels += [CLASS_FOLDERS[class_dir.name.lower()]] * len(class_files)
+    return files, labels
+
+
+def find_images(root: Path) -> dict[str, tuple[list[Path], list[float]]]:
+    """The image files and labels (MEL = 1) of each split present under ``root``; checks the layout."""
+    if not root.exists():
+        raise SkinclfError(f"data.root={root}: no such folder; expected {LAYOUT}")
+    if not root.is_dir():
+        raise SkinclfError(f"data.root={root}: is a file; expected a folder {LAYOUT}")
+    splits = _by_lower_name(root, [p for p in _visible(root) if p.is_dir()])
+    found = {}
+    for name in SPLIT_NAMES:
+        if name not in splits:
+            if name == "test":
+                continue
+            raise SkinclfError(f"{root / name}: missing split folder; expected {LAYOUT}")
+        found[name] = _split_files(splits[name])
+    return found
+
+
+def load_splits(data_cfg: DictConfig) -> ImageSplits:
+    """Decode (first use) or load from the decode cache the splits of ``data.root``."""
+    root = data_path(data_cfg, "root")
+    layout = find_images(root)
+    cache_dir = data_cfg.get("cache_dir")
+    cache_dir = data_path(data_cfg, "cache_dir") if cache_dir not in (None, "") else None
+    skip_bad = bool(data_cfg.get("skip_bad_images", False))
+    stem = "folder-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", root.name or "root")
+    splits = {}
+    decoded_splits = []
+    for name, (files, labels) in layout.items():
+        decoded = load_or_decode(files, root, f"{stem}-{name}", cache_dir, IMAGE_SIZE, skip_bad)
+        decoded_splits.append(decoded)
+        for path, reason in decoded.bad:
+            log.warning(f"skipped bad image {path}: {reason.removeprefix(path + ': ')}")
+        if decoded.bad:
+            log.warning(
+                f"{name}: skipped {len(decoded.bad)} bad image(s) of {len(files)} (data.skip_bad_images)"
+            )
+        kept_labels = torch.tensor([labels[i] for i in decoded.kept], dtype=torch.float32)
+        splits[name] = Split(decoded.images, kept_labels)
+    # Only once every split decoded: a bad file in val leaves no train cache behind either.
+    for decoded in decoded_splits:
+        store(decoded)
+    if "test" not in splits:
+        log.info(f"{root}: no test split folder; the run will end after validation")
+    return ImageSplits(name="folder", **splits)

@@ -1,0 +1,220 @@
+"""data=folder: the paper's ROOT/{train,val,test}/{MEL,NV} layout, the decode cache, and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import train_cli
+from PIL import Image
+
+from skinclf.config import compose_config
+from skinclf.data import decode_cache as decode_cache_module
+from skinclf.data import load_splits
+from skinclf.errors import SkinclfError
+
+RED, BLUE = (220, 30, 30), (30, 30, 220)  # MEL images are red, NV images blue: labels are checkable
+# (mode, suffix, size): every mode the folder source must read, at varied sizes.
+VARIANTS = [
+    ("RGB", ".jpg", (200, 150)),
+    ("RGBA", ".png", (64, 64)),
+    ("L", ".png", (50, 80)),
+    ("P", ".png", (128, 128)),
+    ("CMYK", ".jpg", (90, 60)),
+    ("I;16", ".png", (40, 40)),
+]
+
+
+def write_image(path: Path, colour: tuple[int, int, int], mode: str = "RGB", size=(48, 40)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        # 16-bit grey at the colour's mean brightness, on the 0..65535 scale.
+        value = int(np.mean(colour) * 257)
+        Image.fromarray(np.full(size[::-1], value, np.uint16)).save(path)
+    else:
+        Image.new("RGB", size, colour).convert(mode).save(path)
+    return path
+
+
+def make_dataset(root: Path, counts: dict[str, tuple[int, int]], nv_name: str = "NV") -> Path:
+    """ROOT/<split>/{MEL,<nv_name>}/ with (n_mel, n_nv) RGB JPEGs per split."""
+    for split, (n_mel, n_nv) in counts.items():
+        for i in range(n_mel):
+            write_image(root / split / "MEL" / f"m{i}.jpg", RED)
+        for i in range(n_nv):
+            write_image(root / split / nv_name / f"n{i}.jpg", BLUE)
+    return root
+
+
+def data_cfg(root: Path, cache: Path | None, *extra: str):
+    cache_override = f"data.cache_dir={cache}" if cache is not None else "data.cache_dir=null"
+    return compose_config(["data=folder", f"data.root={root}", cache_override, *extra]).data
+
+
+def test_every_mode_size_and_nev_alias_in_any_case(tmp_path):
+    root = tmp_path / "ds"
+    for i, (mode, suffix, size) in enumerate(VARIANTS):
+        write_image(root / "Train" / "mel" / f"m{i}{suffix}", RED, mode, size)
+        write_image(root / "Train" / "Nev" / f"n{i}{suffix}", BLUE, mode, size)
+    make_dataset(root, {"VAL": (2, 3), "test": (1, 2)}, nv_name="nev")
+    (root / "manifest.csv").write_text("ignored: not a split folder\n")
+    (root / "Train" / "mel" / ".DS_Store").write_text("hidden files are ignored")
+
+    splits = load_splits(data_cfg(root, tmp_path / "cache"))
+    assert splits.train.images.shape == (12, 3, 128, 128)
+    assert splits.train.class_counts() == {"MEL": 6, "NV": 6}
+    assert splits.val.class_counts() == {"MEL": 2, "NV": 3}
+    assert splits.test.class_counts() == {"MEL": 1, "NV": 2}
+    for split in (splits.train, splits.val, splits.test):
+        assert split.images.dtype.is_floating_point is False
+        mean = split.images.float().mean(dim=(2, 3))
+        colour = split.labels == 1
+        # RGB-like modes keep red MEL / blue NV; grey modes (L, I;16) are equal in both, so check
+        # the colourful images only: red > blue exactly for the MEL ones.
+        colourful = (mean.max(dim=1).values - mean.min(dim=1).values) > 50
+        assert colourful.sum() >= len(split) - 4
+        assert ((mean[:, 0] > mean[:, 2]) == colour)[colourful].all()
+
+
+def test_second_load_is_a_cache_hit_and_a_changed_dataset_is_decoded_again(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "ds", {"train": (3, 4), "val": (2, 2)})
+    cache = tmp_path / "cache"
+    first = load_splits(data_cfg(root, cache))
+    assert first.test is None
+    assert len(list(cache.glob("*.pt"))) == 2  # one file per split
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the cache holds these images")
+
+    monkeypatch.setattr(decode_cache_module, "decode_image", no_decoding)
+    second = load_splits(data_cfg(root, cache))
+    assert (second.train.images == first.train.images).all()
+    assert (second.train.labels == first.train.labels).all()
+
+    # A new image, a changed image: a cache miss, never the stale images.
+    monkeypatch.undo()
+    write_image(root / "train" / "MEL" / "new.png", RED)
+    changed = root / "val" / "NV" / "n0.jpg"
+    write_image(changed, RED)  # same name, different content
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    third = load_splits(data_cfg(root, cache))
+    assert third.train.class_counts() == {"MEL": 4, "NV": 4}
+    nv_val = third.val.images[third.val.labels == 0].float().mean(dim=(2, 3))
+    assert (nv_val[:, 0] > nv_val[:, 2]).sum() == 1  # the recoloured file is read anew
+    assert len(list(cache.glob("*.pt"))) == 4
+
+
+def _bad(tmp_path: Path, breaker) -> tuple[str, Path]:
+    """Break a valid dataset with ``breaker(root)``; return (error message, cache dir)."""
+    root = make_dataset(tmp_path / "ds", {"train": (2, 2), "val": (2, 2)})
+    cache = tmp_path / "cache"
+    expected_path = breaker(root)
+    with pytest.raises(SkinclfError) as err:
+        load_splits(data_cfg(root, cache))
+    message = str(err.value)
+    assert str(expected_path) in message, message
+    assert "\n" not in message
+    assert not list(cache.glob("*.pt")) if cache.exists() else True
+    assert not list(cache.glob(".*.tmp")) if cache.exists() else True
+    return message, cache
+
+
+def _truncate(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (120, 120, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:-800])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("breaker", "expected"),
+    [
+        (lambda r: (r.rename(r.with_name("gone")), r)[1], "no such folder"),
+        (lambda r: (os.rename(r / "val", r / "valid"), r / "val")[1], "missing split folder"),
+        (
+            lambda r: (os.rename(r / "train" / "NV", r / "train" / "benign"), r / "train" / "benign")[1],
+            "unknown class",
+        ),
+        (lambda r: (os.rename(r / "val" / "MEL", r / ".MEL"), r / "val" / "MEL")[1], "missing class folder"),
+        (
+            lambda r: ([p.unlink() for p in (r / "val" / "MEL").iterdir()], r / "val" / "MEL")[1],
+            "empty class folder",
+        ),
+        (lambda r: _truncate(r / "train" / "MEL" / "m0.jpg"), "corrupt or truncated"),
+        (
+            lambda r: (
+                (r / "val" / "NV" / "n1.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage"),
+                r / "val" / "NV" / "n1.jpg",
+            )[1],
+            "corrupt or truncated",
+        ),
+        (
+            lambda r: ((r / "train" / "NV" / "notes.txt").write_text("hello"), r / "train/NV/notes.txt")[1],
+            "not an image",
+        ),
+        (
+            lambda r: ((r / "train" / "stray.jpg").write_text("x"), r / "train" / "stray.jpg")[1],
+            "outside a class",
+        ),
+    ],
+    ids=[
+        "missing-root",
+        "missing-split",
+        "misnamed-class",
+        "missing-class",
+        "empty-class",
+        "truncated",
+        "corrupt",
+        "non-image",
+        "stray-file",
+    ],
+)
+def test_bad_input_names_the_path(tmp_path, breaker, expected):
+    message, _ = _bad(tmp_path, breaker)
+    assert expected in message
+
+
+def test_root_not_set(tmp_path):
+    with pytest.raises(SkinclfError, match=r"data.root is not set"):
+        load_splits(compose_config(["data=folder"]).data)
+
+
+def test_skip_bad_images_lists_and_leaves_them_out(tmp_path, caplog):
+    root = make_dataset(tmp_path / "ds", {"train": (3, 3), "val": (2, 2)})
+    bad = root / "train" / "NV" / "broken.jpg"
+    bad.write_text("not a jpeg")
+    cfg = data_cfg(root, tmp_path / "cache", "data.skip_bad_images=true")
+    with caplog.at_level(logging.WARNING):
+        splits = load_splits(cfg)
+    assert splits.train.class_counts() == {"MEL": 3, "NV": 3}
+    assert str(bad) in caplog.text
+    # The cache remembers the bad file: without the option it is an error again, not silently skipped.
+    with pytest.raises(SkinclfError, match="broken.jpg"):
+        load_splits(data_cfg(root, tmp_path / "cache"))
+
+
+def test_train_cli_end_to_end_with_relative_root(tmp_path):
+    make_dataset(tmp_path / "ds", {"train": (6, 6), "val": (3, 3), "test": (3, 3)})
+    proc = train_cli(
+        "data=folder", "data.root=ds", "trainer.max_epochs=1", "trainer.progress=never", cwd=tmp_path
+    )
+    run_dir = Path(proc.stdout.strip().splitlines()[-1].removeprefix("output directory: "))
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert metrics["n_test"] == 6 and metrics["data"] == "folder"
+    assert len(list((tmp_path / "data").glob("folder-ds-*.pt"))) == 3  # default cache_dir, per split
+
+
+def test_train_cli_bad_root_one_line_exit_2_no_run_left(tmp_path):
+    proc = train_cli("data=folder", "data.root=missing_dir", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert errors == [
+        f"skinclf train: error: data.root={tmp_path / 'missing_dir'}: no such folder; "
+        "expected ROOT/{train,val,test}/{MEL,NV}/* (test optional, NEV accepted for NV)"
+    ]
+    runs = tmp_path / "outputs" / "runs"
+    assert not runs.exists() or not any(runs.iterdir())
