@@ -25,8 +25,8 @@ from skinclf.io import atomic_torch_save
 log = logging.getLogger(__name__)
 
 # Bump when the drawing code changes, so that cached images are regenerated.
-GENERATOR_VERSION = 1
-SEPARATION = 0.9
+GENERATOR_VERSION = 2
+SEPARATION = 1.2
 IMAGE_SIZE = 128
 
 _SKIN_LIGHT = np.array([236.0, 200.0, 178.0])

@@ -1,0 +1,46 @@
+"""The paper's architectures: exact Appendix C parameter counts and one logit per image."""
+
+import pytest
+import torch
+from torchinfo import summary
+
+from skinclf.config import compose_config
+from skinclf.models import build_model
+
+# Paper Appendix C: total parameters and torchinfo mult-adds (G) at input (64, 3, 128, 128).
+APPENDIX_C = {
+    "baseline": (8_408_257, 6.33),
+    "batch_norm": (8_408_449, 6.33),
+    "group_norm": (8_408_449, 6.33),
+    "layer_norm": (9_981_121, 6.43),
+    "augmented": (8_408_257, 6.33),
+    "resnet": (2_170_401, 2.49),
+    "res_aug": (2_170_401, 2.49),
+}
+
+
+@pytest.mark.parametrize("name", APPENDIX_C)
+def test_parameter_count_and_mult_adds_match_the_paper(name):
+    model = build_model(compose_config([f"model={name}"]).model)
+    params, gmacs = APPENDIX_C[name]
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == params
+    stats = summary(model, input_size=(64, 3, 128, 128), verbose=0, device="cpu")
+    assert round(stats.total_mult_adds / 1e9, 2) == gmacs
+
+
+@pytest.mark.parametrize("name", APPENDIX_C)
+def test_one_logit_per_image(name):
+    model = build_model(compose_config([f"model={name}"]).model).eval()
+    with torch.no_grad():
+        out = model(torch.rand(3, 3, 128, 128))
+    assert out.shape == (3, 1)
+    assert torch.isfinite(out).all()
+
+
+def test_augmented_models_share_architecture_but_not_pipeline():
+    for plain, augmented in (("baseline", "augmented"), ("resnet", "res_aug")):
+        a, b = compose_config([f"model={plain}"]).model, compose_config([f"model={augmented}"]).model
+        assert a.arch == b.arch
+        assert a.pipeline._target_.endswith("DefaultPipeline")
+        assert b.pipeline._target_.endswith("AugmentedPipeline")

@@ -1,0 +1,102 @@
+"""The shared training loop on real (small) synthetic data: it learns, stops early at the right
+epoch, tests the best checkpoint, and is reproducible."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import train_in_process
+from skinclf.config import compose_config
+from skinclf.data import load_splits
+from skinclf.data.pipeline import DefaultPipeline
+from skinclf.models import build_model
+from skinclf.training.checkpoint import load_checkpoint
+from skinclf.training.loop import METRICS_COLUMNS, EarlyStopping, LoopSettings, evaluate
+
+SMALL = ["data.train_size=64", "data.val_size=32", "data.test_size=32"]
+
+
+def test_training_learns_well_above_chance(tmp_path):
+    # lr 1e-3 instead of the paper's 1e-4, so that a few epochs on 512 images suffice.
+    _, metrics = train_in_process(
+        tmp_path,
+        "data.train_size=512",
+        "data.val_size=128",
+        "data.test_size=64",
+        "trainer.max_epochs=6",
+        "optim.lr=1e-3",
+    )
+    assert metrics["best_val_acc"] >= 0.65
+    assert metrics["roc_auc"] > 0.6
+
+
+def test_early_stopping_stops_after_patience_and_tests_the_best_checkpoint(tmp_path):
+    # With lr=0 the weights never change, so validation accuracy never improves after epoch 1:
+    # the run must stop after exactly 1 + patience epochs and keep epoch 1 as the best.
+    out, metrics = train_in_process(
+        tmp_path, *SMALL, "trainer.max_epochs=30", "trainer.patience=3", "optim.lr=0"
+    )
+    history = pd.read_csv(out / "metrics.csv")
+    assert list(history.columns) == METRICS_COLUMNS
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    assert metrics["best_epoch"] == 1 and metrics["epochs_run"] == 4
+    assert load_checkpoint(out / "best.pt")["epoch"] == 1
+    assert load_checkpoint(out / "last.pt")["epoch"] == 4
+
+
+def test_best_checkpoint_is_the_one_evaluated_on_test(tmp_path):
+    out, metrics = train_in_process(tmp_path, *SMALL, "trainer.max_epochs=3", "optim.lr=1e-3")
+    history = pd.read_csv(out / "metrics.csv")
+    best_row = history.loc[history["val_acc"].idxmax()]
+    assert metrics["best_epoch"] == best_row["epoch"]
+    assert metrics["best_val_acc"] == pytest.approx(best_row["val_acc"], abs=1e-6)
+
+    # Re-evaluate best.pt on the test split: the stored test metrics must be its metrics.
+    best = load_checkpoint(out / "best.pt")
+    cfg = compose_config([*SMALL, f"data.cache_dir={tmp_path / 'data'}"])
+    model = build_model(cfg.model)
+    model.load_state_dict(best["model"])
+    pipeline = DefaultPipeline()
+    pipeline.load_state_dict(best["pipeline"])
+    test = load_splits(cfg.data).test
+    settings = LoopSettings(precision=best["precision"])
+    _, acc, _ = evaluate(model, pipeline, test, settings, torch.device("cpu"))
+    assert acc == pytest.approx(metrics["accuracy"])
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    runs = [
+        train_in_process(tmp_path / str(i), *SMALL, "model=res_aug", "trainer.max_epochs=2") for i in range(2)
+    ]
+    (out_a, metrics_a), (out_b, metrics_b) = runs
+    assert metrics_a == metrics_b
+    drop_time = ["seconds"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out_a / "metrics.csv").drop(columns=drop_time),
+        pd.read_csv(out_b / "metrics.csv").drop(columns=drop_time),
+    )
+    other_seed = train_in_process(tmp_path / "2", *SMALL, "model=res_aug", "trainer.max_epochs=2", "seed=1")
+    assert json.dumps(other_seed[1]) != json.dumps(metrics_a)
+
+
+def test_early_stopping_rule():
+    stopper = EarlyStopping(patience=2)
+    accs = [0.5, 0.6, 0.6, 0.55, 0.7]
+    flags = [stopper.update(epoch, acc) for epoch, acc in enumerate(accs, start=1) if not stopper.should_stop]
+    # Epoch 2 is the best; epochs 3 and 4 are no better (ties do not count), so epoch 5 never runs.
+    assert flags == [True, True, False, False]
+    assert (stopper.best_epoch, stopper.best_val_acc, stopper.should_stop) == (2, 0.6, True)
+
+
+def test_evaluate_probabilities_match_accuracy(tmp_path):
+    cfg = compose_config([*SMALL, f"data.cache_dir={tmp_path}"])
+    splits = load_splits(cfg.data)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    loss, acc, probs = evaluate(model, DefaultPipeline(), splits.val, LoopSettings(), torch.device("cpu"))
+    assert probs.shape == (32,) and np.all((probs >= 0) & (probs <= 1))
+    assert acc == pytest.approx(np.mean((probs >= 0.5) == splits.val.labels.numpy().astype(bool)))
+    assert loss > 0
