@@ -10,6 +10,7 @@ from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 # command -> (module with a ``main(args: list[str])``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("skinclf.train", "train one combination; -m/--multirun sweeps (Hydra overrides)"),
+    "predict": ("skinclf.predict", "MEL probabilities for new images with a finished run's model"),
 }
 
 USAGE = """usage: skinclf COMMAND [ARGS]

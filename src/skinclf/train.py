@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from skinclf.data import load_splits
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
+from skinclf.evaluation.curves import write_run_curves
 from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.threshold import threshold_for_sensitivity
 from skinclf.io import atomic_write_json
@@ -131,7 +132,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             f"f1 {metrics['f1']:.4f} sensitivity {metrics['sensitivity']:.4f} "
             f"specificity {metrics['specificity']:.4f} roc_auc {metrics['roc_auc']:.4f}"
         )
-    pd.concat(predictions).to_csv(out_dir / "predictions.csv", index=False)
+    predictions_table = pd.concat(predictions)
+    predictions_table.to_csv(out_dir / "predictions.csv", index=False)
+    write_run_curves(predictions_table, out_dir, threshold, title=f"{cfg.model.name}, {splits.name} data")
     atomic_write_json(metrics, out_dir / "test_metrics.json")
     return metrics
 

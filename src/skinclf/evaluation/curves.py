@@ -1,0 +1,104 @@
+"""Per-run ROC and precision-recall figures (validation and test), from predictions.csv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# The object-oriented Figure API, not pyplot: no GUI backend or global figure state, so it
+# runs on headless machines and never changes the backend of a notebook that imports skinclf.
+from matplotlib.figure import Figure
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+from skinclf.io import _atomic_write
+
+SPLIT_STYLES = {"val": ("validation", "tab:blue"), "test": ("test", "tab:orange")}
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = 120) -> None:
+    """Write ``fig`` as PNG atomically (never a half-written image)."""
+    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+
+
+def _scored_splits(predictions: pd.DataFrame) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(split, labels, probabilities) for each split that has both classes (a curve needs both)."""
+    out = []
+    for split in SPLIT_STYLES:
+        rows = predictions[predictions["split"] == split]
+        labels = rows["label"].to_numpy().astype(int)
+        if len(np.unique(labels)) == 2:
+            out.append((split, labels, rows["prob_mel"].to_numpy()))
+    return out
+
+
+def plot_roc(predictions: pd.DataFrame, threshold: float | None = None, title: str = "") -> Figure:
+    """ROC curves of the validation and test splits, AUC in the legend; the operating point
+    (``threshold``) marked on each curve."""
+    fig = Figure(figsize=(4.6, 4.4))
+    ax = fig.subplots()
+    for split, labels, probs in _scored_splits(predictions):
+        name, colour = SPLIT_STYLES[split]
+        fpr, tpr, _ = roc_curve(labels, probs)
+        auc = roc_auc_score(labels, probs)
+        ax.plot(fpr, tpr, color=colour, label=f"{name} (AUC {auc:.3f}, n={len(labels)})")
+        if threshold is not None:
+            flagged = probs >= threshold
+            sens, fpr_at = flagged[labels == 1].mean(), flagged[labels == 0].mean()
+            ax.plot(fpr_at, sens, "o", color=colour, markerfacecolor="none", markersize=8)
+    ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=1, label="chance")
+    if threshold is not None:
+        ax.plot(
+            [], [], "o", color="black", markerfacecolor="none", label=f"operating point p>={threshold:.3g}"
+        )
+    ax.set(
+        xlabel="1 - specificity (NV called MEL)",
+        ylabel="sensitivity (MEL found)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.set_title(title or "ROC, MEL positive", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_pr(predictions: pd.DataFrame, title: str = "") -> Figure:
+    """Precision-recall curves of the validation and test splits, average precision in the legend."""
+    fig = Figure(figsize=(4.6, 4.4))
+    ax = fig.subplots()
+    for split, labels, probs in _scored_splits(predictions):
+        name, colour = SPLIT_STYLES[split]
+        precision, recall, _ = precision_recall_curve(labels, probs)
+        ap = average_precision_score(labels, probs)
+        ax.plot(
+            recall,
+            precision,
+            color=colour,
+            drawstyle="steps-post",
+            label=f"{name} (AP {ap:.3f}, n={len(labels)})",
+        )
+        # A classifier with no skill sits at the MEL prevalence.
+        ax.axhline(labels.mean(), color=colour, linestyle=":", linewidth=1)
+    ax.plot([], [], ":", color="grey", linewidth=1, label="no skill (MEL prevalence)")
+    ax.set(
+        xlabel="recall = sensitivity",
+        ylabel="precision (MEL calls that are MEL)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.set_title(title or "Precision-recall, MEL positive", fontsize=10)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def write_run_curves(
+    predictions: pd.DataFrame, out_dir: Path, threshold: float | None = None, title: str = ""
+) -> list[Path]:
+    """Write roc.png and pr.png into ``out_dir`` from a predictions table (split,label,prob_mel)."""
+    paths = [Path(out_dir) / "roc.png", Path(out_dir) / "pr.png"]
+    save_figure(plot_roc(predictions, threshold, title and f"ROC: {title}"), paths[0])
+    save_figure(plot_pr(predictions, title and f"Precision-recall: {title}"), paths[1])
+    return paths

@@ -1,0 +1,155 @@
+"""`skinclf predict RUN_DIR IMAGES...`: MEL probabilities for new images with a finished run's model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from skinclf.data.images import IMAGE_SIZE, decode_image
+from skinclf.errors import SkinclfError
+from skinclf.io import atomic_write_text
+from skinclf.runs import Run, load_run
+from skinclf.training.progress import progress
+
+DISCLAIMER = "skinclf is a research tool, not a diagnosis: do not use its output for medical decisions."
+COLUMNS = ["path", "prob_mel", "prediction", "threshold", "error"]
+# Images decoded and scored together: bounds memory on large folders, keeps batches large.
+CHUNK = 256
+
+
+def collect_images(paths: Sequence[str | Path]) -> list[Path]:
+    """The files named by ``paths``: files as given, folders expanded to every file inside them
+    (recursively, sorted, hidden files skipped). Non-image files are kept: they get a reported error."""
+    files: list[Path] = []
+    for arg in map(Path, paths):
+        if arg.is_dir():
+            found = sorted(
+                p
+                for p in arg.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(arg).parts)
+            )
+            if not found:
+                raise SkinclfError(f"{arg}: folder holds no files; expected images (JPEG, PNG, ...)")
+            files += found
+        elif arg.is_file():
+            files.append(arg)
+        else:
+            raise SkinclfError(f"{arg}: no such file or folder; expected an image or a folder of images")
+    return files
+
+
+def decode_all(files: Sequence[Path], desc: str = "decoding") -> Iterator[tuple[Path, torch.Tensor | str]]:
+    """Yield (path, uint8 image) or (path, reason it cannot be read), with a progress bar."""
+    bar_mode = "auto" if len(files) > 1 else "never"
+    for path in progress(files, mode=bar_mode, desc=desc, unit="image"):
+        try:
+            yield path, decode_image(path, IMAGE_SIZE)
+        except SkinclfError as err:
+            yield path, str(err)
+
+
+def predict_files(run: Run, files: Sequence[Path], threshold: float) -> pd.DataFrame:
+    """One row per file: path, prob_mel, prediction (MEL/NV at ``threshold``), threshold, error.
+
+    Unreadable files get an empty probability and the reason in ``error``; the rest are scored
+    in chunks, with the run's own evaluation preprocessing and precision.
+    """
+    rows: list[dict] = []
+    pending: list[tuple[Path, torch.Tensor]] = []
+
+    def score_pending() -> None:
+        if not pending:
+            return
+        probs = run.predict_probs(torch.stack([img for _, img in pending])).tolist()
+        for (path, _), prob in zip(pending, probs, strict=True):
+            label = "MEL" if prob >= threshold else "NV"
+            rows.append(
+                {
+                    "path": str(path),
+                    "prob_mel": prob,
+                    "prediction": label,
+                    "threshold": threshold,
+                    "error": "",
+                }
+            )
+        pending.clear()
+
+    for path, decoded in decode_all(files, desc="predicting"):
+        if isinstance(decoded, str):
+            rows.append({"path": str(path), "prediction": "", "threshold": threshold, "error": decoded})
+        else:
+            pending.append((path, decoded))
+            if len(pending) >= CHUNK:
+                score_pending()
+    score_pending()
+    order = {str(p): i for i, p in enumerate(files)}
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    return table.sort_values("path", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+
+
+def _threshold_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a probability threshold in [0, 1]")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinclf predict",
+        description=(
+            "Probability of melanoma (MEL) vs nevus (NV) for new images, with the best checkpoint and "
+            "the exact preprocessing of a finished run. Images are converted to RGB 128x128 like the "
+            "training data. " + DISCLAIMER
+        ),
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="output directory of a finished `skinclf train`")
+    parser.add_argument(
+        "images", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files, or folders scanned recursively"
+    )
+    parser.add_argument(
+        "--out", metavar="FILE.csv", help="write the table here (default: print it to standard output)"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=_threshold_arg,
+        metavar="T",
+        help="call MEL when prob_mel >= T (default: the run's operating point chosen on validation)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    return parser
+
+
+def main(args: list[str]) -> None:
+    """Entry point of ``skinclf predict ARGS``."""
+    opts = build_parser().parse_args(args)
+    files = collect_images(opts.images)
+    run = load_run(opts.run_dir, device=opts.device)
+    threshold = run.threshold if opts.threshold is None else opts.threshold
+    source = run.threshold_source if opts.threshold is None else "--threshold"
+    table = predict_files(run, files, threshold)
+
+    csv_text = table.to_csv(index=False)
+    if opts.out:
+        atomic_write_text(csv_text, Path(opts.out))
+    else:
+        sys.stdout.write(csv_text)
+    n_bad = int((table["error"] != "").sum())
+    where = f" -> {opts.out}" if opts.out else ""
+    print(
+        f"model={run.model_name} ({run.path}): {len(table) - n_bad} images scored, "
+        f"{n_bad} unreadable{where}; "
+        f"MEL when prob_mel >= {threshold:.4g}, from {source}",
+        file=sys.stderr,
+    )
+    print(DISCLAIMER, file=sys.stderr)
+    if n_bad == len(table):
+        raise SkinclfError(f"none of the {n_bad} files could be read as an image (see the error column)")

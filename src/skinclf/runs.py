@@ -1,0 +1,136 @@
+"""Loading a finished run folder for inference: its config, best model, pipeline and threshold."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from skinclf.errors import SkinclfError
+from skinclf.models import build_model
+from skinclf.train import loop_settings
+from skinclf.training.checkpoint import load_checkpoint
+from skinclf.training.hardware import resolve_device, resolve_precision
+from skinclf.training.loop import LoopSettings, predict_logits
+
+# Written last by `skinclf train`: a folder without it is an unfinished (or crashed) run.
+FINISHED_MARKER = "test_metrics.json"
+CHECKPOINT = "best.pt"
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass
+class Run:
+    """A finished run, ready for inference on new images."""
+
+    path: Path
+    config: DictConfig
+    model: nn.Module
+    pipeline: Any
+    threshold: float
+    # Where ``threshold`` comes from, for messages: the operating point or the 0.5 default.
+    threshold_source: str
+    settings: LoopSettings
+    device: torch.device
+
+    @property
+    def model_name(self) -> str:
+        return str(self.config.model.name)
+
+    def predict_probs(self, images: torch.Tensor) -> torch.Tensor:
+        """MEL probabilities (float32, CPU) for uint8 (N, 3, H, W) images, exactly as at test time."""
+        logits = predict_logits(self.model, self.pipeline, images, self.settings, self.device)
+        return torch.sigmoid(logits)
+
+
+def _without_pretrained_download(model_cfg: DictConfig) -> DictConfig:
+    """A copy of the model config that builds random-init weights: the checkpoint replaces them
+    all, so fetching ImageNet weights (a download on a fresh machine) would be wasted."""
+    model_cfg = model_cfg.copy()
+    with open_dict(model_cfg):
+        for node in (model_cfg, model_cfg.get("arch")):
+            if isinstance(node, DictConfig) and "pretrained" in node:
+                node.pretrained = False
+    return model_cfg
+
+
+def _operating_threshold(metrics: dict, metrics_path: Path) -> tuple[float, str]:
+    point = metrics.get("operating_point")
+    if not isinstance(point, dict) or "threshold" not in point:
+        # Runs from before the operating point existed: the paper's own decision rule.
+        return DEFAULT_THRESHOLD, "the default 0.5 (no operating point stored in the run)"
+    threshold = float(point["threshold"])
+    if not 0.0 <= threshold <= 1.0:
+        raise SkinclfError(
+            f"{metrics_path}: operating_point.threshold={threshold}; expected a value in [0, 1]"
+        )
+    target = point.get("target_sensitivity")
+    source = "the run's operating point"
+    if target is not None:
+        source += f" (chosen on validation for sensitivity >= {target})"
+    return threshold, source
+
+
+def load_run(run_dir: str | Path, device: str = "auto") -> Run:
+    """Load the finished run in ``run_dir``: best.pt (``weights_only``, format-checked), its config,
+    the fitted pipeline, and the operating threshold from test_metrics.json.
+
+    Raises :class:`SkinclfError` naming the folder and the missing or invalid file.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SkinclfError(f"{run_dir}: no such run folder; expected the output directory of `skinclf train`")
+    for name in (CHECKPOINT, FINISHED_MARKER):
+        if not (run_dir / name).is_file():
+            raise SkinclfError(
+                f"{run_dir}: not a finished skinclf run ({name} is missing); expected the output "
+                "directory of a completed `skinclf train`"
+            )
+    metrics_path = run_dir / FINISHED_MARKER
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SkinclfError(
+            f"{metrics_path}: unreadable ({err}); expected the JSON written by skinclf train"
+        ) from err
+    if not isinstance(metrics, dict):
+        raise SkinclfError(f"{metrics_path}: expected a JSON object")
+    threshold, source = _operating_threshold(metrics, metrics_path)
+
+    torch_device = resolve_device(device)
+    # Load on the CPU: the checkpoint may come from a GPU machine.
+    state = load_checkpoint(run_dir / CHECKPOINT, map_location="cpu")
+    for key in ("model", "pipeline", "config"):
+        if key not in state:
+            raise SkinclfError(f"{run_dir / CHECKPOINT}: checkpoint has no {key!r} entry")
+    # The checkpoint's config is the resolved one the model was built from (.hydra/ holds
+    # interpolations, and in-process runs have no .hydra/ at all).
+    cfg = OmegaConf.create(state["config"])
+    try:
+        model = build_model(_without_pretrained_download(cfg.model))
+        model.load_state_dict(state["model"])
+        pipeline = instantiate(cfg.model.pipeline)
+        pipeline.load_state_dict(state["pipeline"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SkinclfError(
+            f"{run_dir / CHECKPOINT}: does not match model={cfg.model.get('name')} ({first_line})"
+        ) from err
+    model.to(torch_device).eval()
+    precision = resolve_precision(str(cfg.trainer.precision), torch_device)
+    return Run(
+        path=run_dir,
+        config=cfg,
+        model=model,
+        pipeline=pipeline,
+        threshold=threshold,
+        threshold_source=source,
+        settings=loop_settings(cfg, precision),
+        device=torch_device,
+    )

@@ -1,0 +1,157 @@
+"""`skinclf predict`: a finished run's model and preprocessing applied to image files."""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import struct
+import zlib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY, train_in_process
+from PIL import Image
+
+from skinclf.cli import main as cli_main
+from skinclf.config import compose_config
+from skinclf.data import load_splits
+from skinclf.errors import SkinclfError
+from skinclf.runs import load_run
+
+N_IMAGES = 10
+
+
+@pytest.fixture(scope="module")
+def run_and_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, pd.DataFrame]:
+    """A tiny `augmented` run (its pipeline has fitted mean/std, so a wrong preprocessing shows)
+    and a folder with some of its test images saved as PNG, plus a corrupt file and a non-image."""
+    tmp = tmp_path_factory.mktemp("predict")
+    # fp32: bf16 results may depend on the batch size, and the batches here differ from the run's.
+    overrides = [*TINY, "model=augmented", "trainer.precision=fp32"]
+    run_dir, _ = train_in_process(tmp, *overrides)
+    test = load_splits(compose_config([f"data.cache_dir={tmp / 'data'}", *overrides]).data).test
+    folder = tmp / "images"
+    folder.mkdir()
+    for i in range(N_IMAGES):
+        Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(folder / f"test_{i:03d}.png")
+    (folder / "corrupt.png").write_bytes((folder / "test_000.png").read_bytes()[:300])
+    (folder / "notes.txt").write_text("not an image\n")
+    expected = pd.read_csv(run_dir / "predictions.csv").query("split == 'test'").set_index("index")
+    return run_dir, folder, expected
+
+
+def _predict(*args: str | Path) -> None:
+    cli_main(["predict", *map(str, args)])
+
+
+def test_predict_matches_the_runs_own_test_predictions(run_and_images, tmp_path, capsys):
+    run_dir, folder, expected = run_and_images
+    out = tmp_path / "pred.csv"
+    _predict(run_dir, folder, "--out", out)
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table.columns) == ["path", "prob_mel", "prediction", "threshold", "error"]
+    assert len(table) == N_IMAGES + 2
+
+    scored = table[table["error"] == ""]
+    assert len(scored) == N_IMAGES
+    index = scored["path"].map(lambda p: int(Path(p).stem.split("_")[1]))
+    probs = scored["prob_mel"].astype(float).to_numpy()
+    assert probs == pytest.approx(expected.loc[index, "prob_mel"].to_numpy(), abs=1e-5)
+
+    threshold = load_run(run_dir).threshold
+    assert threshold != 0.5  # the stored operating point, not the default
+    assert (scored["threshold"].astype(float) == threshold).all()
+    assert (scored["prediction"] == ["MEL" if p >= threshold else "NV" for p in probs]).all()
+    assert "research tool, not a diagnosis" in capsys.readouterr().err
+
+
+def test_unreadable_files_are_reported_and_the_rest_scored(run_and_images, tmp_path):
+    run_dir, folder, _ = run_and_images
+    out = tmp_path / "pred.csv"
+    _predict(run_dir, folder, "--out", out)
+    table = pd.read_csv(out, keep_default_na=False).set_index("path")
+    corrupt, text = table.loc[str(folder / "corrupt.png")], table.loc[str(folder / "notes.txt")]
+    assert "corrupt or truncated" in corrupt["error"] and str(folder / "corrupt.png") in corrupt["error"]
+    assert "not an image" in text["error"]
+    assert corrupt["prob_mel"] == "" and text["prediction"] == ""
+    assert (table.drop(index=[str(folder / "corrupt.png"), str(folder / "notes.txt")])["error"] == "").all()
+
+
+def test_threshold_option_overrides_the_operating_point(run_and_images, tmp_path):
+    run_dir, folder, _ = run_and_images
+    out = tmp_path / "pred.csv"
+    _predict(run_dir, folder / "test_000.png", folder / "test_001.png", "--out", out, "--threshold", "1")
+    table = pd.read_csv(out)
+    assert (table["threshold"] == 1.0).all()
+    assert (table["prediction"] == "NV").all()  # a sigmoid below 1 is never >= 1
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels and holds no pixel data: the shape of a
+    decompression bomb, without allocating it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_with_a_clear_message(run_and_images, tmp_path):
+    run_dir, folder, _ = run_and_images
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(50_000, 50_000))
+    out = tmp_path / "pred.csv"
+    _predict(run_dir, bomb, folder / "test_000.png", "--out", out)
+    table = pd.read_csv(out, keep_default_na=False).set_index("path")
+    assert "decompression bomb" in table.loc[str(bomb), "error"]
+    assert table.loc[str(folder / "test_000.png"), "error"] == ""
+
+
+def test_a_folder_that_is_not_a_finished_run_is_refused(run_and_images, tmp_path, capsys):
+    _, folder, _ = run_and_images
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "best.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(unfinished, folder)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(unfinished) in err and "test_metrics.json is missing" in err
+
+
+class _Payload:
+    """Unpickling this object (unsafely) writes a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code executed"))
+
+
+@pytest.mark.parametrize("writer", ["torch", "pickle"])
+def test_a_malicious_checkpoint_is_refused_without_running_its_code(run_and_images, tmp_path, writer):
+    run_dir, folder, _ = run_and_images
+    evil = tmp_path / "evil_run"
+    evil.mkdir()
+    (evil / "test_metrics.json").write_text((run_dir / "test_metrics.json").read_text())
+    marker = tmp_path / "marker"
+    payload = {"format": "skinclf-checkpoint-v1", "model": _Payload(marker)}
+    if writer == "torch":
+        torch.save(payload, evil / "best.pt")
+    else:
+        (evil / "best.pt").write_bytes(pickle.dumps(payload, protocol=2))
+
+    with pytest.raises(SkinclfError, match="not a readable skinclf checkpoint") as err:
+        load_run(evil)
+    assert str(evil / "best.pt") in str(err.value)
+    assert not marker.exists()
+
+    # The payload is live: an unsafe load runs it (and then fails on the legacy file's magic number).
+    with contextlib.suppress(RuntimeError):
+        torch.load(evil / "best.pt", weights_only=False)
+    assert marker.read_text() == "code executed"
