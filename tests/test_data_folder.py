@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import train_cli
 from PIL import Image
 
@@ -51,7 +52,7 @@ def make_dataset(root: Path, counts: dict[str, tuple[int, int]], nv_name: str = 
 
 
 def data_cfg(root: Path, cache: Path | None, *extra: str):
-    cache_override = f"data.cache_dir={cache}" if cache is not None else "data.cache_dir=null"
+    cache_override = f"data.cache_dir={cache}" if cache is not None else "data.decode_cache=false"
     return compose_config(["data=folder", f"data.root={root}", cache_override, *extra]).data
 
 
@@ -70,7 +71,7 @@ def test_every_mode_size_and_nev_alias_in_any_case(tmp_path):
     assert splits.val.class_counts() == {"MEL": 2, "NV": 3}
     assert splits.test.class_counts() == {"MEL": 1, "NV": 2}
     for split in (splits.train, splits.val, splits.test):
-        assert split.images.dtype.is_floating_point is False
+        assert split.images.dtype == torch.uint8
         mean = split.images.float().mean(dim=(2, 3))
         colour = split.labels == 1
         # RGB-like modes keep red MEL / blue NV; grey modes (L, I;16) are equal in both, so check

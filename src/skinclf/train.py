@@ -64,6 +64,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     )
 
     splits = load_splits(cfg.data)
+    if cfg.data.get("class_weighted_loss", False):
+        settings.pos_weight = splits.train.pos_weight()
+        log.info(f"class-weighted loss: MEL examples weigh {settings.pos_weight:.3f} (NV/MEL of train)")
     pipeline = instantiate(cfg.model.pipeline)
     pipeline.fit(splits.train.images)
     model = build_model(cfg.model)

@@ -102,8 +102,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
     """Decode (first use) or load from the decode cache the splits of ``data.root``."""
     root = data_path(data_cfg, "root")
     layout = find_images(root)
-    cache_dir = data_cfg.get("cache_dir")
-    cache_dir = data_path(data_cfg, "cache_dir") if cache_dir not in (None, "") else None
+    cache_dir = data_path(data_cfg, "cache_dir") if data_cfg.get("decode_cache", True) else None
     skip_bad = bool(data_cfg.get("skip_bad_images", False))
     stem = "folder-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", root.name or "root")
     splits = {}

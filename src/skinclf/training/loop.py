@@ -39,6 +39,9 @@ class LoopSettings:
     channels_last: bool = True
     progress: str = "auto"
     seed: int = 0
+    # Weight of MEL (positive) examples in the training loss (BCE pos_weight); None = unweighted,
+    # the paper's. Reported losses stay unweighted so runs remain comparable.
+    pos_weight: float | None = None
 
 
 @dataclass
@@ -127,6 +130,7 @@ def _train_one_epoch(
     order = torch.randperm(len(split), generator=generator).to(device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
+    pos_weight = None if settings.pos_weight is None else torch.tensor(settings.pos_weight, device=device)
     starts = range(0, len(split), settings.batch_size)
     for start in progress(starts, mode=settings.progress, desc=desc, unit="batch"):
         idx = order[start : start + settings.batch_size]
@@ -135,7 +139,7 @@ def _train_one_epoch(
         with forward_ctx():
             logits = model(x).flatten()
         # Loss in fp32 whatever the forward precision.
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

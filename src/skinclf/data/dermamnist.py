@@ -1,0 +1,115 @@
+"""`data=dermamnist`: the MEL/NV subset of a locally downloaded DermaMNIST (MedMNIST+) npz file.
+
+DermaMNIST is HAM10000 in seven classes; this source keeps label 4 (melanoma) as MEL and
+label 5 (melanocytic nevi) as NV and drops the rest. The binary subset is imbalanced (about
+14 % MEL): ``balance_train`` undersamples NV in the training split, and
+``class_weighted_loss`` (read by train.py) weights the loss instead. Both are off by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from skinclf.data.images import IMAGE_SIZE
+from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split, data_path, undersample_majority
+from skinclf.errors import SkinclfError
+
+log = logging.getLogger(__name__)
+
+MEL_LABEL, NV_LABEL = 4, 5
+N_CLASSES = 7
+FILE_NAME = "dermamnist_128.npz"
+DOWNLOAD_HELP = (
+    f"download {FILE_NAME} from MedMNIST+ on Zenodo (https://zenodo.org/records/10519652) or with "
+    f"`pip install medmnist` and `python -c \"import medmnist; medmnist.DermaMNIST('train', "
+    f"download=True, size=128, root='data')\"`, then pass its path as data.root"
+)
+
+
+def _npz_path(data_cfg: DictConfig) -> Path:
+    path = data_path(data_cfg, "root")
+    if path.is_dir():
+        path = path / FILE_NAME
+    if not path.exists():
+        raise SkinclfError(f"data.root={path}: no such file; {DOWNLOAD_HELP}")
+    return path
+
+
+def _checked_arrays(npz, path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``split``'s images (N, S, S, 3) uint8 and integer labels (N,), checked against MedMNIST's format."""
+    keys = (f"{split}_images", f"{split}_labels")
+    for key in keys:
+        if key not in npz.files:
+            raise SkinclfError(
+                f"{path}: no key {key!r} (has {', '.join(sorted(npz.files)) or 'none'}); expected a MedMNIST "
+                f"npz with {', '.join(f'{s}_images, {s}_labels' for s in SPLIT_NAMES)}"
+            )
+    images, labels = npz[keys[0]], npz[keys[1]]
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[3] != 3
+        or images.shape[1] != images.shape[2]
+    ):
+        raise SkinclfError(
+            f"{path}: {keys[0]} is {images.dtype} {images.shape}; expected uint8 (N, S, S, 3) RGB images"
+        )
+    if labels.shape not in {(len(images),), (len(images), 1)} or not np.issubdtype(labels.dtype, np.integer):
+        raise SkinclfError(
+            f"{path}: {keys[1]} is {labels.dtype} {labels.shape}; expected integers, shape (N, 1)"
+        )
+    labels = labels.reshape(-1)
+    if len(labels) and (labels.min() < 0 or labels.max() >= N_CLASSES):
+        raise SkinclfError(
+            f"{path}: {keys[1]} has values outside 0..{N_CLASSES - 1}; expected DermaMNIST labels"
+        )
+    return images, labels
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> uint8 (N, 3, size, size), antialiased bilinear like decode_image."""
+    if images.shape[-1] == size:
+        return images
+    out = [
+        F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
+        for chunk in images.split(512)
+    ]
+    return torch.cat(out) if out else images.new_zeros((0, 3, size, size))
+
+
+def load_splits(data_cfg: DictConfig) -> ImageSplits:
+    """The MEL (4) / NV (5) images of each split of the DermaMNIST npz at ``data.root``, as 128x128."""
+    path = _npz_path(data_cfg)
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise SkinclfError(f"{path}: not a readable npz file ({err}); {DOWNLOAD_HELP}") from err
+    balance = bool(data_cfg.get("balance_train", False))
+    splits = {}
+    with npz:
+        for split in SPLIT_NAMES:
+            images, labels = _checked_arrays(npz, path, split)
+            keep = np.flatnonzero((labels == MEL_LABEL) | (labels == NV_LABEL))
+            binary = (labels[keep] == MEL_LABEL).astype(np.float32)
+            n_mel = int(binary.sum())
+            log.info(
+                f"dermamnist {split}: MEL {n_mel}, NV {len(keep) - n_mel} "
+                f"(dropped {len(labels) - len(keep)} images of the other 5 classes)"
+            )
+            if split == "train" and balance:
+                subset = undersample_majority(binary, int(data_cfg.get("seed", 0)))
+                keep, binary = keep[subset], binary[subset]
+                log.info(f"dermamnist train: balanced by undersampling NV to {len(keep) // 2} per class")
+            chw = torch.from_numpy(images[keep]).permute(0, 3, 1, 2)
+            splits[split] = Split(_resize(chw, IMAGE_SIZE), torch.from_numpy(binary))
+    return ImageSplits(name="dermamnist", **splits)

@@ -1,0 +1,126 @@
+"""data=dermamnist: MedMNIST+ npz -> MEL (4) / NV (5) splits; resizing, balancing, bad files."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from conftest import train_in_process
+
+from skinclf.config import compose_config
+from skinclf.data import load_splits
+from skinclf.errors import SkinclfError
+
+# Labels per split: every DermaMNIST class appears; 4 = melanoma, 5 = nevus.
+LABELS = {
+    "train": [0, 1, 2, 3, 4, 4, 5, 5, 5, 5, 5, 5, 6],
+    "val": [4, 5, 5, 2, 6],
+    "test": [5, 4, 0, 4],
+}
+
+
+def write_npz(path, size=128, labels=LABELS, drop_key=None, **override):
+    """A DermaMNIST-format npz whose image i has every pixel = 10 * label + i (so images are traceable)."""
+    arrays = {}
+    for split, ys in labels.items():
+        values = np.array([10 * y + i for i, y in enumerate(ys)], np.uint8)
+        arrays[f"{split}_images"] = np.broadcast_to(
+            values[:, None, None, None], (len(ys), size, size, 3)
+        ).copy()
+        arrays[f"{split}_labels"] = np.array(ys, np.uint8)[:, None]
+    arrays.update(override)
+    arrays.pop(drop_key, None)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def splits_of(path, *extra):
+    return load_splits(compose_config(["data=dermamnist", f"data.root={path}", *extra]).data)
+
+
+def test_keeps_melanoma_and_nevi_as_mel_and_nv(tmp_path):
+    splits = splits_of(write_npz(tmp_path / "dermamnist_128.npz"))
+    assert splits.name == "dermamnist"
+    for name, split in splits.items():
+        ys = np.array(LABELS[name])
+        kept = np.flatnonzero((ys == 4) | (ys == 5))
+        assert split.images.shape == (len(kept), 3, 128, 128) and split.images.dtype == torch.uint8
+        assert split.class_counts() == {"MEL": int((ys == 4).sum()), "NV": int((ys == 5).sum())}
+        # Each kept image is the one of its label, in order: pixel value 10 * label + index.
+        pixel = split.images[:, 0, 0, 0].numpy()
+        assert pixel.tolist() == [10 * ys[i] + i for i in kept]
+        assert (split.labels.numpy() == (ys[kept] == 4)).all()
+
+
+def test_folder_holding_the_file_and_other_sizes_are_resized(tmp_path):
+    write_npz(tmp_path / "dermamnist_128.npz")
+    assert len(splits_of(tmp_path).train) == 8
+    small = splits_of(write_npz(tmp_path / "dermamnist_28.npz", size=28))
+    assert small.train.images.shape == (8, 3, 128, 128)
+    # Constant images stay the same constant after antialiased resizing.
+    assert small.train.images[:, 0, 0, 0].tolist() == small.train.images[:, 2, 77, 5].tolist()
+    assert small.train.images[:, 0, 0, 0].tolist() == [44, 45, 56, 57, 58, 59, 60, 61]
+
+
+def test_balance_train_undersamples_nv_in_train_only(tmp_path):
+    path = write_npz(tmp_path / "d.npz")
+    a = splits_of(path, "data.balance_train=true", "seed=1")
+    assert a.train.class_counts() == {"MEL": 2, "NV": 2}
+    assert a.val.class_counts() == {"MEL": 1, "NV": 2}
+    b = splits_of(path, "data.balance_train=true", "seed=1")
+    assert torch.equal(a.train.images, b.train.images)  # seeded
+    draws = {
+        tuple(splits_of(path, "data.balance_train=true", f"seed={s}").train.images[:, 0, 0, 0].tolist())
+        for s in range(6)
+    }
+    assert len(draws) > 1  # the NV kept depend on the seed
+
+
+def test_class_weighted_loss_weights_mel_by_nv_over_mel(tmp_path):
+    path = write_npz(tmp_path / "d.npz")
+    assert splits_of(path).train.pos_weight() == 6 / 2
+    base = ["data=dermamnist", f"data.root={path}", "trainer.max_epochs=1", "model=resnet"]
+    plain, _ = train_in_process(tmp_path / "plain", *base)
+    weighted, _ = train_in_process(tmp_path / "weighted", *base, "data.class_weighted_loss=true")
+
+    def train_loss(run):
+        with open(run / "metrics.csv") as f:
+            return float(next(csv.DictReader(f))["train_loss"])
+
+    # Same seed, same data: only the MEL weight differs, and it raises the loss of MEL examples.
+    assert train_loss(weighted) > train_loss(plain)
+
+
+def test_missing_file_says_where_to_get_it(tmp_path):
+    with pytest.raises(SkinclfError) as err:
+        splits_of(tmp_path / "nowhere" / "dermamnist_128.npz")
+    message = str(err.value)
+    assert str(tmp_path / "nowhere" / "dermamnist_128.npz") in message
+    assert "zenodo" in message and "dermamnist_128.npz" in message and "data.root" in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"drop_key": "val_labels"}, "val_labels"),
+        ({"test_images": np.zeros((4, 128, 128), np.uint8)}, "test_images"),
+        ({"train_images": np.zeros((13, 128, 128, 3), np.float32)}, "train_images"),
+        ({"train_labels": np.zeros((12, 1), np.uint8)}, "train_labels"),
+        ({"val_labels": np.full((5, 1), 9, np.uint8)}, "val_labels"),
+    ],
+    ids=["missing-key", "grayscale-shape", "float-images", "label-count", "label-range"],
+)
+def test_wrong_keys_or_shapes_name_the_key(tmp_path, kwargs, key):
+    path = write_npz(tmp_path / "bad.npz", **kwargs)
+    with pytest.raises(SkinclfError) as err:
+        splits_of(path)
+    assert key in str(err.value) and str(path) in str(err.value)
+
+
+def test_not_an_npz(tmp_path):
+    path = tmp_path / "dermamnist_128.npz"
+    path.write_text("<html>download page</html>")
+    with pytest.raises(SkinclfError, match="not a readable npz"):
+        splits_of(path)
