@@ -8,13 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import train_in_process
 from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.data.pipeline import DefaultPipeline
 from skinclf.models import build_model
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.loop import METRICS_COLUMNS, EarlyStopping, LoopSettings, evaluate
+
+from conftest import train_in_process
 
 SMALL = ["data.train_size=64", "data.val_size=32", "data.test_size=32"]
 

@@ -1,0 +1,98 @@
+"""`skinclf` as a user runs it: from any directory, the run files, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from skinclf.training.loop import METRICS_COLUMNS
+
+from conftest import TINY, run_dir_from_output, train_cli
+
+TEST_METRIC_KEYS = {
+    "accuracy",
+    "f1",
+    "sensitivity",
+    "specificity",
+    "roc_auc",
+    "confusion",
+    "best_epoch",
+    "best_val_acc",
+    "n_test",
+}
+FROM_SCRATCH = ["baseline", "batch_norm", "group_norm", "layer_norm", "augmented", "resnet", "res_aug"]
+
+
+def assert_complete_run(run_dir, n_epochs=1):
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "best.pt").is_file() and (run_dir / "last.pt").is_file()
+    history = pd.read_csv(run_dir / "metrics.csv")
+    assert list(history.columns) == METRICS_COLUMNS
+    assert len(history) == n_epochs
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert set(metrics) >= TEST_METRIC_KEYS
+    assert set(metrics["confusion"]) == {"tn", "fp", "fn", "tp"}
+    assert sum(metrics["confusion"].values()) == metrics["n_test"] == 32
+
+
+def test_train_from_another_directory_writes_all_run_files(tmp_path):
+    proc = train_cli(*TINY, cwd=tmp_path)
+    run_dir = run_dir_from_output(proc.stdout)
+    # Relative paths (outputs/, data/) are taken from where the user stands.
+    assert run_dir.is_relative_to(tmp_path / "outputs" / "runs")
+    assert list((tmp_path / "data").glob("synthetic_*.pt"))
+    assert_complete_run(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", FROM_SCRATCH)
+def test_every_from_scratch_model_runs_one_epoch(tmp_path, model):
+    proc = train_cli(f"model={model}", *TINY, cwd=tmp_path)
+    run_dir = run_dir_from_output(proc.stdout)
+    assert run_dir.name.endswith(model)
+    assert_complete_run(run_dir)
+
+
+def error_run(tmp_path, *overrides):
+    proc = train_cli(*overrides, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return proc
+
+
+def test_unknown_model_is_one_clear_error(tmp_path):
+    proc = error_run(tmp_path, "model=alexnet")
+    assert "model/alexnet" in proc.stderr
+    assert "baseline" in proc.stderr  # the available options are listed
+
+
+def test_misspelled_key_is_one_clear_error(tmp_path):
+    proc = error_run(tmp_path, "trainer.max_epoch=3")
+    assert "trainer.max_epoch" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_is_one_line_and_leaves_no_run(tmp_path):
+    proc = error_run(tmp_path, "device=cuda", *TINY)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "device=cuda" in proc.stderr and "no CUDA GPU" in proc.stderr
+    assert not list((tmp_path / "outputs" / "runs").glob("*"))
+
+
+def test_top_level_help_and_unknown_command(tmp_path):
+    run = [sys.executable, "-m", "skinclf"]
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, check=True)
+    assert "train" in helped.stdout and "not a diagnostic device" in helped.stdout
+    bad = subprocess.run([*run, "trian"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
+
+
+def test_train_help_lists_the_models(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "skinclf", "train", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "res_aug" in proc.stdout and "skinclf train model=res_aug" in proc.stdout

@@ -1,0 +1,143 @@
+"""Batch pipelines and the fast path: augmentation probabilities, train-only augmentation and
+statistics, and precision / memory-format choices applied as configured."""
+
+import pytest
+import torch
+
+from skinclf.data.pipeline import AugmentedPipeline, DefaultPipeline, channel_stats
+from skinclf.data.splits import Split
+from skinclf.data.synthetic import generate_split
+from skinclf.models.resnet import ShallowResNet
+from skinclf.models.simple_cnn import SimpleCNN
+from skinclf.training.hardware import autocast, resolve_precision
+from skinclf.training.loop import LoopSettings, fit
+
+N = 2000
+
+
+def changed_fraction(pipeline: AugmentedPipeline, images: torch.Tensor, seed: int = 0) -> float:
+    generator = torch.Generator().manual_seed(seed)
+    out = pipeline.train_batch(images, generator)
+    plain = pipeline.eval_batch(images)
+    return ((out - plain).abs().amax(dim=(1, 2, 3)) > 1e-3).float().mean().item()
+
+
+def patterned_images(n: int, symmetric: bool) -> torch.Tensor:
+    """16x16 images with structure everywhere; left-right symmetric ones are unchanged by a flip."""
+    base = torch.randint(0, 256, (3, 16, 16), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    if symmetric:
+        base = torch.maximum(base, base.flip(-1))
+    return base.expand(n, 3, 16, 16).contiguous()
+
+
+@pytest.mark.parametrize(
+    ("transform", "settings", "symmetric"),
+    [
+        ("flip", {"max_rotation_degrees": 0.0, "crop_scale": (1.0, 1.0)}, False),
+        ("rotation", {"max_rotation_degrees": 30.0, "crop_scale": (1.0, 1.0)}, True),
+        ("crop", {"max_rotation_degrees": 0.0, "crop_scale": (0.5, 0.8)}, True),
+    ],
+)
+def test_each_transform_hits_about_half_the_images(transform, settings, symmetric):
+    pipeline = AugmentedPipeline(p=0.5, **settings)
+    fraction = changed_fraction(pipeline, patterned_images(N, symmetric))
+    assert 0.45 < fraction < 0.55, f"{transform} applied to {fraction:.3f} of the images"
+
+
+def test_transforms_are_independent():
+    # All three on: an image stays untouched only if none fires, probability 0.5^3 (symmetric
+    # images hide flips, so there: 0.5^2).
+    pipeline = AugmentedPipeline(p=0.5, max_rotation_degrees=30.0, crop_scale=(0.5, 0.8))
+    assert 1 - changed_fraction(pipeline, patterned_images(N, symmetric=False)) == pytest.approx(
+        0.125, abs=0.03
+    )
+    assert 1 - changed_fraction(pipeline, patterned_images(N, symmetric=True)) == pytest.approx(
+        0.25, abs=0.035
+    )
+
+
+def test_augmentation_is_deterministic_from_the_generator():
+    pipeline = AugmentedPipeline()
+    images = patterned_images(64, symmetric=False)
+    a = pipeline.train_batch(images, torch.Generator().manual_seed(3))
+    b = pipeline.train_batch(images, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_statistics_come_from_the_training_split_and_eval_is_never_augmented():
+    train = torch.randint(0, 128, (50, 3, 16, 16), dtype=torch.uint8)
+    val = torch.randint(128, 256, (20, 3, 16, 16), dtype=torch.uint8)
+    pipeline = AugmentedPipeline()
+    pipeline.fit(train)
+    as_float = train.double() / 255
+    assert torch.allclose(pipeline.mean.double(), as_float.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(pipeline.std.double(), as_float.std(dim=(0, 2, 3), unbiased=False), atol=1e-5)
+    # Evaluation batches: normalisation only, identical every time.
+    expected = (val.float() / 255 - pipeline.mean.view(1, 3, 1, 1)) / pipeline.std.view(1, 3, 1, 1)
+    assert torch.allclose(pipeline.eval_batch(val), expected, atol=1e-5)
+    assert torch.equal(pipeline.eval_batch(val), pipeline.eval_batch(val))
+
+
+def test_default_pipeline_scales_to_unit_range():
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 4, 4)
+    out = DefaultPipeline().eval_batch(images)
+    assert out[0].max() == 0 and out[1].min() == 1
+
+
+def test_channel_stats_of_constant_images():
+    mean, std = channel_stats(torch.full((4, 3, 8, 8), 51, dtype=torch.uint8))
+    assert torch.allclose(mean, torch.full((3,), 0.2)) and torch.all(std < 1e-3)
+
+
+def test_precision_auto_uses_bf16_only_where_native(monkeypatch):
+    import skinclf.training.hardware as hardware
+
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_precision("auto", cpu) == expected
+    assert resolve_precision("fp32", cpu) == "fp32"
+
+
+@pytest.mark.parametrize(("precision", "channels_last"), [("fp32", False), ("bf16", True), ("fp32", True)])
+def test_loop_feeds_the_configured_dtype_and_memory_format(tmp_path, precision, channels_last):
+    seen = []
+    model = SimpleCNN()
+    model[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    images = torch.randint(0, 256, (8, 3, 128, 128), dtype=torch.uint8)
+    split = Split(images, torch.tensor([0.0, 1.0] * 4))
+    settings = LoopSettings(max_epochs=1, batch_size=4, precision=precision, channels_last=channels_last)
+    settings.progress = "never"
+    fit(model, DefaultPipeline(), split, split, settings, torch.device("cpu"), tmp_path)
+    expected_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert all(x.dtype == expected_dtype for x in seen)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("make_model", [SimpleCNN, ShallowResNet])
+def test_fast_path_matches_fp32_within_bf16_tolerance(make_model):
+    torch.manual_seed(0)
+    reference = make_model().train()
+    fast = make_model().train()
+    fast.load_state_dict(reference.state_dict())
+    fast.to(memory_format=torch.channels_last)
+    # Real lesion-like images: random noise images give near-identical logits whose gradients
+    # cancel across the batch, which would measure the cancellation, not the precision.
+    split = generate_split(seed=0, split_index=0, n=16)
+    x, y = DefaultPipeline().eval_batch(split.images).contiguous(), split.labels
+    results = []
+    for model, inputs, precision in (
+        (reference, x, "fp32"),
+        (fast, x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), "bf16"),
+    ):
+        torch.manual_seed(1)  # same dropout mask
+        with autocast(precision, torch.device("cpu"))():
+            logits = model(inputs).flatten()
+        torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((logits.float().detach(), grads))
+    (ref_logits, ref_grads), (fast_logits, fast_grads) = results
+    assert torch.allclose(fast_logits, ref_logits, atol=0.05, rtol=0.05)
+    cosine = torch.nn.functional.cosine_similarity(ref_grads, fast_grads, dim=0)
+    assert cosine > 0.99
+    assert (fast_grads - ref_grads).norm() / ref_grads.norm() < 0.15
