@@ -114,7 +114,8 @@ def test_loop_feeds_the_configured_dtype_and_memory_format(tmp_path, precision, 
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-@pytest.mark.parametrize("make_model", [SimpleCNN, ShallowResNet])
+# No dropout here: its random mask is drawn differently for bf16 and fp32 activations.
+@pytest.mark.parametrize("make_model", [SimpleCNN, lambda: ShallowResNet(dropout=0.0)])
 def test_fast_path_matches_fp32_within_bf16_tolerance(make_model):
     torch.manual_seed(0)
     reference = make_model().train()
@@ -130,7 +131,6 @@ def test_fast_path_matches_fp32_within_bf16_tolerance(make_model):
         (reference, x, "fp32"),
         (fast, x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), "bf16"),
     ):
-        torch.manual_seed(1)  # same dropout mask
         with autocast(precision, torch.device("cpu"))():
             logits = model(inputs).flatten()
         torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y).backward()
