@@ -11,6 +11,7 @@ from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("skinclf.train", "train one combination; -m/--multirun sweeps (Hydra overrides)"),
     "predict": ("skinclf.predict", "MEL probabilities for new images with a finished run's model"),
+    "prepare": ("skinclf.prepare", "128x128 MEL/NV folder layout from an ISIC 2019 or HAM10000 download"),
 }
 
 USAGE = """usage: skinclf COMMAND [ARGS]

@@ -1,0 +1,263 @@
+"""`skinclf prepare SOURCE OUT`: the paper's 128x128 MEL/NV folder layout from a raw public download.
+
+SOURCE is an unpacked ISIC 2019 training set (``ISIC_2019_Training_GroundTruth.csv``, one-hot
+columns MEL, NV, ...; lesion ids from ``ISIC_2019_Training_Metadata.csv`` when present) or
+HAM10000 (``HAM10000_metadata.csv`` with ``image_id``, ``dx``, ``lesion_id``); the format is
+detected from the metadata file, and images may sit anywhere under SOURCE. MEL and NV are kept,
+split into train/val/test stratified by class and grouped by lesion (all images of one lesion
+land in one split: no leakage between splits), resized to 128x128 and written as
+OUT/{train,val,test}/{MEL,NV}/<source image id>.<ext>, with OUT/manifest.csv. OUT appears only
+once complete: the images are written into a temporary sibling folder that is renamed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from skinclf.data.images import IMAGE_SIZE, decode_image
+from skinclf.data.splits import SPLIT_NAMES, undersample_majority
+from skinclf.errors import SkinclfError
+from skinclf.training.progress import progress
+
+log = logging.getLogger(__name__)
+
+ISIC_2019_CSV = "ISIC_2019_Training_GroundTruth.csv"
+ISIC_2019_METADATA = "ISIC_2019_Training_Metadata.csv"
+HAM10000_CSV = "HAM10000_metadata.csv"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+_WORKERS = min(8, os.cpu_count() or 1)
+
+
+def parse_args(args: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="skinclf prepare",
+        description=(
+            "Build the paper's ROOT/{train,val,test}/{MEL,NV} layout of 128x128 images from a raw ISIC 2019 "
+            f"training-set or HAM10000 download (detected from {ISIC_2019_CSV} or {HAM10000_CSV} in SOURCE). "
+            "Splits are stratified by class, and all images of one lesion stay in one split. "
+            "Then: skinclf train data=folder data.root=OUT"
+        ),
+    )
+    parser.add_argument(
+        "source", type=Path, help="the unpacked download (metadata CSV and images anywhere under it)"
+    )
+    parser.add_argument("out", type=Path, help="output folder (must not exist, or be empty)")
+    parser.add_argument("--balance", action="store_true", help="undersample NV to as many images as MEL")
+    parser.add_argument(
+        "--split",
+        default="71,14,15",
+        help="train,val,test percentages (default 71,14,15, the paper's); test may be 0",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the balancing and the split (default 0)")
+    parser.add_argument(
+        "--format", choices=["jpg", "png"], default="jpg", help="output image format (default jpg)"
+    )
+    return parser.parse_args(args)
+
+
+def parse_fractions(text: str) -> np.ndarray:
+    """'71,14,15' -> fractions of train, val, test summing to 1; train and val must be positive."""
+    try:
+        values = np.array([float(v) for v in text.split(",")])
+    except ValueError:
+        values = np.array([])
+    if len(values) != 3 or (values < 0).any() or values[0] <= 0 or values[1] <= 0:
+        raise SkinclfError(f"--split {text}: expected three percentages train,val,test such as 71,14,15")
+    return values / values.sum()
+
+
+def _find_one(source: Path, name: str) -> Path | None:
+    found = sorted(source.rglob(name))
+    if len(found) > 1:
+        raise SkinclfError(
+            f"{source}: {len(found)} files named {name} ({found[0]}, {found[1]}); expected one"
+        )
+    return found[0] if found else None
+
+
+def _require_columns(table: pd.DataFrame, path: Path, columns: list[str]) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise SkinclfError(f"{path}: no column {missing[0]!r}; expected columns {', '.join(columns)}")
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype=str)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise SkinclfError(f"{path}: not a readable CSV file ({err})") from err
+
+
+def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
+    """(dataset name, metadata file, table of image_id, label MEL/NV, lesion_id or '') of SOURCE."""
+    isic, ham = _find_one(source, ISIC_2019_CSV), _find_one(source, HAM10000_CSV)
+    if isic and ham:
+        raise SkinclfError(
+            f"{source}: holds both {isic.name} and {ham.name}; expected one dataset per SOURCE"
+        )
+    if ham:
+        table = _read_csv(ham)
+        _require_columns(table, ham, ["image_id", "dx", "lesion_id"])
+        dx = table["dx"].str.strip().str.lower()
+        records = pd.DataFrame(
+            {"image_id": table["image_id"].str.strip(), "label": dx.map({"mel": "MEL", "nv": "NV"})}
+        )
+        records["lesion_id"] = table["lesion_id"].fillna("").str.strip()
+        return "HAM10000", ham, records.dropna(subset=["label"])
+    if isic:
+        table = _read_csv(isic)
+        _require_columns(table, isic, ["image", "MEL", "NV"])
+        mel, nv = table["MEL"].astype(float) == 1, table["NV"].astype(float) == 1
+        records = pd.DataFrame({"image_id": table["image"].str.strip(), "label": np.where(mel, "MEL", "NV")})
+        records = records[mel | nv]
+        metadata = _find_one(source, ISIC_2019_METADATA)
+        lesions: dict[str, str] = {}
+        if metadata:
+            meta = _read_csv(metadata)
+            _require_columns(meta, metadata, ["image", "lesion_id"])
+            lesions = dict(
+                zip(meta["image"].str.strip(), meta["lesion_id"].fillna("").str.strip(), strict=True)
+            )
+        else:
+            log.warning(
+                f"no {ISIC_2019_METADATA} under {source}: lesion ids unknown, images are split one by one"
+            )
+        records["lesion_id"] = [lesions.get(image_id, "") for image_id in records["image_id"]]
+        return "ISIC 2019", isic, records
+    raise SkinclfError(
+        f"{source}: neither {ISIC_2019_CSV} (ISIC 2019 training set) nor {HAM10000_CSV} (HAM10000) "
+        "found in it; expected the unpacked download of one of them"
+    )
+
+
+def locate_images(source: Path, image_ids: pd.Series, metadata: Path) -> list[Path]:
+    """The image file of each id, searched anywhere under SOURCE (first in path order when repeated)."""
+    index: dict[str, Path] = {}
+    for path in sorted(source.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.stem not in index:
+            index[path.stem] = path
+    missing = [i for i in image_ids if i not in index]
+    if missing:
+        raise SkinclfError(
+            f"{source}: {len(missing)} of the {len(image_ids)} MEL/NV images listed in {metadata.name} are "
+            f"not under it (first: {missing[0]}); expected the .jpg/.png images of the download inside SOURCE"
+        )
+    return [index[i] for i in image_ids]
+
+
+def assign_splits(labels: np.ndarray, groups: np.ndarray, fractions: np.ndarray, seed: int) -> np.ndarray:
+    """A split index (0 train, 1 val, 2 test) per image, stratified by label, never dividing a group.
+
+    Per class, groups (lesions) go largest first, ties in seeded random order, each to the split
+    furthest below its target share of that class's images: the proportions come out as close to
+    ``fractions`` as the group sizes allow. A group of mixed labels follows its majority label.
+    """
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"label": labels, "group": groups})
+    per_group = frame.groupby("group", sort=True)["label"].agg(size="size", label=lambda s: s.mode().max())
+    split_of_group: dict[str, int] = {}
+    for _, members in per_group.groupby("label", sort=True):
+        order = members.iloc[rng.permutation(len(members))]
+        order = order.sort_values("size", ascending=False, kind="stable")
+        targets, counts = fractions * order["size"].sum(), np.zeros(len(fractions))
+        for group, size in order["size"].items():
+            split = int(np.argmax(targets - counts))
+            split_of_group[group] = split
+            counts[split] += size
+    return frame["group"].map(split_of_group).to_numpy()
+
+
+def _write_image(src: Path, dst: Path, fmt: str) -> None:
+    image = Image.fromarray(decode_image(src, IMAGE_SIZE).permute(1, 2, 0).numpy())
+    if fmt == "jpg":
+        image.save(dst, quality=95)
+    else:
+        image.save(dst)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SkinclfError(f"{out}: already exists and is not an empty folder; expected a new output folder")
+
+
+def prepare(
+    source: Path, out: Path, fractions: np.ndarray, balance: bool, seed: int, fmt: str
+) -> pd.DataFrame:
+    """Build OUT from SOURCE (see the module docstring); returns the manifest."""
+    if not source.is_dir():
+        raise SkinclfError(f"{source}: no such folder; expected an unpacked ISIC 2019 or HAM10000 download")
+    _check_out(out)
+    name, metadata, records = read_records(source)
+    records = records.drop_duplicates("image_id").sort_values("image_id", ignore_index=True)
+    if balance:
+        records = records.iloc[undersample_majority((records["label"] == "MEL").to_numpy(), seed)]
+        records = records.reset_index(drop=True)
+    sources = locate_images(source, records["image_id"], metadata)
+    # Images without a lesion id are their own group.
+    groups = records["lesion_id"].where(records["lesion_id"] != "", "image:" + records["image_id"])
+    split = assign_splits(records["label"].to_numpy(), groups.to_numpy(), fractions, seed)
+    manifest = pd.DataFrame(
+        {
+            "file": [
+                f"{SPLIT_NAMES[s]}/{label}/{image_id}.{fmt}"
+                for s, label, image_id in zip(split, records["label"], records["image_id"], strict=True)
+            ],
+            "label": records["label"],
+            "split": [SPLIT_NAMES[s] for s in split],
+            "source": [p.relative_to(source).as_posix() for p in sources],
+            "lesion_id": records["lesion_id"],
+        }
+    )
+    counts = pd.crosstab(manifest["split"], manifest["label"]).reindex(
+        index=[s for s, f in zip(SPLIT_NAMES, fractions, strict=True) if f > 0],
+        columns=["MEL", "NV"],
+        fill_value=0,
+    )
+    for split_name, row in counts.iterrows():
+        for label, n in row.items():
+            if n == 0:
+                raise SkinclfError(
+                    f"{source}: no {label} image left for the {split_name} split ({len(records)} MEL/NV "
+                    "images); expected a larger dataset or another --split"
+                )
+
+    # Everything is written into a hidden sibling and renamed into place only when complete.
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for split_name, label in manifest[["split", "label"]].drop_duplicates().itertuples(index=False):
+            (tmp / split_name / label).mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(_WORKERS) as pool:
+            jobs = pool.map(
+                lambda job: _write_image(job[0], tmp / job[1], fmt),
+                zip(sources, manifest["file"], strict=True),
+            )
+            for _ in progress(jobs, total=len(manifest), desc=f"prepare {name}", unit="img"):
+                pass
+        manifest.to_csv(tmp / "manifest.csv", index=False)
+        _check_out(out)  # still free after the minutes of writing
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    counts["total"] = counts.sum(axis=1)
+    print(f"{name}: {len(manifest)} MEL/NV images from {source} -> {out} (manifest.csv)")
+    print(counts.rename_axis(index="split", columns=None).to_string())
+    print(f"next: skinclf train data=folder data.root={out}")
+    return manifest
+
+
+def main(args: list[str]) -> None:
+    """Entry point of ``skinclf prepare SOURCE OUT [--balance] [--split 71,14,15] [--seed N]``."""
+    ns = parse_args(args)
+    prepare(ns.source, ns.out, parse_fractions(ns.split), ns.balance, ns.seed, ns.format)

@@ -1,0 +1,193 @@
+"""`skinclf prepare`: fake ISIC 2019 and HAM10000 downloads -> the folder layout, split by lesion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from skinclf import cli
+from skinclf.config import compose_config
+from skinclf.data import load_splits
+from skinclf.errors import SkinclfError
+from skinclf.prepare import main as prepare_main
+
+RED, BLUE, GREEN = (220, 30, 30), (30, 30, 220), (30, 200, 30)
+COLOURS = {"MEL": RED, "NV": BLUE, "other": GREEN}
+
+
+def _image(path, label, rng):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = rng.integers(40, 90, 2)
+    Image.new("RGB", (int(w), int(h)), COLOURS[label]).save(path)
+
+
+def _lesions(n_mel: int, n_nv: int, n_other: int, rng) -> pd.DataFrame:
+    """One row per image: image_id, label, lesion_id; lesions have 1 to 4 images of one label."""
+    rows, lesion = [], 0
+    for label, n in (("MEL", n_mel), ("NV", n_nv), ("other", n_other)):
+        left = n
+        while left:
+            k = int(min(left, rng.integers(1, 5)))
+            rows += [(label, f"HAM_{lesion:07d}") for _ in range(k)]
+            lesion, left = lesion + 1, left - k
+    order = rng.permutation(len(rows))
+    return pd.DataFrame(
+        {
+            "image_id": [f"ISIC_{1000 + i:07d}" for i in range(len(rows))],
+            "label": [rows[j][0] for j in order],
+            "lesion_id": [rows[j][1] for j in order],
+        }
+    )
+
+
+def fake_ham10000(root, n_mel=40, n_nv=70, n_other=15, seed=0):
+    rng = np.random.default_rng(seed)
+    table = _lesions(n_mel, n_nv, n_other, rng)
+    dx = table["label"].map({"MEL": "mel", "NV": "nv", "other": "bkl"})
+    root.mkdir(parents=True)
+    metadata = pd.DataFrame({"lesion_id": table["lesion_id"], "image_id": table["image_id"], "dx": dx})
+    metadata.to_csv(root / "HAM10000_metadata.csv", index=False)
+    for i, row in table.iterrows():
+        part = "HAM10000_images_part_1" if i % 2 else "HAM10000_images_part_2"
+        _image(root / part / f"{row.image_id}.jpg", row.label, rng)
+    return table
+
+
+def fake_isic2019(root, n_mel=30, n_nv=50, n_other=10, seed=1, with_metadata=True):
+    """A fake ISIC 2019 download; the returned table's lesion_id is what its metadata file tells."""
+    rng = np.random.default_rng(seed)
+    table = _lesions(n_mel, n_nv, n_other, rng)
+    root.mkdir(parents=True)
+    onehot = pd.DataFrame({"image": table["image_id"]})
+    for column in ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]:
+        onehot[column] = 0.0
+    onehot.loc[table["label"] == "MEL", "MEL"] = 1.0
+    onehot.loc[table["label"] == "NV", "NV"] = 1.0
+    onehot.loc[table["label"] == "other", "BCC"] = 1.0
+    onehot.to_csv(root / "ISIC_2019_Training_GroundTruth.csv", index=False)
+    if with_metadata:
+        # As in the real file: some images have no lesion id.
+        table["lesion_id"] = table["lesion_id"].where(rng.random(len(table)) < 0.8, "")
+        pd.DataFrame({"image": table["image_id"], "age_approx": 50, "lesion_id": table["lesion_id"]}).to_csv(
+            root / "ISIC_2019_Training_Metadata.csv", index=False
+        )
+    else:
+        table["lesion_id"] = ""
+    for _, row in table.iterrows():
+        _image(root / "ISIC_2019_Training_Input" / f"{row.image_id}.jpg", row.label, rng)
+    return table
+
+
+def check_output(out, table, fractions=(0.71, 0.14, 0.15)):
+    manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert list(manifest.columns[:4]) == ["file", "label", "split", "source"]
+    expected = table[table["label"] != "other"]
+    assert sorted(manifest["file"].str.split("/").str[-1].str.removesuffix(".jpg")) == sorted(
+        expected["image_id"]
+    )
+    truth = dict(zip(table["image_id"], table["label"], strict=True))
+    lesion_of = dict(zip(table["image_id"], table["lesion_id"], strict=True))
+    for row in manifest.itertuples():
+        image_id = row.file.split("/")[-1].removesuffix(".jpg")
+        assert row.label == truth[image_id] and row.file == f"{row.split}/{row.label}/{image_id}.jpg"
+        with Image.open(out / row.file) as img:
+            assert img.size == (128, 128)
+            r, _, b = np.asarray(img, dtype=float).mean(axis=(0, 1))
+            assert (r > b) == (row.label == "MEL")  # the image of that id, not another one
+    # No lesion in two splits.
+    lesions = manifest.assign(lesion=[lesion_of[f.split("/")[-1][:-4]] for f in manifest["file"]])
+    lesions = lesions[lesions["lesion"] != ""]
+    assert (lesions.groupby("lesion")["split"].nunique() == 1).all()
+    # Stratified proportions, up to one lesion (at most 4 images) per split and class.
+    for label, group in manifest.groupby("label"):
+        counts = group["split"].value_counts().reindex(["train", "val", "test"], fill_value=0)
+        assert (abs(counts.to_numpy() - np.array(fractions) * len(group)) <= 4).all(), (label, counts)
+    return manifest
+
+
+def test_ham10000_split_by_lesion_in_the_paper_proportions(tmp_path, capsys):
+    table = fake_ham10000(tmp_path / "ham")
+    # The Kaggle copy of HAM10000 holds each image folder twice: duplicates are harmless.
+    (tmp_path / "ham" / "ham10000_images_part_1").mkdir()
+    for p in list((tmp_path / "ham" / "HAM10000_images_part_1").iterdir())[:5]:
+        (tmp_path / "ham" / "ham10000_images_part_1" / p.name).write_bytes(p.read_bytes())
+    cli.main(["prepare", str(tmp_path / "ham"), str(tmp_path / "out")])
+    manifest = check_output(tmp_path / "out", table)
+    printed = capsys.readouterr().out
+    assert "HAM10000: 110 MEL/NV images" in printed
+    train = manifest[manifest["split"] == "train"]
+    n_train_mel, n_train_nv = int((train["label"] == "MEL").sum()), int((train["label"] == "NV").sum())
+    train_line = next(line.split() for line in printed.splitlines() if line.startswith("train"))
+    assert train_line == ["train", str(n_train_mel), str(n_train_nv), str(len(train))]
+    # The result is exactly what data=folder reads.
+    splits = load_splits(
+        compose_config(["data=folder", f"data.root={tmp_path / 'out'}", "data.decode_cache=false"]).data
+    )
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 110
+    assert splits.train.class_counts()["MEL"] == n_train_mel
+
+
+def test_isic2019_with_and_without_lesion_metadata_seeded(tmp_path):
+    table = fake_isic2019(tmp_path / "isic")
+    prepare_main([str(tmp_path / "isic"), str(tmp_path / "a"), "--seed", "3", "--split", "60,20,20"])
+    first = check_output(tmp_path / "a", table, (0.6, 0.2, 0.2))
+    prepare_main([str(tmp_path / "isic"), str(tmp_path / "b"), "--seed", "3", "--split", "60,20,20"])
+    assert pd.read_csv(tmp_path / "b" / "manifest.csv", keep_default_na=False).equals(first)
+    prepare_main([str(tmp_path / "isic"), str(tmp_path / "c"), "--seed", "4", "--split", "60,20,20"])
+    assert not pd.read_csv(tmp_path / "c" / "manifest.csv", keep_default_na=False)["split"].equals(
+        first["split"]
+    )
+
+
+def test_balance_and_no_test_split(tmp_path):
+    table = fake_isic2019(tmp_path / "isic", with_metadata=False)
+    prepare_main([str(tmp_path / "isic"), str(tmp_path / "out"), "--balance", "--split", "80,20,0"])
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert manifest["label"].value_counts().to_dict() == {"MEL": 30, "NV": 30}
+    assert set(manifest["split"]) == {"train", "val"} and not (tmp_path / "out" / "test").exists()
+    assert set(manifest["file"].str.split("/").str[-1].str[:-4]) <= set(table["image_id"])
+
+
+def _missing_mel_image(source):
+    table = fake_ham10000(source)
+    next(source.rglob(f"{table[table['label'] == 'MEL']['image_id'].iloc[0]}.jpg")).unlink()
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "expected"),
+    [
+        (lambda s: s.mkdir(), [], "neither ISIC_2019_Training_GroundTruth.csv"),
+        (lambda s: None, [], "no such folder"),
+        (_missing_mel_image, [], "not under it"),
+        (
+            lambda s: (fake_ham10000(s), (s / "HAM10000_metadata.csv").write_text("image_id,dx\nx,mel\n")),
+            [],
+            "'lesion_id'",
+        ),
+        (lambda s: fake_ham10000(s, n_mel=3, n_nv=6, n_other=0), [], "no MEL image left"),
+        (lambda s: fake_ham10000(s), ["--split", "70,30"], "--split 70,30"),
+    ],
+    ids=["no-metadata", "no-source", "missing-image", "missing-column", "too-few", "bad-split"],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, setup, args, expected):
+    source, out = tmp_path / "src", tmp_path / "out"
+    setup(source)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prepare", str(source), str(out), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("skinclf prepare: error: ") and "\n" not in err and expected in err, err
+    if expected != "--split 70,30":
+        assert str(source) in err
+    assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_existing_output_is_never_overwritten(tmp_path):
+    fake_ham10000(tmp_path / "ham", n_mel=10, n_nv=10, n_other=0)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep me")
+    with pytest.raises(SkinclfError, match="already exists"):
+        prepare_main([str(tmp_path / "ham"), str(tmp_path / "out")])
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
