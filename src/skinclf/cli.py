@@ -10,6 +10,8 @@ from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 # command -> (module with a ``main(args: list[str])``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("skinclf.train", "train one combination; -m/--multirun sweeps (Hydra overrides)"),
+    "report": ("skinclf.report.command", "paper Table 1, confusion matrix, curves and ROC from finished runs"),
+    "summary": ("skinclf.summary", "layer table, parameters and mult-adds of a model (paper Appendix C)"),
     "predict": ("skinclf.predict", "MEL probabilities for new images with a finished run's model"),
     "prepare": ("skinclf.prepare", "128x128 MEL/NV folder layout from an ISIC 2019 or HAM10000 download"),
 }

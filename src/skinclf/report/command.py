@@ -1,0 +1,107 @@
+"""`skinclf report [DIR ...] [--out DIR]`: the paper's results section from run folders."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from skinclf.errors import SkinclfError
+from skinclf.report.figures import confusion_figure, curves_figure, roc_figure
+from skinclf.report.groups import group_runs
+from skinclf.report.runs import FAILED, FINISHED, UNFINISHED, Run, find_runs
+from skinclf.report.tables import (
+    confusion_table,
+    finished,
+    runs_table,
+    table1,
+    table1_latex,
+    table1_markdown,
+)
+
+DPI = 300  # print resolution at the figures' paper size
+
+DESCRIPTION = """\
+Writes paper Table 1 (table1.csv/.md/.tex), the best model's test confusion matrix
+(confusion_matrix.csv/.png, paper Table 2), training curves (curves.png/.pdf, paper Figure 2),
+test ROC curves of all models (roc.png) and a list of every run found (runs.csv).
+Runs are grouped per dataset and never averaged across datasets; runs of one model that differ
+only in seed are aggregated as mean ± std over n. Unfinished or failed runs are listed in
+runs.csv only."""
+
+
+def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]]:
+    """Find the runs under ``dirs`` and write every report file into ``out``.
+
+    Returns every run found (whatever its status) and the files written.
+
+    The files are first written to a staging folder inside ``out`` and moved into place only
+    when all of them succeeded: a failure never leaves a report half old and half new.
+    """
+    for path in dirs:
+        if not Path(path).is_dir():
+            raise SkinclfError(
+                f"{path}: no such directory; expected a run or multirun folder of `skinclf train`"
+            )
+    runs = find_runs(dirs)
+    done = finished(runs)
+    if not done:
+        where = ", ".join(map(str, dirs))
+        found = f"; {len(runs)} run folder(s) found but none finished (no test_metrics.json)" if runs else ""
+        raise SkinclfError(
+            f"no finished runs found under {where}{found}: expected folders written by `skinclf train` "
+            "(with .hydra/config.yaml, metrics.csv and test_metrics.json)"
+        )
+    groups = group_runs(done)
+    table = table1(groups)
+    confusion = confusion_table(groups, table)
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".report-", dir=out) as staging_dir:
+        staging = Path(staging_dir)
+        runs_table(runs).to_csv(staging / "runs.csv", index=False)
+        table.to_csv(staging / "table1.csv", index=False)
+        (staging / "table1.md").write_text(table1_markdown(table, groups))
+        (staging / "table1.tex").write_text(table1_latex(table, groups))
+        curves = curves_figure(groups)
+        curves.savefig(staging / "curves.png", dpi=DPI)
+        curves.savefig(staging / "curves.pdf")
+        if not confusion.empty:
+            confusion.to_csv(staging / "confusion_matrix.csv", index=False)
+            confusion_figure(confusion).savefig(staging / "confusion_matrix.png", dpi=DPI)
+        roc = roc_figure(groups)
+        if roc is not None:
+            roc.savefig(staging / "roc.png", dpi=DPI)
+        written = []
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out / path.name)
+            written.append(out / path.name)
+    return runs, written
+
+
+def main(args: list[str]) -> None:
+    """Entry point of ``skinclf report ARGS``."""
+    parser = argparse.ArgumentParser(
+        prog="skinclf report", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "dirs",
+        nargs="*",
+        type=Path,
+        default=[Path("outputs")],
+        metavar="DIR",
+        help="run or multirun folders to search, recursively (default: outputs)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
+    ns = parser.parse_args(args)
+    runs, written = build_report(ns.dirs, ns.out)
+    counts = {status: sum(run.status == status for run in runs) for status in (FINISHED, UNFINISHED, FAILED)}
+    print(", ".join(f"{n} {status}" for status, n in counts.items()) + " run(s); see runs.csv")
+    if not any(path.name == "confusion_matrix.csv" for path in written):
+        print("no tested runs (no test split): confusion_matrix.* not written")
+    if not any(path.name == "roc.png" for path in written):
+        print("no predictions.csv with test rows: roc.png not written")
+    for path in written:
+        print(f"wrote {path}")

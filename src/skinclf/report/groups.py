@@ -1,0 +1,74 @@
+"""Which finished runs are repetitions of one experiment, and the order the paper lists them in.
+
+Runs are grouped per dataset (never averaged across datasets), then per model and *variant*: the
+experiment settings (command-line overrides, see ``runs.NOT_AN_EXPERIMENT_SETTING``) that differ
+between the runs of that dataset. Runs that differ only in seed form one group (mean ± std, n);
+``optim.lr=0.001`` vs the default is a different row, not another seed. Settings shared by every
+run of a dataset are not repeated in each row but reported once (``common_settings``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from skinclf.report.runs import Run
+
+# Paper Table 1 order; models the paper does not have follow alphabetically.
+PAPER_MODELS = (
+    "baseline",
+    "batch_norm",
+    "group_norm",
+    "layer_norm",
+    "augmented",
+    "resnet",
+    "vgg16",
+    "res_aug",
+)
+
+
+def model_order(model: str) -> tuple[int, str]:
+    """Sort key: the paper's models in Table 1 order, then any other model by name."""
+    return (PAPER_MODELS.index(model), "") if model in PAPER_MODELS else (len(PAPER_MODELS), model)
+
+
+@dataclass
+class Group:
+    """The finished runs of one model (and variant) on one dataset."""
+
+    data: str
+    model: str
+    variant: str = ""
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """Row name in tables and legends: the model, plus its differing settings if any."""
+        return f"{self.model} [{self.variant}]" if self.variant else self.model
+
+
+def common_settings(runs: Iterable[Run]) -> dict[str, str]:
+    """Settings that every one of ``runs`` was started with, with the same value."""
+    runs = list(runs)
+    if not runs:
+        return {}
+    shared = dict(runs[0].settings)
+    for run in runs[1:]:
+        shared = {k: v for k, v in shared.items() if run.settings.get(k) == v}
+    return shared
+
+
+def group_runs(runs: Iterable[Run]) -> dict[str, list[Group]]:
+    """Finished runs grouped per dataset (sorted by name), each dataset's groups in paper order."""
+    by_data: dict[str, list[Run]] = {}
+    for run in runs:
+        by_data.setdefault(run.data, []).append(run)
+    result = {}
+    for data in sorted(by_data):
+        shared = common_settings(by_data[data])
+        groups: dict[tuple[str, str], Group] = {}
+        for run in by_data[data]:
+            variant = " ".join(f"{k}={v}" for k, v in sorted(run.settings.items()) if k not in shared)
+            groups.setdefault((run.model, variant), Group(data, run.model, variant)).runs.append(run)
+        result[data] = sorted(groups.values(), key=lambda g: (model_order(g.model), g.variant))
+    return result

@@ -1,0 +1,128 @@
+"""`skinclf summary model=NAME`: a model's layer table, parameters and mult-adds (paper Appendix C).
+
+The table is torchinfo's, for the paper's input (64, 3, 128, 128). Only shapes matter for it, so
+the model is built and run on PyTorch's ``meta`` device: no memory for weights or activations,
+no computation, and no ImageNet download (``model.pretrained`` is set to false unless given).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from importlib.resources import files
+
+import torch
+from omegaconf import DictConfig
+from torchinfo import ModelStatistics, summary
+
+from skinclf.config import compose_config
+from skinclf.errors import SkinclfError
+from skinclf.models import build_model
+from skinclf.report.groups import model_order
+
+INPUT_SIZE = (64, 3, 128, 128)  # the paper's batch of 64 RGB 128x128 images
+
+EPILOG = """examples:
+  skinclf summary model=resnet                  the layer table of paper Appendix C.6
+  skinclf summary model=all                     one line per model in conf/model/
+  skinclf summary model=vgg16 model.pretrained=true   any other train override is accepted"""
+
+
+def model_names() -> list[str]:
+    """Every model config shipped in conf/model/, in the paper's order."""
+    names = [p.name.removesuffix(".yaml") for p in files("skinclf.conf").joinpath("model").iterdir()]
+    return sorted((n for n in names if not n.startswith("_")), key=model_order)
+
+
+def model_config(name: str, overrides: list[str] = ()) -> DictConfig:
+    """The train config of model ``name`` with ``overrides``; random weights unless asked otherwise."""
+    if name not in model_names():
+        raise SkinclfError(f"model={name}: unknown model; expected one of {', '.join(model_names())} or all")
+    cfg = compose_config([f"model={name}", *overrides])
+    if "pretrained" in cfg.model and not any(o.startswith("model.pretrained=") for o in overrides):
+        # Weights do not change the table; downloading them would need a network.
+        cfg = compose_config([f"model={name}", *overrides, "model.pretrained=false"])
+    return cfg
+
+
+def model_statistics(cfg: DictConfig) -> ModelStatistics:
+    """torchinfo's statistics of ``cfg.model`` at input (64, 3, 128, 128), computed on shapes only."""
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    return summary(
+        model,
+        input_size=INPUT_SIZE,
+        device="meta",
+        verbose=0,
+        col_names=("output_size", "num_params"),
+        depth=4,
+    )
+
+
+def layer_table(name: str, overrides: list[str] = ()) -> str:
+    """The Appendix C block of one model: a header line, then torchinfo's table."""
+    cfg = model_config(name, overrides)
+    pipeline = cfg.model.pipeline._target_.rsplit(".", 1)[-1]
+    header = f"model={name}: {cfg.model.arch._target_}, pipeline {pipeline}, input {INPUT_SIZE}"
+    return f"{header}\n{model_statistics(cfg)}"
+
+
+@dataclass
+class Totals:
+    """One line of ``model=all``."""
+
+    model: str
+    architecture: str
+    total_params: int
+    trainable_params: int
+    mult_adds_g: float
+
+
+def totals(name: str, overrides: list[str] = ()) -> Totals:
+    """Parameter and mult-add totals of one model."""
+    cfg = model_config(name, overrides)
+    stats = model_statistics(cfg)
+    return Totals(
+        name,
+        cfg.model.arch._target_.rsplit(".", 1)[-1],
+        stats.total_params,
+        stats.trainable_params,
+        round(stats.total_mult_adds / 1e9, 2),
+    )
+
+
+def overview(overrides: list[str] = ()) -> str:
+    """One line per model in conf/model/: architecture, total and trainable parameters, mult-adds."""
+    rows = [totals(name, overrides) for name in model_names()]
+    width = max(len(r.model) for r in rows)
+    arch = max(len(r.architecture) for r in rows)
+    header = ("model", "architecture", "total params", "trainable", "mult-adds (G)")
+    lines = [f"{header[0]:<{width}}  {header[1]:<{arch}}  {header[2]:>13}  {header[3]:>13}  {header[4]:>13}"]
+    lines += [
+        f"{r.model:<{width}}  {r.architecture:<{arch}}  {r.total_params:>13,}  {r.trainable_params:>13,}  "
+        f"{r.mult_adds_g:>13.2f}"
+        for r in rows
+    ]
+    return "\n".join(lines) + f"\n(input {INPUT_SIZE}, torchinfo)"
+
+
+def main(args: list[str]) -> None:
+    """Entry point of ``skinclf summary model=NAME [OVERRIDES]``."""
+    parser = argparse.ArgumentParser(
+        prog="skinclf summary",
+        description="The layer table of paper Appendix C (torchinfo) for input (64, 3, 128, 128): "
+        "output shapes, parameters per layer, total and trainable parameters, mult-adds.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="model=NAME or model=all, then any train override"
+    )
+    overrides = parser.parse_args(args).overrides
+    for override in overrides:
+        if "=" not in override:
+            raise SkinclfError(f"{override!r}: expected KEY=VALUE, e.g. model=resnet")
+    names = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "model"]
+    rest = [o for o in overrides if o.split("=", 1)[0] != "model"]
+    name = names[-1] if names else str(compose_config(rest).model.name)
+    print(overview(rest) if name == "all" else layer_table(name, rest))

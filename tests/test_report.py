@@ -1,0 +1,331 @@
+"""`skinclf report`: run folders with known metrics -> Table 1, confusion matrix, curves, ROC, runs.csv."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zlib
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+from sklearn.metrics import roc_curve
+
+from skinclf.config import compose_config
+from skinclf.errors import SkinclfError
+from skinclf.evaluation.metrics import binary_metrics
+from skinclf.report.command import build_report
+from skinclf.report.figures import curve_data, roc_data
+from skinclf.report.groups import group_runs
+from skinclf.report.runs import find_runs
+from skinclf.report.tables import finished
+
+from conftest import TINY, run_dir_from_output, train_cli
+
+
+@cache
+def _config_yaml(model: str, data: str) -> str:
+    cfg = compose_config([f"model={model}"])
+    if data != "synthetic":
+        cfg.data.name = data
+    return OmegaConf.to_yaml(cfg)
+
+
+def write_run(
+    root: Path,
+    model: str,
+    val_acc: list[float],
+    train_acc: list[float],
+    seed: int = 0,
+    data: str = "synthetic",
+    overrides: tuple[str, ...] = (),
+    tested: bool = True,
+    n_test: int = 40,
+) -> Path:
+    """A run folder as `skinclf train` leaves it; test metrics computed from random predictions."""
+    path = root / f"{model}_{data}_{seed}_{'_'.join(overrides)}"
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(
+        _config_yaml(model, data).replace("seed: 0", f"seed: {seed}")
+    )
+    (path / ".hydra" / "overrides.yaml").write_text(
+        "".join(f"- {o}\n" for o in (f"model={model}", f"seed={seed}", *overrides))
+    )
+    epochs = np.arange(1, len(val_acc) + 1)
+    pd.DataFrame(
+        {
+            "epoch": epochs,
+            "train_loss": 0.5,
+            "train_acc": train_acc,
+            "val_loss": 0.5,
+            "val_acc": val_acc,
+            "lr": 1e-4,
+            "seconds": 1.0,
+        }
+    ).to_csv(path / "metrics.csv", index=False)
+    if not tested:
+        return path
+    rng = np.random.default_rng(zlib.crc32(path.name.encode()))
+    labels = np.repeat([0, 1], n_test // 2)
+    probs = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.25, n_test), 0, 1)
+    pd.DataFrame({"split": "test", "index": np.arange(n_test), "label": labels, "prob_mel": probs}).to_csv(
+        path / "predictions.csv", index=False
+    )
+    best = int(np.argmax(val_acc))
+    metrics = {
+        **binary_metrics(labels, probs),
+        "best_epoch": best + 1,
+        "best_val_acc": val_acc[best],
+        "epochs_run": len(val_acc),
+        "data": data,
+        "n_test": n_test,
+    }
+    (path / "test_metrics.json").write_text(json.dumps(metrics))
+    return path
+
+
+BASELINE = {  # seed -> (val_acc, train_acc) per epoch; seed 2 stopped early
+    0: ([0.60, 0.70, 0.72, 0.71, 0.70, 0.69], [0.65, 0.75, 0.80, 0.85, 0.90, 0.92]),
+    1: ([0.62, 0.66, 0.74, 0.74, 0.73, 0.70], [0.60, 0.70, 0.82, 0.88, 0.91, 0.95]),
+    2: ([0.58, 0.75, 0.71, 0.70], [0.61, 0.72, 0.81, 0.83]),
+}
+RES_AUG = ([0.55, 0.65, 0.78, 0.80, 0.79, 0.77, 0.76], [0.60, 0.66, 0.70, 0.74, 0.77, 0.78, 0.80])
+RESNET = ([0.61, 0.73, 0.70], [0.70, 0.90, 0.99])
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> Path:
+    """Three baseline seeds, one resnet, one res_aug (the best), one unfinished and one failed run."""
+    root = tmp_path / "outputs" / "multiruns" / "sweep"
+    for seed, (val, train) in BASELINE.items():
+        write_run(root, "baseline", val, train, seed=seed)
+    write_run(root, "res_aug", *RES_AUG)
+    write_run(tmp_path / "outputs" / "runs", "resnet", *RESNET)
+    write_run(root, "batch_norm", [0.99, 0.99], [0.99, 0.99], tested=False)
+    failed = write_run(root, "group_norm", [0.99], [0.99])
+    (failed / "test_metrics.json").write_text("{not json")
+    return tmp_path / "outputs"
+
+
+def _row(table: pd.DataFrame, model: str, data: str = "synthetic") -> pd.Series:
+    rows = table[(table["model"] == model) & (table["data"] == data)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_table1_has_every_number_of_the_runs(sweep, tmp_path):
+    runs, written = build_report([sweep], tmp_path / "reports")
+    table = pd.read_csv(tmp_path / "reports" / "table1.csv", keep_default_na=False, na_values=[""])
+    # Paper order; the unfinished and failed runs are not in the table.
+    assert list(table["model"]) == ["baseline", "resnet", "res_aug"]
+
+    vals = [100 * max(v) for v, _ in BASELINE.values()]
+    trains = [100 * max(t) for _, t in BASELINE.values()]
+    best_epochs = [int(np.argmax(v)) + 1 for v, _ in BASELINE.values()]
+    tests = [json.loads(p.read_text()) for p in sorted(sweep.rglob("baseline_*/test_metrics.json"))]
+    base = _row(table, "baseline")
+    assert base["n"] == 3 and base["n_tested"] == 3
+    expected = {
+        "best_val_acc_pct": vals,
+        "max_train_acc_pct": trains,
+        "best_epoch": best_epochs,
+        "epochs_run": [len(v) for v, _ in BASELINE.values()],
+        "test_acc_pct": [100 * t["accuracy"] for t in tests],
+        "roc_auc": [t["roc_auc"] for t in tests],
+    }
+    for column, values in expected.items():
+        assert base[f"{column}_mean"] == pytest.approx(np.mean(values), abs=1e-4), column
+        assert base[f"{column}_std"] == pytest.approx(np.std(values, ddof=1), abs=1e-4), column
+
+    res_aug = _row(table, "res_aug")
+    assert res_aug["n"] == 1 and np.isnan(res_aug["best_val_acc_pct_std"])
+    assert res_aug["best_val_acc_pct_mean"] == pytest.approx(80.0)
+    assert res_aug["max_train_acc_pct_mean"] == pytest.approx(80.0)
+    assert res_aug["best_epoch_mean"] == 4 and res_aug["epochs_run_mean"] == 7
+    assert list(table["best"]) == [False, False, True]
+
+    md = (tmp_path / "reports" / "table1.md").read_text()
+    assert f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}" in md
+    assert "| **res_aug** | **1** | **80.00** |" in md
+    assert "synthetic data (procedurally generated, not real lesions)" in md
+    tex = (tmp_path / "reports" / "table1.tex").read_text()
+    assert "\\textbf{res\\_aug}" in tex and "$\\pm$" in tex and "synthetic" in tex
+
+    names = {p.name for p in written}
+    assert names == {f"table1.{e}" for e in ("csv", "md", "tex")} | {
+        "runs.csv",
+        "confusion_matrix.csv",
+        "confusion_matrix.png",
+        "curves.png",
+        "curves.pdf",
+        "roc.png",
+    }
+    for png in ("curves.png", "confusion_matrix.png", "roc.png"):
+        with Image.open(tmp_path / "reports" / png) as image:
+            image.verify()
+    assert not [p for p in (tmp_path / "reports").iterdir() if p.name.startswith(".")], "staging left behind"
+
+
+def test_runs_csv_lists_unfinished_and_failed_runs(sweep, tmp_path):
+    build_report([sweep], tmp_path / "reports")
+    runs = pd.read_csv(tmp_path / "reports" / "runs.csv").set_index("model")
+    assert len(runs) == 7
+    assert (runs.loc["baseline", "status"] == "finished").all()
+    assert runs.loc["batch_norm", "status"] == "unfinished"
+    assert "test_metrics.json" in runs.loc["batch_norm", "problem"]
+    assert runs.loc["batch_norm", "epochs_run"] == 2
+    assert runs.loc["group_norm", "status"] == "failed"
+    assert sorted(runs.loc["baseline", "seed"]) == [0, 1, 2]
+    assert runs.loc["res_aug", "best_val_acc_pct"] == pytest.approx(80.0)
+
+
+def test_confusion_matrix_is_the_best_models_test_set_laid_out_like_table_2(sweep, tmp_path):
+    build_report([sweep], tmp_path / "reports")
+    confusion = pd.read_csv(tmp_path / "reports" / "confusion_matrix.csv")
+    run_dir = next(sweep.rglob("res_aug_*"))
+    assert set(confusion["run_dir"]) == {str(run_dir)} and set(confusion["model"]) == {"res_aug"}
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    true, pred = predictions["label"].to_numpy(), (predictions["prob_mel"] >= 0.5).to_numpy()
+    assert list(confusion["true"]) == ["NEV", "MEL"]
+    assert confusion[["pred_NEV", "pred_MEL"]].to_numpy().tolist() == [
+        [int(((true == 0) & ~pred).sum()), int(((true == 0) & pred).sum())],
+        [int(((true == 1) & ~pred).sum()), int(((true == 1) & pred).sum())],
+    ]
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    for key in ("accuracy", "f1", "sensitivity", "specificity"):
+        assert confusion[key].iloc[0] == pytest.approx(metrics[key], abs=1e-4)
+
+
+def test_curves_mark_each_models_best_validation_epoch(sweep):
+    groups = group_runs(finished(find_runs([sweep])))["synthetic"]
+    curves = {g.model: curve_data(g) for g in groups}
+    res_aug = curves["res_aug"]
+    val = 100 * np.array(RES_AUG[0])
+    assert list(res_aug.epochs) == list(range(1, 8))
+    assert res_aug.best_epoch == 4
+    # Trailing 5-epoch rolling mean (shorter at the start).
+    assert res_aug.val[0] == pytest.approx(val[0])
+    assert res_aug.val[-1] == pytest.approx(val[-5:].mean())
+    assert res_aug.best_val == pytest.approx(val[:4].mean())
+    # Early stopping: the resnet run has 3 epochs, so its curve ends at 3.
+    assert list(curves["resnet"].epochs) == [1, 2, 3] and curves["resnet"].best_epoch == 2
+    # Seeds: each epoch averaged over the runs that reached it; seed 2 stopped after 4.
+    base = curves["baseline"]
+    raw = [np.mean([100 * v[e] for v, _ in BASELINE.values() if len(v) > e]) for e in range(6)]
+    assert list(base.epochs) == list(range(1, 7))
+    assert base.best_epoch == int(np.argmax(raw)) + 1
+    assert base.val[-1] == pytest.approx(np.mean(raw[1:6]))
+    assert base.train[0] == pytest.approx(np.mean([100 * t[0] for _, t in BASELINE.values()]))
+
+
+def test_roc_is_the_runs_test_curve_with_its_auc(sweep):
+    groups = group_runs(finished(find_runs([sweep])))["synthetic"]
+    roc = roc_data(next(g for g in groups if g.model == "res_aug"))
+    run_dir = next(sweep.rglob("res_aug_*"))
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    fpr, tpr, _ = roc_curve(predictions["label"], predictions["prob_mel"])
+    np.testing.assert_allclose(roc.fpr, fpr)
+    np.testing.assert_allclose(roc.tpr, tpr)
+    assert roc.auc_mean == pytest.approx(json.loads((run_dir / "test_metrics.json").read_text())["roc_auc"])
+    averaged = roc_data(next(g for g in groups if g.model == "baseline"))
+    assert averaged.n == 3 and averaged.tpr[0] == 0 and averaged.tpr[-1] == 1
+    assert np.all(np.diff(averaged.tpr) >= 0)
+
+
+def test_datasets_and_settings_are_never_averaged_together(tmp_path):
+    root = tmp_path / "outputs"
+    write_run(root, "baseline", [0.70, 0.80], [0.7, 0.8], seed=0)
+    write_run(root, "baseline", [0.60, 0.62], [0.7, 0.8], seed=1, overrides=("optim.lr=0.001",))
+    write_run(root, "resnet", [0.75, 0.70], [0.7, 0.8], seed=0)
+    derm = [
+        write_run(root, "baseline", [0.5, v], [0.6, 0.7], seed=s, data="dermamnist")
+        for s, v in ((0, 0.6), (1, 0.9))
+    ]
+    write_run(root, "resnet", [0.70, 0.72], [0.7, 0.8], seed=0, data="dermamnist")
+    build_report([root], tmp_path / "reports")
+    table = pd.read_csv(tmp_path / "reports" / "table1.csv", keep_default_na=False, na_values=[""])
+
+    synthetic = table[table["data"] == "synthetic"]
+    assert list(zip(synthetic["model"], synthetic["variant"].fillna(""), synthetic["n"], strict=True)) == [
+        ("baseline", "", 1),
+        ("baseline", "optim.lr=0.001", 1),
+        ("resnet", "", 1),
+    ]
+    assert list(synthetic["best"]) == [True, False, False]
+    assert _row(table, "baseline", "dermamnist")["best_val_acc_pct_mean"] == pytest.approx(75.0)
+    assert _row(table, "baseline", "dermamnist")["n"] == 2
+    assert list(table[table["data"] == "dermamnist"]["best"]) == [True, False]
+
+    md = (tmp_path / "reports" / "table1.md").read_text()
+    assert "## Dataset: dermamnist data" in md and "## Dataset: synthetic data (procedurally generated" in md
+    # Confusion matrix per dataset; with seeds, the seed with the best validation accuracy.
+    confusion = pd.read_csv(tmp_path / "reports" / "confusion_matrix.csv")
+    assert set(confusion[confusion["data"] == "dermamnist"]["run_dir"]) == {str(derm[1])}
+    assert set(confusion[confusion["data"] == "synthetic"]["model"]) == {"baseline"}
+
+
+@pytest.mark.parametrize("setup", ["empty", "unrelated", "unfinished_only", "missing"])
+def test_no_runs_is_a_clear_error_with_exit_2(setup, tmp_path):
+    target = tmp_path / "outputs"
+    if setup != "missing":
+        target.mkdir()
+    if setup == "unrelated":
+        (target / "other" / ".hydra").mkdir(parents=True)
+        (target / "other" / ".hydra" / "config.yaml").write_text("lr: 0.1\n")
+        (target / "notes.txt").write_text("hello")
+    if setup == "unfinished_only":
+        write_run(target, "baseline", [0.5], [0.5], tested=False)
+    with pytest.raises(SkinclfError, match="no finished runs found|no such directory"):
+        build_report([target], tmp_path / "reports")
+    assert not (tmp_path / "reports").exists()
+    if setup == "empty":  # and through the real command line
+        proc = subprocess.run(
+            [sys.executable, "-m", "skinclf", "report", str(target), "--out", str(tmp_path / "reports")],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("skinclf report: error: no finished runs found under")
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_report_on_two_real_tiny_runs(tmp_path, shared_data_dir):
+    run_dirs = []
+    for model in ("baseline", "resnet"):
+        proc = train_cli(
+            *TINY,
+            "trainer.max_epochs=2",
+            f"model={model}",
+            f"data.cache_dir={shared_data_dir}",
+            "device=cpu",
+            cwd=tmp_path,
+        )
+        run_dirs.append(run_dir_from_output(proc.stdout))
+    proc = subprocess.run(
+        [sys.executable, "-m", "skinclf", "report", "--out", "reports"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "2 finished" in proc.stdout
+    out = tmp_path / "reports"
+    for name in ("table1.csv", "table1.md", "table1.tex", "runs.csv", "confusion_matrix.csv", "curves.pdf"):
+        assert (out / name).stat().st_size > 0
+    for name in ("curves.png", "confusion_matrix.png", "roc.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and min(image.size) > 300
+    table = pd.read_csv(out / "table1.csv")
+    assert list(table["model"]) == ["baseline", "resnet"]
+    for run_dir, row in zip(
+        sorted(run_dirs, key=lambda p: "resnet" in p.name), table.itertuples(), strict=True
+    ):
+        metrics = json.loads((tmp_path / run_dir / "test_metrics.json").read_text())
+        assert row.best_val_acc_pct_mean == pytest.approx(100 * metrics["best_val_acc"], abs=1e-3)
+        assert row.test_acc_pct_mean == pytest.approx(100 * metrics["accuracy"], abs=1e-3)

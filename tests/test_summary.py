@@ -1,0 +1,66 @@
+"""`skinclf summary`: the Appendix C layer tables and totals, printed by the real command."""
+
+import re
+
+import pytest
+
+from skinclf.cli import main as cli_main
+from skinclf.summary import model_config, model_names
+
+# Paper Appendix C: total parameters and torchinfo mult-adds (G) at input (64, 3, 128, 128).
+APPENDIX_C = {
+    "baseline": ("8,408,257", "6.33"),
+    "batch_norm": ("8,408,449", "6.33"),
+    "group_norm": ("8,408,449", "6.33"),
+    "layer_norm": ("9,981,121", "6.43"),
+    "augmented": ("8,408,257", "6.33"),
+    "resnet": ("2,170,401", "2.49"),
+    "vgg16": ("119,642,689", "327.71"),
+    "res_aug": ("2,170,401", "2.49"),
+}
+
+
+def summary_output(capsys, *args: str) -> str:
+    cli_main(["summary", *args])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", APPENDIX_C)
+def test_layer_table_prints_the_appendix_totals(name, capsys):
+    out = summary_output(capsys, f"model={name}")
+    params, gmacs = APPENDIX_C[name]
+    assert re.search(rf"^Total params: {params}$", out, re.M)
+    assert re.search(rf"^Total mult-adds \(.*G.*\): {gmacs}$", out, re.M)
+    trainable = re.search(r"^Trainable params: ([\d,]+)$", out, re.M).group(1)
+    if name == "vgg16":  # frozen feature extractor: only the MLP head trains
+        assert int(trainable.replace(",", "")) < int(params.replace(",", ""))
+    else:
+        assert trainable == params
+    # The Appendix C layout: one row per layer with output shape and parameters.
+    assert re.search(r"Conv2d.*\[64, \d+, \d+, \d+\]", out)
+    assert re.search(r"Linear.*\[64, 1\]\s+\d+", out)
+
+
+def test_all_prints_one_line_per_model_in_paper_order(capsys):
+    out = summary_output(capsys, "model=all")
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in APPENDIX_C]
+    assert [row[0] for row in rows] == [n for n in model_names() if n in APPENDIX_C]
+    assert list(APPENDIX_C) == [n for n in model_names() if n in APPENDIX_C]
+    for row in rows:
+        params, gmacs = APPENDIX_C[row[0]]
+        assert row[2] == params and row[-1] == gmacs
+
+
+def test_pretrained_weights_are_not_fetched_unless_asked():
+    assert model_config("vgg16").model.pretrained is False
+    assert model_config("vgg16", ["model.pretrained=true"]).model.pretrained is True
+    assert "pretrained" not in model_config("baseline").model
+
+
+@pytest.mark.parametrize("args", [["model=nope"], ["resnet"]])
+def test_bad_arguments_exit_2_with_one_line(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["summary", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and args[0] in err
