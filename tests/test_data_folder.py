@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import train_cli
 from PIL import Image
 
 from skinclf.config import compose_config
 from skinclf.data import decode_cache as decode_cache_module
 from skinclf.data import load_splits
 from skinclf.errors import SkinclfError
+
+from conftest import train_cli
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)  # MEL images are red, NV images blue: labels are checkable
 # (mode, suffix, size): every mode the folder source must read, at varied sizes.
@@ -107,6 +108,13 @@ def test_second_load_is_a_cache_hit_and_a_changed_dataset_is_decoded_again(tmp_p
     nv_val = third.val.images[third.val.labels == 0].float().mean(dim=(2, 3))
     assert (nv_val[:, 0] > nv_val[:, 2]).sum() == 1  # the recoloured file is read anew
     assert len(list(cache.glob("*.pt"))) == 4
+
+
+def test_decode_cache_false_writes_no_cache(tmp_path):
+    root = make_dataset(tmp_path / "ds", {"train": (2, 2), "val": (1, 1)})
+    splits = load_splits(data_cfg(root, None))
+    assert splits.train.class_counts() == {"MEL": 2, "NV": 2}
+    assert not (tmp_path / "data").exists() and not list(tmp_path.rglob("*.pt"))
 
 
 def _bad(tmp_path: Path, breaker) -> tuple[str, Path]:

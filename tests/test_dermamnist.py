@@ -7,11 +7,12 @@ import csv
 import numpy as np
 import pytest
 import torch
-from conftest import train_in_process
 
 from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.errors import SkinclfError
+
+from conftest import train_in_process
 
 # Labels per split: every DermaMNIST class appears; 4 = melanoma, 5 = nevus.
 LABELS = {

@@ -28,7 +28,7 @@ N_CLASSES = 7
 FILE_NAME = "dermamnist_128.npz"
 DOWNLOAD_HELP = (
     f"download {FILE_NAME} from MedMNIST+ on Zenodo (https://zenodo.org/records/10519652) or with "
-    f"`pip install medmnist` and `python -c \"import medmnist; medmnist.DermaMNIST('train', "
+    f"`pip install medmnist`, `mkdir -p data` and `python -c \"import medmnist; medmnist.DermaMNIST('train', "
     f"download=True, size=128, root='data')\"`, then pass its path as data.root"
 )
 
