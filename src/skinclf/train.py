@@ -16,10 +16,12 @@ import numpy as np
 import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from skinclf.data import load_splits
+from skinclf.data.features import training_stage
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.evaluation.curves import write_run_curves
 from skinclf.evaluation.metrics import binary_metrics
@@ -70,24 +72,28 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     pipeline = instantiate(cfg.model.pipeline)
     pipeline.fit(splits.train.images)
     model = build_model(cfg.model)
+    # A model with a frozen front end (vgg16) trains only its head, on the front end's outputs
+    # computed once and cached; any other model trains whole, on the images (stage = as given).
+    stage = training_stage(model, pipeline, splits, Path(cfg.data.cache_dir), settings, device)
     config = OmegaConf.to_container(cfg, resolve=True)
 
     result = fit(
-        model,
-        pipeline,
-        splits.train,
-        splits.val,
+        stage.module,
+        stage.pipeline,
+        stage.splits.train,
+        stage.splits.val,
         settings,
         device,
         out_dir,
         extra_state={"config": config},
         resume=bool(cfg.resume),
+        checkpoint_model=model,
     )
 
     # The checkpoint with the best validation accuracy is the one that is tested.
     best = load_checkpoint(out_dir / "best.pt", map_location=device)
     model.load_state_dict(best["model"])
-    _, _, val_probs = evaluate(model, pipeline, splits.val, settings, device)
+    _, _, val_probs = evaluate(stage.module, stage.pipeline, stage.splits.val, settings, device)
     target = float(cfg.eval.target_sensitivity)
     threshold = threshold_for_sensitivity(splits.val.labels.numpy(), val_probs, target)
     metrics: dict = {
@@ -111,7 +117,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         log.info("no test split in this dataset: the run ends after validation")
         metrics["n_test"] = 0
     else:
-        _, _, test_probs = evaluate(model, pipeline, splits.test, settings, device)
+        _, _, test_probs = evaluate(stage.module, stage.pipeline, stage.splits.test, settings, device)
         labels = splits.test.labels.numpy()
         metrics.update(binary_metrics(labels, test_probs), n_test=len(labels))
         at_threshold = binary_metrics(labels, test_probs, threshold)
@@ -153,8 +159,12 @@ def hydra_main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run(cfg, out_dir)
-    except SkinclfError as err:
-        print(f"skinclf train: error: {err}", file=sys.stderr)
+    except (SkinclfError, InstantiationException) as err:
+        # Hydra wraps what a config object's constructor raises (a model's missing weights, say).
+        user_error = err if isinstance(err, SkinclfError) else err.__cause__
+        if not isinstance(user_error, SkinclfError):
+            raise
+        print(f"skinclf train: error: {user_error}", file=sys.stderr)
         _remove_unstarted_run(out_dir)
         sys.exit(EXIT_USER_ERROR)
     print(f"output directory: {out_dir}")

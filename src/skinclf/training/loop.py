@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,28 @@ def make_optimizer(
 
 
 @torch.inference_mode()
+def forward_batches(
+    model: nn.Module,
+    pipeline: Any,
+    images: torch.Tensor,
+    settings: LoopSettings,
+    device: torch.device,
+    out_dtype: torch.dtype = torch.float32,
+    desc: str | None = None,
+) -> torch.Tensor:
+    """``model``'s outputs (``out_dtype``, on CPU) for a split's inputs, in eval mode, large batches,
+    no augmentation; a progress bar when ``desc`` is given."""
+    model.eval()
+    forward_ctx, dtype = autocast(settings.precision, device), input_dtype(settings.precision)
+    out = []
+    starts = range(0, len(images), settings.eval_batch_size)
+    for start in progress(starts, mode=settings.progress if desc else "never", desc=desc, unit="batch"):
+        batch = images[start : start + settings.eval_batch_size].to(device, non_blocking=True)
+        with forward_ctx():
+            out.append(model(pipeline.eval_batch(batch, dtype)).to(out_dtype).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=out_dtype)
+
+
 def predict_logits(
     model: nn.Module,
     pipeline: Any,
@@ -94,14 +116,7 @@ def predict_logits(
     device: torch.device,
 ) -> torch.Tensor:
     """Logits (float32, on CPU) for uint8 images, in eval mode, large batches, no augmentation."""
-    model.eval()
-    forward_ctx, dtype = autocast(settings.precision, device), input_dtype(settings.precision)
-    out = []
-    for start in range(0, len(images), settings.eval_batch_size):
-        batch = images[start : start + settings.eval_batch_size].to(device, non_blocking=True)
-        with forward_ctx():
-            out.append(model(pipeline.eval_batch(batch, dtype)).float().flatten().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    return forward_batches(model, pipeline, images, settings, device).flatten()
 
 
 def evaluate(
@@ -181,13 +196,21 @@ def fit(
     out_dir: Path,
     extra_state: dict[str, Any] | None = None,
     resume: bool = False,
+    checkpoint_model: nn.Module | None = None,
 ) -> FitResult:
     """Train with early stopping. Writes metrics.csv, last.pt (every epoch) and best.pt into
-    ``out_dir``; with ``resume``, continues from last.pt exactly where it stopped."""
+    ``out_dir``; with ``resume``, continues from last.pt exactly where it stopped.
+
+    ``checkpoint_model``: the module whose state dict the checkpoints hold, when ``model`` is only
+    its trained part (a head on cached features); it must contain ``model``. Default: ``model``.
+    """
     extra_state = extra_state or {}
+    saved = model if checkpoint_model is None else checkpoint_model
     if device.type == "cuda":
         # Small datasets of uint8 images fit on the GPU: move them once, not every batch.
-        train, val = (Split(s.images.to(device), s.labels.to(device)) for s in (train, val))
+        train, val = (
+            replace(s, images=s.images.to(device), labels=s.labels.to(device)) for s in (train, val)
+        )
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -206,7 +229,7 @@ def fit(
     )
     if resume and last_path.exists():
         state = load_checkpoint(last_path, map_location=device)
-        model.load_state_dict(state["model"])
+        saved.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], generator, device)
@@ -241,7 +264,7 @@ def fit(
         }
         history.append(row)
         common = {
-            "model": model.state_dict(),
+            "model": saved.state_dict(),
             "epoch": epoch,
             "pipeline": pipeline.state_dict(),
             **extra_state,

@@ -1,0 +1,209 @@
+"""Frozen front ends run once: their outputs per split are cached on disk and the head trains on them.
+
+A model that declares a frozen front end (:class:`FrozenFrontEnd`: ``frozen_split()`` returns
+``(extractor, head)`` with ``model(x) == head(extractor(x))``, e.g. vgg16) never runs that front
+end inside the training loop: :func:`training_stage` computes its outputs on every split once,
+stores them under ``data.cache_dir/features/``, and hands the loop the head, those outputs and a
+pass-through pipeline. Every other model trains whole, on images, exactly as before.
+
+A cache file is keyed by everything the outputs depend on: the split's images (their bytes),
+the extractor (its structure and weights, so random initialisations with different seeds never
+share features), the image pipeline's state (normalisation) and the numeric precision. A changed
+dataset or model is never served stale; the old file is simply not used again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from skinclf.data.pipeline import DefaultPipeline
+from skinclf.data.splits import ImageSplits, Split
+from skinclf.errors import SkinclfError
+from skinclf.io import atomic_torch_save
+from skinclf.training.loop import LoopSettings, forward_batches
+
+log = logging.getLogger(__name__)
+
+# Bump when what is stored changes, so that old cache files are not read.
+CACHE_VERSION = 1
+# Half the memory and disk of fp32; the rounding (~5e-4 relative) is far below what the head can resolve.
+CACHE_DTYPE = torch.float16
+_HASH_CHUNK = 512  # images hashed at a time, to bound the memory of the contiguous copy
+
+
+@runtime_checkable
+class FrozenFrontEnd(Protocol):
+    """A model whose first part is frozen, so that its outputs can be computed once."""
+
+    def frozen_split(self) -> tuple[nn.Module, nn.Module]:
+        """(frozen extractor, trained head), sharing the model's modules: model(x) == head(extractor(x))."""
+        ...
+
+
+@dataclass
+class FeatureSplit(Split):
+    """A split of cached extractor outputs: ``images`` float (N, C, H, W) maps, ``labels`` as in Split."""
+
+    def __post_init__(self) -> None:
+        if not self.images.is_floating_point() or self.images.ndim != 4:
+            shape = tuple(self.images.shape)
+            raise ValueError(f"expected float (N, C, H, W) feature maps, got {self.images.dtype} {shape}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} feature maps but {len(self.labels)} labels")
+        self.labels = self.labels.to(torch.float32)
+
+
+class FeaturePipeline:
+    """Cached feature maps -> head input: a cast to the loop's dtype, nothing else (features are fixed).
+
+    Its state is the image pipeline's, so checkpoints still say how images are prepared for the
+    full model (predict, explain).
+    """
+
+    def __init__(self, image_pipeline: Any) -> None:
+        self.image_pipeline = image_pipeline
+
+    def fit(self, train_images: torch.Tensor) -> None:
+        """Nothing to fit: the image pipeline was fitted before the features were computed."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.image_pipeline.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.image_pipeline.load_state_dict(state)
+
+    def train_batch(
+        self, features: torch.Tensor, generator: torch.Generator, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """A training batch: the cached features in ``dtype``."""
+        return features.to(dtype)
+
+    def eval_batch(self, features: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An evaluation batch: the cached features in ``dtype``."""
+        return features.to(dtype)
+
+
+@dataclass
+class TrainingStage:
+    """What the loop trains: ``module`` on ``splits``, whose batches ``pipeline`` prepares."""
+
+    module: nn.Module
+    pipeline: Any
+    splits: ImageSplits
+
+
+def _hash_tensor(h: Any, t: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and values into hash ``h`` (layout-independent, in chunks)."""
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    rows = t.reshape(1, -1) if t.ndim == 0 else t
+    for start in range(0, len(rows), _HASH_CHUNK):
+        part = rows[start : start + _HASH_CHUNK].detach().cpu().contiguous()
+        h.update(part.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def extractor_key(extractor: nn.Module, pipeline: Any, precision: str) -> str:
+    """A hex digest of what an extractor's outputs depend on besides the images."""
+    h = hashlib.sha256(f"v{CACHE_VERSION} {precision} {type(pipeline).__qualname__}\n{extractor!r}".encode())
+    for name, tensor in [*extractor.state_dict().items(), *pipeline.state_dict().items()]:
+        h.update(name.encode())
+        _hash_tensor(h, tensor)
+    return h.hexdigest()
+
+
+def split_key(images: torch.Tensor, extractor_digest: str) -> str:
+    """A hex digest of one split's images together with the extractor key."""
+    h = hashlib.sha256(extractor_digest.encode())
+    _hash_tensor(h, images)
+    return h.hexdigest()
+
+
+def _load_cached(path: Path, key: str, n: int) -> torch.Tensor | None:
+    """The cached features at ``path`` if it holds ``n`` of them for ``key``; None otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, weights_only=True)
+    except Exception as err:  # a damaged file is a cache miss, never a failed run
+        log.warning(
+            f"feature cache {path} is unreadable ({type(err).__name__}): computing the features again"
+        )
+        return None
+    stored = stored if isinstance(stored, dict) else {}
+    features = stored.get("features")
+    if stored.get("key") != key or not isinstance(features, torch.Tensor) or len(features) != n:
+        log.warning(f"feature cache {path} does not match its data: computing the features again")
+        return None
+    return features
+
+
+def cached_features(
+    extractor: nn.Module,
+    pipeline: Any,
+    images: torch.Tensor,
+    name: str,
+    extractor_digest: str,
+    cache_dir: Path,
+    settings: LoopSettings,
+    device: torch.device,
+) -> torch.Tensor:
+    """The extractor's outputs on ``images`` (CACHE_DTYPE, CPU): read from the cache, or computed
+    once with a progress bar and written there atomically."""
+    key = split_key(images, extractor_digest)
+    path = Path(cache_dir) / "features" / f"{name}_{key[:16]}.pt"
+    features = _load_cached(path, key, len(images))
+    if features is not None:
+        log.info(f"{name} features: cache hit, {path}")
+        return features
+    log.info(f"{name} features: cache miss, running the frozen extractor on {len(images)} images into {path}")
+    features = forward_batches(
+        extractor, pipeline, images, settings, device, out_dtype=CACHE_DTYPE, desc=f"{name} features"
+    )
+    try:
+        atomic_torch_save({"key": key, "features": features}, path)
+    except OSError as err:
+        raise SkinclfError(
+            f"data.cache_dir={cache_dir}: cannot write the feature cache {path}: {err}"
+        ) from err
+    return features
+
+
+def training_stage(
+    model: nn.Module,
+    pipeline: Any,
+    splits: ImageSplits,
+    cache_dir: Path,
+    settings: LoopSettings,
+    device: torch.device,
+) -> TrainingStage:
+    """What the loop should train: ``model`` on the image splits, or, for a :class:`FrozenFrontEnd`,
+    its head on the extractor's cached outputs (computed here on a cache miss)."""
+    if not isinstance(model, FrozenFrontEnd):
+        return TrainingStage(model, pipeline, splits)
+    if type(pipeline).train_batch is not DefaultPipeline.train_batch:
+        # Features computed once cannot see per-epoch augmentation: refuse rather than silently drop it.
+        raise SkinclfError(
+            f"model.pipeline={type(pipeline).__name__}: a frozen extractor's features are computed "
+            "once, so its pipeline cannot augment training images; expected one without augmentation "
+            "(e.g. pipeline imagenet)"
+        )
+    extractor, head = model.frozen_split()
+    digest = extractor_key(extractor, pipeline, settings.precision)
+    # The whole model moves, so that it stays on one device for whatever follows training.
+    model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    features = {
+        name: FeatureSplit(
+            cached_features(extractor, pipeline, split.images, name, digest, cache_dir, settings, device),
+            split.labels,
+        )
+        for name, split in splits.items()
+    }
+    return TrainingStage(head, FeaturePipeline(pipeline), ImageSplits(name=splits.name, **features))

@@ -1,0 +1,130 @@
+"""Paper C.7: torchvision's VGG-16 convolutional features (ImageNet weights, frozen) + an MLP head.
+
+The only transfer-learning combination of the study. The features are frozen, so
+:meth:`VGG16Transfer.frozen_split` hands them to the feature cache (skinclf.data.features):
+they run once per split, and the training loop only ever trains the head.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import nn
+from torchvision.models import VGG16_Weights, vgg16
+
+from skinclf.errors import SkinclfError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = VGG16_Weights.IMAGENET1K_V1
+HEAD_WIDTHS = (25088, 4096, 512, 128, 1)
+Preset = Literal["appendix", "full"]
+
+
+def weights_file() -> Path:
+    """Where torchvision keeps (and looks for) the IMAGENET1K_V1 file: the torch hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(WEIGHTS.url).path).name
+
+
+def _download_hint(path: Path) -> str:
+    return (
+        f'on a machine with network run `python -c "import torchvision; '
+        f"torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` (or download {WEIGHTS.url}) and copy "
+        f"{path.name} into {path.parent}/ here; or set model.pretrained=false "
+        "(random features, not the paper's setup)"
+    )
+
+
+def imagenet_features() -> nn.Sequential:
+    """VGG-16 ``features`` with IMAGENET1K_V1 weights, through torchvision's own loading path
+    (the torch hub cache, downloaded on first use); a clear SkinclfError when that is impossible."""
+    path = weights_file()
+    try:
+        return vgg16(weights=WEIGHTS).features
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad file a RuntimeError
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if path.is_file():
+            raise SkinclfError(
+                f"{path}: cannot load the VGG-16 IMAGENET1K_V1 weights ({first_line}); delete the file "
+                f"and get it again: {_download_hint(path)}"
+            ) from err
+        raise SkinclfError(
+            f"{path}: VGG-16 IMAGENET1K_V1 weights not found and the download failed ({first_line}); "
+            f"{_download_hint(path)}"
+        ) from err
+
+
+class ResizeCrop(nn.Module):
+    """The weights' own input preset: shorter side resized to ``resize``, centre crop ``crop``."""
+
+    def __init__(self, resize: int = 256, crop: int = 224) -> None:
+        super().__init__()
+        self.resize, self.crop = resize, crop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Antialiased bilinear resizing is not implemented for every low-precision dtype: do it in fp32.
+        out = TF.center_crop(TF.resize(x.float(), [self.resize], antialias=True), [self.crop])
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"resize={self.resize}, crop={self.crop}"
+
+
+class VGG16Transfer(nn.Module):
+    """VGG-16 features (frozen) -> AdaptiveAvgPool2d(7, 7) -> MLP 25088-4096-512-128-1 (ReLU, dropout).
+
+    One logit per image. Attribute names follow torchvision's VGG (``features``, ``avgpool``,
+    ``classifier``), so the state dict reads like a VGG-16 one. ``input_preset``: ``appendix``
+    feeds the images as they are (128x128, paper C.7); ``full`` first applies the weights' own
+    resize 256 / crop 224.
+    """
+
+    def __init__(
+        self, pretrained: bool = True, dropout: float = 0.5, input_preset: Preset = "appendix"
+    ) -> None:
+        super().__init__()
+        if input_preset not in ("appendix", "full"):
+            raise SkinclfError(f"model.input_preset={input_preset!r}: expected appendix or full")
+        # No module at all for the appendix preset, so the layer table matches Appendix C.7 row by row.
+        self.preset = ResizeCrop() if input_preset == "full" else None
+        if pretrained:
+            self.features = imagenet_features()
+            log.info(f"vgg16: ImageNet IMAGENET1K_V1 features from {weights_file()}")
+        else:
+            self.features = vgg16(weights=None).features
+            log.warning(
+                "vgg16: model.pretrained=false: randomly initialised features, NOT the paper's setup "
+                "(which uses ImageNet IMAGENET1K_V1 weights)"
+            )
+        self.features.requires_grad_(False)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(HEAD_WIDTHS)):
+            layers.append(nn.Linear(n_in, n_out))
+            if i < len(HEAD_WIDTHS) - 2:
+                layers += [nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        self.classifier = nn.Sequential(*layers)
+
+    def train(self, mode: bool = True) -> VGG16Transfer:
+        super().train(mode)
+        # Frozen means frozen: the features behave as at inference time even while the head trains.
+        self.features.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.preset is not None:
+            x = self.preset(x)
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+    def frozen_split(self) -> tuple[nn.Module, nn.Module]:
+        """(frozen extractor, trained head) with ``model(x) == head(extractor(x))``; the head
+        starts at the pooling, so the cached extractor output is the small 512x4x4 map."""
+        extractor = nn.Sequential(self.preset, self.features) if self.preset is not None else self.features
+        head = nn.Sequential(self.avgpool, nn.Flatten(), self.classifier)
+        return extractor, head

@@ -1,0 +1,237 @@
+"""vgg16 (paper C.7): frozen ImageNet features loaded through torchvision, cached once, and an MLP head."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import urllib.error
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torchinfo import summary
+from torchvision.models import vgg16
+
+from skinclf.config import compose_config
+from skinclf.data import ImageSplits, Split, load_splits
+from skinclf.data.features import FeatureSplit, training_stage
+from skinclf.data.pipeline import AugmentedPipeline, ImageNetPipeline
+from skinclf.errors import SkinclfError
+from skinclf.models import build_model
+from skinclf.models.vgg16 import WEIGHTS, VGG16Transfer, weights_file
+from skinclf.training.checkpoint import load_checkpoint
+from skinclf.training.loop import LoopSettings
+
+from conftest import TINY, run_dir_from_output, train_cli
+
+RANDOM = ["model=vgg16", "model.pretrained=false"]
+SETTINGS = LoopSettings(precision="fp32", progress="never", eval_batch_size=256)
+CPU = torch.device("cpu")
+# The fewest images a run accepts: for tests that end before training.
+TWO_EACH = ["data.train_size=2", "data.val_size=2", "data.test_size=2"]
+
+
+@pytest.fixture(scope="module")
+def random_vgg() -> nn.Module:
+    """The vgg16 model as the config builds it, with random features (no weight file needed)."""
+    torch.manual_seed(0)
+    return build_model(compose_config(RANDOM).model)
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch hub cache, and a network that refuses every download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # in case anything called torch.hub.set_dir
+
+    def no_network(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError(f"offline test: no download of {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def tiny_splits(n: int = 4, size: int = 32, seed: int = 0) -> ImageSplits:
+    """Random uint8 images: small, so the real VGG-16 features run in well under a second."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(k: int) -> Split:
+        images = torch.randint(0, 256, (k, 3, size, size), dtype=torch.uint8, generator=g)
+        return Split(images, (torch.arange(k) % 2).float())
+
+    return ImageSplits(name="tiny", train=split(n), val=split(n // 2), test=split(n // 2))
+
+
+@pytest.fixture
+def extractor_calls(random_vgg: nn.Module) -> Iterator[list[int]]:
+    """A list that grows by one element per forward call of the model's frozen features."""
+    calls: list[int] = []
+    handle = random_vgg.features.register_forward_hook(lambda *_: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+def test_parameters_and_mult_adds_match_appendix_c7(random_vgg):
+    assert sum(p.numel() for p in random_vgg.parameters()) == 119_642_689
+    trainable = [n for n, p in random_vgg.named_parameters() if p.requires_grad]
+    assert sum(random_vgg.get_parameter(n).numel() for n in trainable) == 104_928_001
+    assert all(n.startswith("classifier.") for n in trainable)
+    # torchinfo's mult-adds grow linearly with the batch: batch 1 x 64 is the appendix's (64, 3, 128, 128)
+    # figure, without a 330 G mult-add forward pass on the CPU.
+    stats = summary(random_vgg, input_size=(1, 3, 128, 128), verbose=0, device="cpu")
+    assert round(stats.total_mult_adds * 64 / 1e9, 2) == 327.71
+    # Grad-CAM takes the last convolution of the model: it must be the features' last one.
+    last_conv = [name for name, m in random_vgg.named_modules() if isinstance(m, nn.Conv2d)][-1]
+    assert last_conv == "features.28"
+
+
+def test_weights_come_from_the_torch_hub_cache(offline_hub, caplog):
+    # A VGG-16 state dict under torchvision's own file name. Only the features matter here; the
+    # ImageNet classifier (which skinclf drops) is stored as one broadcast value to keep the file small.
+    reference = vgg16(weights=None).state_dict()
+    stored = {
+        k: v if k.startswith("features.") else torch.zeros(1).expand(v.shape) for k, v in reference.items()
+    }
+    offline_hub.mkdir(parents=True)
+    torch.save(stored, offline_hub / Path(WEIGHTS.url).name)
+    assert weights_file() == offline_hub / "vgg16-397923af.pth"
+
+    with caplog.at_level(logging.INFO, logger="skinclf"):
+        model = build_model(compose_config(["model=vgg16"]).model)
+    for name, tensor in model.features.state_dict().items():
+        assert torch.equal(tensor, reference[f"features.{name}"]), name
+    assert not any(p.requires_grad for p in model.features.parameters())
+    assert "IMAGENET1K_V1" in caplog.text and "NOT the paper" not in caplog.text
+
+
+def test_missing_weights_offline_is_one_clear_error(offline_hub):
+    with pytest.raises(SkinclfError) as err:
+        VGG16Transfer(pretrained=True)
+    message = str(err.value)
+    assert str(offline_hub / "vgg16-397923af.pth") in message  # the file, in the folder it must be in
+    assert WEIGHTS.url in message and "weights='IMAGENET1K_V1'" in message  # how to get it
+    assert "model.pretrained=false" in message
+    assert "\n" not in message
+
+
+def test_cli_without_network_or_weight_file_exits_with_the_message(tmp_path):
+    # A proxy on a closed port makes torchvision's download fail at once, as on an offline machine.
+    proxy = "http://127.0.0.1:9"
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": proxy, "https_proxy": proxy}
+    env.update(NO_PROXY="", no_proxy="", HYDRA_FULL_ERROR="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "skinclf", "train", "model=vgg16", *TWO_EACH, f"data.cache_dir={tmp_path}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth") in errors[0]
+    assert not list((tmp_path / "outputs").glob("runs/*")), "a failed run left its folder behind"
+
+
+def test_features_run_once_per_split_and_a_changed_dataset_is_recomputed(
+    random_vgg, extractor_calls, tmp_path, caplog
+):
+    pipeline, splits, calls = ImageNetPipeline(), tiny_splits(), extractor_calls
+
+    with caplog.at_level(logging.INFO, logger="skinclf"):
+        first = training_stage(random_vgg, pipeline, splits, tmp_path, SETTINGS, CPU)
+    assert len(calls) == 3  # one batch per split
+    assert caplog.text.count("cache miss") == 3
+    assert isinstance(first.splits.train, FeatureSplit)
+    assert first.splits.train.images.shape == (4, 512, 1, 1)  # the map before pooling (32x32 input)
+    # The head on cached features computes what the whole model computes on images.
+    with torch.no_grad():
+        expected = random_vgg.eval()(pipeline.eval_batch(splits.val.images))
+        got = first.module.eval()(first.pipeline.eval_batch(first.splits.val.images))
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-2)
+    calls.clear()
+    assert set(n for n, p in first.module.named_parameters() if p.requires_grad) == {
+        n for n, _ in first.module.named_parameters()
+    }
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="skinclf"):
+        second = training_stage(random_vgg, pipeline, splits, tmp_path, SETTINGS, CPU)
+    assert not calls, "a second run on the same data ran the extractor again"
+    assert caplog.text.count("cache hit") == 3 and "cache miss" not in caplog.text
+    assert torch.equal(second.splits.train.images, first.splits.train.images)
+
+    changed = splits.train.images.clone()
+    changed[0, 0, 0, 0] ^= 1  # one pixel of one training image
+    splits.train = Split(changed, splits.train.labels)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="skinclf"):
+        training_stage(random_vgg, pipeline, splits, tmp_path, SETTINGS, CPU)
+    assert len(calls) == 1  # the training split only
+    assert "train features: cache miss" in caplog.text and caplog.text.count("cache hit") == 2
+
+    # Other weights (another random initialisation) never reuse these features either.
+    weight = random_vgg.features[0].weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1.0)
+    try:
+        training_stage(random_vgg, pipeline, splits, tmp_path, SETTINGS, CPU)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert len(calls) == 4
+
+
+def test_augmenting_pipeline_is_refused(random_vgg, tmp_path):
+    with pytest.raises(SkinclfError, match="AugmentedPipeline"):
+        training_stage(random_vgg, AugmentedPipeline(), tiny_splits(), tmp_path, SETTINGS, CPU)
+
+
+def test_other_models_train_whole_on_images(tmp_path):
+    model, pipeline, splits = build_model(compose_config([]).model), ImageNetPipeline(), tiny_splits()
+    stage = training_stage(model, pipeline, splits, tmp_path, SETTINGS, CPU)
+    assert stage.module is model and stage.pipeline is pipeline and stage.splits is splits
+    assert not (tmp_path / "features").exists()
+
+
+@pytest.mark.slow
+def test_one_epoch_cli_run_writes_the_usual_run_files_and_reuses_the_cache(tmp_path):
+    data = f"data.cache_dir={tmp_path / 'data'}"
+    baseline = run_dir_from_output(train_cli(*TINY, data, cwd=tmp_path).stdout)
+    run = run_dir_from_output(train_cli(*RANDOM, *TINY, data, cwd=tmp_path).stdout)
+    files = {p.relative_to(run) for p in run.rglob("*") if p.is_file()}
+    assert files == {p.relative_to(baseline) for p in baseline.rglob("*") if p.is_file()}
+    log_text = (run / "train.log").read_text()
+    assert log_text.count("cache miss") == 3 and "NOT the paper's setup" in log_text
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert metrics["n_test"] == 32 and 0 <= metrics["accuracy"] <= 1
+
+    # best.pt holds the whole image -> logit model: it loads into build_model as it is, and
+    # reproduces the validation probabilities the run computed from cached features.
+    best = load_checkpoint(run / "best.pt")
+    cfg = compose_config([*RANDOM, *TINY, data])
+    model = build_model(cfg.model)
+    model.load_state_dict(best["model"])
+    pipeline = ImageNetPipeline()
+    pipeline.load_state_dict(best["pipeline"])
+    val = load_splits(cfg.data).val
+    with torch.no_grad():
+        probs = torch.sigmoid(model.eval()(pipeline.eval_batch(val.images))).flatten()
+    recorded = pd.read_csv(run / "predictions.csv").query("split == 'val'")["prob_mel"].to_numpy()
+    torch.testing.assert_close(probs, torch.from_numpy(recorded).float(), atol=0.02, rtol=0)
+    for checkpoint in ("best.pt", "last.pt"):  # ~1.7 GB together: do not keep them in pytest's tmp
+        (run / checkpoint).unlink()
+
+    second = run_dir_from_output(train_cli(*RANDOM, *TINY, data, cwd=tmp_path).stdout)
+    log_text = (second / "train.log").read_text()
+    assert log_text.count("cache hit") == 3 and "cache miss" not in log_text
+    for checkpoint in ("best.pt", "last.pt"):
+        (second / checkpoint).unlink()
