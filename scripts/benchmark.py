@@ -1,0 +1,343 @@
+"""Speed benchmark: skinclf's fast path vs plain PyTorch, per model, on this machine.
+
+Prints a table and writes JSON. For each model:
+  * step_fp32_s   one training step (forward, backward, Adam) at batch 64, fp32, NCHW;
+  * step_fast_s   the same step as skinclf runs it by default (precision=auto, channels-last,
+                  fused Adam, input fed in the autocast dtype);
+  * epoch_ref_s   one training epoch of a straightforward loop on a folder of JPEGs
+                  (ImageFolder + PIL + ToTensor + DataLoader, fp32, NCHW);
+  * epoch_skinclf_s  one epoch of skinclf's own loop (`fit`, from the decode cache) on the same
+                  images, including its validation pass and checkpoint writes;
+  * overhead      epoch_skinclf_s / (batches x step_fast_s) - 1;
+  * peak_rss_mb / peak_cuda_mb  peak memory of that model's measurement process.
+and, for vgg16, the head's epoch time on cached features vs running the frozen extractor.
+
+    python scripts/benchmark.py                        # all models, 2048 training images
+    python scripts/benchmark.py --models baseline res_aug --images 1024 --repeats 5
+
+Medians over --repeats after one warm-up. Every measurement runs in its own process, so peak
+memory is per model. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+PAPER_MODELS = [
+    "baseline",
+    "batch_norm",
+    "group_norm",
+    "layer_norm",
+    "augmented",
+    "resnet",
+    "vgg16",
+    "res_aug",
+]
+BATCH = 64
+
+
+def machine_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def _cfg(model: str):
+    from skinclf.config import compose_config
+
+    overrides = [f"model={model}"] + (["model.pretrained=false"] if model.startswith("vgg16") else [])
+    return compose_config(overrides)
+
+
+def _median_time(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up: first-call allocations, oneDNN kernel selection
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_times(model_name: str, repeats: int) -> dict:
+    """Median training-step time at batch 64, plain fp32/NCHW vs skinclf's default fast path."""
+    from skinclf.models import build_model
+    from skinclf.training.hardware import autocast, input_dtype, resolve_device, resolve_precision
+    from skinclf.training.loop import make_optimizer
+
+    device = resolve_device("auto")
+    fast_precision = resolve_precision("auto", device)
+    cfg = _cfg(model_name)
+    x = torch.rand(BATCH, 3, 128, 128, device=device)
+    y = torch.randint(0, 2, (BATCH,), device=device).float()
+    result = {"precision": fast_precision}
+    for label, precision, channels_last in (("fp32", "fp32", False), ("fast", fast_precision, True)):
+        torch.manual_seed(0)
+        model = build_model(cfg.model).to(device).train()
+        inputs = x.to(input_dtype(precision))
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+            optimizer = make_optimizer(model, 1e-4, 0.0, device)
+        else:
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        forward_ctx = autocast(precision, device)
+
+        def step(model=model, inputs=inputs, optimizer=optimizer, forward_ctx=forward_ctx):
+            with forward_ctx():
+                logits = model(inputs).flatten()
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        result[f"step_{label}_s"] = _median_time(step, repeats, device)
+    return result
+
+
+def write_jpeg_folder(root: Path, n_train: int, n_val: int) -> None:
+    """The built-in synthetic images as JPEGs in the paper's folder layout."""
+    from PIL import Image
+
+    from skinclf.data.synthetic import generate_split
+
+    for index, (split, n) in enumerate((("train", n_train), ("val", n_val))):
+        data = generate_split(seed=0, split_index=index, n=n)
+        for i, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
+            folder = root / split / ("MEL" if label == 1 else "NV")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.jpg", quality=95)
+
+
+def reference_epoch(model_name: str, root: Path, repeats: int) -> float:
+    """One epoch of the textbook loop: ImageFolder + PIL + ToTensor + DataLoader, fp32, NCHW."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from skinclf.models import build_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = datasets.ImageFolder(root / "train", transform=transforms.ToTensor())
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
+    torch.manual_seed(0)
+    model = build_model(_cfg(model_name).model).to(device).train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    mel = dataset.class_to_idx["MEL"]
+
+    def epoch():
+        for x, y in loader:
+            x, y = x.to(device), (y == mel).float().to(device)
+            loss = F.binary_cross_entropy_with_logits(model(x).flatten(), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return _median_time(epoch, repeats, device)
+
+
+def skinclf_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int) -> float:
+    """One epoch of skinclf's own loop (`fit`) on the same images, read from the decode cache."""
+    from hydra.utils import instantiate
+
+    from skinclf.data import load_splits
+    from skinclf.models import build_model
+    from skinclf.train import loop_settings
+    from skinclf.training.hardware import resolve_device, resolve_precision
+    from skinclf.training.loop import fit
+
+    cfg = _cfg(model_name)
+    OmegaConf.set_struct(cfg, False)
+    cfg.data = OmegaConf.create(
+        {
+            "name": "folder",
+            "loader": "skinclf.data.folder.load_splits",
+            "root": str(root),
+            "batch_size": BATCH,
+            "cache_dir": str(cache_dir),
+            "decode_cache": True,
+            "skip_bad_images": False,
+        }
+    )
+    cfg.trainer.progress = "never"
+    device = resolve_device("auto")
+    settings = loop_settings(cfg, resolve_precision("auto", device))
+    settings.max_epochs = 1
+    splits = load_splits(cfg.data)  # decodes once into the cache; timed runs read memory only
+    pipeline = instantiate(cfg.model.pipeline)
+    pipeline.fit(splits.train.images)
+    times = []
+    for _ in range(repeats + 1):
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        with tempfile.TemporaryDirectory() as out:
+            fit(model, pipeline, splits.train, splits.val, settings, device, Path(out))
+            times.append(float((Path(out) / "metrics.csv").read_text().splitlines()[1].split(",")[-1]))
+    return statistics.median(times[1:])
+
+
+def vgg_cache_epochs(root: Path, cache_dir: Path, repeats: int) -> dict:
+    """vgg16 head epoch on cached feature maps vs an epoch that runs the frozen extractor too."""
+    from hydra.utils import instantiate
+
+    from skinclf.data import load_splits
+    from skinclf.data.features import training_stage
+    from skinclf.models import build_model
+    from skinclf.train import loop_settings
+    from skinclf.training.hardware import autocast, input_dtype, resolve_device, resolve_precision
+    from skinclf.training.loop import make_optimizer
+
+    cfg = _cfg("vgg16")
+    OmegaConf.set_struct(cfg, False)
+    cfg.data = OmegaConf.create(
+        {
+            "name": "folder",
+            "loader": "skinclf.data.folder.load_splits",
+            "root": str(root),
+            "batch_size": BATCH,
+            "cache_dir": str(cache_dir),
+            "decode_cache": True,
+            "skip_bad_images": False,
+        }
+    )
+    cfg.trainer.progress = "never"
+    device = resolve_device("auto")
+    precision = resolve_precision("auto", device)
+    settings = loop_settings(cfg, precision)
+    splits = load_splits(cfg.data)
+    pipeline = instantiate(cfg.model.pipeline)
+    pipeline.fit(splits.train.images)
+    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    stage = training_stage(model, pipeline, splits, cache_dir, settings, device)
+    extract_s = time.perf_counter() - t0
+    forward_ctx, dtype = autocast(precision, device), input_dtype(precision)
+
+    def epoch(module, stage_pipeline, images):
+        optimizer = make_optimizer(module, 1e-4, 0.0, device)
+        module.train()
+        generator = torch.Generator().manual_seed(0)
+        for start in range(0, len(images), BATCH):
+            x = stage_pipeline.train_batch(images[start : start + BATCH].to(device), generator, dtype)
+            with forward_ctx():
+                logits = module(x).flatten()
+            loss = F.binary_cross_entropy_with_logits(
+                logits.float(), torch.zeros_like(logits, dtype=torch.float32)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    cached = _median_time(
+        lambda: epoch(stage.module, stage.pipeline, stage.splits.train.images), repeats, device
+    )
+    uncached = _median_time(lambda: epoch(model, pipeline, splits.train.images), max(1, repeats // 2), device)
+    return {"vgg_epoch_cached_s": cached, "vgg_epoch_extractor_s": uncached, "vgg_extract_once_s": extract_s}
+
+
+def _peak_memory() -> dict:
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def _measure(job: tuple) -> dict:
+    """One model's measurements, in a fresh process (so its peak memory is its own)."""
+    model_name, root, cache_dir, repeats, skip_epochs = job
+    out = {"model": model_name, **step_times(model_name, repeats)}
+    if not skip_epochs:
+        out["epoch_ref_s"] = reference_epoch(model_name, Path(root), max(1, repeats // 2))
+        out["epoch_skinclf_s"] = skinclf_epoch(model_name, Path(root), Path(cache_dir), max(1, repeats // 2))
+        if model_name == "vgg16":
+            out.update(vgg_cache_epochs(Path(root), Path(cache_dir), max(1, repeats // 2)))
+    return {**out, **_peak_memory()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=PAPER_MODELS)
+    parser.add_argument("--images", type=int, default=2048, help="training images in the folder dataset")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of each step (median)")
+    parser.add_argument("--steps-only", action="store_true", help="skip the epoch measurements")
+    parser.add_argument("--json", type=Path, default=Path("benchmark.json"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, cache_dir = Path(tmp) / "jpegs", Path(tmp) / "cache"
+        if not args.steps_only:
+            write_jpeg_folder(root, args.images, 256)
+        jobs = [(m, str(root), str(cache_dir), args.repeats, args.steps_only) for m in args.models]
+        context = mp.get_context("spawn")
+        rows = []
+        for job in jobs:
+            with context.Pool(1) as pool:
+                rows.append(pool.apply(_measure, (job,)))
+            print(f"measured {job[0]}", flush=True)
+
+    batches = -(-args.images // BATCH)
+    print(
+        f"\nmachine: {machine_name()}; torch {torch.__version__}; {args.images} training images "
+        f"({batches} batches of {BATCH}), median of {args.repeats} steps"
+    )
+    header = (
+        f"{'model':<11} {'prec':>5} {'step fp32':>10} {'step fast':>10} {'speed-up':>8} "
+        f"{'epoch ref':>10} {'epoch skinclf':>13} {'speed-up':>8} {'overhead':>8} {'peak MB':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        line = (
+            f"{r['model']:<11} {r['precision']:>5} {r['step_fp32_s']:>9.3f}s {r['step_fast_s']:>9.3f}s "
+            f"{r['step_fp32_s'] / r['step_fast_s']:>7.2f}x"
+        )
+        if "epoch_ref_s" in r:
+            r["overhead"] = r["epoch_skinclf_s"] / (batches * r["step_fast_s"]) - 1
+            line += (
+                f" {r['epoch_ref_s']:>9.2f}s {r['epoch_skinclf_s']:>12.2f}s "
+                f"{r['epoch_ref_s'] / r['epoch_skinclf_s']:>7.2f}x {r['overhead']:>+7.0%}"
+            )
+        line += f" {r.get('peak_cuda_mb', r['peak_rss_mb']):>8.0f}"
+        print(line)
+        if "vgg_epoch_cached_s" in r:
+            print(
+                f"{'':<11} vgg16 head epoch: {r['vgg_epoch_cached_s']:.2f}s on cached features vs "
+                f"{r['vgg_epoch_extractor_s']:.2f}s running the extractor "
+                f"(one-off extraction of all splits: {r['vgg_extract_once_s']:.2f}s)"
+            )
+    args.json.write_text(
+        json.dumps(
+            {"machine": machine_name(), "torch": torch.__version__, "images": args.images, "rows": rows},
+            indent=2,
+        )
+    )
+    print(f"\nwritten: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
