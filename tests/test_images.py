@@ -81,6 +81,7 @@ def test_exif_rotation_is_applied(tmp_path):
     assert bottom[2] > 200 and bottom[0] < 50, bottom
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     Image.new("RGB", (100, 100)).save(path)
