@@ -8,6 +8,7 @@ One row (or panel) per dataset: runs on different datasets never share an axis.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 import matplotlib as mpl
@@ -33,6 +34,7 @@ PAPER_STYLE = {
     "ytick.labelsize": 7,
     "lines.linewidth": 1.2,
 }
+LEGEND_WIDTH = 45  # characters per legend line
 ROC_GRID = np.linspace(0.0, 1.0, 201)  # false-positive rates at which seeds' ROC curves are averaged
 
 
@@ -69,6 +71,11 @@ def curve_data(group: Group) -> CurveData:
     )
 
 
+def _wrap(label: str) -> str:
+    """Legend entries of runs with long differing settings on several lines, not one wide one."""
+    return textwrap.fill(label, LEGEND_WIDTH, subsequent_indent="  ")
+
+
 def _colors(groups: dict[str, list[Group]]) -> dict[str, tuple]:
     """One colour per model label, the same in every panel and figure."""
     labels = list(dict.fromkeys(g.label for data_groups in groups.values() for g in data_groups))
@@ -101,7 +108,7 @@ def curves_figure(groups: dict[str, list[Group]]) -> Figure:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("accuracy (%)")
             ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=c, label=label) for label, c in colors.items()]
+    handles = [Line2D([], [], color=c, label=_wrap(label)) for label, c in colors.items()]
     handles.append(Line2D([], [], ls="", marker="o", mfc="none", mec="red", label="best validation epoch"))
     fig.legend(handles=handles, loc="outside right upper")
     return fig
@@ -189,17 +196,22 @@ def roc_figure(groups: dict[str, list[Group]]) -> Figure | None:
     curves = {data: c for data, c in curves.items() if c}
     if not curves:
         return None
-    fig = Figure(figsize=(PAPER_WIDTH / 2 * len(curves), PAPER_WIDTH / 2 + 0.4), layout="constrained")
+    legend_lines = max(
+        sum(_wrap(c.label).count("\n") + 1 for c in data_curves) for data_curves in curves.values()
+    )
+    height = PAPER_WIDTH / 2 + 0.6 + 0.16 * legend_lines  # square panel plus its legend below
+    fig = Figure(figsize=(PAPER_WIDTH / 2 * len(curves), height), layout="constrained")
     axes = fig.subplots(1, len(curves), squeeze=False)[0]
     for ax, (data, data_curves) in zip(axes, curves.items(), strict=True):
         for c in data_curves:
             auc = f"{c.auc_mean:.3f}" + (f" ± {c.auc_std:.3f}, n={c.n}" if c.n > 1 else "")
-            ax.plot(c.fpr, c.tpr, color=colors[c.label], label=f"{c.label} (AUC {auc})")
+            ax.plot(c.fpr, c.tpr, color=colors[c.label], label=_wrap(f"{c.label} (AUC {auc})"))
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
         ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
         ax.set_xlabel("false-positive rate (1 - specificity)")
         ax.set_ylabel("true-positive rate (sensitivity)")
         ax.set_title(f"Test ROC\n{describe_dataset(data)}")
-        ax.legend(loc="lower right")
+        # Below the panel: a legend inside would hide the curves' upper-left corner.
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18))
         ax.grid(alpha=0.3)
     return fig
