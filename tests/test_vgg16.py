@@ -226,7 +226,7 @@ def test_one_epoch_cli_run_writes_the_usual_run_files_and_reuses_the_cache(tmp_p
     with torch.no_grad():
         probs = torch.sigmoid(model.eval()(pipeline.eval_batch(val.images))).flatten()
     recorded = pd.read_csv(run / "predictions.csv").query("split == 'val'")["prob_mel"].to_numpy()
-    torch.testing.assert_close(probs, torch.from_numpy(recorded).float(), atol=0.02, rtol=0)
+    torch.testing.assert_close(probs, torch.tensor(recorded, dtype=torch.float32), atol=0.02, rtol=0)
     for checkpoint in ("best.pt", "last.pt"):  # ~1.7 GB together: do not keep them in pytest's tmp
         (run / checkpoint).unlink()
 
