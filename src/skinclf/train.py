@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,6 +29,10 @@ from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.threshold import threshold_for_sensitivity
 from skinclf.io import atomic_write_json
 from skinclf.models import build_model
+from skinclf.sweep import resources
+from skinclf.sweep.cross_validation import cross_validate
+from skinclf.sweep.jobs import RUN_CONFIG, claim_run_dir, run_sweep_job
+from skinclf.sweep.summary import SweepSummary
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import LoopSettings, evaluate, fit
@@ -148,17 +153,46 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     return metrics
 
 
+def task(cfg: DictConfig, out_dir: Path) -> dict:
+    """The work of one run: k-fold cross-validation on the training split when ``cv.folds`` > 0
+    (the grid search, conf/hparams_search/grid.yaml), otherwise train and test."""
+    if int(cfg.cv.folds) > 0:
+        return cross_validate(cfg, out_dir)
+    return run(cfg, out_dir)
+
+
+def _run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
+    """``task`` with this job's share of the hardware: torch threads divided between parallel
+    jobs (trainer.num_threads), and sweep jobs spread over the GPUs when device=auto."""
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    launcher = hydra_cfg.launcher if multirun else None
+    threads = resources.threads_per_job(cfg.trainer.num_threads, launcher, resources.available_cores())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if multirun and torch.cuda.is_available():
+        cfg.device = resources.spread_device(str(cfg.device), hydra_cfg.job.num, torch.cuda.device_count())
+    return task(cfg, out_dir)
+
+
 def _remove_unstarted_run(out_dir: Path) -> None:
     """Delete a run folder that holds nothing but what Hydra wrote before the run failed."""
-    if out_dir.is_dir() and all(p.name in {".hydra", "train.log"} for p in out_dir.iterdir()):
+    if out_dir.is_dir() and all(p.name in {".hydra", "train.log", RUN_CONFIG} for p in out_dir.iterdir()):
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://skinclf.conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # Never exits: a failed job is recorded and the sweep goes on (SweepSummary reports it).
+        overrides = list(hydra_cfg.overrides.task)
+        run_sweep_job(cfg, out_dir, _run_in_hydra, hydra_cfg.job.num, Path(hydra_cfg.sweep.dir), overrides)
+        return
     try:
-        run(cfg, out_dir)
+        claim_run_dir(out_dir, cfg)
+        _run_in_hydra(cfg, out_dir)
     except (SkinclfError, InstantiationException) as err:
         # Hydra wraps what a config object's constructor raises (a model's missing weights, say).
         user_error = err if isinstance(err, SkinclfError) else err.__cause__
@@ -174,3 +208,5 @@ def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
     sys.argv = ["skinclf train", *args]
     hydra_main()
+    if SweepSummary.last is not None and SweepSummary.last.failed:
+        sys.exit(1)  # the summary above names the failed jobs; scripts and CI must notice too

@@ -1,0 +1,7 @@
+"""Sweeps: many runs from one command.
+
+- ``resources``: CPU threads and GPU per parallel job, so jobs do not fight over the hardware.
+- ``jobs``: one sweep job's life: skip if finished, resume if not, record failure instead of aborting.
+- ``cross_validation``: stratified k-fold CV on the training split (the grid search's inner loop).
+- ``summary``: the Hydra callback that reports a finished sweep and ranks grid-search points.
+"""

@@ -1,0 +1,137 @@
+"""Stratified k-fold cross-validation on the training split: the inner loop of the grid search.
+
+Paper section 2: batch size and learning rate "were chosen by cross-validated grid search".
+Each grid point is one sweep job (conf/hparams_search/grid.yaml) that runs this instead of the
+usual train-and-test. Only the training split is loaded into the folds, so the test split can
+never influence which hyperparameters win.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from sklearn.model_selection import StratifiedKFold
+
+from skinclf.data import Split, load_splits
+from skinclf.errors import SkinclfError
+from skinclf.io import atomic_write_json
+from skinclf.models import build_model
+from skinclf.training.hardware import resolve_device, resolve_precision
+from skinclf.training.loop import fit
+
+log = logging.getLogger("skinclf")
+
+CV_RESULT = "cv_result.json"
+FOLD_RESULT = "fold_result.json"
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` (train indices, validation indices) pairs: disjoint validation folds that cover every
+    image once, each with the class ratio of ``labels``; the same for the same seed."""
+    labels = np.asarray(labels).astype(int)
+    smallest = int(np.bincount(labels, minlength=2).min())
+    if k < 2 or k > smallest:
+        raise SkinclfError(
+            f"cv.folds={k}: expected 2 <= k <= {smallest} (the smaller class of the training split has "
+            f"{smallest} images, and every fold needs at least one of each class)"
+        )
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(labels)), labels))
+
+
+def subset(split: Split, indices: np.ndarray) -> Split:
+    """The images of ``split`` at ``indices``, as a Split of their own."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    return Split(split.images.index_select(0, idx), split.labels.index_select(0, idx))
+
+
+def _fit_fold(
+    cfg: DictConfig,
+    train: Split,
+    val: Split,
+    fold: int,
+    fold_dir: Path,
+    device: torch.device,
+    precision: str,
+) -> float:
+    """Train a fresh model on one fold; its best validation accuracy (resumable, like a run)."""
+    from skinclf.train import loop_settings  # train.py dispatches here: a top-level import would cycle
+
+    done = fold_dir / FOLD_RESULT
+    if cfg.resume and done.exists():
+        return float(json.loads(done.read_text())["best_val_acc"])
+    # Same initialisation in every fold: the folds then differ only in their data.
+    torch.manual_seed(int(cfg.seed))
+    # Statistics (the augmented pipeline's mean/std) come from this fold's training part only.
+    pipeline = instantiate(cfg.model.pipeline)
+    pipeline.fit(train.images)
+    model = build_model(cfg.model)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    result = fit(
+        model,
+        pipeline,
+        train,
+        val,
+        loop_settings(cfg, precision),
+        device,
+        fold_dir,
+        extra_state={"config": config, "fold": fold},
+        resume=bool(cfg.resume),
+    )
+    atomic_write_json(
+        {"fold": fold, "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch}, done
+    )
+    # Only the accuracy matters for model selection: drop the checkpoints (a full grid of
+    # them would take gigabytes). metrics.csv stays for inspection.
+    for name in ("best.pt", "last.pt"):
+        (fold_dir / name).unlink(missing_ok=True)
+    log.info(f"fold {fold}: best validation accuracy {result.best_val_acc:.4f} (epoch {result.best_epoch})")
+    return result.best_val_acc
+
+
+def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
+    """k-fold CV (k = cv.folds) of one configuration on the training split.
+
+    Writes ``fold_<i>/`` (each a training run's metrics.csv) and ``cv_result.json`` (per-fold and
+    mean ± std validation accuracy) into ``out_dir``, and returns that result. Folds depend only
+    on the labels and ``seed``. std is the population std (ddof=0), as scikit-learn's GridSearchCV.
+    """
+    k, seed = int(cfg.cv.folds), int(cfg.seed)
+    device = resolve_device(str(cfg.device))
+    precision = resolve_precision(str(cfg.trainer.precision), device)
+    if int(cfg.trainer.max_epochs) < 1 or int(cfg.data.batch_size) < 1:
+        raise SkinclfError("trainer.max_epochs and data.batch_size must be at least 1")
+    # Keep the training split only: the test split must not take part in choosing hyperparameters.
+    train = load_splits(cfg.data).train
+    folds = stratified_folds(train.labels.numpy(), k, seed)
+    log.info(
+        f"{k}-fold cross-validation of model={cfg.model.name} batch_size={cfg.data.batch_size} "
+        f"lr={cfg.optim.lr} on the training split ({len(train)} images), device={device}"
+    )
+    accs = [
+        _fit_fold(cfg, subset(train, tr), subset(train, va), i, out_dir / f"fold_{i}", device, precision)
+        for i, (tr, va) in enumerate(folds)
+    ]
+    result = {
+        "folds": k,
+        "fold_val_acc": accs,
+        "mean_val_acc": float(np.mean(accs)),
+        "std_val_acc": float(np.std(accs)),
+        "model": str(cfg.model.name),
+        "batch_size": int(cfg.data.batch_size),
+        "lr": float(cfg.optim.lr),
+        "seed": seed,
+        "n_train": len(train),
+    }
+    atomic_write_json(result, out_dir / CV_RESULT)
+    log.info(
+        f"cross-validation: validation accuracy {result['mean_val_acc']:.4f} ± {result['std_val_acc']:.4f} "
+        f"over {k} folds"
+    )
+    return result

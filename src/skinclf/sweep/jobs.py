@@ -1,0 +1,140 @@
+"""One sweep job's life: skip it if it already finished, resume it if it did not, and record a
+failure instead of letting it abort the whole sweep.
+
+Each job folder gets two small files besides the run's own:
+- ``run_config.json``: the resolved config its results belong to; a re-launch compares against it,
+  so a folder is never resumed or skipped under a different config.
+- ``job_status.json``: running / done / skipped / failed (+ error and log path), tagged with the
+  launch that wrote it, for the end-of-sweep summary (skinclf.sweep.summary).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from skinclf.errors import SkinclfError
+from skinclf.io import atomic_write_json, atomic_write_text
+from skinclf.sweep.cross_validation import CV_RESULT
+
+log = logging.getLogger("skinclf")
+
+RUN_CONFIG = "run_config.json"
+STATUS_FILE = "job_status.json"
+LAUNCH_FILE = ".skinclf_launch"
+# What a finished job has written last: run() the test metrics, cross_validate() its CV result.
+RESULT_FILES = ("test_metrics.json", CV_RESULT)
+# Keys that do not change what a run computes, so a resume may change them.
+VOLATILE_KEYS = ("resume", "device", "trainer.progress", "trainer.num_threads")
+
+
+def comparable_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the keys a resume may change (VOLATILE_KEYS)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    for dotted in VOLATILE_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(leaf, None)
+    return config
+
+
+def claim_run_dir(out_dir: Path, cfg: DictConfig) -> str:
+    """Check that ``out_dir`` holds nothing from another config and record this one.
+
+    Returns "new" (nothing of this config there yet), "unfinished" (a run of this config that
+    did not finish: resume it) or "finished" (nothing to do). Raises SkinclfError when it holds
+    results of a different config: resuming or overwriting them would silently mix two experiments.
+    """
+    config = comparable_config(cfg)
+    stored_path = out_dir / RUN_CONFIG
+    if stored_path.exists():
+        stored = json.loads(stored_path.read_text())
+        if stored != config:
+            changed = sorted(_differences(stored, config))
+            raise SkinclfError(
+                f"{out_dir}: holds a run of a different config (changed: {', '.join(changed[:5])}); "
+                "use a new hydra.run.dir / hydra.sweep.dir, or the original overrides"
+            )
+        return "finished" if any((out_dir / name).exists() for name in RESULT_FILES) else "unfinished"
+    atomic_write_json(config, stored_path)
+    return "new"
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            diff
+            for key in sorted(set(a) | set(b), key=str)
+            for diff in _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        ]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def start_launch(sweep_dir: Path) -> str:
+    """Tag a new launch into ``sweep_dir``; its jobs record the tag in their status files."""
+    launch = uuid.uuid4().hex
+    atomic_write_text(launch, Path(sweep_dir) / LAUNCH_FILE)
+    return launch
+
+
+def current_launch(sweep_dir: Path) -> str | None:
+    """The tag of the launch running in ``sweep_dir`` (None outside a tagged launch)."""
+    path = Path(sweep_dir) / LAUNCH_FILE
+    return path.read_text().strip() if path.exists() else None
+
+
+def write_status(out_dir: Path, status: str, launch: str | None, **info: Any) -> None:
+    """Record a job's state (running, done, skipped, failed) for the sweep summary."""
+    atomic_write_json({"status": status, "launch": launch, **info}, out_dir / STATUS_FILE)
+
+
+def run_sweep_job(
+    cfg: DictConfig,
+    out_dir: Path,
+    task: Callable[[DictConfig, Path], Any],
+    job_num: int,
+    sweep_dir: Path,
+    overrides: list[str],
+) -> str:
+    """Run ``task`` as sweep job ``job_num`` and return its status; never raises.
+
+    A finished job of the same config is skipped; an unfinished one resumes from its last
+    completed epoch (a re-launch into the same hydra.sweep.dir picks up where it stopped). Any
+    error is logged with its traceback to the job's train.log and recorded, so the remaining
+    jobs still run; the summary at the end of the sweep names the failed jobs.
+    """
+    launch = current_launch(sweep_dir)
+    info = {"job": job_num, "overrides": overrides, "log": str(out_dir / "train.log")}
+    try:
+        state = claim_run_dir(out_dir, cfg)
+        if state == "finished":
+            log.info(f"job {job_num}: already finished in {out_dir}, skipped")
+            write_status(out_dir, "skipped", launch, **info)
+            return "skipped"
+        write_status(out_dir, "running", launch, **info)
+        # A re-launch continues an interrupted job from its last completed epoch.
+        cfg.resume = bool(cfg.resume) or state == "unfinished"
+        task(cfg, out_dir)
+    except Exception as err:  # noqa: BLE001 - any failure of one job must not stop the sweep
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, SkinclfError):
+            log.error(f"job {job_num} failed: {message}")
+        else:
+            log.exception(f"job {job_num} failed: {type(err).__name__}: {message}")
+        print(f"skinclf train: job {job_num} failed: {message} (log: {info['log']})", file=sys.stderr)
+        write_status(out_dir, "failed", launch, error=message, **info)
+        return "failed"
+    write_status(out_dir, "done", launch, **info)
+    print(f"output directory: {out_dir}")
+    return "done"

@@ -1,0 +1,157 @@
+"""The end of a sweep: which jobs are done, skipped or failed, and for a grid search the ranking
+of its points by cross-validated accuracy. Runs as a Hydra callback (conf/train.yaml,
+hydra.callbacks) in the process that launched the sweep, whatever the launcher."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from skinclf.io import atomic_write_json, atomic_write_text
+from skinclf.sweep.cross_validation import CV_RESULT
+from skinclf.sweep.jobs import STATUS_FILE, start_launch
+
+log = logging.getLogger("skinclf")
+
+GRID_CSV = "grid_search.csv"
+GRID_MD = "grid_search.md"
+SWEEP_SUMMARY = "sweep_summary.json"
+
+
+@dataclass
+class JobsSummary:
+    """Jobs of one launch by outcome; ``failed`` holds (job folder, error, log path)."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    def format(self, sweep_dir: Path) -> str:
+        """The lines printed at the end of a sweep."""
+        total = len(self.done) + len(self.skipped) + len(self.failed)
+        lines = [
+            f"sweep {sweep_dir}: {total} jobs: {len(self.done)} done, {len(self.skipped)} skipped "
+            f"(finished before), {len(self.failed)} failed"
+        ]
+        lines += [f"  FAILED {f['dir']}: {f['error']}\n    log: {f['log']}" for f in self.failed]
+        return "\n".join(lines)
+
+
+def collect_jobs(sweep_dir: Path, launch: str | None) -> JobsSummary:
+    """Outcomes of the jobs that ``launch`` ran in ``sweep_dir`` (from their job_status.json).
+
+    A job still marked running when the sweep is over died without reporting (killed, out of
+    memory, Slurm time limit): it counts as failed, and a re-launch resumes it.
+    """
+    summary = JobsSummary()
+    for path in sorted(Path(sweep_dir).glob(f"*/{STATUS_FILE}"), key=_job_order):
+        status = json.loads(path.read_text())
+        if status.get("launch") != launch:
+            continue  # a job of an earlier launch that this one did not touch
+        job_dir = str(path.parent)
+        if status["status"] == "done":
+            summary.done.append(job_dir)
+        elif status["status"] == "skipped":
+            summary.skipped.append(job_dir)
+        else:
+            error = status.get("error", "stopped before finishing (killed?); re-launch to resume it")
+            summary.failed.append({"dir": job_dir, "error": error, "log": status.get("log")})
+    return summary
+
+
+def _job_order(path: Path) -> tuple[int, str]:
+    """Job folders start with the job number: sort 2 before 10."""
+    head = path.parent.name.split("_", 1)[0]
+    return (int(head), path.parent.name) if head.isdigit() else (1 << 30, path.parent.name)
+
+
+def rank_grid(sweep_dir: Path) -> pd.DataFrame:
+    """One row per cross-validated job in ``sweep_dir``, best first (higher mean validation
+    accuracy; on a tie, the lower std). ``point`` names the overrides that differ between jobs."""
+    rows = []
+    for path in sorted(Path(sweep_dir).glob(f"*/{CV_RESULT}"), key=_job_order):
+        result = json.loads(path.read_text())
+        overrides_file = path.parent / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+        rows.append({"overrides": overrides or [], "dir": path.parent.name, **result})
+    if not rows:
+        return pd.DataFrame()
+    # Overrides shared by every job (e.g. data.root=...) say nothing about the point: hide them.
+    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
+    for r in rows:
+        r["point"] = " ".join(o for o in r["overrides"] if o not in shared) or "(defaults)"
+        r["overrides"] = " ".join(r["overrides"])
+    table = pd.DataFrame(rows).sort_values(
+        ["mean_val_acc", "std_val_acc"], ascending=[False, True], kind="stable"
+    )
+    table.insert(0, "rank", range(1, len(table) + 1))
+    return table.reset_index(drop=True)
+
+
+def format_grid(table: pd.DataFrame) -> str:
+    """Markdown table of the ranked grid points and a line naming the best one."""
+    lines = [
+        "| rank | batch size | lr | point | validation accuracy (mean ± std) | folds |",
+        "|---:|---:|---:|---|---|---:|",
+    ]
+    for row in table.itertuples():
+        lines.append(
+            f"| {row.rank} | {row.batch_size} | {row.lr:g} | {row.point} | "
+            f"{100 * row.mean_val_acc:.2f} ± {100 * row.std_val_acc:.2f} % | {row.folds} |"
+        )
+    best = table.iloc[0]
+    lines += [
+        "",
+        f"Best point: data.batch_size={best['batch_size']} optim.lr={best['lr']:g} ({best['point']}): "
+        f"validation accuracy {100 * best['mean_val_acc']:.2f} ± {100 * best['std_val_acc']:.2f} % "
+        f"over {best['folds']} folds, job folder {best['dir']}.",
+    ]
+    return "\n".join(lines)
+
+
+def write_grid(sweep_dir: Path) -> pd.DataFrame:
+    """Rank the sweep's grid points; write grid_search.csv and grid_search.md into the sweep folder."""
+    table = rank_grid(sweep_dir)
+    if table.empty:
+        return table
+    csv_table = table.copy()
+    csv_table["fold_val_acc"] = csv_table["fold_val_acc"].map(lambda accs: " ".join(f"{a:.6f}" for a in accs))
+    atomic_write_text(csv_table.to_csv(index=False), Path(sweep_dir) / GRID_CSV)
+    text = "# Cross-validated grid search\n\n" + format_grid(table) + "\n"
+    atomic_write_text(text, Path(sweep_dir) / GRID_MD)
+    return table
+
+
+class SweepSummary(Callback):
+    """Hydra callback: tags each launch, then prints (and writes sweep_summary.json) what its
+    jobs did, and ranks grid-search points. ``last`` keeps the summary for the exit code."""
+
+    last: JobsSummary | None = None
+
+    def __init__(self) -> None:
+        self.launch: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        self.launch = start_launch(sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = collect_jobs(sweep_dir, self.launch)
+        SweepSummary.last = jobs
+        atomic_write_json(
+            {"done": jobs.done, "skipped": jobs.skipped, "failed": jobs.failed}, sweep_dir / SWEEP_SUMMARY
+        )
+        table = write_grid(sweep_dir)
+        if not table.empty:
+            print(f"\n{format_grid(table)}\n(written to {sweep_dir / GRID_MD})")
+        print(jobs.format(sweep_dir))
