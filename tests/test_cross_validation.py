@@ -1,0 +1,195 @@
+"""The cross-validated grid search: stratified disjoint folds, the training split only, ranking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from skinclf.config import compose_config
+from skinclf.errors import SkinclfError
+from skinclf.sweep import cross_validation
+from skinclf.sweep.cross_validation import CV_RESULT, FOLD_RESULT, cross_validate, stratified_folds
+from skinclf.sweep.summary import GRID_CSV, GRID_MD, format_grid, rank_grid, write_grid
+
+from conftest import train_cli
+
+
+def test_folds_are_stratified_disjoint_and_cover_the_training_split() -> None:
+    labels = np.array([1] * 30 + [0] * 50)
+    np.random.default_rng(0).shuffle(labels)
+    folds = stratified_folds(labels, k=5, seed=3)
+    assert len(folds) == 5
+    val_sets = [set(va.tolist()) for _, va in folds]
+    for i, (tr, va) in enumerate(folds):
+        assert set(tr.tolist()).isdisjoint(va.tolist())
+        assert len(tr) + len(va) == len(labels)
+        # Stratified: each validation fold has the split's 30:50 MEL:NV ratio (6 MEL, 10 NV).
+        assert int(labels[va].sum()) == 6 and len(va) == 16
+        for j in range(i):
+            assert val_sets[i].isdisjoint(val_sets[j])
+    assert set().union(*val_sets) == set(range(len(labels)))
+
+
+def test_folds_are_deterministic_from_the_seed() -> None:
+    labels = np.array([0, 1] * 20)
+    same = [va.tolist() for _, va in stratified_folds(labels, 4, seed=7)]
+    again = [va.tolist() for _, va in stratified_folds(labels, 4, seed=7)]
+    other = [va.tolist() for _, va in stratified_folds(labels, 4, seed=8)]
+    assert same == again
+    assert same != other
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_impossible_fold_counts_are_refused(k: int) -> None:
+    labels = np.array([1] * 5 + [0] * 9)  # the smaller class has 5 images: 2 <= k <= 5
+    with pytest.raises(SkinclfError, match=f"cv.folds={k}"):
+        stratified_folds(labels, k, seed=0)
+
+
+class _NeverRead:
+    """Stands in for the test split: any use of it fails the test."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the grid search read the test split ({name})")
+
+    def __len__(self) -> int:
+        raise AssertionError("the grid search read the test split (len)")
+
+
+def test_cross_validation_trains_on_training_folds_only(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_load = cross_validation.load_splits
+    loaded = {}
+
+    def load_without_test(data_cfg):
+        splits = real_load(data_cfg)
+        loaded["train"] = splits.train
+        splits.test = _NeverRead()
+        return splits
+
+    real_fit = cross_validation.fit
+    calls = []
+
+    def spy_fit(model, pipeline, train, val, *args, **kwargs):
+        calls.append((train, val))
+        return real_fit(model, pipeline, train, val, *args, **kwargs)
+
+    monkeypatch.setattr(cross_validation, "load_splits", load_without_test)
+    monkeypatch.setattr(cross_validation, "fit", spy_fit)
+    cfg = compose_config(
+        [
+            f"data.cache_dir={shared_data_dir}",
+            "data.train_size=24",
+            "data.val_size=8",
+            "data.test_size=8",
+            "trainer.max_epochs=1",
+            "trainer.progress=never",
+            "data.batch_size=8",
+            "cv.folds=3",
+        ]
+    )
+    out = tmp_path / "point"
+    result = cross_validate(cfg, out)
+
+    train = loaded["train"]
+    rows = {bytes(img.numpy().tobytes()): i for i, img in enumerate(train.images)}
+    assert len(calls) == 3
+    seen_val: list[int] = []
+    for fold_train, fold_val in calls:
+        # Every image a fold trains or validates on is a training-split image ...
+        tr = [rows[bytes(img.numpy().tobytes())] for img in fold_train.images]
+        va = [rows[bytes(img.numpy().tobytes())] for img in fold_val.images]
+        assert set(tr).isdisjoint(va) and len(tr) + len(va) == len(train)
+        # ... with the split's class balance.
+        assert fold_val.labels.sum().item() == len(fold_val) / 2
+        seen_val += va
+    assert sorted(seen_val) == list(range(len(train)))
+
+    fold_accs = [json.loads((out / f"fold_{i}" / FOLD_RESULT).read_text())["best_val_acc"] for i in range(3)]
+    assert result == json.loads((out / CV_RESULT).read_text())
+    assert result["fold_val_acc"] == fold_accs
+    assert result["mean_val_acc"] == pytest.approx(np.mean(fold_accs))
+    assert result["std_val_acc"] == pytest.approx(np.std(fold_accs))
+    assert not list(out.glob("fold_*/*.pt")), "fold checkpoints are dropped once the fold is done"
+    assert (out / "fold_0" / "metrics.csv").exists()
+
+    # A resumed grid point reuses its finished folds instead of training them again.
+    calls.clear()
+    cfg.resume = True
+    assert cross_validate(cfg, out) == result
+    assert calls == []
+
+
+def _fake_point(sweep: Path, name: str, overrides: list[str], accs: list[float], bs: int, lr: float) -> None:
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    result = {
+        "folds": len(accs),
+        "fold_val_acc": accs,
+        "mean_val_acc": float(np.mean(accs)),
+        "std_val_acc": float(np.std(accs)),
+        "model": "baseline",
+        "batch_size": bs,
+        "lr": lr,
+        "seed": 0,
+        "n_train": 100,
+    }
+    (job / CV_RESULT).write_text(json.dumps(result))
+
+
+def test_grid_summary_ranks_points_by_mean_then_std(tmp_path: Path) -> None:
+    shared = ["cv.folds=3", "data.train_size=64"]
+    _fake_point(tmp_path, "0_baseline_bs32", ["data.batch_size=32", *shared], [0.6, 0.7, 0.8], 32, 1e-4)
+    _fake_point(tmp_path, "1_baseline_bs64", ["data.batch_size=64", *shared], [0.8, 0.8, 0.8], 64, 1e-4)
+    _fake_point(tmp_path, "2_baseline_bs128", ["data.batch_size=128", *shared], [0.7, 0.8, 0.9], 128, 1e-4)
+    table = rank_grid(tmp_path)
+    # 64 and 128 tie on the mean (0.8); 64 varies less across folds and wins.
+    assert table["batch_size"].tolist() == [64, 128, 32]
+    assert table["rank"].tolist() == [1, 2, 3]
+    assert table["point"].tolist() == ["data.batch_size=64", "data.batch_size=128", "data.batch_size=32"]
+    text = format_grid(table)
+    assert "Best point: data.batch_size=64 optim.lr=0.0001" in text
+    assert "| 1 | 64 | 0.0001 | data.batch_size=64 | 80.00 ± 0.00 % | 3 |" in text
+
+    write_grid(tmp_path)
+    assert (tmp_path / GRID_MD).read_text().count("\n| ") == 4  # separator + 3 points
+    assert len((tmp_path / GRID_CSV).read_text().strip().splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_grid_search_sweep_end_to_end(tmp_path: Path, shared_data_dir: Path) -> None:
+    proc = train_cli(
+        "-m",
+        "hparams_search=grid",
+        "data.batch_size=8,16",
+        "optim.lr=1e-3,1e-4",
+        "cv.folds=2",
+        "data.train_size=24",
+        "data.val_size=8",
+        "data.test_size=8",
+        "trainer.max_epochs=1",
+        f"data.cache_dir={shared_data_dir}",
+        f"hydra.sweep.dir={tmp_path / 'grid'}",
+        cwd=tmp_path,
+    )
+    sweep = tmp_path / "grid"
+    assert "4 jobs: 4 done" in proc.stdout
+    assert "Best point: data.batch_size=" in proc.stdout
+    table = rank_grid(sweep)
+    assert len(table) == 4
+    assert sorted(zip(table["batch_size"], table["lr"], strict=True)) == [
+        (8, 1e-4),
+        (8, 1e-3),
+        (16, 1e-4),
+        (16, 1e-3),
+    ]
+    means = table["mean_val_acc"].tolist()
+    assert means == sorted(means, reverse=True)
+    # The grid search never tests: no test metrics anywhere in the sweep.
+    assert not list(sweep.rglob("test_metrics.json"))

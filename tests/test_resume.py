@@ -1,0 +1,127 @@
+"""Resume: a run interrupted after any epoch finishes with exactly the metrics of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from skinclf.config import compose_config
+from skinclf.errors import SkinclfError
+from skinclf.sweep.jobs import RUN_CONFIG, claim_run_dir
+from skinclf.train import run
+from skinclf.training import loop
+
+from conftest import train_cli
+
+SMALL = [
+    "data.train_size=32",
+    "data.val_size=8",
+    "data.test_size=8",
+    "trainer.max_epochs=3",
+    "data.batch_size=16",
+]
+
+
+def _same_results(a: Path, b: Path) -> None:
+    """metrics.csv equal but for the wall-clock column; test_metrics.json equal."""
+    metrics_a = pd.read_csv(a / "metrics.csv").drop(columns="seconds")
+    metrics_b = pd.read_csv(b / "metrics.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(metrics_a, metrics_b)
+    assert json.loads((a / "test_metrics.json").read_text()) == json.loads(
+        (b / "test_metrics.json").read_text()
+    )
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_between_epochs_matches_an_uninterrupted_run(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # augmented: the resumed run must also continue the augmentation random stream exactly.
+    overrides = [
+        f"data.cache_dir={shared_data_dir}",
+        "trainer.progress=never",
+        "model=augmented",
+        *SMALL,
+    ]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run(compose_config(overrides), straight)
+
+    real_save = loop.save_checkpoint
+    saves = []
+
+    def crash_after_second_epoch(state, path):
+        real_save(state, path)
+        if Path(path).name == "last.pt":
+            saves.append(state["epoch"])
+            if state["epoch"] == 2:
+                raise _Crash  # killed after last.pt, before metrics.csv got its row
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_second_epoch)
+    with pytest.raises(_Crash):
+        run(compose_config(overrides), interrupted)
+    assert not (interrupted / "test_metrics.json").exists()
+    assert len(pd.read_csv(interrupted / "metrics.csv")) == 1
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+
+    run(compose_config([*overrides, "resume=true"]), interrupted)
+    _same_results(straight, interrupted)
+
+
+def test_a_run_folder_is_never_resumed_under_another_config(tmp_path: Path) -> None:
+    cfg = compose_config(["model=resnet", "seed=1"])
+    assert claim_run_dir(tmp_path, cfg) == "new"
+    assert (tmp_path / RUN_CONFIG).exists()
+    # What may change on resume (resume itself, device, threads, progress bars) still matches.
+    same = compose_config(["model=resnet", "seed=1", "resume=true", "device=cpu", "trainer.num_threads=1"])
+    assert claim_run_dir(tmp_path, same) == "unfinished"
+    (tmp_path / "test_metrics.json").write_text("{}")
+    assert claim_run_dir(tmp_path, same) == "finished"
+    with pytest.raises(SkinclfError, match=r"different config \(changed: optim.lr, seed\)"):
+        claim_run_dir(tmp_path, compose_config(["model=resnet", "seed=2", "optim.lr=0.01"]))
+
+
+@pytest.mark.slow
+def test_sigkill_after_epoch_k_then_resume_matches_an_uninterrupted_run(
+    tmp_path: Path, shared_data_dir: Path
+) -> None:
+    overrides = [f"data.cache_dir={shared_data_dir}", "model=resnet", *SMALL, "trainer.max_epochs=5"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train_cli(*overrides, f"hydra.run.dir={straight}", cwd=tmp_path)
+
+    k = 2
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "skinclf", "train", *overrides, f"hydra.run.dir={killed}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            metrics = killed / "metrics.csv"
+            if metrics.exists() and len(metrics.read_text().strip().splitlines()) - 1 >= k:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "test_metrics.json").exists()
+
+    resumed = train_cli(*overrides, f"hydra.run.dir={killed}", "resume=true", cwd=tmp_path)
+    assert "resuming from" in (killed / "train.log").read_text()
+    assert str(killed) in resumed.stdout
+    _same_results(straight, killed)

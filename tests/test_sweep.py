@@ -1,0 +1,267 @@
+"""Sweeps: thread division, GPU spread, launcher and experiment configs, skip / resume / failure of
+sweep jobs, the end-of-sweep summary, and whole sweeps through the joblib and submitit launchers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from skinclf.config import compose_config
+from skinclf.errors import SkinclfError
+from skinclf.sweep import resources
+from skinclf.sweep.jobs import STATUS_FILE, run_sweep_job, start_launch
+from skinclf.sweep.summary import SWEEP_SUMMARY, collect_jobs
+
+from conftest import TINY, train_cli
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PAPER_MODELS = [
+    "baseline",
+    "batch_norm",
+    "group_norm",
+    "layer_norm",
+    "augmented",
+    "resnet",
+    "vgg16",
+    "res_aug",
+]
+
+
+@pytest.mark.parametrize(
+    ("setting", "launcher", "cores", "expected"),
+    [
+        (None, None, 8, None),  # a single run: torch's own default
+        (None, {"_target_": "BasicLauncher"}, 8, None),  # jobs one after another
+        (None, {"n_jobs": 2}, 2, 1),  # two jobs on two cores: one thread each
+        (None, {"n_jobs": 2}, 16, 8),
+        (None, {"n_jobs": 3}, 16, 5),
+        (None, {"n_jobs": -1}, 16, 1),  # joblib: one job per core
+        (None, {"n_jobs": -2}, 16, 1),  # 15 jobs on 16 cores
+        (None, {"n_jobs": 32}, 16, 1),  # more jobs than cores: never 0 threads
+        (None, {"cpus_per_task": 4, "gpus_per_node": 1}, 64, 4),  # submitit: the job's own cores
+        (3, {"n_jobs": 2}, 16, 3),  # trainer.num_threads wins
+    ],
+)
+def test_threads_are_divided_between_parallel_jobs(setting, launcher, cores, expected) -> None:
+    assert resources.threads_per_job(setting, launcher, cores) == expected
+
+
+@pytest.mark.parametrize(("setting", "launcher"), [(0, None), (None, {"n_jobs": 0})])
+def test_impossible_thread_settings_are_refused(setting, launcher) -> None:
+    with pytest.raises(SkinclfError, match="num_threads|n_jobs"):
+        resources.threads_per_job(setting, launcher, 4)
+
+
+def test_parallel_jobs_spread_over_gpus() -> None:
+    assert [resources.spread_device("auto", job, 4) for job in range(6)] == [
+        "cuda:0",
+        "cuda:1",
+        "cuda:2",
+        "cuda:3",
+        "cuda:0",
+        "cuda:1",
+    ]
+    assert resources.spread_device("auto", 3, 1) == "auto"  # one GPU (or Slurm's own): unchanged
+    assert resources.spread_device("auto", None, 4) == "auto"  # a single run
+    assert resources.spread_device("cpu", 3, 4) == "cpu"  # an explicit device is kept
+    assert resources.spread_device("cuda:1", 3, 4) == "cuda:1"
+    assert resources.default_parallel_jobs(cores=64, gpus=4) == 4
+    assert resources.default_parallel_jobs(cores=16, gpus=0) == 4
+    assert resources.default_parallel_jobs(cores=2, gpus=0) == 1
+
+
+def test_paper_experiment_sweeps_all_eight_combinations() -> None:
+    cfg = compose_config(["experiment=paper"], return_hydra_config=True)
+    models = str(cfg.hydra.sweeper.params.model).split(",")
+    assert models == PAPER_MODELS
+    assert all((CONF / "model" / f"{m}.yaml").exists() for m in models if m != "vgg16")
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert (cfg.optim.lr, cfg.data.batch_size, cfg.trainer.max_epochs, cfg.trainer.patience) == (
+        1e-4,
+        64,
+        30,
+        10,
+    )
+
+
+def test_grid_search_config_turns_on_cross_validation() -> None:
+    cfg = compose_config(["hparams_search=grid"], return_hydra_config=True)
+    assert cfg.cv.folds == 5
+    assert set(cfg.hydra.sweeper.params) == {"data.batch_size", "optim.lr"}
+    assert compose_config([]).cv.folds == 0
+
+
+def test_launcher_configs_compose() -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    local = compose_config(["hydra/launcher=local"], return_hydra_config=True).hydra.launcher
+    assert "JoblibLauncher" in local._target_
+    assert local.n_jobs == resources.default_parallel_jobs(resources.available_cores(), 0) >= 1
+    slurm = compose_config(["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
+    assert "SlurmLauncher" in slurm._target_
+    assert (slurm.gpus_per_node, slurm.timeout_min) == (1, 240)
+    assert slurm.max_num_timeout > 0  # requeued jobs resume, so retrying a timeout is safe
+
+
+def _job(tmp_path: Path, sweep: Path, num: int, task, *overrides: str) -> str:
+    out = sweep / f"{num}_job"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = compose_config([f"data.cache_dir={tmp_path / 'data'}", *overrides])
+    return run_sweep_job(cfg, out, task, num, sweep, list(overrides))
+
+
+def test_sweep_jobs_skip_finished_resume_unfinished_and_record_failures(tmp_path: Path, capsys) -> None:
+    sweep = tmp_path / "sweep"
+    calls: list[tuple[int, bool]] = []
+
+    def finishing(cfg, out_dir):
+        calls.append((int(cfg.seed), bool(cfg.resume)))
+        (out_dir / "test_metrics.json").write_text("{}")
+
+    def interrupted(cfg, out_dir):
+        calls.append((int(cfg.seed), bool(cfg.resume)))
+        raise RuntimeError("killed mid-epoch\nsecond line")
+
+    def bad_input(cfg, out_dir):
+        raise SkinclfError("trainer.precision=bogus: expected one of auto, fp32, bf16, fp16")
+
+    first = start_launch(sweep)
+    assert _job(tmp_path, sweep, 0, finishing, "seed=0") == "done"
+    assert _job(tmp_path, sweep, 1, interrupted, "seed=1") == "failed"
+    assert _job(tmp_path, sweep, 2, bad_input, "trainer.precision=bogus") == "failed"
+    assert calls == [(0, False), (1, False)]
+    assert "job 2 failed: trainer.precision=bogus" in capsys.readouterr().err
+
+    jobs = collect_jobs(sweep, first)
+    assert [Path(d).name for d in jobs.done] == ["0_job"]
+    assert [Path(f["dir"]).name for f in jobs.failed] == ["1_job", "2_job"]
+    assert jobs.failed[0]["error"] == "killed mid-epoch"
+    assert jobs.failed[1]["log"] == str(sweep / "2_job" / "train.log")
+    text = jobs.format(sweep)
+    assert "3 jobs: 1 done, 0 skipped (finished before), 2 failed" in text
+    assert f"log: {sweep / '1_job' / 'train.log'}" in text
+
+    # Re-launch: the finished job is skipped, the interrupted one resumes.
+    second = start_launch(sweep)
+    calls.clear()
+    assert _job(tmp_path, sweep, 0, finishing, "seed=0") == "skipped"
+    assert _job(tmp_path, sweep, 1, finishing, "seed=1") == "done"
+    assert calls == [(1, True)]
+    jobs = collect_jobs(sweep, second)
+    assert (len(jobs.done), len(jobs.skipped), len(jobs.failed)) == (1, 1, 0)  # job 2 not re-launched
+
+    # A job killed outright never reports: still "running" at the end, it counts as failed.
+    status = json.loads((sweep / "0_job" / STATUS_FILE).read_text())
+    (sweep / "0_job" / STATUS_FILE).write_text(json.dumps({**status, "status": "running"}))
+    assert "killed" in collect_jobs(sweep, second).failed[0]["error"]
+
+    # A job folder holding another config's results is refused, not overwritten.
+    assert _job(tmp_path, sweep, 0, finishing, "seed=5") == "failed"
+    assert calls == [(1, True)]
+
+
+def _report(sweep: Path, tmp_path: Path) -> pd.DataFrame:
+    out = tmp_path / "report"
+    subprocess.run(
+        [sys.executable, "-m", "skinclf", "report", str(sweep), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return pd.read_csv(out / "table1.csv")
+
+
+def _check_sweep_and_report(sweep: Path, models: list[str], tmp_path: Path) -> None:
+    """Each model in its own numbered job folder, finished; Table 1 has each model's numbers."""
+    job_dirs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert [p.name for p in job_dirs] == [f"{i}_{m}" for i, m in enumerate(models)]
+    summary = json.loads((sweep / SWEEP_SUMMARY).read_text())
+    assert len(summary["done"]) == len(models) and not summary["failed"]
+    table = _report(sweep, tmp_path).set_index("model")
+    assert sorted(table.index) == sorted(models)
+    for job in job_dirs:
+        metrics = json.loads((job / "test_metrics.json").read_text())
+        model = job.name.split("_", 1)[1]
+        assert table.loc[model, "best_val_acc_pct_mean"] == pytest.approx(
+            100 * metrics["best_val_acc"], abs=0.01
+        )
+
+
+MODELS = ["baseline", "batch_norm", "resnet"]
+
+
+@pytest.mark.slow
+def test_joblib_sweep_over_three_models_then_report(tmp_path: Path, shared_data_dir: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    proc = train_cli(
+        "-m",
+        f"model={','.join(MODELS)}",
+        *TINY,
+        f"data.cache_dir={shared_data_dir}",
+        "hydra/launcher=local",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert "3 jobs: 3 done, 0 skipped (finished before), 0 failed" in proc.stdout
+    _check_sweep_and_report(sweep, MODELS, tmp_path)
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_over_three_models_then_report(tmp_path: Path, shared_data_dir: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    proc = train_cli(
+        "-m",
+        f"model={','.join(MODELS)}",
+        *TINY,
+        f"data.cache_dir={shared_data_dir}",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=20",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert "3 jobs: 3 done" in proc.stdout
+    _check_sweep_and_report(sweep, MODELS, tmp_path)
+
+
+@pytest.mark.slow
+def test_failed_job_does_not_stop_the_sweep_and_relaunch_retrains_nothing(
+    tmp_path: Path, shared_data_dir: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "model=baseline,resnet",
+        "trainer.precision=fp32,bogus",  # a bad value for one point of the grid
+        *TINY,
+        f"data.cache_dir={shared_data_dir}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = train_cli(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "4 jobs: 2 done, 0 skipped (finished before), 2 failed" in proc.stdout
+    for failed in ("1_baseline", "3_resnet"):
+        assert f"FAILED {sweep / failed}: trainer.precision=bogus" in proc.stdout
+        assert f"log: {sweep / failed / 'train.log'}" in proc.stdout
+    finished = [sweep / "0_baseline", sweep / "2_resnet"]
+    assert all((d / "test_metrics.json").exists() for d in finished)
+    before = {
+        p: p.stat().st_mtime_ns
+        for d in finished
+        for p in d.iterdir()
+        if p.suffix in {".pt", ".csv", ".json"} and p.name != STATUS_FILE
+    }
+
+    again = train_cli(*args, cwd=tmp_path, check=False)
+    assert "4 jobs: 0 done, 2 skipped (finished before), 2 failed" in again.stdout
+    assert "epoch  1/1" not in again.stdout  # nothing was trained again
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert after == before
