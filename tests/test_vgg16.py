@@ -20,7 +20,7 @@ from torchvision.models import vgg16
 
 from skinclf.config import compose_config
 from skinclf.data import ImageSplits, Split, load_splits
-from skinclf.data.features import FeatureSplit, training_stage
+from skinclf.data.features import FeatureSplit, extractor_key, training_stage
 from skinclf.data.pipeline import AugmentedPipeline, ImageNetPipeline
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model
@@ -235,3 +235,20 @@ def test_one_epoch_cli_run_writes_the_usual_run_files_and_reuses_the_cache(tmp_p
     assert log_text.count("cache hit") == 3 and "cache miss" not in log_text
     for checkpoint in ("best.pt", "last.pt"):
         (second / checkpoint).unlink()
+
+
+def test_full_preset_feeds_224_crops_and_keys_its_own_cache(random_vgg):
+    full = VGG16Transfer(pretrained=False, input_preset="full")
+    full.load_state_dict(random_vgg.state_dict())
+    extractor, _ = full.frozen_split()
+    # bf16 input under autocast, as the loop feeds it: the resize must cope with it too.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = extractor(torch.rand(2, 3, 128, 128, dtype=torch.bfloat16))
+    assert maps.shape == (2, 512, 7, 7)  # 224 / 32
+    pipeline = ImageNetPipeline()
+    # Same weights, other input preset: other features, so never the same cache file.
+    assert extractor_key(extractor, pipeline, "fp32") != extractor_key(
+        random_vgg.frozen_split()[0], pipeline, "fp32"
+    )
+    with pytest.raises(SkinclfError, match="model.input_preset='224'"):
+        VGG16Transfer(pretrained=False, input_preset="224")
