@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, train_in_process
 from PIL import Image
 
 from skinclf.cli import main as cli_main
@@ -19,6 +18,8 @@ from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.errors import SkinclfError
 from skinclf.runs import load_run
+
+from conftest import TINY, train_in_process
 
 N_IMAGES = 10
 

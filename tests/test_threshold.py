@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY, train_in_process
 
 from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.threshold import threshold_for_sensitivity
+
+from conftest import TINY, train_in_process
 
 
 def _sensitivity(labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "summary": ("skinclf.summary", "layer table, parameters and mult-adds of a model (paper Appendix C)"),
     "predict": ("skinclf.predict", "MEL probabilities for new images with a finished run's model"),
     "prepare": ("skinclf.prepare", "128x128 MEL/NV folder layout from an ISIC 2019 or HAM10000 download"),
+    "explain": ("skinclf.explain", "Grad-CAM overlays: where a finished run's model looked"),
 }
 
 USAGE = """usage: skinclf COMMAND [ARGS]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,15 @@ def _without_pretrained_download(model_cfg: DictConfig) -> DictConfig:
     return model_cfg
 
 
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _operating_threshold(metrics: dict, metrics_path: Path) -> tuple[float, str]:
     point = metrics.get("operating_point")
     if not isinstance(point, dict) or "threshold" not in point:
@@ -113,7 +125,10 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
     # interpolations, and in-process runs have no .hydra/ at all).
     cfg = OmegaConf.create(state["config"])
     try:
-        model = build_model(_without_pretrained_download(cfg.model))
+        # Quiet: a "random init, not the paper's setup" warning would be false here, since the
+        # checkpoint's weights replace the random ones right away.
+        with _quiet_logs():
+            model = build_model(_without_pretrained_download(cfg.model))
         model.load_state_dict(state["model"])
         pipeline = instantiate(cfg.model.pipeline)
         pipeline.load_state_dict(state["pipeline"])

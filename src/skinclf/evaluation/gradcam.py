@@ -1,0 +1,87 @@
+"""Grad-CAM (Selvaraju et al., 2017): where in the image the evidence for MEL lies.
+
+The heat map of an image is ReLU(sum_k w_k A_k), where A_k are the channels of the last
+convolutional block's output and w_k the spatial mean of d(logit)/dA_k; it is upsampled to the
+image size and scaled to [0, 1]. The layer is found generically, so every architecture works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skinclf.errors import SkinclfError
+
+
+@dataclass
+class GradCam:
+    """Heat maps (N, H, W) in [0, 1] at the input's size, the MEL logits (N,), and the layer used."""
+
+    heatmaps: torch.Tensor
+    logits: torch.Tensor
+    layer: str
+
+
+def _conv_blocks(model: nn.Module) -> dict[nn.Module, str]:
+    """Every submodule that is or holds a Conv2d (the model itself excluded: its output is the logit)."""
+    return {
+        module: f"{name} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if module is not model and any(isinstance(m, nn.Conv2d) for m in module.modules())
+    }
+
+
+def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | None = None) -> GradCam:
+    """Grad-CAM of ``model``'s decision for a batch of model inputs (already preprocessed).
+
+    ``toward_mel`` (bool, one per image; default all True) picks the class explained: True maps
+    the evidence for MEL (the logit), False the evidence for NV (minus the logit). A single-logit
+    model has one score, so the NV map is the MEL map with the gradient's sign flipped; without it,
+    an image the model calls NV would mostly get an empty map.
+
+    The layer is the last module, in forward order, that is or holds a Conv2d and returns a 4-D
+    feature map: the last convolutional block. That is the residual block (not its 1x1 shortcut
+    conv) in the ResNet, the last conv in the plain CNNs, the whole frozen extractor in VGG-16.
+    Runs in fp32 with the model in eval mode; the model's parameters get no gradients.
+    """
+    model.eval()
+    blocks = _conv_blocks(model)
+    captured: list[tuple[str, torch.Tensor]] = []
+
+    def keep(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not (isinstance(output, torch.Tensor) and output.ndim == 4):
+            return None
+        if not output.requires_grad:
+            # A frozen extractor run without autograd (e.g. under no_grad): restart the graph here.
+            output = output.detach().requires_grad_()
+        captured.append((blocks[module], output))
+        return output
+
+    handles = [module.register_forward_hook(keep) for module in blocks]
+    try:
+        with torch.enable_grad():
+            # Gradients flow through the input, so frozen layers (requires_grad=False) still
+            # produce activations that are part of the graph; the parameters stay untouched.
+            x = inputs.detach().float().requires_grad_()
+            logits = model(x).flatten()
+            if not captured:
+                raise SkinclfError(f"{type(model).__name__}: no convolutional layer to explain with Grad-CAM")
+            layer, activations = captured[-1]
+            sign = (
+                torch.ones_like(logits)
+                if toward_mel is None
+                else toward_mel.to(logits.device).float() * 2 - 1
+            )
+            # Each image's logit depends only on its own activations (eval mode): one backward pass.
+            (grads,) = torch.autograd.grad((sign * logits).sum(), activations)
+    finally:
+        for handle in handles:
+            handle.remove()
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activations).sum(dim=1, keepdim=True)).detach()
+    cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+    return GradCam(heatmaps=(cam / peak).cpu(), logits=logits.detach().cpu(), layer=layer)

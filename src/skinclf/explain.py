@@ -1,0 +1,144 @@
+"""`skinclf explain RUN_DIR IMAGES...`: Grad-CAM overlays showing where a finished run's model looked."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from skinclf.errors import SkinclfError
+from skinclf.evaluation.curves import save_figure
+from skinclf.evaluation.gradcam import grad_cam
+from skinclf.predict import DISCLAIMER, collect_images, decode_all
+from skinclf.runs import Run, load_run
+
+CLASSES = ("mel", "nv", "predicted")
+# Images explained per forward/backward pass: Grad-CAM keeps activations and gradients in memory.
+CHUNK = 16
+
+
+def render(
+    image: torch.Tensor, heatmap: torch.Tensor, prob_mel: float, threshold: float, title: str, evidence: str
+) -> Figure:
+    """The image and the image with its Grad-CAM heat map overlaid, P(MEL) in the title."""
+    fig = Figure(figsize=(7.2, 4.0))
+    left, right = fig.subplots(1, 2)
+    rgb = image.permute(1, 2, 0).cpu().numpy()
+    left.imshow(rgb)
+    left.set_title("image (as the model sees it: RGB 128x128)", fontsize=8)
+    right.imshow(rgb)
+    shown = right.imshow(heatmap.numpy(), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+    right.set_title(f"Grad-CAM: evidence for {evidence}", fontsize=8)
+    for ax in (left, right):
+        ax.set_axis_off()
+    fig.colorbar(shown, ax=right, fraction=0.046, pad=0.03)
+    call = "MEL" if prob_mel >= threshold else "NV"
+    fig.suptitle(f"{title}\nP(MEL) = {prob_mel:.3f}: {call} at threshold {threshold:.3g}", fontsize=10)
+    fig.text(0.5, 0.02, "Research aid, not a diagnosis.", ha="center", fontsize=8, style="italic")
+    return fig
+
+
+def _unique_name(path: Path, taken: set[str]) -> str:
+    name, n = f"{path.stem}_gradcam.png", 1
+    while name in taken:  # same file name from two folders
+        n += 1
+        name = f"{path.stem}_{n}_gradcam.png"
+    taken.add(name)
+    return name
+
+
+def explain_files(
+    run: Run, files: Sequence[Path], out_dir: Path, target: str = "mel"
+) -> tuple[list[Path], list[str]]:
+    """Write one Grad-CAM PNG per readable file into ``out_dir``; returns (written, problems)."""
+    if target not in CLASSES:
+        raise SkinclfError(f"--class {target}: expected one of {', '.join(CLASSES)}")
+    written: list[Path] = []
+    problems: list[str] = []
+    taken: set[str] = set()
+    chunk: list[tuple[Path, torch.Tensor]] = []
+
+    def explain_chunk() -> None:
+        if not chunk:
+            return
+        images = torch.stack([img for _, img in chunk])
+        # The same probabilities as `skinclf predict` (the run's precision); Grad-CAM itself in fp32.
+        probs = run.predict_probs(images)
+        toward_mel = {
+            "mel": torch.ones(len(chunk), dtype=torch.bool),
+            "nv": torch.zeros(len(chunk), dtype=torch.bool),
+            "predicted": probs >= run.threshold,
+        }[target]
+        cam = grad_cam(run.model, run.pipeline.eval_batch(images.to(run.device)), toward_mel)
+        for (path, image), heatmap, prob, mel in zip(
+            chunk, cam.heatmaps, probs.tolist(), toward_mel, strict=True
+        ):
+            title = f"{path.name} - model={run.model_name}, layer {cam.layer}"
+            fig = render(image, heatmap, prob, run.threshold, title, "MEL" if mel else "NV")
+            out = out_dir / _unique_name(path, taken)
+            save_figure(fig, out)
+            written.append(out)
+        chunk.clear()
+
+    for path, decoded in decode_all(files, desc="explaining"):
+        if isinstance(decoded, str):
+            problems.append(decoded)
+            continue
+        chunk.append((path, decoded))
+        if len(chunk) >= CHUNK:
+            explain_chunk()
+    explain_chunk()
+    return written, problems
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinclf explain",
+        description=(
+            "Grad-CAM heat maps from the last convolutional block of a finished run's model, overlaid "
+            "on each image, with the probability of melanoma in the title: one PNG per image. " + DISCLAIMER
+        ),
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="output directory of a finished `skinclf train`")
+    parser.add_argument(
+        "images", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files, or folders scanned recursively"
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", default="explanations", help="folder for the PNGs (default: explanations/)"
+    )
+    parser.add_argument(
+        "--class",
+        dest="target",
+        choices=CLASSES,
+        default="mel",
+        help="map the evidence for MEL (default), for NV, or for the class predicted at the run's threshold",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    return parser
+
+
+def main(args: list[str]) -> None:
+    """Entry point of ``skinclf explain ARGS``."""
+    opts = build_parser().parse_args(args)
+    files = collect_images(opts.images)
+    run = load_run(opts.run_dir, device=opts.device)
+    out_dir = Path(opts.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SkinclfError(f"--out {out_dir}: is a file; expected a folder for the PNGs")
+    written, problems = explain_files(run, files, out_dir, opts.target)
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    for path in written:
+        print(path)
+    print(
+        f"model={run.model_name} ({run.path}): {len(written)} Grad-CAM images in {out_dir}/, "
+        f"{len(problems)} files unreadable",
+        file=sys.stderr,
+    )
+    print(DISCLAIMER, file=sys.stderr)
+    if not written:
+        raise SkinclfError(f"none of the {len(problems)} files could be read as an image")

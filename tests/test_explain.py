@@ -1,0 +1,118 @@
+"""Grad-CAM and `skinclf explain`: where a finished run's model looked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skinclf.cli import main as cli_main
+from skinclf.data.synthetic import IMAGE_SIZE, draw_lesion
+from skinclf.evaluation.gradcam import grad_cam
+from skinclf.runs import load_run
+
+from conftest import TINY, train_in_process
+
+MODELS = ["baseline", "batch_norm", "group_norm", "layer_norm", "augmented", "resnet", "vgg16", "res_aug"]
+
+
+def _off_centre_mel_images(n: int, offset: float, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEL images whose lesion centre is ``offset`` px from the image centre on both axes (training
+    lesions are within 14 px of it), with their lesion masks."""
+    rng = np.random.default_rng(seed)
+    images, masks = [], []
+    for _ in range(n):
+        dy, dx = rng.choice([-offset, offset], 2)
+        image, mask = draw_lesion(rng, 1, center=(IMAGE_SIZE / 2 + dy, IMAGE_SIZE / 2 + dx))
+        images.append(torch.from_numpy(image).permute(2, 0, 1))
+        masks.append(torch.from_numpy(mask))
+    return torch.stack(images), torch.stack(masks)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # fp32, so that Grad-CAM's fp32 forward gives exactly the logits of `skinclf predict`.
+    return train_in_process(
+        tmp_path_factory.mktemp("explain"), *TINY, "model=resnet", "trainer.precision=fp32"
+    )[0]
+
+
+def test_heat_maps_have_the_image_size_and_are_not_constant(tiny_run):
+    run = load_run(tiny_run)
+    images, _ = _off_centre_mel_images(4, 20)
+    cam = grad_cam(run.model, run.pipeline.eval_batch(images), torch.tensor([True, True, False, False]))
+    assert cam.heatmaps.shape == (4, IMAGE_SIZE, IMAGE_SIZE)
+    assert cam.layer.startswith("block2")  # the last residual block, not its 1x1 shortcut conv
+    maps = cam.heatmaps.flatten(1)
+    assert (maps.min(1).values >= 0).all() and (maps.max(1).values <= 1).all()
+    assert (maps.std(1) > 0.01).sum() >= 2
+    # The logits are the model's: Grad-CAM does not change what it explains.
+    assert cam.logits == pytest.approx(torch.logit(run.predict_probs(images)), abs=1e-4)
+    # Evidence for NV is the mirror image of evidence for MEL, not the same map.
+    nv_map = grad_cam(run.model, run.pipeline.eval_batch(images[:1]), torch.tensor([False])).heatmaps
+    assert not torch.allclose(nv_map.flatten(1), maps[:1])
+
+
+def test_explain_writes_one_png_per_readable_image(tiny_run, tmp_path, capsys):
+    images, _ = _off_centre_mel_images(2, 20)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"lesion_{i}.jpg", quality=95)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "out"
+    cli_main(["explain", str(tiny_run), str(folder), "--out", str(out)])
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["lesion_0_gradcam.png", "lesion_1_gradcam.png"]
+    with Image.open(out / written[0]) as png:
+        assert png.size[0] > 2 * IMAGE_SIZE and png.getextrema()[0][0] != png.getextrema()[0][1]
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "not a diagnosis" in err
+
+
+@pytest.mark.slow
+def test_a_trained_model_looks_at_the_off_centre_lesion(tmp_path):
+    # A learning rate above the paper's 1e-4, so that a few CPU epochs learn something.
+    run_dir, metrics = train_in_process(
+        tmp_path,
+        "model=baseline",
+        "data.train_size=384",
+        "data.val_size=64",
+        "data.test_size=64",
+        "trainer.max_epochs=3",
+        "optim.lr=1e-3",
+        "trainer.precision=fp32",
+    )
+    assert metrics["roc_auc"] > 0.75, "the model did not learn: its heat maps would say nothing"
+    run = load_run(run_dir)
+    images, masks = _off_centre_mel_images(30, 22)
+    heatmaps = grad_cam(run.model, run.pipeline.eval_batch(images)).heatmaps
+    # Inside the dermoscope's field of view: the synthetic images darken outside a disc, and that
+    # dark rim is MEL-coloured evidence to the model too (see README), but it is not skin.
+    yy, xx = torch.meshgrid(torch.arange(IMAGE_SIZE) + 0.5, torch.arange(IMAGE_SIZE) + 0.5, indexing="ij")
+    field = torch.hypot(yy - IMAGE_SIZE / 2, xx - IMAGE_SIZE / 2) <= 56
+    peaks = (heatmaps * field).flatten(1).argmax(1)
+    inside = masks.flatten(1)[torch.arange(len(images)), peaks].float().mean().item()
+    lesion_share = (masks & field).float().sum().item() / (field.sum().item() * len(images))
+    assert inside > 0.5
+    assert inside > 2 * lesion_share  # far above where random peaks would land
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+def test_explain_works_for_every_model(model, tmp_path, shared_data_dir):
+    overrides = ["data.train_size=8", "data.val_size=4", "data.test_size=4", "trainer.max_epochs=1"]
+    if model == "vgg16":
+        overrides.append("model.pretrained=false")  # no ImageNet download in tests
+    run_dir, _ = train_in_process(tmp_path, f"model={model}", f"data.cache_dir={shared_data_dir}", *overrides)
+    image, _ = draw_lesion(np.random.default_rng(0), 1)
+    Image.fromarray(image).save(tmp_path / "lesion.png")
+    out = tmp_path / "out"
+    cli_main(
+        ["explain", str(run_dir), str(tmp_path / "lesion.png"), "--out", str(out), "--class", "predicted"]
+    )
+    with Image.open(out / "lesion_gradcam.png") as png:
+        assert png.format == "PNG" and png.size[0] > 2 * IMAGE_SIZE
