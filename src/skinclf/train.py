@@ -21,8 +21,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from skinclf.data import load_splits
-from skinclf.data.features import training_stage
+from skinclf.data import ImageSplits, load_splits
+from skinclf.data.features import TrainingStage, training_stage
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.evaluation.curves import write_run_curves
 from skinclf.evaluation.metrics import binary_metrics
@@ -57,6 +57,25 @@ def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
     )
 
 
+def prepare_training(
+    cfg: DictConfig, splits: ImageSplits, settings: LoopSettings, device: torch.device
+) -> tuple[torch.nn.Module, TrainingStage]:
+    """The model and what the loop trains on ``splits``; statistics from ``splits.train`` only.
+
+    Shared by run() and the grid search's cross-validation folds, so that both train alike.
+    """
+    if cfg.data.get("class_weighted_loss", False):
+        settings.pos_weight = splits.train.pos_weight()
+        log.info(f"class-weighted loss: MEL examples weigh {settings.pos_weight:.3f} (NV/MEL of train)")
+    pipeline = instantiate(cfg.model.pipeline)
+    pipeline.fit(splits.train.images)
+    model = build_model(cfg.model)
+    # A model with a frozen front end (vgg16) trains only its head, on the front end's outputs
+    # computed once and cached; any other model trains whole, on the images (stage = as given).
+    stage = training_stage(model, pipeline, splits, Path(cfg.data.cache_dir), settings, device)
+    return model, stage
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Train and test one combination; writes the run files into ``out_dir`` and returns the test metrics."""
     torch.manual_seed(int(cfg.seed))
@@ -71,15 +90,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     )
 
     splits = load_splits(cfg.data)
-    if cfg.data.get("class_weighted_loss", False):
-        settings.pos_weight = splits.train.pos_weight()
-        log.info(f"class-weighted loss: MEL examples weigh {settings.pos_weight:.3f} (NV/MEL of train)")
-    pipeline = instantiate(cfg.model.pipeline)
-    pipeline.fit(splits.train.images)
-    model = build_model(cfg.model)
-    # A model with a frozen front end (vgg16) trains only its head, on the front end's outputs
-    # computed once and cached; any other model trains whole, on the images (stage = as given).
-    stage = training_stage(model, pipeline, splits, Path(cfg.data.cache_dir), settings, device)
+    model, stage = prepare_training(cfg, splits, settings, device)
     config = OmegaConf.to_container(cfg, resolve=True)
 
     result = fit(

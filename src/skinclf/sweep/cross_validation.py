@@ -14,14 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from sklearn.model_selection import StratifiedKFold
 
-from skinclf.data import Split, load_splits
+from skinclf.data import ImageSplits, Split, load_splits
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_write_json
-from skinclf.models import build_model
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import fit
 
@@ -53,36 +51,37 @@ def subset(split: Split, indices: np.ndarray) -> Split:
 
 def _fit_fold(
     cfg: DictConfig,
-    train: Split,
-    val: Split,
+    fold_splits: ImageSplits,
     fold: int,
     fold_dir: Path,
     device: torch.device,
     precision: str,
 ) -> float:
     """Train a fresh model on one fold; its best validation accuracy (resumable, like a run)."""
-    from skinclf.train import loop_settings  # train.py dispatches here: a top-level import would cycle
+    # train.py dispatches here, so a top-level import would be circular.
+    from skinclf.train import loop_settings, prepare_training
 
     done = fold_dir / FOLD_RESULT
     if cfg.resume and done.exists():
         return float(json.loads(done.read_text())["best_val_acc"])
     # Same initialisation in every fold: the folds then differ only in their data.
     torch.manual_seed(int(cfg.seed))
-    # Statistics (the augmented pipeline's mean/std) come from this fold's training part only.
-    pipeline = instantiate(cfg.model.pipeline)
-    pipeline.fit(train.images)
-    model = build_model(cfg.model)
+    settings = loop_settings(cfg, precision)
+    # Exactly as a run trains, with statistics (normalisation, class weights) from the fold's
+    # training part only.
+    model, stage = prepare_training(cfg, fold_splits, settings, device)
     config = OmegaConf.to_container(cfg, resolve=True)
     result = fit(
-        model,
-        pipeline,
-        train,
-        val,
-        loop_settings(cfg, precision),
+        stage.module,
+        stage.pipeline,
+        stage.splits.train,
+        stage.splits.val,
+        settings,
         device,
         fold_dir,
         extra_state={"config": config, "fold": fold},
         resume=bool(cfg.resume),
+        checkpoint_model=model,
     )
     atomic_write_json(
         {"fold": fold, "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch}, done
@@ -108,14 +107,23 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     if int(cfg.trainer.max_epochs) < 1 or int(cfg.data.batch_size) < 1:
         raise SkinclfError("trainer.max_epochs and data.batch_size must be at least 1")
     # Keep the training split only: the test split must not take part in choosing hyperparameters.
-    train = load_splits(cfg.data).train
+    splits = load_splits(cfg.data)
+    name, train = splits.name, splits.train
+    del splits
     folds = stratified_folds(train.labels.numpy(), k, seed)
     log.info(
         f"{k}-fold cross-validation of model={cfg.model.name} batch_size={cfg.data.batch_size} "
         f"lr={cfg.optim.lr} on the training split ({len(train)} images), device={device}"
     )
     accs = [
-        _fit_fold(cfg, subset(train, tr), subset(train, va), i, out_dir / f"fold_{i}", device, precision)
+        _fit_fold(
+            cfg,
+            ImageSplits(name, subset(train, tr), subset(train, va)),
+            i,
+            out_dir / f"fold_{i}",
+            device,
+            precision,
+        )
         for i, (tr, va) in enumerate(folds)
     ]
     result = {
