@@ -1,11 +1,13 @@
-"""Composing the train config outside a Hydra app (summary, predict, tests)."""
+"""Composing the train config outside a Hydra app (summary, predict, tests), and instantiating from it."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from hydra import compose, initialize_config_module
-from hydra.errors import HydraException
+from hydra.errors import HydraException, InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from skinclf.errors import SkinclfError
@@ -21,3 +23,17 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
             return compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
     except HydraException as err:
         raise SkinclfError(str(err).strip().splitlines()[0]) from err
+
+
+def instantiate_config(node: DictConfig) -> Any:
+    """``hydra.utils.instantiate``, letting our own SkinclfError through unwrapped.
+
+    Hydra wraps whatever a constructor raises in a multi-line InstantiationException; a
+    SkinclfError (missing weights, a bad option) must stay the one clear line it was written as.
+    """
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, SkinclfError):
+            raise err.__cause__ from None
+        raise

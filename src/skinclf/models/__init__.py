@@ -1,10 +1,11 @@
 """Architectures. Each config in conf/model/ names one class here through ``arch._target_``."""
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
+
+from skinclf.config import instantiate_config
 
 
 def build_model(model_cfg: DictConfig) -> torch.nn.Module:
     """Instantiate the architecture described by ``model_cfg.arch`` (one output logit)."""
-    return instantiate(model_cfg.arch)
+    return instantiate_config(model_cfg.arch)
