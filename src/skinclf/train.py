@@ -101,7 +101,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         settings,
         device,
         out_dir,
-        extra_state={"config": config},
+        extra_state={"config": config, "precision": precision},
         resume=bool(cfg.resume),
         checkpoint_model=model,
     )
