@@ -184,6 +184,17 @@ def test_runs_csv_lists_unfinished_and_failed_runs(sweep, tmp_path):
     assert runs.loc["res_aug", "best_val_acc_pct"] == pytest.approx(80.0)
 
 
+def test_grid_search_points_are_not_runs(sweep):
+    # A cross-validated grid point never touches the test split: it must not show up as an
+    # unfinished run, nor in Table 1.
+    point = write_run(sweep / "grid_search", "resnet", [0.9], [0.9], tested=False)
+    config = point / ".hydra" / "config.yaml"
+    assert "folds: 0" in config.read_text()
+    config.write_text(config.read_text().replace("folds: 0", "folds: 5"))
+    paths = {run.path for run in find_runs([sweep])}
+    assert point not in paths and len(paths) == 7
+
+
 def test_confusion_matrix_is_the_best_models_test_set_laid_out_like_table_2(sweep, tmp_path):
     build_report([sweep], tmp_path / "reports")
     confusion = pd.read_csv(tmp_path / "reports" / "confusion_matrix.csv")

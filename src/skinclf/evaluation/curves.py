@@ -12,14 +12,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from skinclf.io import _atomic_write
+from skinclf.io import atomic_write
 
 SPLIT_STYLES = {"val": ("validation", "tab:blue"), "test": ("test", "tab:orange")}
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 120) -> None:
     """Write ``fig`` as PNG atomically (never a half-written image)."""
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def _scored_splits(predictions: pd.DataFrame) -> list[tuple[str, np.ndarray, np.ndarray]]:

@@ -1,6 +1,7 @@
 """Finding run folders and reading what ``skinclf train`` left in them.
 
-A run folder is any folder with a ``.hydra/config.yaml`` of a skinclf training config. Its status:
+A run folder is any folder with a ``.hydra/config.yaml`` of a skinclf training config (grid-search
+points, which cross-validate on the training split and are never tested, are not runs). Its status:
 ``finished`` (``test_metrics.json`` exists; the trainer writes it last), ``unfinished`` (still
 running, interrupted or crashed before the test) or ``failed`` (its files cannot be read).
 """
@@ -119,6 +120,8 @@ def load_run(path: Path) -> Run | None:
     data_name = OmegaConf.select(cfg, "data.name", default=None)
     if model is None or data_name is None:
         return None  # another Hydra application's output
+    if OmegaConf.select(cfg, "cv.folds", default=None):
+        return None  # a grid-search point: cross-validated, never tested; see its grid_search.md
     root = OmegaConf.select(cfg, "data.root", default=None)
     # Two folder datasets are different datasets: the root is part of the identity.
     data = f"{data_name}:{root}" if root else str(data_name)
