@@ -138,7 +138,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
             f"{run_dir / CHECKPOINT}: does not match model={cfg.model.get('name')} ({first_line})"
         ) from err
     model.to(torch_device).eval()
-    precision = resolve_precision(str(cfg.trainer.precision), torch_device)
+    # The precision the run was evaluated in (recorded by newer runs), so that predictions
+    # reproduce its test-time ones; older runs: resolved again, here.
+    precision = str(state.get("precision") or resolve_precision(str(cfg.trainer.precision), torch_device))
     return Run(
         path=run_dir,
         config=cfg,
