@@ -10,11 +10,14 @@ from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 # command -> (module with a ``main(args: list[str])``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("skinclf.train", "train one combination; -m/--multirun sweeps (Hydra overrides)"),
-    "report": ("skinclf.report.command", "paper Table 1, confusion matrix, curves and ROC from finished runs"),
+    "report": (
+        "skinclf.report.command",
+        "paper Table 1, confusion matrix, curves and ROC from finished runs",
+    ),
     "summary": ("skinclf.summary", "layer table, parameters and mult-adds of a model (paper Appendix C)"),
     "predict": ("skinclf.predict", "MEL probabilities for new images with a finished run's model"),
-    "prepare": ("skinclf.prepare", "128x128 MEL/NV folder layout from an ISIC 2019 or HAM10000 download"),
     "explain": ("skinclf.explain", "Grad-CAM overlays: where a finished run's model looked"),
+    "prepare": ("skinclf.prepare", "128x128 MEL/NV folder layout from an ISIC 2019 or HAM10000 download"),
 }
 
 USAGE = """usage: skinclf COMMAND [ARGS]
@@ -36,15 +39,21 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        _dispatch(argv)
+    except BrokenPipeError:
+        # `skinclf ... | head` closed the pipe early: not an error worth a traceback.
+        sys.stderr.close()
+
+
+def _dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(_usage())
         return
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(
-            f"skinclf: error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}",
-            file=sys.stderr,
-        )
+        known = ", ".join(COMMANDS)
+        print(f"skinclf: error: unknown command {command!r}; expected one of {known}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     module = importlib.import_module(COMMANDS[command][0])
     try:

@@ -12,6 +12,13 @@ from typing import Any
 import torch
 
 
+def _default_file_mode() -> int:
+    """rw for everyone the umask allows, as ``open()`` would create the file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
     path = Path(path)
@@ -21,6 +28,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # mkstemp creates files readable by their owner only; results are meant to be shared.
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
