@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from skinclf.models import PAPER_MODELS
 from skinclf.training.loop import METRICS_COLUMNS
 
 from conftest import TINY, run_dir_from_output, train_cli
@@ -23,7 +24,7 @@ TEST_METRIC_KEYS = {
     "best_val_acc",
     "n_test",
 }
-FROM_SCRATCH = ["baseline", "batch_norm", "group_norm", "layer_norm", "augmented", "resnet", "res_aug"]
+FROM_SCRATCH = [model for model in PAPER_MODELS if model != "vgg16"]
 
 
 def assert_complete_run(run_dir, n_epochs=1):

@@ -12,11 +12,10 @@ from PIL import Image
 from skinclf.cli import main as cli_main
 from skinclf.data.synthetic import IMAGE_SIZE, draw_lesion
 from skinclf.evaluation.gradcam import grad_cam
+from skinclf.models import PAPER_MODELS
 from skinclf.runs import load_run
 
 from conftest import TINY, train_in_process
-
-MODELS = ["baseline", "batch_norm", "group_norm", "layer_norm", "augmented", "resnet", "vgg16", "res_aug"]
 
 
 def _off_centre_mel_images(n: int, offset: float, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +101,7 @@ def test_a_trained_model_looks_at_the_off_centre_lesion(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", PAPER_MODELS)
 def test_explain_works_for_every_model(model, tmp_path, shared_data_dir):
     overrides = ["data.train_size=8", "data.val_size=4", "data.test_size=4", "trainer.max_epochs=1"]
     if model == "vgg16":

@@ -13,6 +13,7 @@ import pytest
 
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
+from skinclf.models import PAPER_MODELS
 from skinclf.sweep import resources
 from skinclf.sweep.jobs import STATUS_FILE, run_sweep_job, start_launch
 from skinclf.sweep.summary import SWEEP_SUMMARY, collect_jobs
@@ -20,16 +21,6 @@ from skinclf.sweep.summary import SWEEP_SUMMARY, collect_jobs
 from conftest import TINY, train_cli
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-PAPER_MODELS = [
-    "baseline",
-    "batch_norm",
-    "group_norm",
-    "layer_norm",
-    "augmented",
-    "resnet",
-    "vgg16",
-    "res_aug",
-]
 
 
 @pytest.mark.parametrize(
@@ -78,8 +69,8 @@ def test_parallel_jobs_spread_over_gpus() -> None:
 def test_paper_experiment_sweeps_all_eight_combinations() -> None:
     cfg = compose_config(["experiment=paper"], return_hydra_config=True)
     models = str(cfg.hydra.sweeper.params.model).split(",")
-    assert models == PAPER_MODELS
-    assert all((CONF / "model" / f"{m}.yaml").exists() for m in models if m != "vgg16")
+    assert models == list(PAPER_MODELS)
+    assert all((CONF / "model" / f"{m}.yaml").exists() for m in models)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert (cfg.optim.lr, cfg.data.batch_size, cfg.trainer.max_epochs, cfg.trainer.patience) == (
         1e-4,

@@ -12,19 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from skinclf.models import PAPER_MODELS
 from skinclf.report.runs import Run
 
-# Paper Table 1 order; models the paper does not have follow alphabetically.
-PAPER_MODELS = (
-    "baseline",
-    "batch_norm",
-    "group_norm",
-    "layer_norm",
-    "augmented",
-    "resnet",
-    "vgg16",
-    "res_aug",
-)
+# Paper Table 1 order (PAPER_MODELS); models the paper does not have follow alphabetically.
 
 
 def model_order(model: str) -> tuple[int, str]:
