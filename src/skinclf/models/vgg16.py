@@ -11,7 +11,6 @@ import itertools
 import logging
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -19,6 +18,7 @@ from torch import nn
 from torchvision.models import VGG16_Weights, vgg16
 
 from skinclf.errors import SkinclfError
+from skinclf.models.pretrained import load_pretrained, weights_path
 
 log = logging.getLogger(__name__)
 
@@ -29,35 +29,13 @@ Preset = Literal["appendix", "full"]
 
 def weights_file() -> Path:
     """Where torchvision keeps (and looks for) the IMAGENET1K_V1 file: the torch hub cache."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(WEIGHTS.url).path).name
-
-
-def _download_hint(path: Path) -> str:
-    return (
-        f'on a machine with network run `python -c "import torchvision; '
-        f"torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` (or download {WEIGHTS.url}) and copy "
-        f"{path.name} into {path.parent}/ here; or set model.pretrained=false "
-        "(random features, not the paper's setup)"
-    )
+    return weights_path(WEIGHTS)
 
 
 def imagenet_features() -> nn.Sequential:
     """VGG-16 ``features`` with IMAGENET1K_V1 weights, through torchvision's own loading path
     (the torch hub cache, downloaded on first use); a clear SkinclfError when that is impossible."""
-    path = weights_file()
-    try:
-        return vgg16(weights=WEIGHTS).features
-    except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad file a RuntimeError
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        if path.is_file():
-            raise SkinclfError(
-                f"{path}: cannot load the VGG-16 IMAGENET1K_V1 weights ({first_line}); delete the file "
-                f"and get it again: {_download_hint(path)}"
-            ) from err
-        raise SkinclfError(
-            f"{path}: VGG-16 IMAGENET1K_V1 weights not found and the download failed ({first_line}); "
-            f"{_download_hint(path)}"
-        ) from err
+    return load_pretrained(vgg16, WEIGHTS, "VGG-16", without="random features").features
 
 
 class ResizeCrop(nn.Module):
