@@ -190,9 +190,14 @@ def test_features_run_once_per_split_and_a_changed_dataset_is_recomputed(
     assert len(calls) == 4
 
 
-def test_augmenting_pipeline_is_refused(random_vgg, tmp_path):
-    with pytest.raises(SkinclfError, match="AugmentedPipeline"):
-        training_stage(random_vgg, AugmentedPipeline(), tiny_splits(), tmp_path, SETTINGS, CPU)
+def test_augmenting_pipeline_trains_the_whole_model_on_images(random_vgg, tmp_path, caplog):
+    # Features computed once cannot be augmented: no cache then, the frozen features run every batch.
+    pipeline, splits = AugmentedPipeline(), tiny_splits()
+    with caplog.at_level(logging.INFO, logger="skinclf"):
+        stage = training_stage(random_vgg, pipeline, splits, tmp_path, SETTINGS, CPU)
+    assert stage.module is random_vgg and stage.pipeline is pipeline and stage.splits is splits
+    assert "feature cache off: the pipeline AugmentedPipeline augments" in caplog.text
+    assert not (tmp_path / "features").exists()
 
 
 def test_other_models_train_whole_on_images(tmp_path):

@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from skinclf.data import ImageSplits, load_splits
+from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.evaluation.curves import write_run_curves
@@ -36,6 +37,7 @@ from skinclf.sweep.summary import SweepSummary
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import LoopSettings, evaluate, fit
+from skinclf.training.recipe import Recipe
 
 log = logging.getLogger("skinclf")
 
@@ -54,6 +56,7 @@ def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
         channels_last=bool(cfg.trainer.channels_last),
         progress=str(cfg.trainer.progress),
         seed=int(cfg.seed),
+        recipe=Recipe.from_config(cfg.get("recipe", {})),
     )
 
 
@@ -67,7 +70,8 @@ def prepare_training(
     if cfg.data.get("class_weighted_loss", False):
         settings.pos_weight = splits.train.pos_weight()
         log.info(f"class-weighted loss: MEL examples weigh {settings.pos_weight:.3f} (NV/MEL of train)")
-    pipeline = instantiate(cfg.model.pipeline)
+    # The model's pipeline, or the recipe's augmentation around it (keeping its normalisation).
+    pipeline = recipe_pipeline(instantiate(cfg.model.pipeline), cfg.recipe.augment)
     pipeline.fit(splits.train.images)
     model = build_model(cfg.model)
     # A model with a frozen front end (vgg16) trains only its head, on the front end's outputs

@@ -4,7 +4,9 @@ A model that declares a frozen front end (:class:`FrozenFrontEnd`: ``frozen_spli
 ``(extractor, head)`` with ``model(x) == head(extractor(x))``, e.g. vgg16) never runs that front
 end inside the training loop: :func:`training_stage` computes its outputs on every split once,
 stores them under ``data.cache_dir/features/``, and hands the loop the head, those outputs and a
-pass-through pipeline. Every other model trains whole, on images, exactly as before.
+pass-through pipeline. Every other model trains whole, on images, exactly as before; so does a
+frozen-front-end model whose training images are augmented or whose evaluation averages flips
+(``recipe=modern``), since its front end's outputs then change from batch to batch.
 
 A cache file is keyed by everything the outputs depend on: the split's images (their bytes),
 the extractor (its structure and weights, so random initialisations with different seeds never
@@ -174,6 +176,19 @@ def cached_features(
     return features
 
 
+def _why_not_cached(extractor: nn.Module, pipeline: Any, settings: LoopSettings) -> str | None:
+    """Why the extractor's outputs cannot be computed once (None: they can). Features computed once
+    see neither per-epoch augmentation nor flipped test-time views; then the whole model trains on
+    images, its frozen part still frozen: slower, but never silently wrong."""
+    if type(pipeline).train_batch is not DefaultPipeline.train_batch:
+        return f"the pipeline {type(pipeline).__name__} augments training images"
+    if settings.recipe.tta:
+        return "recipe.tta=true evaluates flipped images"
+    if not any(True for _ in extractor.parameters()):
+        return "nothing is frozen"
+    return None
+
+
 def training_stage(
     model: nn.Module,
     pipeline: Any,
@@ -186,14 +201,11 @@ def training_stage(
     its head on the extractor's cached outputs (computed here on a cache miss)."""
     if not isinstance(model, FrozenFrontEnd):
         return TrainingStage(model, pipeline, splits)
-    if type(pipeline).train_batch is not DefaultPipeline.train_batch:
-        # Features computed once cannot see per-epoch augmentation: refuse rather than silently drop it.
-        raise SkinclfError(
-            f"model.pipeline={type(pipeline).__name__}: a frozen extractor's features are computed "
-            "once, so its pipeline cannot augment training images; expected one without augmentation "
-            "(e.g. pipeline imagenet)"
-        )
     extractor, head = model.frozen_split()
+    reason = _why_not_cached(extractor, pipeline, settings)
+    if reason is not None:
+        log.info(f"feature cache off: {reason}, so the frozen layers run on every batch")
+        return TrainingStage(model, pipeline, splits)
     digest = extractor_key(extractor, pipeline, settings.precision)
     # The whole model moves, so that it stays on one device for whatever follows training.
     model.to(device)

@@ -1,10 +1,16 @@
 """The one training loop shared by every model: Adam, early stopping on validation accuracy,
-atomic checkpoints every epoch, one metrics.csv row per epoch, and exact resume."""
+atomic checkpoints every epoch, one metrics.csv row per epoch, and exact resume.
+
+Beyond the paper, ``settings.recipe`` (skinclf.training.recipe) may switch on AdamW, a per-batch
+learning-rate schedule, mixup, an EMA of the weights and test-time augmentation; its default is
+the paper's recipe, with which the loop does exactly what the paper describes."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,9 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from skinclf.data.splits import Split
+from skinclf.errors import SkinclfError
 from skinclf.training.checkpoint import load_checkpoint, save_checkpoint
 from skinclf.training.hardware import autocast, input_dtype
 from skinclf.training.progress import progress
+from skinclf.training.recipe import (
+    FlipTTA,
+    Recipe,
+    WeightEMA,
+    build_optimizer,
+    build_scheduler,
+    mixup,
+    pretrained_parameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +58,8 @@ class LoopSettings:
     # Weight of MEL (positive) examples in the training loss (BCE pos_weight); None = unweighted,
     # the paper's. Reported losses stay unweighted so runs remain comparable.
     pos_weight: float | None = None
+    # Optimizer, schedule, mixup, weight EMA and TTA (cfg.recipe); the default is the paper's.
+    recipe: Recipe = field(default_factory=Recipe)
 
 
 @dataclass
@@ -77,12 +95,9 @@ class FitResult:
 def make_optimizer(
     model: nn.Module, lr: float, weight_decay: float, device: torch.device
 ) -> torch.optim.Optimizer:
-    """Adam over the trainable parameters; the fused kernel (one pass over all tensors) when available."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError):  # older torch, or a device without a fused Adam
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    """The paper's Adam over the trainable parameters (fused when available); fit() builds the
+    recipe's optimizer instead, which is this one for the paper's recipe."""
+    return build_optimizer(model, lr, weight_decay, Recipe())
 
 
 @torch.inference_mode()
@@ -115,7 +130,10 @@ def predict_logits(
     settings: LoopSettings,
     device: torch.device,
 ) -> torch.Tensor:
-    """Logits (float32, on CPU) for uint8 images, in eval mode, large batches, no augmentation."""
+    """Logits (float32, on CPU) for uint8 images, in eval mode, large batches, no training
+    augmentation; averaged over flips when the recipe has test-time augmentation."""
+    if settings.recipe.tta:
+        model = FlipTTA(model)
     return forward_batches(model, pipeline, images, settings, device).flatten()
 
 
@@ -139,6 +157,8 @@ def _train_one_epoch(
     settings: LoopSettings,
     device: torch.device,
     desc: str,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: WeightEMA | None = None,
 ) -> tuple[float, float]:
     model.train()
     forward_ctx, dtype = autocast(settings.precision, device), input_dtype(settings.precision)
@@ -151,14 +171,21 @@ def _train_one_epoch(
         idx = order[start : start + settings.batch_size]
         x = pipeline.train_batch(split.images.index_select(0, idx), generator, dtype)
         y = split.labels.index_select(0, idx)
+        target = y
+        if settings.recipe.mixup_alpha > 0:
+            x, target = mixup(x, y, settings.recipe.mixup_alpha, generator)
         with forward_ctx():
             logits = model(x).flatten()
         # Loss in fp32 whatever the forward precision.
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=pos_weight)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update(model)
         # Accumulated on the device: no host sync per step.
         loss_sum += loss.detach() * len(idx)
         correct += ((logits.detach() >= 0).float() == y).sum()
@@ -180,8 +207,10 @@ def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator, d
 
 
 def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+    # METRICS_COLUMNS, then any the recipe adds (the raw weights' validation scores beside an EMA).
+    columns = list(history[0]) if history else METRICS_COLUMNS
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
 
@@ -203,6 +232,11 @@ def fit(
 
     ``checkpoint_model``: the module whose state dict the checkpoints hold, when ``model`` is only
     its trained part (a head on cached features); it must contain ``model``. Default: ``model``.
+
+    With an EMA of the weights (``recipe.ema``), the averaged weights are the ones validated for
+    early stopping, saved in best.pt and so tested; the raw weights' validation loss and accuracy
+    are logged beside them (metrics.csv ``val_loss_raw``, ``val_acc_raw``). last.pt holds the raw
+    weights and the EMA, so that resuming continues both.
     """
     extra_state = extra_state or {}
     saved = model if checkpoint_model is None else checkpoint_model
@@ -214,7 +248,16 @@ def fit(
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, settings.lr, settings.weight_decay, device)
+    recipe = settings.recipe
+    # A pretrained body (of the whole model, even when only a head on cached features trains)
+    # may train at a lower learning rate than the new layers.
+    optimizer = build_optimizer(
+        model, settings.lr, settings.weight_decay, recipe, pretrained_parameters(saved)
+    )
+    scheduler = build_scheduler(
+        optimizer, recipe, math.ceil(len(train) / settings.batch_size), settings.max_epochs
+    )
+    ema = WeightEMA(model, recipe.ema_decay) if recipe.ema else None
     # Loss scaling only matters for fp16; for other precisions the scaler is a pass-through.
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     generator = torch.Generator().manual_seed(settings.seed)
@@ -232,6 +275,13 @@ def fit(
         saved.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        for key, part in (("scheduler", scheduler), ("ema", ema)):
+            if part is not None:
+                if key not in state:
+                    raise SkinclfError(
+                        f"{last_path}: no {key} state to resume; resume with the run's own recipe"
+                    )
+                part.load_state_dict(state[key])
         _set_rng_state(state["rng"], generator, device)
         stopper = EarlyStopping(**state["early_stopping"])
         history = state["history"]
@@ -249,10 +299,19 @@ def fit(
         t0 = time.perf_counter()
         desc = f"epoch {epoch}/{settings.max_epochs}"
         train_loss, train_acc = _train_one_epoch(
-            model, pipeline, train, optimizer, scaler, generator, settings, device, desc
+            model, pipeline, train, optimizer, scaler, generator, settings, device, desc, scheduler, ema
         )
-        val_loss, val_acc, _ = evaluate(model, pipeline, val, settings, device)
-        is_best = stopper.update(epoch, val_acc)
+        common = {"epoch": epoch, "pipeline": pipeline.state_dict(), **extra_state}
+        raw_scores = {}
+        if ema is not None:
+            raw_loss, raw_acc, _ = evaluate(model, pipeline, val, settings, device)
+            raw_scores = {"val_loss_raw": round(raw_loss, 6), "val_acc_raw": round(raw_acc, 6)}
+        # With an EMA, its averaged weights are the ones validated, selected and saved as best.
+        with ema.applied(model) if ema is not None else contextlib.nullcontext():
+            val_loss, val_acc, _ = evaluate(model, pipeline, val, settings, device)
+            is_best = stopper.update(epoch, val_acc)
+            if is_best:
+                save_checkpoint({"model": saved.state_dict(), **common, "val_acc": val_acc}, best_path)
         row = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
@@ -261,19 +320,17 @@ def fit(
             "val_acc": round(val_acc, 6),
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - t0, 3),
+            **raw_scores,
         }
         history.append(row)
-        common = {
-            "model": saved.state_dict(),
-            "epoch": epoch,
-            "pipeline": pipeline.state_dict(),
-            **extra_state,
+        recipe_state = {
+            k: v.state_dict() for k, v in (("scheduler", scheduler), ("ema", ema)) if v is not None
         }
-        if is_best:
-            save_checkpoint({**common, "val_acc": val_acc}, best_path)
         save_checkpoint(
             {
+                "model": saved.state_dict(),
                 **common,
+                **recipe_state,
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": _rng_state(generator, device),
@@ -286,6 +343,7 @@ def fit(
         log.info(
             f"epoch {epoch:>2}/{settings.max_epochs} train_loss {train_loss:.4f} train_acc {train_acc:.4f} "
             f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} ({row['seconds']:.1f}s)"
+            + (f" raw-weights val_acc {raw_scores['val_acc_raw']:.4f}" if raw_scores else "")
             + (" *best*" if is_best else "")
         )
     if stopper.should_stop:
