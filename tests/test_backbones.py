@@ -87,6 +87,7 @@ def test_one_logit_per_image(name):
 @pytest.mark.parametrize("name", BACKBONES)
 def test_trainable_parameters_under_each_freeze_setting(name):
     stages = len(BACKBONES[name][2])
+    assert len(build(name, device="meta").stages()) == stages
     total = expected_backbone_trainable(name, 0)
     for freeze, frozen in [("none", 0), *((str(k), k) for k in range(stages + 1)), ("all", stages)]:
         model = build(name, f"model.freeze={freeze}", device="meta")
@@ -147,6 +148,11 @@ def test_imagenet_weights_come_from_the_torch_hub_cache(name, offline_hub, caplo
     body = {id(p) for p in pretrained_parameters(model)}
     assert body == {id(p) for p in model.parameters()} - {id(p) for p in head.parameters()}
     assert pretrained_parameters(build(name)) == []  # random initialisation: one learning rate
+
+
+def test_bad_freeze_fails_before_any_weight_loading(offline_hub):  # noqa: F811
+    with pytest.raises(SkinclfError, match="^model.freeze=6: expected"):
+        build_model(compose_config(["model=resnet18", "model.freeze=6"]).model)
 
 
 def test_missing_weights_offline_is_the_vgg16_message(offline_hub):  # noqa: F811

@@ -62,10 +62,13 @@ class Backbone(nn.Module):
     weights: ClassVar[tv.WeightsEnum]
     label: ClassVar[str]
     head_path: ClassVar[str]
+    # len(stages()): known before the network exists, so a bad freeze fails before any weight loading.
+    stage_count: ClassVar[int]
 
     def __init__(self, pretrained: bool = True, freeze: Freeze = "none") -> None:
         super().__init__()
         name = type(self).build.__name__
+        self.frozen_stages = frozen_stage_count(freeze, self.stage_count, name)
         if pretrained:
             self.net = load_pretrained(type(self).build, self.weights, self.label)
             log.info(f"{name}: ImageNet {self.weights.name} weights")
@@ -75,9 +78,7 @@ class Backbone(nn.Module):
         old = self.net.get_submodule(self.head_path)
         self.net.set_submodule(self.head_path, nn.Linear(old.in_features, 1))
         self.pretrained = bool(pretrained)
-        stages = self.stages()
-        self.frozen_stages = frozen_stage_count(freeze, len(stages), name)
-        for stage in stages[: self.frozen_stages]:
+        for stage in self.stages()[: self.frozen_stages]:
             for module in stage:
                 module.requires_grad_(False)
 
@@ -116,6 +117,7 @@ class ResNet18(Backbone):
     weights = tv.ResNet18_Weights.IMAGENET1K_V1
     label = "ResNet-18"
     head_path = "fc"
+    stage_count = 5
 
     def stages(self) -> list[list[nn.Module]]:
         n = self.net
@@ -129,6 +131,7 @@ class EfficientNetB0(Backbone):
     weights = tv.EfficientNet_B0_Weights.IMAGENET1K_V1
     label = "EfficientNet-B0"
     head_path = "classifier.1"
+    stage_count = 9
 
     def stages(self) -> list[list[nn.Module]]:
         return [[block] for block in self.net.features]
@@ -141,11 +144,15 @@ class ConvNeXtTiny(Backbone):
     weights = tv.ConvNeXt_Tiny_Weights.IMAGENET1K_V1
     label = "ConvNeXt-Tiny"
     head_path = "classifier.2"
+    stage_count = 5
 
     def stages(self) -> list[list[nn.Module]]:
         f = self.net.features
         # features = stem, stage 1, then (downsample, stage) three times.
         return [[f[0]], [f[1]], [f[2], f[3]], [f[4], f[5]], [f[6], f[7]]]
+
+
+VGG16_BLOCKS = 5
 
 
 def vgg_blocks(features: nn.Sequential) -> list[int]:
@@ -168,10 +175,11 @@ class VGG16FineTune(VGG16Transfer):
         input_preset: str = "appendix",
         freeze: Freeze = 4,
     ) -> None:
+        frozen = frozen_stage_count(freeze, VGG16_BLOCKS, "vgg16_ft")  # before any weight loading
         super().__init__(pretrained=pretrained, dropout=dropout, input_preset=input_preset)
         self.pretrained = bool(pretrained)
         ends = vgg_blocks(self.features)
-        self.frozen_stages = frozen_stage_count(freeze, len(ends), "vgg16_ft")
+        self.frozen_stages = frozen
         self.boundary = ends[self.frozen_stages - 1] if self.frozen_stages else 0
         self.features[self.boundary :].requires_grad_(True)
 

@@ -17,25 +17,28 @@ from torchvision.models import WeightsEnum
 
 from skinclf.errors import SkinclfError
 
+# What model.pretrained=false gives, as the offline message says it.
+RANDOM = "random weights, for tests and offline trials"
+
 
 def weights_path(weights: WeightsEnum) -> Path:
     """Where torchvision keeps (and looks for) the file of ``weights``: the torch hub cache."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
 
 
-def download_hint(builder: str, weights: WeightsEnum, without: str = "random weights") -> str:
+def download_hint(builder: str, weights: WeightsEnum, without: str = RANDOM) -> str:
     """How to get the weight file onto an offline machine, and the offline alternative."""
     path = weights_path(weights)
     return (
         f'on a machine with network run `python -c "import torchvision; '
         f"torchvision.models.{builder}(weights='{weights.name}')\"` (or download {weights.url}) and copy "
         f"{path.name} into {path.parent}/ here; "
-        f"or set model.pretrained=false ({without}, not the paper's setup)"
+        f"or set model.pretrained=false ({without})"
     )
 
 
 def load_pretrained(
-    build: Callable[..., nn.Module], weights: WeightsEnum, label: str, without: str = "random weights"
+    build: Callable[..., nn.Module], weights: WeightsEnum, label: str, without: str = RANDOM
 ) -> nn.Module:
     """``build(weights=weights)``, torchvision's own loading path (download on first use into the
     torch hub cache); a SkinclfError naming the file, its folder and how to get it when impossible.

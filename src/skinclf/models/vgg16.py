@@ -35,7 +35,9 @@ def weights_file() -> Path:
 def imagenet_features() -> nn.Sequential:
     """VGG-16 ``features`` with IMAGENET1K_V1 weights, through torchvision's own loading path
     (the torch hub cache, downloaded on first use); a clear SkinclfError when that is impossible."""
-    return load_pretrained(vgg16, WEIGHTS, "VGG-16", without="random features").features
+    return load_pretrained(
+        vgg16, WEIGHTS, "VGG-16", without="random features, not the paper's setup"
+    ).features
 
 
 class ResizeCrop(nn.Module):
