@@ -33,18 +33,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-PAPER_MODELS = [
-    "baseline",
-    "batch_norm",
-    "group_norm",
-    "layer_norm",
-    "augmented",
-    "resnet",
-    "vgg16",
-    "res_aug",
-]
+from skinclf.models import PAPER_MODELS
+
 BATCH = 64
 
 
@@ -62,11 +53,21 @@ def machine_name() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def _cfg(model: str):
+def _cfg(model: str, overrides: list[str] | None = None):
     from skinclf.config import compose_config
 
-    overrides = [f"model={model}"] + (["model.pretrained=false"] if model.startswith("vgg16") else [])
-    return compose_config(overrides)
+    # No ImageNet weights needed: speed does not depend on the weights' values.
+    pretrained = (
+        ["model.pretrained=false"] if "pretrained" in compose_config([f"model={model}"]).model else []
+    )
+    return compose_config([f"model={model}", *pretrained, *(overrides or [])])
+
+
+def _folder_cfg(model: str, root: Path, cache_dir: Path):
+    """The train config of ``model`` on the JPEG folder dataset, without progress bars."""
+    return _cfg(
+        model, ["data=folder", f"data.root={root}", f"data.cache_dir={cache_dir}", "trainer.progress=never"]
+    )
 
 
 def _median_time(fn, repeats: int, device: torch.device) -> float:
@@ -169,20 +170,7 @@ def skinclf_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int) ->
     from skinclf.training.hardware import resolve_device, resolve_precision
     from skinclf.training.loop import fit
 
-    cfg = _cfg(model_name)
-    OmegaConf.set_struct(cfg, False)
-    cfg.data = OmegaConf.create(
-        {
-            "name": "folder",
-            "loader": "skinclf.data.folder.load_splits",
-            "root": str(root),
-            "batch_size": BATCH,
-            "cache_dir": str(cache_dir),
-            "decode_cache": True,
-            "skip_bad_images": False,
-        }
-    )
-    cfg.trainer.progress = "never"
+    cfg = _folder_cfg(model_name, root, cache_dir)
     device = resolve_device("auto")
     settings = loop_settings(cfg, resolve_precision("auto", device))
     settings.max_epochs = 1
@@ -210,20 +198,7 @@ def vgg_cache_epochs(root: Path, cache_dir: Path, repeats: int) -> dict:
     from skinclf.training.hardware import autocast, input_dtype, resolve_device, resolve_precision
     from skinclf.training.loop import make_optimizer
 
-    cfg = _cfg("vgg16")
-    OmegaConf.set_struct(cfg, False)
-    cfg.data = OmegaConf.create(
-        {
-            "name": "folder",
-            "loader": "skinclf.data.folder.load_splits",
-            "root": str(root),
-            "batch_size": BATCH,
-            "cache_dir": str(cache_dir),
-            "decode_cache": True,
-            "skip_bad_images": False,
-        }
-    )
-    cfg.trainer.progress = "never"
+    cfg = _folder_cfg("vgg16", root, cache_dir)
     device = resolve_device("auto")
     precision = resolve_precision("auto", device)
     settings = loop_settings(cfg, precision)
