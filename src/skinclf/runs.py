@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from skinclf.config import instantiate_config
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model
 from skinclf.train import loop_settings
@@ -130,7 +130,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
         with _quiet_logs():
             model = build_model(_without_pretrained_download(cfg.model))
         model.load_state_dict(state["model"])
-        pipeline = instantiate(cfg.model.pipeline)
+        pipeline = instantiate_config(cfg.model.pipeline)
         pipeline.load_state_dict(state["pipeline"])
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -16,11 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from skinclf.config import instantiate_config
 from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
@@ -28,7 +27,7 @@ from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.evaluation.curves import write_run_curves
 from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.threshold import threshold_for_sensitivity
-from skinclf.io import atomic_write_json
+from skinclf.io import atomic_write_json, atomic_write_text
 from skinclf.models import build_model
 from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
@@ -40,8 +39,6 @@ from skinclf.training.loop import LoopSettings, evaluate, fit
 from skinclf.training.recipe import Recipe
 
 log = logging.getLogger("skinclf")
-
-DISCLAIMER = "skinclf is a research aid, not a diagnostic device."
 
 
 def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
@@ -71,7 +68,7 @@ def prepare_training(
         settings.pos_weight = splits.train.pos_weight()
         log.info(f"class-weighted loss: MEL examples weigh {settings.pos_weight:.3f} (NV/MEL of train)")
     # The model's pipeline, or the recipe's augmentation around it (keeping its normalisation).
-    pipeline = recipe_pipeline(instantiate(cfg.model.pipeline), cfg.recipe.augment)
+    pipeline = recipe_pipeline(instantiate_config(cfg.model.pipeline), cfg.recipe.augment)
     pipeline.fit(splits.train.images)
     model = build_model(cfg.model)
     # A model with a frozen front end (vgg16) trains only its head, on the front end's outputs
@@ -162,7 +159,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             f"specificity {metrics['specificity']:.4f} roc_auc {metrics['roc_auc']:.4f}"
         )
     predictions_table = pd.concat(predictions)
-    predictions_table.to_csv(out_dir / "predictions.csv", index=False)
+    atomic_write_text(predictions_table.to_csv(index=False), out_dir / "predictions.csv")
     write_run_curves(predictions_table, out_dir, threshold, title=f"{cfg.model.name}, {splits.name} data")
     atomic_write_json(metrics, out_dir / "test_metrics.json")
     return metrics
@@ -208,12 +205,8 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         claim_run_dir(out_dir, cfg)
         _run_in_hydra(cfg, out_dir)
-    except (SkinclfError, InstantiationException) as err:
-        # Hydra wraps what a config object's constructor raises (a model's missing weights, say).
-        user_error = err if isinstance(err, SkinclfError) else err.__cause__
-        if not isinstance(user_error, SkinclfError):
-            raise
-        print(f"skinclf train: error: {user_error}", file=sys.stderr)
+    except SkinclfError as err:
+        print(f"skinclf train: error: {err}", file=sys.stderr)
         _remove_unstarted_run(out_dir)
         sys.exit(EXIT_USER_ERROR)
     print(f"output directory: {out_dir}")
