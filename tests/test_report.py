@@ -184,6 +184,15 @@ def test_runs_csv_lists_unfinished_and_failed_runs(sweep, tmp_path):
     assert runs.loc["res_aug", "best_val_acc_pct"] == pytest.approx(80.0)
 
 
+def test_default_group_choice_spelled_out_is_the_same_experiment(tmp_path):
+    root = tmp_path / "outputs"
+    write_run(root, "res_aug", *RES_AUG, seed=0)
+    write_run(root, "res_aug", *RES_AUG, seed=1, overrides=("recipe=paper",))
+    write_run(root, "res_aug", *RES_AUG, seed=2, overrides=("recipe=modern",))
+    settings = sorted(str(run.settings) for run in find_runs([root]))
+    assert settings == ["{'recipe': 'modern'}", "{}", "{}"]
+
+
 def test_grid_search_points_are_not_runs(sweep):
     # A cross-validated grid point never touches the test split: it must not show up as an
     # unfinished run, nor in Table 1.

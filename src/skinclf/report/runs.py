@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
@@ -165,6 +167,13 @@ def _read_history(path: Path) -> pd.DataFrame | None:
     return history.sort_values("epoch").reset_index(drop=True)
 
 
+@cache
+def _default_group_choices() -> dict[str, str]:
+    """The config groups' default choices (recipe: paper, ...), as `skinclf train` composes them."""
+    choices = compose_config([], return_hydra_config=True).hydra.runtime.choices
+    return {str(group): str(choice) for group, choice in choices.items() if choice is not None}
+
+
 def _settings(path: Path) -> dict[str, str]:
     """The run's command-line overrides that define the experiment (see NOT_AN_EXPERIMENT_SETTING)."""
     try:
@@ -177,6 +186,9 @@ def _settings(path: Path) -> dict[str, str]:
     for override in overrides:
         key, _, value = str(override).partition("=")
         key = key.lstrip("+~")
-        if key not in NOT_AN_EXPERIMENT_SETTING and not key.startswith("hydra."):
-            settings[key] = value
+        if key in NOT_AN_EXPERIMENT_SETTING or key.startswith("hydra."):
+            continue
+        if _default_group_choices().get(key) == value:
+            continue  # `recipe=paper` spelled out is the default run, not another setting
+        settings[key] = value
     return settings
