@@ -44,3 +44,22 @@ def test_augmented_models_share_architecture_but_not_pipeline():
         assert a.arch == b.arch
         assert a.pipeline._target_.endswith("DefaultPipeline")
         assert b.pipeline._target_.endswith("AugmentedPipeline")
+
+
+def test_pooling_before_relu_is_exactly_the_papers_conv_relu_pool():
+    # The models pool before rectifying (cheaper); outputs and gradients must be the paper's.
+    torch.manual_seed(0)
+    model = build_model(compose_config(["model=batch_norm"]).model)
+    conv1, norm1, _, _, conv2, norm2, _, _, *head = list(model)
+    relu, pool = torch.nn.ReLU(), torch.nn.MaxPool2d(2)
+    textbook = torch.nn.Sequential(conv1, norm1, relu, pool, conv2, norm2, relu, pool, *head)
+    x = torch.rand(4, 3, 128, 128)
+    outputs, grads = [], []
+    for net in (model, textbook):
+        net.zero_grad()
+        out = net(x)
+        out.sum().backward()
+        outputs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(grads[0], grads[1])

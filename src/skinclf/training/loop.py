@@ -147,7 +147,7 @@ def evaluate(
     return loss, acc, torch.sigmoid(logits).numpy()
 
 
-def _train_one_epoch(
+def train_one_epoch(
     model: nn.Module,
     pipeline: Any,
     split: Split,
@@ -160,6 +160,7 @@ def _train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ema: WeightEMA | None = None,
 ) -> tuple[float, float]:
+    """One pass over ``split`` in shuffled batches: (mean training loss, training accuracy)."""
     model.train()
     forward_ctx, dtype = autocast(settings.precision, device), input_dtype(settings.precision)
     order = torch.randperm(len(split), generator=generator).to(device)
@@ -298,7 +299,7 @@ def fit(
             break
         t0 = time.perf_counter()
         desc = f"epoch {epoch}/{settings.max_epochs}"
-        train_loss, train_acc = _train_one_epoch(
+        train_loss, train_acc = train_one_epoch(
             model, pipeline, train, optimizer, scaler, generator, settings, device, desc, scheduler, ema
         )
         common = {"epoch": epoch, "pipeline": pipeline.state_dict(), **extra_state}
