@@ -99,7 +99,9 @@ class AugmentedPipeline(DefaultPipeline):
     def train_batch(
         self, images: torch.Tensor, generator: torch.Generator, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        x = augment(images.float(), generator, self.p, self.max_rotation, self.crop_scale)
+        # NCHW scratch copy: the warp (grid_sample) is slower on channels-last tensors on CPUs.
+        x = images.to(torch.float32, memory_format=torch.contiguous_format)
+        x = augment(x, generator, self.p, self.max_rotation, self.crop_scale)
         return self.to_input(x, dtype)
 
 
@@ -110,7 +112,8 @@ def augment(
     max_rotation: float,
     crop_scale: tuple[float, float],
 ) -> torch.Tensor:
-    """Flip / rotate / crop a float (N, 3, H, W) batch in 0-255 units, per image at random.
+    """Flip / rotate / crop a float (N, 3, H, W) batch in 0-255 units, per image at random,
+    in place (``x`` is the caller's scratch copy) and returned.
 
     Random numbers are drawn on the CPU ``generator`` in a fixed order, so a batch's
     augmentation depends only on the seed, on any device.
@@ -124,21 +127,20 @@ def augment(
     # The crop window sits anywhere inside the image: offset up to (1 - scale) in [-1, 1] coords.
     offset = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1 - scale).unsqueeze(1)
 
-    device = x.device
-    x = torch.where(flip.to(device).view(n, 1, 1, 1), x.flip(-1), x)
+    # Only the chosen images are touched: full-batch passes cost more than the transforms.
+    flipped = flip.nonzero().flatten().to(x.device)
+    if len(flipped):
+        x.index_copy_(0, flipped, x.index_select(0, flipped).flip(-1))
     warp = (rotate | crop).nonzero().flatten()
     if len(warp):
         cos, sin, s = angle[warp].cos(), angle[warp].sin(), scale[warp]
         theta = torch.zeros(len(warp), 2, 3)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = s * cos, -s * sin, offset[warp, 0]
         theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = s * sin, s * cos, offset[warp, 1]
-        warp = warp.to(device)
+        warp = warp.to(x.device)
         sub = x.index_select(0, warp)
-        grid = F.affine_grid(theta.to(device), list(sub.shape), align_corners=False)
+        grid = F.affine_grid(theta.to(x.device), list(sub.shape), align_corners=False)
         # Pixels rotated in from outside the image are black, as torchvision's RandomRotation(fill=0).
-        x = x.index_copy(
-            0,
-            warp,
-            F.grid_sample(sub, grid, mode="bilinear", padding_mode="zeros", align_corners=False),
-        )
+        warped = F.grid_sample(sub, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x.index_copy_(0, warp, warped)
     return x
