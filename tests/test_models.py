@@ -6,6 +6,7 @@ from torchinfo import summary
 
 from skinclf.config import compose_config
 from skinclf.models import build_model
+from skinclf.models.layers import Dropout, Flatten
 
 # Paper Appendix C: total parameters and torchinfo mult-adds (G) at input (64, 3, 128, 128).
 APPENDIX_C = {
@@ -63,3 +64,31 @@ def test_pooling_before_relu_is_exactly_the_papers_conv_relu_pool():
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     assert torch.equal(outputs[0], outputs[1])
     assert torch.equal(grads[0], grads[1])
+
+
+def test_cpu_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales():
+    torch.manual_seed(0)
+    dropout = Dropout(0.3)
+    x = torch.ones(64, 64, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = dropout(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    assert torch.allclose(out[kept], torch.tensor(1 / 0.7))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # gradient: the same mask and scale
+    # A seeded draw repeats; evaluation is the identity.
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), out)
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_flatten_matches_torch_and_hands_back_a_channels_last_gradient():
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad_out = torch.randn(4, 200)
+    ours, theirs = Flatten()(x), torch.nn.Flatten()(x)
+    assert torch.equal(ours, theirs)
+    (grad_ours,) = torch.autograd.grad(ours, x, grad_out)
+    (grad_theirs,) = torch.autograd.grad(theirs, x, grad_out)
+    assert torch.equal(grad_ours, grad_theirs)
+    assert grad_ours.is_contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,53 @@
+"""Drop-in replacements for torch layers that compute the same function, faster on the CPU.
+
+Both keep torch's class names, so ``skinclf summary`` still prints the paper's layer table.
+"""
+
+import torch
+from torch import nn
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU training mask comes from ``rand_like(x) >= p``.
+
+    torch's CPU ``bernoulli_`` draws one number at a time (about 10 ms for the shallow ResNet's
+    64 x 16,384 activations); ``rand_like`` is vectorised (about 3 ms) and, unlike a mask built
+    with ``torch.rand(shape)``, keeps the input's channels-last layout. Each element is still
+    kept with probability 1 - p and scaled by 1 / (1 - p); the draws come from torch's global
+    generator, so a seeded run is reproducible. CUDA and evaluation use torch's own path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.device.type != "cpu" or not 0 < self.p < 1:
+            return super().forward(x)
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p
+        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+
+
+class _FlattenKeepingGradLayout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        ctx.channels_last = (
+            x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        )
+        return x.flatten(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.reshape(ctx.shape)
+        return grad.contiguous(memory_format=torch.channels_last) if ctx.channels_last else grad
+
+
+class Flatten(nn.Flatten):
+    """``nn.Flatten`` (from dim 1) whose gradient keeps the input's channels-last layout.
+
+    torch's flatten hands back a gradient in the default (NCHW) layout; the layers behind it
+    then mix layouts, and BatchNorm's CPU backward on mixed layouts is several times slower.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(start_dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FlattenKeepingGradLayout.apply(x)
