@@ -5,7 +5,10 @@ Prints a table and writes JSON. For each model:
   * step_fast_s   the same step as skinclf runs it by default (precision=auto, channels-last,
                   fused Adam, input fed in the autocast dtype);
   * epoch_ref_s   one training epoch of a straightforward loop on a folder of JPEGs
-                  (ImageFolder + PIL + ToTensor + DataLoader, fp32, NCHW);
+                  (ImageFolder + PIL + ToTensor + DataLoader, fp32, NCHW), doing the same
+                  per-image work as skinclf's pipeline: the augmented models' flips, rotations
+                  and crops as torchvision PIL transforms with the same probabilities, and
+                  Normalize where the pipeline normalises;
   * train_epoch_skinclf_s  the training pass of skinclf's own loop (`train_one_epoch`, images
                   from the decode cache, batched augmentation) on the same images;
   * epoch_skinclf_s  a whole epoch of `fit`: that pass plus validation and checkpoint writes;
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import platform
 import resource
@@ -136,15 +140,46 @@ def write_jpeg_folder(root: Path, n_train: int, n_val: int) -> None:
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.jpg", quality=95)
 
 
-def reference_epoch(model_name: str, root: Path, repeats: int) -> float:
-    """One epoch of the textbook loop: ImageFolder + PIL + ToTensor + DataLoader, fp32, NCHW."""
+def reference_transform(model_name: str, root: Path, cache_dir: Path):
+    """The textbook torchvision transform doing the per-image work skinclf's pipeline does:
+    PIL augmentation with the same probabilities (augmented models), then normalisation."""
+    from hydra.utils import instantiate
+    from torchvision import transforms
+
+    from skinclf.data import load_splits
+    from skinclf.data.pipeline import AugmentedPipeline, DefaultPipeline
+
+    cfg = _folder_cfg(model_name, root, cache_dir)
+    pipeline = instantiate(cfg.model.pipeline)
+    steps = []
+    if isinstance(pipeline, AugmentedPipeline):
+        lo, hi = pipeline.crop_scale
+        crop = transforms.RandomResizedCrop(128, scale=(lo * lo, hi * hi), ratio=(1.0, 1.0))
+        steps += [
+            transforms.RandomHorizontalFlip(pipeline.p),
+            transforms.RandomApply(
+                [transforms.RandomRotation(math.degrees(pipeline.max_rotation))], pipeline.p
+            ),
+            transforms.RandomApply([crop], pipeline.p),
+        ]
+    steps.append(transforms.ToTensor())
+    if type(pipeline) is not DefaultPipeline:  # the default pipeline only scales to [0, 1]
+        pipeline.fit(load_splits(cfg.data).train.images)
+        steps.append(transforms.Normalize(pipeline.mean.tolist(), pipeline.std.tolist()))
+    return transforms.Compose(steps)
+
+
+def reference_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int) -> float:
+    """One epoch of the textbook loop: ImageFolder + PIL (+ the model's augmentation) + ToTensor
+    (+ Normalize) + DataLoader, fp32, NCHW."""
     from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     from skinclf.models import build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dataset = datasets.ImageFolder(root / "train", transform=transforms.ToTensor())
+    transform = reference_transform(model_name, root, cache_dir)
+    dataset = datasets.ImageFolder(root / "train", transform=transform)
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
     torch.manual_seed(0)
     model = build_model(_cfg(model_name).model).to(device).train()
@@ -260,7 +295,7 @@ def _measure(job: tuple) -> dict:
     model_name, root, cache_dir, repeats, skip_epochs = job
     out = {"model": model_name, **step_times(model_name, repeats)}
     if not skip_epochs:
-        out["epoch_ref_s"] = reference_epoch(model_name, Path(root), max(1, repeats // 2))
+        out["epoch_ref_s"] = reference_epoch(model_name, Path(root), Path(cache_dir), max(1, repeats // 2))
         out.update(skinclf_epoch(model_name, Path(root), Path(cache_dir), max(1, repeats // 2)))
         if model_name == "vgg16":
             out.update(vgg_cache_epochs(Path(root), Path(cache_dir), max(1, repeats // 2)))
