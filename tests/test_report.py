@@ -349,3 +349,17 @@ def test_report_on_two_real_tiny_runs(tmp_path, shared_data_dir):
         metrics = json.loads((tmp_path / run_dir / "test_metrics.json").read_text())
         assert row.best_val_acc_pct_mean == pytest.approx(100 * metrics["best_val_acc"], abs=1e-3)
         assert row.test_acc_pct_mean == pytest.approx(100 * metrics["accuracy"], abs=1e-3)
+
+
+def test_a_swept_boolean_reads_as_typed_and_as_the_same_setting(tmp_path):
+    # Hydra's multirun writes `model.pretrained=false` into overrides.yaml as `False`.
+    write_run(
+        tmp_path, "resnet", [0.7, 0.8], [0.7, 0.8], seed=0, overrides=("optim.lr=0.001", "x.flag=False")
+    )
+    write_run(
+        tmp_path, "resnet", [0.6, 0.7], [0.7, 0.8], seed=1, overrides=("optim.lr=0.001", "x.flag=false")
+    )
+    write_run(tmp_path, "baseline", [0.7, 0.8], [0.7, 0.8], seed=0)
+    (group,) = [g for g in group_runs(find_runs([tmp_path]))["synthetic"] if g.model == "resnet"]
+    assert group.label == "resnet [optim.lr=0.001 x.flag=false]"
+    assert len(group.runs) == 2

@@ -186,6 +186,8 @@ def _settings(path: Path) -> dict[str, str]:
     for override in overrides:
         key, _, value = str(override).partition("=")
         key = key.lstrip("+~")
+        if value in ("True", "False"):  # Hydra's multirun writes a swept `false` back as `False`
+            value = value.lower()
         if key in NOT_AN_EXPERIMENT_SETTING or key.startswith("hydra."):
             continue
         if _default_group_choices().get(key) == value:
