@@ -111,6 +111,9 @@ def test_loop_feeds_the_configured_dtype_and_memory_format(tmp_path, precision, 
     fit(model, DefaultPipeline(), split, split, settings, torch.device("cpu"), tmp_path)
     expected_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     assert all(x.dtype == expected_dtype for x in seen)
+    # Training and evaluation batches alike, in the configured layout (plain NCHW when off).
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert len(seen) > 2 and all(x.is_contiguous(memory_format=layout) for x in seen)
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 

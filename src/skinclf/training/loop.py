@@ -92,6 +92,14 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def memory_format(settings: LoopSettings) -> torch.memory_format:
+    """The layout batches are fed in. Pipelines produce channels-last (the fast path); with
+    ``trainer.channels_last=false`` the loop feeds the default NCHW layout instead, so that the
+    plain path is plain all through (a channels-last input would make convolutions run
+    channels-last even with NCHW weights)."""
+    return torch.channels_last if settings.channels_last else torch.contiguous_format
+
+
 def make_optimizer(
     model: nn.Module, lr: float, weight_decay: float, device: torch.device
 ) -> torch.optim.Optimizer:
@@ -118,8 +126,9 @@ def forward_batches(
     starts = range(0, len(images), settings.eval_batch_size)
     for start in progress(starts, mode=settings.progress if desc else "never", desc=desc, unit="batch"):
         batch = images[start : start + settings.eval_batch_size].to(device, non_blocking=True)
+        x = pipeline.eval_batch(batch, dtype).contiguous(memory_format=memory_format(settings))
         with forward_ctx():
-            out.append(model(pipeline.eval_batch(batch, dtype)).to(out_dtype).cpu())
+            out.append(model(x).to(out_dtype).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=out_dtype)
 
 
@@ -163,6 +172,7 @@ def train_one_epoch(
     """One pass over ``split`` in shuffled batches: (mean training loss, training accuracy)."""
     model.train()
     forward_ctx, dtype = autocast(settings.precision, device), input_dtype(settings.precision)
+    layout = memory_format(settings)
     order = torch.randperm(len(split), generator=generator).to(device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -171,6 +181,7 @@ def train_one_epoch(
     for start in progress(starts, mode=settings.progress, desc=desc, unit="batch"):
         idx = order[start : start + settings.batch_size]
         x = pipeline.train_batch(split.images.index_select(0, idx), generator, dtype)
+        x = x.contiguous(memory_format=layout)
         y = split.labels.index_select(0, idx)
         target = y
         if settings.recipe.mixup_alpha > 0:
