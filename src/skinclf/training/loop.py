@@ -122,11 +122,12 @@ def forward_batches(
     no augmentation; a progress bar when ``desc`` is given."""
     model.eval()
     forward_ctx, dtype = autocast(settings.precision, device), input_dtype(settings.precision)
+    layout = memory_format(settings)
     out = []
     starts = range(0, len(images), settings.eval_batch_size)
     for start in progress(starts, mode=settings.progress if desc else "never", desc=desc, unit="batch"):
         batch = images[start : start + settings.eval_batch_size].to(device, non_blocking=True)
-        x = pipeline.eval_batch(batch, dtype).contiguous(memory_format=memory_format(settings))
+        x = pipeline.eval_batch(batch, dtype).contiguous(memory_format=layout)
         with forward_ctx():
             out.append(model(x).to(out_dtype).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=out_dtype)
