@@ -6,7 +6,7 @@ from torchinfo import summary
 
 from skinclf.config import compose_config
 from skinclf.models import build_model
-from skinclf.models.layers import Dropout, Flatten
+from skinclf.models.layers import Dropout, Flatten, LayerNorm
 
 # Paper Appendix C: total parameters and torchinfo mult-adds (G) at input (64, 3, 128, 128).
 APPENDIX_C = {
@@ -92,3 +92,23 @@ def test_flatten_matches_torch_and_hands_back_a_channels_last_gradient():
     (grad_theirs,) = torch.autograd.grad(theirs, x, grad_out)
     assert torch.equal(grad_ours, grad_theirs)
     assert grad_ours.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_layer_norm_matches_torch_and_keeps_channels_last():
+    torch.manual_seed(0)
+    ours, theirs = LayerNorm([8, 6, 6]), torch.nn.LayerNorm([8, 6, 6])
+    with torch.no_grad():  # distinct per-element weights, so a wrong permutation shows
+        theirs.weight.copy_(torch.randn(8, 6, 6))
+        theirs.bias.copy_(torch.randn(8, 6, 6))
+    ours.load_state_dict(theirs.state_dict())
+    x = (torch.randn(4, 8, 6, 6) * 3 + 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad_out = torch.randn(4, 8, 6, 6)
+    out_ours, out_theirs = ours(x), theirs(x)
+    assert out_ours.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out_ours, out_theirs, atol=1e-5)
+    grads_ours = torch.autograd.grad(out_ours, (x, ours.weight, ours.bias), grad_out)
+    grads_theirs = torch.autograd.grad(out_theirs, (x, theirs.weight, theirs.bias), grad_out)
+    for a, b in zip(grads_ours, grads_theirs, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    # An NCHW input takes torch's own path.
+    assert torch.equal(ours(x.detach().contiguous()), theirs(x.detach().contiguous()))

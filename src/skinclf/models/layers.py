@@ -1,9 +1,10 @@
 """Drop-in replacements for torch layers that compute the same function, faster on the CPU.
 
-Both keep torch's class names, so ``skinclf summary`` still prints the paper's layer table.
+All keep torch's class names, so ``skinclf summary`` still prints the paper's layer table.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,9 +29,7 @@ class _FlattenKeepingGradLayout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.shape = x.shape
-        ctx.channels_last = (
-            x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        )
+        ctx.channels_last = _is_channels_last(x)
         return x.flatten(1)
 
     @staticmethod
@@ -51,3 +50,28 @@ class Flatten(nn.Flatten):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _FlattenKeepingGradLayout.apply(x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over (C, H, W) that keeps a channels-last input channels-last.
+
+    torch normalises the trailing dims of the logical NCHW shape, so a channels-last input is
+    first copied to NCHW, and the max-pool, ReLU and next conv after it then run on NCHW, several
+    times slower (layer_norm's training step: about 0.55 s -> 0.30 s at batch 64 on the CI CPU).
+    The statistics are per image over all C*H*W elements, the same set in either layout, so this
+    normalises the NHWC view with the weight and bias permuted to match: the same function and
+    the same (C, H, W) parameters, no layout copy. Other inputs take torch's own path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.normalized_shape) != 3 or not _is_channels_last(x) or not self.elementwise_affine:
+            return super().forward(x)
+        nhwc = x.permute(0, 2, 3, 1)  # a contiguous view: no copy
+        weight = self.weight.permute(1, 2, 0).contiguous()
+        bias = self.bias.permute(1, 2, 0).contiguous() if self.bias is not None else None
+        return F.layer_norm(nhwc, nhwc.shape[1:], weight, bias, self.eps).permute(0, 3, 1, 2)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor stored NHWC (and not also NCHW-contiguous, as 1x1 images are)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)

@@ -5,6 +5,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from skinclf.models.layers import LayerNorm
+
 Norm = Literal["none", "batch", "group", "layer"]
 
 IMAGE_SIZE = 128
@@ -21,7 +23,8 @@ def _norm_layer(norm: Norm, channels: int, spatial: int) -> nn.Module | None:
     if norm == "layer":
         # Over (C, H, W) with an affine weight per element: this is what makes layer_norm the
         # paper's largest from-scratch model (9,981,121 parameters).
-        return nn.LayerNorm([channels, spatial, spatial])
+        # skinclf's LayerNorm: torch's function, without a layout copy (see layers.py).
+        return LayerNorm([channels, spatial, spatial])
     raise ValueError(f"model.arch.norm={norm!r}: expected one of none, batch, group, layer")
 
 
