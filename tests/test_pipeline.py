@@ -118,7 +118,16 @@ def test_loop_feeds_the_configured_dtype_and_memory_format(tmp_path, precision, 
 
 
 # No dropout here: its random mask is drawn differently for bf16 and fp32 activations.
-@pytest.mark.parametrize("make_model", [SimpleCNN, lambda: ShallowResNet(dropout=0.0)])
+@pytest.mark.parametrize(
+    "make_model",
+    [
+        SimpleCNN,
+        lambda: SimpleCNN(norm="group"),
+        lambda: SimpleCNN(norm="layer"),
+        lambda: ShallowResNet(dropout=0.0),
+    ],
+    ids=["baseline", "group_norm", "layer_norm", "resnet"],
+)
 def test_fast_path_matches_fp32_within_bf16_tolerance(make_model):
     torch.manual_seed(0)
     reference = make_model().train()
