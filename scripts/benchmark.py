@@ -3,7 +3,9 @@
 Prints a table and writes JSON. For each model:
   * step_fp32_s   one training step (forward, backward, Adam) at batch 64, fp32, NCHW;
   * step_fast_s   the same step as skinclf runs it by default (precision=auto, channels-last,
-                  fused Adam, input fed in the autocast dtype);
+                  fused Adam, input fed in the autocast dtype, freed memory kept for reuse);
+  * step_fast_default_malloc_s  ("not kept") that step with glibc's default allocator, which
+                  page-faults each step's activations in afresh (trainer.keep_freed_memory=false);
   * epoch_ref_s   one training epoch of a straightforward loop on a folder of JPEGs
                   (ImageFolder + PIL + ToTensor + DataLoader, fp32, NCHW), doing the same
                   per-image work as skinclf's pipeline: the augmented models' flips, rotations
@@ -14,14 +16,16 @@ Prints a table and writes JSON. For each model:
   * epoch_skinclf_s  a whole epoch of `fit`: that pass plus validation and checkpoint writes;
   * overhead      train_epoch_skinclf_s / (batches x step_fast_s) - 1: what the loop adds to
                   the pure steps (batching, augmentation, normalisation, bookkeeping);
-  * peak_rss_mb / peak_cuda_mb  peak memory of that model's measurement process.
+  * peak_rss_mb / peak_cuda_mb  peak memory of skinclf's measurement process for that model.
 and, for vgg16, the head's epoch time on cached features vs running the frozen extractor.
 
     python scripts/benchmark.py                        # all models, 1024 training images
     python scripts/benchmark.py --models baseline res_aug --images 1024 --repeats 5
 
-Medians over --repeats after one warm-up. Every measurement runs in its own process, so peak
-memory is per model. Run it on an otherwise idle machine.
+Medians over --repeats after one warm-up. The plain-PyTorch side, skinclf's side and the
+"not kept" step each run in their own process per model, so allocator settings never leak
+from one to the other; peak memory is that of skinclf's process. Run it on an otherwise idle
+machine.
 """
 
 from __future__ import annotations
@@ -90,40 +94,37 @@ def _median_time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def step_times(model_name: str, repeats: int) -> dict:
-    """Median training-step time at batch 64, plain fp32/NCHW vs skinclf's default fast path."""
+def step_time(model_name: str, variant: str, repeats: int) -> float:
+    """Median training-step time at batch 64: ``fp32`` is plain fp32/NCHW with torch's Adam,
+    ``fast`` skinclf's default path (precision=auto, channels-last, fused Adam, input fed in the
+    autocast dtype)."""
     from skinclf.models import build_model
     from skinclf.training.hardware import autocast, input_dtype, resolve_device, resolve_precision
     from skinclf.training.loop import make_optimizer
 
     device = resolve_device("auto")
-    fast_precision = resolve_precision("auto", device)
-    cfg = _cfg(model_name)
-    x = torch.rand(BATCH, 3, 128, 128, device=device)
+    precision = "fp32" if variant == "fp32" else resolve_precision("auto", device)
+    x = torch.rand(BATCH, 3, 128, 128, device=device).to(input_dtype(precision))
     y = torch.randint(0, 2, (BATCH,), device=device).float()
-    result = {"precision": fast_precision}
-    for label, precision, channels_last in (("fp32", "fp32", False), ("fast", fast_precision, True)):
-        torch.manual_seed(0)
-        model = build_model(cfg.model).to(device).train()
-        inputs = x.to(input_dtype(precision))
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-            optimizer = make_optimizer(model, 1e-4, 0.0, device)
-        else:
-            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        forward_ctx = autocast(precision, device)
+    torch.manual_seed(0)
+    model = build_model(_cfg(model_name).model).to(device).train()
+    if variant == "fp32":
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    else:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, 1e-4, 0.0, device)
+    forward_ctx = autocast(precision, device)
 
-        def step(model=model, inputs=inputs, optimizer=optimizer, forward_ctx=forward_ctx):
-            with forward_ctx():
-                logits = model(inputs).flatten()
-            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    def step():
+        with forward_ctx():
+            logits = model(x).flatten()
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
-        result[f"step_{label}_s"] = _median_time(step, repeats, device)
-    return result
+    return _median_time(step, repeats, device)
 
 
 def write_jpeg_folder(root: Path, n_train: int, n_val: int) -> None:
@@ -291,14 +292,35 @@ def _peak_memory() -> dict:
 
 
 def _measure(job: tuple) -> dict:
-    """One model's measurements, in a fresh process (so its peak memory is its own)."""
-    model_name, root, cache_dir, repeats, skip_epochs = job
-    out = {"model": model_name, **step_times(model_name, repeats)}
+    """One side of one model's measurements, in a fresh process (so that its peak memory and its
+    allocator settings are its own).
+
+    ``reference``: plain PyTorch as a user would write it (fp32 step, reference epoch), glibc's
+    default allocator. ``skinclf``: skinclf's defaults, freed memory kept as ``skinclf train``
+    keeps it (trainer.keep_freed_memory). ``skinclf_default_malloc``: the fast step alone with
+    glibc's default allocator, to show what keeping freed memory is worth.
+    """
+    side, model_name, root, cache_dir, repeats, skip_epochs = job
+    epoch_repeats = max(1, repeats // 2)
+    if side == "reference":
+        out = {"step_fp32_s": step_time(model_name, "fp32", repeats)}
+        if not skip_epochs:
+            out["epoch_ref_s"] = reference_epoch(model_name, Path(root), Path(cache_dir), epoch_repeats)
+        return out
+    if side == "skinclf_default_malloc":
+        return {"step_fast_default_malloc_s": step_time(model_name, "fast", repeats)}
+    from skinclf.training.allocator import keep_freed_memory
+    from skinclf.training.hardware import resolve_device, resolve_precision
+
+    out = {
+        "precision": resolve_precision("auto", resolve_device("auto")),
+        "kept_freed_memory": keep_freed_memory(),
+        "step_fast_s": step_time(model_name, "fast", repeats),
+    }
     if not skip_epochs:
-        out["epoch_ref_s"] = reference_epoch(model_name, Path(root), Path(cache_dir), max(1, repeats // 2))
-        out.update(skinclf_epoch(model_name, Path(root), Path(cache_dir), max(1, repeats // 2)))
+        out.update(skinclf_epoch(model_name, Path(root), Path(cache_dir), epoch_repeats))
         if model_name == "vgg16":
-            out.update(vgg_cache_epochs(Path(root), Path(cache_dir), max(1, repeats // 2)))
+            out.update(vgg_cache_epochs(Path(root), Path(cache_dir), epoch_repeats))
     return {**out, **_peak_memory()}
 
 
@@ -317,13 +339,17 @@ def main() -> None:
         root, cache_dir = Path(tmp) / "jpegs", Path(tmp) / "cache"
         if not args.steps_only:
             write_jpeg_folder(root, args.images, 256)
-        jobs = [(m, str(root), str(cache_dir), args.repeats, args.steps_only) for m in args.models]
         context = mp.get_context("spawn")
         rows = []
-        for job in jobs:
-            with context.Pool(1) as pool:
-                rows.append(pool.apply(_measure, (job,)))
-            print(f"measured {job[0]}", flush=True)
+        for model in args.models:
+            row = {"model": model}
+            # skinclf first: its process decodes the JPEGs into the cache both loops then read.
+            for side in ("skinclf", "skinclf_default_malloc", "reference"):
+                job = (side, model, str(root), str(cache_dir), args.repeats, args.steps_only)
+                with context.Pool(1) as pool:
+                    row.update(pool.apply(_measure, (job,)))
+            rows.append(row)
+            print(f"measured {model}", flush=True)
 
     batches = -(-args.images // BATCH)
     print(
@@ -331,7 +357,7 @@ def main() -> None:
         f"({batches} batches of {BATCH}), median of {args.repeats} steps"
     )
     header = (
-        f"{'model':<11} {'prec':>5} {'step fp32':>10} {'step fast':>10} {'speed-up':>8} "
+        f"{'model':<11} {'prec':>5} {'step fp32':>10} {'step fast':>10} {'speed-up':>8} {'not kept':>9} "
         f"{'epoch ref':>10} {'train skinclf':>13} {'speed-up':>8} {'overhead':>8} {'fit epoch':>10} "
         f"{'peak MB':>8}"
     )
@@ -340,7 +366,7 @@ def main() -> None:
     for r in rows:
         line = (
             f"{r['model']:<11} {r['precision']:>5} {r['step_fp32_s']:>9.3f}s {r['step_fast_s']:>9.3f}s "
-            f"{r['step_fp32_s'] / r['step_fast_s']:>7.2f}x"
+            f"{r['step_fp32_s'] / r['step_fast_s']:>7.2f}x {r['step_fast_default_malloc_s']:>8.3f}s"
         )
         if "epoch_ref_s" in r:
             r["overhead"] = r["train_epoch_skinclf_s"] / (batches * r["step_fast_s"]) - 1

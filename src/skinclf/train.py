@@ -33,6 +33,7 @@ from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
 from skinclf.sweep.jobs import RUN_CONFIG, claim_run_dir, run_sweep_job
 from skinclf.sweep.summary import SweepSummary
+from skinclf.training.allocator import keep_freed_memory
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import LoopSettings, evaluate, fit
@@ -175,13 +176,16 @@ def task(cfg: DictConfig, out_dir: Path) -> dict:
 
 def _run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     """``task`` with this job's share of the hardware: torch threads divided between parallel
-    jobs (trainer.num_threads), and sweep jobs spread over the GPUs when device=auto."""
+    jobs (trainer.num_threads), sweep jobs spread over the GPUs when device=auto, and freed
+    memory kept for reuse (trainer.keep_freed_memory)."""
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     launcher = hydra_cfg.launcher if multirun else None
     threads = resources.threads_per_job(cfg.trainer.num_threads, launcher, resources.available_cores())
     if threads is not None:
         torch.set_num_threads(threads)
+    if cfg.trainer.keep_freed_memory:
+        keep_freed_memory()
     if multirun and torch.cuda.is_available():
         cfg.device = resources.spread_device(str(cfg.device), hydra_cfg.job.num, torch.cuda.device_count())
     return task(cfg, out_dir)

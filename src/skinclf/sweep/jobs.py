@@ -32,7 +32,7 @@ LAUNCH_FILE = ".skinclf_launch"
 # What a finished job has written last: run() the test metrics, cross_validate() its CV result.
 RESULT_FILES = ("test_metrics.json", CV_RESULT)
 # Keys that do not change what a run computes, so a resume may change them.
-VOLATILE_KEYS = ("resume", "device", "trainer.progress", "trainer.num_threads")
+VOLATILE_KEYS = ("resume", "device", "trainer.progress", "trainer.num_threads", "trainer.keep_freed_memory")
 
 
 def comparable_config(cfg: DictConfig) -> dict[str, Any]:
