@@ -8,6 +8,7 @@ the uint8 -> float conversion (one multiply-add per pixel).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +33,19 @@ class DefaultPipeline:
         self.mean, self.std = state["mean"].float(), state["std"].float()
 
     def to_input(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> normalised float ``dtype``: (x / 255 - mean) / std in one pass."""
-        scale = (1.0 / (255.0 * self.std)).to(images.device, dtype).view(1, 3, 1, 1)
-        shift = (-self.mean / self.std).to(images.device, dtype).view(1, 3, 1, 1)
+        """(N, 3, H, W) in 0-255 units (uint8 or float) -> normalised channels-last ``dtype``:
+        (x / 255 - mean) / std in one pass, into a new tensor."""
+        n, c, h, w = images.shape
         # Cast first, then one fused multiply-add in the target dtype: bf16 input goes straight
         # to the model without a later fp32 -> bf16 cast (0..255 integers are exact in bf16).
+        # Cast and relayout as two passes: torch's fused cast-and-relayout is slower than both.
         x = images.to(dtype).contiguous(memory_format=torch.channels_last)
-        return torch.addcmul(shift, x, scale)
+        # The multiply-add runs on (N*H, W*C) rows with the per-channel constants tiled along a
+        # row: broadcasting them over a channels-last tensor's 3-element inner dim is ~4x slower.
+        rows = x.permute(0, 2, 3, 1).view(n * h, w * c)
+        scale = (1.0 / (255.0 * self.std)).to(images.device, dtype).repeat(w)
+        shift = (-self.mean / self.std).to(images.device, dtype).repeat(w)
+        return torch.addcmul(shift, rows, scale).view(n, h, w, c).permute(0, 3, 1, 2)
 
     def train_batch(
         self, images: torch.Tensor, generator: torch.Generator, dtype: torch.dtype = torch.float32
@@ -78,8 +85,8 @@ class AugmentedPipeline(DefaultPipeline):
     """The paper's augmented dataset.
 
     Training images: horizontal flip, rotation and crop, each applied independently with
-    probability ``p`` per image. All splits: normalised with the training split's mean/std.
-    Rotation and crop are one affine warp (``grid_sample``) of just the images that need it.
+    probability ``p`` per image (see :func:`augment`). All splits: normalised with the training
+    split's mean/std. Rotation and crop are one affine warp (``grid_sample``).
     """
 
     def __init__(
@@ -99,48 +106,70 @@ class AugmentedPipeline(DefaultPipeline):
     def train_batch(
         self, images: torch.Tensor, generator: torch.Generator, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        # NCHW scratch copy: the warp (grid_sample) is slower on channels-last tensors on CPUs.
-        x = images.to(torch.float32, memory_format=torch.contiguous_format)
-        x = augment(x, generator, self.p, self.max_rotation, self.crop_scale)
-        return self.to_input(x, dtype)
+        return augment(images, generator, self, dtype)
 
 
 def augment(
-    x: torch.Tensor,
-    generator: torch.Generator,
-    p: float,
-    max_rotation: float,
-    crop_scale: tuple[float, float],
+    images: torch.Tensor, generator: torch.Generator, pipeline: AugmentedPipeline, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Flip / rotate / crop a float (N, 3, H, W) batch in 0-255 units, per image at random,
-    in place (``x`` is the caller's scratch copy) and returned.
+    """Flip / rotate / crop a uint8 (N, 3, H, W) batch per image at random, normalised into a new
+    channels-last ``dtype`` tensor (``images`` is left as it is).
 
     Random numbers are drawn on the CPU ``generator`` in a fixed order, so a batch's
-    augmentation depends only on the seed, on any device.
+    augmentation depends only on the seed, on any device. Only the chosen images are touched,
+    and only with fast contiguous passes (torch's index_copy_ and per-image masks cost more
+    than the transforms): the batch is gathered in the order plain, flipped, flipped-and-warped,
+    warped, so that each transform runs on one slice, and put back in order at the end.
     """
-    n = x.shape[0]
+    n, _, height, width = images.shape
     draws = torch.rand(n, 5, generator=generator)
-    flip, rotate, crop = draws[:, 0] < p, draws[:, 1] < p, draws[:, 2] < p
-    angle = (draws[:, 3] * 2 - 1) * max_rotation * rotate
-    lo, hi = crop_scale
+    flip, rotate, crop = draws[:, 0] < pipeline.p, draws[:, 1] < pipeline.p, draws[:, 2] < pipeline.p
+    angle = (draws[:, 3] * 2 - 1) * pipeline.max_rotation * rotate
+    lo, hi = pipeline.crop_scale
     scale = torch.where(crop, lo + (hi - lo) * draws[:, 4], torch.ones(n))
     # The crop window sits anywhere inside the image: offset up to (1 - scale) in [-1, 1] coords.
     offset = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1 - scale).unsqueeze(1)
 
-    # Only the chosen images are touched: full-batch passes cost more than the transforms.
-    flipped = flip.nonzero().flatten().to(x.device)
-    if len(flipped):
-        x.index_copy_(0, flipped, x.index_select(0, flipped).flip(-1))
-    warp = (rotate | crop).nonzero().flatten()
-    if len(warp):
-        cos, sin, s = angle[warp].cos(), angle[warp].sin(), scale[warp]
-        theta = torch.zeros(len(warp), 2, 3)
-        theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = s * cos, -s * sin, offset[warp, 0]
-        theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = s * sin, s * cos, offset[warp, 1]
-        warp = warp.to(x.device)
-        sub = x.index_select(0, warp)
-        grid = F.affine_grid(theta.to(x.device), list(sub.shape), align_corners=False)
+    warp = rotate | crop
+    groups = [(~flip & ~warp), (flip & ~warp), (flip & warp), (~flip & warp)]
+    order = torch.cat([group.nonzero().flatten() for group in groups])
+    n_plain, n_flip, n_flip_warp = (int(group.sum()) for group in groups[:3])
+    # One gather of NHWC rows (a contiguous copy) in that order, then a flip and a warp of slices.
+    nhwc = images.permute(0, 2, 3, 1).contiguous().index_select(0, order.to(images.device))
+    flips = slice(n_plain, n_plain + n_flip + n_flip_warp)
+    nhwc[flips] = nhwc[flips].flip(2)
+    parts = [pipeline.to_input(nhwc[: n_plain + n_flip].permute(0, 3, 1, 2), dtype)]
+    warped = order[n_plain + n_flip :]
+    if len(warped):
+        cos, sin, s = angle[warped].cos(), angle[warped].sin(), scale[warped]
+        theta = torch.zeros(len(warped), 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = s * cos, -s * sin, offset[warped, 0]
+        theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = s * sin, s * cos, offset[warped, 1]
+        # NCHW float32: the warp (grid_sample) is slower on channels-last tensors on CPUs.
+        sub = (
+            nhwc[n_plain + n_flip :]
+            .permute(0, 3, 1, 2)
+            .to(torch.float32, memory_format=torch.contiguous_format)
+        )
+        grid = _affine_grid(theta.to(sub.device), height, width)
         # Pixels rotated in from outside the image are black, as torchvision's RandomRotation(fill=0).
-        warped = F.grid_sample(sub, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        x.index_copy_(0, warp, warped)
-    return x
+        sub = F.grid_sample(sub, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        parts.append(pipeline.to_input(sub, dtype))
+    # Back in batch order: row i of the result is image order^-1[i] of the gathered ones.
+    out = torch.cat([part.permute(0, 2, 3, 1) for part in parts])
+    return out.index_select(0, torch.argsort(order).to(out.device)).permute(0, 3, 1, 2)
+
+
+@lru_cache(maxsize=8)
+def _identity_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """``F.affine_grid``'s base grid, (1, H*W, 3) rows of (x, y, 1): built once per size."""
+    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], device=device)
+    xy = F.affine_grid(identity, [1, 1, height, width], align_corners=False)
+    return torch.cat([xy, torch.ones_like(xy[..., :1])], dim=-1).view(1, height * width, 3)
+
+
+def _affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (N, C, H, W), align_corners=False)`` with the same numbers, without
+    rebuilding the base grid for every batch (it cost as much as the warp itself)."""
+    base = _identity_grid(height, width, theta.device)
+    return base.expand(len(theta), -1, -1).bmm(theta.transpose(1, 2)).view(len(theta), height, width, 2)

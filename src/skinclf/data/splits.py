@@ -38,6 +38,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def images_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """The images at positions ``idx``, channels-last like ``images``.
+
+        ``index_select`` on a channels-last tensor hands back NCHW, and every later pass over
+        the batch (augmentation, normalisation) would then pay for a relayout.
+        """
+        return self.images.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+
     def class_counts(self) -> dict[str, int]:
         n_mel = int(self.labels.sum().item())
         return {"NV": len(self) - n_mel, "MEL": n_mel}

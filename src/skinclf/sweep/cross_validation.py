@@ -46,7 +46,7 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.nda
 def subset(split: Split, indices: np.ndarray) -> Split:
     """The images of ``split`` at ``indices``, as a Split of their own."""
     idx = torch.as_tensor(indices, dtype=torch.long)
-    return Split(split.images.index_select(0, idx), split.labels.index_select(0, idx))
+    return Split(split.images_at(idx), split.labels.index_select(0, idx))
 
 
 def _fit_fold(

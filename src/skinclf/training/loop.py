@@ -181,7 +181,7 @@ def train_one_epoch(
     starts = range(0, len(split), settings.batch_size)
     for start in progress(starts, mode=settings.progress, desc=desc, unit="batch"):
         idx = order[start : start + settings.batch_size]
-        x = pipeline.train_batch(split.images.index_select(0, idx), generator, dtype)
+        x = pipeline.train_batch(split.images_at(idx), generator, dtype)
         x = x.contiguous(memory_format=layout)
         y = split.labels.index_select(0, idx)
         target = y
