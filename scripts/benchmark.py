@@ -356,6 +356,8 @@ def main() -> None:
         f"\nmachine: {machine_name()}; torch {torch.__version__}; {args.images} training images "
         f"({batches} batches of {BATCH}), median of {args.repeats} steps"
     )
+    if not all(r["kept_freed_memory"] for r in rows):
+        print("freed memory NOT kept here (not glibc): 'not kept' measures the same as 'step fast'")
     header = (
         f"{'model':<11} {'prec':>5} {'step fp32':>10} {'step fast':>10} {'speed-up':>8} {'not kept':>9} "
         f"{'epoch ref':>10} {'train skinclf':>13} {'speed-up':>8} {'overhead':>8} {'fit epoch':>10} "

@@ -116,9 +116,9 @@ def augment(
     channels-last ``dtype`` tensor (``images`` is left as it is).
 
     Random numbers are drawn on the CPU ``generator`` in a fixed order, so a batch's
-    augmentation depends only on the seed, on any device. Only the chosen images are touched,
-    and only with fast contiguous passes (torch's index_copy_ and per-image masks cost more
-    than the transforms): the batch is gathered in the order plain, flipped, flipped-and-warped,
+    augmentation depends only on the seed, on any device. Flips and warps run on just the
+    chosen images, as contiguous slices (torch's index_copy_ and per-image masks cost more than
+    the transforms): the batch is gathered in the order plain, flipped, flipped-and-warped,
     warped, so that each transform runs on one slice, and put back in order at the end.
     """
     n, _, height, width = images.shape
@@ -135,7 +135,7 @@ def augment(
     order = torch.cat([group.nonzero().flatten() for group in groups])
     n_plain, n_flip, n_flip_warp = (int(group.sum()) for group in groups[:3])
     # One gather of NHWC rows (a contiguous copy) in that order, then a flip and a warp of slices.
-    nhwc = images.permute(0, 2, 3, 1).contiguous().index_select(0, order.to(images.device))
+    nhwc = images.permute(0, 2, 3, 1).index_select(0, order.to(images.device))
     flips = slice(n_plain, n_plain + n_flip + n_flip_warp)
     nhwc[flips] = nhwc[flips].flip(2)
     parts = [pipeline.to_input(nhwc[: n_plain + n_flip].permute(0, 3, 1, 2), dtype)]
