@@ -144,14 +144,11 @@ def write_jpeg_folder(root: Path, n_train: int, n_val: int) -> None:
 def reference_transform(model_name: str, root: Path, cache_dir: Path):
     """The textbook torchvision transform doing the per-image work skinclf's pipeline does:
     PIL augmentation with the same probabilities (augmented models), then normalisation."""
-    from hydra.utils import instantiate
     from torchvision import transforms
 
-    from skinclf.data import load_splits
     from skinclf.data.pipeline import AugmentedPipeline, DefaultPipeline
 
-    cfg = _folder_cfg(model_name, root, cache_dir)
-    pipeline = instantiate(cfg.model.pipeline)
+    pipeline = _folder_run(model_name, root, cache_dir)[-1]  # fitted: its mean/std are known
     steps = []
     if isinstance(pipeline, AugmentedPipeline):
         lo, hi = pipeline.crop_scale
@@ -165,7 +162,6 @@ def reference_transform(model_name: str, root: Path, cache_dir: Path):
         ]
     steps.append(transforms.ToTensor())
     if type(pipeline) is not DefaultPipeline:  # the default pipeline only scales to [0, 1]
-        pipeline.fit(load_splits(cfg.data).train.images)
         steps.append(transforms.Normalize(pipeline.mean.tolist(), pipeline.std.tolist()))
     return transforms.Compose(steps)
 
@@ -198,24 +194,31 @@ def reference_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int) 
     return _median_time(epoch, repeats, device)
 
 
-def skinclf_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int) -> dict:
-    """skinclf's own loop on the same images, read from the decode cache: the training pass alone
-    (``train_one_epoch``) and a whole epoch of ``fit`` (plus validation and checkpoint writes)."""
-    from hydra.utils import instantiate
-
+def _folder_run(model_name: str, root: Path, cache_dir: Path):
+    """What `skinclf train` sets up for ``model_name`` on the JPEG folder, before its loop:
+    (config, device, loop settings, decoded splits, fitted pipeline)."""
+    from skinclf.config import instantiate_config
     from skinclf.data import load_splits
-    from skinclf.models import build_model
     from skinclf.train import loop_settings
     from skinclf.training.hardware import resolve_device, resolve_precision
-    from skinclf.training.loop import fit, make_optimizer, train_one_epoch
 
     cfg = _folder_cfg(model_name, root, cache_dir)
     device = resolve_device("auto")
     settings = loop_settings(cfg, resolve_precision("auto", device))
-    settings.max_epochs = 1
     splits = load_splits(cfg.data)  # decodes once into the cache; timed runs read memory only
-    pipeline = instantiate(cfg.model.pipeline)
+    pipeline = instantiate_config(cfg.model.pipeline)
     pipeline.fit(splits.train.images)
+    return cfg, device, settings, splits, pipeline
+
+
+def skinclf_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int) -> dict:
+    """skinclf's own loop on the same images, read from the decode cache: the training pass alone
+    (``train_one_epoch``) and a whole epoch of ``fit`` (plus validation and checkpoint writes)."""
+    from skinclf.models import build_model
+    from skinclf.training.loop import fit, make_optimizer, train_one_epoch
+
+    cfg, device, settings, splits, pipeline = _folder_run(model_name, root, cache_dir)
+    settings.max_epochs = 1
 
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
@@ -240,22 +243,13 @@ def skinclf_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int) ->
 
 def vgg_cache_epochs(root: Path, cache_dir: Path, repeats: int) -> dict:
     """vgg16 head epoch on cached feature maps vs an epoch that runs the frozen extractor too."""
-    from hydra.utils import instantiate
-
-    from skinclf.data import load_splits
     from skinclf.data.features import training_stage
     from skinclf.models import build_model
-    from skinclf.train import loop_settings
-    from skinclf.training.hardware import autocast, input_dtype, resolve_device, resolve_precision
+    from skinclf.training.hardware import autocast, input_dtype
     from skinclf.training.loop import make_optimizer
 
-    cfg = _folder_cfg("vgg16", root, cache_dir)
-    device = resolve_device("auto")
-    precision = resolve_precision("auto", device)
-    settings = loop_settings(cfg, precision)
-    splits = load_splits(cfg.data)
-    pipeline = instantiate(cfg.model.pipeline)
-    pipeline.fit(splits.train.images)
+    cfg, device, settings, splits, pipeline = _folder_run("vgg16", root, cache_dir)
+    precision = settings.precision
     model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     stage = training_stage(model, pipeline, splits, cache_dir, settings, device)

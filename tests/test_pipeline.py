@@ -74,17 +74,10 @@ def test_each_output_row_is_its_own_image_plain_or_flipped():
 
 def textbook_augmented_batch(pipeline, images, generator, dtype):
     """The augmentation written plainly: float NCHW copy, flips and warps of the chosen images
-    in batch order, torch's affine_grid, a broadcast normalisation. Same draws, same order."""
+    in batch order, torch's affine_grid, a broadcast normalisation. The same random draws."""
     x = images.to(torch.float32, memory_format=torch.contiguous_format)
-    n = len(x)
-    draws = torch.rand(n, 5, generator=generator)
-    flip, rotate, crop = draws[:, 0] < pipeline.p, draws[:, 1] < pipeline.p, draws[:, 2] < pipeline.p
-    angle = (draws[:, 3] * 2 - 1) * pipeline.max_rotation * rotate
-    lo, hi = pipeline.crop_scale
-    scale = torch.where(crop, lo + (hi - lo) * draws[:, 4], torch.ones(n))
-    offset = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1 - scale).unsqueeze(1)
+    flip, warp, angle, scale, offset = pipeline.draw(len(x), generator)
     x[flip] = x[flip].flip(-1)
-    warp = rotate | crop
     a, s = angle[warp], scale[warp]
     theta = torch.stack(
         [

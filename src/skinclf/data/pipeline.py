@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from skinclf.data.splits import gather_images
 
 _CHUNK = 512  # images per chunk when computing dataset statistics, to bound memory
 
@@ -108,6 +111,28 @@ class AugmentedPipeline(DefaultPipeline):
     ) -> torch.Tensor:
         return augment(images, generator, self, dtype)
 
+    def draw(self, n: int, generator: torch.Generator) -> AugmentationDraws:
+        """Each image's random choices, drawn on the CPU ``generator`` in a fixed order, so that
+        a batch's augmentation depends only on the seed, on any device."""
+        draws = torch.rand(n, 5, generator=generator)
+        flip, rotate, crop = draws[:, 0] < self.p, draws[:, 1] < self.p, draws[:, 2] < self.p
+        angle = (draws[:, 3] * 2 - 1) * self.max_rotation * rotate
+        lo, hi = self.crop_scale
+        scale = torch.where(crop, lo + (hi - lo) * draws[:, 4], torch.ones(n))
+        # The crop window sits anywhere inside the image: offset up to (1 - scale) in [-1, 1].
+        offset = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1 - scale).unsqueeze(1)
+        return AugmentationDraws(flip, rotate | crop, angle, scale, offset)
+
+
+class AugmentationDraws(NamedTuple):
+    """Per image: flip it?, warp it (rotation or crop)?, and the warp's angle, scale and offset."""
+
+    flip: torch.Tensor
+    warp: torch.Tensor
+    angle: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+
 
 def augment(
     images: torch.Tensor, generator: torch.Generator, pipeline: AugmentedPipeline, dtype: torch.dtype
@@ -115,27 +140,18 @@ def augment(
     """Flip / rotate / crop a uint8 (N, 3, H, W) batch per image at random, normalised into a new
     channels-last ``dtype`` tensor (``images`` is left as it is).
 
-    Random numbers are drawn on the CPU ``generator`` in a fixed order, so a batch's
-    augmentation depends only on the seed, on any device. Flips and warps run on just the
-    chosen images, as contiguous slices (torch's index_copy_ and per-image masks cost more than
-    the transforms): the batch is gathered in the order plain, flipped, flipped-and-warped,
+    The random choices come from :meth:`AugmentedPipeline.draw`. Flips and warps run on just
+    the chosen images, as contiguous slices (torch's index_copy_ and per-image masks cost more
+    than the transforms): the batch is gathered in the order plain, flipped, flipped-and-warped,
     warped, so that each transform runs on one slice, and put back in order at the end.
     """
     n, _, height, width = images.shape
-    draws = torch.rand(n, 5, generator=generator)
-    flip, rotate, crop = draws[:, 0] < pipeline.p, draws[:, 1] < pipeline.p, draws[:, 2] < pipeline.p
-    angle = (draws[:, 3] * 2 - 1) * pipeline.max_rotation * rotate
-    lo, hi = pipeline.crop_scale
-    scale = torch.where(crop, lo + (hi - lo) * draws[:, 4], torch.ones(n))
-    # The crop window sits anywhere inside the image: offset up to (1 - scale) in [-1, 1] coords.
-    offset = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1 - scale).unsqueeze(1)
-
-    warp = rotate | crop
+    flip, warp, angle, scale, offset = pipeline.draw(n, generator)
     groups = [(~flip & ~warp), (flip & ~warp), (flip & warp), (~flip & warp)]
     order = torch.cat([group.nonzero().flatten() for group in groups])
     n_plain, n_flip, n_flip_warp = (int(group.sum()) for group in groups[:3])
-    # One gather of NHWC rows (a contiguous copy) in that order, then a flip and a warp of slices.
-    nhwc = images.permute(0, 2, 3, 1).index_select(0, order.to(images.device))
+    # One gather of NHWC rows in that order, then a flip and a warp of slices.
+    nhwc = gather_images(images, order.to(images.device)).permute(0, 2, 3, 1)
     flips = slice(n_plain, n_plain + n_flip + n_flip_warp)
     nhwc[flips] = nhwc[flips].flip(2)
     parts = [pipeline.to_input(nhwc[: n_plain + n_flip].permute(0, 3, 1, 2), dtype)]
@@ -156,8 +172,8 @@ def augment(
         sub = F.grid_sample(sub, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         parts.append(pipeline.to_input(sub, dtype))
     # Back in batch order: row i of the result is image order^-1[i] of the gathered ones.
-    out = torch.cat([part.permute(0, 2, 3, 1) for part in parts])
-    return out.index_select(0, torch.argsort(order).to(out.device)).permute(0, 3, 1, 2)
+    out = torch.cat(parts)  # channels-last, as its parts are
+    return gather_images(out, torch.argsort(order).to(out.device))
 
 
 @lru_cache(maxsize=8)

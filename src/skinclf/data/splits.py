@@ -18,6 +18,16 @@ log = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "val", "test")
 
 
+def gather_images(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``images`` (N, C, H, W) at batch positions ``idx``, in channels-last (NHWC) memory.
+
+    ``index_select`` on a channels-last tensor hands back NCHW, and every later pass over the
+    batch (augmentation, normalisation) would then pay for a relayout; gathering NHWC rows is
+    also a plain contiguous copy.
+    """
+    return images.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+
+
 @dataclass
 class Split:
     """One split. ``images``: uint8 (N, 3, H, W) in channels-last memory; ``labels``: float (N,), MEL = 1."""
@@ -39,12 +49,8 @@ class Split:
         return len(self.labels)
 
     def images_at(self, idx: torch.Tensor) -> torch.Tensor:
-        """The images at positions ``idx``, channels-last like ``images``.
-
-        ``index_select`` on a channels-last tensor hands back NCHW, and every later pass over
-        the batch (augmentation, normalisation) would then pay for a relayout.
-        """
-        return self.images.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+        """The images at positions ``idx``, channels-last like ``images``."""
+        return gather_images(self.images, idx)
 
     def class_counts(self) -> dict[str, int]:
         n_mel = int(self.labels.sum().item())
