@@ -57,24 +57,25 @@ def test_transforms_are_independent():
 
 
 def test_each_output_row_is_its_own_image_plain_or_flipped():
-    # The batch is regrouped by transform internally; every row must come back to its image.
+    # Every image goes through the warp; with rotation and crop off, its map is the identity or
+    # the flip, which land on pixel centres: each row must be its own image, plain or mirrored.
     pipeline = AugmentedPipeline(p=0.5, max_rotation_degrees=0.0, crop_scale=(1.0, 1.0))
     images = torch.randint(
         0, 256, (64, 3, 16, 16), generator=torch.Generator().manual_seed(2), dtype=torch.uint8
     )
     out = pipeline.train_batch(images, torch.Generator().manual_seed(0))
     plain, flipped = pipeline.eval_batch(images), pipeline.eval_batch(images.flip(-1))
-    # Rotation and crop still "fire" here, as identity warps (exact but for float rounding).
-    same = ((out - plain).abs() < 1e-3).flatten(1).all(1)
-    mirrored = ((out - flipped).abs() < 1e-3).flatten(1).all(1)
+    # Float rounding only: the warp is exact here, the normalisation rounds twice instead of once.
+    same = ((out - plain).abs() < 1e-5).flatten(1).all(1)
+    mirrored = ((out - flipped).abs() < 1e-5).flatten(1).all(1)
     assert (same | mirrored).all()
     assert 16 < int(mirrored.sum()) < 48
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def textbook_augmented_batch(pipeline, images, generator, dtype):
-    """The augmentation written plainly: float NCHW copy, flips and warps of the chosen images
-    in batch order, torch's affine_grid, a broadcast normalisation. The same random draws."""
+def textbook_augmented_batch(pipeline, images, generator):
+    """The augmentation written plainly, in float32: flips and warps of just the chosen images,
+    one after the other, with torch's affine_grid and a broadcast normalisation. The same draws."""
     x = images.to(torch.float32, memory_format=torch.contiguous_format)
     flip, warp, angle, scale, offset = pipeline.draw(len(x), generator)
     x[flip] = x[flip].flip(-1)
@@ -88,22 +89,28 @@ def textbook_augmented_batch(pipeline, images, generator, dtype):
     )
     grid = torch.nn.functional.affine_grid(theta, list(x[warp].shape), align_corners=False)
     x[warp] = torch.nn.functional.grid_sample(x[warp], grid, mode="bilinear", align_corners=False)
-    scale_c = (1.0 / (255.0 * pipeline.std)).to(dtype).view(1, 3, 1, 1)
-    shift_c = (-pipeline.mean / pipeline.std).to(dtype).view(1, 3, 1, 1)
-    return torch.addcmul(shift_c, x.to(dtype), scale_c)
+    return (x / 255 - pipeline.mean.view(1, 3, 1, 1)) / pipeline.std.view(1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batch_augmentation_equals_the_textbook_one_exactly(dtype):
-    # The pipeline regroups the batch and caches the warp's base grid for speed; the numbers
-    # must be those of the plain version, image by image and bit for bit.
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"),
+    [
+        # float32: the grids differ in the last bit (affine_grid's base points come from linspace).
+        (torch.float32, {"rtol": 0, "atol": 5e-4}),
+        # bfloat16: at most one unit in the last place (2^-7 relative) from rounding.
+        (torch.bfloat16, {"rtol": 2**-7, "atol": 5e-4}),
+    ],
+)
+def test_batch_augmentation_equals_the_textbook_one(dtype, tolerance):
+    # The pipeline composes flip, rotation and crop into one map per image and warps the whole
+    # batch at once; image by image, that must be the plain flip-then-warp of the chosen images.
     split = generate_split(seed=0, split_index=0, n=64)
     pipeline = AugmentedPipeline()
     pipeline.fit(split.images)
     fast = pipeline.train_batch(split.images, torch.Generator().manual_seed(5), dtype)
-    plain = textbook_augmented_batch(pipeline, split.images, torch.Generator().manual_seed(5), dtype)
+    plain = textbook_augmented_batch(pipeline, split.images, torch.Generator().manual_seed(5))
     assert fast.dtype == dtype
-    assert torch.equal(fast, plain)
+    torch.testing.assert_close(fast.float(), plain.to(dtype).float(), **tolerance)
 
 
 def test_augmentation_is_deterministic_from_the_generator():
