@@ -14,8 +14,10 @@ Prints a table and writes JSON. For each model:
   * train_epoch_skinclf_s  the training pass of skinclf's own loop (`train_one_epoch`, images
                   from the decode cache, batched augmentation) on the same images;
   * epoch_skinclf_s  a whole epoch of `fit`: that pass plus validation and checkpoint writes;
-  * overhead      train_epoch_skinclf_s / (batches x step_fast_s) - 1: what the loop adds to
-                  the pure steps (batching, augmentation, normalisation, bookkeeping);
+  * pure_steps_s  the same number of training steps on the loop's batches, prepared before
+                  the clock starts;
+  * overhead      train_epoch_skinclf_s / pure_steps_s - 1: what the loop adds to the pure
+                  steps (batching, augmentation, normalisation, bookkeeping);
   * peak_rss_mb / peak_cuda_mb  peak memory of skinclf's measurement process for that model.
 and, for vgg16, the head's epoch time on cached features vs running the frozen extractor.
 
@@ -94,12 +96,30 @@ def _median_time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def training_step(model, optimizer, precision: str, device: torch.device):
+    """``step(x, y)``: forward under ``precision``'s autocast, fp32 BCE loss, backward and the
+    optimizer step, as skinclf's loop does them (without its bookkeeping)."""
+    from skinclf.training.hardware import autocast
+
+    forward_ctx = autocast(precision, device)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with forward_ctx():
+            logits = model(x).flatten()
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def step_time(model_name: str, variant: str, repeats: int) -> float:
     """Median training-step time at batch 64: ``fp32`` is plain fp32/NCHW with torch's Adam,
     ``fast`` skinclf's default path (precision=auto, channels-last, fused Adam, input fed in the
     autocast dtype)."""
     from skinclf.models import build_model
-    from skinclf.training.hardware import autocast, input_dtype, resolve_device, resolve_precision
+    from skinclf.training.hardware import input_dtype, resolve_device, resolve_precision
     from skinclf.training.loop import make_optimizer
 
     device = resolve_device("auto")
@@ -114,17 +134,8 @@ def step_time(model_name: str, variant: str, repeats: int) -> float:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, 1e-4, 0.0, device)
-    forward_ctx = autocast(precision, device)
-
-    def step():
-        with forward_ctx():
-            logits = model(x).flatten()
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return _median_time(step, repeats, device)
+    step = training_step(model, optimizer, precision, device)
+    return _median_time(lambda: step(x, y), repeats, device)
 
 
 def write_jpeg_folder(root: Path, n_train: int, n_val: int) -> None:
@@ -211,10 +222,12 @@ def _folder_run(model_name: str, root: Path, cache_dir: Path):
     return cfg, device, settings, splits, pipeline
 
 
-def skinclf_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int) -> dict:
+def skinclf_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int, fit_repeats: int) -> dict:
     """skinclf's own loop on the same images, read from the decode cache: the training pass alone
-    (``train_one_epoch``) and a whole epoch of ``fit`` (plus validation and checkpoint writes)."""
+    (``train_one_epoch``), the same number of pure steps on batches prepared in advance, and a
+    whole epoch of ``fit`` (plus validation and checkpoint writes)."""
     from skinclf.models import build_model
+    from skinclf.training.hardware import input_dtype
     from skinclf.training.loop import fit, make_optimizer, train_one_epoch
 
     cfg, device, settings, splits, pipeline = _folder_run(model_name, root, cache_dir)
@@ -229,14 +242,31 @@ def skinclf_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int) ->
     def train_pass():
         train_one_epoch(model, pipeline, splits.train, optimizer, scaler, generator, settings, device, "")
 
+    # The loop's batches, made before the clock starts: the pure steps differ from the training
+    # pass by the data handling alone (gathering, augmentation, normalisation, bookkeeping).
+    train = splits.train
+    ready = [
+        (
+            pipeline.train_batch(train.images_at(idx), generator, input_dtype(settings.precision)),
+            train.labels[idx],
+        )
+        for idx in torch.randperm(len(train), generator=generator).split(settings.batch_size)
+    ]
+    step = training_step(model, optimizer, settings.precision, device)
+
+    def pure_steps():
+        for x, y in ready:
+            step(x.to(device), y.to(device))
+
     fit_times = []
-    for _ in range(repeats + 1):
+    for _ in range(fit_repeats + 1):
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as out:
             fit(build_model(cfg.model), pipeline, splits.train, splits.val, settings, device, Path(out))
             fit_times.append(float((Path(out) / "metrics.csv").read_text().splitlines()[1].split(",")[-1]))
     return {
         "train_epoch_skinclf_s": _median_time(train_pass, repeats, device),
+        "pure_steps_s": _median_time(pure_steps, repeats, device),
         "epoch_skinclf_s": statistics.median(fit_times[1:]),
     }
 
@@ -245,31 +275,23 @@ def vgg_cache_epochs(root: Path, cache_dir: Path, repeats: int) -> dict:
     """vgg16 head epoch on cached feature maps vs an epoch that runs the frozen extractor too."""
     from skinclf.data.features import training_stage
     from skinclf.models import build_model
-    from skinclf.training.hardware import autocast, input_dtype
+    from skinclf.training.hardware import input_dtype
     from skinclf.training.loop import make_optimizer
 
     cfg, device, settings, splits, pipeline = _folder_run("vgg16", root, cache_dir)
-    precision = settings.precision
     model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     stage = training_stage(model, pipeline, splits, cache_dir, settings, device)
     extract_s = time.perf_counter() - t0
-    forward_ctx, dtype = autocast(precision, device), input_dtype(precision)
+    dtype = input_dtype(settings.precision)
 
     def epoch(module, stage_pipeline, images):
-        optimizer = make_optimizer(module, 1e-4, 0.0, device)
         module.train()
+        step = training_step(module, make_optimizer(module, 1e-4, 0.0, device), settings.precision, device)
         generator = torch.Generator().manual_seed(0)
         for start in range(0, len(images), BATCH):
             x = stage_pipeline.train_batch(images[start : start + BATCH].to(device), generator, dtype)
-            with forward_ctx():
-                logits = module(x).flatten()
-            loss = F.binary_cross_entropy_with_logits(
-                logits.float(), torch.zeros_like(logits, dtype=torch.float32)
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step(x, torch.zeros(len(x), device=device))
 
     cached = _median_time(
         lambda: epoch(stage.module, stage.pipeline, stage.splits.train.images), repeats, device
@@ -312,7 +334,7 @@ def _measure(job: tuple) -> dict:
         "step_fast_s": step_time(model_name, "fast", repeats),
     }
     if not skip_epochs:
-        out.update(skinclf_epoch(model_name, Path(root), Path(cache_dir), epoch_repeats))
+        out.update(skinclf_epoch(model_name, Path(root), Path(cache_dir), repeats, epoch_repeats))
         if model_name == "vgg16":
             out.update(vgg_cache_epochs(Path(root), Path(cache_dir), epoch_repeats))
     return {**out, **_peak_memory()}
@@ -354,7 +376,8 @@ def main() -> None:
         print("freed memory NOT kept here (not glibc): 'not kept' measures the same as 'step fast'")
     header = (
         f"{'model':<11} {'prec':>5} {'step fp32':>10} {'step fast':>10} {'speed-up':>8} {'not kept':>9} "
-        f"{'epoch ref':>10} {'train skinclf':>13} {'speed-up':>8} {'overhead':>8} {'fit epoch':>10} "
+        f"{'epoch ref':>10} {'train skinclf':>13} {'speed-up':>8} {'pure steps':>10} {'overhead':>8} "
+        f"{'fit epoch':>10} "
         f"{'peak MB':>8}"
     )
     print(header)
@@ -365,10 +388,11 @@ def main() -> None:
             f"{r['step_fp32_s'] / r['step_fast_s']:>7.2f}x {r['step_fast_default_malloc_s']:>8.3f}s"
         )
         if "epoch_ref_s" in r:
-            r["overhead"] = r["train_epoch_skinclf_s"] / (batches * r["step_fast_s"]) - 1
+            r["overhead"] = r["train_epoch_skinclf_s"] / r["pure_steps_s"] - 1
             line += (
                 f" {r['epoch_ref_s']:>9.2f}s {r['train_epoch_skinclf_s']:>12.2f}s "
-                f"{r['epoch_ref_s'] / r['train_epoch_skinclf_s']:>7.2f}x {r['overhead']:>+7.0%} "
+                f"{r['epoch_ref_s'] / r['train_epoch_skinclf_s']:>7.2f}x {r['pure_steps_s']:>9.2f}s "
+                f"{r['overhead']:>+7.0%} "
                 f"{r['epoch_skinclf_s']:>9.2f}s"
             )
         line += f" {r.get('peak_cuda_mb', r['peak_rss_mb']):>8.0f}"

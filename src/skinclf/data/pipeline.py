@@ -1,8 +1,8 @@
 """Batch pipelines: uint8 image batches -> model input, with the paper's two preprocessings.
 
 They work on whole batches of tensors already in memory (no PIL, no per-image Python loop),
-so that the training step, not data handling, dominates an epoch. Normalisation is fused into
-the uint8 -> float conversion (one multiply-add per pixel).
+so that the training step, not data handling, dominates an epoch. Normalisation is one
+multiply-add per pixel: fused into the uint8 -> float conversion, or after the augmentation's warp.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class AugmentedPipeline(DefaultPipeline):
 
     Training images: horizontal flip, rotation and crop, each applied independently with
     probability ``p`` per image (see :func:`augment`). All splits: normalised with the training
-    split's mean/std. Rotation and crop are one affine warp (``grid_sample``).
+    split's mean/std. Flip, rotation and crop are one affine warp (``grid_sample``).
     """
 
     def __init__(
