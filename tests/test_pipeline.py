@@ -113,6 +113,20 @@ def test_batch_augmentation_equals_the_textbook_one(dtype, tolerance):
     torch.testing.assert_close(fast.float(), plain.to(dtype).float(), **tolerance)
 
 
+def test_batch_augmentation_on_non_square_images_of_any_size():
+    # 24 x 40: width and height must not be swapped in the grid, and sizes that are not powers
+    # of two (pixel centres no longer exact in float32) still match within float rounding.
+    images = torch.randint(
+        0, 256, (32, 3, 24, 40), generator=torch.Generator().manual_seed(4), dtype=torch.uint8
+    )
+    pipeline = AugmentedPipeline()
+    pipeline.fit(images)
+    fast = pipeline.train_batch(images, torch.Generator().manual_seed(6))
+    plain = textbook_augmented_batch(pipeline, images, torch.Generator().manual_seed(6))
+    assert fast.shape == (32, 3, 24, 40)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=5e-4)
+
+
 def test_augmentation_is_deterministic_from_the_generator():
     pipeline = AugmentedPipeline()
     images = patterned_images(64, symmetric=False)
