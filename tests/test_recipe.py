@@ -374,6 +374,41 @@ def test_dermoscopy_pieces_do_what_they_say():
     assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
 
 
+def sequential_augmentation(x, params):
+    """The dermoscopy augmentation written plainly, one piece after the other on float NCHW
+    images: crop (torch's affine_grid), flips, quarter turns (torch.rot90), colour jitter."""
+    n = len(x)
+    width, height, cx, cy = params.crop.unbind(1)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = width, cx, height, cy
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", align_corners=False)
+    x = torch.where(params.hflip.view(n, 1, 1, 1), x.flip(-1), x)
+    x = torch.where(params.vflip.view(n, 1, 1, 1), x.flip(-2), x)
+    x = torch.stack(
+        [torch.rot90(image, int(k), dims=(-2, -1)) for image, k in zip(x, params.quarter_turns, strict=True)]
+    )
+    brightness, contrast, saturation = (f.view(n, 1, 1, 1) for f in params.colour.unbind(1))
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    x = (x * brightness).clamp(0, 255)
+    mean = (x * luma).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean).clamp(0, 255)
+    gray = (x * luma).sum(1, keepdim=True)
+    return ((x - gray) * saturation + gray).clamp(0, 255)
+
+
+def test_dermoscopy_one_warp_equals_the_pieces_one_after_the_other():
+    # Crop, flips and turns are composed into one map per image; with every piece drawn at
+    # random, that must be the crop, then the flips, then the turn, then the colour jitter.
+    images = torch.randint(
+        0, 256, (64, 3, 16, 16), generator=torch.Generator().manual_seed(7), dtype=torch.uint8
+    )
+    params = DermoscopyAugmentation(AugmentedPipeline()).draw(64, torch.Generator().manual_seed(8))
+    assert params.hflip.any() and params.vflip.any() and params.quarter_turns.ne(0).any()
+    out = apply_augmentation(images, params)
+    torch.testing.assert_close(out, sequential_augmentation(images.float(), params), rtol=0, atol=0.02)
+
+
 def test_dermoscopy_pipeline_keeps_the_base_normalisation_and_never_augments_evaluation():
     images = tiny_split(n=8).images
     base = AugmentedPipeline()

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from skinclf.data.pipeline import normalise_warped, warp
 from skinclf.errors import SkinclfError
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
@@ -111,7 +111,7 @@ class DermoscopyAugmentation:
     ) -> torch.Tensor:
         """Augmented, then normalised by the base pipeline."""
         params = self.draw(len(images), generator)
-        return self.base.to_input(apply_augmentation(images.float(), params), dtype)
+        return normalise_warped(apply_augmentation(images, params), self.base, dtype)
 
     def draw(self, n: int, generator: torch.Generator) -> AugmentParams:
         """The random choices for ``n`` images, from ``generator`` (CPU) in a fixed order."""
@@ -134,36 +134,58 @@ class DermoscopyAugmentation:
         )
 
 
-def apply_augmentation(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-    """Crop, flip, rotate and colour-jitter a float (N, 3, H, W) batch in 0-255 units as ``params`` say."""
-    n, device = x.shape[0], x.device
+# torch.rot90(x, k, dims=(-2, -1)) as maps from output to input positions (x, y) in [-1, 1]:
+# one quarter turn samples the image at (-y, x).
+_QUARTER_TURNS = torch.tensor(
+    [
+        [[1.0, 0.0], [0.0, 1.0]],
+        [[0.0, -1.0], [1.0, 0.0]],
+        [[-1.0, 0.0], [0.0, -1.0]],
+        [[0.0, 1.0], [-1.0, 0.0]],
+    ]
+)
+
+
+def geometry_theta(params: AugmentParams) -> torch.Tensor:
+    """(N, 2, 3) affine maps (``affine_grid``'s convention) of the crop, then the flips, then the
+    quarter turns: output position p samples the image at crop(hflip(vflip(turn(p))))."""
     width, height, cx, cy = params.crop.unbind(1)
-    cropped = ((width < 1) | (height < 1)).nonzero().flatten()
-    if len(cropped):
-        theta = torch.zeros(len(cropped), 2, 3)
-        theta[:, 0, 0], theta[:, 0, 2] = width[cropped], cx[cropped]
-        theta[:, 1, 1], theta[:, 1, 2] = height[cropped], cy[cropped]
-        cropped = cropped.to(device)
-        sub = x.index_select(0, cropped)
-        grid = F.affine_grid(theta.to(device, x.dtype), list(sub.shape), align_corners=False)
-        x = x.index_copy(0, cropped, F.grid_sample(sub, grid, mode="bilinear", align_corners=False))
-    x = torch.where(params.hflip.to(device).view(n, 1, 1, 1), x.flip(-1), x)
-    x = torch.where(params.vflip.to(device).view(n, 1, 1, 1), x.flip(-2), x)
-    for turns in (1, 2, 3):
-        idx = (params.quarter_turns == turns).nonzero().flatten().to(device)
-        if len(idx):
-            if x.shape[-1] != x.shape[-2]:
-                raise ValueError(f"90-degree rotations need square images, got {tuple(x.shape[-2:])}")
-            x = x.index_copy(0, idx, torch.rot90(x.index_select(0, idx), turns, dims=(-2, -1)))
+    mirror = torch.stack([1.0 - 2.0 * params.hflip.float(), 1.0 - 2.0 * params.vflip.float()], dim=1)
+    # Entries of the flips and turns are 0 and +-1, so the maps stay exact where nothing is cropped.
+    linear = (
+        torch.stack([width, height], dim=1).unsqueeze(2)
+        * mirror.unsqueeze(2)
+        * _QUARTER_TURNS[params.quarter_turns]
+    )
+    return torch.cat([linear, torch.stack([cx, cy], dim=1).unsqueeze(2)], dim=2)
+
+
+def apply_augmentation(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    """Crop, flip, rotate and colour-jitter an (N, 3, H, W) batch in 0-255 units (uint8 or float)
+    as ``params`` say: a new float32 NCHW tensor.
+
+    Crop, flips and quarter turns are one affine map per image (:func:`geometry_theta`) and the
+    whole batch goes through one bilinear warp; flips and turns land on pixel centres, exactly
+    for power-of-two sizes. The colour jitter then works in place on the warped batch.
+    """
+    n, _, height, width = x.shape
+    if height != width and bool(params.quarter_turns.ne(0).any()):
+        raise ValueError(f"90-degree rotations need square images, got {(height, width)}")
+    x = warp(x, geometry_theta(params))
     if bool((params.colour != 1).any()):
-        brightness, contrast, saturation = (
-            f.to(device, x.dtype).view(n, 1, 1, 1) for f in params.colour.unbind(1)
-        )
-        gray_weights = torch.tensor(_GRAY, device=device, dtype=x.dtype).view(1, 3, 1, 1)
-        # Each step clipped to the pixel range, as torchvision's adjust_* functions do.
-        x = (x * brightness).clamp(0, 255)
-        mean = (x * gray_weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
-        x = ((x - mean) * contrast + mean).clamp(0, 255)
-        gray = (x * gray_weights).sum(1, keepdim=True)
-        x = ((x - gray) * saturation + gray).clamp(0, 255)
+        brightness, contrast, saturation = (f.to(x.device).view(n, 1, 1) for f in params.colour.unbind(1))
+        v = x.view(n, 3, -1)
+        # Each step clipped to the pixel range, as torchvision's adjust_* functions do; blending
+        # with a gray image g by factor f is x * f + g * (1 - f).
+        v.mul_(brightness).clamp_(0, 255)
+        mean = _luma(v).mean(dim=2, keepdim=True)
+        v.mul_(contrast).add_(mean * (1 - contrast)).clamp_(0, 255)
+        gray = _luma(v)
+        v.mul_(saturation).add_(gray * (1 - saturation)).clamp_(0, 255)
     return x
+
+
+def _luma(v: torch.Tensor) -> torch.Tensor:
+    """(N, 1, P) gray values of (N, 3, P) RGB rows."""
+    r, g, b = _GRAY
+    return (v[:, 0] * r).add_(v[:, 1], alpha=g).add_(v[:, 2], alpha=b).unsqueeze(1)

@@ -158,17 +158,28 @@ def augment(
     identity, which samples its own pixels (exactly, for power-of-two sizes such as 128). Warping
     those too is cheaper than sorting the batch by transform and putting it back in order.
     """
-    n, channels, height, width = images.shape
-    theta = pipeline.draw(n, generator).theta().to(images.device)
-    grid = (theta.view(n, 6) @ _grid_basis(height, width, images.device)).view(n, height, width, 2)
-    # Pixels rotated in from outside the image are black, as torchvision's RandomRotation(fill=0).
-    x = F.grid_sample(
+    x = warp(images, pipeline.draw(len(images), generator).theta())
+    return normalise_warped(x, pipeline, dtype)
+
+
+def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) images (any dtype, any memory format) sampled bilinearly through the affine
+    maps ``theta`` (N, 2, 3), ``affine_grid``'s convention: a new float32 NCHW tensor. Pixels
+    from outside the image are black, as torchvision's RandomRotation(fill=0)."""
+    n, _, height, width = images.shape
+    theta = theta.to(images.device, torch.float32).reshape(n, 6)
+    grid = (theta @ _grid_basis(height, width, images.device)).view(n, height, width, 2)
+    return F.grid_sample(
         images.to(torch.float32), grid, mode="bilinear", padding_mode="zeros", align_corners=False
     )
-    # Normalised in float32 on grid_sample's NCHW output, where the per-channel constants broadcast
-    # along contiguous rows; then one cast and one relayout into the model's input.
-    scale, shift = pipeline.scale_shift(images.device, torch.float32)
-    x.view(n, channels, -1).mul_(scale.view(1, -1, 1)).add_(shift.view(1, -1, 1))
+
+
+def normalise_warped(x: torch.Tensor, pipeline: DefaultPipeline, dtype: torch.dtype) -> torch.Tensor:
+    """A float32 NCHW batch in 0-255 units, as :func:`warp` returns it, normalised in place by
+    ``pipeline``'s mean/std (where the per-channel constants broadcast along contiguous rows),
+    then cast and laid out channels-last as the model's input."""
+    scale, shift = pipeline.scale_shift(x.device, torch.float32)
+    x.view(len(x), x.shape[1], -1).mul_(scale.view(1, -1, 1)).add_(shift.view(1, -1, 1))
     return x.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
