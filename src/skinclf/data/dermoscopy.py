@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from skinclf.data.pipeline import normalise_warped, warp
+from skinclf.data.pipeline import warp
 from skinclf.errors import SkinclfError
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
@@ -111,7 +111,7 @@ class DermoscopyAugmentation:
     ) -> torch.Tensor:
         """Augmented, then normalised by the base pipeline."""
         params = self.draw(len(images), generator)
-        return normalise_warped(apply_augmentation(images, params), self.base, dtype)
+        return self.base.warped_to_input(apply_augmentation(images, params), dtype)
 
     def draw(self, n: int, generator: torch.Generator) -> AugmentParams:
         """The random choices for ``n`` images, from ``generator`` (CPU) in a fixed order."""

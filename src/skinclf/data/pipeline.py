@@ -47,6 +47,14 @@ class DefaultPipeline:
         scale, shift = self.scale_shift(images.device, dtype)
         return torch.addcmul(shift.repeat(w), rows, scale.repeat(w)).view(n, h, w, c).permute(0, 3, 1, 2)
 
+    def warped_to_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A float32 NCHW batch in 0-255 units, as :func:`warp` returns it -> the model's input:
+        normalised in place in float32 (the per-channel constants broadcast along contiguous
+        rows), then cast and laid out channels-last."""
+        scale, shift = self.scale_shift(x.device, torch.float32)
+        x.view(len(x), x.shape[1], -1).mul_(scale.view(1, -1, 1)).add_(shift.view(1, -1, 1))
+        return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
     def scale_shift(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the ``x * scale + shift`` that normalises pixel values in 0-255 units."""
         return (1.0 / (255.0 * self.std)).to(device, dtype), (-self.mean / self.std).to(device, dtype)
@@ -159,7 +167,7 @@ def augment(
     those too is cheaper than sorting the batch by transform and putting it back in order.
     """
     x = warp(images, pipeline.draw(len(images), generator).theta())
-    return normalise_warped(x, pipeline, dtype)
+    return pipeline.warped_to_input(x, dtype)
 
 
 def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -172,15 +180,6 @@ def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(
         images.to(torch.float32), grid, mode="bilinear", padding_mode="zeros", align_corners=False
     )
-
-
-def normalise_warped(x: torch.Tensor, pipeline: DefaultPipeline, dtype: torch.dtype) -> torch.Tensor:
-    """A float32 NCHW batch in 0-255 units, as :func:`warp` returns it, normalised in place by
-    ``pipeline``'s mean/std (where the per-channel constants broadcast along contiguous rows),
-    then cast and laid out channels-last as the model's input."""
-    scale, shift = pipeline.scale_shift(x.device, torch.float32)
-    x.view(len(x), x.shape[1], -1).mul_(scale.view(1, -1, 1)).add_(shift.view(1, -1, 1))
-    return x.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
 @lru_cache(maxsize=8)

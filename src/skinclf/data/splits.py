@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +16,6 @@ from skinclf.errors import SkinclfError
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
-
-
-def gather_images(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``images`` (N, C, H, W) at batch positions ``idx``, in channels-last (NHWC) memory.
-
-    ``index_select`` on a channels-last tensor hands back NCHW, and every later pass over the
-    batch (augmentation, normalisation) would then pay for a relayout; gathering NHWC rows is
-    also a plain contiguous copy.
-    """
-    return images.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -49,8 +39,17 @@ class Split:
         return len(self.labels)
 
     def images_at(self, idx: torch.Tensor) -> torch.Tensor:
-        """The images at positions ``idx``, channels-last like ``images``."""
-        return gather_images(self.images, idx)
+        """The images at positions ``idx``, channels-last like ``images``.
+
+        ``index_select`` on a channels-last tensor hands back NCHW, and every later pass over the
+        batch (augmentation, normalisation) would then pay for a relayout; gathering NHWC rows is
+        also a plain contiguous copy.
+        """
+        return self.images.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+
+    def to(self, device: torch.device) -> Split:
+        """This split with its images and labels on ``device``."""
+        return replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
     def class_counts(self) -> dict[str, int]:
         n_mel = int(self.labels.sum().item())

@@ -12,7 +12,7 @@ import csv
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -255,9 +255,7 @@ def fit(
     saved = model if checkpoint_model is None else checkpoint_model
     if device.type == "cuda":
         # Small datasets of uint8 images fit on the GPU: move them once, not every batch.
-        train, val = (
-            replace(s, images=s.images.to(device), labels=s.labels.to(device)) for s in (train, val)
-        )
+        train, val = train.to(device), val.to(device)
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
