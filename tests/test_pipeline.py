@@ -224,3 +224,15 @@ def test_fast_path_matches_fp32_within_bf16_tolerance(make_model):
     cosine = torch.nn.functional.cosine_similarity(ref_grads, fast_grads, dim=0)
     assert cosine > 0.99
     assert (fast_grads - ref_grads).norm() / ref_grads.norm() < 0.15
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_augmentation_on_the_gpu_equals_the_cpus():
+    # The draws come from the CPU generator either way; only the warp runs on the device.
+    split = generate_split(seed=0, split_index=0, n=64)
+    pipeline = AugmentedPipeline()
+    pipeline.fit(split.images)
+    cpu = pipeline.train_batch(split.images, torch.Generator().manual_seed(5))
+    gpu = pipeline.train_batch(split.images.cuda(), torch.Generator().manual_seed(5))
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=5e-4)

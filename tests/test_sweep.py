@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
@@ -92,7 +93,9 @@ def test_launcher_configs_compose() -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     local = compose_config(["hydra/launcher=local"], return_hydra_config=True).hydra.launcher
     assert "JoblibLauncher" in local._target_
-    assert local.n_jobs == resources.default_parallel_jobs(resources.available_cores(), 0) >= 1
+    # One job per GPU where there are GPUs, else per 4 cores.
+    gpus = torch.cuda.device_count()
+    assert local.n_jobs == resources.default_parallel_jobs(resources.available_cores(), gpus) >= 1
     slurm = compose_config(["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
     assert "SlurmLauncher" in slurm._target_
     assert (slurm.gpus_per_node, slurm.timeout_min) == (1, 240)

@@ -101,3 +101,23 @@ def test_evaluate_probabilities_match_accuracy(tmp_path):
     assert probs.shape == (32,) and np.all((probs >= 0) & (probs <= 1))
     assert acc == pytest.approx(np.mean((probs >= 0.5) == splits.val.labels.numpy().astype(bool)))
     assert loss > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe", ["paper", "modern"])
+def test_a_cuda_run_augments_on_the_gpu_learns_and_tests_the_best_checkpoint(tmp_path, recipe):
+    # On CUDA the splits move to the GPU once and the batches are augmented there; validation
+    # (with the modern recipe: raw and EMA weights, flip TTA) compares CPU logits with labels.
+    out, metrics = train_in_process(
+        tmp_path,
+        "device=cuda",
+        "model=res_aug",
+        f"recipe={recipe}",
+        "data.train_size=512",
+        "data.val_size=128",
+        "data.test_size=64",
+        "trainer.max_epochs=6",
+        "optim.lr=1e-3",
+    )
+    assert metrics["best_val_acc"] >= 0.65
+    assert load_checkpoint(out / "best.pt")["epoch"] == metrics["best_epoch"]

@@ -152,8 +152,10 @@ def evaluate(
 ) -> tuple[float, float, np.ndarray]:
     """(mean BCE loss, accuracy at p >= 0.5, MEL probabilities) on a split."""
     logits = predict_logits(model, pipeline, split.images, settings, device)
-    loss = F.binary_cross_entropy_with_logits(logits, split.labels).item()
-    acc = ((logits >= 0).float() == split.labels).float().mean().item()
+    # The logits come back on the CPU; on CUDA, fit has moved the split's labels to the GPU.
+    labels = split.labels.cpu()
+    loss = F.binary_cross_entropy_with_logits(logits, labels).item()
+    acc = ((logits >= 0).float() == labels).float().mean().item()
     return loss, acc, torch.sigmoid(logits).numpy()
 
 
