@@ -42,7 +42,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_heat_maps_have_the_image_size_and_are_not_constant(tiny_run):
     run = load_run(tiny_run)
     images, _ = _off_centre_mel_images(4, 20)
-    cam = grad_cam(run.model, run.pipeline.eval_batch(images), torch.tensor([True, True, False, False]))
+    batch = run.pipeline.eval_batch(images.to(run.device))
+    cam = grad_cam(run.model, batch, torch.tensor([True, True, False, False]))
     assert cam.heatmaps.shape == (4, IMAGE_SIZE, IMAGE_SIZE)
     assert cam.layer.startswith("block2")  # the last residual block, not its 1x1 shortcut conv
     maps = cam.heatmaps.flatten(1)

@@ -215,10 +215,11 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, to
 
 
 def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device) -> None:
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch"])
+    # The checkpoint was loaded onto the run's device, but RNG states are CPU byte tensors always.
+    generator.set_state(state["generator"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
