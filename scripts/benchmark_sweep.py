@@ -1,0 +1,161 @@
+"""Sweep benchmark: the paper's eight-model sweep at the paper's data size, timed end to end.
+
+Runs ``skinclf train -m experiment=paper`` as a user would (one process, Hydra's basic launcher,
+the paper's settings: batch 64, lr 1e-4, at most 30 epochs, early stopping with patience 10) on
+the built-in synthetic images at the paper's split sizes (6,429 / 1,255 / 1,369), and prints a
+table: per model the epochs run, the seconds its epochs took (training, validation, best.pt; the
+clock of metrics.csv), seconds per epoch, the job's wall-clock time from its first file to its
+last (adding data loading, vgg16's feature extraction, last.pt writes, test evaluation and
+figures) and best validation accuracy; then the whole sweep's wall-clock time, start-up included.
+The images are generated before the clock starts, as a real dataset is decoded once into the
+decode cache.
+
+vgg16 uses its ImageNet weights when they are in torch's weight cache; otherwise (offline) the
+sweep runs with ``model.pretrained=false``: random frozen features, the same amount of compute,
+and the table says so.
+
+    python scripts/benchmark_sweep.py                         # the paper sweep, device auto
+    python scripts/benchmark_sweep.py --models baseline res_aug --train-size 1024 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from skinclf.models import PAPER_MODELS
+
+# The paper's split sizes (section 2, data collection).
+PAPER_SIZES = {"train": 6429, "val": 1255, "test": 1369}
+
+
+def machine_name(device: str) -> str:
+    import platform
+
+    if device != "cpu" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def vgg16_weights_cached() -> bool:
+    from torchvision.models import VGG16_Weights
+
+    from skinclf.models.pretrained import weights_path
+
+    return weights_path(VGG16_Weights.IMAGENET1K_V1).exists()
+
+
+def generate_data(overrides: list[str]) -> float:
+    """Generate (or find cached) the synthetic splits; returns the seconds it took."""
+    from skinclf.config import compose_config
+    from skinclf.data.synthetic import load_splits
+
+    t0 = time.perf_counter()
+    load_splits(compose_config(overrides).data)
+    return time.perf_counter() - t0
+
+
+def read_job(job_dir: Path) -> dict:
+    """Epochs, seconds and best validation accuracy of one finished sweep job."""
+    with open(job_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    seconds = sum(float(r["seconds"]) for r in rows)
+    # run_config.json is the first file a job writes, test_metrics.json the last.
+    job_s = (job_dir / "test_metrics.json").stat().st_mtime - (job_dir / "run_config.json").stat().st_mtime
+    return {
+        "epochs": len(rows),
+        "epoch_seconds": seconds,
+        "s_per_epoch": seconds / len(rows),
+        "job_seconds": job_s,
+        "best_val_acc": max(float(r["val_acc"]) for r in rows),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=PAPER_MODELS)
+    parser.add_argument("--train-size", type=int, default=PAPER_SIZES["train"])
+    parser.add_argument("--val-size", type=int, default=PAPER_SIZES["val"])
+    parser.add_argument("--test-size", type=int, default=PAPER_SIZES["test"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", type=Path, default=None, help="keep the sweep here (default: a temp folder)")
+    parser.add_argument("--json", type=Path, default=Path("benchmark_sweep.json"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp) / "sweep"
+        data = [
+            f"data.train_size={args.train_size}",
+            f"data.val_size={args.val_size}",
+            f"data.test_size={args.test_size}",
+            f"data.cache_dir={Path(tmp) / 'data'}",
+        ]
+        generate_s = generate_data(data)
+        pretrained = "vgg16" not in args.models or vgg16_weights_cached()
+        # ++ adds the key to every model's config; only vgg16 reads it.
+        offline = [] if pretrained else ["++model.pretrained=false"]
+        command = [
+            *[sys.executable, "-m", "skinclf", "train", "-m", "experiment=paper"],
+            f"model={','.join(args.models)}",
+            f"device={args.device}",
+            "trainer.progress=never",
+            f"hydra.sweep.dir={out}",
+            *data,
+            *offline,
+        ]
+        print("running:", " ".join(command[2:]), flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(command, check=True)
+        sweep_s = time.perf_counter() - t0
+        # Job folders are <job number>_<model>.
+        finished = [d for d in sorted(out.iterdir()) if (d / "metrics.csv").exists()]
+        jobs = {d.name.split("_", 1)[1]: read_job(d) for d in finished}
+
+    print(
+        f"\nmachine: {machine_name(args.device)}; torch {torch.__version__}; "
+        f"{args.train_size}/{args.val_size}/{args.test_size} synthetic images "
+        f"(generated beforehand in {generate_s:.0f} s)"
+    )
+    if not pretrained:
+        print("vgg16: ImageNet weights not in torch's cache, ran with model.pretrained=false (same compute)")
+    header = f"{'model':<11} {'epochs':>6} {'epoch s':>9} {'s/epoch':>8} {'job s':>7} {'best val':>9}"
+    print(header)
+    print("-" * len(header))
+    for model, job in jobs.items():
+        print(
+            f"{model:<11} {job['epochs']:>6} {job['epoch_seconds']:>9.1f} {job['s_per_epoch']:>8.2f} "
+            f"{job['job_seconds']:>7.1f} {job['best_val_acc']:>9.2%}"
+        )
+    total_epochs = sum(j["epoch_seconds"] for j in jobs.values())
+    total_jobs = sum(j["job_seconds"] for j in jobs.values())
+    print(f"{'all':<11} {'':>6} {total_epochs:>9.1f} {'':>8} {total_jobs:>7.1f}")
+    print(f"whole sweep, wall clock: {sweep_s:.1f} s ({len(jobs)} of {len(args.models)} jobs finished)")
+    args.json.write_text(
+        json.dumps(
+            {
+                "machine": machine_name(args.device),
+                "torch": torch.__version__,
+                "sizes": [args.train_size, args.val_size, args.test_size],
+                "vgg16_pretrained": pretrained,
+                "generate_s": generate_s,
+                "sweep_s": sweep_s,
+                "jobs": jobs,
+            },
+            indent=2,
+        )
+    )
+    print(f"written: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
