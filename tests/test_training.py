@@ -2,6 +2,7 @@
 epoch, tests the best checkpoint, and is reproducible."""
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,7 @@ from skinclf.data import load_splits
 from skinclf.data.pipeline import DefaultPipeline
 from skinclf.models import build_model
 from skinclf.training.checkpoint import load_checkpoint
-from skinclf.training.loop import METRICS_COLUMNS, EarlyStopping, LoopSettings, evaluate
+from skinclf.training.loop import METRICS_COLUMNS, EarlyStopping, LoopSettings, evaluate, place_splits
 
 from conftest import train_in_process
 
@@ -121,3 +122,31 @@ def test_a_cuda_run_augments_on_the_gpu_learns_and_tests_the_best_checkpoint(tmp
     )
     assert metrics["best_val_acc"] >= 0.65
     assert load_checkpoint(out / "best.pt")["epoch"] == metrics["best_epoch"]
+
+
+@pytest.mark.parametrize(("free_mb", "resident"), [(100, True), (8, False)])
+def test_splits_live_on_the_gpu_only_when_they_fit(tmp_path, monkeypatch, caplog, free_mb, resident):
+    # train + val here: 72 uint8 images of 3x128x128, 3.4 MB, against a quarter of the GPU's
+    # free memory, faked so that the decision runs without a GPU (the move itself is Split.to's).
+    cfg = compose_config(["data.train_size=40", "data.val_size=32", f"data.cache_dir={tmp_path}"])
+    splits = load_splits(cfg.data)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_mb * 2**20, 2**40))
+    moved = []
+    monkeypatch.setattr(type(splits.train), "to", lambda split, device: moved.append(split) or split)
+    with caplog.at_level(logging.INFO, logger="skinclf"):
+        place_splits(splits.train, splits.val, torch.device("cuda"))
+    assert len(moved) == (2 if resident else 0)
+    assert ("moved to cuda once" in caplog.text) == resident
+    assert ("stay in CPU memory" in caplog.text) != resident
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_run_with_the_data_in_cpu_memory_copies_batches_over(tmp_path, monkeypatch, caplog):
+    # Data too large for the GPU (faked: 1 MB free) stays in CPU memory.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**20, 2**40))
+    with caplog.at_level(logging.INFO, logger="skinclf"):
+        _, metrics = train_in_process(
+            tmp_path, "device=cuda", "model=res_aug", *SMALL, "trainer.max_epochs=3", "optim.lr=1e-3"
+        )
+    assert "stay in CPU memory" in caplog.text
+    assert metrics["epochs_run"] == 3

@@ -28,6 +28,16 @@ def resolve_device(name: str) -> torch.device:
     raise SkinclfError(f"device={name}: expected auto, cpu or cuda")
 
 
+# Resident uint8 splits may take at most this share of the GPU's free memory; the rest is for
+# the model, its activations and the optimizer state.
+DATA_SHARE_OF_FREE_GPU_MEMORY = 0.25
+
+
+def data_fits_on_device(data_bytes: int, free_bytes: int) -> bool:
+    """Whether splits of ``data_bytes`` may live on a device with ``free_bytes`` free."""
+    return data_bytes <= DATA_SHARE_OF_FREE_GPU_MEMORY * free_bytes
+
+
 @lru_cache
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with AVX-512 BF16 or AMX, where bf16 matmuls/convs run natively and fast."""

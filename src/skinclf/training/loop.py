@@ -24,7 +24,12 @@ from torch import nn
 from skinclf.data.splits import Split
 from skinclf.errors import SkinclfError
 from skinclf.training.checkpoint import load_checkpoint, save_checkpoint
-from skinclf.training.hardware import autocast, input_dtype
+from skinclf.training.hardware import (
+    DATA_SHARE_OF_FREE_GPU_MEMORY,
+    autocast,
+    data_fits_on_device,
+    input_dtype,
+)
 from skinclf.training.progress import progress
 from skinclf.training.recipe import (
     FlipTTA,
@@ -176,16 +181,17 @@ def train_one_epoch(
     model.train()
     forward_ctx, dtype = autocast(settings.precision, device), input_dtype(settings.precision)
     layout = memory_format(settings)
-    order = torch.randperm(len(split), generator=generator).to(device)
+    # Batches are gathered where the split lives (the GPU when it fits there), then moved.
+    order = torch.randperm(len(split), generator=generator).to(split.images.device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     pos_weight = None if settings.pos_weight is None else torch.tensor(settings.pos_weight, device=device)
     starts = range(0, len(split), settings.batch_size)
     for start in progress(starts, mode=settings.progress, desc=desc, unit="batch"):
         idx = order[start : start + settings.batch_size]
-        x = pipeline.train_batch(split.images_at(idx), generator, dtype)
+        x = pipeline.train_batch(split.images_at(idx).to(device, non_blocking=True), generator, dtype)
         x = x.contiguous(memory_format=layout)
-        y = split.labels.index_select(0, idx)
+        y = split.labels.index_select(0, idx).to(device, non_blocking=True)
         target = y
         if settings.recipe.mixup_alpha > 0:
             x, target = mixup(x, y, settings.recipe.mixup_alpha, generator)
@@ -205,6 +211,22 @@ def train_one_epoch(
         loss_sum += loss.detach() * len(idx)
         correct += ((logits.detach() >= 0).float() == y).sum()
     return loss_sum.item() / len(split), correct.item() / len(split)
+
+
+def place_splits(train: Split, val: Split, device: torch.device) -> tuple[Split, Split]:
+    """The uint8 splits on the GPU when they fit there (moved once, not every batch), else left
+    in CPU memory, batches then copied over one by one. Logs which."""
+    data_bytes = sum(t.nbytes for split in (train, val) for t in (split.images, split.labels))
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    if data_fits_on_device(data_bytes, free_bytes):
+        log.info(f"data: train and val ({data_bytes / 2**20:.0f} MB) moved to {device} once")
+        return train.to(device), val.to(device)
+    log.info(
+        f"data: train and val ({data_bytes / 2**20:.0f} MB) stay in CPU memory, more than "
+        f"{DATA_SHARE_OF_FREE_GPU_MEMORY:.0%} of {device}'s free {free_bytes / 2**20:.0f} MB; "
+        "batches are copied over one by one"
+    )
+    return train, val
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -257,8 +279,7 @@ def fit(
     extra_state = extra_state or {}
     saved = model if checkpoint_model is None else checkpoint_model
     if device.type == "cuda":
-        # Small datasets of uint8 images fit on the GPU: move them once, not every batch.
-        train, val = train.to(device), val.to(device)
+        train, val = place_splits(train, val, device)
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
