@@ -115,10 +115,11 @@ def main() -> None:
         ]
         print("running:", " ".join(command[2:]), flush=True)
         t0 = time.perf_counter()
-        subprocess.run(command, check=True)
+        # A failed job fails the sweep command; the finished jobs are still reported below.
+        returncode = subprocess.run(command).returncode
         sweep_s = time.perf_counter() - t0
         # Job folders are <job number>_<model>.
-        finished = [d for d in sorted(out.iterdir()) if (d / "metrics.csv").exists()]
+        finished = [d for d in sorted(out.iterdir()) if (d / "test_metrics.json").exists()]
         jobs = {d.name.split("_", 1)[1]: read_job(d) for d in finished}
 
     print(
@@ -155,6 +156,8 @@ def main() -> None:
         )
     )
     print(f"written: {args.json}")
+    if returncode:
+        sys.exit(f"the sweep exited with status {returncode}: see its log above for the failed jobs")
 
 
 if __name__ == "__main__":
