@@ -214,8 +214,9 @@ def train_one_epoch(
 
 
 def place_splits(train: Split, val: Split, device: torch.device) -> tuple[Split, Split]:
-    """The uint8 splits on the GPU when they fit there (moved once, not every batch), else left
-    in CPU memory, batches then copied over one by one. Logs which."""
+    """The splits (uint8 images, or vgg16's cached features) on the GPU when they fit there
+    (moved once, not every batch), else left in CPU memory, each batch then copied over. Logs
+    which."""
     data_bytes = sum(t.nbytes for split in (train, val) for t in (split.images, split.labels))
     free_bytes, _ = torch.cuda.mem_get_info(device)
     if data_fits_on_device(data_bytes, free_bytes):
