@@ -184,6 +184,24 @@ def test_runs_csv_lists_unfinished_and_failed_runs(sweep, tmp_path):
     assert runs.loc["res_aug", "best_val_acc_pct"] == pytest.approx(80.0)
 
 
+def test_a_sweep_job_that_crashed_is_listed_as_failed_with_its_error(tmp_path):
+    root = tmp_path / "multiruns" / "sweep"
+    write_run(root, "baseline", *BASELINE[0])
+    crashed = write_run(root, "resnet", [0.6, 0.7], [0.6, 0.7], tested=False)
+    (crashed / "job_status.json").write_text(
+        json.dumps({"status": "failed", "error": "RuntimeError: CUDA out of memory", "log": "x"})
+    )
+    running = write_run(root, "res_aug", [0.6], [0.6], tested=False)
+    (running / "job_status.json").write_text(json.dumps({"status": "running"}))
+    build_report([tmp_path / "multiruns"], tmp_path / "reports")
+    runs = pd.read_csv(tmp_path / "reports" / "runs.csv").set_index("model")
+    assert runs.loc["resnet", "status"] == "failed"
+    problem = runs.loc["resnet", "problem"]
+    assert problem == "sweep job failed after 2 epochs: RuntimeError: CUDA out of memory"
+    assert runs.loc["res_aug", "status"] == "unfinished"
+    assert runs.loc["baseline", "status"] == "finished"
+
+
 def test_default_group_choice_spelled_out_is_the_same_experiment(tmp_path):
     root = tmp_path / "outputs"
     write_run(root, "res_aug", *RES_AUG, seed=0)

@@ -3,7 +3,8 @@
 A run folder is any folder with a ``.hydra/config.yaml`` of a skinclf training config (grid-search
 points, which cross-validate on the training split and are never tested, are not runs). Its status:
 ``finished`` (``test_metrics.json`` exists; the trainer writes it last), ``unfinished`` (still
-running, interrupted or crashed before the test) or ``failed`` (its files cannot be read).
+running, interrupted, or a single run that crashed before the test) or ``failed`` (its files
+cannot be read, or it is a sweep job whose ``job_status.json`` says it failed).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
+from skinclf.sweep.jobs import STATUS_FILE
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 
@@ -148,10 +150,25 @@ def load_run(path: Path) -> Run | None:
             run.status = FINISHED
         else:
             epochs = 0 if run.history is None else len(run.history)
-            run.problem = f"no {TEST_METRICS} ({epochs} epochs done)"
+            error = _failed_job_error(path)
+            if error is None:
+                run.problem = f"no {TEST_METRICS} ({epochs} epochs done)"
+            else:
+                run.status, run.problem = FAILED, f"sweep job failed after {epochs} epochs: {error}"
     except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
         run.status, run.problem = FAILED, str(err)
     return run
+
+
+def _failed_job_error(path: Path) -> str | None:
+    """The error of a sweep job that stopped with one (its job_status.json), else None."""
+    try:
+        status = json.loads((path / STATUS_FILE).read_text())
+    except (OSError, ValueError):  # not a sweep job, or no readable status: nothing to add
+        return None
+    if not isinstance(status, dict) or status.get("status") != "failed":
+        return None
+    return str(status.get("error", "no error recorded"))
 
 
 def _read_history(path: Path) -> pd.DataFrame | None:
