@@ -13,7 +13,8 @@ Prints a table and writes JSON. For each model:
                   Normalize where the pipeline normalises;
   * train_epoch_skinclf_s  the training pass of skinclf's own loop (`train_one_epoch`, images
                   from the decode cache, batched augmentation) on the same images;
-  * epoch_skinclf_s  a whole epoch of `fit`: that pass plus validation and checkpoint writes;
+  * epoch_skinclf_s  a whole epoch of `fit` as its metrics.csv clock counts it: that pass plus
+                  validation and the best.pt write (last.pt is written after the clock stops);
   * pure_steps_s  the same number of training steps on the loop's batches, prepared before
                   the clock starts;
   * overhead      train_epoch_skinclf_s / pure_steps_s - 1: what the loop adds to the pure
@@ -228,7 +229,7 @@ def skinclf_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int, fi
     whole epoch of ``fit`` (plus validation and checkpoint writes)."""
     from skinclf.models import build_model
     from skinclf.training.hardware import input_dtype
-    from skinclf.training.loop import fit, make_optimizer, train_one_epoch
+    from skinclf.training.loop import fit, make_optimizer, place_splits, train_one_epoch
 
     cfg, device, settings, splits, pipeline = _folder_run(model_name, root, cache_dir)
     settings.max_epochs = 1
@@ -239,19 +240,20 @@ def skinclf_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int, fi
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     generator = torch.Generator().manual_seed(0)
 
-    train = splits.train.to(device)  # as fit does on CUDA: batches are gathered on the device
+    train, _ = place_splits(splits.train, splits.val, device)  # where fit keeps them
 
     def train_pass():
         train_one_epoch(model, pipeline, train, optimizer, scaler, generator, settings, device, "")
 
     # The loop's batches, made before the clock starts: the pure steps differ from the training
     # pass by the data handling alone (gathering, augmentation, normalisation, bookkeeping).
+    order = torch.randperm(len(train), generator=generator).to(train.images.device)
     ready = [
         (
-            pipeline.train_batch(train.images_at(idx), generator, input_dtype(settings.precision)),
-            train.labels[idx],
+            pipeline.train_batch(train.images_at(idx).to(device), generator, input_dtype(settings.precision)),
+            train.labels[idx].to(device),
         )
-        for idx in torch.randperm(len(train), generator=generator).to(device).split(settings.batch_size)
+        for idx in order.split(settings.batch_size)
     ]
     step = training_step(model, optimizer, settings.precision, device)
 

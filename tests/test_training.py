@@ -19,18 +19,18 @@ from skinclf.training.loop import METRICS_COLUMNS, EarlyStopping, LoopSettings, 
 from conftest import train_in_process
 
 SMALL = ["data.train_size=64", "data.val_size=32", "data.test_size=32"]
+# lr 1e-3 instead of the paper's 1e-4, so that a few epochs on 512 images suffice to learn.
+LEARNABLE = [
+    "data.train_size=512",
+    "data.val_size=128",
+    "data.test_size=64",
+    "trainer.max_epochs=6",
+    "optim.lr=1e-3",
+]
 
 
 def test_training_learns_well_above_chance(tmp_path):
-    # lr 1e-3 instead of the paper's 1e-4, so that a few epochs on 512 images suffice.
-    _, metrics = train_in_process(
-        tmp_path,
-        "data.train_size=512",
-        "data.val_size=128",
-        "data.test_size=64",
-        "trainer.max_epochs=6",
-        "optim.lr=1e-3",
-    )
+    _, metrics = train_in_process(tmp_path, *LEARNABLE)
     assert metrics["best_val_acc"] >= 0.65
     assert metrics["roc_auc"] > 0.6
 
@@ -109,17 +109,7 @@ def test_evaluate_probabilities_match_accuracy(tmp_path):
 def test_a_cuda_run_augments_on_the_gpu_learns_and_tests_the_best_checkpoint(tmp_path, recipe):
     # On CUDA the splits move to the GPU once and the batches are augmented there; validation
     # (with the modern recipe: raw and EMA weights, flip TTA) compares CPU logits with labels.
-    out, metrics = train_in_process(
-        tmp_path,
-        "device=cuda",
-        "model=res_aug",
-        f"recipe={recipe}",
-        "data.train_size=512",
-        "data.val_size=128",
-        "data.test_size=64",
-        "trainer.max_epochs=6",
-        "optim.lr=1e-3",
-    )
+    out, metrics = train_in_process(tmp_path, "device=cuda", "model=res_aug", f"recipe={recipe}", *LEARNABLE)
     assert metrics["best_val_acc"] >= 0.65
     assert load_checkpoint(out / "best.pt")["epoch"] == metrics["best_epoch"]
 

@@ -214,9 +214,11 @@ def train_one_epoch(
 
 
 def place_splits(train: Split, val: Split, device: torch.device) -> tuple[Split, Split]:
-    """The splits (uint8 images, or vgg16's cached features) on the GPU when they fit there
-    (moved once, not every batch), else left in CPU memory, each batch then copied over. Logs
-    which."""
+    """On CUDA, the splits (uint8 images, or vgg16's cached features) on the GPU when they fit
+    there (moved once, not every batch), else left in CPU memory, each batch then copied over.
+    Logs which. Elsewhere the splits as they are."""
+    if device.type != "cuda":
+        return train, val
     data_bytes = sum(t.nbytes for split in (train, val) for t in (split.images, split.labels))
     free_bytes, _ = torch.cuda.mem_get_info(device)
     if data_fits_on_device(data_bytes, free_bytes):
@@ -279,8 +281,7 @@ def fit(
     """
     extra_state = extra_state or {}
     saved = model if checkpoint_model is None else checkpoint_model
-    if device.type == "cuda":
-        train, val = place_splits(train, val, device)
+    train, val = place_splits(train, val, device)
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
