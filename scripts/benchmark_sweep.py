@@ -16,6 +16,7 @@ and the table says so.
 
     python scripts/benchmark_sweep.py                         # the paper sweep, device auto
     python scripts/benchmark_sweep.py --models baseline res_aug --train-size 1024 --device cpu
+    python scripts/benchmark_sweep.py --data-dir ~/.cache/skinclf-sweep   # generate the images once
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=PAPER_SIZES["test"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=None, help="keep the sweep here (default: a temp folder)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="cache the generated images here, so a rerun skips generating them (default: a temp folder)",
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmark_sweep.json"))
     args = parser.parse_args()
 
@@ -98,7 +105,7 @@ def main() -> None:
             f"data.train_size={args.train_size}",
             f"data.val_size={args.val_size}",
             f"data.test_size={args.test_size}",
-            f"data.cache_dir={Path(tmp) / 'data'}",
+            f"data.cache_dir={args.data_dir or Path(tmp) / 'data'}",
         ]
         generate_s = generate_data(data)
         pretrained = "vgg16" not in args.models or vgg16_weights_cached()
