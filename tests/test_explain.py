@@ -52,7 +52,8 @@ def test_heat_maps_have_the_image_size_and_are_not_constant(tiny_run):
     # The logits are the model's: Grad-CAM does not change what it explains.
     assert cam.logits == pytest.approx(torch.logit(run.predict_probs(images)), abs=1e-4)
     # Evidence for NV is the mirror image of evidence for MEL, not the same map.
-    nv_map = grad_cam(run.model, run.pipeline.eval_batch(images[:1]), torch.tensor([False])).heatmaps
+    nv_batch = run.pipeline.eval_batch(images[:1].to(run.device))
+    nv_map = grad_cam(run.model, nv_batch, torch.tensor([False])).heatmaps
     assert not torch.allclose(nv_map.flatten(1), maps[:1])
 
 
