@@ -10,7 +10,7 @@ from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, first_line
 
 CONFIG_MODULE = "skinclf.conf"
 CONFIG_NAME = "train"
@@ -22,7 +22,7 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             return compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
     except HydraException as err:
-        raise SkinclfError(str(err).strip().splitlines()[0]) from err
+        raise SkinclfError(first_line(err)) from err
 
 
 def instantiate_config(node: DictConfig) -> Any:

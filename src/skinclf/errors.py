@@ -10,3 +10,10 @@ class SkinclfError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): torch and
+    Hydra messages run to many lines, and a status file or an ``error:`` line wants one."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -14,7 +14,7 @@ from skinclf.errors import SkinclfError
 from skinclf.evaluation.curves import save_figure
 from skinclf.evaluation.gradcam import grad_cam
 from skinclf.predict import DISCLAIMER, collect_images, decode_all
-from skinclf.runs import Run, load_run
+from skinclf.runs import TrainedRun, load_run
 
 CLASSES = ("mel", "nv", "predicted")
 # Images explained per forward/backward pass: Grad-CAM keeps activations and gradients in memory.
@@ -52,7 +52,7 @@ def _unique_name(path: Path, taken: set[str]) -> str:
 
 
 def explain_files(
-    run: Run, files: Sequence[Path], out_dir: Path, target: str = "mel"
+    run: TrainedRun, files: Sequence[Path], out_dir: Path, target: str = "mel"
 ) -> tuple[list[Path], list[str]]:
     """Write one Grad-CAM PNG per readable file into ``out_dir``; returns (written, problems)."""
     if target not in CLASSES:

@@ -13,7 +13,7 @@ import torch
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_write_text
-from skinclf.runs import Run, load_run
+from skinclf.runs import TrainedRun, load_run
 from skinclf.training.progress import progress
 
 DISCLAIMER = "skinclf is a research tool, not a diagnosis: do not use its output for medical decisions."
@@ -53,7 +53,7 @@ def decode_all(files: Sequence[Path], desc: str = "decoding") -> Iterator[tuple[
             yield path, str(err)
 
 
-def predict_files(run: Run, files: Sequence[Path], threshold: float) -> pd.DataFrame:
+def predict_files(run: TrainedRun, files: Sequence[Path], threshold: float) -> pd.DataFrame:
     """One row per file: path, prob_mel, prediction (MEL/NV at ``threshold``), threshold, error.
 
     Unreadable files get an empty probability and the reason in ``error``; the rest are scored

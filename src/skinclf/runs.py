@@ -15,21 +15,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from skinclf.config import instantiate_config
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, first_line
 from skinclf.models import build_model
+from skinclf.run_files import BEST_CHECKPOINT, TEST_METRICS
 from skinclf.train import loop_settings
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import LoopSettings, predict_logits
 
-# Written last by `skinclf train`: a folder without it is an unfinished (or crashed) run.
-FINISHED_MARKER = "test_metrics.json"
-CHECKPOINT = "best.pt"
 DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass
-class Run:
+class TrainedRun:
     """A finished run, ready for inference on new images."""
 
     path: Path
@@ -89,7 +87,7 @@ def _operating_threshold(metrics: dict, metrics_path: Path) -> tuple[float, str]
     return threshold, source
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> Run:
+def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     """Load the finished run in ``run_dir``: best.pt (``weights_only``, format-checked), its config,
     the fitted pipeline, and the operating threshold from test_metrics.json.
 
@@ -98,13 +96,13 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SkinclfError(f"{run_dir}: no such run folder; expected the output directory of `skinclf train`")
-    for name in (CHECKPOINT, FINISHED_MARKER):
+    for name in (BEST_CHECKPOINT, TEST_METRICS):
         if not (run_dir / name).is_file():
             raise SkinclfError(
                 f"{run_dir}: not a finished skinclf run ({name} is missing); expected the output "
                 "directory of a completed `skinclf train`"
             )
-    metrics_path = run_dir / FINISHED_MARKER
+    metrics_path = run_dir / TEST_METRICS
     try:
         metrics = json.loads(metrics_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -117,10 +115,10 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
 
     torch_device = resolve_device(device)
     # Load on the CPU: the checkpoint may come from a GPU machine.
-    state = load_checkpoint(run_dir / CHECKPOINT, map_location="cpu")
+    state = load_checkpoint(run_dir / BEST_CHECKPOINT, map_location="cpu")
     for key in ("model", "pipeline", "config"):
         if key not in state:
-            raise SkinclfError(f"{run_dir / CHECKPOINT}: checkpoint has no {key!r} entry")
+            raise SkinclfError(f"{run_dir / BEST_CHECKPOINT}: checkpoint has no {key!r} entry")
     # The checkpoint's config is the resolved one the model was built from (.hydra/ holds
     # interpolations, and in-process runs have no .hydra/ at all).
     cfg = OmegaConf.create(state["config"])
@@ -133,15 +131,14 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
         pipeline = instantiate_config(cfg.model.pipeline)
         pipeline.load_state_dict(state["pipeline"])
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SkinclfError(
-            f"{run_dir / CHECKPOINT}: does not match model={cfg.model.get('name')} ({first_line})"
+            f"{run_dir / BEST_CHECKPOINT}: does not match model={cfg.model.get('name')} ({first_line(err)})"
         ) from err
     model.to(torch_device).eval()
     # The precision the run was evaluated in (recorded by newer runs), so that predictions
     # reproduce its test-time ones; older runs: resolved again, here.
     precision = str(state.get("precision") or resolve_precision(str(cfg.trainer.precision), torch_device))
-    return Run(
+    return TrainedRun(
         path=run_dir,
         config=cfg,
         model=model,

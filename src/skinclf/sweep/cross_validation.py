@@ -20,6 +20,7 @@ from sklearn.model_selection import StratifiedKFold
 from skinclf.data import ImageSplits, Split, load_splits
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_write_json
+from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import fit
 
@@ -88,7 +89,7 @@ def _fit_fold(
     )
     # Only the accuracy matters for model selection: drop the checkpoints (a full grid of
     # them would take gigabytes). metrics.csv stays for inspection.
-    for name in ("best.pt", "last.pt"):
+    for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
         (fold_dir / name).unlink(missing_ok=True)
     log.info(f"fold {fold}: best validation accuracy {result.best_val_acc:.4f} (epoch {result.best_epoch})")
     return result.best_val_acc

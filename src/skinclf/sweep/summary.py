@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from skinclf.io import atomic_write_json, atomic_write_text
+from skinclf.run_files import HYDRA_OVERRIDES
 from skinclf.sweep.cross_validation import CV_RESULT
 from skinclf.sweep.jobs import STATUS_FILE, start_launch
 
@@ -79,7 +80,7 @@ def rank_grid(sweep_dir: Path) -> pd.DataFrame:
     rows = []
     for path in sorted(Path(sweep_dir).glob(f"*/{CV_RESULT}"), key=_job_order):
         result = json.loads(path.read_text())
-        overrides_file = path.parent / ".hydra" / "overrides.yaml"
+        overrides_file = path.parent / HYDRA_OVERRIDES
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
         rows.append({"overrides": overrides or [], "dir": path.parent.name, **result})
     if not rows:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, first_line
 from skinclf.io import atomic_torch_save
 
 FORMAT = "skinclf-checkpoint-v1"
@@ -27,8 +27,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SkinclfError(f"{path}: not a readable skinclf checkpoint ({first_line})") from err
+        raise SkinclfError(f"{path}: not a readable skinclf checkpoint ({first_line(err)})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise SkinclfError(f"{path}: not a skinclf checkpoint (expected format {FORMAT!r})")
     return state

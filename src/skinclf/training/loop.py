@@ -23,6 +23,7 @@ from torch import nn
 
 from skinclf.data.splits import Split
 from skinclf.errors import SkinclfError
+from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS
 from skinclf.training.checkpoint import load_checkpoint, save_checkpoint
 from skinclf.training.hardware import (
     DATA_SHARE_OF_FREE_GPU_MEMORY,
@@ -303,9 +304,9 @@ def fit(
     start_epoch = 1
 
     last_path, best_path, metrics_path = (
-        out_dir / "last.pt",
-        out_dir / "best.pt",
-        out_dir / "metrics.csv",
+        out_dir / LAST_CHECKPOINT,
+        out_dir / BEST_CHECKPOINT,
+        out_dir / METRICS,
     )
     if resume and last_path.exists():
         state = load_checkpoint(last_path, map_location=device)

@@ -1,0 +1,22 @@
+"""The files of a run folder, named once: what ``skinclf train`` writes there (SPEC.md's output
+files) and what ``report``, ``predict``, ``explain`` and the sweep tools read back.
+
+A sweep job's own bookkeeping files (``run_config.json``, ``job_status.json``) are named in
+:mod:`skinclf.sweep.jobs`, and cross-validation's in :mod:`skinclf.sweep.cross_validation`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Hydra's record of the run: its composed config and its command-line overrides.
+HYDRA_DIR = ".hydra"
+HYDRA_CONFIG = Path(HYDRA_DIR) / "config.yaml"
+HYDRA_OVERRIDES = Path(HYDRA_DIR) / "overrides.yaml"
+TRAIN_LOG = "train.log"
+METRICS = "metrics.csv"  # one row per epoch
+BEST_CHECKPOINT = "best.pt"  # the weights of the best epoch by validation accuracy
+LAST_CHECKPOINT = "last.pt"  # everything a resume needs, rewritten after each epoch
+PREDICTIONS = "predictions.csv"
+# Written last: a folder without it is an unfinished (or crashed) run.
+TEST_METRICS = "test_metrics.json"
