@@ -1,14 +1,17 @@
 """`skinclf` as a user runs it: from any directory, the run files, and one-line errors."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
 import torch
 
 from skinclf.models import PAPER_MODELS
+from skinclf.report.runs import find_runs
 from skinclf.training.loop import METRICS_COLUMNS
 
 from conftest import TINY, run_dir_from_output, train_cli
@@ -46,6 +49,7 @@ def test_train_from_another_directory_writes_all_run_files(tmp_path):
     assert run_dir.is_relative_to(tmp_path / "outputs" / "runs")
     assert list((tmp_path / "data").glob("synthetic_*.pt"))
     assert_complete_run(run_dir)
+    assert json.loads((run_dir / "job_status.json").read_text())["status"] == "done"
 
 
 @pytest.mark.slow
@@ -55,6 +59,36 @@ def test_every_from_scratch_model_runs_one_epoch(tmp_path, model):
     run_dir = run_dir_from_output(proc.stdout)
     assert run_dir.name.endswith(model)
     assert_complete_run(run_dir)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_a_stopped_run_leaves_no_temporary_files_and_resumes(tmp_path, signum):
+    run_dir = tmp_path / "outputs" / "stopped"
+    # Epochs of a second or so, so that the signal lands while the run is still going.
+    overrides = [*TINY[:3], "data.train_size=512", "trainer.max_epochs=3", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "skinclf", "train", *overrides, "trainer.progress=never"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.csv"
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be stopped:\n{proc.communicate()}"
+    proc.send_signal(signum)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not [p.name for p in run_dir.iterdir() if p.suffix == ".tmp"]
+    assert not (run_dir / "test_metrics.json").exists()
+    assert json.loads((run_dir / "job_status.json").read_text())["status"] == "stopped"
+    [stopped] = find_runs([tmp_path / "outputs"])
+    assert stopped.status == "unfinished" and stopped.problem.startswith("stopped after 1 epoch")
+
+    train_cli(*overrides, "resume=true", cwd=tmp_path)
+    assert len(pd.read_csv(metrics)) == 3
+    assert json.loads((run_dir / "job_status.json").read_text())["status"] == "done"
 
 
 def error_run(tmp_path, *overrides):

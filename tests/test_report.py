@@ -197,9 +197,44 @@ def test_a_sweep_job_that_crashed_is_listed_as_failed_with_its_error(tmp_path):
     runs = pd.read_csv(tmp_path / "reports" / "runs.csv").set_index("model")
     assert runs.loc["resnet", "status"] == "failed"
     problem = runs.loc["resnet", "problem"]
-    assert problem == "sweep job failed after 2 epochs: RuntimeError: CUDA out of memory"
+    assert problem == "failed after 2 epochs: RuntimeError: CUDA out of memory"
     assert runs.loc["res_aug", "status"] == "unfinished"
     assert runs.loc["baseline", "status"] == "finished"
+
+
+# `skinclf train` with its task swapped for one that crashes after an epoch, as an out-of-memory
+# error would: the real CLI, Hydra and status handling around an injected failure.
+CRASHING_TRAIN = """
+import sys
+import skinclf.train
+from skinclf.cli import main
+
+def crash(cfg, out_dir):
+    (out_dir / "metrics.csv").write_text("epoch,train_acc,val_acc\\n1,0.5,0.5\\n")
+    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+skinclf.train.task = crash
+main(["train", *sys.argv[1:]])
+"""
+
+
+def test_a_single_run_that_crashed_is_listed_as_failed_with_its_error(tmp_path):
+    run_dir = tmp_path / "outputs" / "crashed"
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHING_TRAIN, f"hydra.run.dir={run_dir}", "trainer.progress=never"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "CUDA out of memory" in proc.stderr
+    status = json.loads((run_dir / "job_status.json").read_text())
+    assert status["status"] == "failed"
+    assert status["error"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    runs = find_runs([tmp_path / "outputs"])
+    assert [(run.status, run.problem) for run in runs] == [
+        ("failed", "failed after 1 epoch: CUDA out of memory. Tried to allocate 2.00 GiB")
+    ]
 
 
 def test_default_group_choice_spelled_out_is_the_same_experiment(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
@@ -37,13 +38,24 @@ def _usage() -> str:
     return USAGE.format(commands="\n".join(lines))
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # Python's default for SIGTERM ends the process on the spot; raising instead lets every
+    # `finally` run, so that an atomic write in progress removes its temporary file (vgg16's
+    # last.pt is 1.3 GB). The run folder is then left as Ctrl-C leaves it: resumable.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # `kill`, a scheduler's time limit: stop as Ctrl-C does (only the main thread can set this).
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         _dispatch(argv)
     except BrokenPipeError:
         # `skinclf ... | head` closed the pipe early: not an error worth a traceback.
         sys.stderr.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _dispatch(argv: list[str]) -> None:

@@ -23,15 +23,22 @@ from skinclf.config import instantiate_config
 from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
-from skinclf.errors import EXIT_USER_ERROR, SkinclfError
+from skinclf.errors import EXIT_USER_ERROR, SkinclfError, first_line
 from skinclf.evaluation.curves import write_run_curves
 from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.threshold import threshold_for_sensitivity
 from skinclf.io import atomic_write_json, atomic_write_text
 from skinclf.models import build_model
+from skinclf.run_files import BEST_CHECKPOINT, HYDRA_DIR, PREDICTIONS, TEST_METRICS, TRAIN_LOG
 from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
-from skinclf.sweep.jobs import RUN_CONFIG, claim_run_dir, run_sweep_job
+from skinclf.sweep.jobs import (
+    RUN_CONFIG,
+    STATUS_FILE,
+    claim_run_dir,
+    run_sweep_job,
+    write_status,
+)
 from skinclf.sweep.summary import SweepSummary
 from skinclf.training.allocator import keep_freed_memory
 from skinclf.training.checkpoint import load_checkpoint
@@ -109,7 +116,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     )
 
     # The checkpoint with the best validation accuracy is the one that is tested.
-    best = load_checkpoint(out_dir / "best.pt", map_location=device)
+    best = load_checkpoint(out_dir / BEST_CHECKPOINT, map_location=device)
     model.load_state_dict(best["model"])
     _, _, val_probs = evaluate(stage.module, stage.pipeline, stage.splits.val, settings, device)
     target = float(cfg.eval.target_sensitivity)
@@ -160,9 +167,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             f"specificity {metrics['specificity']:.4f} roc_auc {metrics['roc_auc']:.4f}"
         )
     predictions_table = pd.concat(predictions)
-    atomic_write_text(predictions_table.to_csv(index=False), out_dir / "predictions.csv")
+    atomic_write_text(predictions_table.to_csv(index=False), out_dir / PREDICTIONS)
     write_run_curves(predictions_table, out_dir, threshold, title=f"{cfg.model.name}, {splits.name} data")
-    atomic_write_json(metrics, out_dir / "test_metrics.json")
+    atomic_write_json(metrics, out_dir / TEST_METRICS)
     return metrics
 
 
@@ -191,10 +198,14 @@ def _run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     return task(cfg, out_dir)
 
 
-def _remove_unstarted_run(out_dir: Path) -> None:
-    """Delete a run folder that holds nothing but what Hydra wrote before the run failed."""
-    if out_dir.is_dir() and all(p.name in {".hydra", "train.log", RUN_CONFIG} for p in out_dir.iterdir()):
+def _remove_unstarted_run(out_dir: Path) -> bool:
+    """Delete a run folder that holds nothing but what was written before the run failed (Hydra's
+    files, the log, the config and status records); True if it did."""
+    bookkeeping = {HYDRA_DIR, TRAIN_LOG, RUN_CONFIG, STATUS_FILE}
+    if out_dir.is_dir() and all(p.name in bookkeeping for p in out_dir.iterdir()):
         shutil.rmtree(out_dir, ignore_errors=True)
+        return True
+    return False
 
 
 @hydra.main(version_base="1.3", config_path="pkg://skinclf.conf", config_name="train")
@@ -206,13 +217,29 @@ def hydra_main(cfg: DictConfig) -> None:
         overrides = list(hydra_cfg.overrides.task)
         run_sweep_job(cfg, out_dir, _run_in_hydra, hydra_cfg.job.num, Path(hydra_cfg.sweep.dir), overrides)
         return
+    log_path = {"log": str(out_dir / TRAIN_LOG)}
+    started = False  # the folder is this run's: a refused folder's status is left alone
     try:
         claim_run_dir(out_dir, cfg)
+        write_status(out_dir, "running", None, **log_path)
+        started = True
         _run_in_hydra(cfg, out_dir)
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
-        _remove_unstarted_run(out_dir)
+        if not _remove_unstarted_run(out_dir) and started:
+            write_status(out_dir, "failed", None, error=first_line(err), **log_path)
         sys.exit(EXIT_USER_ERROR)
+    except Exception as err:
+        # A crash: `skinclf report` lists the run as failed with this error, not as unfinished.
+        if started:
+            write_status(out_dir, "failed", None, error=first_line(err), **log_path)
+        raise
+    except BaseException:
+        # Ctrl-C or `kill` (SIGTERM, see cli.py): unfinished, and resumable with resume=true.
+        if started:
+            write_status(out_dir, "stopped", None, **log_path)
+        raise
+    write_status(out_dir, "done", None, **log_path)
     print(f"output directory: {out_dir}")
 
 

@@ -3,8 +3,8 @@
 A run folder is any folder with a ``.hydra/config.yaml`` of a skinclf training config (grid-search
 points, which cross-validate on the training split and are never tested, are not runs). Its status:
 ``finished`` (``test_metrics.json`` exists; the trainer writes it last), ``unfinished`` (still
-running, interrupted, or a single run that crashed before the test) or ``failed`` (its files
-cannot be read, or it is a sweep job whose ``job_status.json`` says it failed).
+running, or stopped by Ctrl-C or a signal) or ``failed`` (its files cannot be read, or its
+``job_status.json`` says it stopped with an error).
 """
 
 from __future__ import annotations
@@ -21,15 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
+from skinclf.run_files import HYDRA_CONFIG, HYDRA_OVERRIDES, METRICS, PREDICTIONS, TEST_METRICS
 from skinclf.sweep.jobs import STATUS_FILE
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 
-CONFIG = Path(".hydra") / "config.yaml"
-OVERRIDES = Path(".hydra") / "overrides.yaml"
-METRICS = "metrics.csv"
-TEST_METRICS = "test_metrics.json"
-PREDICTIONS = "predictions.csv"
 METRICS_REQUIRED = ("epoch", "train_acc", "val_acc")
 TEST_REQUIRED = ("accuracy", "f1", "sensitivity", "specificity", "roc_auc", "confusion")
 
@@ -106,7 +102,7 @@ def find_runs(dirs: Sequence[Path]) -> list[Run]:
     for root in map(Path, dirs):
         if not root.is_dir():
             continue
-        for config in root.rglob(str(CONFIG)):
+        for config in root.rglob(str(HYDRA_CONFIG)):
             seen.setdefault(config.parent.parent.resolve(), config.parent.parent)
     runs = [load_run(seen[key]) for key in sorted(seen)]
     return [run for run in runs if run is not None]
@@ -115,9 +111,9 @@ def find_runs(dirs: Sequence[Path]) -> list[Run]:
 def load_run(path: Path) -> Run | None:
     """Read one run folder; None when its config is not a skinclf training config."""
     try:
-        cfg = OmegaConf.load(path / CONFIG)
+        cfg = OmegaConf.load(path / HYDRA_CONFIG)
     except Exception as err:  # any YAML problem: the folder is listed as failed, not skipped
-        return Run(path, "?", "?", None, status=FAILED, problem=f"{CONFIG} unreadable: {err}")
+        return Run(path, "?", "?", None, status=FAILED, problem=f"{HYDRA_CONFIG} unreadable: {err}")
     if not isinstance(cfg, DictConfig):
         return None
     model = OmegaConf.select(cfg, "model.name", default=None)
@@ -149,26 +145,28 @@ def load_run(path: Path) -> Run | None:
                 raise ValueError(f"{TEST_METRICS} exists but {METRICS} has no epochs")
             run.status = FINISHED
         else:
-            epochs = 0 if run.history is None else len(run.history)
-            error = _failed_job_error(path)
-            if error is None:
-                run.problem = f"no {TEST_METRICS} ({epochs} epochs done)"
+            n = 0 if run.history is None else len(run.history)
+            epochs = f"{n} epoch" + ("" if n == 1 else "s")
+            status = _job_status(path)
+            if status.get("status") == "failed":
+                error = status.get("error", "no error recorded")
+                run.status, run.problem = FAILED, f"failed after {epochs}: {error}"
+            elif status.get("status") == "stopped":
+                run.problem = f"stopped after {epochs} (Ctrl-C or a signal); resume=true continues it"
             else:
-                run.status, run.problem = FAILED, f"sweep job failed after {epochs} epochs: {error}"
+                run.problem = f"no {TEST_METRICS} ({epochs} done)"
     except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
         run.status, run.problem = FAILED, str(err)
     return run
 
 
-def _failed_job_error(path: Path) -> str | None:
-    """The error of a sweep job that stopped with one (its job_status.json), else None."""
+def _job_status(path: Path) -> dict:
+    """The run's or sweep job's job_status.json; empty when it has none or it is unreadable."""
     try:
         status = json.loads((path / STATUS_FILE).read_text())
-    except (OSError, ValueError):  # not a sweep job, or no readable status: nothing to add
-        return None
-    if not isinstance(status, dict) or status.get("status") != "failed":
-        return None
-    return str(status.get("error", "no error recorded"))
+    except (OSError, ValueError):  # runs from before status files, or a torn copy: nothing to add
+        return {}
+    return status if isinstance(status, dict) else {}
 
 
 def _read_history(path: Path) -> pd.DataFrame | None:
@@ -194,7 +192,7 @@ def _default_group_choices() -> dict[str, str]:
 def _settings(path: Path) -> dict[str, str]:
     """The run's command-line overrides that define the experiment (see NOT_AN_EXPERIMENT_SETTING)."""
     try:
-        overrides = OmegaConf.to_container(OmegaConf.load(path / OVERRIDES))
+        overrides = OmegaConf.to_container(OmegaConf.load(path / HYDRA_OVERRIDES))
     except Exception:  # no or broken overrides.yaml: the run counts as run with the defaults
         return {}
     if not isinstance(overrides, list):

@@ -20,8 +20,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, first_line
 from skinclf.io import atomic_write_json, atomic_write_text
+from skinclf.run_files import TEST_METRICS, TRAIN_LOG
 from skinclf.sweep.cross_validation import CV_RESULT
 
 log = logging.getLogger("skinclf")
@@ -30,7 +31,7 @@ RUN_CONFIG = "run_config.json"
 STATUS_FILE = "job_status.json"
 LAUNCH_FILE = ".skinclf_launch"
 # What a finished job has written last: run() the test metrics, cross_validate() its CV result.
-RESULT_FILES = ("test_metrics.json", CV_RESULT)
+RESULT_FILES = (TEST_METRICS, CV_RESULT)
 # Keys that do not change what a run computes, so a resume may change them.
 VOLATILE_KEYS = ("resume", "device", "trainer.progress", "trainer.num_threads", "trainer.keep_freed_memory")
 
@@ -95,7 +96,8 @@ def current_launch(sweep_dir: Path) -> str | None:
 
 
 def write_status(out_dir: Path, status: str, launch: str | None, **info: Any) -> None:
-    """Record a job's state (running, done, skipped, failed) for the sweep summary."""
+    """Record a job's state (running, done, skipped, failed, stopped) for the sweep summary and
+    ``skinclf report``; single runs record theirs too (all but skipped)."""
     atomic_write_json({"status": status, "launch": launch, **info}, out_dir / STATUS_FILE)
 
 
@@ -115,7 +117,7 @@ def run_sweep_job(
     jobs still run; the summary at the end of the sweep names the failed jobs.
     """
     launch = current_launch(sweep_dir)
-    info = {"job": job_num, "overrides": overrides, "log": str(out_dir / "train.log")}
+    info = {"job": job_num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
     try:
         state = claim_run_dir(out_dir, cfg)
         if state == "finished":
@@ -127,7 +129,7 @@ def run_sweep_job(
         cfg.resume = bool(cfg.resume) or state == "unfinished"
         task(cfg, out_dir)
     except Exception as err:  # noqa: BLE001 - any failure of one job must not stop the sweep
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = first_line(err)
         if isinstance(err, SkinclfError):
             log.error(f"job {job_num} failed: {message}")
         else:
@@ -135,6 +137,10 @@ def run_sweep_job(
         print(f"skinclf train: job {job_num} failed: {message} (log: {info['log']})", file=sys.stderr)
         write_status(out_dir, "failed", launch, error=message, **info)
         return "failed"
+    except BaseException:
+        # Ctrl-C or `kill`: the sweep stops here; a re-launch resumes this job.
+        write_status(out_dir, "stopped", launch, **info)
+        raise
     write_status(out_dir, "done", launch, **info)
     print(f"output directory: {out_dir}")
     return "done"
