@@ -17,8 +17,9 @@ Prints a table and writes JSON. For each model:
                   validation and the best.pt write (last.pt is written after the clock stops);
   * pure_steps_s  the same number of training steps on the loop's batches, prepared before
                   the clock starts;
-  * overhead      train_epoch_skinclf_s / pure_steps_s - 1: what the loop adds to the pure
-                  steps (batching, augmentation, normalisation, bookkeeping);
+  * overhead      what the loop adds to the pure steps (batching, augmentation, normalisation,
+                  bookkeeping): the median over repeats of train pass / pure steps - 1, the two
+                  timed alternately so that each pair sees the same machine state;
   * peak_rss_mb / peak_cuda_mb  peak memory of skinclf's measurement process for that model.
 and, for vgg16, the head's epoch time on cached features vs running the frozen extractor.
 
@@ -83,18 +84,29 @@ def _folder_cfg(model: str, root: Path, cache_dir: Path):
     )
 
 
+def _timed(fn, device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, the GPU's queued work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def _median_time(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up: first-call allocations, oneDNN kernel selection
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_timed(fn, device) for _ in range(repeats))
+
+
+def _paired_times(fn_a, fn_b, repeats: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Times of ``fn_a`` and ``fn_b`` run alternately (a, b, a, b, ...), after one warm-up each:
+    the two of a pair see the same machine state, so that their ratio does not pick up drift
+    (another process, clock changes) between two separate blocks of runs."""
+    fn_a(), fn_b()
+    pairs = [(_timed(fn_a, device), _timed(fn_b, device)) for _ in range(repeats)]
+    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def training_step(model, optimizer, precision: str, device: torch.device):
@@ -267,9 +279,13 @@ def skinclf_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int, fi
         with tempfile.TemporaryDirectory() as out:
             fit(build_model(cfg.model), pipeline, splits.train, splits.val, settings, device, Path(out))
             fit_times.append(float((Path(out) / "metrics.csv").read_text().splitlines()[1].split(",")[-1]))
+    loop_times, pure_times = _paired_times(train_pass, pure_steps, repeats, device)
+    overheads = [loop / pure - 1 for loop, pure in zip(loop_times, pure_times, strict=True)]
     return {
-        "train_epoch_skinclf_s": _median_time(train_pass, repeats, device),
-        "pure_steps_s": _median_time(pure_steps, repeats, device),
+        "train_epoch_skinclf_s": statistics.median(loop_times),
+        "pure_steps_s": statistics.median(pure_times),
+        "overhead": statistics.median(overheads),
+        "overhead_per_repeat": overheads,
         "epoch_skinclf_s": statistics.median(fit_times[1:]),
     }
 
@@ -390,7 +406,6 @@ def main() -> None:
             f"{r['step_fp32_s'] / r['step_fast_s']:>7.2f}x {r['step_fast_default_malloc_s']:>8.3f}s"
         )
         if "epoch_ref_s" in r:
-            r["overhead"] = r["train_epoch_skinclf_s"] / r["pure_steps_s"] - 1
             line += (
                 f" {r['epoch_ref_s']:>9.2f}s {r['train_epoch_skinclf_s']:>12.2f}s "
                 f"{r['epoch_ref_s'] / r['train_epoch_skinclf_s']:>7.2f}x {r['pure_steps_s']:>9.2f}s "
