@@ -84,7 +84,7 @@ def test_a_stopped_run_leaves_no_temporary_files_and_resumes(tmp_path, signum):
     assert not (run_dir / "test_metrics.json").exists()
     assert json.loads((run_dir / "job_status.json").read_text())["status"] == "stopped"
     [stopped] = find_runs([tmp_path / "outputs"])
-    assert stopped.status == "unfinished" and stopped.problem.startswith("stopped after 1 epoch")
+    assert stopped.status == "unfinished" and stopped.problem.startswith("stopped after 1 epoch (Ctrl-C")
 
     train_cli(*overrides, "resume=true", cwd=tmp_path)
     assert len(pd.read_csv(metrics)) == 3

@@ -152,7 +152,10 @@ def load_run(path: Path) -> Run | None:
                 error = status.get("error", "no error recorded")
                 run.status, run.problem = FAILED, f"failed after {epochs}: {error}"
             elif status.get("status") == "stopped":
-                run.problem = f"stopped after {epochs} (Ctrl-C or a signal); resume=true continues it"
+                run.problem = (
+                    f"stopped after {epochs} (Ctrl-C or a signal): resume=true, or re-launching "
+                    "its sweep, continues it"
+                )
             else:
                 run.problem = f"no {TEST_METRICS} ({epochs} done)"
     except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
