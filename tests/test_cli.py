@@ -104,6 +104,13 @@ def test_unknown_model_is_one_clear_error(tmp_path):
     assert "baseline" in proc.stderr  # the available options are listed
 
 
+def test_a_sweep_with_an_unknown_model_runs_nothing_and_leaves_no_folder(tmp_path):
+    proc = error_run(tmp_path, "-m", "model=baseline,alexnet", *TINY)
+    assert "model/alexnet" in proc.stderr
+    # Hydra composes every job before the first runs: baseline did not train either.
+    assert not list((tmp_path / "outputs" / "multiruns").glob("*"))
+
+
 def test_misspelled_key_is_one_clear_error(tmp_path):
     proc = error_run(tmp_path, "trainer.max_epoch=3")
     assert "trainer.max_epoch" in proc.stderr

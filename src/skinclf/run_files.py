@@ -13,6 +13,8 @@ from pathlib import Path
 HYDRA_DIR = ".hydra"
 HYDRA_CONFIG = Path(HYDRA_DIR) / "config.yaml"
 HYDRA_OVERRIDES = Path(HYDRA_DIR) / "overrides.yaml"
+# In a sweep folder, beside the job folders: the sweep's own config.
+HYDRA_MULTIRUN = "multirun.yaml"
 TRAIN_LOG = "train.log"
 METRICS = "metrics.csv"  # one row per epoch
 BEST_CHECKPOINT = "best.pt"  # the weights of the best epoch by validation accuracy

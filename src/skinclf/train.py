@@ -39,7 +39,7 @@ from skinclf.sweep.jobs import (
     run_sweep_job,
     write_status,
 )
-from skinclf.sweep.summary import SweepSummary
+from skinclf.sweep.summary import SweepSummary, remove_unstarted_sweep
 from skinclf.training.allocator import keep_freed_memory
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
@@ -246,6 +246,12 @@ def hydra_main(cfg: DictConfig) -> None:
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
     sys.argv = ["skinclf train", *args]
-    hydra_main()
+    SweepSummary.started = None
+    try:
+        hydra_main()
+    except BaseException:
+        # Nothing half-written: a sweep refused before its first job leaves no folder behind.
+        remove_unstarted_sweep(SweepSummary.started)
+        raise
     if SweepSummary.last is not None and SweepSummary.last.failed:
         sys.exit(1)  # the summary above names the failed jobs; scripts and CI must notice too

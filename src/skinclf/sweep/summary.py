@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from skinclf.io import atomic_write_json, atomic_write_text
-from skinclf.run_files import HYDRA_OVERRIDES
+from skinclf.run_files import HYDRA_MULTIRUN, HYDRA_OVERRIDES
 from skinclf.sweep.cross_validation import CV_RESULT
-from skinclf.sweep.jobs import STATUS_FILE, start_launch
+from skinclf.sweep.jobs import LAUNCH_FILE, STATUS_FILE, start_launch
 
 log = logging.getLogger("skinclf")
 
@@ -118,6 +119,18 @@ def format_grid(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def remove_unstarted_sweep(sweep_dir: Path | None) -> None:
+    """Delete a sweep folder that holds nothing but what was written before any job started.
+
+    Hydra composes every job's config before it launches the first, so a bad override (a
+    misspelt model in ``model=baseline,typo``) stops the sweep right there, leaving only its
+    multirun.yaml and the launch tag."""
+    if sweep_dir is None or not sweep_dir.is_dir():
+        return
+    if {p.name for p in sweep_dir.iterdir()} <= {HYDRA_MULTIRUN, LAUNCH_FILE}:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+
+
 def write_grid(sweep_dir: Path) -> pd.DataFrame:
     """Rank the sweep's grid points; write grid_search.csv and grid_search.md into the sweep folder."""
     table = rank_grid(sweep_dir)
@@ -136,6 +149,7 @@ class SweepSummary(Callback):
     jobs did, and ranks grid-search points. ``last`` keeps the summary for the exit code."""
 
     last: JobsSummary | None = None
+    started: Path | None = None  # the sweep folder of the latest launch
 
     def __init__(self) -> None:
         self.launch: str | None = None
@@ -144,6 +158,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.launch = start_launch(sweep_dir)
+        SweepSummary.started = sweep_dir
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
