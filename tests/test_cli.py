@@ -72,6 +72,9 @@ def test_a_stopped_run_leaves_no_temporary_files_and_resumes(tmp_path, signum):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job (as CI may run the tests) ignores SIGINT, and so would the
+        # run; Ctrl-C in a terminal reaches a process that has the default handler.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     metrics = run_dir / "metrics.csv"
     while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
