@@ -57,6 +57,15 @@ def test_heat_maps_have_the_image_size_and_are_not_constant(tiny_run):
     assert not torch.allclose(nv_map.flatten(1), maps[:1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grad_cam_takes_cpu_inputs_for_a_model_on_the_gpu(tiny_run):
+    run = load_run(tiny_run, device="cuda")
+    images, _ = _off_centre_mel_images(2, 20)
+    cam = grad_cam(run.model, run.pipeline.eval_batch(images))
+    assert cam.heatmaps.shape == (2, IMAGE_SIZE, IMAGE_SIZE) and cam.heatmaps.device.type == "cpu"
+    assert cam.logits == pytest.approx(torch.logit(run.predict_probs(images)), abs=1e-4)
+
+
 def test_explain_writes_one_png_per_readable_image(tiny_run, tmp_path, capsys):
     images, _ = _off_centre_mel_images(2, 20)
     folder = tmp_path / "in"

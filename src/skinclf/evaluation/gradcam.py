@@ -45,7 +45,8 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
     The layer is the last module, in forward order, that is or holds a Conv2d and returns a 4-D
     feature map: the last convolutional block. That is the residual block (not its 1x1 shortcut
     conv) in the ResNet, the last conv in the plain CNNs, the whole frozen extractor in VGG-16.
-    Runs in fp32 with the model in eval mode; the model's parameters get no gradients.
+    Runs in fp32 with the model in eval mode, on the model's device (``inputs`` are moved
+    there); the model's parameters get no gradients. Heat maps and logits come back on the CPU.
     """
     model.eval()
     blocks = _conv_blocks(model)
@@ -65,7 +66,8 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
         with torch.enable_grad():
             # Gradients flow through the input, so frozen layers (requires_grad=False) still
             # produce activations that are part of the graph; the parameters stay untouched.
-            x = inputs.detach().float().requires_grad_()
+            device = next(model.parameters()).device
+            x = inputs.detach().to(device, torch.float32).requires_grad_()
             logits = model(x).flatten()
             if not captured:
                 raise SkinclfError(f"{type(model).__name__}: no convolutional layer to explain with Grad-CAM")
