@@ -23,7 +23,7 @@ from skinclf.config import instantiate_config
 from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
-from skinclf.errors import EXIT_USER_ERROR, SkinclfError, first_line
+from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.evaluation.curves import write_run_curves
 from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.threshold import threshold_for_sensitivity
@@ -36,8 +36,8 @@ from skinclf.sweep.jobs import (
     RUN_CONFIG,
     STATUS_FILE,
     claim_run_dir,
+    recorded_status,
     run_sweep_job,
-    write_status,
 )
 from skinclf.sweep.summary import SweepSummary, remove_unstarted_sweep
 from skinclf.training.allocator import keep_freed_memory
@@ -198,14 +198,12 @@ def _run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     return task(cfg, out_dir)
 
 
-def _remove_unstarted_run(out_dir: Path) -> bool:
+def _remove_unstarted_run(out_dir: Path) -> None:
     """Delete a run folder that holds nothing but what was written before the run failed (Hydra's
-    files, the log, the config and status records); True if it did."""
+    files, the log, the config and status records)."""
     bookkeeping = {HYDRA_DIR, TRAIN_LOG, RUN_CONFIG, STATUS_FILE}
     if out_dir.is_dir() and all(p.name in bookkeeping for p in out_dir.iterdir()):
         shutil.rmtree(out_dir, ignore_errors=True)
-        return True
-    return False
 
 
 @hydra.main(version_base="1.3", config_path="pkg://skinclf.conf", config_name="train")
@@ -217,29 +215,16 @@ def hydra_main(cfg: DictConfig) -> None:
         overrides = list(hydra_cfg.overrides.task)
         run_sweep_job(cfg, out_dir, _run_in_hydra, hydra_cfg.job.num, Path(hydra_cfg.sweep.dir), overrides)
         return
-    log_path = {"log": str(out_dir / TRAIN_LOG)}
-    started = False  # the folder is this run's: a refused folder's status is left alone
     try:
         claim_run_dir(out_dir, cfg)
-        write_status(out_dir, "running", None, **log_path)
-        started = True
-        _run_in_hydra(cfg, out_dir)
+        # A crash is then listed by `skinclf report` as failed with its error, not as unfinished;
+        # Ctrl-C or `kill` as stopped, resumable with resume=true. A refused folder is left alone.
+        with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):
+            _run_in_hydra(cfg, out_dir)
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
-        if not _remove_unstarted_run(out_dir) and started:
-            write_status(out_dir, "failed", None, error=first_line(err), **log_path)
+        _remove_unstarted_run(out_dir)
         sys.exit(EXIT_USER_ERROR)
-    except Exception as err:
-        # A crash: `skinclf report` lists the run as failed with this error, not as unfinished.
-        if started:
-            write_status(out_dir, "failed", None, error=first_line(err), **log_path)
-        raise
-    except BaseException:
-        # Ctrl-C or `kill` (SIGTERM, see cli.py): unfinished, and resumable with resume=true.
-        if started:
-            write_status(out_dir, "stopped", None, **log_path)
-        raise
-    write_status(out_dir, "done", None, **log_path)
     print(f"output directory: {out_dir}")
 
 

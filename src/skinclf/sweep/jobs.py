@@ -4,17 +4,19 @@ failure instead of letting it abort the whole sweep.
 Each job folder gets two small files besides the run's own:
 - ``run_config.json``: the resolved config its results belong to; a re-launch compares against it,
   so a folder is never resumed or skipped under a different config.
-- ``job_status.json``: running / done / skipped / failed (+ error and log path), tagged with the
-  launch that wrote it, for the end-of-sweep summary (skinclf.sweep.summary).
+- ``job_status.json``: running / done / skipped / failed (+ error and log path) / stopped, tagged
+  with the launch that wrote it, for the end-of-sweep summary (skinclf.sweep.summary) and
+  ``skinclf report``. Single runs record theirs too (:func:`recorded_status`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +99,24 @@ def current_launch(sweep_dir: Path) -> str | None:
 
 def write_status(out_dir: Path, status: str, launch: str | None, **info: Any) -> None:
     """Record a job's state (running, done, skipped, failed, stopped) for the sweep summary and
-    ``skinclf report``; single runs record theirs too (all but skipped)."""
+    ``skinclf report``."""
     atomic_write_json({"status": status, "launch": launch, **info}, out_dir / STATUS_FILE)
+
+
+@contextlib.contextmanager
+def recorded_status(out_dir: Path, launch: str | None, **info: Any) -> Iterator[None]:
+    """Record the work inside as running, then done, failed (with the error's first line) or
+    stopped (Ctrl-C, or SIGTERM as the CLI raises it: resumable). Errors are re-raised."""
+    write_status(out_dir, "running", launch, **info)
+    try:
+        yield
+    except Exception as err:
+        write_status(out_dir, "failed", launch, error=first_line(err), **info)
+        raise
+    except BaseException:
+        write_status(out_dir, "stopped", launch, **info)
+        raise
+    write_status(out_dir, "done", launch, **info)
 
 
 def run_sweep_job(
@@ -118,16 +136,19 @@ def run_sweep_job(
     """
     launch = current_launch(sweep_dir)
     info = {"job": job_num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
+    recorded = False
     try:
         state = claim_run_dir(out_dir, cfg)
         if state == "finished":
             log.info(f"job {job_num}: already finished in {out_dir}, skipped")
             write_status(out_dir, "skipped", launch, **info)
             return "skipped"
-        write_status(out_dir, "running", launch, **info)
         # A re-launch continues an interrupted job from its last completed epoch.
         cfg.resume = bool(cfg.resume) or state == "unfinished"
-        task(cfg, out_dir)
+        recorded = True
+        # Ctrl-C or `kill` is recorded as stopped and stops the sweep; a re-launch resumes it.
+        with recorded_status(out_dir, launch, **info):
+            task(cfg, out_dir)
     except Exception as err:  # noqa: BLE001 - any failure of one job must not stop the sweep
         message = first_line(err)
         if isinstance(err, SkinclfError):
@@ -135,12 +156,8 @@ def run_sweep_job(
         else:
             log.exception(f"job {job_num} failed: {type(err).__name__}: {message}")
         print(f"skinclf train: job {job_num} failed: {message} (log: {info['log']})", file=sys.stderr)
-        write_status(out_dir, "failed", launch, error=message, **info)
+        if not recorded:  # refused before it ran (its folder holds another config's run)
+            write_status(out_dir, "failed", launch, error=message, **info)
         return "failed"
-    except BaseException:
-        # Ctrl-C or `kill`: the sweep stops here; a re-launch resumes this job.
-        write_status(out_dir, "stopped", launch, **info)
-        raise
-    write_status(out_dir, "done", launch, **info)
     print(f"output directory: {out_dir}")
     return "done"
