@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import platform
 import resource
 import statistics
 import tempfile
@@ -49,22 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from skinclf.models import PAPER_MODELS
+from skinclf.training.hardware import describe_machine, resolve_device
 
 BATCH = 64
-
-
-def machine_name() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def _cfg(model: str, overrides: list[str] | None = None):
@@ -387,8 +373,9 @@ def main() -> None:
             print(f"measured {model}", flush=True)
 
     batches = -(-args.images // BATCH)
+    machine = describe_machine(resolve_device("auto"))
     print(
-        f"\nmachine: {machine_name()}; torch {torch.__version__}; {args.images} training images "
+        f"\nmachine: {machine}; torch {torch.__version__}; {args.images} training images "
         f"({batches} batches of {BATCH}), median of {args.repeats} steps"
     )
     if not all(r["kept_freed_memory"] for r in rows):
@@ -422,7 +409,7 @@ def main() -> None:
             )
     args.json.write_text(
         json.dumps(
-            {"machine": machine_name(), "torch": torch.__version__, "images": args.images, "rows": rows},
+            {"machine": machine, "torch": torch.__version__, "images": args.images, "rows": rows},
             indent=2,
         )
     )

@@ -33,17 +33,12 @@ from pathlib import Path
 import torch
 
 from skinclf.models import PAPER_MODELS
+from skinclf.run_files import METRICS, TEST_METRICS
+from skinclf.sweep.jobs import RUN_CONFIG
+from skinclf.training.hardware import describe_machine, resolve_device
 
 # The paper's split sizes (section 2, data collection).
 PAPER_SIZES = {"train": 6429, "val": 1255, "test": 1369}
-
-
-def machine_name(device: str) -> str:
-    import platform
-
-    if device != "cpu" and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def vgg16_weights_cached() -> bool:
@@ -66,11 +61,11 @@ def generate_data(overrides: list[str]) -> float:
 
 def read_job(job_dir: Path) -> dict:
     """Epochs, seconds and best validation accuracy of one finished sweep job."""
-    with open(job_dir / "metrics.csv", newline="") as f:
+    with open(job_dir / METRICS, newline="") as f:
         rows = list(csv.DictReader(f))
     seconds = sum(float(r["seconds"]) for r in rows)
     # run_config.json is the first file a job writes, test_metrics.json the last.
-    job_s = (job_dir / "test_metrics.json").stat().st_mtime - (job_dir / "run_config.json").stat().st_mtime
+    job_s = (job_dir / TEST_METRICS).stat().st_mtime - (job_dir / RUN_CONFIG).stat().st_mtime
     return {
         "epochs": len(rows),
         "epoch_seconds": seconds,
@@ -126,11 +121,12 @@ def main() -> None:
         returncode = subprocess.run(command).returncode
         sweep_s = time.perf_counter() - t0
         # Job folders are <job number>_<model>.
-        finished = [d for d in sorted(out.iterdir()) if (d / "test_metrics.json").exists()]
+        finished = [d for d in sorted(out.iterdir()) if (d / TEST_METRICS).exists()]
         jobs = {d.name.split("_", 1)[1]: read_job(d) for d in finished}
 
+    machine = describe_machine(resolve_device(args.device))
     print(
-        f"\nmachine: {machine_name(args.device)}; torch {torch.__version__}; "
+        f"\nmachine: {machine}; torch {torch.__version__}; "
         f"{args.train_size}/{args.val_size}/{args.test_size} synthetic images "
         f"(generated beforehand in {generate_s:.0f} s)"
     )
@@ -151,7 +147,7 @@ def main() -> None:
     args.json.write_text(
         json.dumps(
             {
-                "machine": machine_name(args.device),
+                "machine": machine,
                 "torch": torch.__version__,
                 "sizes": [args.train_size, args.val_size, args.test_size],
                 "vgg16_pretrained": pretrained,

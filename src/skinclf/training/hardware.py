@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +47,22 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def describe_machine(device: torch.device) -> str:
+    """What a measurement ran on, for benchmark tables: the GPU on CUDA, else the CPU model (from
+    /proc/cpuinfo where there is one) and torch's thread count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
