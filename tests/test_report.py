@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import zlib
 from functools import cache
 from pathlib import Path
@@ -235,6 +236,51 @@ def test_a_single_run_that_crashed_is_listed_as_failed_with_its_error(tmp_path):
     assert [(run.status, run.problem) for run in runs] == [
         ("failed", "failed after 1 epoch: CUDA out of memory. Tried to allocate 2.00 GiB")
     ]
+
+
+# `skinclf train` whose task writes one epoch, then waits to be killed.
+HANGING_TRAIN = CRASHING_TRAIN.replace(
+    'raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")', "time.sleep(600)"
+).replace("import sys", "import sys, time")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and process checks are POSIX")
+def test_a_run_killed_outright_is_told_from_one_still_running(tmp_path):
+    run_dir = tmp_path / "outputs" / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HANGING_TRAIN, f"hydra.run.dir={run_dir}", "trainer.progress=never"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        metrics = run_dir / "metrics.csv"
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not metrics.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        # While it runs, the report cannot know more than that the test metrics are missing.
+        [running] = find_runs([tmp_path / "outputs"])
+        assert (running.status, running.problem) == ("unfinished", "no test_metrics.json (1 epoch done)")
+        status = json.loads((run_dir / "job_status.json").read_text())
+        assert (status["status"], status["pid"]) == ("running", proc.pid)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, nothing more is recorded
+        proc.wait(timeout=60)
+    [killed] = find_runs([tmp_path / "outputs"])
+    assert killed.status == "unfinished"
+    assert killed.problem.startswith(f"killed after 1 epoch: its process ({proc.pid}) ended")
+    assert "resume=true" in killed.problem
+
+
+def test_a_running_status_from_another_machine_is_taken_at_its_word(tmp_path):
+    run_dir = write_run(tmp_path / "outputs", "resnet", [0.6], [0.6], tested=False)
+    # A process id that no longer exists here, but recorded on another machine (a cluster node).
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    status = {"status": "running", "pid": int(dead.stdout), "host": "another-node"}
+    (run_dir / "job_status.json").write_text(json.dumps(status))
+    [run] = find_runs([tmp_path / "outputs"])
+    assert run.problem == "no test_metrics.json (1 epoch done)"
 
 
 def test_default_group_choice_spelled_out_is_the_same_experiment(tmp_path):

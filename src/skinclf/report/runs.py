@@ -3,7 +3,7 @@
 A run folder is any folder with a ``.hydra/config.yaml`` of a skinclf training config (grid-search
 points, which cross-validate on the training split and are never tested, are not runs). Its status:
 ``finished`` (``test_metrics.json`` exists; the trainer writes it last), ``unfinished`` (still
-running, or stopped by Ctrl-C or a signal) or ``failed`` (its files cannot be read, or its
+running, stopped by Ctrl-C or a signal, or killed outright) or ``failed`` (its files cannot be read, or its
 ``job_status.json`` says it stopped with an error).
 """
 
@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_OVERRIDES, METRICS, PREDICTIONS, TEST_METRICS
-from skinclf.sweep.jobs import STATUS_FILE
+from skinclf.sweep.jobs import STATUS_FILE, process_gone
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 
@@ -155,6 +155,11 @@ def load_run(path: Path) -> Run | None:
                 run.problem = (
                     f"stopped after {epochs} (Ctrl-C or a signal): resume=true, or re-launching "
                     "its sweep, continues it"
+                )
+            elif status.get("status") == "running" and process_gone(status):
+                run.problem = (
+                    f"killed after {epochs}: its process ({status['pid']}) ended without a word "
+                    "(SIGKILL or out of memory?); resume=true, or re-launching its sweep, continues it"
                 )
             else:
                 run.problem = f"no {TEST_METRICS} ({epochs} done)"

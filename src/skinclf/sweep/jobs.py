@@ -4,9 +4,10 @@ failure instead of letting it abort the whole sweep.
 Each job folder gets two small files besides the run's own:
 - ``run_config.json``: the resolved config its results belong to; a re-launch compares against it,
   so a folder is never resumed or skipped under a different config.
-- ``job_status.json``: running / done / skipped / failed (+ error and log path) / stopped, tagged
-  with the launch that wrote it, for the end-of-sweep summary (skinclf.sweep.summary) and
-  ``skinclf report``. Single runs record theirs too (:func:`recorded_status`).
+- ``job_status.json``: running (+ the process and its machine) / done / skipped / failed (+ error
+  and log path) / stopped, tagged with the launch that wrote it, for the end-of-sweep summary
+  (skinclf.sweep.summary) and ``skinclf report``. Single runs record theirs too
+  (:func:`recorded_status`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import socket
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -106,8 +109,12 @@ def write_status(out_dir: Path, status: str, launch: str | None, **info: Any) ->
 @contextlib.contextmanager
 def recorded_status(out_dir: Path, launch: str | None, **info: Any) -> Iterator[None]:
     """Record the work inside as running, then done, failed (with the error's first line) or
-    stopped (Ctrl-C, or SIGTERM as the CLI raises it: resumable). Errors are re-raised."""
-    write_status(out_dir, "running", launch, **info)
+    stopped (Ctrl-C, or SIGTERM as the CLI raises it: resumable). Errors are re-raised.
+
+    "running" names the process and its machine: a process killed outright (SIGKILL, the
+    out-of-memory killer) records nothing more, and ``skinclf report`` can then tell it from a
+    run that is still going (:func:`process_gone`)."""
+    write_status(out_dir, "running", launch, pid=os.getpid(), host=socket.gethostname(), **info)
     try:
         yield
     except Exception as err:
@@ -117,6 +124,24 @@ def recorded_status(out_dir: Path, launch: str | None, **info: Any) -> Iterator[
         write_status(out_dir, "stopped", launch, **info)
         raise
     write_status(out_dir, "done", launch, **info)
+
+
+def process_gone(status: dict[str, Any]) -> bool:
+    """Whether the process that a "running" status names has ended without recording how.
+
+    Only answerable on the machine it ran on, and only on POSIX (Windows' ``os.kill`` would
+    terminate the process); False wherever it cannot tell. A recycled process id reads as alive.
+    """
+    pid = status.get("pid")
+    if os.name != "posix" or not isinstance(pid, int) or status.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
 
 
 def run_sweep_job(
