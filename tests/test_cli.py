@@ -114,6 +114,21 @@ def test_a_sweep_with_an_unknown_model_runs_nothing_and_leaves_no_folder(tmp_pat
     assert not list((tmp_path / "outputs" / "multiruns").glob("*"))
 
 
+@pytest.mark.parametrize(
+    "override", ["data.batch_size=0", "trainer.max_epochs=-1", "trainer.eval_batch_size=0"]
+)
+def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
+    proc = error_run(tmp_path, *TINY, override)
+    assert f"{override}: must be at least 1" in proc.stderr
+    assert not list((tmp_path / "outputs" / "runs").glob("*"))
+
+
+def test_a_grid_search_refuses_a_size_below_one_before_it_trains(tmp_path):
+    proc = error_run(tmp_path, *TINY, "cv.folds=2", "data.batch_size=0")
+    assert "data.batch_size=0: must be at least 1" in proc.stderr
+    assert "fold" not in proc.stdout
+
+
 def test_misspelled_key_is_one_clear_error(tmp_path):
     proc = error_run(tmp_path, "trainer.max_epoch=3")
     assert "trainer.max_epoch" in proc.stderr

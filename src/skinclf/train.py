@@ -50,7 +50,9 @@ log = logging.getLogger("skinclf")
 
 
 def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
-    return LoopSettings(
+    """The training loop's settings from ``cfg``; a SkinclfError names an epoch count or batch
+    size below 1."""
+    settings = LoopSettings(
         max_epochs=int(cfg.trainer.max_epochs),
         patience=int(cfg.trainer.patience),
         batch_size=int(cfg.data.batch_size),
@@ -63,6 +65,15 @@ def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
         seed=int(cfg.seed),
         recipe=Recipe.from_config(cfg.get("recipe", {})),
     )
+    sizes = {
+        "trainer.max_epochs": settings.max_epochs,
+        "data.batch_size": settings.batch_size,
+        "trainer.eval_batch_size": settings.eval_batch_size,
+    }
+    for key, value in sizes.items():
+        if value < 1:
+            raise SkinclfError(f"{key}={value}: must be at least 1")
+    return settings
 
 
 def prepare_training(
@@ -91,8 +102,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     device = resolve_device(str(cfg.device))
     precision = resolve_precision(str(cfg.trainer.precision), device)
     settings = loop_settings(cfg, precision)
-    if settings.max_epochs < 1 or settings.batch_size < 1:
-        raise SkinclfError("trainer.max_epochs and data.batch_size must be at least 1")
     log.info(
         f"model={cfg.model.name} data={cfg.data.name} seed={cfg.seed} device={device} "
         f"precision={precision} channels_last={settings.channels_last}"

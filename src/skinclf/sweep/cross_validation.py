@@ -102,11 +102,12 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     mean ± std validation accuracy) into ``out_dir``, and returns that result. Folds depend only
     on the labels and ``seed``. std is the population std (ddof=0), as scikit-learn's GridSearchCV.
     """
+    from skinclf.train import loop_settings  # lazily, as in _fit_fold
+
     k, seed = int(cfg.cv.folds), int(cfg.seed)
     device = resolve_device(str(cfg.device))
     precision = resolve_precision(str(cfg.trainer.precision), device)
-    if int(cfg.trainer.max_epochs) < 1 or int(cfg.data.batch_size) < 1:
-        raise SkinclfError("trainer.max_epochs and data.batch_size must be at least 1")
+    loop_settings(cfg, precision)  # refuses a bad epoch count or batch size before the data loads
     # Keep the training split only: the test split must not take part in choosing hyperparameters.
     splits = load_splits(cfg.data)
     name, train = splits.name, splits.train
