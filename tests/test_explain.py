@@ -81,6 +81,7 @@ def test_explain_writes_one_png_per_readable_image(tiny_run, tmp_path, capsys):
         assert png.size[0] > 2 * IMAGE_SIZE and png.getextrema()[0][0] != png.getextrema()[0][1]
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "not a diagnosis" in err
+    assert f"2 Grad-CAM images in {out}/, 1 file unreadable" in err
 
 
 @pytest.mark.slow

@@ -66,7 +66,9 @@ def test_predict_matches_the_runs_own_test_predictions(run_and_images, tmp_path,
     # Within float parsing: some pandas versions' CSV reader is one ulp off.
     assert scored["threshold"].astype(float).tolist() == pytest.approx([threshold] * N_IMAGES, rel=1e-12)
     assert (scored["prediction"] == ["MEL" if p >= threshold else "NV" for p in probs]).all()
-    assert "research tool, not a diagnosis" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "research tool, not a diagnosis" in err
+    assert f"{N_IMAGES} images scored, 2 unreadable -> {out}" in err
 
 
 def test_unreadable_files_are_reported_and_the_rest_scored(run_and_images, tmp_path):

@@ -1,4 +1,4 @@
-"""User-facing errors: one clear line, a non-zero exit, no traceback wall."""
+"""User-facing errors (one clear line, a non-zero exit, no traceback wall) and message wording."""
 
 
 class SkinclfError(Exception):
@@ -17,3 +17,8 @@ def first_line(err: BaseException) -> str:
     Hydra messages run to many lines, and a status file or an ``error:`` line wants one."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and the noun in the right number, for messages: "1 image", "3 images"."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.curves import save_figure
 from skinclf.evaluation.gradcam import grad_cam
 from skinclf.predict import DISCLAIMER, collect_images, decode_all
@@ -135,8 +135,8 @@ def main(args: list[str]) -> None:
     for path in written:
         print(path)
     print(
-        f"model={run.model_name} ({run.path}): {len(written)} Grad-CAM images in {out_dir}/, "
-        f"{len(problems)} files unreadable",
+        f"model={run.model_name} ({run.path}): {counted(len(written), 'Grad-CAM image')} in "
+        f"{out_dir}/, {counted(len(problems), 'file')} unreadable",
         file=sys.stderr,
     )
     print(DISCLAIMER, file=sys.stderr)

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from skinclf.data.images import IMAGE_SIZE, decode_image
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, counted
 from skinclf.io import atomic_write_text
 from skinclf.runs import TrainedRun, load_run
 from skinclf.training.progress import progress
@@ -145,7 +145,7 @@ def main(args: list[str]) -> None:
     n_bad = int((table["error"] != "").sum())
     where = f" -> {opts.out}" if opts.out else ""
     print(
-        f"model={run.model_name} ({run.path}): {len(table) - n_bad} images scored, "
+        f"model={run.model_name} ({run.path}): {counted(len(table) - n_bad, 'image')} scored, "
         f"{n_bad} unreadable{where}; "
         f"MEL when prob_mel >= {threshold:.4g}, from {source}",
         file=sys.stderr,

@@ -20,7 +20,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from skinclf.config import compose_config
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, counted
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_OVERRIDES, METRICS, PREDICTIONS, TEST_METRICS
 from skinclf.sweep.jobs import STATUS_FILE, process_gone
 
@@ -146,7 +146,7 @@ def load_run(path: Path) -> Run | None:
             run.status = FINISHED
         else:
             n = 0 if run.history is None else len(run.history)
-            epochs = f"{n} epoch" + ("" if n == 1 else "s")
+            epochs = counted(n, "epoch")
             status = _job_status(path)
             if status.get("status") == "failed":
                 error = status.get("error", "no error recorded")
