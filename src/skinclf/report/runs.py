@@ -3,8 +3,8 @@
 A run folder is any folder with a ``.hydra/config.yaml`` of a skinclf training config (grid-search
 points, which cross-validate on the training split and are never tested, are not runs). Its status:
 ``finished`` (``test_metrics.json`` exists; the trainer writes it last), ``unfinished`` (still
-running, stopped by Ctrl-C or a signal, or killed outright) or ``failed`` (its files cannot be read, or its
-``job_status.json`` says it stopped with an error).
+running, stopped by Ctrl-C or a signal, or killed outright) or ``failed`` (its files cannot be
+read, or its ``job_status.json`` says it stopped with an error).
 """
 
 from __future__ import annotations
@@ -158,8 +158,8 @@ def load_run(path: Path) -> Run | None:
                 )
             elif status.get("status") == "running" and process_gone(status):
                 run.problem = (
-                    f"killed after {epochs}: its process ({status['pid']}) ended without a word "
-                    "(SIGKILL or out of memory?); resume=true, or re-launching its sweep, continues it"
+                    f"killed after {epochs}: its process ({status['pid']}) ended without recording "
+                    "why (SIGKILL, out of memory?); resume=true, or re-launching its sweep, continues it"
                 )
             else:
                 run.problem = f"no {TEST_METRICS} ({epochs} done)"

@@ -140,7 +140,7 @@ def process_gone(status: dict[str, Any]) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:  # it exists, under another user
-        return False
+        pass
     return False
 
 
