@@ -115,7 +115,8 @@ def test_a_sweep_with_an_unknown_model_runs_nothing_and_leaves_no_folder(tmp_pat
 
 
 @pytest.mark.parametrize(
-    "override", ["data.batch_size=0", "trainer.max_epochs=-1", "trainer.eval_batch_size=0"]
+    "override",
+    ["data.batch_size=0", "trainer.max_epochs=-1", "trainer.eval_batch_size=0", "trainer.checkpoint_every=0"],
 )
 def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
     proc = error_run(tmp_path, *TINY, override)

@@ -40,7 +40,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
     Without the zip format's CRC32 checksums: ``torch.load`` never checks them (a flipped bit
     in a tensor loads silently either way), and computing them took up to half of the save time
-    (vgg16's 1.3 GB last.pt, written every epoch). Files load as before; only an external
+    (vgg16's 1.3 GB last.pt, by default written every epoch). Files load as before; only an external
     ``unzip -t`` would flag the missing checksums.
     """
     atomic_write(path, lambda tmp: _save_without_crc32(obj, tmp))

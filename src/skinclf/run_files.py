@@ -18,7 +18,7 @@ HYDRA_MULTIRUN = "multirun.yaml"
 TRAIN_LOG = "train.log"
 METRICS = "metrics.csv"  # one row per epoch
 BEST_CHECKPOINT = "best.pt"  # the weights of the best epoch by validation accuracy
-LAST_CHECKPOINT = "last.pt"  # everything a resume needs, rewritten after each epoch
+LAST_CHECKPOINT = "last.pt"  # everything a resume needs, rewritten every trainer.checkpoint_every epochs
 PREDICTIONS = "predictions.csv"
 # Written last: a folder without it is an unfinished (or crashed) run.
 TEST_METRICS = "test_metrics.json"

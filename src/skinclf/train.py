@@ -50,8 +50,8 @@ log = logging.getLogger("skinclf")
 
 
 def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
-    """The training loop's settings from ``cfg``; a SkinclfError names an epoch count or batch
-    size below 1."""
+    """The training loop's settings from ``cfg``; a SkinclfError names an epoch count, batch size
+    or checkpoint interval below 1."""
     settings = LoopSettings(
         max_epochs=int(cfg.trainer.max_epochs),
         patience=int(cfg.trainer.patience),
@@ -63,12 +63,14 @@ def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
         channels_last=bool(cfg.trainer.channels_last),
         progress=str(cfg.trainer.progress),
         seed=int(cfg.seed),
+        checkpoint_every=int(cfg.trainer.checkpoint_every),
         recipe=Recipe.from_config(cfg.get("recipe", {})),
     )
     sizes = {
         "trainer.max_epochs": settings.max_epochs,
         "data.batch_size": settings.batch_size,
         "trainer.eval_batch_size": settings.eval_batch_size,
+        "trainer.checkpoint_every": settings.checkpoint_every,
     }
     for key, value in sizes.items():
         if value < 1:
@@ -126,13 +128,20 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 
     # The checkpoint with the best validation accuracy is the one that is tested.
     best = load_checkpoint(out_dir / BEST_CHECKPOINT, map_location=device)
+    if best["epoch"] != result.best_epoch:
+        # Only after a resume that redid epochs on kernels that do not repeat exactly (GPU): the
+        # first attempt's best.pt outscored every redone epoch. The metrics describe what is tested.
+        log.warning(
+            f"{BEST_CHECKPOINT} is from epoch {best['epoch']} of the interrupted attempt, which the "
+            f"redone epochs did not reproduce (their best: epoch {result.best_epoch}); testing it"
+        )
     model.load_state_dict(best["model"])
     _, _, val_probs = evaluate(stage.module, stage.pipeline, stage.splits.val, settings, device)
     target = float(cfg.eval.target_sensitivity)
     threshold = threshold_for_sensitivity(splits.val.labels.numpy(), val_probs, target)
     metrics: dict = {
-        "best_epoch": result.best_epoch,
-        "best_val_acc": result.best_val_acc,
+        "best_epoch": int(best["epoch"]),
+        "best_val_acc": float(best["val_acc"]),
         "epochs_run": result.epochs_run,
         "data": splits.name,
         "operating_point": {"target_sensitivity": target, "threshold": threshold},
@@ -170,7 +179,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             )
         )
         log.info(
-            f"test ({len(labels)} images, best epoch {result.best_epoch}): "
+            f"test ({len(labels)} images, best epoch {metrics['best_epoch']}): "
             f"accuracy {metrics['accuracy']:.4f} "
             f"f1 {metrics['f1']:.4f} sensitivity {metrics['sensitivity']:.4f} "
             f"specificity {metrics['specificity']:.4f} roc_auc {metrics['roc_auc']:.4f}"

@@ -38,7 +38,14 @@ LAUNCH_FILE = ".skinclf_launch"
 # What a finished job has written last: run() the test metrics, cross_validate() its CV result.
 RESULT_FILES = (TEST_METRICS, CV_RESULT)
 # Keys that do not change what a run computes, so a resume may change them.
-VOLATILE_KEYS = ("resume", "device", "trainer.progress", "trainer.num_threads", "trainer.keep_freed_memory")
+VOLATILE_KEYS = (
+    "resume",
+    "device",
+    "trainer.progress",
+    "trainer.num_threads",
+    "trainer.keep_freed_memory",
+    "trainer.checkpoint_every",
+)
 
 
 def comparable_config(cfg: DictConfig) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The one training loop shared by every model: Adam, early stopping on validation accuracy,
-atomic checkpoints every epoch, one metrics.csv row per epoch, and exact resume.
+atomic checkpoints (last.pt every trainer.checkpoint_every epochs), one metrics.csv row per
+epoch, and exact resume.
 
 Beyond the paper, ``settings.recipe`` (skinclf.training.recipe) may switch on AdamW, a per-batch
 learning-rate schedule, mixup, an EMA of the weights and test-time augmentation; its default is
@@ -61,6 +62,8 @@ class LoopSettings:
     channels_last: bool = True
     progress: str = "auto"
     seed: int = 0
+    # last.pt (what a resume needs) is written every this many epochs and after the last one.
+    checkpoint_every: int = 1
     # Weight of MEL (positive) examples in the training loss (BCE pos_weight); None = unweighted,
     # the paper's. Reported losses stay unweighted so runs remain comparable.
     pos_weight: float | None = None
@@ -269,8 +272,9 @@ def fit(
     resume: bool = False,
     checkpoint_model: nn.Module | None = None,
 ) -> FitResult:
-    """Train with early stopping. Writes metrics.csv, last.pt (every epoch) and best.pt into
-    ``out_dir``; with ``resume``, continues from last.pt exactly where it stopped.
+    """Train with early stopping. Writes metrics.csv, last.pt (every ``checkpoint_every`` epochs
+    and after the last) and best.pt into ``out_dir``; with ``resume``, continues exactly from
+    last.pt, redoing any epochs trained after it.
 
     ``checkpoint_model``: the module whose state dict the checkpoints hold, when ``model`` is only
     its trained part (a head on cached features); it must contain ``model``. Default: ``model``.
@@ -361,22 +365,24 @@ def fit(
             **raw_scores,
         }
         history.append(row)
-        recipe_state = {
-            k: v.state_dict() for k, v in (("scheduler", scheduler), ("ema", ema)) if v is not None
-        }
-        save_checkpoint(
-            {
-                "model": saved.state_dict(),
-                **common,
-                **recipe_state,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _rng_state(generator, device),
-                "early_stopping": asdict(stopper),
-                "history": history,
-            },
-            last_path,
-        )
+        last_epoch = stopper.should_stop or epoch == settings.max_epochs
+        if last_epoch or epoch % settings.checkpoint_every == 0:
+            recipe_state = {
+                k: v.state_dict() for k, v in (("scheduler", scheduler), ("ema", ema)) if v is not None
+            }
+            save_checkpoint(
+                {
+                    "model": saved.state_dict(),
+                    **common,
+                    **recipe_state,
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(generator, device),
+                    "early_stopping": asdict(stopper),
+                    "history": history,
+                },
+                last_path,
+            )
         _write_metrics(metrics_path, history)
         log.info(
             f"epoch {epoch:>2}/{settings.max_epochs} train_loss {train_loss:.4f} train_acc {train_acc:.4f} "
