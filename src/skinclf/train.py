@@ -129,8 +129,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     # The checkpoint with the best validation accuracy is the one that is tested.
     best = load_checkpoint(out_dir / BEST_CHECKPOINT, map_location=device)
     if best["epoch"] != result.best_epoch:
-        # Only after a resume that redid epochs on kernels that do not repeat exactly (GPU): the
-        # first attempt's best.pt outscored every redone epoch. The metrics describe what is tested.
+        # The interrupted attempt wrote best.pt after the checkpoint the resume started from, and
+        # no redone epoch beat that checkpoint's best: possible only where kernels do not repeat
+        # exactly (GPU). The metrics describe the weights that are tested.
         log.warning(
             f"{BEST_CHECKPOINT} is from epoch {best['epoch']} of the interrupted attempt, which the "
             f"redone epochs did not reproduce (their best: epoch {result.best_epoch}); testing it"
