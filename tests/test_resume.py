@@ -31,6 +31,11 @@ SMALL = [
 ]
 
 
+def in_process(shared_data_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a small in-process run on the shared built-in data."""
+    return [f"data.cache_dir={shared_data_dir}", "trainer.progress=never", *SMALL, *extra]
+
+
 def _same_results(a: Path, b: Path) -> None:
     """metrics.csv equal but for the wall-clock column; test_metrics.json equal."""
     metrics_a = pd.read_csv(a / "metrics.csv").drop(columns="seconds")
@@ -61,24 +66,16 @@ def test_resume_after_a_crash_between_epochs_matches_an_uninterrupted_run(
     tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # augmented: the resumed run must also continue the augmentation random stream exactly.
-    overrides = [
-        f"data.cache_dir={shared_data_dir}",
-        "trainer.progress=never",
-        "model=augmented",
-        *SMALL,
-    ]
+    overrides = in_process(shared_data_dir, "model=augmented")
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run(compose_config(overrides), straight)
 
     real_save = loop.save_checkpoint
-    saves = []
 
     def crash_after_second_epoch(state, path):
         real_save(state, path)
-        if Path(path).name == "last.pt":
-            saves.append(state["epoch"])
-            if state["epoch"] == 2:
-                raise _Crash  # killed after last.pt, before metrics.csv got its row
+        if Path(path).name == "last.pt" and state["epoch"] == 2:
+            raise _Crash  # killed after last.pt, before metrics.csv got its row
 
     monkeypatch.setattr(loop, "save_checkpoint", crash_after_second_epoch)
     with pytest.raises(_Crash):
@@ -94,14 +91,9 @@ def test_resume_after_a_crash_between_epochs_matches_an_uninterrupted_run(
 def test_sparser_checkpoints_resume_by_redoing_the_epochs_since(
     tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    overrides = [
-        f"data.cache_dir={shared_data_dir}",
-        "trainer.progress=never",
-        "model=augmented",
-        *SMALL,
-        "trainer.max_epochs=5",
-        "trainer.checkpoint_every=2",
-    ]
+    overrides = in_process(
+        shared_data_dir, "model=augmented", "trainer.max_epochs=5", "trainer.checkpoint_every=2"
+    )
     real_save, real_write_metrics = loop.save_checkpoint, loop._write_metrics
     last_saves = []
 
@@ -136,13 +128,7 @@ def test_a_best_checkpoint_the_redone_epochs_do_not_reproduce_is_the_one_reporte
 ) -> None:
     # Redone epochs differ only where kernels do not repeat exactly (GPU): scripted here through
     # the validation accuracy that fit() sees.
-    overrides = [
-        f"data.cache_dir={shared_data_dir}",
-        "trainer.progress=never",
-        *SMALL,
-        "trainer.max_epochs=4",
-        "trainer.checkpoint_every=2",
-    ]
+    overrides = in_process(shared_data_dir, "trainer.max_epochs=4", "trainer.checkpoint_every=2")
     real_evaluate, real_write_metrics = loop.evaluate, loop._write_metrics
     # Epochs 1-3; after the resume (from epoch 2's last.pt) epochs 3 and 4.
     val_accs = iter([0.5, 0.6, 0.9, 0.1, 0.2])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from skinclf.errors import SkinclfError
 from skinclf.io import atomic_write_json
 from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT
 from skinclf.training.hardware import resolve_device, resolve_precision
-from skinclf.training.loop import fit
+from skinclf.training.loop import LoopSettings, fit
 
 log = logging.getLogger("skinclf")
 
@@ -56,18 +57,19 @@ def _fit_fold(
     fold: int,
     fold_dir: Path,
     device: torch.device,
-    precision: str,
+    settings: LoopSettings,
 ) -> float:
     """Train a fresh model on one fold; its best validation accuracy (resumable, like a run)."""
     # train.py dispatches here, so a top-level import would be circular.
-    from skinclf.train import loop_settings, prepare_training
+    from skinclf.train import prepare_training
 
     done = fold_dir / FOLD_RESULT
     if cfg.resume and done.exists():
         return float(json.loads(done.read_text())["best_val_acc"])
     # Same initialisation in every fold: the folds then differ only in their data.
     torch.manual_seed(int(cfg.seed))
-    settings = loop_settings(cfg, precision)
+    # A copy: prepare_training sets the fold's own class weights on it.
+    settings = replace(settings)
     # Exactly as a run trains, with statistics (normalisation, class weights) from the fold's
     # training part only.
     model, stage = prepare_training(cfg, fold_splits, settings, device)
@@ -102,12 +104,12 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     mean ± std validation accuracy) into ``out_dir``, and returns that result. Folds depend only
     on the labels and ``seed``. std is the population std (ddof=0), as scikit-learn's GridSearchCV.
     """
-    from skinclf.train import loop_settings  # lazily, as in _fit_fold
+    from skinclf.train import loop_settings  # lazily: train.py dispatches here
 
     k, seed = int(cfg.cv.folds), int(cfg.seed)
     device = resolve_device(str(cfg.device))
     precision = resolve_precision(str(cfg.trainer.precision), device)
-    loop_settings(cfg, precision)  # refuses a bad epoch count or batch size before the data loads
+    settings = loop_settings(cfg, precision)  # refuses bad sizes before the data loads
     # Keep the training split only: the test split must not take part in choosing hyperparameters.
     splits = load_splits(cfg.data)
     name, train = splits.name, splits.train
@@ -124,7 +126,7 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
             i,
             out_dir / f"fold_{i}",
             device,
-            precision,
+            settings,
         )
         for i, (tr, va) in enumerate(folds)
     ]

@@ -40,13 +40,17 @@ def data_fits_on_device(data_bytes: int, free_bytes: int) -> bool:
 
 
 @lru_cache
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text; empty where there is none (macOS, Windows)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with AVX-512 BF16 or AMX, where bf16 matmuls/convs run natively and fast."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+    return any(flag in _cpuinfo() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def describe_machine(device: torch.device) -> str:
@@ -54,14 +58,9 @@ def describe_machine(device: torch.device) -> str:
     /proc/cpuinfo where there is one) and torch's thread count."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    lines = _cpuinfo().splitlines()
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
