@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from skinclf.config import compose_config
 
@@ -56,12 +55,3 @@ def train_in_process(tmp_path: Path, *overrides: str) -> tuple[Path, dict]:
 def shared_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One synthetic-data cache for the whole session: generating images is not what tests test."""
     return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture
-def two_torch_threads():
-    """Two torch threads, so that the loop's batch helper has gaps to fill (it is off with one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)

@@ -4,8 +4,6 @@ paper's recipe stays the paper's (Adam, constant learning rate, nothing else).""
 from __future__ import annotations
 
 import math
-import os
-import threading
 
 import pandas as pd
 import pytest
@@ -21,11 +19,11 @@ from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.loop import METRICS_COLUMNS, LoopSettings, fit, predict_logits
 from skinclf.training.recipe import (
     FlipTTA,
-    Mixup,
     Recipe,
     WeightEMA,
     build_optimizer,
     build_scheduler,
+    mixup,
 )
 
 from conftest import TINY, run_dir_from_output, train_cli, train_in_process
@@ -66,11 +64,11 @@ class CrashingPipeline(DefaultPipeline):
         super().__init__()
         self.left = batches
 
-    def prepare(self, images, draws, dtype=torch.float32):
+    def train_batch(self, images, generator, dtype=torch.float32):
         self.left -= 1
         if self.left == 0:
             raise RuntimeError("simulated crash")
-        return super().prepare(images, draws, dtype)
+        return super().train_batch(images, generator, dtype)
 
 
 def fit_tiny(
@@ -284,8 +282,7 @@ def test_evaluation_uses_tta_only_when_on():
 
 def test_mixup_mixes_images_and_labels_with_one_weight():
     x, y = torch.randn(16, 3, 4, 4), (torch.arange(16) % 2).float()
-    # Beta(2, 2): lam well inside (0, 1).
-    mixed, soft = Mixup.draw(16, 2.0, torch.Generator().manual_seed(0)).apply(x, y)
+    mixed, soft = mixup(x, y, 2.0, torch.Generator().manual_seed(0))  # Beta(2, 2): lam well inside
     # Recover the weight and partner of every row: mixed = lam * x + (1 - lam) * x[j].
     lams = set()
     for i in range(16):
@@ -314,36 +311,6 @@ def test_loop_feeds_mixed_batches_only_when_mixup_is_on(tmp_path, alpha):
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
     first = DefaultPipeline().eval_batch(split.images[order[:4]])
     assert torch.equal(seen[0], first) == (alpha == 0)
-
-
-class ThreadRecordingPipeline(AugmentedPipeline):
-    """The paper's augmentation, noting which thread prepared each training batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.threads: list[int] = []
-
-    def prepare(self, images, draws, dtype=torch.float32):
-        self.threads.append(threading.get_native_id())
-        return super().prepare(images, draws, dtype)
-
-
-@pytest.mark.parametrize("alpha", [0.0, 0.4])
-def test_batches_prepared_on_the_helper_thread_change_no_result(tmp_path, two_torch_threads, alpha):
-    # The loop makes the augmentation's and mixup's draws itself, in order, whichever thread then
-    # prepares the batch: weights and metrics are the same as with every batch prepared in turn.
-    runs = {}
-    for prefetch in (True, False):
-        pipeline = ThreadRecordingPipeline()
-        recipe = Recipe(mixup_alpha=alpha)
-        model, _, metrics = fit_tiny(tmp_path / str(prefetch), recipe, pipeline=pipeline, prefetch=prefetch)
-        runs[prefetch] = model.state_dict(), metrics.drop(columns="seconds"), set(pipeline.threads)
-    caller = threading.get_native_id()
-    assert runs[False][2] == {caller}
-    if hasattr(os, "SCHED_IDLE"):  # Linux: the helper prepared the batches after each epoch's first
-        assert len(runs[True][2] - {caller}) == 1
-    pd.testing.assert_frame_equal(runs[True][1], runs[False][1])
-    assert all(torch.equal(value, runs[False][0][key]) for key, value in runs[True][0].items())
 
 
 # --- dermoscopy augmentation ------------------------------------------------------------------------

@@ -64,7 +64,6 @@ def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
         progress=str(cfg.trainer.progress),
         seed=int(cfg.seed),
         checkpoint_every=int(cfg.trainer.checkpoint_every),
-        prefetch=bool(cfg.trainer.prefetch),
         recipe=Recipe.from_config(cfg.get("recipe", {})),
     )
     sizes = {

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from skinclf.data.pipeline import BatchPipeline, warp
+from skinclf.data.pipeline import warp
 from skinclf.errors import SkinclfError
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
@@ -58,7 +58,7 @@ def recipe_pipeline(pipeline: Any, augment: Any) -> Any:
         ) from err
 
 
-class DermoscopyAugmentation(BatchPipeline):
+class DermoscopyAugmentation:
     """Wraps a model's pipeline: its normalisation (fit on the training split, state, evaluation
     batches) is kept, its own training augmentation (if any) is replaced by this one."""
 
@@ -106,11 +106,12 @@ class DermoscopyAugmentation(BatchPipeline):
         """Evaluation batches are the base pipeline's: never augmented."""
         return self.base.eval_batch(images, dtype)
 
-    def prepare(
-        self, images: torch.Tensor, draws: AugmentParams, dtype: torch.dtype = torch.float32
+    def train_batch(
+        self, images: torch.Tensor, generator: torch.Generator, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """Augmented as ``draws`` say, then normalised by the base pipeline."""
-        return self.base.warped_to_input(apply_augmentation(images, draws), dtype)
+        """Augmented, then normalised by the base pipeline."""
+        params = self.draw(len(images), generator)
+        return self.base.warped_to_input(apply_augmentation(images, params), dtype)
 
     def draw(self, n: int, generator: torch.Generator) -> AugmentParams:
         """The random choices for ``n`` images, from ``generator`` (CPU) in a fixed order."""

@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from skinclf.data.pipeline import BatchPipeline, DefaultPipeline
+from skinclf.data.pipeline import DefaultPipeline
 from skinclf.data.splits import ImageSplits, Split
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_torch_save
@@ -62,7 +62,7 @@ class FeatureSplit(Split):
         self.labels = self.labels.to(torch.float32)
 
 
-class FeaturePipeline(BatchPipeline):
+class FeaturePipeline:
     """Cached feature maps -> head input: a cast to the loop's dtype, nothing else (features are fixed).
 
     Its state is the image pipeline's, so checkpoints still say how images are prepared for the
@@ -81,8 +81,8 @@ class FeaturePipeline(BatchPipeline):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.image_pipeline.load_state_dict(state)
 
-    def prepare(
-        self, features: torch.Tensor, draws: None, dtype: torch.dtype = torch.float32
+    def train_batch(
+        self, features: torch.Tensor, generator: torch.Generator, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """A training batch: the cached features in ``dtype``."""
         return features.to(dtype)
@@ -180,7 +180,7 @@ def _why_not_cached(extractor: nn.Module, pipeline: Any, settings: LoopSettings)
     """Why the extractor's outputs cannot be computed once (None: they can). Features computed once
     see neither per-epoch augmentation nor flipped test-time views; then the whole model trains on
     images, its frozen part still frozen: slower, but never silently wrong."""
-    if type(pipeline).draw is not DefaultPipeline.draw:
+    if type(pipeline).train_batch is not DefaultPipeline.train_batch:
         return f"the pipeline {type(pipeline).__name__} augments training images"
     if settings.recipe.tta:
         return "recipe.tta=true evaluates flipped images"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,28 +17,7 @@ import torch.nn.functional as F
 _CHUNK = 512  # images per chunk when computing dataset statistics, to bound memory
 
 
-class BatchPipeline:
-    """What the training loop asks of a pipeline for a training batch, in two parts:
-    :meth:`draw` makes the batch's random choices (on the loop's generator, in the loop's order)
-    and :meth:`prepare` applies them, a pure function of its arguments. The loop can then prepare
-    the next batch on a helper thread and still get exactly the batch a sequential loop would."""
-
-    def draw(self, n: int, generator: torch.Generator) -> Any:
-        """The random choices for a training batch of ``n`` images; None: it draws none."""
-        return None
-
-    def prepare(self, images: torch.Tensor, draws: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The training batch of ``images`` under ``draws``, as :meth:`draw` made them."""
-        raise NotImplementedError
-
-    def train_batch(
-        self, images: torch.Tensor, generator: torch.Generator, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """A training batch: augmentation (if any) and normalisation."""
-        return self.prepare(images, self.draw(len(images), generator), dtype)
-
-
-class DefaultPipeline(BatchPipeline):
+class DefaultPipeline:
     """The paper's default dataset: pixel values scaled to [0, 1]; no augmentation."""
 
     def __init__(self) -> None:
@@ -80,8 +59,10 @@ class DefaultPipeline(BatchPipeline):
         """Per channel, the ``x * scale + shift`` that normalises pixel values in 0-255 units."""
         return (1.0 / (255.0 * self.std)).to(device, dtype), (-self.mean / self.std).to(device, dtype)
 
-    def prepare(self, images: torch.Tensor, draws: None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A training batch: normalised, as any other."""
+    def train_batch(
+        self, images: torch.Tensor, generator: torch.Generator, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """A training batch: augmentation (if any) and normalisation."""
         return self.to_input(images, dtype)
 
     def eval_batch(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -134,10 +115,10 @@ class AugmentedPipeline(DefaultPipeline):
     def fit(self, train_images: torch.Tensor) -> None:
         self.mean, self.std = channel_stats(train_images)
 
-    def prepare(
-        self, images: torch.Tensor, draws: AugmentationDraws, dtype: torch.dtype = torch.float32
+    def train_batch(
+        self, images: torch.Tensor, generator: torch.Generator, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        return augment(images, draws, self, dtype)
+        return augment(images, generator, self, dtype)
 
     def draw(self, n: int, generator: torch.Generator) -> AugmentationDraws:
         """Each image's random choices, drawn on the CPU ``generator`` in a fixed order, so that
@@ -174,10 +155,10 @@ class AugmentationDraws(NamedTuple):
 
 
 def augment(
-    images: torch.Tensor, draws: AugmentationDraws, pipeline: AugmentedPipeline, dtype: torch.dtype
+    images: torch.Tensor, generator: torch.Generator, pipeline: AugmentedPipeline, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Flip / rotate / crop a uint8 (N, 3, H, W) batch per image as ``draws`` say, normalised into a
-    new channels-last ``dtype`` tensor (``images`` is left as it is).
+    """Flip / rotate / crop a uint8 (N, 3, H, W) batch per image at random, normalised into a new
+    channels-last ``dtype`` tensor (``images`` is left as it is).
 
     The random choices come from :meth:`AugmentedPipeline.draw`. The whole batch goes through one
     bilinear warp (``grid_sample``), each image with its own affine map: flip, rotation and crop
@@ -185,7 +166,8 @@ def augment(
     identity, which samples its own pixels (exactly, for power-of-two sizes such as 128). Warping
     those too is cheaper than sorting the batch by transform and putting it back in order.
     """
-    return pipeline.warped_to_input(warp(images, draws.theta()), dtype)
+    x = warp(images, pipeline.draw(len(images), generator).theta())
+    return pipeline.warped_to_input(x, dtype)
 
 
 def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,6 @@ VOLATILE_KEYS = (
     "trainer.num_threads",
     "trainer.keep_freed_memory",
     "trainer.checkpoint_every",
-    "trainer.prefetch",
 )
 
 

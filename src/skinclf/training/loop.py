@@ -13,11 +13,9 @@ import csv
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,15 +32,14 @@ from skinclf.training.hardware import (
     data_fits_on_device,
     input_dtype,
 )
-from skinclf.training.prefetch import prefetched
 from skinclf.training.progress import progress
 from skinclf.training.recipe import (
     FlipTTA,
-    Mixup,
     Recipe,
     WeightEMA,
     build_optimizer,
     build_scheduler,
+    mixup,
     pretrained_parameters,
 )
 
@@ -67,9 +64,6 @@ class LoopSettings:
     seed: int = 0
     # last.pt (what a resume needs) is written every this many epochs and after the last one.
     checkpoint_every: int = 1
-    # On the CPU, prepare the next training batch on a low-priority helper thread during the
-    # step (see prefetch); the batches, and so the results, are the same either way.
-    prefetch: bool = True
     # Weight of MEL (positive) examples in the training loss (BCE pos_weight); None = unweighted,
     # the paper's. Reported losses stay unweighted so runs remain comparable.
     pos_weight: float | None = None
@@ -174,36 +168,6 @@ def evaluate(
     return loss, acc, torch.sigmoid(logits).numpy()
 
 
-class TrainingBatch(NamedTuple):
-    """A training batch as the step takes it: input, loss targets (mixed labels under mixup) and
-    labels (what training accuracy counts against)."""
-
-    x: torch.Tensor
-    target: torch.Tensor
-    y: torch.Tensor
-
-
-def training_batch(
-    pipeline: Any,
-    split: Split,
-    idx: torch.Tensor,
-    draws: Any,
-    mix: Mixup | None,
-    dtype: torch.dtype,
-    layout: torch.memory_format,
-    device: torch.device,
-) -> TrainingBatch:
-    """The training batch of ``split``'s images ``idx`` under the random ``draws`` and ``mix``
-    already made: a pure function, so that a helper thread may run it (see prefetch)."""
-    x = pipeline.prepare(split.images_at(idx).to(device, non_blocking=True), draws, dtype)
-    x = x.contiguous(memory_format=layout)
-    y = split.labels.index_select(0, idx).to(device, non_blocking=True)
-    if mix is None:
-        return TrainingBatch(x, y, y)
-    x, target = mix.apply(x, y)
-    return TrainingBatch(x, target, y)
-
-
 def train_one_epoch(
     model: nn.Module,
     pipeline: Any,
@@ -226,20 +190,15 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     pos_weight = None if settings.pos_weight is None else torch.tensor(settings.pos_weight, device=device)
-    alpha = settings.recipe.mixup_alpha
-
-    def jobs() -> Iterator[Callable[[], TrainingBatch]]:
-        # Every random draw is made here, batch after batch, so that whichever thread prepares
-        # a batch (see prefetch), the run stays what the seed makes it.
-        for idx in order.split(settings.batch_size):
-            draws = pipeline.draw(len(idx), generator)
-            mix = Mixup.draw(len(idx), alpha, generator) if alpha > 0 else None
-            yield partial(training_batch, pipeline, split, idx, draws, mix, dtype, layout, device)
-
-    # On the GPU the batch work is queued asynchronously anyway: no helper thread there.
-    batches = prefetched(jobs(), enabled=settings.prefetch and device.type == "cpu")
-    n_batches = math.ceil(len(split) / settings.batch_size)
-    for x, target, y in progress(batches, mode=settings.progress, desc=desc, unit="batch", total=n_batches):
+    starts = range(0, len(split), settings.batch_size)
+    for start in progress(starts, mode=settings.progress, desc=desc, unit="batch"):
+        idx = order[start : start + settings.batch_size]
+        x = pipeline.train_batch(split.images_at(idx).to(device, non_blocking=True), generator, dtype)
+        x = x.contiguous(memory_format=layout)
+        y = split.labels.index_select(0, idx).to(device, non_blocking=True)
+        target = y
+        if settings.recipe.mixup_alpha > 0:
+            x, target = mixup(x, y, settings.recipe.mixup_alpha, generator)
         with forward_ctx():
             logits = model(x).flatten()
         # Loss in fp32 whatever the forward precision.
@@ -253,7 +212,7 @@ def train_one_epoch(
         if ema is not None:
             ema.update(model)
         # Accumulated on the device: no host sync per step.
-        loss_sum += loss.detach() * len(y)
+        loss_sum += loss.detach() * len(idx)
         correct += ((logits.detach() >= 0).float() == y).sum()
     return loss_sum.item() / len(split), correct.item() / len(split)
 

@@ -121,28 +121,19 @@ def build_scheduler(
     )
 
 
-@dataclass(frozen=True)
-class Mixup:
-    """One batch's mixup: each image and label becomes ``lam`` of itself plus ``1 - lam`` of
-    those of image ``perm[i]``."""
-
-    lam: float
-    perm: torch.Tensor
-
-    @classmethod
-    def draw(cls, n: int, alpha: float, generator: torch.Generator) -> Mixup:
-        """``lam`` ~ Beta(alpha, alpha), drawn from ``generator`` (through the inverse CDF, so the
-        run stays reproducible), folded to >= 0.5 so that each mixed image keeps its own label as
-        the larger part (training accuracy is counted against it); ``perm`` a shuffle of ``n``."""
-        u = torch.rand((), generator=generator, dtype=torch.float64).item()
-        lam = float(scipy.special.betaincinv(alpha, alpha, u))
-        return cls(max(lam, 1.0 - lam), torch.randperm(n, generator=generator))
-
-    def apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mixed batch and its soft BCE targets."""
-        perm = self.perm.to(x.device)
-        mixed = x * self.lam + x.index_select(0, perm) * (1.0 - self.lam)
-        return mixed.to(x.dtype), y * self.lam + y.index_select(0, perm) * (1.0 - self.lam)
+def mixup(
+    x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup of a batch with a shuffled copy of itself: ``lam * x + (1 - lam) * x[perm]`` and the
+    same for the labels (soft BCE targets). ``lam`` ~ Beta(alpha, alpha), drawn from ``generator``
+    (through the inverse CDF, so the run stays reproducible), folded to >= 0.5 so that each mixed
+    image keeps its own label as the larger part (training accuracy is counted against it)."""
+    u = torch.rand((), generator=generator, dtype=torch.float64).item()
+    lam = float(scipy.special.betaincinv(alpha, alpha, u))
+    lam = max(lam, 1.0 - lam)
+    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    mixed = x * lam + x.index_select(0, perm) * (1.0 - lam)
+    return mixed.to(x.dtype), y * lam + y.index_select(0, perm) * (1.0 - lam)
 
 
 class WeightEMA:
