@@ -16,7 +16,7 @@ import pytest
 
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
-from skinclf.sweep.jobs import RUN_CONFIG, claim_run_dir
+from skinclf.sweep.jobs import RUN_CONFIG, claim_run_dir, comparable_config
 from skinclf.train import run
 from skinclf.training import loop
 
@@ -169,6 +169,42 @@ def test_a_run_folder_is_never_resumed_under_another_config(tmp_path: Path) -> N
     assert claim_run_dir(tmp_path, same) == "finished"
     with pytest.raises(SkinclfError, match=r"different config \(changed: optim.lr, seed\)"):
         claim_run_dir(tmp_path, compose_config(["model=resnet", "seed=2", "optim.lr=0.01"]))
+
+
+def _as_an_older_skinclf_wrote_it(run_dir: Path, *dotted_keys: str) -> None:
+    """Drop keys from run_config.json, as if the folder came from a version without them."""
+    stored = json.loads((run_dir / RUN_CONFIG).read_text())
+    for dotted in dotted_keys:
+        *parents, leaf = dotted.split(".")
+        node = stored
+        for key in parents:
+            node = node[key]
+        del node[leaf]
+    (run_dir / RUN_CONFIG).write_text(json.dumps(stored))
+
+
+def test_a_folder_from_an_older_skinclf_resumes_unless_a_new_key_is_overridden(tmp_path, caplog):
+    overrides = ["model=resnet", "seed=1"]
+    assert claim_run_dir(tmp_path, compose_config(overrides), overrides) == "new"
+    _as_an_older_skinclf_wrote_it(tmp_path, "eval.target_sensitivity", "recipe.augment")
+    # The new keys at their configured values, no override naming them: the same run, recorded anew.
+    with caplog.at_level(logging.WARNING, logger="skinclf"):
+        assert claim_run_dir(tmp_path, compose_config(overrides), overrides) == "unfinished"
+    assert "predates the config keys eval.target_sensitivity, recipe.augment" in caplog.text
+    assert json.loads((tmp_path / RUN_CONFIG).read_text()) == comparable_config(compose_config(overrides))
+    # A new key the command line sets (itself or inside it) is a change the old run never had.
+    _as_an_older_skinclf_wrote_it(tmp_path, "eval.target_sensitivity", "recipe.augment")
+    for extra, key in [
+        ("eval.target_sensitivity=0.95", "eval.target_sensitivity"),
+        ("recipe.augment.enabled=false", "recipe.augment"),
+    ]:
+        with pytest.raises(SkinclfError, match=rf"\(changed: {key}\)"):
+            claim_run_dir(tmp_path, compose_config([*overrides, extra]), [*overrides, extra])
+    # A key the old version had and this one lacks is a difference too.
+    stored = json.loads((tmp_path / RUN_CONFIG).read_text())
+    (tmp_path / RUN_CONFIG).write_text(json.dumps({**stored, "retired_key": 1}))
+    with pytest.raises(SkinclfError, match=r"changed: .*retired_key"):
+        claim_run_dir(tmp_path, compose_config(overrides), overrides)
 
 
 @pytest.mark.slow

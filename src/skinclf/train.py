@@ -235,7 +235,7 @@ def hydra_main(cfg: DictConfig) -> None:
         run_sweep_job(cfg, out_dir, _run_in_hydra, hydra_cfg.job.num, Path(hydra_cfg.sweep.dir), overrides)
         return
     try:
-        claim_run_dir(out_dir, cfg)
+        claim_run_dir(out_dir, cfg, list(hydra_cfg.overrides.task))
         # A crash is then listed by `skinclf report` as failed with its error, not as unfinished;
         # Ctrl-C or `kill` as stopped, resumable with resume=true. A refused folder is left alone.
         with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):

@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,23 +61,38 @@ def comparable_config(cfg: DictConfig) -> dict[str, Any]:
     return config
 
 
-def claim_run_dir(out_dir: Path, cfg: DictConfig) -> str:
+def claim_run_dir(out_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ()) -> str:
     """Check that ``out_dir`` holds nothing from another config and record this one.
 
     Returns "new" (nothing of this config there yet), "unfinished" (a run of this config that
     did not finish: resume it) or "finished" (nothing to do). Raises SkinclfError when it holds
     results of a different config: resuming or overwriting them would silently mix two experiments.
+
+    A folder from an older skinclf lacks the config keys added since. Such a key counts as the
+    same config when none of the run's command-line ``overrides`` sets it: the run then had no
+    say in it, and it takes the value the config files give it. Its run_config.json is updated.
     """
     config = comparable_config(cfg)
     stored_path = out_dir / RUN_CONFIG
     if stored_path.exists():
         stored = json.loads(stored_path.read_text())
         if stored != config:
-            changed = sorted(_differences(stored, config))
-            raise SkinclfError(
-                f"{out_dir}: holds a run of a different config (changed: {', '.join(changed[:5])}); "
-                "use a new hydra.run.dir / hydra.sweep.dir, or the original overrides"
+            differing = sorted(_differences(stored, config))
+            # Keys this skinclf added since, which the run's overrides leave to the config files.
+            added = [
+                key for key in differing if not _has_key(stored, key) and not _overridden(key, overrides)
+            ]
+            changed = [key for key in differing if key not in added]
+            if changed:
+                raise SkinclfError(
+                    f"{out_dir}: holds a run of a different config (changed: {', '.join(changed[:5])}); "
+                    "use a new hydra.run.dir / hydra.sweep.dir, or the original overrides"
+                )
+            log.warning(
+                f"{out_dir}: its {RUN_CONFIG} predates the config keys {', '.join(added)} (an older "
+                "skinclf); no override sets them, so the run goes on with their configured values"
             )
+            atomic_write_json(config, stored_path)
         return "finished" if any((out_dir / name).exists() for name in RESULT_FILES) else "unfinished"
     atomic_write_json(config, stored_path)
     return "new"
@@ -92,6 +107,22 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
             for diff in _differences(a.get(key), b.get(key), f"{prefix}{key}.")
         ]
     return [] if a == b else [prefix.rstrip(".")]
+
+
+def _has_key(config: dict[str, Any], dotted: str) -> bool:
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _overridden(dotted: str, overrides: Sequence[str]) -> bool:
+    """Whether a command-line override (``key=value``, ``+key=value``, ``~key``) sets ``dotted``
+    or something inside it."""
+    names = (override.split("=", 1)[0].lstrip("+~") for override in overrides)
+    return any(name == dotted or name.startswith(f"{dotted}.") for name in names)
 
 
 def start_launch(sweep_dir: Path) -> str:
@@ -170,7 +201,7 @@ def run_sweep_job(
     info = {"job": job_num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
     recorded = False
     try:
-        state = claim_run_dir(out_dir, cfg)
+        state = claim_run_dir(out_dir, cfg, overrides)
         if state == "finished":
             log.info(f"job {job_num}: already finished in {out_dir}, skipped")
             write_status(out_dir, "skipped", launch, **info)
