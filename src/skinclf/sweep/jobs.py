@@ -90,7 +90,7 @@ def claim_run_dir(out_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ())
                 )
             log.warning(
                 f"{out_dir}: its {RUN_CONFIG} predates the config keys {', '.join(added)} (an older "
-                "skinclf); no override sets them, so the run goes on with their configured values"
+                "skinclf); no override sets them, so it counts as this config, with their configured values"
             )
             atomic_write_json(config, stored_path)
         return "finished" if any((out_dir / name).exists() for name in RESULT_FILES) else "unfinished"
