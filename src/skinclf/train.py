@@ -229,13 +229,13 @@ def _remove_unstarted_run(out_dir: Path) -> None:
 def hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         # Never exits: a failed job is recorded and the sweep goes on (SweepSummary reports it).
-        overrides = list(hydra_cfg.overrides.task)
         run_sweep_job(cfg, out_dir, _run_in_hydra, hydra_cfg.job.num, Path(hydra_cfg.sweep.dir), overrides)
         return
     try:
-        claim_run_dir(out_dir, cfg, list(hydra_cfg.overrides.task))
+        claim_run_dir(out_dir, cfg, overrides)
         # A crash is then listed by `skinclf report` as failed with its error, not as unfinished;
         # Ctrl-C or `kill` as stopped, resumable with resume=true. A refused folder is left alone.
         with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):

@@ -25,6 +25,8 @@ from skinclf.run_files import HYDRA_CONFIG, HYDRA_OVERRIDES, METRICS, PREDICTION
 from skinclf.sweep.jobs import STATUS_FILE, process_gone
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
+# How an interrupted run (stopped, or killed outright) goes on.
+RESUME_HINT = "resume=true, or re-launching its sweep, continues it"
 
 METRICS_REQUIRED = ("epoch", "train_acc", "val_acc")
 TEST_REQUIRED = ("accuracy", "f1", "sensitivity", "specificity", "roc_auc", "confusion")
@@ -152,14 +154,11 @@ def load_run(path: Path) -> Run | None:
                 error = status.get("error", "no error recorded")
                 run.status, run.problem = FAILED, f"failed after {epochs}: {error}"
             elif status.get("status") == "stopped":
-                run.problem = (
-                    f"stopped after {epochs} (Ctrl-C or a signal): resume=true, or re-launching "
-                    "its sweep, continues it"
-                )
+                run.problem = f"stopped after {epochs} (Ctrl-C or a signal): {RESUME_HINT}"
             elif status.get("status") == "running" and process_gone(status):
                 run.problem = (
                     f"killed after {epochs}: its process ({status['pid']}) ended without recording "
-                    "why (SIGKILL, out of memory?); resume=true, or re-launching its sweep, continues it"
+                    f"why (SIGKILL, out of memory?); {RESUME_HINT}"
                 )
             else:
                 run.problem = f"no {TEST_METRICS} ({epochs} done)"
