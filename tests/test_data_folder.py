@@ -169,6 +169,13 @@ def _truncate(path: Path) -> Path:
             lambda r: ((r / "train" / "stray.jpg").write_text("x"), r / "train" / "stray.jpg")[1],
             "outside a class",
         ),
+        (
+            lambda r: (
+                (r / "train" / "MEL" / "gone.jpg").symlink_to(r / "nowhere.jpg"),
+                r / "train" / "MEL" / "gone.jpg",
+            )[1],
+            "no such image file",
+        ),
     ],
     ids=[
         "missing-root",
@@ -180,6 +187,7 @@ def _truncate(path: Path) -> Path:
         "corrupt",
         "non-image",
         "stray-file",
+        "dangling-symlink",
     ],
 )
 def test_bad_input_names_the_path(tmp_path, breaker, expected):
@@ -204,6 +212,24 @@ def test_skip_bad_images_lists_and_leaves_them_out(tmp_path, caplog):
     # The cache remembers the bad file: without the option it is an error again, not silently skipped.
     with pytest.raises(SkinclfError, match="broken.jpg"):
         load_splits(data_cfg(root, tmp_path / "cache"))
+
+
+def test_skip_bad_images_skips_a_dangling_symlink(tmp_path, caplog):
+    root = make_dataset(tmp_path / "ds", {"train": (2, 2), "val": (2, 2)})
+    dangling = root / "train" / "MEL" / "gone.jpg"
+    dangling.symlink_to(tmp_path / "nowhere.jpg")
+    with caplog.at_level(logging.WARNING):
+        splits = load_splits(data_cfg(root, tmp_path / "cache", "data.skip_bad_images=true"))
+    assert splits.train.class_counts() == {"MEL": 2, "NV": 2}
+    assert f"skipped bad image {dangling}: no such image file" in caplog.text
+
+
+def test_skip_bad_images_never_leaves_a_class_empty(tmp_path):
+    root = make_dataset(tmp_path / "ds", {"train": (2, 3), "val": (2, 2)})
+    for image in (root / "train" / "MEL").iterdir():
+        image.write_text("not a jpeg")
+    with pytest.raises(SkinclfError, match=r"train/MEL: every image of this class was skipped as bad"):
+        load_splits(data_cfg(root, None, "data.skip_bad_images=true"))
 
 
 def test_train_cli_end_to_end_with_relative_root(tmp_path):

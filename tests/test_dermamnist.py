@@ -125,3 +125,20 @@ def test_not_an_npz(tmp_path):
     path.write_text("<html>download page</html>")
     with pytest.raises(SkinclfError, match="not a readable npz"):
         splits_of(path)
+
+
+@pytest.mark.parametrize("damage", ["flipped-byte", "object-array"])
+def test_damaged_arrays_are_one_clear_error(tmp_path, damage):
+    path = tmp_path / "dermamnist_128.npz"
+    if damage == "flipped-byte":
+        data = bytearray(write_npz(path).read_bytes())
+        data[len(data) // 2] ^= 0xFF  # inside a compressed member: np.load still opens the archive
+        path.write_bytes(bytes(data))
+    else:
+        write_npz(path)
+        arrays = dict(np.load(path))
+        arrays["val_images"] = np.array([None] * 5, dtype=object)
+        np.savez(path, **arrays)
+    with pytest.raises(SkinclfError, match="arrays are unreadable") as err:
+        splits_of(path)
+    assert str(path) in str(err.value)

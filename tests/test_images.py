@@ -64,6 +64,16 @@ def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
     assert (np.diff(row) >= 0).all()
 
 
+def test_16_bit_grayscale_scale_does_not_depend_on_the_pixels(tmp_path):
+    # 200 and 300 of 65535 are both near black, and the brighter source must not come out darker.
+    decoded = []
+    for value in (200, 300, 65535):
+        path = tmp_path / f"gray{value}.png"
+        Image.fromarray(np.full((16, 16), value, np.uint16)).save(path)
+        decoded.append(int(decode_image(path, size=16)[0, 8, 8]))
+    assert decoded == [round(200 * 255 / 65535), round(300 * 255 / 65535), 255]
+
+
 def test_exif_rotation_is_applied(tmp_path):
     # Stored: left half red, right half blue. Orientation 6 = rotate 90 degrees clockwise to
     # display, so the displayed image is red on top and blue at the bottom.

@@ -29,7 +29,7 @@ from skinclf.training.progress import progress
 log = logging.getLogger(__name__)
 
 # Bump when decode_image's output changes (resampling, colour handling), to invalidate caches.
-DECODER_VERSION = 1
+DECODER_VERSION = 2  # 2: 16-bit grayscale always scaled from 0-65535
 # PIL releases the GIL while decoding and resizing, so threads decode in parallel.
 _MAX_WORKERS = 8
 
@@ -51,7 +51,8 @@ def content_key(files: list[Path], root: Path, size: int = IMAGE_SIZE) -> str:
     entries = []
     for path in files:
         try:
-            st = path.stat()
+            # A dangling symlink keys on the link itself; decoding then reports (or skips) it.
+            st = path.stat() if path.exists() else path.lstat()
         except OSError as err:
             raise SkinclfError(f"{path}: cannot read the file ({err.strerror})") from err
         entries.append([path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])

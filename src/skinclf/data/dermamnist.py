@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,10 @@ def _checked_arrays(npz, path: Path, split: str) -> tuple[np.ndarray, np.ndarray
                 f"{path}: no key {key!r} (has {', '.join(sorted(npz.files)) or 'none'}); expected a MedMNIST "
                 f"npz with {', '.join(f'{s}_images, {s}_labels' for s in SPLIT_NAMES)}"
             )
-    images, labels = npz[keys[0]], npz[keys[1]]
+    try:  # the arrays are decompressed only now: a damaged archive fails here, not at np.load
+        images, labels = npz[keys[0]], npz[keys[1]]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise SkinclfError(f"{path}: {split} arrays are unreadable ({err}); {DOWNLOAD_HELP}") from err
     if (
         images.dtype != np.uint8
         or images.ndim != 4

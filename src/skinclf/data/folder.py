@@ -44,10 +44,13 @@ def _by_lower_name(parent: Path, entries: list[Path]) -> dict[str, Path]:
 
 def _class_files(class_dir: Path) -> list[Path]:
     """Every non-hidden file under ``class_dir`` (subfolders included), sorted."""
+    # A dangling symlink is not is_file(), but it is an image that should be there: keep it, so
+    # that decoding names it as missing rather than the split quietly losing it.
     files = sorted(
         p
         for p in class_dir.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
     )
     if not files:
         raise SkinclfError(f"{class_dir}: empty class folder; expected images of this class")
@@ -98,6 +101,19 @@ def find_images(root: Path) -> dict[str, tuple[list[Path], list[float]]]:
     return found
 
 
+def _check_classes_kept(
+    root: Path, split: str, files: list[Path], labels: list[float], kept_labels: torch.Tensor
+) -> None:
+    """Refuse a split that skipping bad images left without one of its classes."""
+    for label in (1.0, 0.0):
+        if not (kept_labels == label).any():
+            class_dir = root.joinpath(*files[labels.index(label)].relative_to(root).parts[:2])
+            raise SkinclfError(
+                f"{class_dir}: every image of this class was skipped as bad (data.skip_bad_images=true); "
+                "expected at least one readable image per class in each split"
+            )
+
+
 def load_splits(data_cfg: DictConfig) -> ImageSplits:
     """Decode (first use) or load from the decode cache the splits of ``data.root``."""
     root = data_path(data_cfg, "root")
@@ -117,6 +133,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
                 f"{name}: skipped {len(decoded.bad)} bad image(s) of {len(files)} (data.skip_bad_images)"
             )
         kept_labels = torch.tensor([labels[i] for i in decoded.kept], dtype=torch.float32)
+        _check_classes_kept(root, name, files, labels, kept_labels)
         splits[name] = Split(decoded.images, kept_labels)
     # Only once every split decoded: a bad file in val leaves no train cache behind either.
     for decoded in decoded_splits:

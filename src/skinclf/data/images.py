@@ -35,7 +35,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in _WIDE_GRAY_MODES:
         # PIL's own I;16 -> L conversion clips at 255, which turns most 16-bit images white.
         arr = np.asarray(img, dtype=np.float64)
-        peak = 255.0 if img.mode == "F" else (65535.0 if arr.max(initial=0) > 255 else 255.0)
+        # A fixed scale, never one read from the pixels: a dark 16-bit image must stay darker
+        # than a bright one. "I" is how PIL opens 16-bit PNGs too (32-bit TIFFs clip at white).
+        peak = 255.0 if img.mode == "F" else 65535.0
         gray = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:

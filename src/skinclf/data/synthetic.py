@@ -132,6 +132,22 @@ def generate_split(seed: int, split_index: int, n: int, size: int = IMAGE_SIZE) 
     return Split(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels).float())
 
 
+def _read_cache(cache: Path) -> dict | None:
+    """The stored splits, or None to generate them: a damaged cache is a miss, never a failed run."""
+    if not cache.exists():
+        return None
+    try:
+        stored = torch.load(cache, weights_only=True)
+        splits = [stored[name] for name in ("train", "val", "test")]
+        if any(len(s["images"]) != len(s["labels"]) for s in splits):
+            raise ValueError("images and labels differ in number")
+    except Exception as err:
+        log.warning(f"synthetic data: ignoring unreadable cache {cache} ({err}); generating it again")
+        return None
+    log.info(f"synthetic data: loaded from cache {cache}")
+    return stored
+
+
 def load_splits(data_cfg: DictConfig) -> ImageSplits:
     """Generate (first use) or load from ``data_cfg.cache_dir`` the synthetic train/val/test splits."""
     sizes = {
@@ -146,10 +162,8 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
     key = json.dumps({"version": GENERATOR_VERSION, "seed": seed, "sizes": sizes}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache = Path(data_cfg.cache_dir) / f"synthetic_{digest}.pt"
-    if cache.exists():
-        stored = torch.load(cache, weights_only=True)
-        log.info(f"synthetic data: loaded from cache {cache}")
-    else:
+    stored = _read_cache(cache)
+    if stored is None:
         log.info(f"synthetic data: generating {sum(sizes.values())} images (seed {seed}) into {cache}")
         stored = {}
         for index, (name, n) in enumerate(sizes.items()):
