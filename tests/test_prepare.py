@@ -155,6 +155,23 @@ def _missing_mel_image(source):
     next(source.rglob(f"{table[table['label'] == 'MEL']['image_id'].iloc[0]}.jpg")).unlink()
 
 
+def _relabelled_twice(source):
+    """A HAM10000 metadata file that lists one NV image a second time, as MEL of another lesion."""
+    table = fake_ham10000(source)
+    csv = source / "HAM10000_metadata.csv"
+    nv = table[table["label"] == "NV"]["image_id"].iloc[0]
+    header, rest = csv.read_text().split("\n", 1)
+    csv.write_text(f"{header}\nHAM_9999999,{nv},mel\n{rest}")
+
+
+def _text_in_isic_label(source):
+    fake_isic2019(source)
+    csv = source / "ISIC_2019_Training_GroundTruth.csv"
+    table = pd.read_csv(csv, dtype=str)
+    table.loc[3, "MEL"] = "x"
+    table.to_csv(csv, index=False)
+
+
 @pytest.mark.parametrize(
     ("setup", "args", "expected"),
     [
@@ -168,8 +185,19 @@ def _missing_mel_image(source):
         ),
         (lambda s: fake_ham10000(s, n_mel=3, n_nv=6, n_other=0), [], "no MEL image left"),
         (lambda s: fake_ham10000(s), ["--split", "70,30"], "--split 70,30"),
+        (_relabelled_twice, [], "is listed 2 times, as MEL lesion HAM_9999999; NV lesion"),
+        (_text_in_isic_label, [], "column MEL: 'x'; expected 0 or 1"),
     ],
-    ids=["no-metadata", "no-source", "missing-image", "missing-column", "too-few", "bad-split"],
+    ids=[
+        "no-metadata",
+        "no-source",
+        "missing-image",
+        "missing-column",
+        "too-few",
+        "bad-split",
+        "conflicting-duplicate",
+        "non-numeric-label",
+    ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, setup, args, expected):
     source, out = tmp_path / "src", tmp_path / "out"
@@ -191,3 +219,28 @@ def test_existing_output_is_never_overwritten(tmp_path):
     with pytest.raises(SkinclfError, match="already exists"):
         prepare_main([str(tmp_path / "ham"), str(tmp_path / "out")])
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
+
+
+def test_output_that_cannot_be_created_is_one_error_before_any_decoding(tmp_path):
+    fake_ham10000(tmp_path / "ham", n_mel=12, n_nv=12, n_other=0)
+    (tmp_path / "afile").write_text("a file, not a folder")
+    out = tmp_path / "afile" / "out"
+    with pytest.raises(SkinclfError, match=r"afile/out: cannot write the output \(Not a directory"):
+        prepare_main([str(tmp_path / "ham"), str(out)])
+
+
+def test_output_dot_is_the_empty_current_folder(tmp_path, monkeypatch):
+    table = fake_ham10000(tmp_path / "ham", n_mel=12, n_nv=12, n_other=0)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    prepare_main([str(tmp_path / "ham"), "."])
+    manifest = pd.read_csv(tmp_path / "here" / "manifest.csv")
+    assert len(manifest) == len(table)
+    assert not list(tmp_path.glob(".here.partial*"))
+
+
+def test_negative_seed_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_main([str(tmp_path), str(tmp_path / "out"), "--seed", "-1"])
+    assert exit_info.value.code == 2
+    assert "--seed: '-1': expected a non-negative integer" in capsys.readouterr().err

@@ -37,6 +37,17 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 _WORKERS = min(8, os.cpu_count() or 1)
 
 
+def _seed(text: str) -> int:
+    """argparse type of --seed: numpy's generators take only non-negative integers."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative integer")
+    return value
+
+
 def parse_args(args: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="skinclf prepare",
@@ -57,7 +68,9 @@ def parse_args(args: list[str]) -> argparse.Namespace:
         default="71,14,15",
         help="train,val,test percentages (default 71,14,15, the paper's); test may be 0",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the balancing and the split (default 0)")
+    parser.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the balancing and the split (default 0)"
+    )
     parser.add_argument(
         "--format", choices=["jpg", "png"], default="jpg", help="output image format (default jpg)"
     )
@@ -97,6 +110,34 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise SkinclfError(f"{path}: not a readable CSV file ({err})") from err
 
 
+def _one_hot(table: pd.DataFrame, path: Path, column: str) -> pd.Series:
+    """A 0/1 column of the ISIC ground truth as numbers; anything else names its row."""
+    values = pd.to_numeric(table[column], errors="coerce")
+    bad = values.isna() | ~values.isin([0.0, 1.0])
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise SkinclfError(
+            f"{path}: row {row + 2} ({table['image'].iloc[row]}), column {column}: "
+            f"{table[column].iloc[row]!r}; expected 0 or 1"
+        )
+    return values
+
+
+def _without_duplicates(records: pd.DataFrame, metadata: Path) -> pd.DataFrame:
+    """Drop repeated rows of one image; refuse an image listed with two labels or lesions."""
+    records = records.drop_duplicates()
+    repeated = records["image_id"].duplicated(keep=False)
+    if repeated.any():
+        image_id = records.loc[repeated, "image_id"].iloc[0]
+        rows = records[records["image_id"] == image_id]
+        listed = "; ".join(f"{r.label} lesion {r.lesion_id or '(none)'}" for r in rows.itertuples())
+        raise SkinclfError(
+            f"{metadata}: {image_id} is listed {len(rows)} times, as {listed}; "
+            "expected one label and lesion per image"
+        )
+    return records
+
+
 def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
     """(dataset name, metadata file, table of image_id, label MEL/NV, lesion_id or '') of SOURCE."""
     isic, ham = _find_one(source, ISIC_2019_CSV), _find_one(source, HAM10000_CSV)
@@ -116,7 +157,7 @@ def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
     if isic:
         table = _read_csv(isic)
         _require_columns(table, isic, ["image", "MEL", "NV"])
-        mel, nv = table["MEL"].astype(float) == 1, table["NV"].astype(float) == 1
+        mel, nv = _one_hot(table, isic, "MEL") == 1, _one_hot(table, isic, "NV") == 1
         records = pd.DataFrame({"image_id": table["image"].str.strip(), "label": np.where(mel, "MEL", "NV")})
         records = records[mel | nv]
         metadata = _find_one(source, ISIC_2019_METADATA)
@@ -195,9 +236,12 @@ def prepare(
     """Build OUT from SOURCE (see the module docstring); returns the manifest."""
     if not source.is_dir():
         raise SkinclfError(f"{source}: no such folder; expected an unpacked ISIC 2019 or HAM10000 download")
+    # Absolute and normalised, so that OUT "." or "x/.." still has a name and a parent folder
+    # for the hidden temporary sibling.
+    out = Path(os.path.abspath(out))
     _check_out(out)
     name, metadata, records = read_records(source)
-    records = records.drop_duplicates("image_id").sort_values("image_id", ignore_index=True)
+    records = _without_duplicates(records, metadata).sort_values("image_id", ignore_index=True)
     if balance:
         records = records.iloc[undersample_majority((records["label"] == "MEL").to_numpy(), seed)]
         records = records.reset_index(drop=True)
@@ -234,6 +278,7 @@ def prepare(
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        # The folders first: an OUT that cannot be written fails now, not after minutes of decoding.
         for split_name, label in manifest[["split", "label"]].drop_duplicates().itertuples(index=False):
             (tmp / split_name / label).mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(_WORKERS) as pool:
@@ -248,6 +293,9 @@ def prepare(
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+    except OSError as err:  # unreadable sources are SkinclfErrors already: this is the writing
+        where = err.filename or tmp
+        raise SkinclfError(f"{out}: cannot write the output ({err.strerror}: {where})") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     counts["total"] = counts.sum(axis=1)
