@@ -124,6 +124,41 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
     assert not list((tmp_path / "outputs" / "runs").glob("*"))
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.max_epochs=abc", "trainer.max_epochs=abc: expected an integer"),
+        ("seed=1.5", "seed=1.5: expected an integer"),
+        ("optim.lr=abc", "optim.lr=abc: expected a number"),
+        ("optim.lr=-1", "optim.lr=-1.0: must be 0 or more"),
+        ("optim.weight_decay=-1", "optim.weight_decay=-1.0: must be 0 or more"),
+        ("trainer.patience=0", "trainer.patience=0: must be at least 1"),
+        (
+            "eval.target_sensitivity=95",
+            "eval.target_sensitivity=95.0: expected a fraction above 0, at most 1",
+        ),
+    ],
+)
+def test_a_bad_setting_is_one_clear_error_before_training(tmp_path, override, expected):
+    proc = error_run(tmp_path, *TINY, override)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"skinclf train: error: {expected}"
+    assert "epoch" not in proc.stdout + proc.stderr.replace("max_epochs", "")
+    assert not list((tmp_path / "outputs" / "runs").glob("*"))
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_an_output_folder_under_a_file_is_one_clear_error(tmp_path, key):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    multirun = ["-m"] if key == "hydra.sweep.dir" else []
+    proc = error_run(tmp_path, *multirun, *TINY, f"{key}=afile/run")
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == f"skinclf train: error: {key}=afile/run: {tmp_path / 'afile'} is a file; expected a folder"
+    )
+
+
 def test_a_grid_search_refuses_a_size_below_one_before_it_trains(tmp_path):
     proc = error_run(tmp_path, *TINY, "cv.folds=2", "data.batch_size=0")
     assert "data.batch_size=0: must be at least 1" in proc.stderr

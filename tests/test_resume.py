@@ -20,7 +20,7 @@ from skinclf.sweep.jobs import RUN_CONFIG, claim_run_dir, comparable_config
 from skinclf.train import run
 from skinclf.training import loop
 
-from conftest import train_cli
+from conftest import TINY, run_dir_from_output, train_cli
 
 SMALL = [
     "data.train_size=32",
@@ -169,6 +169,28 @@ def test_a_run_folder_is_never_resumed_under_another_config(tmp_path: Path) -> N
     assert claim_run_dir(tmp_path, same) == "finished"
     with pytest.raises(SkinclfError, match=r"different config \(changed: optim.lr, seed\)"):
         claim_run_dir(tmp_path, compose_config(["model=resnet", "seed=2", "optim.lr=0.01"]))
+
+
+def test_an_unreadable_run_config_is_one_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / RUN_CONFIG).write_text("")
+    with pytest.raises(SkinclfError, match=rf"{tmp_path / RUN_CONFIG}: unreadable"):
+        claim_run_dir(tmp_path, compose_config([]))
+
+
+def test_a_refused_resume_or_a_rerun_leaves_a_finished_folder_as_it_was(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.progress=never", cwd=tmp_path)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    refused = train_cli(
+        *TINY, f"hydra.run.dir={run_dir}", "resume=true", "optim.lr=1e-3", cwd=tmp_path, check=False
+    )
+    assert refused.returncode == 2 and "different config (changed: optim.lr)" in refused.stderr
+    # The same config again, without resume=true: nothing is retrained over the results.
+    again = train_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.progress=never", cwd=tmp_path)
+    assert f"{run_dir}: holds a finished run of this config; nothing to do" in again.stdout
+    assert run_dir_from_output(again.stdout) == run_dir
+    # Its .hydra/ record (which the report reads the settings from) and status are untouched.
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def _as_an_older_skinclf_wrote_it(run_dir: Path, *dotted_keys: str) -> None:

@@ -154,9 +154,16 @@ def test_sweep_jobs_skip_finished_resume_unfinished_and_record_failures(tmp_path
     (sweep / "0_job" / STATUS_FILE).write_text(json.dumps({**status, "status": "running"}))
     assert "killed" in collect_jobs(sweep, second).failed[0]["error"]
 
-    # A job folder holding another config's results is refused, not overwritten.
+    # A job folder holding another config's results is refused, not overwritten: its status
+    # stays as it was, and the refusal is recorded beside it for this launch's summary.
+    third = start_launch(sweep)
+    before = (sweep / "0_job" / STATUS_FILE).read_text()
     assert _job(tmp_path, sweep, 0, finishing, "seed=5") == "failed"
     assert calls == [(1, True)]
+    assert (sweep / "0_job" / STATUS_FILE).read_text() == before
+    (refused,) = collect_jobs(sweep, third).failed
+    assert refused["dir"] == str(sweep / "0_job") and "different config" in refused["error"]
+    assert collect_jobs(sweep, second).failed[0]["dir"] == str(sweep / "0_job")  # its own record
 
 
 def _report(sweep: Path, tmp_path: Path) -> pd.DataFrame:

@@ -12,8 +12,10 @@ import torch
 from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.data.pipeline import DefaultPipeline
+from skinclf.errors import SkinclfError
 from skinclf.models import build_model
 from skinclf.training.checkpoint import load_checkpoint
+from skinclf.training.hardware import resolve_device
 from skinclf.training.loop import METRICS_COLUMNS, EarlyStopping, LoopSettings, evaluate, place_splits
 
 from conftest import train_in_process
@@ -112,6 +114,18 @@ def test_a_cuda_run_augments_on_the_gpu_learns_and_tests_the_best_checkpoint(tmp
     out, metrics = train_in_process(tmp_path, "device=cuda", "model=res_aug", f"recipe={recipe}", *LEARNABLE)
     assert metrics["best_val_acc"] >= 0.65
     assert load_checkpoint(out / "best.pt")["epoch"] == metrics["best_epoch"]
+
+
+def test_a_cuda_device_past_the_last_gpu_or_misspelt_is_refused_up_front(monkeypatch):
+    # One GPU, faked: the check runs without one (torch.device itself needs no GPU).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(SkinclfError, match=r"^device=cuda:1: this machine has 1 GPU\(s\), cuda:0 to cuda:0$"):
+        resolve_device("cuda:1")
+    with pytest.raises(SkinclfError, match=r"^device=cuda:x: expected cuda or cuda:N$"):
+        resolve_device("cuda:x")
 
 
 @pytest.mark.parametrize(("free_mb", "resident"), [(100, True), (8, False)])

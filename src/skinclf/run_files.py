@@ -13,6 +13,7 @@ from pathlib import Path
 HYDRA_DIR = ".hydra"
 HYDRA_CONFIG = Path(HYDRA_DIR) / "config.yaml"
 HYDRA_OVERRIDES = Path(HYDRA_DIR) / "overrides.yaml"
+HYDRA_SETTINGS = Path(HYDRA_DIR) / "hydra.yaml"
 # In a sweep folder, beside the job folders: the sweep's own config.
 HYDRA_MULTIRUN = "multirun.yaml"
 TRAIN_LOG = "train.log"

@@ -7,6 +7,7 @@ The data flows: source (cfg.data) -> decoded uint8 splits -> pipeline of the mod
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,7 +30,16 @@ from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.threshold import threshold_for_sensitivity
 from skinclf.io import atomic_write_json, atomic_write_text
 from skinclf.models import build_model
-from skinclf.run_files import BEST_CHECKPOINT, HYDRA_DIR, PREDICTIONS, TEST_METRICS, TRAIN_LOG
+from skinclf.run_files import (
+    BEST_CHECKPOINT,
+    HYDRA_CONFIG,
+    HYDRA_DIR,
+    HYDRA_OVERRIDES,
+    HYDRA_SETTINGS,
+    PREDICTIONS,
+    TEST_METRICS,
+    TRAIN_LOG,
+)
 from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
 from skinclf.sweep.jobs import (
@@ -49,25 +59,41 @@ from skinclf.training.recipe import Recipe
 log = logging.getLogger("skinclf")
 
 
+def number_setting(cfg: DictConfig, key: str, kind: type[int] | type[float]) -> int | float:
+    """``cfg``'s dotted ``key`` as an int or a float; a SkinclfError names a value that is not
+    one (``trainer.max_epochs=abc``, ``=3.5``, ``=null``) before anything trains."""
+    value = OmegaConf.select(cfg, key)
+    try:
+        number = None if isinstance(value, bool) else kind(value)
+        if kind is int and number != float(value):
+            number = None  # 3.5 epochs is a typo, not 3
+    except (TypeError, ValueError):
+        number = None
+    if number is None:
+        raise SkinclfError(f"{key}={value}: expected {'an integer' if kind is int else 'a number'}")
+    return number
+
+
 def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
-    """The training loop's settings from ``cfg``; a SkinclfError names an epoch count, batch size
-    or checkpoint interval below 1."""
+    """The training loop's settings from ``cfg``; a SkinclfError names a value that is not a
+    number, a count below 1, or a learning rate or weight decay the optimizer would refuse."""
     settings = LoopSettings(
-        max_epochs=int(cfg.trainer.max_epochs),
-        patience=int(cfg.trainer.patience),
-        batch_size=int(cfg.data.batch_size),
-        eval_batch_size=int(cfg.trainer.eval_batch_size),
-        lr=float(cfg.optim.lr),
-        weight_decay=float(cfg.optim.weight_decay),
+        max_epochs=number_setting(cfg, "trainer.max_epochs", int),
+        patience=number_setting(cfg, "trainer.patience", int),
+        batch_size=number_setting(cfg, "data.batch_size", int),
+        eval_batch_size=number_setting(cfg, "trainer.eval_batch_size", int),
+        lr=number_setting(cfg, "optim.lr", float),
+        weight_decay=number_setting(cfg, "optim.weight_decay", float),
         precision=precision,
         channels_last=bool(cfg.trainer.channels_last),
         progress=str(cfg.trainer.progress),
-        seed=int(cfg.seed),
-        checkpoint_every=int(cfg.trainer.checkpoint_every),
+        seed=number_setting(cfg, "seed", int),
+        checkpoint_every=number_setting(cfg, "trainer.checkpoint_every", int),
         recipe=Recipe.from_config(cfg.get("recipe", {})),
     )
     sizes = {
         "trainer.max_epochs": settings.max_epochs,
+        "trainer.patience": settings.patience,
         "data.batch_size": settings.batch_size,
         "trainer.eval_batch_size": settings.eval_batch_size,
         "trainer.checkpoint_every": settings.checkpoint_every,
@@ -75,7 +101,18 @@ def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
     for key, value in sizes.items():
         if value < 1:
             raise SkinclfError(f"{key}={value}: must be at least 1")
+    for key, value in {"optim.lr": settings.lr, "optim.weight_decay": settings.weight_decay}.items():
+        if not value >= 0:  # as torch.optim refuses them, but before the data loads
+            raise SkinclfError(f"{key}={value}: must be 0 or more")
     return settings
+
+
+def target_sensitivity(cfg: DictConfig) -> float:
+    """eval.target_sensitivity, checked before training rather than after it."""
+    target = number_setting(cfg, "eval.target_sensitivity", float)
+    if not 0 < target <= 1:
+        raise SkinclfError(f"eval.target_sensitivity={target}: expected a fraction above 0, at most 1")
+    return target
 
 
 def prepare_training(
@@ -100,10 +137,11 @@ def prepare_training(
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Train and test one combination; writes the run files into ``out_dir`` and returns the test metrics."""
-    torch.manual_seed(int(cfg.seed))
     device = resolve_device(str(cfg.device))
     precision = resolve_precision(str(cfg.trainer.precision), device)
     settings = loop_settings(cfg, precision)
+    target = target_sensitivity(cfg)
+    torch.manual_seed(settings.seed)
     log.info(
         f"model={cfg.model.name} data={cfg.data.name} seed={cfg.seed} device={device} "
         f"precision={precision} channels_last={settings.channels_last}"
@@ -138,7 +176,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         )
     model.load_state_dict(best["model"])
     _, _, val_probs = evaluate(stage.module, stage.pipeline, stage.splits.val, settings, device)
-    target = float(cfg.eval.target_sensitivity)
     threshold = threshold_for_sensitivity(splits.val.labels.numpy(), val_probs, target)
     metrics: dict = {
         "best_epoch": int(best["epoch"]),
@@ -195,7 +232,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 def task(cfg: DictConfig, out_dir: Path) -> dict:
     """The work of one run: k-fold cross-validation on the training split when ``cv.folds`` > 0
     (the grid search, conf/hparams_search/grid.yaml), otherwise train and test."""
-    if int(cfg.cv.folds) > 0:
+    if number_setting(cfg, "cv.folds", int) > 0:
         return cross_validate(cfg, out_dir)
     return run(cfg, out_dir)
 
@@ -204,6 +241,7 @@ def _run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     """``task`` with this job's share of the hardware: torch threads divided between parallel
     jobs (trainer.num_threads), sweep jobs spread over the GPUs when device=auto, and freed
     memory kept for reuse (trainer.keep_freed_memory)."""
+    _write_hydra_record(cfg, out_dir)
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     launcher = hydra_cfg.launcher if multirun else None
@@ -215,6 +253,21 @@ def _run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     if multirun and torch.cuda.is_available():
         cfg.device = resources.spread_device(str(cfg.device), hydra_cfg.job.num, torch.cuda.device_count())
     return task(cfg, out_dir)
+
+
+def _write_hydra_record(cfg: DictConfig, out_dir: Path) -> None:
+    """The job's .hydra/ record (its config, Hydra's settings, its overrides), as Hydra writes it.
+
+    Written here, once claim_run_dir has accepted the folder, rather than by Hydra before the
+    job starts (conf/train.yaml sets hydra.output_subdir to null): a refused resume or re-launch
+    would otherwise overwrite the record of the run the folder holds, and `skinclf report`,
+    which reads the settings from it, would mislabel that run.
+    """
+    hydra_cfg = HydraConfig.instance().cfg
+    (out_dir / HYDRA_DIR).mkdir(exist_ok=True)
+    atomic_write_text(OmegaConf.to_yaml(cfg), out_dir / HYDRA_CONFIG)
+    atomic_write_text(OmegaConf.to_yaml(hydra_cfg), out_dir / HYDRA_SETTINGS)
+    atomic_write_text(OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task), out_dir / HYDRA_OVERRIDES)
 
 
 def _remove_unstarted_run(out_dir: Path) -> None:
@@ -235,11 +288,19 @@ def hydra_main(cfg: DictConfig) -> None:
         run_sweep_job(cfg, out_dir, _run_in_hydra, hydra_cfg.job.num, Path(hydra_cfg.sweep.dir), overrides)
         return
     try:
-        claim_run_dir(out_dir, cfg, overrides)
-        # A crash is then listed by `skinclf report` as failed with its error, not as unfinished;
-        # Ctrl-C or `kill` as stopped, resumable with resume=true. A refused folder is left alone.
-        with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):
-            _run_in_hydra(cfg, out_dir)
+        if claim_run_dir(out_dir, cfg, overrides) == "finished":
+            # As a sweep skips its finished jobs: retraining over the results would leave the
+            # old test_metrics.json until the end, so an interrupted retrain would read as finished.
+            print(
+                f"{out_dir}: holds a finished run of this config; nothing to do "
+                "(a new hydra.run.dir trains it again)"
+            )
+        else:
+            # A crash is then listed by `skinclf report` as failed with its error, not as
+            # unfinished; Ctrl-C or `kill` as stopped, resumable with resume=true. A refused
+            # folder is left alone.
+            with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):
+                _run_in_hydra(cfg, out_dir)
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
         _remove_unstarted_run(out_dir)
@@ -247,8 +308,24 @@ def hydra_main(cfg: DictConfig) -> None:
     print(f"output directory: {out_dir}")
 
 
+def _check_output_folders(args: list[str]) -> None:
+    """A hydra.run.dir / hydra.sweep.dir given on the command line must be a folder that can be
+    made: Hydra makes it before any skinclf code runs, and reports a failure with a traceback."""
+    for arg in args:
+        key, has_value, value = arg.partition("=")
+        if not has_value or key.lstrip("+") not in {"hydra.run.dir", "hydra.sweep.dir"} or "${" in value:
+            continue
+        folder = Path(os.path.abspath(value))
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise SkinclfError(f"{arg}: {existing} is a file; expected a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise SkinclfError(f"{arg}: {existing} is not writable")
+
+
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
+    _check_output_folders(args)
     sys.argv = ["skinclf train", *args]
     SweepSummary.started = None
     try:

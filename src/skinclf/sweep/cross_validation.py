@@ -104,12 +104,12 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     mean ± std validation accuracy) into ``out_dir``, and returns that result. Folds depend only
     on the labels and ``seed``. std is the population std (ddof=0), as scikit-learn's GridSearchCV.
     """
-    from skinclf.train import loop_settings  # lazily: train.py dispatches here
+    from skinclf.train import loop_settings, number_setting  # lazily: train.py dispatches here
 
-    k, seed = int(cfg.cv.folds), int(cfg.seed)
     device = resolve_device(str(cfg.device))
     precision = resolve_precision(str(cfg.trainer.precision), device)
-    settings = loop_settings(cfg, precision)  # refuses bad sizes before the data loads
+    settings = loop_settings(cfg, precision)  # refuses bad settings before the data loads
+    k, seed = number_setting(cfg, "cv.folds", int), settings.seed
     # Keep the training split only: the test split must not take part in choosing hyperparameters.
     splits = load_splits(cfg.data)
     name, train = splits.name, splits.train

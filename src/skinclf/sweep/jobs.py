@@ -34,6 +34,9 @@ log = logging.getLogger("skinclf")
 
 RUN_CONFIG = "run_config.json"
 STATUS_FILE = "job_status.json"
+# sweep_dir/.refused_<job folder>.json: the status of a job refused because its folder held
+# another config's run (see record_refusal).
+REFUSED_PREFIX = ".refused_"
 LAUNCH_FILE = ".skinclf_launch"
 # What a finished job has written last: run() the test metrics, cross_validate() its CV result.
 RESULT_FILES = (TEST_METRICS, CV_RESULT)
@@ -75,7 +78,13 @@ def claim_run_dir(out_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ())
     config = comparable_config(cfg)
     stored_path = out_dir / RUN_CONFIG
     if stored_path.exists():
-        stored = json.loads(stored_path.read_text())
+        try:
+            stored = json.loads(stored_path.read_text())
+        except (OSError, ValueError) as err:
+            raise SkinclfError(
+                f"{stored_path}: unreadable ({err}), so this folder's config is unknown; "
+                "use a new hydra.run.dir / hydra.sweep.dir"
+            ) from err
         if stored != config:
             differing = sorted(_differences(stored, config))
             # Keys this skinclf added since, which the run's overrides leave to the config files.
@@ -142,6 +151,13 @@ def write_status(out_dir: Path, status: str, launch: str | None, **info: Any) ->
     """Record a job's state (running, done, skipped, failed, stopped) for the sweep summary and
     ``skinclf report``."""
     atomic_write_json({"status": status, "launch": launch, **info}, out_dir / STATUS_FILE)
+
+
+def record_refusal(sweep_dir: Path, out_dir: Path, launch: str | None, **info: Any) -> None:
+    """Record a job refused because its folder holds another config's run. The record goes
+    beside the folder (``REFUSED_PREFIX``), not into it: that run's own status stays as it was."""
+    record = Path(sweep_dir) / f"{REFUSED_PREFIX}{out_dir.name}.json"
+    atomic_write_json({"status": "failed", "launch": launch, **info}, record)
 
 
 @contextlib.contextmanager
@@ -219,8 +235,8 @@ def run_sweep_job(
         else:
             log.exception(f"job {job_num} failed: {type(err).__name__}: {message}")
         print(f"skinclf train: job {job_num} failed: {message} (log: {info['log']})", file=sys.stderr)
-        if not recorded:  # refused before it ran (its folder holds another config's run)
-            write_status(out_dir, "failed", launch, error=message, **info)
+        if not recorded:  # refused before it ran: the folder holds another config's run
+            record_refusal(sweep_dir, out_dir, launch, error=message, **info)
         return "failed"
     print(f"output directory: {out_dir}")
     return "done"

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from skinclf.io import atomic_write_json, atomic_write_text
 from skinclf.run_files import HYDRA_MULTIRUN, HYDRA_OVERRIDES
 from skinclf.sweep.cross_validation import CV_RESULT
-from skinclf.sweep.jobs import LAUNCH_FILE, STATUS_FILE, start_launch
+from skinclf.sweep.jobs import LAUNCH_FILE, REFUSED_PREFIX, STATUS_FILE, start_launch
 
 log = logging.getLogger("skinclf")
 
@@ -54,11 +54,18 @@ def collect_jobs(sweep_dir: Path, launch: str | None) -> JobsSummary:
     memory, Slurm time limit): it counts as failed, and a re-launch resumes it.
     """
     summary = JobsSummary()
-    for path in sorted(Path(sweep_dir).glob(f"*/{STATUS_FILE}"), key=_job_order):
-        status = json.loads(path.read_text())
+    sweep_dir = Path(sweep_dir)
+    # job folder -> its status file; a refused job's record lies beside its folder, not in it.
+    records = {path.parent: path for path in sweep_dir.glob(f"*/{STATUS_FILE}")}
+    for path in sweep_dir.glob(f"{REFUSED_PREFIX}*.json"):
+        refused = json.loads(path.read_text())
+        if refused.get("launch") == launch:
+            records[sweep_dir / path.name.removeprefix(REFUSED_PREFIX).removesuffix(".json")] = path
+    for folder in sorted(records, key=_job_order):
+        status = json.loads(records[folder].read_text())
         if status.get("launch") != launch:
             continue  # a job of an earlier launch that this one did not touch
-        job_dir = str(path.parent)
+        job_dir = str(folder)
         if status["status"] == "done":
             summary.done.append(job_dir)
         elif status["status"] == "skipped":
@@ -69,17 +76,17 @@ def collect_jobs(sweep_dir: Path, launch: str | None) -> JobsSummary:
     return summary
 
 
-def _job_order(path: Path) -> tuple[int, str]:
+def _job_order(folder: Path) -> tuple[int, str]:
     """Job folders start with the job number: sort 2 before 10."""
-    head = path.parent.name.split("_", 1)[0]
-    return (int(head), path.parent.name) if head.isdigit() else (1 << 30, path.parent.name)
+    head = folder.name.split("_", 1)[0]
+    return (int(head), folder.name) if head.isdigit() else (1 << 30, folder.name)
 
 
 def rank_grid(sweep_dir: Path) -> pd.DataFrame:
     """One row per cross-validated job in ``sweep_dir``, best first (higher mean validation
     accuracy; on a tie, the lower std). ``point`` names the overrides that differ between jobs."""
     rows = []
-    for path in sorted(Path(sweep_dir).glob(f"*/{CV_RESULT}"), key=_job_order):
+    for path in sorted(Path(sweep_dir).glob(f"*/{CV_RESULT}"), key=lambda p: _job_order(p.parent)):
         result = json.loads(path.read_text())
         overrides_file = path.parent / HYDRA_OVERRIDES
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []

@@ -25,7 +25,17 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SkinclfError(f"device={name}: no CUDA GPU is available here; use device=cpu or device=auto")
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            device = None
+        if device is None or device.type != "cuda":
+            raise SkinclfError(f"device={name}: expected cuda or cuda:N")
+        count = torch.cuda.device_count()
+        # An index past the last GPU would fail only when the first tensor moves there.
+        if device.index is not None and device.index >= count:
+            raise SkinclfError(f"device={name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        return device
     raise SkinclfError(f"device={name}: expected auto, cpu or cuda")
 
 
