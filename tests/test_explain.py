@@ -127,3 +127,23 @@ def test_explain_works_for_every_model(model, tmp_path, shared_data_dir):
     )
     with Image.open(out / "lesion_gradcam.png") as png:
         assert png.format == "PNG" and png.size[0] > 2 * IMAGE_SIZE
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_unwritable_out_is_refused_before_the_model_is_loaded(where, tmp_path, monkeypatch, capsys):
+    image = tmp_path / "lesion.png"
+    Image.new("RGB", (16, 16)).save(image)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    out = {"a file": notes, "under a file": notes / "explanations"}[where]
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr("skinclf.explain.load_run", must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["explain", str(tmp_path / "run"), str(image), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"error: {out}: " in err
+    assert notes.read_text() == "keep me"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import pickle
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -159,3 +161,62 @@ def test_a_malicious_checkpoint_is_refused_without_running_its_code(run_and_imag
     with contextlib.suppress(RuntimeError):
         torch.load(evil / "best.pt", weights_only=False)
     assert marker.read_text() == "code executed"
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the work started before --out was checked")
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file"])
+def test_an_unwritable_out_is_refused_before_any_image_is_scored(where, tmp_path, monkeypatch, capsys):
+    image = tmp_path / "lesion.png"
+    Image.new("RGB", (16, 16)).save(image)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    out, named = {"a folder": (tmp_path, tmp_path), "under a file": (notes / "pred.csv", notes)}[where]
+    monkeypatch.setattr("skinclf.predict.load_run", _must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(tmp_path / "run", image, "--out", out)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{named}: is a f" in err
+    assert notes.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        lambda good: b"hello\n",  # `echo hello > best.pt`: torch's legacy reader fails with KeyError
+        lambda good: b"",
+        lambda good: good[: len(good) // 2],  # a copy cut short
+    ],
+    ids=["text", "empty", "truncated"],
+)
+def test_a_best_pt_that_is_not_a_checkpoint_is_one_error(content, run_and_images, tmp_path, capsys):
+    run_dir, folder, _ = run_and_images
+    broken = tmp_path / "broken_run"
+    broken.mkdir()
+    (broken / "test_metrics.json").write_text((run_dir / "test_metrics.json").read_text())
+    (broken / "best.pt").write_bytes(content((run_dir / "best.pt").read_bytes()))
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(broken, folder / "test_000.png")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"error: {broken / 'best.pt'}: not a readable skinclf checkpoint (" in err
+
+
+def test_an_operating_threshold_that_is_not_a_number_is_one_error(run_and_images, tmp_path, capsys):
+    run_dir, folder, _ = run_and_images
+    edited = tmp_path / "edited_run"
+    shutil.copytree(run_dir, edited)
+    metrics = json.loads((edited / "test_metrics.json").read_text())
+    metrics["operating_point"]["threshold"] = "high"
+    (edited / "test_metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(edited, folder / "test_000.png")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        f"{edited / 'test_metrics.json'}: operating_point.threshold='high'; expected a number in [0, 1]"
+    )

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from sklearn.metrics import roc_curve
 
+from skinclf.cli import main as cli_main
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.evaluation.metrics import binary_metrics
@@ -30,11 +31,11 @@ from conftest import TINY, run_dir_from_output, train_cli
 
 
 @cache
-def _config_yaml(model: str, data: str) -> str:
-    cfg = compose_config([f"model={model}"])
+def _config(model: str, data: str, overrides: tuple[str, ...]) -> DictConfig:
+    cfg = compose_config([f"model={model}", *overrides])
     if data != "synthetic":
         cfg.data.name = data
-    return OmegaConf.to_yaml(cfg)
+    return cfg
 
 
 def write_run(
@@ -51,9 +52,9 @@ def write_run(
     """A run folder as `skinclf train` leaves it; test metrics computed from random predictions."""
     path = root / f"{model}_{data}_{seed}_{'_'.join(overrides)}"
     (path / ".hydra").mkdir(parents=True)
-    (path / ".hydra" / "config.yaml").write_text(
-        _config_yaml(model, data).replace("seed: 0", f"seed: {seed}")
-    )
+    cfg = _config(model, data, overrides).copy()
+    cfg.seed = seed
+    (path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (path / ".hydra" / "overrides.yaml").write_text(
         "".join(f"- {o}\n" for o in (f"model={model}", f"seed={seed}", *overrides))
     )
@@ -451,14 +452,115 @@ def test_report_on_two_real_tiny_runs(tmp_path, shared_data_dir):
 
 
 def test_a_swept_boolean_reads_as_typed_and_as_the_same_setting(tmp_path):
-    # Hydra's multirun writes `model.pretrained=false` into overrides.yaml as `False`.
+    # Hydra's multirun writes a swept `recipe.augment.rot90=false` into overrides.yaml as `False`.
+    flag = "recipe.augment.rot90"
     write_run(
-        tmp_path, "resnet", [0.7, 0.8], [0.7, 0.8], seed=0, overrides=("optim.lr=0.001", "x.flag=False")
+        tmp_path, "resnet", [0.7, 0.8], [0.7, 0.8], seed=0, overrides=("optim.lr=0.001", f"{flag}=False")
     )
     write_run(
-        tmp_path, "resnet", [0.6, 0.7], [0.7, 0.8], seed=1, overrides=("optim.lr=0.001", "x.flag=false")
+        tmp_path, "resnet", [0.6, 0.7], [0.7, 0.8], seed=1, overrides=("optim.lr=0.001", f"{flag}=false")
     )
     write_run(tmp_path, "baseline", [0.7, 0.8], [0.7, 0.8], seed=0)
     (group,) = [g for g in group_runs(find_runs([tmp_path]))["synthetic"] if g.model == "resnet"]
-    assert group.label == "resnet [optim.lr=0.001 x.flag=false]"
+    assert group.label == f"resnet [optim.lr=0.001 {flag}=false]"
     assert len(group.runs) == 2
+
+
+def test_seeds_that_differ_only_in_spelling_speed_or_a_spelled_out_default_are_one_row(tmp_path):
+    root = tmp_path / "outputs"
+    same_experiment = [
+        (),
+        ("optim.lr=1e-4",),  # the default, spelled out
+        ("experiment=paper",),  # the paper's settings are the defaults
+        ("trainer.num_threads=4", "trainer.checkpoint_every=5", "trainer.keep_freed_memory=false"),
+    ]
+    for seed, overrides in enumerate(same_experiment):
+        write_run(root, "baseline", [0.6, 0.7], [0.6, 0.7], seed=seed, overrides=overrides)
+    for seed, lr in enumerate(["1e-3", "0.001"]):  # one value, two spellings
+        write_run(root, "baseline", [0.6, 0.8], [0.6, 0.8], seed=seed, overrides=(f"optim.lr={lr}",))
+    groups = group_runs(finished(find_runs([root])))["synthetic"]
+    assert [(g.label, len(g.runs)) for g in groups] == [("baseline", 4), ("baseline [optim.lr=0.001]", 2)]
+
+
+def _set_cell(path: Path, row: int, column: str, value: str) -> None:
+    frame = pd.read_csv(path, dtype=str)
+    frame.loc[row, column] = value
+    frame.to_csv(path, index=False)
+
+
+def _cut_last_row(path: Path) -> None:
+    """metrics.csv as a crash or a full disk leaves it: the last row ends after train_acc."""
+    *rows, last = path.read_text().splitlines()
+    path.write_text("\n".join([*rows, ",".join(last.split(",")[:3])]))
+
+
+def _set_key(path: Path, key: str, value: object) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+
+
+# (file, how it is damaged, what the run's problem must say)
+DAMAGED_FILES = [
+    ("metrics.csv", lambda p: _set_cell(p, 1, "val_acc", "nan"), "line 3: val_acc is empty or NaN"),
+    ("metrics.csv", lambda p: _set_cell(p, 1, "val_acc", "high"), "line 3: val_acc is 'high'"),
+    ("metrics.csv", lambda p: _set_cell(p, 2, "epoch", "3x"), "line 4: epoch is '3x'"),
+    ("metrics.csv", _cut_last_row, "line 7: val_acc is empty or NaN"),
+    ("test_metrics.json", lambda p: _set_key(p, "confusion", {}), "confusion is {}"),
+    ("test_metrics.json", lambda p: _set_key(p, "roc_auc", None), "roc_auc is None"),
+    ("test_metrics.json", lambda p: _set_key(p, "n_test", "64 images"), "n_test is '64 images'"),
+    ("test_metrics.json", lambda p: _set_key(p, "accuracy", "0.71875"), "accuracy is '0.71875'"),
+]
+
+
+def test_a_run_with_a_damaged_file_is_failed_and_the_rest_is_reported(tmp_path):
+    root = tmp_path / "outputs"
+    write_run(root, "resnet", *RESNET)
+    expected = {}
+    for seed, (name, damage, problem) in enumerate(DAMAGED_FILES):
+        run_dir = write_run(root, "baseline", *BASELINE[0], seed=seed)
+        damage(run_dir / name)
+        expected[str(run_dir)] = (name, problem)
+    build_report([root], tmp_path / "reports")
+    runs = pd.read_csv(tmp_path / "reports" / "runs.csv").set_index("run_dir")
+    for run_dir, (name, problem) in expected.items():
+        status, found = runs.loc[run_dir, ["status", "problem"]]
+        assert status == "failed" and found.startswith(name) and problem in found, (run_dir, found)
+    table = pd.read_csv(tmp_path / "reports" / "table1.csv")
+    assert list(zip(table["model"], table["n"], strict=True)) == [("resnet", 1)]
+
+
+def test_no_finished_runs_error_names_the_problem_of_a_failed_run(tmp_path):
+    run_dir = write_run(tmp_path / "outputs", "baseline", [0.5], [0.5])
+    (run_dir / "test_metrics.json").write_text("")
+    with pytest.raises(SkinclfError) as err:
+        build_report([tmp_path / "outputs"], tmp_path / "reports")
+    message = str(err.value)
+    assert "1 run folder found (1 failed)" in message
+    assert f"{run_dir}: test_metrics.json is not valid JSON" in message
+    assert "no test_metrics.json" not in message
+    assert not (tmp_path / "reports").exists()
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the work started before --out was checked")
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_unwritable_out_is_one_error_before_any_work(where, tmp_path, monkeypatch, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    out = file if where == "a file" else file / "reports"
+    monkeypatch.setattr("skinclf.report.command.find_runs", _must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", str(tmp_path), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"error: {out}: " in err
+    assert file.read_text() == "keep me"
+
+
+def test_a_report_that_fails_leaves_no_out_folder_behind(sweep, tmp_path):
+    predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"
+    pd.read_csv(predictions).drop(columns="prob_mel").to_csv(predictions, index=False)
+    with pytest.raises(SkinclfError, match=f"{predictions}: unreadable"):
+        build_report([sweep], tmp_path / "new" / "reports")
+    assert not (tmp_path / "new").exists()

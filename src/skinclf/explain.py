@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.curves import save_figure
 from skinclf.evaluation.gradcam import grad_cam
+from skinclf.io import output_folder
 from skinclf.predict import DISCLAIMER, collect_images, decode_all
 from skinclf.runs import TrainedRun, load_run
 
@@ -124,21 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf explain ARGS``."""
     opts = build_parser().parse_args(args)
-    files = collect_images(opts.images)
-    run = load_run(opts.run_dir, device=opts.device)
-    out_dir = Path(opts.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SkinclfError(f"--out {out_dir}: is a file; expected a folder for the PNGs")
-    written, problems = explain_files(run, files, out_dir, opts.target)
-    for problem in problems:
-        print(f"skipped: {problem}", file=sys.stderr)
-    for path in written:
-        print(path)
-    print(
-        f"model={run.model_name} ({run.path}): {counted(len(written), 'Grad-CAM image')} in "
-        f"{out_dir}/, {counted(len(problems), 'file')} unreadable",
-        file=sys.stderr,
-    )
-    print(DISCLAIMER, file=sys.stderr)
-    if not written:
-        raise SkinclfError(f"none of the {len(problems)} files could be read as an image")
+    # An unwritable --out fails now, not after the model was loaded; an --out made here is
+    # removed again should no image be explained.
+    with output_folder(Path(opts.out)) as out_dir:
+        files = collect_images(opts.images)
+        run = load_run(opts.run_dir, device=opts.device)
+        written, problems = explain_files(run, files, out_dir, opts.target)
+        for problem in problems:
+            print(f"skipped: {problem}", file=sys.stderr)
+        for path in written:
+            print(path)
+        print(
+            f"model={run.model_name} ({run.path}): {counted(len(written), 'Grad-CAM image')} in "
+            f"{out_dir}/, {counted(len(problems), 'file')} unreadable",
+            file=sys.stderr,
+        )
+        print(DISCLAIMER, file=sys.stderr)
+        if not written:
+            raise SkinclfError(f"none of the {len(problems)} files could be read as an image")

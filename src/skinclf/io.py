@@ -1,15 +1,19 @@
-"""Atomic file writes: a crash never leaves a half-written checkpoint, cache or result file."""
+"""Atomic file writes: a crash never leaves a half-written checkpoint, cache or result file; and
+output folders checked before the work that fills them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from skinclf.errors import SkinclfError, first_line
 
 
 def _default_file_mode() -> int:
@@ -62,3 +66,37 @@ def atomic_write_text(text: str, path: Path) -> None:
 
 def atomic_write_json(obj: Any, path: Path) -> None:
     atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+@contextlib.contextmanager
+def output_folder(folder: Path) -> Iterator[Path]:
+    """Make ``folder`` (and missing parents) and check that files can be created in it, so that an
+    unwritable --out fails at once with one message, not after the work; the folders made here are
+    removed again when the work inside fails before writing into them."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SkinclfError(f"{folder}: is a file; expected a folder for the output")
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:  # read-only, not ours, or under a regular file
+        _remove_empty(created)
+        raise SkinclfError(
+            f"{folder}: cannot write the output there ({err.strerror or first_line(err)}); "
+            "expected a folder you can write to"
+        ) from err
+    try:
+        yield folder
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first) as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or never made
+            return

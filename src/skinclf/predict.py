@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.errors import SkinclfError, counted
-from skinclf.io import atomic_write_text
+from skinclf.io import atomic_write_text, output_folder
 from skinclf.runs import TrainedRun, load_run
 from skinclf.training.progress import progress
 
@@ -131,19 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf predict ARGS``."""
     opts = build_parser().parse_args(args)
-    files = collect_images(opts.images)
-    run = load_run(opts.run_dir, device=opts.device)
-    threshold = run.threshold if opts.threshold is None else opts.threshold
-    source = run.threshold_source if opts.threshold is None else "--threshold"
-    table = predict_files(run, files, threshold)
+    out = None if opts.out is None else Path(opts.out)
+    if out is not None and out.is_dir():
+        raise SkinclfError(f"--out {out}: is a folder; expected the path of a CSV file")
+    # An unwritable --out fails now, not after every image was scored.
+    with output_folder(out.parent) if out is not None else contextlib.nullcontext():
+        files = collect_images(opts.images)
+        run = load_run(opts.run_dir, device=opts.device)
+        threshold = run.threshold if opts.threshold is None else opts.threshold
+        source = run.threshold_source if opts.threshold is None else "--threshold"
+        table = predict_files(run, files, threshold)
 
-    csv_text = table.to_csv(index=False)
-    if opts.out:
-        atomic_write_text(csv_text, Path(opts.out))
-    else:
-        sys.stdout.write(csv_text)
+        csv_text = table.to_csv(index=False)
+        if out is not None:
+            atomic_write_text(csv_text, out)
+        else:
+            sys.stdout.write(csv_text)
     n_bad = int((table["error"] != "").sum())
-    where = f" -> {opts.out}" if opts.out else ""
+    where = f" -> {out}" if out is not None else ""
     print(
         f"model={run.model_name} ({run.path}): {counted(len(table) - n_bad, 'image')} scored, "
         f"{n_bad} unreadable{where}; "

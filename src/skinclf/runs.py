@@ -75,11 +75,12 @@ def _operating_threshold(metrics: dict, metrics_path: Path) -> tuple[float, str]
     if not isinstance(point, dict) or "threshold" not in point:
         # Runs from before the operating point existed: the paper's own decision rule.
         return DEFAULT_THRESHOLD, "the default 0.5 (no operating point stored in the run)"
-    threshold = float(point["threshold"])
-    if not 0.0 <= threshold <= 1.0:
+    threshold = point["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
         raise SkinclfError(
-            f"{metrics_path}: operating_point.threshold={threshold}; expected a value in [0, 1]"
+            f"{metrics_path}: operating_point.threshold={threshold!r}; expected a number in [0, 1]"
         )
+    threshold = float(threshold)
     target = point.get("target_sensitivity")
     source = "the run's operating point"
     if target is not None:

@@ -8,7 +8,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, counted
+from skinclf.io import output_folder
 from skinclf.report.figures import confusion_figure, curves_figure, roc_figure
 from skinclf.report.groups import group_runs
 from skinclf.report.runs import FAILED, FINISHED, UNFINISHED, Run, find_runs
@@ -20,6 +21,7 @@ from skinclf.report.tables import (
     table1_latex,
     table1_markdown,
 )
+from skinclf.run_files import HYDRA_CONFIG, METRICS, TEST_METRICS
 
 DPI = 300  # print resolution at the figures' paper size
 
@@ -38,47 +40,62 @@ def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]
     Returns every run found (whatever its status) and the files written.
 
     The files are first written to a staging folder inside ``out`` and moved into place only
-    when all of them succeeded: a failure never leaves a report half old and half new.
+    when all of them succeeded: a failure never leaves a report half old and half new, nor an
+    ``out`` folder that it made and left empty.
     """
     for path in dirs:
         if not Path(path).is_dir():
             raise SkinclfError(
                 f"{path}: no such directory; expected a run or multirun folder of `skinclf train`"
             )
-    runs = find_runs(dirs)
-    done = finished(runs)
-    if not done:
-        where = ", ".join(map(str, dirs))
-        found = f"; {len(runs)} run folder(s) found but none finished (no test_metrics.json)" if runs else ""
-        raise SkinclfError(
-            f"no finished runs found under {where}{found}: expected folders written by `skinclf train` "
-            "(with .hydra/config.yaml, metrics.csv and test_metrics.json)"
-        )
-    groups = group_runs(done)
-    table = table1(groups)
-    confusion = confusion_table(groups, table)
+    with output_folder(out):
+        runs = find_runs(dirs)
+        done = finished(runs)
+        if not done:
+            raise SkinclfError(_no_finished_runs(dirs, runs))
+        groups = group_runs(done)
+        table = table1(groups)
+        confusion = confusion_table(groups, table)
 
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".report-", dir=out) as staging_dir:
-        staging = Path(staging_dir)
-        runs_table(runs).to_csv(staging / "runs.csv", index=False)
-        table.to_csv(staging / "table1.csv", index=False)
-        (staging / "table1.md").write_text(table1_markdown(table, groups))
-        (staging / "table1.tex").write_text(table1_latex(table, groups))
-        curves = curves_figure(groups)
-        curves.savefig(staging / "curves.png", dpi=DPI)
-        curves.savefig(staging / "curves.pdf")
-        if not confusion.empty:
-            confusion.to_csv(staging / "confusion_matrix.csv", index=False)
-            confusion_figure(confusion).savefig(staging / "confusion_matrix.png", dpi=DPI)
-        roc = roc_figure(groups)
-        if roc is not None:
-            roc.savefig(staging / "roc.png", dpi=DPI)
-        written = []
-        for path in sorted(staging.iterdir()):
-            os.replace(path, out / path.name)
-            written.append(out / path.name)
+        with tempfile.TemporaryDirectory(prefix=".report-", dir=out) as staging_dir:
+            staging = Path(staging_dir)
+            runs_table(runs).to_csv(staging / "runs.csv", index=False)
+            table.to_csv(staging / "table1.csv", index=False)
+            (staging / "table1.md").write_text(table1_markdown(table, groups))
+            (staging / "table1.tex").write_text(table1_latex(table, groups))
+            curves = curves_figure(groups)
+            curves.savefig(staging / "curves.png", dpi=DPI)
+            curves.savefig(staging / "curves.pdf")
+            if not confusion.empty:
+                confusion.to_csv(staging / "confusion_matrix.csv", index=False)
+                confusion_figure(confusion).savefig(staging / "confusion_matrix.png", dpi=DPI)
+            roc = roc_figure(groups)
+            if roc is not None:
+                roc.savefig(staging / "roc.png", dpi=DPI)
+            written = []
+            for path in sorted(staging.iterdir()):
+                os.replace(path, out / path.name)
+                written.append(out / path.name)
     return runs, written
+
+
+def status_counts(runs: Sequence[Run]) -> dict[str, int]:
+    """How many of ``runs`` are finished, unfinished and failed."""
+    return {status: sum(run.status == status for run in runs) for status in (FINISHED, UNFINISHED, FAILED)}
+
+
+def _no_finished_runs(dirs: Sequence[Path], runs: Sequence[Run]) -> str:
+    """The error when nothing can be reported: what was found instead, with the problem of a
+    failed run first (an unreadable file is not the same as a missing one)."""
+    found = ""
+    if runs:
+        counts = ", ".join(f"{n} {status}" for status, n in status_counts(runs).items() if n)
+        first = next((run for run in runs if run.status == FAILED), runs[0])
+        found = f"; {counted(len(runs), 'run folder')} found ({counts}), e.g. {first.path}: {first.problem}"
+    return (
+        f"no finished runs found under {', '.join(map(str, dirs))}{found}; expected folders written by "
+        f"`skinclf train` (with {HYDRA_CONFIG}, {METRICS} and {TEST_METRICS})"
+    )
 
 
 def main(args: list[str]) -> None:
@@ -97,8 +114,7 @@ def main(args: list[str]) -> None:
     parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
     ns = parser.parse_args(args)
     runs, written = build_report(ns.dirs, ns.out)
-    counts = {status: sum(run.status == status for run in runs) for status in (FINISHED, UNFINISHED, FAILED)}
-    print(", ".join(f"{n} {status}" for status, n in counts.items()) + " run(s); see runs.csv")
+    print(", ".join(f"{n} {status}" for status, n in status_counts(runs).items()) + " run(s); see runs.csv")
     if not any(path.name == "confusion_matrix.csv" for path in written):
         print("no tested runs (no test split): confusion_matrix.* not written")
     if not any(path.name == "roc.png" for path in written):

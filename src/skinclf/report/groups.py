@@ -1,9 +1,10 @@
 """Which finished runs are repetitions of one experiment, and the order the paper lists them in.
 
 Runs are grouped per dataset (never averaged across datasets), then per model and *variant*: the
-experiment settings (command-line overrides, see ``runs.NOT_AN_EXPERIMENT_SETTING``) that differ
-between the runs of that dataset. Runs that differ only in seed form one group (mean ± std, n);
-``optim.lr=0.001`` vs the default is a different row, not another seed. Settings shared by every
+experiment settings (command-line overrides by the values they resolved to, see
+``runs.NOT_AN_EXPERIMENT_SETTING``) that differ between the runs of that dataset. Runs that differ
+only in seed form one group (mean ± std, n); ``optim.lr=0.001`` vs the default is a different row,
+not another seed, while ``optim.lr=1e-3`` is the same row as ``optim.lr=0.001``. Settings shared by every
 run of a dataset are not repeated in each row but reported once (``common_settings``).
 """
 

@@ -4,7 +4,8 @@ A run folder is any folder with a ``.hydra/config.yaml`` of a skinclf training c
 points, which cross-validate on the training split and are never tested, are not runs). Its status:
 ``finished`` (``test_metrics.json`` exists; the trainer writes it last), ``unfinished`` (still
 running, stopped by Ctrl-C or a signal, or killed outright) or ``failed`` (its files cannot be
-read, or its ``job_status.json`` says it stopped with an error).
+read or hold values that ``skinclf train`` never writes, or its ``job_status.json`` says it
+stopped with an error). Each file is checked once, here, so that tables and figures can trust it.
 """
 
 from __future__ import annotations
@@ -17,33 +18,37 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from skinclf.config import compose_config
-from skinclf.errors import SkinclfError, counted
+from skinclf.errors import SkinclfError, counted, first_line
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_OVERRIDES, METRICS, PREDICTIONS, TEST_METRICS
-from skinclf.sweep.jobs import STATUS_FILE, process_gone
+from skinclf.sweep.jobs import STATUS_FILE, VOLATILE_KEYS, process_gone
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 # How an interrupted run (stopped, or killed outright) goes on.
 RESUME_HINT = "resume=true, or re-launching its sweep, continues it"
 
 METRICS_REQUIRED = ("epoch", "train_acc", "val_acc")
-TEST_REQUIRED = ("accuracy", "f1", "sensitivity", "specificity", "roc_auc", "confusion")
+# test_metrics.json of a run with a test split: scores that are fractions, and those of them that
+# are NaN (JSON NaN) when undefined: sensitivity without a MEL image, AUC without both classes.
+TEST_SCORES = ("accuracy", "f1", "sensitivity", "specificity", "roc_auc")
+MAY_BE_NAN = ("sensitivity", "specificity", "roc_auc")
+CONFUSION_CELLS = ("tn", "fp", "fn", "tp")
 
-# Overrides that change where or how fast a run happens, not what it measures: runs that differ
-# only in these are repetitions of the same experiment. The seed is the repetition axis itself;
-# model and dataset are reported in their own columns.
+# Overrides that change where, how fast or how visibly a run happens, not what it measures: runs
+# that differ only in these are repetitions of the same experiment. The keys a resume may change
+# (VOLATILE_KEYS) are such keys by definition. The seed is the repetition axis itself; model and
+# dataset are reported in their own columns.
 NOT_AN_EXPERIMENT_SETTING = frozenset(
     {
+        *VOLATILE_KEYS,
         "seed",
         "model",
         "data",
         "data.root",
         "data.cache_dir",
-        "device",
-        "resume",
-        "trainer.progress",
+        "data.decode_cache",
         "trainer.precision",
         "trainer.channels_last",
         "trainer.eval_batch_size",
@@ -128,21 +133,13 @@ def load_run(path: Path) -> Run | None:
     # Two folder datasets are different datasets: the root is part of the identity.
     data = f"{data_name}:{root}" if root else str(data_name)
     seed = OmegaConf.select(cfg, "seed", default=None)
-    run = Run(path, str(model), data, None if seed is None else int(seed), _settings(path))
+    run = Run(path, str(model), data, None if seed is None else int(seed), _settings(path, cfg))
 
     try:
         run.history = _read_history(path / METRICS)
         test_path = path / TEST_METRICS
         if test_path.is_file():
-            try:
-                run.test = json.loads(test_path.read_text())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{TEST_METRICS} is not valid JSON ({err})") from err
-            if not isinstance(run.test, dict):
-                raise ValueError(f"{TEST_METRICS}: expected a JSON object")
-            missing = [key for key in TEST_REQUIRED if key not in run.test]
-            if run.test.get("n_test", 0) and missing:
-                raise ValueError(f"{TEST_METRICS} lacks {', '.join(missing)}")
+            run.test = _read_test_metrics(test_path)
             if run.history is None or run.history.empty:
                 raise ValueError(f"{TEST_METRICS} exists but {METRICS} has no epochs")
             run.status = FINISHED
@@ -162,7 +159,7 @@ def load_run(path: Path) -> Run | None:
                 )
             else:
                 run.problem = f"no {TEST_METRICS} ({epochs} done)"
-    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
+    except (ValueError, OSError) as err:
         run.status, run.problem = FAILED, str(err)
     return run
 
@@ -177,42 +174,157 @@ def _job_status(path: Path) -> dict:
 
 
 def _read_history(path: Path) -> pd.DataFrame | None:
+    """metrics.csv, checked: every report number comes from it, and a NaN or a text cell (a torn
+    or hand-edited file) would otherwise pass silently into Table 1 or pick the best epoch."""
     if not path.is_file():
         return None
     try:
         history = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         return pd.DataFrame(columns=list(METRICS_REQUIRED))
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"{METRICS} unreadable ({first_line(err)})") from err
     missing = [c for c in METRICS_REQUIRED if c not in history.columns]
     if missing:
         raise ValueError(f"{METRICS} lacks columns {missing}")
+    for column in METRICS_REQUIRED:
+        values = pd.to_numeric(history[column], errors="coerce")  # text -> NaN
+        numbers = values.to_numpy(dtype=float)
+        # NaN (text, an empty cell, a row cut short) fails both tests, as infinity does.
+        if column == "epoch":
+            bad, expected = numbers % 1 != 0, "a whole number"
+        else:
+            bad, expected = ~((numbers >= 0) & (numbers <= 1)), "an accuracy in [0, 1]"
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            cell = history[column].iloc[row]
+            shown = "empty or NaN" if pd.isna(cell) else repr(str(cell))
+            raise ValueError(f"{METRICS} line {row + 2}: {column} is {shown}; expected {expected}")
+        history[column] = values.astype(int) if column == "epoch" else values
     return history.sort_values("epoch").reset_index(drop=True)
 
 
+def _read_test_metrics(path: Path) -> dict:
+    """test_metrics.json, checked: the report reads its numbers without further ado."""
+    try:
+        test = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{TEST_METRICS} is not valid JSON ({err})") from err
+    if not isinstance(test, dict):
+        raise ValueError(f"{TEST_METRICS}: expected a JSON object")
+    n_test = test.get("n_test", 0)  # absent: a run without a test split, from before n_test existed
+    if not _is_count(n_test):
+        raise ValueError(f"{TEST_METRICS}: n_test is {n_test!r}; expected a whole number of test images")
+    if not n_test:
+        return test
+    missing = [key for key in (*TEST_SCORES, "confusion") if key not in test]
+    if missing:
+        raise ValueError(f"{TEST_METRICS} lacks {', '.join(missing)}")
+    for key in TEST_SCORES:
+        value = test[key]
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (is_number and (0 <= value <= 1 or (key in MAY_BE_NAN and np.isnan(value)))):
+            expected = "a fraction in [0, 1]" + (" or NaN" if key in MAY_BE_NAN else "")
+            raise ValueError(f"{TEST_METRICS}: {key} is {value!r}; expected {expected}")
+    confusion = test["confusion"]
+    if not (
+        isinstance(confusion, dict)
+        and all(_is_count(confusion.get(cell)) for cell in CONFUSION_CELLS)
+        and sum(confusion[cell] for cell in CONFUSION_CELLS) == n_test
+    ):
+        raise ValueError(
+            f"{TEST_METRICS}: confusion is {confusion!r}; expected counts {', '.join(CONFUSION_CELLS)} "
+            f"summing to n_test={n_test}"
+        )
+    return test
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @cache
-def _default_group_choices() -> dict[str, str]:
-    """The config groups' default choices (recipe: paper, ...), as `skinclf train` composes them."""
+def _default_group_choices() -> dict[str, str | None]:
+    """The config groups (model, data, recipe, experiment, ...) and their default choices (None:
+    off), as `skinclf train` composes them."""
     choices = compose_config([], return_hydra_config=True).hydra.runtime.choices
-    return {str(group): str(choice) for group, choice in choices.items() if choice is not None}
+    return {
+        str(group): None if choice is None else str(choice)
+        for group, choice in choices.items()
+        if not str(group).startswith("hydra/")
+    }
 
 
-def _settings(path: Path) -> dict[str, str]:
-    """The run's command-line overrides that define the experiment (see NOT_AN_EXPERIMENT_SETTING)."""
+@cache
+def _composed(choices: tuple[str, ...]) -> DictConfig | None:
+    """The config that group ``choices`` (``model=resnet``, ...) give, every value at its default;
+    None when this skinclf cannot compose it (a run of a model it no longer has)."""
+    try:
+        return compose_config(choices)
+    except SkinclfError:
+        return None
+
+
+_ABSENT = object()  # OmegaConf.select's answer for a key the config does not have
+
+
+def _settings(path: Path, cfg: DictConfig) -> dict[str, str]:
+    """The run's command-line overrides that define the experiment (see NOT_AN_EXPERIMENT_SETTING),
+    each with the value it resolved to in the run's config ``cfg``.
+
+    The resolved value, not the override's text: `optim.lr=1e-3` and `optim.lr=0.001` are one
+    setting. An override that leaves its value at the default of the run's config groups
+    (`optim.lr=1e-4`, `recipe=paper`, `experiment=paper`, whose values are the defaults) is the
+    default run spelled out, not another setting.
+    """
     try:
         overrides = OmegaConf.to_container(OmegaConf.load(path / HYDRA_OVERRIDES))
     except Exception:  # no or broken overrides.yaml: the run counts as run with the defaults
         return {}
     if not isinstance(overrides, list):
         return {}
-    settings = {}
+    parsed = []
     for override in overrides:
         key, _, value = str(override).partition("=")
-        key = key.lstrip("+~")
-        if value in ("True", "False"):  # Hydra's multirun writes a swept `false` back as `False`
-            value = value.lower()
+        parsed.append((key.lstrip("+~"), value))
+    groups = _default_group_choices()
+    choices = tuple(f"{key}={value}" for key, value in parsed if key in groups)
+    defaults = _composed(choices)
+    settings = {}
+    for key, value in parsed:
         if key in NOT_AN_EXPERIMENT_SETTING or key.startswith("hydra."):
             continue
-        if _default_group_choices().get(key) == value:
-            continue  # `recipe=paper` spelled out is the default run, not another setting
-        settings[key] = value
+        if key in groups:
+            if groups[key] == value or _changes_nothing(f"{key}={value}", choices):
+                continue
+            settings[key] = value
+            continue
+        resolved = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False)
+        if resolved is _ABSENT:  # not in the saved config (`+new.key=...` of another version)
+            # Hydra's multirun writes a swept `false` back as `False`.
+            settings[key] = value.lower() if value in ("True", "False") else value
+            continue
+        default = (
+            _ABSENT
+            if defaults is None
+            else OmegaConf.select(defaults, key, default=_ABSENT, throw_on_resolution_failure=False)
+        )
+        if resolved != default:
+            settings[key] = _as_override(resolved)
     return settings
+
+
+def _changes_nothing(choice: str, choices: tuple[str, ...]) -> bool:
+    """Whether group ``choice``, among the run's ``choices``, leaves every config value as it was."""
+    with_it, without_it = _composed(choices), _composed(tuple(c for c in choices if c != choice))
+    if with_it is None or without_it is None:
+        return False
+    return OmegaConf.to_container(with_it) == OmegaConf.to_container(without_it)
+
+
+def _as_override(value: object) -> str:
+    """A config value as an override writes it (`0.001`, `false`, `null`, `[0.5, 1.0]`): one
+    spelling per value, so that equal values make equal row labels."""
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value if isinstance(value, str) else json.dumps(value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,9 @@ from skinclf.errors import SkinclfError, first_line
 from skinclf.io import atomic_torch_save
 
 FORMAT = "skinclf-checkpoint-v1"
+# torch.save's format since torch 1.6 is a zip archive; any other file is refused before torch
+# reads it (its legacy reader fails on text with a bare KeyError).
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -25,8 +27,14 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise SkinclfError(f"{path}: checkpoint not found")
     try:
+        with path.open("rb") as file:
+            if file.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+                raise ValueError("not the zip archive that torch.save writes")
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+    except Exception as err:
+        # weights_only runs no code from the file: what torch.load raises comes from damaged
+        # bytes, as whichever error its reader or unpickler meets first (RuntimeError, KeyError,
+        # IndexError, struct.error, UnicodeDecodeError, EOFError, ...), or from reading the file.
         raise SkinclfError(f"{path}: not a readable skinclf checkpoint ({first_line(err)})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise SkinclfError(f"{path}: not a skinclf checkpoint (expected format {FORMAT!r})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from torch import nn
 
 from skinclf.data.splits import Split
 from skinclf.errors import SkinclfError
+from skinclf.io import atomic_write
 from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS
 from skinclf.training.checkpoint import load_checkpoint, save_checkpoint
 from skinclf.training.hardware import (
@@ -254,10 +256,12 @@ def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator, d
 def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
     # METRICS_COLUMNS, then any the recipe adds (the raw weights' validation scores beside an EMA).
     columns = list(history[0]) if history else METRICS_COLUMNS
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
+    # Rewritten whole every epoch, atomically: `skinclf report` may read it while the run goes on.
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, lambda tmp: tmp.write_bytes(text.getvalue().encode()))
 
 
 def fit(
