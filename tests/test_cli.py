@@ -147,6 +147,22 @@ def test_a_bad_setting_is_one_clear_error_before_training(tmp_path, override, ex
     assert not list((tmp_path / "outputs" / "runs").glob("*"))
 
 
+def test_a_sweep_with_a_bad_setting_can_be_relaunched_corrected(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = train_cli("-m", *TINY, "optim.lr=-1", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "optim.lr=-1.0: must be 0 or more" in proc.stderr
+    assert not list(sweep.glob("*/run_config.json"))  # the job's folder holds no config to be held to
+    train_cli("-m", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert list(sweep.glob("*/test_metrics.json"))
+
+
+def test_a_seed_too_big_for_a_float_is_kept_exactly():
+    from skinclf.config import compose_config
+    from skinclf.train import number_setting
+
+    assert number_setting(compose_config(["seed=12345678901234567"]), "seed", int) == 12345678901234567
+
+
 @pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
 def test_an_output_folder_under_a_file_is_one_clear_error(tmp_path, key):
     (tmp_path / "afile").write_text("a file, not a folder")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -233,8 +235,10 @@ def test_output_dot_is_the_empty_current_folder(tmp_path, monkeypatch):
     table = fake_ham10000(tmp_path / "ham", n_mel=12, n_nv=12, n_other=0)
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
+    before = os.stat(".").st_ino
     prepare_main([str(tmp_path / "ham"), "."])
-    manifest = pd.read_csv(tmp_path / "here" / "manifest.csv")
+    assert os.stat(".").st_ino == before  # filled, not replaced: the shell's folder stays valid
+    manifest = pd.read_csv("manifest.csv")
     assert len(manifest) == len(table)
     assert not list(tmp_path.glob(".here.partial*"))
 

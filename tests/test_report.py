@@ -482,6 +482,23 @@ def test_seeds_that_differ_only_in_spelling_speed_or_a_spelled_out_default_are_o
     assert [(g.label, len(g.runs)) for g in groups] == [("baseline", 4), ("baseline [optim.lr=0.001]", 2)]
 
 
+def test_a_number_written_as_int_or_float_and_a_pipeline_choice_label_rows_by_their_values(tmp_path):
+    root = tmp_path / "outputs"
+    for seed, alpha in enumerate(["1", "1.0"]):
+        write_run(
+            root, "baseline", [0.6, 0.7], [0.6, 0.7], seed=seed, overrides=(f"recipe.mixup_alpha={alpha}",)
+        )
+    write_run(root, "res_aug", [0.6, 0.7], [0.6, 0.7], seed=0)
+    # res_aug's own pipeline is the augmented one: the global default's name is a real change here.
+    write_run(root, "res_aug", [0.6, 0.7], [0.6, 0.7], seed=1, overrides=("pipeline@model.pipeline=default",))
+    groups = group_runs(finished(find_runs([root])))["synthetic"]
+    assert sorted((g.label, len(g.runs)) for g in groups) == [
+        ("baseline [recipe.mixup_alpha=1]", 2),
+        ("res_aug", 1),
+        ("res_aug [pipeline@model.pipeline=default]", 1),
+    ]
+
+
 def _set_cell(path: Path, row: int, column: str, value: str) -> None:
     frame = pd.read_csv(path, dtype=str)
     frame.loc[row, column] = value

@@ -193,6 +193,24 @@ def test_a_refused_resume_or_a_rerun_leaves_a_finished_folder_as_it_was(tmp_path
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+def test_a_resume_refused_for_a_bad_setting_leaves_an_unfinished_folder_as_it_was(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.progress=never", cwd=tmp_path)
+    (run_dir / "test_metrics.json").unlink()  # as if stopped before testing: resumable
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    # checkpoint_every may change on resume, so the folder's config accepts it; its value may not.
+    refused = train_cli(
+        *TINY,
+        f"hydra.run.dir={run_dir}",
+        "resume=true",
+        "trainer.checkpoint_every=0",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert refused.returncode == 2 and "trainer.checkpoint_every=0: must be at least 1" in refused.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 def _as_an_older_skinclf_wrote_it(run_dir: Path, *dotted_keys: str) -> None:
     """Drop keys from run_config.json, as if the folder came from a version without them."""
     stored = json.loads((run_dir / RUN_CONFIG).read_text())

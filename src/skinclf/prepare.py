@@ -291,8 +291,12 @@ def prepare(
         manifest.to_csv(tmp / "manifest.csv", index=False)
         _check_out(out)  # still free after the minutes of writing
         if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+            # An empty OUT the user made, perhaps the folder they stand in (OUT "."): filled, not
+            # replaced, so that it stays the folder their shell is in.
+            for entry in tmp.iterdir():
+                os.replace(entry, out / entry.name)
+        else:
+            os.replace(tmp, out)
     except OSError as err:  # unreadable sources are SkinclfErrors already: this is the writing
         where = err.filename or tmp
         raise SkinclfError(f"{out}: cannot write the output ({err.strerror}: {where})") from err

@@ -64,10 +64,13 @@ def number_setting(cfg: DictConfig, key: str, kind: type[int] | type[float]) -> 
     one (``trainer.max_epochs=abc``, ``=3.5``, ``=null``) before anything trains."""
     value = OmegaConf.select(cfg, key)
     try:
-        number = None if isinstance(value, bool) else kind(value)
-        if kind is int and number != float(value):
-            number = None  # 3.5 epochs is a typo, not 3
-    except (TypeError, ValueError):
+        if isinstance(value, bool):
+            number = None
+        elif kind is int and isinstance(value, float):
+            number = int(value) if value.is_integer() else None  # 3.5 epochs is a typo, not 3
+        else:
+            number = kind(value)  # an int as it is (no float round trip for big seeds), or text
+    except (TypeError, ValueError, OverflowError):
         number = None
     if number is None:
         raise SkinclfError(f"{key}={value}: expected {'an integer' if kind is int else 'a number'}")
@@ -241,7 +244,6 @@ def _run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     """``task`` with this job's share of the hardware: torch threads divided between parallel
     jobs (trainer.num_threads), sweep jobs spread over the GPUs when device=auto, and freed
     memory kept for reuse (trainer.keep_freed_memory)."""
-    _write_hydra_record(cfg, out_dir)
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     launcher = hydra_cfg.launcher if multirun else None
@@ -253,6 +255,26 @@ def _run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     if multirun and torch.cuda.is_available():
         cfg.device = resources.spread_device(str(cfg.device), hydra_cfg.job.num, torch.cuda.device_count())
     return task(cfg, out_dir)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Every check of ``cfg`` that needs no data (device, numbers, sizes, target sensitivity).
+    Run before the run folder is claimed, so that a refused run writes nothing into it: a
+    resume's folder keeps its record and status, a sweep job's folder takes no config."""
+    device = resolve_device(str(cfg.device))
+    loop_settings(cfg, resolve_precision(str(cfg.trainer.precision), device))
+    target_sensitivity(cfg)
+    number_setting(cfg, "cv.folds", int)
+
+
+def _claim(out_dir: Path, cfg: DictConfig, overrides: list[str]) -> str:
+    """:func:`claim_run_dir` after :func:`check_settings`; a folder taken for (more) work gets its
+    .hydra/ record then, before the job changes anything in ``cfg`` (a re-launch sets resume)."""
+    check_settings(cfg)
+    state = claim_run_dir(out_dir, cfg, overrides)
+    if state != "finished":
+        _write_hydra_record(cfg, out_dir)
+    return state
 
 
 def _write_hydra_record(cfg: DictConfig, out_dir: Path) -> None:
@@ -285,10 +307,12 @@ def hydra_main(cfg: DictConfig) -> None:
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         # Never exits: a failed job is recorded and the sweep goes on (SweepSummary reports it).
-        run_sweep_job(cfg, out_dir, _run_in_hydra, hydra_cfg.job.num, Path(hydra_cfg.sweep.dir), overrides)
+        run_sweep_job(
+            cfg, out_dir, _run_in_hydra, hydra_cfg.job.num, Path(hydra_cfg.sweep.dir), overrides, _claim
+        )
         return
     try:
-        if claim_run_dir(out_dir, cfg, overrides) == "finished":
+        if _claim(out_dir, cfg, overrides) == "finished":
             # As a sweep skips its finished jobs: retraining over the results would leave the
             # old test_metrics.json until the end, so an interrupted retrain would read as finished.
             print(

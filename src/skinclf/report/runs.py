@@ -295,7 +295,9 @@ def _settings(path: Path, cfg: DictConfig) -> dict[str, str]:
         if key in NOT_AN_EXPERIMENT_SETTING or key.startswith("hydra."):
             continue
         if key in groups:
-            if groups[key] == value or _changes_nothing(f"{key}={value}", choices):
+            # Compared by what the choice does to this run's config, not by its name against the
+            # global default: with model=res_aug, pipeline@model.pipeline=default is a setting.
+            if _changes_nothing(f"{key}={value}", choices):
                 continue
             settings[key] = value
             continue
@@ -327,4 +329,6 @@ def _as_override(value: object) -> str:
     spelling per value, so that equal values make equal row labels."""
     if isinstance(value, DictConfig | ListConfig):
         value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # `=1` and `=1.0` are one value
     return value if isinstance(value, str) else json.dumps(value)

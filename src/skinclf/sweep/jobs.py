@@ -34,8 +34,8 @@ log = logging.getLogger("skinclf")
 
 RUN_CONFIG = "run_config.json"
 STATUS_FILE = "job_status.json"
-# sweep_dir/.refused_<job folder>.json: the status of a job refused because its folder held
-# another config's run (see record_refusal).
+# sweep_dir/.refused_<job folder>.json: the status of a job refused before it ran (see
+# record_refusal).
 REFUSED_PREFIX = ".refused_"
 LAUNCH_FILE = ".skinclf_launch"
 # What a finished job has written last: run() the test metrics, cross_validate() its CV result.
@@ -154,8 +154,9 @@ def write_status(out_dir: Path, status: str, launch: str | None, **info: Any) ->
 
 
 def record_refusal(sweep_dir: Path, out_dir: Path, launch: str | None, **info: Any) -> None:
-    """Record a job refused because its folder holds another config's run. The record goes
-    beside the folder (``REFUSED_PREFIX``), not into it: that run's own status stays as it was."""
+    """Record a job refused before it ran: its folder holds another config's run, or its settings
+    are bad. The record goes beside the folder (``REFUSED_PREFIX``), not into it: a run already
+    there keeps its status, and a new folder takes no config that a re-launch would be held to."""
     record = Path(sweep_dir) / f"{REFUSED_PREFIX}{out_dir.name}.json"
     atomic_write_json({"status": "failed", "launch": launch, **info}, record)
 
@@ -205,10 +206,12 @@ def run_sweep_job(
     job_num: int,
     sweep_dir: Path,
     overrides: list[str],
+    claim: Callable[[Path, DictConfig, list[str]], str] = claim_run_dir,
 ) -> str:
     """Run ``task`` as sweep job ``job_num`` and return its status; never raises.
 
-    A finished job of the same config is skipped; an unfinished one resumes from its last
+    The folder is taken with ``claim`` (:func:`claim_run_dir`, or a caller's version of it that
+    checks more first). A finished job of the same config is skipped; an unfinished one resumes from its last
     completed epoch (a re-launch into the same hydra.sweep.dir picks up where it stopped). Any
     error is logged with its traceback to the job's train.log and recorded, so the remaining
     jobs still run; the summary at the end of the sweep names the failed jobs.
@@ -217,7 +220,7 @@ def run_sweep_job(
     info = {"job": job_num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
     recorded = False
     try:
-        state = claim_run_dir(out_dir, cfg, overrides)
+        state = claim(out_dir, cfg, overrides)
         if state == "finished":
             log.info(f"job {job_num}: already finished in {out_dir}, skipped")
             write_status(out_dir, "skipped", launch, **info)
@@ -235,7 +238,7 @@ def run_sweep_job(
         else:
             log.exception(f"job {job_num} failed: {type(err).__name__}: {message}")
         print(f"skinclf train: job {job_num} failed: {message} (log: {info['log']})", file=sys.stderr)
-        if not recorded:  # refused before it ran: the folder holds another config's run
+        if not recorded:  # refused before it ran: the folder is not this job's to write in
             record_refusal(sweep_dir, out_dir, launch, error=message, **info)
         return "failed"
     print(f"output directory: {out_dir}")
