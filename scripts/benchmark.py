@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _args import add_models_argument, positive_int
 
 from skinclf.models import PAPER_MODELS
 from skinclf.training.hardware import describe_machine, resolve_device
@@ -349,9 +350,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=PAPER_MODELS)
+    add_models_argument(parser, PAPER_MODELS)
     parser.add_argument("--images", type=int, default=1024, help="training images in the folder dataset")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of each step (median)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed repetitions of each step (median)"
+    )
     parser.add_argument("--steps-only", action="store_true", help="skip the epoch measurements")
     parser.add_argument("--json", type=Path, default=Path("benchmark.json"))
     args = parser.parse_args()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _args import positive_int
 from PIL import Image
 
 from skinclf.data.decode_cache import decode_files, load_or_decode, store
@@ -60,7 +61,7 @@ def best_of(repeats: int, fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=3000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root, cache = Path(tmp) / "images", Path(tmp) / "cache"

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _args import add_models_argument
 
 from skinclf.models import PAPER_MODELS
 from skinclf.run_files import METRICS, TEST_METRICS
@@ -79,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=PAPER_MODELS)
+    add_models_argument(parser, PAPER_MODELS)
     parser.add_argument("--train-size", type=int, default=PAPER_SIZES["train"])
     parser.add_argument("--val-size", type=int, default=PAPER_SIZES["val"])
     parser.add_argument("--test-size", type=int, default=PAPER_SIZES["test"])

@@ -150,6 +150,16 @@ def test_imagenet_weights_come_from_the_torch_hub_cache(name, offline_hub, caplo
     assert pretrained_parameters(build(name)) == []  # random initialisation: one learning rate
 
 
+@pytest.mark.parametrize("name", ["resnet18", "vgg16", "vgg16_ft"])
+@pytest.mark.parametrize("value", ["off", "no", "0", "'false'"])
+def test_pretrained_accepts_only_true_or_false(name, value, offline_hub):  # noqa: F811
+    # Any string used to count as true and load (or try to download) the ImageNet weights.
+    shown = value.strip("'")
+    shown = repr(int(shown)) if shown.isdigit() else repr(shown)
+    with pytest.raises(SkinclfError, match=f"^model.pretrained={shown}: expected true or false$"):
+        build_model(compose_config([f"model={name}", f"model.pretrained={value}"]).model)
+
+
 def test_bad_freeze_fails_before_any_weight_loading(offline_hub):  # noqa: F811
     with pytest.raises(SkinclfError, match="^model.freeze=6: expected"):
         build_model(compose_config(["model=resnet18", "model.freeze=6"]).model)
@@ -179,11 +189,13 @@ def test_vgg16_ft_caches_only_its_frozen_blocks(tmp_path):
     }
 
 
-@pytest.mark.parametrize("modern", ["augment", "tta"])
+@pytest.mark.parametrize("modern", ["augment", "tta", "mixup"])
 def test_frozen_front_end_trains_whole_when_the_recipe_needs_images(tmp_path, modern, caplog):
     model, splits = build("vgg16_ft"), tiny_splits()
     pipeline = DermoscopyAugmentation(ImageNetPipeline()) if modern == "augment" else ImageNetPipeline()
-    settings = LoopSettings(progress="never", recipe=Recipe(tta=modern == "tta"))
+    # Mixup mixes images: mixing cached feature maps instead would be another method.
+    recipe = Recipe(tta=modern == "tta", mixup_alpha=0.2 if modern == "mixup" else 0.0)
+    settings = LoopSettings(progress="never", recipe=recipe)
     with caplog.at_level(logging.INFO, logger="skinclf"):
         stage = training_stage(model, pipeline, splits, tmp_path, settings, CPU)
     assert stage.module is model and stage.pipeline is pipeline and stage.splits is splits

@@ -5,6 +5,7 @@ import torch
 from torchinfo import summary
 
 from skinclf.config import compose_config
+from skinclf.errors import SkinclfError
 from skinclf.models import build_model
 from skinclf.models.layers import Dropout, Flatten, LayerNorm
 
@@ -112,3 +113,28 @@ def test_layer_norm_matches_torch_and_keeps_channels_last():
         assert torch.allclose(a, b, atol=1e-5)
     # An NCHW input takes torch's own path.
     assert torch.equal(ours(x.detach().contiguous()), theirs(x.detach().contiguous()))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (
+            ["model=baseline", "model.arch.norm=batchnorm"],
+            "model.arch.norm='batchnorm': expected one of none",
+        ),
+        (
+            ["model=resnet", "model.arch.dropout=1.5"],
+            r"model.arch.dropout=1.5: expected a number in \[0, 1\)",
+        ),
+        (["model=resnet", "model.arch.dropout=1"], "model.arch.dropout=1: expected"),
+        (["model=resnet", "model.arch.dropout=abc"], "model.arch.dropout='abc': expected"),
+        (
+            ["model=vgg16", "model.pretrained=false", "model.arch.dropout=-0.1"],
+            "model.arch.dropout=-0.1: expected",
+        ),
+    ],
+)
+def test_bad_model_options_are_one_clear_error_naming_the_key(overrides, named):
+    # A SkinclfError, not a ValueError: only those come through Hydra's instantiate as one line.
+    with pytest.raises(SkinclfError, match=f"^{named}"):
+        build_model(compose_config(overrides).model)

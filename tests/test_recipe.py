@@ -135,6 +135,12 @@ def test_each_piece_switches_off_on_its_own(key, off):
         ("recipe.ema_decay=1.5", "recipe.ema_decay=1.5"),
         ("recipe.body_lr_scale=0", "recipe.body_lr_scale=0"),
         ("recipe.mixup_alpha=-1", "recipe.mixup_alpha=-1"),
+        # Not finite: an OverflowError in the schedule, or NaN mixing weights, before.
+        ("recipe.warmup_epochs=inf", "recipe.warmup_epochs=inf"),
+        ("recipe.mixup_alpha=inf", "recipe.mixup_alpha=inf"),
+        ("recipe.body_lr_scale=inf", "recipe.body_lr_scale=inf"),
+        ("recipe.mixup_alpha=nan", "recipe.mixup_alpha=nan"),
+        ("recipe.ema=off", "recipe.ema='off'"),
     ],
 )
 def test_bad_recipe_values_are_one_clear_error(override, named):
@@ -426,10 +432,42 @@ def test_recipe_pipeline_wraps_only_when_enabled_and_names_bad_keys():
     augment = dict(compose_config(["recipe=modern"]).recipe.augment)
     assert recipe_pipeline(base, {**augment, "enabled": False}) is base
     assert isinstance(recipe_pipeline(base, augment), DermoscopyAugmentation)
-    with pytest.raises(SkinclfError, match="recipe.augment.flip_p=2.0: expected"):
+    with pytest.raises(SkinclfError, match="recipe.augment.flip_p=2: expected"):
         recipe_pipeline(base, {**augment, "flip_p": 2})
     with pytest.raises(SkinclfError, match="recipe.augment: .*hue"):
         recipe_pipeline(base, {**augment, "hue": 0.1})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # A string counted as true: "off" switched the augmentation, or the rotations, on.
+        ("enabled=off", "recipe.augment.enabled='off': expected true or false"),
+        ("rot90=off", "recipe.augment.rot90='off': expected true or false"),
+        ("flip_p=abc", r"recipe.augment.flip_p='abc': expected a probability in \[0, 1\]"),
+        ("flip_p=inf", "recipe.augment.flip_p=inf: expected"),
+        ("brightness=nan", "recipe.augment.brightness=nan: expected a number in"),
+        (
+            "crop_ratio=[0.5,abc]",
+            r"recipe.augment.crop_ratio=\[0.5, 'abc'\]: expected \[lo, hi\] with 0 < lo",
+        ),
+        ("crop_scale=0.5", r"recipe.augment.crop_scale=0.5: expected \[lo, hi\] with 0 < lo <= hi <= 1"),
+        ("crop_scale=[0.5,1,2]", r"recipe.augment.crop_scale=\[0.5, 1, 2\]: expected \[lo, hi\]"),
+        ("crop_scale=[0.8,0.5]", r"recipe.augment.crop_scale=\[0.8, 0.5\]: expected"),
+    ],
+)
+def test_bad_augment_values_are_one_clear_error(override, message):
+    cfg = compose_config(["recipe=modern", f"recipe.augment.{override}"])
+    with pytest.raises(SkinclfError, match=f"^{message}"):
+        recipe_pipeline(DefaultPipeline(), cfg.recipe.augment)
+
+
+def test_augment_switches_take_booleans():
+    cfg = compose_config(["recipe=modern", "recipe.augment.rot90=false"])
+    pipeline = recipe_pipeline(DefaultPipeline(), cfg.recipe.augment)
+    assert pipeline.rot90 is False and pipeline.crop_scale == (0.6, 1.0)
+    off = compose_config(["recipe=modern", "recipe.augment.enabled=false"]).recipe.augment
+    assert isinstance(recipe_pipeline(DefaultPipeline(), off), DefaultPipeline)
 
 
 # --- whole runs --------------------------------------------------------------------------------------

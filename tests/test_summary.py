@@ -57,10 +57,19 @@ def test_pretrained_weights_are_not_fetched_unless_asked():
     assert "pretrained" not in model_config("baseline").model
 
 
-@pytest.mark.parametrize("args", [["model=nope"], ["resnet"]])
-def test_bad_arguments_exit_2_with_one_line(args, capsys):
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["model=nope"], "model=nope"),
+        (["resnet"], "resnet"),
+        # A bad model option: a Hydra InstantiationException traceback before.
+        (["model=baseline", "model.arch.norm=batchnorm"], "model.arch.norm='batchnorm': expected"),
+        (["model=resnet", "model.arch.dropout=1.5"], "model.arch.dropout=1.5: expected"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, named, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["summary", *args])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and args[0] in err
+    assert len(err.splitlines()) == 1 and named in err

@@ -110,6 +110,20 @@ def test_weights_come_from_the_torch_hub_cache(offline_hub, caplog):
     assert "IMAGENET1K_V1" in caplog.text and "NOT the paper" not in caplog.text
 
 
+@pytest.mark.parametrize(
+    "content", [b"", b"<html><body>Access denied</body></html>", b"PK\x03\x04 truncated zip"]
+)
+def test_unloadable_weight_file_says_delete_it_and_get_it_again(offline_hub, content):
+    # A 0-byte file (EOFError), an HTML page under the weight's name (UnpicklingError), a cut-off archive.
+    offline_hub.mkdir(parents=True)
+    weights_file().write_bytes(content)
+    with pytest.raises(SkinclfError) as err:
+        build_model(compose_config(["model=vgg16"]).model)
+    message = str(err.value)
+    assert message.startswith(f"{weights_file()}: cannot load the VGG-16 IMAGENET1K_V1 weights (")
+    assert "delete the file and get it again" in message and "\n" not in message
+
+
 def test_missing_weights_offline_is_one_clear_error(offline_hub):
     with pytest.raises(SkinclfError) as err:
         VGG16Transfer(pretrained=True)
@@ -252,8 +266,25 @@ def test_full_preset_feeds_224_crops_and_keys_its_own_cache(random_vgg):
     assert maps.shape == (2, 512, 7, 7)  # 224 / 32
     pipeline = ImageNetPipeline()
     # Same weights, other input preset: other features, so never the same cache file.
-    assert extractor_key(extractor, pipeline, "fp32") != extractor_key(
-        random_vgg.frozen_split()[0], pipeline, "fp32"
+    assert extractor_key(extractor, pipeline, "fp32", CPU) != extractor_key(
+        random_vgg.frozen_split()[0], pipeline, "fp32", CPU
     )
     with pytest.raises(SkinclfError, match="model.input_preset='224'"):
         VGG16Transfer(pretrained=False, input_preset="224")
+
+
+def test_feature_cache_key_names_the_device_and_cuda_tf32(random_vgg):
+    # CPU and CUDA kernels give features up to ~1e-3 apart: a CPU run must never read a GPU run's
+    # file. The key is computed from torch's flags, so no GPU is needed here.
+    extractor, pipeline = random_vgg.frozen_split()[0], ImageNetPipeline()
+    cpu = extractor_key(extractor, pipeline, "fp32", CPU)
+    cuda = extractor_key(extractor, pipeline, "fp32", torch.device("cuda"))
+    assert cpu != cuda
+    assert extractor_key(extractor, pipeline, "fp32", torch.device("cuda", 1)) == cuda  # same kernels
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # a torch flag, not a plain attribute: no monkeypatch
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not tf32
+        assert extractor_key(extractor, pipeline, "fp32", torch.device("cuda")) != cuda
+        assert extractor_key(extractor, pipeline, "fp32", CPU) == cpu  # TF32 is no CPU setting
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32

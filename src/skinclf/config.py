@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,3 +38,16 @@ def instantiate_config(node: DictConfig) -> Any:
         if isinstance(err.__cause__, SkinclfError):
             raise err.__cause__ from None
         raise
+
+
+def check_bool(key: str, value: object) -> bool:
+    """``value`` of the true/false switch ``key``, or a SkinclfError naming it. Only real booleans
+    pass: Hydra reads ``off``, ``no`` or ``0`` as a string or a number, and those would count as true."""
+    if not isinstance(value, bool):
+        raise SkinclfError(f"{key}={value!r}: expected true or false")
+    return value
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float (not a bool, not inf or nan): what a numeric option accepts."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -19,11 +19,13 @@ fixed order, so a run's augmentation depends only on its seed, on any device.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from skinclf.config import check_bool, is_number
 from skinclf.data.pipeline import warp
 from skinclf.errors import SkinclfError
 
@@ -47,7 +49,7 @@ def recipe_pipeline(pipeline: Any, augment: Any) -> Any:
     """The training pipeline of a recipe: ``pipeline`` (the model's own) when ``augment.enabled``
     is false, otherwise :class:`DermoscopyAugmentation` around it with the other ``augment`` keys."""
     options = {str(k): v for k, v in dict(augment).items()}
-    if not options.pop("enabled", False):
+    if not check_bool("recipe.augment.enabled", options.pop("enabled", False)):
         return pipeline
     try:
         return DermoscopyAugmentation(pipeline, **options)
@@ -56,6 +58,25 @@ def recipe_pipeline(pipeline: Any, augment: Any) -> Any:
             f"recipe.augment: {err}; expected the keys enabled, flip_p, rot90, crop_scale, crop_ratio, "
             "brightness, contrast, saturation"
         ) from err
+
+
+def _number(key: str, value: object, ok: Callable[[float], bool], expected: str) -> float:
+    """``recipe.augment.<key>`` as a float, or a SkinclfError naming it: a string or inf must not
+    reach ``float()`` or the comparisons (a ValueError traceback, or a NaN batch)."""
+    if not (is_number(value) and ok(value)):
+        raise SkinclfError(f"recipe.augment.{key}={value!r}: expected {expected}")
+    return float(value)
+
+
+def _pair(key: str, value: object, ok: Callable[[float, float], bool], expected: str) -> tuple[float, float]:
+    """``recipe.augment.<key>`` as a (lo, hi) pair of floats, or a SkinclfError naming it: exactly
+    two finite numbers (a third one is not silently dropped) for which ``ok(lo, hi)`` holds."""
+    # Hydra hands over a ListConfig, a Sequence; a string is one too but never a pair.
+    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+    if items is None or len(items) != 2 or not all(is_number(v) for v in items) or not ok(*items):
+        shown = items if items is not None else value
+        raise SkinclfError(f"recipe.augment.{key}={shown!r}: expected [lo, hi] with {expected}")
+    return float(items[0]), float(items[1])
 
 
 class DermoscopyAugmentation:
@@ -74,23 +95,20 @@ class DermoscopyAugmentation:
         saturation: float = 0.1,
     ) -> None:
         self.base = base
-        self.flip_p = float(flip_p)
-        self.rot90 = bool(rot90)
-        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
-        self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
-        self.jitter = (float(brightness), float(contrast), float(saturation))
-        values = {"flip_p": self.flip_p, "crop_scale": self.crop_scale, "crop_ratio": self.crop_ratio}
-        values.update(zip(JITTER, self.jitter, strict=True))
-        lo, hi = self.crop_scale
-        checks = (
-            ("flip_p", 0 <= self.flip_p <= 1, "a probability in [0, 1]"),
-            ("crop_scale", 0 < lo <= hi <= 1, "[lo, hi] with 0 < lo <= hi <= 1 (fractions of the area)"),
-            ("crop_ratio", 0 < self.crop_ratio[0] <= self.crop_ratio[1], "[lo, hi] with 0 < lo <= hi"),
-            *((key, 0 <= values[key] < 1, "a number in [0, 1)") for key in JITTER),
+        self.rot90 = check_bool("recipe.augment.rot90", rot90)
+        self.flip_p = _number("flip_p", flip_p, lambda p: 0 <= p <= 1, "a probability in [0, 1]")
+        self.crop_scale = _pair(
+            "crop_scale",
+            crop_scale,
+            lambda lo, hi: 0 < lo <= hi <= 1,
+            "0 < lo <= hi <= 1 (fractions of the area)",
         )
-        for key, ok, expected in checks:
-            if not ok:
-                raise SkinclfError(f"recipe.augment.{key}={values[key]!r}: expected {expected}")
+        self.crop_ratio = _pair("crop_ratio", crop_ratio, lambda lo, hi: 0 < lo <= hi, "0 < lo <= hi")
+        brightness, contrast, saturation = (
+            _number(key, value, lambda f: 0 <= f < 1, "a number in [0, 1)")
+            for key, value in zip(JITTER, (brightness, contrast, saturation), strict=True)
+        )
+        self.jitter = (brightness, contrast, saturation)
 
     def fit(self, train_images: torch.Tensor) -> None:
         """The base pipeline's statistics, from the training split only."""

@@ -5,13 +5,15 @@ A model that declares a frozen front end (:class:`FrozenFrontEnd`: ``frozen_spli
 end inside the training loop: :func:`training_stage` computes its outputs on every split once,
 stores them under ``data.cache_dir/features/``, and hands the loop the head, those outputs and a
 pass-through pipeline. Every other model trains whole, on images, exactly as before; so does a
-frozen-front-end model whose training images are augmented or whose evaluation averages flips
-(``recipe=modern``), since its front end's outputs then change from batch to batch.
+frozen-front-end model whose training images are augmented or mixed (mixup) or whose evaluation
+averages flips (``recipe=modern``), since its front end's outputs then change from batch to batch.
 
 A cache file is keyed by everything the outputs depend on: the split's images (their bytes),
 the extractor (its structure and weights, so random initialisations with different seeds never
-share features), the image pipeline's state (normalisation) and the numeric precision. A changed
-dataset or model is never served stale; the old file is simply not used again.
+share features), the image pipeline's state (normalisation), the numeric precision and the device
+type (with CUDA's TF32 switches): CPU and GPU kernels round differently, and a CPU run must get
+the same numbers whether or not a GPU run filled the cache first. A changed dataset or model is
+never served stale; the old file is simply not used again.
 """
 
 from __future__ import annotations
@@ -110,9 +112,20 @@ def _hash_tensor(h: Any, t: torch.Tensor) -> None:
         h.update(part.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def extractor_key(extractor: nn.Module, pipeline: Any, precision: str) -> str:
+def device_numerics(device: torch.device) -> str:
+    """What about ``device`` changes an extractor's outputs: its type (CPU and CUDA kernels differ by
+    up to ~1e-3 in fp32), and on CUDA whether matmuls and convolutions may round through TF32.
+    Read from torch's flags, so no GPU is needed to compute it."""
+    if device.type != "cuda":
+        return device.type
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    return f"cuda tf32(matmul={tf32[0]}, cudnn={tf32[1]})"
+
+
+def extractor_key(extractor: nn.Module, pipeline: Any, precision: str, device: torch.device) -> str:
     """A hex digest of what an extractor's outputs depend on besides the images."""
-    h = hashlib.sha256(f"v{CACHE_VERSION} {precision} {type(pipeline).__qualname__}\n{extractor!r}".encode())
+    numerics = f"{precision} {device_numerics(device)}"
+    h = hashlib.sha256(f"v{CACHE_VERSION} {numerics} {type(pipeline).__qualname__}\n{extractor!r}".encode())
     for name, tensor in [*extractor.state_dict().items(), *pipeline.state_dict().items()]:
         h.update(name.encode())
         _hash_tensor(h, tensor)
@@ -178,12 +191,15 @@ def cached_features(
 
 def _why_not_cached(extractor: nn.Module, pipeline: Any, settings: LoopSettings) -> str | None:
     """Why the extractor's outputs cannot be computed once (None: they can). Features computed once
-    see neither per-epoch augmentation nor flipped test-time views; then the whole model trains on
-    images, its frozen part still frozen: slower, but never silently wrong."""
+    see neither per-epoch augmentation, nor mixup (which mixes images, not feature maps), nor
+    flipped test-time views; then the whole model trains on images, its frozen part still
+    frozen: slower, but never silently wrong."""
     if type(pipeline).train_batch is not DefaultPipeline.train_batch:
         return f"the pipeline {type(pipeline).__name__} augments training images"
     if settings.recipe.tta:
         return "recipe.tta=true evaluates flipped images"
+    if settings.recipe.mixup_alpha > 0:
+        return f"recipe.mixup_alpha={settings.recipe.mixup_alpha} mixes training images"
     if not any(True for _ in extractor.parameters()):
         return "nothing is frozen"
     return None
@@ -206,7 +222,7 @@ def training_stage(
     if reason is not None:
         log.info(f"feature cache off: {reason}, so the frozen layers run on every batch")
         return TrainingStage(model, pipeline, splits)
-    digest = extractor_key(extractor, pipeline, settings.precision)
+    digest = extractor_key(extractor, pipeline, settings.precision, device)
     # The whole model moves, so that it stays on one device for whatever follows training.
     model.to(device)
     if settings.channels_last:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torchvision import models as tv
 
+from skinclf.config import check_bool
 from skinclf.errors import SkinclfError
 from skinclf.models.pretrained import load_pretrained
 from skinclf.models.vgg16 import VGG16Transfer
@@ -69,7 +70,7 @@ class Backbone(nn.Module):
         super().__init__()
         name = type(self).build.__name__
         self.frozen_stages = frozen_stage_count(freeze, self.stage_count, name)
-        if pretrained:
+        if check_bool("model.pretrained", pretrained):
             self.net = load_pretrained(type(self).build, self.weights, self.label)
             log.info(f"{name}: ImageNet {self.weights.name} weights")
         else:

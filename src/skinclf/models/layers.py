@@ -7,6 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skinclf.config import is_number
+from skinclf.errors import SkinclfError
+
+
+def checked_dropout(p: object) -> float:
+    """``model.arch.dropout`` as a probability, or a SkinclfError naming the key: torch's own
+    check is a ValueError (a traceback through Hydra), and p = 1 would zero every activation."""
+    if not (is_number(p) and 0 <= p < 1):
+        raise SkinclfError(f"model.arch.dropout={p!r}: expected a number in [0, 1)")
+    return float(p)
+
 
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose CPU training mask comes from ``rand_like(x) >= p``.

@@ -50,13 +50,17 @@ def load_pretrained(
     hint = download_hint(build.__name__, weights, without)
     try:
         return build(weights=weights)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad file a RuntimeError
+    # Any error at all once the file is there: a truncated file ends in EOFError, an HTML page
+    # saved under the weight's name in UnpicklingError, a wrong archive in RuntimeError.
+    except Exception as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if path.is_file():
             raise SkinclfError(
                 f"{path}: cannot load the {label} {weights.name} weights ({first_line}); delete the file "
                 f"and get it again: {hint}"
             ) from err
+        if not isinstance(err, OSError | RuntimeError):  # URLError is an OSError
+            raise
         raise SkinclfError(
             f"{path}: {label} {weights.name} weights not found and the download failed ({first_line}); {hint}"
         ) from err

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from skinclf.models.layers import Dropout, Flatten
+from skinclf.models.layers import Dropout, Flatten, checked_dropout
 
 
 class ResBlock(nn.Module):
@@ -42,7 +42,7 @@ class ShallowResNet(nn.Module):
         self.block1 = ResBlock(16, 32)
         self.block2 = ResBlock(32, 64)
         # skinclf's Dropout and Flatten: torch's function, faster on the CPU (see layers.py).
-        self.dropout = Dropout(dropout)
+        self.dropout = Dropout(checked_dropout(dropout))
         self.flatten = Flatten()
         spatial = image_size // 8
         self.fc1 = nn.Linear(64 * spatial * spatial, 128)

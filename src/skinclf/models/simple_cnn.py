@@ -5,6 +5,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from skinclf.errors import SkinclfError
 from skinclf.models.layers import LayerNorm
 
 Norm = Literal["none", "batch", "group", "layer"]
@@ -25,7 +26,7 @@ def _norm_layer(norm: Norm, channels: int, spatial: int) -> nn.Module | None:
         # paper's largest from-scratch model (9,981,121 parameters).
         # skinclf's LayerNorm: torch's function, without a layout copy (see layers.py).
         return LayerNorm([channels, spatial, spatial])
-    raise ValueError(f"model.arch.norm={norm!r}: expected one of none, batch, group, layer")
+    raise SkinclfError(f"model.arch.norm={norm!r}: expected one of none, batch, group, layer")
 
 
 class SimpleCNN(nn.Sequential):

@@ -17,7 +17,9 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 from torchvision.models import VGG16_Weights, vgg16
 
+from skinclf.config import check_bool
 from skinclf.errors import SkinclfError
+from skinclf.models.layers import checked_dropout
 from skinclf.models.pretrained import load_pretrained, weights_path
 
 log = logging.getLogger(__name__)
@@ -71,9 +73,10 @@ class VGG16Transfer(nn.Module):
         super().__init__()
         if input_preset not in ("appendix", "full"):
             raise SkinclfError(f"model.input_preset={input_preset!r}: expected appendix or full")
+        dropout = checked_dropout(dropout)
         # No module at all for the appendix preset, so the layer table matches Appendix C.7 row by row.
         self.preset = ResizeCrop() if input_preset == "full" else None
-        if pretrained:
+        if check_bool("model.pretrained", pretrained):
             self.features = imagenet_features()
             log.info(f"vgg16: ImageNet IMAGENET1K_V1 features from {weights_file()}")
         else:

@@ -21,6 +21,7 @@ import scipy.special
 import torch
 from torch import nn
 
+from skinclf.config import check_bool, is_number
 from skinclf.errors import SkinclfError
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -51,21 +52,29 @@ class Recipe:
         checks = (
             ("optimizer", recipe.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("schedule", recipe.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-            ("body_lr_scale", _number(recipe.body_lr_scale) and recipe.body_lr_scale > 0, "a number > 0"),
-            ("warmup_epochs", _number(recipe.warmup_epochs) and recipe.warmup_epochs >= 0, "a number >= 0"),
-            ("mixup_alpha", _number(recipe.mixup_alpha) and recipe.mixup_alpha >= 0, "a number >= 0"),
-            ("ema", isinstance(recipe.ema, bool), "true or false"),
-            ("ema_decay", _number(recipe.ema_decay) and 0 < recipe.ema_decay < 1, "a number in (0, 1)"),
-            ("tta", isinstance(recipe.tta, bool), "true or false"),
+            (
+                "body_lr_scale",
+                is_number(recipe.body_lr_scale) and recipe.body_lr_scale > 0,
+                "a finite number > 0",
+            ),
+            (
+                "warmup_epochs",
+                is_number(recipe.warmup_epochs) and recipe.warmup_epochs >= 0,
+                "a finite number >= 0",
+            ),
+            (
+                "mixup_alpha",
+                is_number(recipe.mixup_alpha) and recipe.mixup_alpha >= 0,
+                "a finite number >= 0",
+            ),
+            ("ema_decay", is_number(recipe.ema_decay) and 0 < recipe.ema_decay < 1, "a number in (0, 1)"),
         )
         for key, ok, expected in checks:
             if not ok:
                 raise SkinclfError(f"recipe.{key}={getattr(recipe, key)!r}: expected {expected}")
+        for key in ("ema", "tta"):
+            check_bool(f"recipe.{key}", getattr(recipe, key))
         return recipe
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def pretrained_parameters(model: nn.Module) -> list[nn.Parameter]:

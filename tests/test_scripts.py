@@ -1,0 +1,33 @@
+"""The benchmark scripts refuse bad arguments with argparse's usage error, before any work starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("benchmark_decode.py", ["--repeats", "0"], "argument --repeats: 0: expected an integer >= 1"),
+        ("benchmark.py", ["--repeats", "0"], "argument --repeats: 0: expected an integer >= 1"),
+        ("benchmark.py", ["--models", "resnt"], "argument --models: invalid choice: 'resnt'"),
+        (
+            "benchmark_sweep.py",
+            ["--models", "baseline", "resnt"],
+            "argument --models: invalid choice: 'resnt'",
+        ),
+    ],
+)
+def test_bad_arguments_are_a_usage_error(script, args, message):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.startswith("usage: ")
+    assert f"{script}: error: {message}" in done.stderr
