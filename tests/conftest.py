@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from skinclf.config import compose_config
 
@@ -55,3 +56,22 @@ def train_in_process(tmp_path: Path, *overrides: str) -> tuple[Path, dict]:
 def shared_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One synthetic-data cache for the whole session: generating images is not what tests test."""
     return tmp_path_factory.mktemp("data")
+
+
+def fail_if_called(what: str):
+    """A stand-in for ``what`` that fails the test when called: proof that a command refused its
+    --out before starting that work."""
+
+    def called(*args, **kwargs):
+        raise AssertionError(f"{what} ran before --out was checked")
+
+    return called
+
+
+def image_and_kept_file(tmp_path: Path) -> tuple[Path, Path]:
+    """A small image to process, and a file that an --out at it (or under it) must leave as it is."""
+    image = tmp_path / "lesion.png"
+    Image.new("RGB", (16, 16)).save(image)
+    kept = tmp_path / "notes.txt"
+    kept.write_text("keep me")
+    return image, kept

@@ -15,7 +15,7 @@ from skinclf.evaluation.gradcam import grad_cam
 from skinclf.models import PAPER_MODELS
 from skinclf.runs import load_run
 
-from conftest import TINY, train_in_process
+from conftest import TINY, fail_if_called, image_and_kept_file, train_in_process
 
 
 def _off_centre_mel_images(n: int, offset: float, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,16 +131,9 @@ def test_explain_works_for_every_model(model, tmp_path, shared_data_dir):
 
 @pytest.mark.parametrize("where", ["a file", "under a file"])
 def test_an_unwritable_out_is_refused_before_the_model_is_loaded(where, tmp_path, monkeypatch, capsys):
-    image = tmp_path / "lesion.png"
-    Image.new("RGB", (16, 16)).save(image)
-    notes = tmp_path / "notes.txt"
-    notes.write_text("keep me")
+    image, notes = image_and_kept_file(tmp_path)
     out = {"a file": notes, "under a file": notes / "explanations"}[where]
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("the model was loaded before --out was checked")
-
-    monkeypatch.setattr("skinclf.explain.load_run", must_not_run)
+    monkeypatch.setattr("skinclf.explain.load_run", fail_if_called("loading the model"))
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["explain", str(tmp_path / "run"), str(image), "--out", str(out)])
     assert exit_info.value.code == 2

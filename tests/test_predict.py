@@ -21,7 +21,7 @@ from skinclf.data import load_splits
 from skinclf.errors import SkinclfError
 from skinclf.runs import load_run
 
-from conftest import TINY, train_in_process
+from conftest import TINY, fail_if_called, image_and_kept_file, train_in_process
 
 N_IMAGES = 10
 
@@ -163,18 +163,11 @@ def test_a_malicious_checkpoint_is_refused_without_running_its_code(run_and_imag
     assert marker.read_text() == "code executed"
 
 
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("the work started before --out was checked")
-
-
 @pytest.mark.parametrize("where", ["a folder", "under a file"])
 def test_an_unwritable_out_is_refused_before_any_image_is_scored(where, tmp_path, monkeypatch, capsys):
-    image = tmp_path / "lesion.png"
-    Image.new("RGB", (16, 16)).save(image)
-    notes = tmp_path / "notes.txt"
-    notes.write_text("keep me")
+    image, notes = image_and_kept_file(tmp_path)
     out, named = {"a folder": (tmp_path, tmp_path), "under a file": (notes / "pred.csv", notes)}[where]
-    monkeypatch.setattr("skinclf.predict.load_run", _must_not_run)
+    monkeypatch.setattr("skinclf.predict.load_run", fail_if_called("loading the model"))
     with pytest.raises(SystemExit) as exit_info:
         _predict(tmp_path / "run", image, "--out", out)
     assert exit_info.value.code == 2

@@ -27,7 +27,7 @@ from skinclf.report.groups import group_runs
 from skinclf.report.runs import find_runs
 from skinclf.report.tables import finished
 
-from conftest import TINY, run_dir_from_output, train_cli
+from conftest import TINY, fail_if_called, run_dir_from_output, train_cli
 
 
 @cache
@@ -557,16 +557,12 @@ def test_no_finished_runs_error_names_the_problem_of_a_failed_run(tmp_path):
     assert not (tmp_path / "reports").exists()
 
 
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("the work started before --out was checked")
-
-
 @pytest.mark.parametrize("where", ["a file", "under a file"])
 def test_an_unwritable_out_is_one_error_before_any_work(where, tmp_path, monkeypatch, capsys):
     file = tmp_path / "notes.txt"
     file.write_text("keep me")
     out = file if where == "a file" else file / "reports"
-    monkeypatch.setattr("skinclf.report.command.find_runs", _must_not_run)
+    monkeypatch.setattr("skinclf.report.command.find_runs", fail_if_called("reading the runs"))
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["report", str(tmp_path), "--out", str(out)])
     assert exit_info.value.code == 2

@@ -211,8 +211,9 @@ def run_sweep_job(
     """Run ``task`` as sweep job ``job_num`` and return its status; never raises.
 
     The folder is taken with ``claim`` (:func:`claim_run_dir`, or a caller's version of it that
-    checks more first). A finished job of the same config is skipped; an unfinished one resumes from its last
-    completed epoch (a re-launch into the same hydra.sweep.dir picks up where it stopped). Any
+    checks more first). A finished job of the same config is skipped; an unfinished one resumes
+    from its last completed epoch (a re-launch into the same hydra.sweep.dir picks up where it
+    stopped). Any
     error is logged with its traceback to the job's train.log and recorded, so the remaining
     jobs still run; the summary at the end of the sweep names the failed jobs.
     """
