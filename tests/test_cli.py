@@ -131,6 +131,8 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
         ("seed=1.5", "seed=1.5: expected an integer"),
         ("optim.lr=abc", "optim.lr=abc: expected a number"),
         ("optim.lr=-1", "optim.lr=-1.0: must be 0 or more"),
+        ("optim.lr=inf", "optim.lr=inf: expected a finite number"),
+        ("optim.weight_decay=nan", "optim.weight_decay=nan: expected a finite number"),
         ("optim.weight_decay=-1", "optim.weight_decay=-1.0: must be 0 or more"),
         ("trainer.patience=0", "trainer.patience=0: must be at least 1"),
         (

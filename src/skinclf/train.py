@@ -7,6 +7,7 @@ The data flows: source (cfg.data) -> decoded uint8 splits -> pipeline of the mod
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sys
@@ -61,7 +62,7 @@ log = logging.getLogger("skinclf")
 
 def number_setting(cfg: DictConfig, key: str, kind: type[int] | type[float]) -> int | float:
     """``cfg``'s dotted ``key`` as an int or a float; a SkinclfError names a value that is not
-    one (``trainer.max_epochs=abc``, ``=3.5``, ``=null``) before anything trains."""
+    one (``trainer.max_epochs=abc``, ``=3.5``, ``=null``, ``optim.lr=inf``) before anything trains."""
     value = OmegaConf.select(cfg, key)
     try:
         if isinstance(value, bool):
@@ -74,6 +75,8 @@ def number_setting(cfg: DictConfig, key: str, kind: type[int] | type[float]) -> 
         number = None
     if number is None:
         raise SkinclfError(f"{key}={value}: expected {'an integer' if kind is int else 'a number'}")
+    if not math.isfinite(number):  # optim.lr=inf would train on nan weights without complaint
+        raise SkinclfError(f"{key}={value}: expected a finite number")
     return number
 
 
