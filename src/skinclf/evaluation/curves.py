@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-# The object-oriented Figure API, not pyplot: no GUI backend or global figure state, so it
-# runs on headless machines and never changes the backend of a notebook that imports skinclf.
-from matplotlib.figure import Figure
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
-
 from skinclf.io import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# matplotlib and sklearn are imported where a figure is drawn: together they take 1.6 s to
+# import, which every `skinclf train` (its --help and its error messages included) would pay.
+# Figures use the object-oriented Figure API, not pyplot: no GUI backend or global figure
+# state, so they draw on headless machines and never change the backend of a notebook.
 
 SPLIT_STYLES = {"val": ("validation", "tab:blue"), "test": ("test", "tab:orange")}
 
@@ -36,6 +40,9 @@ def _scored_splits(predictions: pd.DataFrame) -> list[tuple[str, np.ndarray, np.
 def plot_roc(predictions: pd.DataFrame, threshold: float | None = None, title: str = "") -> Figure:
     """ROC curves of the validation and test splits, AUC in the legend; the operating point
     (``threshold``) marked on each curve."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     fig = Figure(figsize=(4.6, 4.4))
     ax = fig.subplots()
     for split, labels, probs in _scored_splits(predictions):
@@ -66,6 +73,9 @@ def plot_roc(predictions: pd.DataFrame, threshold: float | None = None, title: s
 
 def plot_pr(predictions: pd.DataFrame, title: str = "") -> Figure:
     """Precision-recall curves of the validation and test splits, average precision in the legend."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
     fig = Figure(figsize=(4.6, 4.4))
     ax = fig.subplots()
     for split, labels, probs in _scored_splits(predictions):

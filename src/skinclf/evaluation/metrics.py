@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
     """Accuracy, F1, sensitivity, specificity, ROC AUC and the confusion counts at ``threshold``."""
+    # Imported here: sklearn takes about a second to import, which `skinclf train` need not pay
+    # before its first evaluation (nor its --help or a refused setting).
+    from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+
     labels = np.asarray(labels).astype(int)
     preds = (np.asarray(probs) >= threshold).astype(int)
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, preds, labels=[0, 1]).ravel())

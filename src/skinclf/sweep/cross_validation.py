@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from sklearn.model_selection import StratifiedKFold
 
 from skinclf.data import ImageSplits, Split, load_splits
 from skinclf.errors import SkinclfError
@@ -41,6 +40,8 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.nda
             f"cv.folds={k}: expected 2 <= k <= {smallest} (the smaller class of the training split has "
             f"{smallest} images, and every fold needs at least one of each class)"
         )
+    from sklearn.model_selection import StratifiedKFold  # here: sklearn is slow to import
+
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels))
 
