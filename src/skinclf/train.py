@@ -7,7 +7,6 @@ The data flows: source (cfg.data) -> decoded uint8 splits -> pipeline of the mod
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import sys
@@ -21,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from skinclf.config import instantiate_config
+from skinclf.config import instantiate_config, is_number
 from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
@@ -75,7 +74,7 @@ def number_setting(cfg: DictConfig, key: str, kind: type[int] | type[float]) -> 
         number = None
     if number is None:
         raise SkinclfError(f"{key}={value}: expected {'an integer' if kind is int else 'a number'}")
-    if not math.isfinite(number):  # optim.lr=inf would train on nan weights without complaint
+    if not is_number(number):  # optim.lr=inf would train on nan weights without complaint
         raise SkinclfError(f"{key}={value}: expected a finite number")
     return number
 
