@@ -79,6 +79,21 @@ def test_paper_experiment_sweeps_all_eight_combinations() -> None:
         30,
         10,
     )
+    assert str(cfg.recipe.optimizer) == "adam"
+
+
+def test_paper_experiment_with_the_modern_recipe_takes_the_recipes_optimiser_settings() -> None:
+    # The experiment pins the study's schedule (batch, epochs, patience), not the optimiser: the
+    # recipe chosen on the command line brings its own, as it does without experiment=paper.
+    modern = compose_config(["recipe=modern"])
+    cfg = compose_config(["experiment=paper", "recipe=modern"])
+    assert (cfg.recipe.optimizer, cfg.optim.lr, cfg.optim.weight_decay) == (
+        "adamw",
+        modern.optim.lr,
+        modern.optim.weight_decay,
+    )
+    assert cfg.optim.lr != 1e-4 and (cfg.data.batch_size, cfg.trainer.max_epochs) == (64, 30)
+    assert compose_config(["experiment=paper", "recipe=modern", "optim.lr=3e-4"]).optim.lr == 3e-4
 
 
 def test_grid_search_config_turns_on_cross_validation() -> None:
