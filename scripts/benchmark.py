@@ -82,8 +82,9 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _median_time(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up: first-call allocations, oneDNN kernel selection
+def _median_time(fn, repeats: int, device: torch.device, warmups: int = 1) -> float:
+    for _ in range(warmups):  # first-call allocations, oneDNN kernel selection
+        fn()
     return statistics.median(_timed(fn, device) for _ in range(repeats))
 
 
@@ -135,7 +136,10 @@ def step_time(model_name: str, variant: str, repeats: int) -> float:
         x = x.contiguous(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, 1e-4, 0.0, device)
     step = training_step(model, optimizer, precision, device)
-    return _median_time(lambda: step(x, y), repeats, device)
+    # Three warm-up steps, not one: on a 2-core AMD EPYC (AVX2) VM the first steps after the first
+    # were often the slowest (batch_norm: 1.05 s, then 0.6-0.8 s), and a median of three steps
+    # after one warm-up reported batch_norm's step at 1.08 s against 0.66 s with this warm-up.
+    return _median_time(lambda: step(x, y), repeats, device, warmups=3)
 
 
 def write_jpeg_folder(root: Path, n_train: int, n_val: int) -> None:
