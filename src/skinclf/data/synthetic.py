@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +43,134 @@ _MEL_COLOURS = np.array(
 )
 
 
-def _smooth_field(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, n: int = 4) -> np.ndarray:
+# Images drawn ahead of their painting at most: bounds the memory their drawn noise takes.
+_CHUNK = 64
+
+Waves = list[tuple[float, float, float]]
+
+
+@dataclass
+class LesionDraws:
+    """Everything random about one image, drawn from the generator in a fixed order; painting
+    the image (:func:`paint_lesion`) then draws nothing, so images can be painted in parallel."""
+
+    skin: np.ndarray  # (3,) RGB of the background skin
+    light_waves: Waves  # uneven lighting
+    center: tuple[float, float]
+    radius: float
+    elong: float
+    rot: float
+    border_terms: list[tuple[float, float]]  # (amplitude, phase) of the border's harmonics 2..7
+    asymmetry: tuple[float, float]  # (amplitude, phase) of the one-sided bulge
+    edge_width: float
+    lesion: np.ndarray  # (3,) RGB of the nevus brown
+    lesion_waves: Waves  # texture of the lesion's colour
+    variegation: float
+    colour_waves: list[Waves]  # where each of _MEL_COLOURS shows
+    hairs: list[tuple[float, float, float, float, float]]  # (angle, y, x, curvature, width)
+    rim: float  # radius scale of the dermoscope's field of view
+    noise: np.ndarray  # (size, size, 3) sensor noise
+
+
+def _draw_waves(rng: np.random.Generator, n: int = 4) -> Waves:
+    """(frequency, direction, phase) of each of a smooth field's ``n`` plane waves."""
+    return [(rng.uniform(1.5, 6.0), rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi)) for _ in range(n)]
+
+
+def _smooth_field(waves: Waves, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     """A smooth random field in about [-1, 1]: a sum of a few low-frequency plane waves."""
     field = np.zeros_like(xx)
-    for _ in range(n):
-        freq = rng.uniform(1.5, 6.0) * 2 * np.pi / IMAGE_SIZE
-        angle = rng.uniform(0, 2 * np.pi)
-        field += np.cos(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
-    return field / np.sqrt(n)
+    for frequency, angle, phase in waves:
+        freq = frequency * 2 * np.pi / IMAGE_SIZE
+        field += np.cos(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
+    return field / np.sqrt(len(waves))
+
+
+def draw_lesion_randomness(
+    rng: np.random.Generator,
+    label: int,
+    size: int = IMAGE_SIZE,
+    center: tuple[float, float] | None = None,
+) -> LesionDraws:
+    """The random choices of one image of class ``label`` (1 = MEL), driven by its latent score z."""
+    z = rng.normal(SEPARATION if label == 1 else -SEPARATION, 1.0)
+    # Background skin: tone, smooth lighting, dermoscope vignetting.
+    tone = rng.uniform(0, 1) ** 1.5
+    skin = _SKIN_LIGHT * (1 - tone) + _SKIN_DARK * tone
+    light_waves = _draw_waves(rng, 2)
+    if center is None:
+        center = (size / 2 + rng.uniform(-14, 14), size / 2 + rng.uniform(-14, 14))
+    # Shape: radius, elongation and a wavy border, larger and more irregular with z.
+    radius = np.clip(25 + 5.5 * z + rng.normal(0, 3.5), 9, 52)
+    elong = np.clip(1.12 + 0.08 * z + rng.normal(0, 0.08), 1.0, 1.7)
+    wobble = np.clip(0.07 + 0.045 * z + rng.normal(0, 0.025), 0.0, 0.3)
+    rot = rng.uniform(0, np.pi)
+    border_terms = [
+        (wobble * rng.normal(0, 1) / np.sqrt(k - 1), rng.uniform(0, 2 * np.pi)) for k in range(2, 8)
+    ]
+    # Asymmetry: one side of the lesion reaches further out than the other.
+    asymmetry = (np.clip(0.08 * z + rng.normal(0, 0.05), 0, 0.35), rng.uniform(0, 2 * np.pi))
+    edge_width = np.clip(1.5 + 0.8 * z + rng.normal(0, 0.6), 0.6, 5.0)
+    # Colour: nevi are an even brown; with z, patches of black, blue-grey and red appear.
+    lesion = _NEVUS_BROWN[0] + (_NEVUS_BROWN[1] - _NEVUS_BROWN[0]) * rng.uniform(0, 1)
+    lesion_waves = _draw_waves(rng)
+    variegation = 1 / (1 + np.exp(-(1.6 * z + rng.normal(0, 0.9) - 0.8)))
+    colour_waves = [_draw_waves(rng) for _ in _MEL_COLOURS]
+    # Hair: a few thin dark curved strokes across the image.
+    hairs = []
+    for _ in range(rng.poisson(1.2)):
+        angle = rng.uniform(0, np.pi)
+        py, px = rng.uniform(0, size, 2)
+        hairs.append((angle, py, px, rng.normal(0, 0.004), rng.uniform(0.5, 1.1)))
+    rim = size * rng.uniform(0.62, 0.85)
+    noise = rng.normal(0, 4.0, (size, size, 3))
+    return LesionDraws(
+        skin, light_waves, center, radius, elong, rot, border_terms, asymmetry, edge_width,
+        lesion, lesion_waves, variegation, colour_waves, hairs, rim, noise,
+    )  # fmt: skip
+
+
+def paint_lesion(d: LesionDraws, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """The image those choices describe. Returns (uint8 HxWx3 image, bool lesion mask)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    img = np.broadcast_to(d.skin, (size, size, 3)).copy()
+    img *= (1 + 0.06 * _smooth_field(d.light_waves, yy, xx))[..., None]
+    cy, cx = d.center
+    dy, dx = yy - cy, xx - cx
+    u = np.cos(d.rot) * dx + np.sin(d.rot) * dy
+    v = (-np.sin(d.rot) * dx + np.cos(d.rot) * dy) * d.elong
+    theta = np.arctan2(v, u)
+    dist = np.hypot(u, v)
+    border = np.ones_like(theta)
+    for k, (amplitude, phase) in enumerate(d.border_terms, start=2):
+        border += amplitude * np.cos(k * theta + phase)
+    amplitude, phase = d.asymmetry
+    border += amplitude * np.cos(theta - phase)
+    alpha = 1 / (1 + np.exp((dist - d.radius * border) / d.edge_width))
+
+    lesion_img = np.broadcast_to(d.lesion, (size, size, 3)).copy()
+    lesion_img *= (1 + 0.05 * _smooth_field(d.lesion_waves, yy, xx))[..., None]
+    for colour, waves in zip(_MEL_COLOURS, d.colour_waves, strict=True):
+        weight = (
+            np.clip(_smooth_field(waves, yy, xx) + 1.3 * d.variegation - 1.1, 0, 1)[..., None] * d.variegation
+        )
+        lesion_img = lesion_img * (1 - weight) + colour * weight
+    # Darker centre, as in most pigmented lesions.
+    lesion_img *= (1 - 0.15 * np.exp(-((dist / max(d.radius, 1)) ** 2)))[..., None]
+    img = img * (1 - alpha[..., None]) + lesion_img * alpha[..., None]
+
+    for angle, py, px, curvature, width in d.hairs:
+        normal = -np.sin(angle) * (xx - px) + np.cos(angle) * (yy - py)
+        along = np.cos(angle) * (xx - px) + np.sin(angle) * (yy - py)
+        normal += curvature * along**2
+        hair = np.exp(-((normal / width) ** 2))[..., None]
+        img = img * (1 - 0.7 * hair) + np.array([40.0, 30.0, 25.0]) * 0.7 * hair
+
+    # Dermoscope field of view: dark corners outside a circle.
+    rim = np.hypot(yy - size / 2, xx - size / 2) / d.rim
+    img *= np.clip(1.15 - rim**4, 0.05, 1)[..., None]
+    img += d.noise
+    return np.clip(img, 0, 255).astype(np.uint8), alpha > 0.5
 
 
 def draw_lesion(
@@ -58,76 +180,32 @@ def draw_lesion(
     center: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one image of class ``label`` (1 = MEL). Returns (uint8 HxWx3 image, bool lesion mask)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    z = rng.normal(SEPARATION if label == 1 else -SEPARATION, 1.0)
-
-    # Background skin: tone, smooth lighting, dermoscope vignetting.
-    tone = rng.uniform(0, 1) ** 1.5
-    skin = _SKIN_LIGHT * (1 - tone) + _SKIN_DARK * tone
-    img = np.broadcast_to(skin, (size, size, 3)).copy()
-    img *= (1 + 0.06 * _smooth_field(rng, yy, xx, 2))[..., None]
-    if center is None:
-        center = (size / 2 + rng.uniform(-14, 14), size / 2 + rng.uniform(-14, 14))
-    cy, cx = center
-
-    # Shape: radius, elongation and a wavy border, larger and more irregular with z.
-    radius = np.clip(25 + 5.5 * z + rng.normal(0, 3.5), 9, 52)
-    elong = np.clip(1.12 + 0.08 * z + rng.normal(0, 0.08), 1.0, 1.7)
-    wobble = np.clip(0.07 + 0.045 * z + rng.normal(0, 0.025), 0.0, 0.3)
-    rot = rng.uniform(0, np.pi)
-    dy, dx = yy - cy, xx - cx
-    u = np.cos(rot) * dx + np.sin(rot) * dy
-    v = (-np.sin(rot) * dx + np.cos(rot) * dy) * elong
-    theta = np.arctan2(v, u)
-    dist = np.hypot(u, v)
-    border = np.ones_like(theta)
-    for k in range(2, 8):
-        border += wobble * rng.normal(0, 1) / np.sqrt(k - 1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-    # Asymmetry: one side of the lesion reaches further out than the other.
-    border += np.clip(0.08 * z + rng.normal(0, 0.05), 0, 0.35) * np.cos(theta - rng.uniform(0, 2 * np.pi))
-    edge_width = np.clip(1.5 + 0.8 * z + rng.normal(0, 0.6), 0.6, 5.0)
-    alpha = 1 / (1 + np.exp((dist - radius * border) / edge_width))
-
-    # Colour: nevi are an even brown; with z, patches of black, blue-grey and red appear.
-    lesion = _NEVUS_BROWN[0] + (_NEVUS_BROWN[1] - _NEVUS_BROWN[0]) * rng.uniform(0, 1)
-    lesion_img = np.broadcast_to(lesion, (size, size, 3)).copy()
-    lesion_img *= (1 + 0.05 * _smooth_field(rng, yy, xx))[..., None]
-    variegation = 1 / (1 + np.exp(-(1.6 * z + rng.normal(0, 0.9) - 0.8)))
-    for colour in _MEL_COLOURS:
-        weight = np.clip(_smooth_field(rng, yy, xx) + 1.3 * variegation - 1.1, 0, 1)[..., None] * variegation
-        lesion_img = lesion_img * (1 - weight) + colour * weight
-    # Darker centre, as in most pigmented lesions.
-    lesion_img *= (1 - 0.15 * np.exp(-((dist / max(radius, 1)) ** 2)))[..., None]
-    img = img * (1 - alpha[..., None]) + lesion_img * alpha[..., None]
-
-    # Hair: a few thin dark curved strokes across the image.
-    for _ in range(rng.poisson(1.2)):
-        angle = rng.uniform(0, np.pi)
-        py, px = rng.uniform(0, size, 2)
-        normal = -np.sin(angle) * (xx - px) + np.cos(angle) * (yy - py)
-        along = np.cos(angle) * (xx - px) + np.sin(angle) * (yy - py)
-        normal += rng.normal(0, 0.004) * along**2
-        hair = np.exp(-((normal / rng.uniform(0.5, 1.1)) ** 2))[..., None]
-        img = img * (1 - 0.7 * hair) + np.array([40.0, 30.0, 25.0]) * 0.7 * hair
-
-    # Dermoscope field of view: dark corners outside a circle.
-    rim = np.hypot(yy - size / 2, xx - size / 2) / (size * rng.uniform(0.62, 0.85))
-    img *= np.clip(1.15 - rim**4, 0.05, 1)[..., None]
-    img += rng.normal(0, 4.0, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8), alpha > 0.5
+    return paint_lesion(draw_lesion_randomness(rng, label, size, center), size)
 
 
-def generate_split(seed: int, split_index: int, n: int, size: int = IMAGE_SIZE) -> Split:
-    """``n`` images (n // 2 MEL, the rest NV, in random order), deterministic from the seeds."""
+def generate_split(
+    seed: int, split_index: int, n: int, size: int = IMAGE_SIZE, workers: int | None = None
+) -> Split:
+    """``n`` images (n // 2 MEL, the rest NV, in random order), deterministic from the seeds.
+
+    The random choices are drawn in order from one generator; the images are painted on
+    ``workers`` threads (default: torch's thread count, this job's share of the cores). NumPy
+    lets go of the GIL inside its array operations, so threads paint in parallel, and the
+    images are the same whatever the number of threads."""
     rng = np.random.default_rng([seed, split_index, GENERATOR_VERSION])
     labels = np.zeros(n, dtype=np.int64)
     labels[: n // 2] = 1
     rng.shuffle(labels)
-    images = (
-        np.stack([draw_lesion(rng, int(y), size)[0] for y in labels])
-        if n
-        else np.zeros((0, size, size, 3), np.uint8)
-    )
+    images = np.zeros((n, size, size, 3), np.uint8)
+    with ThreadPoolExecutor(workers or torch.get_num_threads()) as pool:
+        for start in range(0, n, _CHUNK):
+            # Each image is painted as soon as its randomness is drawn.
+            painted = [
+                pool.submit(paint_lesion, draw_lesion_randomness(rng, int(y), size), size)
+                for y in labels[start : start + _CHUNK]
+            ]
+            for i, image in enumerate(painted, start=start):
+                images[i] = image.result()[0]
     # NHWC storage seen as NCHW: channels-last, the layout the fast training path wants.
     return Split(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels).float())
 
