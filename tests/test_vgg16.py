@@ -273,6 +273,14 @@ def test_full_preset_feeds_224_crops_and_keys_its_own_cache(random_vgg):
         VGG16Transfer(pretrained=False, input_preset="224")
 
 
+def test_feature_cache_key_names_the_memory_layout(random_vgg):
+    # Channels-last and NCHW convolutions round differently (hundreds of fp16 features differ on
+    # CPU): a trainer.channels_last=false run must not read a channels-last run's features.
+    extractor, pipeline = random_vgg.frozen_split()[0], ImageNetPipeline()
+    channels_last = extractor_key(extractor, pipeline, "fp32", CPU, channels_last=True)
+    assert extractor_key(extractor, pipeline, "fp32", CPU, channels_last=False) != channels_last
+
+
 def test_feature_cache_key_names_the_device_and_cuda_tf32(random_vgg):
     # CPU and CUDA kernels give features up to ~1e-3 apart: a CPU run must never read a GPU run's
     # file. The key is computed from torch's flags, so no GPU is needed here.

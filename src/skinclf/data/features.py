@@ -122,9 +122,12 @@ def device_numerics(device: torch.device) -> str:
     return f"cuda tf32(matmul={tf32[0]}, cudnn={tf32[1]})"
 
 
-def extractor_key(extractor: nn.Module, pipeline: Any, precision: str, device: torch.device) -> str:
-    """A hex digest of what an extractor's outputs depend on besides the images."""
-    numerics = f"{precision} {device_numerics(device)}"
+def extractor_key(
+    extractor: nn.Module, pipeline: Any, precision: str, device: torch.device, channels_last: bool = True
+) -> str:
+    """A hex digest of what an extractor's outputs depend on besides the images. The memory
+    layout is part of it: channels-last and NCHW convolutions round differently."""
+    numerics = f"{precision} {'channels_last' if channels_last else 'nchw'} {device_numerics(device)}"
     h = hashlib.sha256(f"v{CACHE_VERSION} {numerics} {type(pipeline).__qualname__}\n{extractor!r}".encode())
     for name, tensor in [*extractor.state_dict().items(), *pipeline.state_dict().items()]:
         h.update(name.encode())
@@ -222,7 +225,7 @@ def training_stage(
     if reason is not None:
         log.info(f"feature cache off: {reason}, so the frozen layers run on every batch")
         return TrainingStage(model, pipeline, splits)
-    digest = extractor_key(extractor, pipeline, settings.precision, device)
+    digest = extractor_key(extractor, pipeline, settings.precision, device, settings.channels_last)
     # The whole model moves, so that it stays on one device for whatever follows training.
     model.to(device)
     if settings.channels_last:
