@@ -135,6 +135,11 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
         ("optim.weight_decay=nan", "optim.weight_decay=nan: expected a finite number"),
         ("optim.weight_decay=-1", "optim.weight_decay=-1.0: must be 0 or more"),
         ("trainer.patience=0", "trainer.patience=0: must be at least 1"),
+        # Switches: Hydra reads `no` and `off` as strings, which bool() would take for true.
+        ("resume=no", "resume='no': expected true or false"),
+        ("trainer.channels_last=off", "trainer.channels_last='off': expected true or false"),
+        ("trainer.keep_freed_memory=0", "trainer.keep_freed_memory=0: expected true or false"),
+        ("trainer.progress=nevr", "trainer.progress=nevr: expected one of auto, always, never"),
         (
             "eval.target_sensitivity=95",
             "eval.target_sensitivity=95.0: expected a fraction above 0, at most 1",

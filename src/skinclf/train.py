@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from skinclf.config import instantiate_config, is_number
+from skinclf.config import check_bool, instantiate_config, is_number
 from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
@@ -58,6 +58,17 @@ from skinclf.training.recipe import Recipe
 
 log = logging.getLogger("skinclf")
 
+PROGRESS_MODES = ("auto", "always", "never")
+# True/false settings, checked before the run folder is claimed (those a dataset lacks are skipped).
+SWITCHES = (
+    "resume",
+    "trainer.keep_freed_memory",
+    "data.decode_cache",
+    "data.skip_bad_images",
+    "data.balance_train",
+    "data.class_weighted_loss",
+)
+
 
 def number_setting(cfg: DictConfig, key: str, kind: type[int] | type[float]) -> int | float:
     """``cfg``'s dotted ``key`` as an int or a float; a SkinclfError names a value that is not
@@ -90,7 +101,7 @@ def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
         lr=number_setting(cfg, "optim.lr", float),
         weight_decay=number_setting(cfg, "optim.weight_decay", float),
         precision=precision,
-        channels_last=bool(cfg.trainer.channels_last),
+        channels_last=check_bool("trainer.channels_last", cfg.trainer.channels_last),
         progress=str(cfg.trainer.progress),
         seed=number_setting(cfg, "seed", int),
         checkpoint_every=number_setting(cfg, "trainer.checkpoint_every", int),
@@ -106,6 +117,10 @@ def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
     for key, value in sizes.items():
         if value < 1:
             raise SkinclfError(f"{key}={value}: must be at least 1")
+    if settings.progress not in PROGRESS_MODES:
+        raise SkinclfError(
+            f"trainer.progress={settings.progress}: expected one of {', '.join(PROGRESS_MODES)}"
+        )
     for key, value in {"optim.lr": settings.lr, "optim.weight_decay": settings.weight_decay}.items():
         if not value >= 0:  # as torch.optim refuses them, but before the data loads
             raise SkinclfError(f"{key}={value}: must be 0 or more")
@@ -267,6 +282,11 @@ def check_settings(cfg: DictConfig) -> None:
     loop_settings(cfg, resolve_precision(str(cfg.trainer.precision), device))
     target_sensitivity(cfg)
     number_setting(cfg, "cv.folds", int)
+    # Switches read with bool() further on, where Hydra's `off` or `no` (strings) would count as true.
+    for key in SWITCHES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            check_bool(key, value)
 
 
 def _claim(out_dir: Path, cfg: DictConfig, overrides: list[str]) -> str:
