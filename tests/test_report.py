@@ -577,3 +577,16 @@ def test_a_report_that_fails_leaves_no_out_folder_behind(sweep, tmp_path):
     with pytest.raises(SkinclfError, match=f"{predictions}: unreadable"):
         build_report([sweep], tmp_path / "new" / "reports")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_report_without_test_data_leaves_no_figure_of_an_earlier_report(sweep, tmp_path):
+    out = tmp_path / "reports"
+    build_report([sweep], out)
+    assert (out / "confusion_matrix.png").exists() and (out / "roc.png").exists()
+    untested = write_run(tmp_path / "untested", "baseline", *BASELINE[0])  # a split with no test images
+    pd.read_csv(untested / "predictions.csv").iloc[:0].to_csv(untested / "predictions.csv", index=False)
+    _set_key(untested / "test_metrics.json", "n_test", 0)
+    _, written = build_report([tmp_path / "untested"], out)
+    assert {p.name for p in written} >= {"table1.md", "curves.png"}
+    for name in ("confusion_matrix.csv", "confusion_matrix.png", "roc.png"):
+        assert not (out / name).exists(), name  # the first report's, of other runs

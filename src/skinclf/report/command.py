@@ -76,7 +76,16 @@ def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]
             for path in sorted(staging.iterdir()):
                 os.replace(path, out / path.name)
                 written.append(out / path.name)
+            # A figure this report has no data for must not stay behind from an earlier report
+            # of other runs: that would pair this Table 1 with their confusion matrix or ROC.
+            for name in OPTIONAL_FILES:
+                if out / name not in written:
+                    (out / name).unlink(missing_ok=True)
     return runs, written
+
+
+# Written only when the runs have test data.
+OPTIONAL_FILES = ("confusion_matrix.csv", "confusion_matrix.png", "roc.png")
 
 
 def status_counts(runs: Sequence[Run]) -> dict[str, int]:
