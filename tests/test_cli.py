@@ -163,6 +163,18 @@ def test_a_sweep_with_a_bad_setting_can_be_relaunched_corrected(tmp_path):
     assert list(sweep.glob("*/test_metrics.json"))
 
 
+def test_a_sweep_job_that_fails_on_its_data_can_be_relaunched_corrected(tmp_path):
+    # data.train_size=1 passes the up-front checks and fails once the data loads, after the job
+    # took its folder: the folder must not keep that config to hold the re-launch to.
+    sweep = tmp_path / "sweep"
+    bad = train_cli("-m", *TINY, "data.train_size=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
+    assert bad.returncode == 1 and "data.train_size=1: the synthetic data needs at least 2" in bad.stderr
+    assert not list(sweep.glob("*/run_config.json"))
+    assert list(sweep.glob(".refused_*.json"))  # the failure is recorded beside the folder
+    train_cli("-m", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert list(sweep.glob("*/test_metrics.json"))
+
+
 def test_a_seed_too_big_for_a_float_is_kept_exactly():
     from skinclf.config import compose_config
     from skinclf.train import number_setting

@@ -43,9 +43,8 @@ from skinclf.run_files import (
 from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
 from skinclf.sweep.jobs import (
-    RUN_CONFIG,
-    STATUS_FILE,
     claim_run_dir,
+    holds_only_bookkeeping,
     recorded_status,
     run_sweep_job,
 )
@@ -317,8 +316,7 @@ def _write_hydra_record(cfg: DictConfig, out_dir: Path) -> None:
 def _remove_unstarted_run(out_dir: Path) -> None:
     """Delete a run folder that holds nothing but what was written before the run failed (Hydra's
     files, the log, the config and status records)."""
-    bookkeeping = {HYDRA_DIR, TRAIN_LOG, RUN_CONFIG, STATUS_FILE}
-    if out_dir.is_dir() and all(p.name in bookkeeping for p in out_dir.iterdir()):
+    if holds_only_bookkeeping(out_dir):
         shutil.rmtree(out_dir, ignore_errors=True)
 
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import uuid
@@ -27,13 +28,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from skinclf.errors import SkinclfError, first_line
 from skinclf.io import atomic_write_json, atomic_write_text
-from skinclf.run_files import TEST_METRICS, TRAIN_LOG
+from skinclf.run_files import HYDRA_DIR, TEST_METRICS, TRAIN_LOG
 from skinclf.sweep.cross_validation import CV_RESULT
 
 log = logging.getLogger("skinclf")
 
 RUN_CONFIG = "run_config.json"
 STATUS_FILE = "job_status.json"
+# What a run folder holds before its run produced anything.
+BOOKKEEPING = frozenset({HYDRA_DIR, TRAIN_LOG, RUN_CONFIG, STATUS_FILE})
 # sweep_dir/.refused_<job folder>.json: the status of a job refused before it ran (see
 # record_refusal).
 REFUSED_PREFIX = ".refused_"
@@ -199,6 +202,11 @@ def process_gone(status: dict[str, Any]) -> bool:
     return False
 
 
+def holds_only_bookkeeping(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds nothing a run produced: only its config, status, log and .hydra/."""
+    return out_dir.is_dir() and all(p.name in BOOKKEEPING for p in out_dir.iterdir())
+
+
 def run_sweep_job(
     cfg: DictConfig,
     out_dir: Path,
@@ -220,6 +228,7 @@ def run_sweep_job(
     launch = current_launch(sweep_dir)
     info = {"job": job_num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
     recorded = False
+    state = None
     try:
         state = claim(out_dir, cfg, overrides)
         if state == "finished":
@@ -239,6 +248,14 @@ def run_sweep_job(
         else:
             log.exception(f"job {job_num} failed: {type(err).__name__}: {message}")
         print(f"skinclf train: job {job_num} failed: {message} (log: {info['log']})", file=sys.stderr)
+        if state == "new" and holds_only_bookkeeping(out_dir):
+            # Failed on its data or settings before training anything (data.train_size=1): its
+            # new folder must not keep the config, or the corrected re-launch would be refused
+            # as a different config. Its train.log stays, with the error.
+            shutil.rmtree(out_dir / HYDRA_DIR, ignore_errors=True)
+            for name in (RUN_CONFIG, STATUS_FILE):
+                (out_dir / name).unlink(missing_ok=True)
+            recorded = False
         if not recorded:  # refused before it ran: the folder is not this job's to write in
             record_refusal(sweep_dir, out_dir, launch, error=message, **info)
         return "failed"
