@@ -127,6 +127,13 @@ def test_not_an_npz(tmp_path):
         splits_of(path)
 
 
+def test_a_single_npy_array_is_one_clear_error_naming_it(tmp_path):
+    path = tmp_path / "dermamnist_128.npy"
+    np.save(path, np.zeros(3))
+    with pytest.raises(SkinclfError, match=f"^{path}: a single array \\(.npy\\), not an npz archive"):
+        splits_of(path)
+
+
 @pytest.mark.parametrize("damage", ["flipped-byte", "object-array"])
 def test_damaged_arrays_are_one_clear_error(tmp_path, damage):
     path = tmp_path / "dermamnist_128.npz"

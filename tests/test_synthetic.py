@@ -56,3 +56,11 @@ def test_painting_on_several_threads_gives_the_same_images():
     assert torch.equal(one.images, three.images)
     assert torch.equal(one.labels, three.labels)
     assert one.images.float().std() > 10  # real images, not an untouched buffer
+
+
+def test_a_cache_dir_under_home_is_expanded_as_for_every_other_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    synthetic("'~/cache'")  # quoted, as Hydra's grammar wants a ~
+    assert list((tmp_path / "home" / "cache").glob("synthetic_*.pt"))
+    assert not (tmp_path / "~").exists()  # not a folder literally named ~

@@ -24,6 +24,7 @@ from skinclf.config import check_bool, instantiate_config, is_number
 from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
+from skinclf.data.splits import data_path
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.evaluation.curves import write_run_curves
 from skinclf.evaluation.metrics import binary_metrics
@@ -150,7 +151,7 @@ def prepare_training(
     model = build_model(cfg.model)
     # A model with a frozen front end (vgg16) trains only its head, on the front end's outputs
     # computed once and cached; any other model trains whole, on the images (stage = as given).
-    stage = training_stage(model, pipeline, splits, Path(cfg.data.cache_dir), settings, device)
+    stage = training_stage(model, pipeline, splits, data_path(cfg.data, "cache_dir"), settings, device)
     return model, stage
 
 

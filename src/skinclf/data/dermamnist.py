@@ -98,6 +98,8 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise SkinclfError(f"{path}: not a readable npz file ({err}); {DOWNLOAD_HELP}") from err
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # np.load reads a .npy file as one bare array
+        raise SkinclfError(f"{path}: a single array (.npy), not an npz archive of splits; {DOWNLOAD_HELP}")
     balance = bool(data_cfg.get("balance_train", False))
     splits = {}
     with npz:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from skinclf.data.splits import ImageSplits, Split
+from skinclf.data.splits import ImageSplits, Split, data_path
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_torch_save
 
@@ -239,7 +239,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
     seed = int(data_cfg.get("seed", 0))
     key = json.dumps({"version": GENERATOR_VERSION, "seed": seed, "sizes": sizes}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    cache = Path(data_cfg.cache_dir) / f"synthetic_{digest}.pt"
+    cache = data_path(data_cfg, "cache_dir") / f"synthetic_{digest}.pt"  # ~ expanded, as for every cache
     stored = _read_cache(cache)
     if stored is None:
         log.info(f"synthetic data: generating {sum(sizes.values())} images (seed {seed}) into {cache}")
