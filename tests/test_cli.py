@@ -135,6 +135,12 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
         ("optim.weight_decay=nan", "optim.weight_decay=nan: expected a finite number"),
         ("optim.weight_decay=-1", "optim.weight_decay=-1.0: must be 0 or more"),
         ("trainer.patience=0", "trainer.patience=0: must be at least 1"),
+        ("seed=-1", "seed=-1: expected 0 to 2**32 - 1 (what NumPy and scikit-learn take)"),
+        ("trainer.num_threads=abc", "trainer.num_threads=abc: expected an integer"),
+        ("trainer.num_threads=0", "trainer.num_threads=0: expected at least 1, or null (auto)"),
+        ("data.train_size=abc", "data.train_size=abc: expected an integer"),
+        ("data.val_size=8.9", "data.val_size=8.9: expected an integer"),
+        ("data.seed=-1", "data.seed=-1: must be 0 or more"),
         # Switches: Hydra reads `no` and `off` as strings, which bool() would take for true.
         ("resume=no", "resume='no': expected true or false"),
         ("trainer.channels_last=off", "trainer.channels_last='off': expected true or false"),

@@ -121,6 +121,10 @@ def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
         raise SkinclfError(
             f"trainer.progress={settings.progress}: expected one of {', '.join(PROGRESS_MODES)}"
         )
+    if not 0 <= settings.seed < 2**32:
+        raise SkinclfError(
+            f"seed={settings.seed}: expected 0 to 2**32 - 1 (what NumPy and scikit-learn take)"
+        )
     for key, value in {"optim.lr": settings.lr, "optim.weight_decay": settings.weight_decay}.items():
         if not value >= 0:  # as torch.optim refuses them, but before the data loads
             raise SkinclfError(f"{key}={value}: must be 0 or more")
@@ -282,6 +286,15 @@ def check_settings(cfg: DictConfig) -> None:
     loop_settings(cfg, resolve_precision(str(cfg.trainer.precision), device))
     target_sensitivity(cfg)
     number_setting(cfg, "cv.folds", int)
+    threads_given = OmegaConf.select(cfg, "trainer.num_threads") is not None
+    if threads_given and number_setting(cfg, "trainer.num_threads", int) < 1:
+        raise SkinclfError(
+            f"trainer.num_threads={cfg.trainer.num_threads}: expected at least 1, or null (auto)"
+        )
+    if cfg.data.get("name") == "synthetic":  # its sizes and seed, read as they are further on
+        for key in ("data.train_size", "data.val_size", "data.test_size", "data.seed"):
+            if number_setting(cfg, key, int) < 0:
+                raise SkinclfError(f"{key}={OmegaConf.select(cfg, key)}: must be 0 or more")
     # Switches read with bool() further on, where Hydra's `off` or `no` (strings) would count as true.
     for key in SWITCHES:
         value = OmegaConf.select(cfg, key, default=None)
