@@ -62,6 +62,7 @@ PROGRESS_MODES = ("auto", "always", "never")
 # True/false settings, checked before the run folder is claimed (those a dataset lacks are skipped).
 SWITCHES = (
     "resume",
+    "trainer.channels_last",
     "trainer.keep_freed_memory",
     "data.decode_cache",
     "data.skip_bad_images",
@@ -101,7 +102,7 @@ def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
         lr=number_setting(cfg, "optim.lr", float),
         weight_decay=number_setting(cfg, "optim.weight_decay", float),
         precision=precision,
-        channels_last=check_bool("trainer.channels_last", cfg.trainer.channels_last),
+        channels_last=bool(cfg.trainer.channels_last),  # checked by check_settings before training
         progress=str(cfg.trainer.progress),
         seed=number_setting(cfg, "seed", int),
         checkpoint_every=number_setting(cfg, "trainer.checkpoint_every", int),
@@ -120,10 +121,6 @@ def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
     if settings.progress not in PROGRESS_MODES:
         raise SkinclfError(
             f"trainer.progress={settings.progress}: expected one of {', '.join(PROGRESS_MODES)}"
-        )
-    if not 0 <= settings.seed < 2**32:
-        raise SkinclfError(
-            f"seed={settings.seed}: expected 0 to 2**32 - 1 (what NumPy and scikit-learn take)"
         )
     for key, value in {"optim.lr": settings.lr, "optim.weight_decay": settings.weight_decay}.items():
         if not value >= 0:  # as torch.optim refuses them, but before the data loads
@@ -283,9 +280,11 @@ def check_settings(cfg: DictConfig) -> None:
     Run before the run folder is claimed, so that a refused run writes nothing into it: a
     resume's folder keeps its record and status, a sweep job's folder takes no config."""
     device = resolve_device(str(cfg.device))
-    loop_settings(cfg, resolve_precision(str(cfg.trainer.precision), device))
+    seed = loop_settings(cfg, resolve_precision(str(cfg.trainer.precision), device)).seed
     target_sensitivity(cfg)
     number_setting(cfg, "cv.folds", int)
+    if not 0 <= seed < 2**32:
+        raise SkinclfError(f"seed={seed}: expected 0 to 2**32 - 1 (what NumPy and scikit-learn take)")
     threads_given = OmegaConf.select(cfg, "trainer.num_threads") is not None
     if threads_given and number_setting(cfg, "trainer.num_threads", int) < 1:
         raise SkinclfError(
