@@ -134,6 +134,7 @@ def test_sweep_jobs_skip_finished_resume_unfinished_and_record_failures(tmp_path
 
     def interrupted(cfg, out_dir):
         calls.append((int(cfg.seed), bool(cfg.resume)))
+        (out_dir / "last.pt").write_bytes(b"")  # it got as far as a checkpoint: resumable
         raise RuntimeError("killed mid-epoch\nsecond line")
 
     def bad_input(cfg, out_dir):
