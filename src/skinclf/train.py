@@ -54,11 +54,11 @@ from skinclf.training.allocator import keep_freed_memory
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import LoopSettings, evaluate, fit
+from skinclf.training.progress import PROGRESS_MODES
 from skinclf.training.recipe import Recipe
 
 log = logging.getLogger("skinclf")
 
-PROGRESS_MODES = ("auto", "always", "never")
 # True/false settings, checked before the run folder is claimed (those a dataset lacks are skipped).
 SWITCHES = (
     "resume",

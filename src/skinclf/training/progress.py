@@ -8,6 +8,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+PROGRESS_MODES = ("auto", "always", "never")  # trainer.progress, see progress()
 _LOG_INTERVAL_S = 60.0  # one progress line per minute at most when writing to a file
 
 
