@@ -579,6 +579,30 @@ def test_a_report_that_fails_leaves_no_out_folder_behind(sweep, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("text probability", "line 3: prob_mel is 'abc'; expected a probability in [0, 1]"),
+        ("row cut short", "line 3: prob_mel is empty or NaN; expected a probability in [0, 1]"),
+        ("label 2", "line 3: label is '2'; expected 0 (NV) or 1 (MEL)"),
+    ],
+)
+def test_a_damaged_prediction_is_one_error_naming_file_and_line(damage, message, sweep, tmp_path):
+    predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"
+    lines = predictions.read_text().splitlines()
+    split, index, label, prob = lines[2].split(",")
+    lines[2] = {
+        "text probability": f"{split},{index},{label},abc",
+        "row cut short": f"{split},{index},{label}",
+        "label 2": f"{split},{index},2,{prob}",
+    }[damage]
+    predictions.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SkinclfError) as err:
+        build_report([sweep], tmp_path / "reports")
+    assert str(err.value) == f"{predictions} {message}"
+    assert not (tmp_path / "reports").exists()
+
+
 def test_a_report_without_test_data_leaves_no_figure_of_an_earlier_report(sweep, tmp_path):
     out = tmp_path / "reports"
     build_report([sweep], out)

@@ -89,11 +89,29 @@ class Run:
             return None
         try:
             frame = pd.read_csv(path)
-            return frame.loc[frame["split"] == "test", ["label", "prob_mel"]].reset_index(drop=True)
+            rows = frame.index[frame["split"] == "test"]
+            test = frame.loc[rows, ["label", "prob_mel"]]
         except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, UnicodeDecodeError) as err:
             raise SkinclfError(
                 f"{path}: unreadable ({err}); expected columns split,index,label,prob_mel"
             ) from err
+        # Checked as metrics.csv is: a text cell or a row cut short would otherwise reach the ROC
+        # curve as a traceback, and a label outside 0/1 would draw a wrong one.
+        for column, ok, expected in (
+            ("label", lambda v: (v == 0) | (v == 1), "0 (NV) or 1 (MEL)"),
+            ("prob_mel", lambda v: (v >= 0) & (v <= 1), "a probability in [0, 1]"),
+        ):
+            values = pd.to_numeric(test[column], errors="coerce").to_numpy(dtype=float)
+            bad = ~ok(values)  # NaN (text, an empty cell) fails too
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                cell = test[column].iloc[row]
+                shown = "empty or NaN" if pd.isna(cell) else repr(str(cell))
+                raise SkinclfError(
+                    f"{path} line {int(rows[row]) + 2}: {column} is {shown}; expected {expected}"
+                )
+            test[column] = values.astype(int) if column == "label" else values
+        return test.reset_index(drop=True)
 
 
 def describe_dataset(data: str) -> str:
