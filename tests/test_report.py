@@ -389,6 +389,33 @@ def test_datasets_and_settings_are_never_averaged_together(tmp_path):
     assert set(confusion[confusion["data"] == "synthetic"]["model"]) == {"baseline"}
 
 
+def test_a_relative_data_root_is_keyed_by_the_folder_it_was_typed_in(tmp_path):
+    def folder_run(seed: int, root: str, started_in: Path | None) -> Path:
+        run = write_run(tmp_path / "outputs", "baseline", [0.6, 0.7], [0.6, 0.7], seed=seed)
+        cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+        cfg.data.name, cfg.data.root = "folder", root
+        (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        if started_in is not None:
+            hydra = OmegaConf.create({"hydra": {"runtime": {"cwd": str(started_in)}}})
+            (run / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml(hydra))
+        return run
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    folder_run(0, "ds", one)
+    folder_run(1, "./ds", one)  # the same folder spelt another way
+    folder_run(2, "ds", two)  # another dataset that happens to have the same name
+    folder_run(3, "../one/ds", two)
+    folder_run(4, "ds", None)  # no record of where it started: as typed
+    data = {run.seed: run.data for run in find_runs([tmp_path / "outputs"])}
+    assert data == {
+        0: f"folder:{one / 'ds'}",
+        1: f"folder:{one / 'ds'}",
+        2: f"folder:{two / 'ds'}",
+        3: f"folder:{one / 'ds'}",
+        4: "folder:ds",
+    }
+
+
 @pytest.mark.parametrize("setup", ["empty", "unrelated", "unfinished_only", "missing"])
 def test_no_runs_is_a_clear_error_with_exit_2(setup, tmp_path):
     target = tmp_path / "outputs"

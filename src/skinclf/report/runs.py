@@ -11,6 +11,7 @@ stopped with an error). Each file is checked once, here, so that tables and figu
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -22,7 +23,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError, counted, first_line
-from skinclf.run_files import HYDRA_CONFIG, HYDRA_OVERRIDES, METRICS, PREDICTIONS, TEST_METRICS
+from skinclf.run_files import (
+    HYDRA_CONFIG,
+    HYDRA_OVERRIDES,
+    HYDRA_SETTINGS,
+    METRICS,
+    PREDICTIONS,
+    TEST_METRICS,
+)
 from skinclf.sweep.jobs import STATUS_FILE, VOLATILE_KEYS, process_gone
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
@@ -149,7 +157,7 @@ def load_run(path: Path) -> Run | None:
         return None  # a grid-search point: cross-validated, never tested; see its grid_search.md
     root = OmegaConf.select(cfg, "data.root", default=None)
     # Two folder datasets are different datasets: the root is part of the identity.
-    data = f"{data_name}:{root}" if root else str(data_name)
+    data = f"{data_name}:{_absolute_root(path, str(root))}" if root else str(data_name)
     seed = OmegaConf.select(cfg, "seed", default=None)
     run = Run(path, str(model), data, None if seed is None else int(seed), _settings(path, cfg))
 
@@ -180,6 +188,22 @@ def load_run(path: Path) -> Run | None:
     except (ValueError, OSError) as err:
         run.status, run.problem = FAILED, str(err)
     return run
+
+
+def _absolute_root(path: Path, root: str) -> str:
+    """``data.root`` as the run read it. A relative root is taken from the folder skinclf was
+    started in (Hydra's ``hydra.runtime.cwd``), so ``ds`` typed in two folders names two datasets,
+    and ``ds`` and ``./ds`` typed in one name the same; as typed when the run has no record of it."""
+    root_path = Path(root).expanduser()
+    if not root_path.is_absolute():
+        try:
+            cwd = OmegaConf.select(OmegaConf.load(path / HYDRA_SETTINGS), "hydra.runtime.cwd")
+        except Exception:  # no or broken hydra.yaml (a copied-out run): nothing better to go on
+            cwd = None
+        if not cwd:
+            return root
+        root_path = Path(str(cwd)) / root_path
+    return os.path.normpath(root_path)
 
 
 def _job_status(path: Path) -> dict:
