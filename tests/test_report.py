@@ -25,7 +25,7 @@ from skinclf.report.command import build_report
 from skinclf.report.figures import curve_data, roc_data
 from skinclf.report.groups import group_runs
 from skinclf.report.runs import find_runs
-from skinclf.report.tables import finished
+from skinclf.report.tables import _tex_escape, finished
 
 from conftest import TINY, fail_if_called, run_dir_from_output, train_cli
 
@@ -414,6 +414,12 @@ def test_a_relative_data_root_is_keyed_by_the_folder_it_was_typed_in(tmp_path):
         3: f"folder:{one / 'ds'}",
         4: "folder:ds",
     }
+
+
+def test_latex_table_escapes_every_special_character_once():
+    assert _tex_escape("a\\b^c~d_e&f%g$h#i{j}k ± –") == (
+        "a\\textbackslash{}b\\textasciicircum{}c\\textasciitilde{}d\\_e\\&f\\%g\\$h\\#i\\{j\\}k $\\pm$ --"
+    )
 
 
 @pytest.mark.parametrize("setup", ["empty", "unrelated", "unfinished_only", "missing"])

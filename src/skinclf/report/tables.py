@@ -166,10 +166,22 @@ def _footnote() -> str:
     )
 
 
+# LaTeX's special characters in text mode, each replaced in one pass (so no escape is escaped
+# again): a backslash would start a command, "^" and "~" would be a superscript and a space.
+_TEX_ESCAPES = str.maketrans(
+    {
+        **{char: "\\" + char for char in "&%$#_{}"},
+        "\\": "\\textbackslash{}",
+        "^": "\\textasciicircum{}",
+        "~": "\\textasciitilde{}",
+        "±": "$\\pm$",
+        "–": "--",
+    }
+)
+
+
 def _tex_escape(text: str) -> str:
-    for char in ("\\", "&", "%", "$", "#", "_", "{", "}"):
-        text = text.replace(char, "\\" + char)
-    return text.replace("±", "$\\pm$").replace("–", "--")
+    return text.translate(_TEX_ESCAPES)
 
 
 def table1_latex(table: pd.DataFrame, groups: dict[str, list[Group]]) -> str:
