@@ -85,6 +85,27 @@ def test_unreadable_files_are_reported_and_the_rest_scored(run_and_images, tmp_p
     assert (table.drop(index=[str(folder / "corrupt.png"), str(folder / "notes.txt")])["error"] == "").all()
 
 
+@pytest.mark.parametrize("which", ["one", "both"])
+def test_no_readable_image_is_an_error_naming_the_file_and_writes_nothing(
+    which, run_and_images, tmp_path, capsys
+):
+    run_dir, folder, _ = run_and_images
+    files = [folder / "corrupt.png"] + ([folder / "notes.txt"] if which == "both" else [])
+    out = tmp_path / "new" / "pred.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(run_dir, *files, "--out", out)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    first = {
+        "one": "no image to score: ",
+        "both": "none of the 2 files could be read as an image; the first: ",
+    }
+    assert (
+        len(err.splitlines()) == 1 and f"{first[which]}{folder / 'corrupt.png'}: corrupt or truncated" in err
+    )
+    assert not (tmp_path / "new").exists()
+
+
 def test_threshold_option_overrides_the_operating_point(run_and_images, tmp_path):
     run_dir, folder, _ = run_and_images
     out = tmp_path / "pred.csv"

@@ -142,13 +142,17 @@ def main(args: list[str]) -> None:
         threshold = run.threshold if opts.threshold is None else opts.threshold
         source = run.threshold_source if opts.threshold is None else "--threshold"
         table = predict_files(run, files, threshold)
+        n_bad = int((table["error"] != "").sum())
+        if n_bad == len(table):  # nothing to write: a table of errors only would pass for a result
+            error = table["error"].iloc[0]  # names its file
+            many = f"none of the {n_bad} files could be read as an image; the first: "
+            raise SkinclfError(f"{many if n_bad > 1 else 'no image to score: '}{error}")
 
         csv_text = table.to_csv(index=False)
         if out is not None:
             atomic_write_text(csv_text, out)
         else:
             sys.stdout.write(csv_text)
-    n_bad = int((table["error"] != "").sum())
     where = f" -> {out}" if out is not None else ""
     print(
         f"model={run.model_name} ({run.path}): {counted(len(table) - n_bad, 'image')} scored, "
@@ -157,5 +161,3 @@ def main(args: list[str]) -> None:
         file=sys.stderr,
     )
     print(DISCLAIMER, file=sys.stderr)
-    if n_bad == len(table):
-        raise SkinclfError(f"none of the {n_bad} files could be read as an image (see the error column)")
