@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from skinclf.cli import main as cli_main
 from skinclf.data.synthetic import IMAGE_SIZE, draw_lesion
 from skinclf.evaluation.gradcam import grad_cam
 from skinclf.models import PAPER_MODELS
+from skinclf.models.vgg16 import VGG16Transfer
 from skinclf.runs import load_run
 
 from conftest import TINY, fail_if_called, image_and_kept_file, train_in_process
@@ -64,6 +66,30 @@ def test_grad_cam_takes_cpu_inputs_for_a_model_on_the_gpu(tiny_run):
     cam = grad_cam(run.model, run.pipeline.eval_batch(images))
     assert cam.heatmaps.shape == (2, IMAGE_SIZE, IMAGE_SIZE) and cam.heatmaps.device.type == "cpu"
     assert cam.logits == pytest.approx(torch.logit(run.predict_probs(images)), abs=1e-4)
+
+
+def test_grad_cam_of_a_centre_crop_preset_lies_where_the_evidence_is():
+    # VGG-16 with its weights' own preset (resize 256, centre crop 224) sees the centre 112x112 of
+    # a 128x128 image. An extractor whose every channel is the image's brightness and a head that
+    # sums them make the heat map the (cropped) image itself: its centre of mass must be the bright
+    # square's, not stretched outwards as the crop's map spread over the whole image would be.
+    model = VGG16Transfer(pretrained=False, input_preset="full")
+    model.features = nn.Sequential(nn.Conv2d(3, 512, 1, bias=False))
+    model.classifier = nn.Linear(512 * 7 * 7, 1, bias=False)
+    nn.init.constant_(model.features[0].weight, 1 / 3)
+    nn.init.constant_(model.classifier.weight, 1.0)
+    image = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    image[..., 20:30, 90:100] = 1.0  # centre (24.5, 94.5), pixel centres at integers
+
+    cam = grad_cam(model, image)
+    assert cam.window == (8, 8, 112, 112)
+    heatmap = cam.heatmaps[0]
+    outside = torch.ones_like(heatmap, dtype=torch.bool)
+    outside[8:120, 8:120] = False
+    assert (heatmap[outside] == 0).all()  # the network never sees the frame
+    yy, xx = torch.meshgrid(torch.arange(IMAGE_SIZE), torch.arange(IMAGE_SIZE), indexing="ij")
+    centre = [float((heatmap * axis).sum() / heatmap.sum()) for axis in (yy, xx)]
+    assert centre == pytest.approx([24.5, 94.5], abs=0.5)
 
 
 def test_explain_writes_one_png_per_readable_image(tiny_run, tmp_path, capsys):

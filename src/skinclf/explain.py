@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.curves import save_figure
@@ -23,16 +24,35 @@ CHUNK = 16
 
 
 def render(
-    image: torch.Tensor, heatmap: torch.Tensor, prob_mel: float, threshold: float, title: str, evidence: str
+    image: torch.Tensor,
+    heatmap: torch.Tensor,
+    prob_mel: float,
+    threshold: float,
+    title: str,
+    evidence: str,
+    window: tuple[int, int, int, int] | None = None,
 ) -> Figure:
-    """The image and the image with its Grad-CAM heat map overlaid, P(MEL) in the title."""
+    """The image and the image with its Grad-CAM heat map overlaid, P(MEL) in the title. A
+    ``window`` (top, left, height, width) smaller than the image, the part the network sees, is
+    outlined and named."""
     fig = Figure(figsize=(7.2, 4.0))
     left, right = fig.subplots(1, 2)
     rgb = image.permute(1, 2, 0).cpu().numpy()
+    height, width = rgb.shape[:2]
     left.imshow(rgb)
-    left.set_title("image (as the model sees it: RGB 128x128)", fontsize=8)
+    caption = f"image (as the model sees it: RGB {height}x{width})"
     right.imshow(rgb)
     shown = right.imshow(heatmap.numpy(), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+    if window is not None and tuple(window) != (0, 0, height, width):
+        top, x0, seen_height, seen_width = window
+        caption = (
+            f"image (RGB {height}x{width}; the model sees the outlined {seen_height}x{seen_width} centre)"
+        )
+        for ax in (left, right):  # pixel centres are at integers: the box's edges at -0.5
+            ax.add_patch(
+                Rectangle((x0 - 0.5, top - 0.5), seen_width, seen_height, fill=False, ec="white", lw=1)
+            )
+    left.set_title(caption, fontsize=8)
     right.set_title(f"Grad-CAM: evidence for {evidence}", fontsize=8)
     for ax in (left, right):
         ax.set_axis_off()
@@ -79,7 +99,7 @@ def explain_files(
             chunk, cam.heatmaps, probs.tolist(), toward_mel, strict=True
         ):
             title = f"{path.name} - model={run.model_name}, layer {cam.layer}"
-            fig = render(image, heatmap, prob, run.threshold, title, "MEL" if mel else "NV")
+            fig = render(image, heatmap, prob, run.threshold, title, "MEL" if mel else "NV", cam.window)
             out = out_dir / _unique_name(path, taken)
             save_figure(fig, out)
             written.append(out)

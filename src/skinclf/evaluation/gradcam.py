@@ -18,11 +18,13 @@ from skinclf.errors import SkinclfError
 
 @dataclass
 class GradCam:
-    """Heat maps (N, H, W) in [0, 1] at the input's size, the MEL logits (N,), and the layer used."""
+    """Heat maps (N, H, W) in [0, 1] at the input's size, the MEL logits (N,), the layer used, and
+    the (top, left, height, width) window of the input the network sees (outside it the map is 0)."""
 
     heatmaps: torch.Tensor
     logits: torch.Tensor
     layer: str
+    window: tuple[int, int, int, int]
 
 
 def _conv_blocks(model: nn.Module) -> dict[nn.Module, str]:
@@ -84,6 +86,13 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
             handle.remove()
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activations).sum(dim=1, keepdim=True)).detach()
-    cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+    height, width = inputs.shape[-2:]
+    # The feature map covers what the network sees: the whole image, or (VGG-16 with its weights'
+    # own resize-and-crop preset) a centre crop, where stretching it over the image would shift it.
+    window = model.input_window(height, width) if hasattr(model, "input_window") else (0, 0, height, width)
+    top, left, seen_height, seen_width = window
+    seen = F.interpolate(cam, size=(seen_height, seen_width), mode="bilinear", align_corners=False)
+    cam = cam.new_zeros(len(cam), height, width)
+    cam[:, top : top + seen_height, left : left + seen_width] = seen.squeeze(1)
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
-    return GradCam(heatmaps=(cam / peak).cpu(), logits=logits.detach().cpu(), layer=layer)
+    return GradCam(heatmaps=(cam / peak).cpu(), logits=logits.detach().cpu(), layer=layer, window=window)

@@ -54,6 +54,18 @@ class ResizeCrop(nn.Module):
         out = TF.center_crop(TF.resize(x.float(), [self.resize], antialias=True), [self.crop])
         return out.to(x.dtype)
 
+    def window(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the part of a ``height`` x ``width`` input that the crop
+        keeps, in input pixels (rounded): 128x128 images keep their centre 112x112."""
+        scale = self.resize / min(height, width)  # TF.resize's: the shorter side becomes resize
+        resized = [
+            self.resize if side == min(height, width) else int(side * scale) for side in (height, width)
+        ]
+        # TF.center_crop's offsets, in resized pixels, then back to input pixels.
+        top, left = (round((side - self.crop) / 2.0) for side in resized)
+        crop = min(self.crop, *resized)
+        return round(top / scale), round(left / scale), round(crop / scale), round(crop / scale)
+
     def extra_repr(self) -> str:
         return f"resize={self.resize}, crop={self.crop}"
 
@@ -99,6 +111,11 @@ class VGG16Transfer(nn.Module):
         # Frozen means frozen: the features behave as at inference time even while the head trains.
         self.features.eval()
         return self
+
+    def input_window(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the part of an input image the network sees: all of it,
+        or the preset's centre crop."""
+        return (0, 0, height, width) if self.preset is None else self.preset.window(height, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.preset is not None:
