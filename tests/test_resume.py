@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from skinclf import train
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.sweep.jobs import RUN_CONFIG, claim_run_dir, comparable_config
@@ -147,6 +148,39 @@ def test_a_best_checkpoint_the_redone_epochs_do_not_reproduce_is_the_one_reporte
     # best.pt still holds the first attempt's epoch 3 (0.9), the run's own record says epoch 2.
     assert (metrics["best_epoch"], metrics["best_val_acc"]) == (3, pytest.approx(0.9))
     assert "best.pt is from epoch 3 of the interrupted attempt" in caplog.text
+
+
+def test_a_resume_keeps_the_precision_auto_picked_when_the_run_began(
+    tmp_path: Path,
+    shared_data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # trainer.precision=auto picks by hardware: fp32 where the run began, bf16 on the machine that
+    # resumes it (scripted, so that the test means the same on every CPU).
+    real_resolve, real_write_metrics = train.resolve_precision, loop._write_metrics
+
+    def auto_picks(precision: str):
+        monkeypatch.setattr(
+            train,
+            "resolve_precision",
+            lambda name, device: precision if name == "auto" else real_resolve(name, device),
+        )
+
+    overrides = in_process(shared_data_dir, "trainer.precision=auto")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    auto_picks("fp32")
+    run(compose_config(overrides), straight)
+    monkeypatch.setattr(loop, "_write_metrics", _crash_once_metrics_have(2))
+    with pytest.raises(_Crash):
+        run(compose_config(overrides), interrupted)
+    monkeypatch.setattr(loop, "_write_metrics", real_write_metrics)
+
+    auto_picks("bf16")
+    with caplog.at_level(logging.WARNING, logger="skinclf"):
+        run(compose_config([*overrides, "resume=true"]), interrupted)
+    assert "was trained in fp32: the resume goes on in fp32, not in the bf16" in caplog.text
+    _same_results(straight, interrupted)  # bf16 epochs would have given other numbers
 
 
 def test_a_run_folder_is_never_resumed_under_another_config(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from skinclf.run_files import (
     HYDRA_DIR,
     HYDRA_OVERRIDES,
     HYDRA_SETTINGS,
+    LAST_CHECKPOINT,
     PREDICTIONS,
     TEST_METRICS,
     TRAIN_LOG,
@@ -156,10 +157,27 @@ def prepare_training(
     return model, stage
 
 
+def run_precision(cfg: DictConfig, out_dir: Path, device: torch.device) -> str:
+    """The precision this run trains in. ``auto`` picks by hardware, except that a resumed run
+    keeps the precision its checkpoint was trained in: one run, one precision, whichever machine
+    goes on with it (a resume may run elsewhere, and bf16 and fp32 give different numbers)."""
+    precision = resolve_precision(str(cfg.trainer.precision), device)
+    last = out_dir / LAST_CHECKPOINT
+    if cfg.trainer.precision == "auto" and cfg.resume and last.is_file():
+        began = load_checkpoint(last, mmap=True).get("precision")
+        if began in ("bf16", "fp32") and began != precision:  # what auto can have picked
+            log.warning(
+                f"{last} was trained in {began}: the resume goes on in {began}, not in the {precision} "
+                f"that trainer.precision=auto picks on this machine ({device})"
+            )
+            return began
+    return precision
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Train and test one combination; writes the run files into ``out_dir`` and returns the test metrics."""
     device = resolve_device(str(cfg.device))
-    precision = resolve_precision(str(cfg.trainer.precision), device)
+    precision = run_precision(cfg, out_dir, device)
     settings = loop_settings(cfg, precision)
     target = target_sensitivity(cfg)
     torch.manual_seed(settings.seed)

@@ -21,8 +21,11 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_torch_save({"format": FORMAT, **state}, path)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a skinclf checkpoint safely; anything else is refused with a clear message."""
+def load_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """Load a skinclf checkpoint safely; anything else is refused with a clear message. ``mmap``:
+    tensors are read from disk only when used (for a look at a 1.3 GB last.pt's small entries)."""
     path = Path(path)
     if not path.is_file():
         raise SkinclfError(f"{path}: checkpoint not found")
@@ -30,7 +33,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         with path.open("rb") as file:
             if file.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
                 raise ValueError("not the zip archive that torch.save writes")
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:
         # weights_only runs no code from the file: what torch.load raises comes from damaged
         # bytes, as whichever error its reader or unpickler meets first (RuntimeError, KeyError,
