@@ -214,6 +214,15 @@ def test_skip_bad_images_lists_and_leaves_them_out(tmp_path, caplog):
         load_splits(data_cfg(root, tmp_path / "cache"))
 
 
+def test_images_in_a_symlinked_subfolder_of_a_class_folder_count(tmp_path):
+    root = make_dataset(tmp_path / "ds", {"train": (2, 2), "val": (1, 1), "test": (1, 1)})
+    for i in range(3):
+        write_image(tmp_path / "more_mel" / f"extra{i}.jpg", RED)
+    (root / "train" / "MEL" / "more").symlink_to(tmp_path / "more_mel", target_is_directory=True)
+    splits = load_splits(data_cfg(root, None))
+    assert splits.train.class_counts() == {"MEL": 5, "NV": 2}
+
+
 def test_skip_bad_images_skips_a_dangling_symlink(tmp_path, caplog):
     root = make_dataset(tmp_path / "ds", {"train": (2, 2), "val": (2, 2)})
     dangling = root / "train" / "MEL" / "gone.jpg"

@@ -1,4 +1,5 @@
-"""Atomic writes: all or nothing, and files as readable as any other the user creates."""
+"""Atomic writes (all or nothing, and files as readable as any other the user creates), and listing
+the files under a folder."""
 
 import os
 import zipfile
@@ -6,7 +7,7 @@ import zipfile
 import pytest
 import torch
 
-from skinclf.io import atomic_torch_save, atomic_write, atomic_write_json
+from skinclf.io import atomic_torch_save, atomic_write, atomic_write_json, files_under
 
 
 def test_failed_write_leaves_neither_file_nor_temporary(tmp_path):
@@ -40,3 +41,25 @@ def test_torch_files_skip_zip_checksums_and_load_exactly(tmp_path):
     # The save time without the CRC32 pass is the point; torch's own setting is left as it was.
     assert {info.CRC for info in zipfile.ZipFile(tmp_path / "last.pt").infolist()} == {0}
     assert torch.serialization.get_crc32_options() is True
+
+
+def test_files_under_follows_symlinked_folders_once_and_keeps_dangling_links(tmp_path):
+    images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (images / "sub").mkdir(parents=True)
+    (elsewhere / "deeper").mkdir(parents=True)
+    for path in (
+        images / "a.jpg",
+        images / "sub" / "b.jpg",
+        elsewhere / "c.jpg",
+        elsewhere / "deeper" / "d.jpg",
+    ):
+        path.write_bytes(b"x")
+    (images / ".hidden.jpg").write_bytes(b"x")
+    (images / ".cache").mkdir()
+    (images / ".cache" / "e.jpg").write_bytes(b"x")
+    (images / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "deeper" / "back_up").symlink_to(elsewhere, target_is_directory=True)  # a loop
+    (images / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+
+    found = [p.relative_to(images).as_posix() for p in files_under(images)]
+    assert found == ["a.jpg", "gone.jpg", "linked/c.jpg", "linked/deeper/d.jpg", "sub/b.jpg"]

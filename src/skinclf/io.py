@@ -100,3 +100,27 @@ def _remove_empty(folders: Sequence[Path]) -> None:
             folder.rmdir()
         except OSError:  # not empty, or never made
             return
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every non-hidden file under ``folder`` (hidden folders skipped too), sorted.
+
+    Symlinked subfolders are followed, as a user who linked images in expects (Python 3.11's
+    ``rglob`` silently skips them), each real folder once, so a link back up ends the walk.
+    Dangling symlinks are kept: they stand for files that should be there, and the reader then
+    names them as missing instead of the list quietly losing them.
+    """
+    files: list[Path] = []
+    seen: set[str] = set()
+    for parent, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in names:
+            path = Path(parent) / name
+            if not name.startswith(".") and (path.is_file() or (path.is_symlink() and not path.exists())):
+                files.append(path)
+    return sorted(files)

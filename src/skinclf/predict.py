@@ -13,7 +13,7 @@ import torch
 
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.errors import SkinclfError, counted
-from skinclf.io import atomic_write_text, output_folder
+from skinclf.io import atomic_write_text, files_under, output_folder
 from skinclf.runs import TrainedRun, load_run
 from skinclf.training.progress import progress
 
@@ -25,15 +25,11 @@ CHUNK = 256
 
 def collect_images(paths: Sequence[str | Path]) -> list[Path]:
     """The files named by ``paths``: files as given, folders expanded to every file inside them
-    (recursively, sorted, hidden files skipped). Non-image files are kept: they get a reported error."""
+    (see :func:`files_under`). Non-image files and dangling links are kept: they get a reported error."""
     files: list[Path] = []
     for arg in map(Path, paths):
         if arg.is_dir():
-            found = sorted(
-                p
-                for p in arg.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(arg).parts)
-            )
+            found = files_under(arg)
             if not found:
                 raise SkinclfError(f"{arg}: folder holds no files; expected images (JPEG, PNG, ...)")
             files += found

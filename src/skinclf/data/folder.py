@@ -20,6 +20,7 @@ from skinclf.data.decode_cache import load_or_decode, store
 from skinclf.data.images import IMAGE_SIZE
 from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split, data_path
 from skinclf.errors import SkinclfError
+from skinclf.io import files_under
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,9 @@ def _by_lower_name(parent: Path, entries: list[Path]) -> dict[str, Path]:
 
 
 def _class_files(class_dir: Path) -> list[Path]:
-    """Every non-hidden file under ``class_dir`` (subfolders included), sorted."""
-    # A dangling symlink is not is_file(), but it is an image that should be there: keep it, so
-    # that decoding names it as missing rather than the split quietly losing it.
-    files = sorted(
-        p
-        for p in class_dir.rglob("*")
-        if (p.is_file() or (p.is_symlink() and not p.exists()))
-        and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
-    )
+    """Every non-hidden file under ``class_dir`` (subfolders, symlinked ones too), sorted; a
+    dangling symlink is kept, so that decoding names it as missing."""
+    files = files_under(class_dir)
     if not files:
         raise SkinclfError(f"{class_dir}: empty class folder; expected images of this class")
     return files
