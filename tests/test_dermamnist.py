@@ -149,3 +149,13 @@ def test_damaged_arrays_are_one_clear_error(tmp_path, damage):
     with pytest.raises(SkinclfError, match="arrays are unreadable") as err:
         splits_of(path)
     assert str(path) in str(err.value)
+
+
+def test_a_split_without_melanoma_or_nevi_is_an_error_naming_the_file(tmp_path):
+    path = write_npz(tmp_path / "dermamnist_128.npz", labels={**LABELS, "val": [0, 2, 6]})
+    with pytest.raises(SkinclfError) as err:
+        splits_of(path)
+    assert str(err.value) == (
+        f"{path}: the val split of data=dermamnist is empty (no MEL or NV image); "
+        "expected images in every split"
+    )

@@ -112,6 +112,10 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
     splits: ImageSplits = loader(data_cfg)
     for name, split in splits.items():
         if len(split) == 0:
-            raise SkinclfError(f"data={splits.name}: the {name} split is empty")
+            where = f"{data_path(data_cfg)}: " if data_cfg.get("root") not in (None, "") else ""
+            raise SkinclfError(
+                f"{where}the {name} split of data={splits.name} is empty (no MEL or NV image); "
+                "expected images in every split"
+            )
     log.info(splits.describe())
     return splits
