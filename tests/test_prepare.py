@@ -231,6 +231,16 @@ def test_output_that_cannot_be_created_is_one_error_before_any_decoding(tmp_path
         prepare_main([str(tmp_path / "ham"), str(out)])
 
 
+def test_a_failure_while_writing_removes_the_folders_made_for_out(tmp_path):
+    table = fake_ham10000(tmp_path / "ham", n_mel=12, n_nv=12, n_other=0)
+    broken = next((tmp_path / "ham").rglob(f"{table['image_id'].iloc[0]}.jpg"))
+    broken.write_bytes(broken.read_bytes()[:200])  # found, but cut short: fails while writing
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SkinclfError, match=str(broken)):
+        prepare_main([str(tmp_path / "ham"), str(tmp_path / "data" / "new" / "deeper" / "out")])
+    assert list((tmp_path / "data").iterdir()) == []  # new/deeper made for OUT, removed again
+
+
 def test_output_dot_is_the_empty_current_folder(tmp_path, monkeypatch):
     table = fake_ham10000(tmp_path / "ham", n_mel=12, n_nv=12, n_other=0)
     (tmp_path / "here").mkdir()

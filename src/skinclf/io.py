@@ -81,7 +81,7 @@ def output_folder(folder: Path) -> Iterator[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:  # read-only, not ours, or under a regular file
-        _remove_empty(created)
+        remove_empty_folders(created)
         raise SkinclfError(
             f"{folder}: cannot write the output there ({err.strerror or first_line(err)}); "
             "expected a folder you can write to"
@@ -89,11 +89,11 @@ def output_folder(folder: Path) -> Iterator[Path]:
     try:
         yield folder
     except BaseException:
-        _remove_empty(created)
+        remove_empty_folders(created)
         raise
 
 
-def _remove_empty(folders: Sequence[Path]) -> None:
+def remove_empty_folders(folders: Sequence[Path]) -> None:
     """Remove ``folders`` (deepest first) as long as they are empty."""
     for folder in folders:
         try:

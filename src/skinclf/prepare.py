@@ -26,6 +26,7 @@ from PIL import Image
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.data.splits import SPLIT_NAMES, undersample_majority
 from skinclf.errors import SkinclfError
+from skinclf.io import remove_empty_folders
 from skinclf.training.progress import progress
 
 log = logging.getLogger(__name__)
@@ -274,8 +275,10 @@ def prepare(
                     "images); expected a larger dataset or another --split"
                 )
 
-    # Everything is written into a hidden sibling and renamed into place only when complete.
+    # Everything is written into a hidden sibling and renamed into place only when complete; the
+    # folders above OUT that this makes are removed again when it fails.
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    created = [folder for folder in out.parents if not folder.exists()]  # deepest first
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         # The folders first: an OUT that cannot be written fails now, not after minutes of decoding.
@@ -297,11 +300,14 @@ def prepare(
                 os.replace(entry, out / entry.name)
         else:
             os.replace(tmp, out)
-    except OSError as err:  # unreadable sources are SkinclfErrors already: this is the writing
-        where = err.filename or tmp
-        raise SkinclfError(f"{out}: cannot write the output ({err.strerror}: {where})") from err
-    finally:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty_folders(created)
+        if isinstance(err, OSError):  # unreadable sources are SkinclfErrors already: this is the writing
+            where = err.filename or tmp
+            raise SkinclfError(f"{out}: cannot write the output ({err.strerror}: {where})") from err
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)  # emptied into an OUT that existed
     counts["total"] = counts.sum(axis=1)
     print(f"{name}: {len(manifest)} MEL/NV images from {source} -> {out} (manifest.csv)")
     print(counts.rename_axis(index="split", columns=None).to_string())
