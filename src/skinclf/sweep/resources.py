@@ -62,13 +62,12 @@ def concurrent_jobs(launcher: Mapping[str, Any] | None, cores: int) -> int | Non
 def threads_per_job(setting: int | None, launcher: Mapping[str, Any] | None, cores: int) -> int | None:
     """Torch intra-op threads for one job; None = leave torch's default.
 
-    ``setting`` is trainer.num_threads: an explicit number wins. Otherwise the cores are divided
-    between the jobs running at once, so two jobs on two cores do not each start two threads.
-    Submitit jobs get ``cpus_per_task`` cores each (Slurm enforces it; submitit_local does not).
+    ``setting`` is trainer.num_threads (checked by train.check_settings): an explicit number wins.
+    Otherwise the cores are divided between the jobs running at once, so two jobs on two cores do
+    not each start two threads. Submitit jobs get ``cpus_per_task`` cores each (Slurm enforces it;
+    submitit_local does not).
     """
     if setting is not None:
-        if int(setting) < 1:
-            raise SkinclfError(f"trainer.num_threads={setting}: expected a positive number or null (auto)")
         return int(setting)
     if launcher is not None and launcher.get("cpus_per_task"):
         return int(launcher["cpus_per_task"])
