@@ -389,6 +389,18 @@ def test_datasets_and_settings_are_never_averaged_together(tmp_path):
     assert set(confusion[confusion["data"] == "synthetic"]["model"]) == {"baseline"}
 
 
+def test_a_seed_run_twice_counts_once_and_runs_csv_says_why(tmp_path):
+    first = write_run(tmp_path / "outputs" / "a", "baseline", [0.6, 0.7], [0.6, 0.7], seed=0)
+    again = write_run(tmp_path / "outputs" / "b", "baseline", [0.6, 0.9], [0.6, 0.7], seed=0)
+    write_run(tmp_path / "outputs" / "b", "baseline", [0.6, 0.8], [0.6, 0.7], seed=1)
+    build_report([tmp_path / "outputs"], tmp_path / "reports")
+    row = pd.read_csv(tmp_path / "reports" / "table1.csv").iloc[0]
+    assert row["n"] == 2 and row["best_val_acc_pct_mean"] == pytest.approx(75.0)  # seeds 0 (first) and 1
+    runs = pd.read_csv(tmp_path / "reports" / "runs.csv", keep_default_na=False).set_index("run_dir")
+    assert runs.loc[str(again), "problem"] == f"not counted: repeats seed 0 of {first}"
+    assert runs.loc[str(first), "problem"] == ""
+
+
 def test_a_relative_data_root_is_keyed_by_the_folder_it_was_typed_in(tmp_path):
     def folder_run(seed: int, root: str, started_in: Path | None) -> Path:
         run = write_run(tmp_path / "outputs", "baseline", [0.6, 0.7], [0.6, 0.7], seed=seed)

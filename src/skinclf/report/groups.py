@@ -3,7 +3,8 @@
 Runs are grouped per dataset (never averaged across datasets), then per model and *variant*: the
 experiment settings (command-line overrides by the values they resolved to, see
 ``runs.NOT_AN_EXPERIMENT_SETTING``) that differ between the runs of that dataset. Runs that differ
-only in seed form one group (mean ± std, n); ``optim.lr=0.001`` vs the default is a different row,
+only in seed form one group (mean ± std, n; a seed counts once: a second run of the same seed is
+left out, its ``problem`` says so); ``optim.lr=0.001`` vs the default is a different row,
 not another seed, while ``optim.lr=1e-3`` is the same row as ``optim.lr=0.001``. Settings shared by every
 run of a dataset are not repeated in each row but reported once (``common_settings``).
 """
@@ -61,6 +62,13 @@ def group_runs(runs: Iterable[Run]) -> dict[str, list[Group]]:
         groups: dict[tuple[str, str], Group] = {}
         for run in by_data[data]:
             variant = " ".join(f"{k}={v}" for k, v in sorted(run.settings.items()) if k not in shared)
-            groups.setdefault((run.model, variant), Group(data, run.model, variant)).runs.append(run)
+            group = groups.setdefault((run.model, variant), Group(data, run.model, variant))
+            twin = next((r for r in group.runs if run.seed is not None and r.seed == run.seed), None)
+            if twin is not None:
+                # The same experiment and seed again (another folder, another device): counting it
+                # would add a run that is no independent repetition, raising n and shrinking std.
+                run.problem = f"not counted: repeats seed {run.seed} of {twin.path}"
+                continue
+            group.runs.append(run)
         result[data] = sorted(groups.values(), key=lambda g: (model_order(g.model), g.variant))
     return result
