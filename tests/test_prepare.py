@@ -166,6 +166,14 @@ def _relabelled_twice(source):
     csv.write_text(f"{header}\nHAM_9999999,{nv},mel\n{rest}")
 
 
+def _both_labels_in_isic_row(source):
+    fake_isic2019(source)
+    csv = source / "ISIC_2019_Training_GroundTruth.csv"
+    table = pd.read_csv(csv, dtype=str)
+    table.loc[3, ["MEL", "NV"]] = "1.0"
+    table.to_csv(csv, index=False)
+
+
 def _text_in_isic_label(source):
     fake_isic2019(source)
     csv = source / "ISIC_2019_Training_GroundTruth.csv"
@@ -189,6 +197,7 @@ def _text_in_isic_label(source):
         (lambda s: fake_ham10000(s), ["--split", "70,30"], "--split 70,30"),
         (_relabelled_twice, [], "is listed 2 times, as MEL lesion HAM_9999999; NV lesion"),
         (_text_in_isic_label, [], "column MEL: 'x'; expected 0 or 1"),
+        (_both_labels_in_isic_row, [], "has both MEL and NV set to 1; expected one diagnosis per image"),
     ],
     ids=[
         "no-metadata",
@@ -199,6 +208,7 @@ def _text_in_isic_label(source):
         "bad-split",
         "conflicting-duplicate",
         "non-numeric-label",
+        "mel-and-nv",
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, setup, args, expected):

@@ -159,6 +159,12 @@ def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
         table = _read_csv(isic)
         _require_columns(table, isic, ["image", "MEL", "NV"])
         mel, nv = _one_hot(table, isic, "MEL") == 1, _one_hot(table, isic, "NV") == 1
+        if (both := mel & nv).any():  # one-hot ground truth: a damaged file, not a melanoma
+            row = int(both.to_numpy().argmax())
+            raise SkinclfError(
+                f"{isic}: row {row + 2} ({table['image'].iloc[row]}) has both MEL and NV set to 1; "
+                "expected one diagnosis per image"
+            )
         records = pd.DataFrame({"image_id": table["image"].str.strip(), "label": np.where(mel, "MEL", "NV")})
         records = records[mel | nv]
         metadata = _find_one(source, ISIC_2019_METADATA)
