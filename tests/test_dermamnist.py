@@ -151,11 +151,16 @@ def test_damaged_arrays_are_one_clear_error(tmp_path, damage):
     assert str(path) in str(err.value)
 
 
-def test_a_split_without_melanoma_or_nevi_is_an_error_naming_the_file(tmp_path):
-    path = write_npz(tmp_path / "dermamnist_128.npz", labels={**LABELS, "val": [0, 2, 6]})
+@pytest.mark.parametrize(
+    ("val", "missing"),
+    [([0, 2, 6], "MEL or NV"), ([5, 5, 2], "MEL"), ([4, 0], "NV")],
+    ids=["none", "no-mel", "no-nv"],
+)
+def test_a_split_without_both_classes_is_an_error_naming_the_file(tmp_path, val, missing):
+    path = write_npz(tmp_path / "dermamnist_128.npz", labels={**LABELS, "val": val})
     with pytest.raises(SkinclfError) as err:
         splits_of(path)
     assert str(err.value) == (
-        f"{path}: the val split of data=dermamnist is empty (no MEL or NV image); "
-        "expected images in every split"
+        f"{path}: the val split of data=dermamnist has no {missing} image; "
+        "expected both MEL and NV in every split"
     )

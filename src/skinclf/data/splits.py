@@ -111,11 +111,15 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
     loader = get_method(data_cfg.loader)
     splits: ImageSplits = loader(data_cfg)
     for name, split in splits.items():
-        if len(split) == 0:
+        # Without both classes a split cannot pick a threshold (val) or measure sensitivity and
+        # AUC (test), and training learns one answer; folder data refuses an empty class already.
+        counts = split.class_counts()
+        missing = [label for label in ("MEL", "NV") if counts[label] == 0]
+        if missing:
             where = f"{data_path(data_cfg)}: " if data_cfg.get("root") not in (None, "") else ""
             raise SkinclfError(
-                f"{where}the {name} split of data={splits.name} is empty (no MEL or NV image); "
-                "expected images in every split"
+                f"{where}the {name} split of data={splits.name} has no {' or '.join(missing)} image; "
+                "expected both MEL and NV in every split"
             )
     log.info(splits.describe())
     return splits
