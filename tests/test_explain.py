@@ -12,10 +12,11 @@ from torch import nn
 
 from skinclf.cli import main as cli_main
 from skinclf.data.synthetic import IMAGE_SIZE, draw_lesion
-from skinclf.evaluation.gradcam import grad_cam
+from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
 from skinclf.models import PAPER_MODELS
 from skinclf.models.vgg16 import VGG16Transfer
 from skinclf.runs import load_run
+from skinclf.training.recipe import FlipTTA
 
 from conftest import TINY, fail_if_called, image_and_kept_file, train_in_process
 
@@ -90,6 +91,36 @@ def test_grad_cam_of_a_centre_crop_preset_lies_where_the_evidence_is():
     yy, xx = torch.meshgrid(torch.arange(IMAGE_SIZE), torch.arange(IMAGE_SIZE), indexing="ij")
     centre = [float((heatmap * axis).sum() / heatmap.sum()) for axis in (yy, xx)]
     assert centre == pytest.approx([24.5, 94.5], abs=0.5)
+
+
+def test_grad_cam_over_flips_maps_every_view_back_onto_the_image():
+    # Every channel is the image's brightness and the head sums them: each view's map is its
+    # (flipped) image, so the averaged map keeps the bright square where it is only if every
+    # view's map is flipped back (unflipped, the four would spread it over the four corners).
+    class Brightness(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Conv2d(3, 8, 1, bias=False)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1, bias=False))
+            nn.init.constant_(self.features.weight, 1 / 3)
+            nn.init.constant_(self.head[2].weight, 1.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.features(x)) - 0.05  # some images called NV, some MEL
+
+    model = Brightness()
+    images = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    images[0, :, 20:30, 90:100] = 1.0
+    images[1, :, 100:110, 10:30] = 1.0
+    cam = grad_cam_over_flips(model, images)
+    yy, xx = torch.meshgrid(torch.arange(IMAGE_SIZE), torch.arange(IMAGE_SIZE), indexing="ij")
+    for heatmap, centre in zip(cam.heatmaps, ([24.5, 94.5], [104.5, 19.5]), strict=True):
+        assert heatmap.max() == pytest.approx(1.0)
+        assert [float((heatmap * axis).sum() / heatmap.sum()) for axis in (yy, xx)] == pytest.approx(
+            centre, abs=0.5
+        )
+    # The logit is that of the mean probability over the views, as FlipTTA gives it.
+    assert cam.logits == pytest.approx(FlipTTA(model)(images).detach().flatten(), abs=1e-5)
 
 
 def test_explain_writes_one_png_per_readable_image(tiny_run, tmp_path, capsys):

@@ -13,7 +13,7 @@ from matplotlib.patches import Rectangle
 
 from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.curves import save_figure
-from skinclf.evaluation.gradcam import grad_cam
+from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
 from skinclf.io import output_folder
 from skinclf.predict import DISCLAIMER, collect_images, decode_all
 from skinclf.runs import TrainedRun, load_run
@@ -94,12 +94,16 @@ def explain_files(
             "nv": torch.zeros(len(chunk), dtype=torch.bool),
             "predicted": probs >= run.threshold,
         }[target]
-        cam = grad_cam(run.model, run.pipeline.eval_batch(images.to(run.device)), toward_mel)
+        # With test-time augmentation the probability is the mean over flips: so is the map.
+        tta = run.settings.recipe.tta
+        explain = grad_cam_over_flips if tta else grad_cam
+        cam = explain(run.model, run.pipeline.eval_batch(images.to(run.device)), toward_mel)
         for (path, image), heatmap, prob, mel in zip(
             chunk, cam.heatmaps, probs.tolist(), toward_mel, strict=True
         ):
             title = f"{path.name} - model={run.model_name}, layer {cam.layer}"
-            fig = render(image, heatmap, prob, run.threshold, title, "MEL" if mel else "NV", cam.window)
+            evidence = ("MEL" if mel else "NV") + (", mean of image + 3 flips" if tta else "")
+            fig = render(image, heatmap, prob, run.threshold, title, evidence, cam.window)
             out = out_dir / _unique_name(path, taken)
             save_figure(fig, out)
             written.append(out)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skinclf.errors import SkinclfError
+from skinclf.training.recipe import FlipTTA
 
 
 @dataclass
@@ -96,3 +97,22 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
     cam[:, top : top + seen_height, left : left + seen_width] = seen.squeeze(1)
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
     return GradCam(heatmaps=(cam / peak).cpu(), logits=logits.detach().cpu(), layer=layer, window=window)
+
+
+def grad_cam_over_flips(
+    model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | None = None
+) -> GradCam:
+    """Grad-CAM of ``model`` under flip test-time augmentation (``recipe.tta``, :class:`FlipTTA`):
+    the map of each flipped view, flipped back onto the image, averaged and rescaled to peak 1;
+    the logit is FlipTTA's (that of the mean probability), so map and probability describe the
+    same prediction."""
+    cams = [grad_cam(model, inputs.flip(dims) if dims else inputs, toward_mel) for dims in FlipTTA.FLIPS]
+    maps = torch.stack(
+        [
+            cam.heatmaps.flip(dims) if dims else cam.heatmaps
+            for cam, dims in zip(cams, FlipTTA.FLIPS, strict=True)
+        ]
+    ).mean(0)
+    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+    probs = torch.stack([torch.sigmoid(cam.logits) for cam in cams]).mean(0)
+    return GradCam(maps / peak, torch.logit(probs, eps=1e-6), cams[0].layer, cams[0].window)

@@ -193,11 +193,14 @@ class FlipTTA(nn.Module):
     """Test-time augmentation: one logit per image, that of the mean MEL probability of ``model``
     over the image, its horizontal, vertical and double flip (dermoscopy has no up or left)."""
 
+    # The dimensions each view flips: none, width, height, both.
+    FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        views = (x, x.flip(-1), x.flip(-2), x.flip(-2, -1))
+        views = [x.flip(dims) if dims else x for dims in self.FLIPS]
         probs = torch.stack([torch.sigmoid(self.model(v).float()) for v in views]).mean(0)
         return torch.logit(probs, eps=1e-6)
