@@ -110,6 +110,18 @@ def test_second_load_is_a_cache_hit_and_a_changed_dataset_is_decoded_again(tmp_p
     assert len(list(cache.glob("*.pt"))) == 4
 
 
+def test_the_cache_key_follows_permissions_and_the_pillow_version(tmp_path, monkeypatch):
+    # chmod keeps the mtime: an image skipped as unreadable, then made readable, must be decoded
+    # anew; and a new Pillow may decode JPEGs a little differently.
+    image = write_image(tmp_path / "a.jpg", RED)
+    before = decode_cache_module.content_key([image], tmp_path)
+    image.chmod(0o600)
+    after_chmod = decode_cache_module.content_key([image], tmp_path)
+    monkeypatch.setattr(decode_cache_module.PIL, "__version__", "0.0.1")
+    after_upgrade = decode_cache_module.content_key([image], tmp_path)
+    assert len({before, after_chmod, after_upgrade}) == 3
+
+
 def test_decode_cache_false_writes_no_cache(tmp_path):
     root = make_dataset(tmp_path / "ds", {"train": (2, 2), "val": (1, 1)})
     splits = load_splits(data_cfg(root, None))
