@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
+from skinclf import train
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.sweep import cross_validation
 from skinclf.sweep.cross_validation import CV_RESULT, FOLD_RESULT, cross_validate, stratified_folds
 from skinclf.sweep.summary import GRID_CSV, GRID_MD, format_grid, rank_grid, write_grid
+from skinclf.training import loop
 
 from conftest import train_cli
 
@@ -123,6 +127,60 @@ def test_cross_validation_trains_on_training_folds_only(
     cfg.resume = True
     assert cross_validate(cfg, out) == result
     assert calls == []
+
+
+def test_a_resumed_grid_point_keeps_the_precision_auto_picked_when_it_began(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # trainer.precision=auto picks fp32 where the job began and bf16 where it resumes (scripted).
+    real_resolve, real_write_metrics = train.resolve_precision, loop._write_metrics
+
+    def auto_picks(precision: str) -> None:
+        monkeypatch.setattr(
+            train,
+            "resolve_precision",
+            lambda name, device: precision if name == "auto" else real_resolve(name, device),
+        )
+
+    cfg = compose_config(
+        [
+            f"data.cache_dir={shared_data_dir}",
+            "data.train_size=24",
+            "data.val_size=8",
+            "data.test_size=8",
+            "trainer.max_epochs=2",
+            "trainer.progress=never",
+            "data.batch_size=8",
+            "cv.folds=2",
+            "trainer.precision=auto",
+        ]
+    )
+    auto_picks("fp32")
+    straight = cross_validate(cfg, tmp_path / "straight")
+    writes = []
+
+    def crash_in_the_second_fold(path, history):
+        real_write_metrics(path, history)
+        writes.append(path)
+        if len(writes) == 3:  # fold 0's two epochs, then fold 1's first
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_write_metrics", crash_in_the_second_fold)
+    with pytest.raises(KeyboardInterrupt):
+        cross_validate(cfg, tmp_path / "interrupted")
+    monkeypatch.setattr(loop, "_write_metrics", real_write_metrics)
+
+    auto_picks("bf16")
+    cfg.resume = True
+    with caplog.at_level(logging.WARNING, logger="skinclf"):
+        assert cross_validate(cfg, tmp_path / "interrupted") == straight
+    assert f"fold_0/{FOLD_RESULT} was trained in fp32: the resume goes on in fp32" in caplog.text
+    # Fold 1's losses: epochs redone in bf16 would differ.
+    metrics = [
+        pd.read_csv(tmp_path / name / "fold_1" / "metrics.csv").drop(columns="seconds")
+        for name in ("straight", "interrupted")
+    ]
+    pd.testing.assert_frame_equal(*metrics)
 
 
 def _fake_point(sweep: Path, name: str, overrides: list[str], accs: list[float], bs: int, lr: float) -> None:

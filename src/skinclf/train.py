@@ -6,10 +6,12 @@ The data flows: source (cfg.data) -> decoded uint8 splits -> pipeline of the mod
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -157,27 +159,37 @@ def prepare_training(
     return model, stage
 
 
-def run_precision(cfg: DictConfig, out_dir: Path, device: torch.device) -> str:
-    """The precision this run trains in. ``auto`` picks by hardware, except that a resumed run
-    keeps the precision its checkpoint was trained in: one run, one precision, whichever machine
-    goes on with it (a resume may run elsewhere, and bf16 and fp32 give different numbers)."""
+def run_precision(cfg: DictConfig, device: torch.device, records: Sequence[Path]) -> str:
+    """The precision a run (or grid-search job) trains in. ``auto`` picks by hardware, except that
+    a resumed run keeps the precision it began in: one run, one precision, whichever machine goes
+    on with it (a resume may run elsewhere, and bf16 and fp32 give different numbers).
+
+    ``records``: files of the run that name the precision it trained in so far, the first that
+    exists counts: checkpoints (read through mmap: vgg16's last.pt is 1.3 GB) or JSON results.
+    """
     precision = resolve_precision(str(cfg.trainer.precision), device)
-    last = out_dir / LAST_CHECKPOINT
-    if cfg.trainer.precision == "auto" and cfg.resume and last.is_file():
-        began = load_checkpoint(last, mmap=True).get("precision")
-        if began in ("bf16", "fp32") and began != precision:  # what auto can have picked
+    if cfg.trainer.precision != "auto" or not cfg.resume:
+        return precision
+    for record in (path for path in records if path.is_file()):
+        if record.suffix == ".json":
+            began = json.loads(record.read_text()).get("precision")
+        else:
+            began = load_checkpoint(record, mmap=True).get("precision")
+        if began not in ("bf16", "fp32"):  # what auto can pick; absent from older records
+            continue
+        if began != precision:
             log.warning(
-                f"{last} was trained in {began}: the resume goes on in {began}, not in the {precision} "
-                f"that trainer.precision=auto picks on this machine ({device})"
+                f"{record} was trained in {began}: the resume goes on in {began}, not in the "
+                f"{precision} that trainer.precision=auto picks on this machine ({device})"
             )
-            return began
+        return began
     return precision
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Train and test one combination; writes the run files into ``out_dir`` and returns the test metrics."""
     device = resolve_device(str(cfg.device))
-    precision = run_precision(cfg, out_dir, device)
+    precision = run_precision(cfg, device, [out_dir / LAST_CHECKPOINT])
     settings = loop_settings(cfg, precision)
     target = target_sensitivity(cfg)
     torch.manual_seed(settings.seed)

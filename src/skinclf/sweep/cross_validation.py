@@ -21,7 +21,7 @@ from skinclf.data import ImageSplits, Split, load_splits
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_write_json
 from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT
-from skinclf.training.hardware import resolve_device, resolve_precision
+from skinclf.training.hardware import resolve_device
 from skinclf.training.loop import LoopSettings, fit
 
 log = logging.getLogger("skinclf")
@@ -83,12 +83,18 @@ def _fit_fold(
         settings,
         device,
         fold_dir,
-        extra_state={"config": config, "fold": fold},
+        extra_state={"config": config, "fold": fold, "precision": settings.precision},
         resume=bool(cfg.resume),
         checkpoint_model=model,
     )
     atomic_write_json(
-        {"fold": fold, "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch}, done
+        {
+            "fold": fold,
+            "best_val_acc": result.best_val_acc,
+            "best_epoch": result.best_epoch,
+            "precision": settings.precision,
+        },
+        done,
     )
     # Only the accuracy matters for model selection: drop the checkpoints (a full grid of
     # them would take gigabytes). metrics.csv stays for inspection.
@@ -105,10 +111,15 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     mean ± std validation accuracy) into ``out_dir``, and returns that result. Folds depend only
     on the labels and ``seed``. std is the population std (ddof=0), as scikit-learn's GridSearchCV.
     """
-    from skinclf.train import loop_settings, number_setting  # lazily: train.py dispatches here
+    from skinclf.train import loop_settings, number_setting, run_precision  # lazily: train.py dispatches here
 
     device = resolve_device(str(cfg.device))
-    precision = resolve_precision(str(cfg.trainer.precision), device)
+    # Every fold in the precision the job began in, should a resume run where auto picks another.
+    records = [
+        *sorted(out_dir.glob(f"fold_*/{FOLD_RESULT}")),
+        *sorted(out_dir.glob(f"fold_*/{LAST_CHECKPOINT}")),
+    ]
+    precision = run_precision(cfg, device, records)
     settings = loop_settings(cfg, precision)  # refuses bad settings before the data loads
     k, seed = number_setting(cfg, "cv.folds", int), settings.seed
     # Keep the training split only: the test split must not take part in choosing hyperparameters.
