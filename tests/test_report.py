@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -412,19 +413,23 @@ def test_a_relative_data_root_is_keyed_by_the_folder_it_was_typed_in(tmp_path):
             (run / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml(hydra))
         return run
 
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two = Path(os.path.realpath(tmp_path)) / "one", Path(os.path.realpath(tmp_path)) / "two"
+    (one / "ds").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(one, target_is_directory=True)
     folder_run(0, "ds", one)
     folder_run(1, "./ds", one)  # the same folder spelt another way
     folder_run(2, "ds", two)  # another dataset that happens to have the same name
     folder_run(3, "../one/ds", two)
-    folder_run(4, "ds", None)  # no record of where it started: as typed
+    folder_run(4, str(tmp_path / "link" / "ds"), two)  # $PWD/ds typed where $PWD goes through a link
+    folder_run(5, "ds", None)  # no record of where it started: as typed
     data = {run.seed: run.data for run in find_runs([tmp_path / "outputs"])}
     assert data == {
         0: f"folder:{one / 'ds'}",
         1: f"folder:{one / 'ds'}",
         2: f"folder:{two / 'ds'}",
         3: f"folder:{one / 'ds'}",
-        4: "folder:ds",
+        4: f"folder:{one / 'ds'}",
+        5: "folder:ds",
     }
 
 

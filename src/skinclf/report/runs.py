@@ -191,9 +191,11 @@ def load_run(path: Path) -> Run | None:
 
 
 def _absolute_root(path: Path, root: str) -> str:
-    """``data.root`` as the run read it. A relative root is taken from the folder skinclf was
-    started in (Hydra's ``hydra.runtime.cwd``), so ``ds`` typed in two folders names two datasets,
-    and ``ds`` and ``./ds`` typed in one name the same; as typed when the run has no record of it."""
+    """``data.root`` as the run read it, symlinks resolved. A relative root is taken from the
+    folder skinclf was started in (Hydra's ``hydra.runtime.cwd``), so ``ds`` typed in two folders
+    names two datasets, and ``ds``, ``./ds`` and ``$PWD/ds`` typed in one name the same (the
+    recorded folder is the physical path, ``$PWD`` may go through a link); as typed when the run
+    has no record of it."""
     root_path = Path(root).expanduser()
     if not root_path.is_absolute():
         try:
@@ -203,7 +205,7 @@ def _absolute_root(path: Path, root: str) -> str:
         if not cwd:
             return root
         root_path = Path(str(cwd)) / root_path
-    return os.path.normpath(root_path)
+    return os.path.realpath(root_path)
 
 
 def _job_status(path: Path) -> dict:
