@@ -7,6 +7,7 @@ import zipfile
 import pytest
 import torch
 
+from skinclf.errors import SkinclfError
 from skinclf.io import atomic_torch_save, atomic_write, atomic_write_json, files_under
 
 
@@ -63,3 +64,26 @@ def test_files_under_follows_symlinked_folders_once_and_keeps_dangling_links(tmp
 
     found = [p.relative_to(images).as_posix() for p in files_under(images)]
     assert found == ["a.jpg", "gone.jpg", "linked/c.jpg", "linked/deeper/d.jpg", "sub/b.jpg"]
+
+
+def test_files_under_takes_the_first_route_by_name_to_a_folder_reached_twice(tmp_path):
+    (tmp_path / "m_real").mkdir()
+    (tmp_path / "m_real" / "img.jpg").write_bytes(b"x")
+    for name in ("z_link", "a_link"):  # created in this order; listed by name
+        (tmp_path / name).symlink_to(tmp_path / "m_real", target_is_directory=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in files_under(tmp_path)] == ["a_link/img.jpg"]
+
+
+def test_an_unreadable_subfolder_is_an_error_naming_it(tmp_path, monkeypatch):
+    locked = tmp_path / "images" / "locked"
+    locked.mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == os.fspath(locked):  # as chmod 000 would, also for root
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(SkinclfError, match=f"{locked}: cannot read the folder \\(Permission denied\\)"):
+        files_under(tmp_path / "images")

@@ -251,6 +251,17 @@ def test_a_failure_while_writing_removes_the_folders_made_for_out(tmp_path):
     assert list((tmp_path / "data").iterdir()) == []  # new/deeper made for OUT, removed again
 
 
+def test_images_in_a_symlinked_folder_of_the_download_are_found(tmp_path):
+    table = fake_ham10000(tmp_path / "ham", n_mel=12, n_nv=12, n_other=0)
+    part = tmp_path / "ham" / "HAM10000_images_part_2"
+    part.rename(tmp_path / "elsewhere")
+    part.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    prepare_main([str(tmp_path / "ham"), str(tmp_path / "out")])
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert len(manifest) == len(table) == len(list((tmp_path / "out").rglob("*.jpg")))
+    assert manifest["source"].str.startswith("HAM10000_images_part_2/").sum() == len(table) // 2
+
+
 def test_output_dot_is_the_empty_current_folder(tmp_path, monkeypatch):
     table = fake_ham10000(tmp_path / "ham", n_mel=12, n_nv=12, n_other=0)
     (tmp_path / "here").mkdir()

@@ -108,17 +108,25 @@ def files_under(folder: Path) -> list[Path]:
     Symlinked subfolders are followed, as a user who linked images in expects (Python 3.11's
     ``rglob`` silently skips them), each real folder once, so a link back up ends the walk.
     Dangling symlinks are kept: they stand for files that should be there, and the reader then
-    names them as missing instead of the list quietly losing them.
+    names them as missing instead of the list quietly losing them. Subfolders are walked in name
+    order, so a folder reached by two routes is listed under the same one on every machine. A
+    folder that cannot be read is an error, not an empty folder.
     """
+
+    def unreadable(err: OSError) -> None:
+        raise SkinclfError(
+            f"{err.filename}: cannot read the folder ({err.strerror}); expected a readable folder"
+        )
+
     files: list[Path] = []
     seen: set[str] = set()
-    for parent, subfolders, names in os.walk(folder, followlinks=True):
+    for parent, subfolders, names in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(parent)
         if real in seen:
             subfolders.clear()
             continue
         seen.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         for name in names:
             path = Path(parent) / name
             if not name.startswith(".") and (path.is_file() or (path.is_symlink() and not path.exists())):

@@ -26,7 +26,7 @@ from PIL import Image
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.data.splits import SPLIT_NAMES, undersample_majority
 from skinclf.errors import SkinclfError
-from skinclf.io import remove_empty_folders
+from skinclf.io import files_under, remove_empty_folders
 from skinclf.training.progress import progress
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def parse_fractions(text: str) -> np.ndarray:
 
 
 def _find_one(source: Path, name: str) -> Path | None:
-    found = sorted(source.rglob(name))
+    found = [path for path in files_under(source) if path.name == name]
     if len(found) > 1:
         raise SkinclfError(
             f"{source}: {len(found)} files named {name} ({found[0]}, {found[1]}); expected one"
@@ -188,9 +188,10 @@ def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
 
 
 def locate_images(source: Path, image_ids: pd.Series, metadata: Path) -> list[Path]:
-    """The image file of each id, searched anywhere under SOURCE (first in path order when repeated)."""
+    """The image file of each id, searched anywhere under SOURCE, symlinked folders included
+    (first in path order when repeated)."""
     index: dict[str, Path] = {}
-    for path in sorted(source.rglob("*")):
+    for path in files_under(source):
         if path.suffix.lower() in IMAGE_SUFFIXES and path.stem not in index:
             index[path.stem] = path
     missing = [i for i in image_ids if i not in index]
