@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
+from skinclf import explain
 from skinclf.cli import main as cli_main
 from skinclf.data.synthetic import IMAGE_SIZE, draw_lesion
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
@@ -97,16 +100,18 @@ def test_grad_cam_over_flips_maps_every_view_back_onto_the_image():
     # Every channel is the image's brightness and the head sums them: each view's map is its
     # (flipped) image, so the averaged map keeps the bright square where it is only if every
     # view's map is flipped back (unflipped, the four would spread it over the four corners).
+    # The head weighs the four quadrants differently (all positively), so the views' logits differ.
     class Brightness(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.features = nn.Conv2d(3, 8, 1, bias=False)
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1, bias=False))
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 1, bias=False))
             nn.init.constant_(self.features.weight, 1 / 3)
-            nn.init.constant_(self.head[2].weight, 1.0)
+            with torch.no_grad():
+                self.head[2].weight.copy_(torch.linspace(0.2, 2.0, 32))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.features(x)) - 0.05  # some images called NV, some MEL
+            return self.head(self.features(x)) - 0.05
 
     model = Brightness()
     images = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -121,6 +126,37 @@ def test_grad_cam_over_flips_maps_every_view_back_onto_the_image():
         )
     # The logit is that of the mean probability over the views, as FlipTTA gives it.
     assert cam.logits == pytest.approx(FlipTTA(model)(images).detach().flatten(), abs=1e-5)
+    assert cam.logits != pytest.approx(model(images).detach().flatten(), abs=1e-3)  # not one view's
+
+
+def test_explain_draws_the_map_of_the_runs_own_prediction(tiny_run, tmp_path, monkeypatch):
+    images, _ = _off_centre_mel_images(1, 20)
+    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "lesion.png")
+    drawn = []
+
+    def record(image, heatmap, prob_mel, threshold, title, evidence, window=None):
+        drawn.append((heatmap, evidence, window))
+        return Figure()
+
+    monkeypatch.setattr(explain, "render", record)
+    run = load_run(tiny_run)
+    batch = run.pipeline.eval_batch(images)
+
+    # A run with test-time augmentation: the map averaged over the flips, and the figure says so.
+    run.settings = replace(run.settings, recipe=replace(run.settings.recipe, tta=True))
+    explain.explain_files(run, [tmp_path / "lesion.png"], tmp_path / "tta")
+    heatmap, evidence, _ = drawn.pop()
+    assert torch.allclose(heatmap, grad_cam_over_flips(run.model, batch).heatmaps[0], atol=1e-6)
+    assert not torch.allclose(heatmap, grad_cam(run.model, batch).heatmaps[0], atol=1e-3)
+    assert evidence == "MEL, mean of image + 3 flips"
+
+    # A model that sees only part of the image (VGG-16's full preset): the figure gets its window.
+    run.settings = replace(run.settings, recipe=replace(run.settings.recipe, tta=False))
+    monkeypatch.setattr(run.model, "input_window", lambda height, width: (8, 8, 112, 112), raising=False)
+    explain.explain_files(run, [tmp_path / "lesion.png"], tmp_path / "window")
+    heatmap, evidence, window = drawn.pop()
+    assert window == (8, 8, 112, 112) and evidence == "MEL"
+    assert heatmap[:8].abs().sum() == 0 and heatmap[8:120, 8:120].max() == 1.0
 
 
 def test_explain_writes_one_png_per_readable_image(tiny_run, tmp_path, capsys):

@@ -95,24 +95,24 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
     seen = F.interpolate(cam, size=(seen_height, seen_width), mode="bilinear", align_corners=False)
     cam = cam.new_zeros(len(cam), height, width)
     cam[:, top : top + seen_height, left : left + seen_width] = seen.squeeze(1)
-    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
-    return GradCam(heatmaps=(cam / peak).cpu(), logits=logits.detach().cpu(), layer=layer, window=window)
+    return GradCam(heatmaps=_to_peak_one(cam).cpu(), logits=logits.detach().cpu(), layer=layer, window=window)
+
+
+def _to_peak_one(maps: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) non-negative maps, each divided by its maximum (an all-zero map stays zero)."""
+    return maps / maps.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
 
 
 def grad_cam_over_flips(
     model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | None = None
 ) -> GradCam:
     """Grad-CAM of ``model`` under flip test-time augmentation (``recipe.tta``, :class:`FlipTTA`):
-    the map of each flipped view, flipped back onto the image, averaged and rescaled to peak 1;
-    the logit is FlipTTA's (that of the mean probability), so map and probability describe the
-    same prediction."""
-    cams = [grad_cam(model, inputs.flip(dims) if dims else inputs, toward_mel) for dims in FlipTTA.FLIPS]
-    maps = torch.stack(
-        [
-            cam.heatmaps.flip(dims) if dims else cam.heatmaps
-            for cam, dims in zip(cams, FlipTTA.FLIPS, strict=True)
-        ]
-    ).mean(0)
-    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+    the map of each flipped view, flipped back onto the image, averaged and rescaled to peak 1.
+    Each view's map is at peak 1 before the mean, so the four views count alike, as their
+    probabilities do in FlipTTA's mean. The logit is FlipTTA's (that of the mean probability), so
+    map and probability describe the same prediction."""
+    cams = [grad_cam(model, FlipTTA.view(inputs, dims), toward_mel) for dims in FlipTTA.FLIPS]
+    views = [FlipTTA.view(cam.heatmaps, dims) for cam, dims in zip(cams, FlipTTA.FLIPS, strict=True)]
     probs = torch.stack([torch.sigmoid(cam.logits) for cam in cams]).mean(0)
-    return GradCam(maps / peak, torch.logit(probs, eps=1e-6), cams[0].layer, cams[0].window)
+    heatmaps = _to_peak_one(torch.stack(views).mean(0))
+    return GradCam(heatmaps, torch.logit(probs, eps=1e-6), cams[0].layer, cams[0].window)

@@ -200,7 +200,12 @@ class FlipTTA(nn.Module):
         super().__init__()
         self.model = model
 
+    @staticmethod
+    def view(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """``x`` flipped along ``dims`` (one of FLIPS); a flip is its own inverse."""
+        return x.flip(dims) if dims else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        views = [x.flip(dims) if dims else x for dims in self.FLIPS]
+        views = [self.view(x, dims) for dims in self.FLIPS]
         probs = torch.stack([torch.sigmoid(self.model(v).float()) for v in views]).mean(0)
         return torch.logit(probs, eps=1e-6)
