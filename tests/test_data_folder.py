@@ -110,8 +110,8 @@ def test_second_load_is_a_cache_hit_and_a_changed_dataset_is_decoded_again(tmp_p
     assert len(list(cache.glob("*.pt"))) == 4
 
 
-def test_the_cache_key_follows_permissions_and_the_pillow_version(tmp_path, monkeypatch):
-    # chmod keeps the mtime: an image skipped as unreadable, then made readable, must be decoded
+def test_the_cache_key_follows_permissions_owner_and_the_pillow_version(tmp_path, monkeypatch):
+    # chmod and chown keep the mtime: an image skipped as unreadable, then made readable, must be decoded
     # anew; and a new Pillow may decode JPEGs a little differently.
     image = write_image(tmp_path / "a.jpg", RED)
     before = decode_cache_module.content_key([image], tmp_path)
@@ -119,7 +119,11 @@ def test_the_cache_key_follows_permissions_and_the_pillow_version(tmp_path, monk
     after_chmod = decode_cache_module.content_key([image], tmp_path)
     monkeypatch.setattr(decode_cache_module.PIL, "__version__", "0.0.1")
     after_upgrade = decode_cache_module.content_key([image], tmp_path)
-    assert len({before, after_chmod, after_upgrade}) == 3
+    keys = {before, after_chmod, after_upgrade}
+    if os.geteuid() == 0:  # only root may give a file away
+        os.chown(image, image.stat().st_uid + 1, -1)
+        keys.add(decode_cache_module.content_key([image], tmp_path))
+    assert len(keys) == 3 + (os.geteuid() == 0)
 
 
 def test_decode_cache_false_writes_no_cache(tmp_path):

@@ -1,11 +1,11 @@
 """Decode a list of image files once; later loads read one uint8 tensor file instead.
 
 The cache of a list of files is keyed by its content as the file system reports it: every
-file's path (relative to the dataset root), size, modification time (ns) and permission bits,
-the output image size, the decoder version and Pillow's version. Any added, removed, renamed,
-resized, touched or chmod-ed file (an image skipped as unreadable, then made readable) changes
-the key, as does a Pillow upgrade (its JPEG decoder may round differently), so a changed dataset
-is never served stale; the old cache file is simply not used again.
+file's path (relative to the dataset root), size, modification time (ns), permission bits and
+owner, the output image size, the decoder version and Pillow's version. Any added, removed,
+renamed, resized, touched, chmod-ed or chown-ed file (an image skipped as unreadable, then made
+readable) changes the key, as does a Pillow upgrade (its JPEG decoder may round differently),
+so a changed dataset is never served stale; the old cache file is simply not used again.
 Cache files are written atomically (temporary file + rename), so an interrupted run leaves no
 half-written cache behind.
 """
@@ -58,7 +58,9 @@ def content_key(files: list[Path], root: Path, size: int = IMAGE_SIZE) -> str:
             st = path.stat() if path.exists() else path.lstat()
         except OSError as err:
             raise SkinclfError(f"{path}: cannot read the file ({err.strerror})") from err
-        entries.append([path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns, st.st_mode])
+        entries.append(
+            [path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns, st.st_mode, st.st_uid, st.st_gid]
+        )
     decoder = {"decoder": DECODER_VERSION, "pillow": PIL.__version__, "size": size}
     blob = json.dumps({**decoder, "files": entries}, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
