@@ -561,6 +561,13 @@ def _cut_last_row(path: Path) -> None:
     path.write_text("\n".join([*rows, ",".join(last.split(",")[:3])]))
 
 
+def _blank_line_then_high(path: Path) -> None:
+    """A blank line after the header (an editor's), then a text accuracy in the second row."""
+    _set_cell(path, 1, "val_acc", "high")
+    header, *rows = path.read_text().splitlines()
+    path.write_text("\n".join([header, "", *rows]) + "\n")
+
+
 def _set_key(path: Path, key: str, value: object) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
 
@@ -571,6 +578,7 @@ DAMAGED_FILES = [
     ("metrics.csv", lambda p: _set_cell(p, 1, "val_acc", "high"), "line 3: val_acc is 'high'"),
     ("metrics.csv", lambda p: _set_cell(p, 2, "epoch", "3x"), "line 4: epoch is '3x'"),
     ("metrics.csv", _cut_last_row, "line 7: val_acc is empty or NaN"),
+    ("metrics.csv", _blank_line_then_high, "line 4: val_acc is 'high'"),  # the file's own line
     ("test_metrics.json", lambda p: _set_key(p, "confusion", {}), "confusion is {}"),
     ("test_metrics.json", lambda p: _set_key(p, "roc_auc", None), "roc_auc is None"),
     ("test_metrics.json", lambda p: _set_key(p, "n_test", "64 images"), "n_test is '64 images'"),
@@ -635,6 +643,7 @@ def test_a_report_that_fails_leaves_no_out_folder_behind(sweep, tmp_path):
         ("text probability", "line 3: prob_mel is 'abc'; expected a probability in [0, 1]"),
         ("row cut short", "line 3: prob_mel is empty or NaN; expected a probability in [0, 1]"),
         ("label 2", "line 3: label is '2'; expected 0 (NV) or 1 (MEL)"),
+        ("after a blank line", "line 4: prob_mel is 'abc'; expected a probability in [0, 1]"),
     ],
 )
 def test_a_damaged_prediction_is_one_error_naming_file_and_line(damage, message, sweep, tmp_path):
@@ -645,6 +654,7 @@ def test_a_damaged_prediction_is_one_error_naming_file_and_line(damage, message,
         "text probability": f"{split},{index},{label},abc",
         "row cut short": f"{split},{index},{label}",
         "label 2": f"{split},{index},2,{prob}",
+        "after a blank line": f"\n{split},{index},{label},abc",  # the file's line 4
     }[damage]
     predictions.write_text("\n".join(lines) + "\n")
     with pytest.raises(SkinclfError) as err:

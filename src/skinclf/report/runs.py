@@ -96,7 +96,7 @@ class Run:
         if not path.is_file():
             return None
         try:
-            frame = pd.read_csv(path)
+            frame = _read_csv_keeping_line_numbers(path)
             rows = frame.index[frame["split"] == "test"]
             test = frame.loc[rows, ["label", "prob_mel"]]
         except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, UnicodeDecodeError) as err:
@@ -116,7 +116,7 @@ class Run:
                 cell = test[column].iloc[row]
                 shown = "empty or NaN" if pd.isna(cell) else repr(str(cell))
                 raise SkinclfError(
-                    f"{path} line {int(rows[row]) + 2}: {column} is {shown}; expected {expected}"
+                    f"{path} line {_line(rows[row])}: {column} is {shown}; expected {expected}"
                 )
             test[column] = values.astype(int) if column == "label" else values
         return test.reset_index(drop=True)
@@ -223,7 +223,7 @@ def _read_history(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        history = pd.read_csv(path)
+        history = _read_csv_keeping_line_numbers(path)
     except pd.errors.EmptyDataError:
         return pd.DataFrame(columns=list(METRICS_REQUIRED))
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
@@ -243,9 +243,23 @@ def _read_history(path: Path) -> pd.DataFrame | None:
             row = int(np.flatnonzero(bad)[0])
             cell = history[column].iloc[row]
             shown = "empty or NaN" if pd.isna(cell) else repr(str(cell))
-            raise ValueError(f"{METRICS} line {row + 2}: {column} is {shown}; expected {expected}")
+            raise ValueError(
+                f"{METRICS} line {_line(history.index[row])}: {column} is {shown}; expected {expected}"
+            )
         history[column] = values.astype(int) if column == "epoch" else values
     return history.sort_values("epoch").reset_index(drop=True)
+
+
+def _read_csv_keeping_line_numbers(path: Path) -> pd.DataFrame:
+    """A CSV file without its blank lines, each row keeping its place in the file as its index
+    (see :func:`_line`): pandas would otherwise drop blank lines and renumber what follows."""
+    frame = pd.read_csv(path, skip_blank_lines=False)
+    return frame.dropna(how="all")
+
+
+def _line(index: int) -> int:
+    """The file line of a row read by :func:`_read_csv_keeping_line_numbers` (line 1: the header)."""
+    return int(index) + 2
 
 
 def _read_test_metrics(path: Path) -> dict:
