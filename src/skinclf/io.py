@@ -1,5 +1,5 @@
-"""Atomic file writes: a crash never leaves a half-written checkpoint, cache or result file; and
-output folders checked before the work that fills them."""
+"""Atomic file writes: a crash never leaves a half-written checkpoint, cache or result file;
+output folders checked before the work that fills them; and the files under an input folder."""
 
 from __future__ import annotations
 
