@@ -433,6 +433,22 @@ def test_a_relative_data_root_is_keyed_by_the_folder_it_was_typed_in(tmp_path):
     }
 
 
+@pytest.mark.parametrize(
+    ("overrides", "note"),
+    [
+        (((), ()), "All runs with the default settings."),
+        ((("optim.lr=0.001",), ("optim.lr=0.001",)), "Settings of every run: optim.lr=0.001."),
+        (((), ("optim.lr=0.001",)), "No setting is shared by every run: each row names its own"),
+    ],
+    ids=["defaults", "shared", "differing"],
+)
+def test_each_dataset_states_the_settings_its_runs_share(overrides, note, tmp_path):
+    for seed, extra in enumerate(overrides):
+        write_run(tmp_path / "outputs", "baseline", [0.6, 0.7], [0.6, 0.7], seed=seed, overrides=extra)
+    build_report([tmp_path / "outputs"], tmp_path / "reports")
+    assert note in (tmp_path / "reports" / "table1.md").read_text()
+
+
 def test_latex_table_escapes_every_special_character_once():
     assert _tex_escape("a\\b^c~d_e&f%g$h#i{j}k ± –") == (
         "a\\textbackslash{}b\\textasciicircum{}c\\textasciitilde{}d\\_e\\&f\\%g\\$h\\#i\\{j\\}k $\\pm$ --"

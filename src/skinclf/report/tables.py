@@ -141,9 +141,14 @@ HEADERS = ["Model", "n", *(header for _, header, _ in TABLE1_METRICS)]
 
 
 def _dataset_note(groups: list[Group]) -> str:
+    """The settings every run of a dataset shares, which the rows then leave out."""
     shared = common_settings(run for g in groups for run in g.runs)
     settings = " ".join(f"{k}={v}" for k, v in sorted(shared.items()))
-    return f"Settings of every run: {settings}." if settings else "All runs with the default settings."
+    if settings:
+        return f"Settings of every run: {settings}."
+    if any(group.variant for group in groups):
+        return "No setting is shared by every run: each row names its own (none: the defaults)."
+    return "All runs with the default settings."
 
 
 def table1_markdown(table: pd.DataFrame, groups: dict[str, list[Group]]) -> str:
