@@ -205,6 +205,31 @@ def test_a_run_folder_is_never_resumed_under_another_config(tmp_path: Path) -> N
         claim_run_dir(tmp_path, compose_config(["model=resnet", "seed=2", "optim.lr=0.01"]))
 
 
+def test_a_relative_data_root_typed_in_another_folder_is_another_config(tmp_path, monkeypatch) -> None:
+    run_dir, one, two = tmp_path / "run", tmp_path / "one", tmp_path / "two"
+    for folder in (run_dir, one / "ds", two / "ds"):
+        folder.mkdir(parents=True)
+    cfg = compose_config(["data=folder", "data.root=ds"])
+    monkeypatch.chdir(one)
+    assert claim_run_dir(run_dir, cfg) == "new"
+    assert json.loads((run_dir / RUN_CONFIG).read_text())["data"]["root"] == os.path.realpath(one / "ds")
+    assert claim_run_dir(run_dir, compose_config(["data=folder", "data.root=./ds"])) == "unfinished"
+    monkeypatch.chdir(two)  # the same command in another folder: another dataset
+    with pytest.raises(SkinclfError, match=r"different config \(changed: data.root\)"):
+        claim_run_dir(run_dir, cfg)
+
+    # A folder from before roots were stored absolute: its root is taken from its launch's folder.
+    stored = json.loads((run_dir / RUN_CONFIG).read_text())
+    stored["data"]["root"] = "ds"
+    (run_dir / RUN_CONFIG).write_text(json.dumps(stored))
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {one}\n")
+    with pytest.raises(SkinclfError, match=r"changed: data.root"):
+        claim_run_dir(run_dir, cfg)
+    monkeypatch.chdir(one)
+    assert claim_run_dir(run_dir, cfg) == "unfinished"
+
+
 def test_an_unreadable_run_config_is_one_error_naming_it(tmp_path: Path) -> None:
     (tmp_path / RUN_CONFIG).write_text("")
     with pytest.raises(SkinclfError, match=rf"{tmp_path / RUN_CONFIG}: unreadable"):
@@ -243,6 +268,24 @@ def test_a_resume_refused_for_a_bad_setting_leaves_an_unfinished_folder_as_it_wa
     )
     assert refused.returncode == 2 and "trainer.checkpoint_every=0: must be at least 1" in refused.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    # The same command without resume=true would train it anew over its checkpoint: refused.
+    again = train_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.progress=never", cwd=tmp_path, check=False)
+    assert again.returncode == 2
+    assert f"{run_dir}: holds an unfinished run of this config; add resume=true" in again.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_refused_resume_keeps_a_run_stopped_before_its_first_epoch(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.progress=never", cwd=tmp_path)
+    for path in run_dir.iterdir():  # as if stopped while the data loaded: its records only
+        if path.name not in {".hydra", "run_config.json", "job_status.json", "train.log"}:
+            path.unlink()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    for bad in ("optim.lr=1e-3", "seed=-1"):  # another config; a bad setting
+        refused = train_cli(*TINY, f"hydra.run.dir={run_dir}", "resume=true", bad, cwd=tmp_path, check=False)
+        assert refused.returncode == 2, refused.stderr
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def _as_an_older_skinclf_wrote_it(run_dir: Path, *dotted_keys: str) -> None:

@@ -47,6 +47,7 @@ from skinclf.run_files import (
 from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
 from skinclf.sweep.jobs import (
+    RUN_CONFIG,
     claim_run_dir,
     holds_only_bookkeeping,
     recorded_status,
@@ -374,13 +375,23 @@ def hydra_main(cfg: DictConfig) -> None:
             cfg, out_dir, _run_in_hydra, hydra_cfg.job.num, Path(hydra_cfg.sweep.dir), overrides, _claim
         )
         return
+    # Only a folder that this launch begins may be removed when it fails: a folder with a recorded
+    # config holds an earlier run (even one stopped before its first epoch), whose files stay.
+    began_here = not (out_dir / RUN_CONFIG).exists()
     try:
-        if _claim(out_dir, cfg, overrides) == "finished":
+        state = _claim(out_dir, cfg, overrides)
+        if state == "finished":
             # As a sweep skips its finished jobs: retraining over the results would leave the
             # old test_metrics.json until the end, so an interrupted retrain would read as finished.
             print(
                 f"{out_dir}: holds a finished run of this config; nothing to do "
                 "(a new hydra.run.dir trains it again)"
+            )
+        elif state == "unfinished" and not cfg.resume:
+            # Training it anew would overwrite its checkpoint and metrics without a word.
+            raise SkinclfError(
+                f"{out_dir}: holds an unfinished run of this config; add resume=true to continue it, "
+                "or use a new hydra.run.dir to train it again"
             )
         else:
             # A crash is then listed by `skinclf report` as failed with its error, not as
@@ -390,7 +401,8 @@ def hydra_main(cfg: DictConfig) -> None:
                 _run_in_hydra(cfg, out_dir)
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
-        _remove_unstarted_run(out_dir)
+        if began_here:
+            _remove_unstarted_run(out_dir)
         sys.exit(EXIT_USER_ERROR)
     print(f"output directory: {out_dir}")
 

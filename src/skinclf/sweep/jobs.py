@@ -26,9 +26,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from skinclf.data.splits import data_path
 from skinclf.errors import SkinclfError, first_line
 from skinclf.io import atomic_write_json, atomic_write_text
-from skinclf.run_files import HYDRA_DIR, TEST_METRICS, TRAIN_LOG
+from skinclf.run_files import HYDRA_DIR, HYDRA_SETTINGS, TEST_METRICS, TRAIN_LOG
 from skinclf.sweep.cross_validation import CV_RESULT
 
 log = logging.getLogger("skinclf")
@@ -55,9 +56,13 @@ VOLATILE_KEYS = (
 
 
 def comparable_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without the keys a resume may change (VOLATILE_KEYS)."""
+    """The resolved config without the keys a resume may change (VOLATILE_KEYS), and with
+    ``data.root`` as the absolute path it names (symlinks resolved): a relative root typed in
+    another folder is another dataset, and must not continue a run begun on the first."""
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
+    if isinstance(config.get("data"), dict) and config["data"].get("root") not in (None, ""):
+        config["data"]["root"] = os.path.realpath(data_path(cfg.data))
     for dotted in VOLATILE_KEYS:
         *parents, leaf = dotted.split(".")
         node = config
@@ -88,6 +93,7 @@ def claim_run_dir(out_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ())
                 f"{stored_path}: unreadable ({err}), so this folder's config is unknown; "
                 "use a new hydra.run.dir / hydra.sweep.dir"
             ) from err
+        _resolve_stored_root(stored, out_dir)
         if stored != config:
             differing = sorted(_differences(stored, config))
             # Keys this skinclf added since, which the run's overrides leave to the config files.
@@ -108,6 +114,25 @@ def claim_run_dir(out_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ())
         return "finished" if any((out_dir / name).exists() for name in RESULT_FILES) else "unfinished"
     atomic_write_json(config, stored_path)
     return "new"
+
+
+def _resolve_stored_root(stored: dict[str, Any], out_dir: Path) -> None:
+    """A run_config.json from before roots were stored absolute holds ``data.root`` as typed:
+    resolve a relative one from the folder its launch started in (Hydra's record in .hydra/)."""
+    data = stored.get("data")
+    root = data.get("root") if isinstance(data, dict) else None
+    if not isinstance(root, str) or not root:
+        return
+    root = os.path.expanduser(root)
+    if not os.path.isabs(root):
+        try:
+            cwd = OmegaConf.select(OmegaConf.load(out_dir / HYDRA_SETTINGS), "hydra.runtime.cwd")
+        except Exception:  # no record: compared as typed, and refused unless typed the same
+            return
+        if not cwd:
+            return
+        root = os.path.join(str(cwd), root)
+    data["root"] = os.path.realpath(root)
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
