@@ -150,6 +150,19 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
             "eval.target_sensitivity=95",
             "eval.target_sensitivity=95.0: expected a fraction above 0, at most 1",
         ),
+        # Keys Hydra lets in with + (its own hint for a misspelt key), which nothing would read.
+        (
+            "+optim.lrr=0.001",
+            "optim.lrr: not a skinclf config key (added by +optim.lrr=0.001), so nothing "
+            "would read it; check its spelling (`skinclf train --help` lists the keys; a pipeline goes "
+            "in as pipeline@model.pipeline=NAME)",
+        ),
+        (
+            "+pipeline=augmented",
+            "pipeline: not a skinclf config key (added by +pipeline=augmented), so nothing would read "
+            "it; check its spelling (`skinclf train --help` lists the keys; a pipeline goes in as "
+            "pipeline@model.pipeline=NAME)",
+        ),
     ],
 )
 def test_a_bad_setting_is_one_clear_error_before_training(tmp_path, override, expected):

@@ -332,9 +332,47 @@ def check_settings(cfg: DictConfig) -> None:
             check_bool(key, value)
 
 
+def check_appended_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse keys added with ``+key=value`` that no skinclf config defines: nothing reads them,
+    so the run would train with the defaults without a word. Hydra itself suggests the ``+`` for
+    a misspelt key (``+trainer.max_epoch=3``) and for a group that belongs elsewhere
+    (``+pipeline=augmented``, which is ``pipeline@model.pipeline=augmented``). Keys beside a
+    ``_target_`` are let through: they are handed to that class's constructor."""
+    appended = [o for o in overrides if o.startswith("+")]
+    if not appended:
+        return
+    # Within the running Hydra app: the same config, composed without the appended keys.
+    known = hydra.compose(config_name="train", overrides=[o for o in overrides if o not in appended])
+    unknown = _keys_not_in(cfg, known)
+    if unknown:
+        given = next((o for o in appended if o.lstrip("+").split("=")[0].split("@")[0] == unknown[0]), "")
+        raise SkinclfError(
+            f"{unknown[0]}: not a skinclf config key (added by {given or 'an override with +'}), so "
+            "nothing would read it; check its spelling (`skinclf train --help` lists the keys; a "
+            "pipeline goes in as pipeline@model.pipeline=NAME)"
+        )
+
+
+def _keys_not_in(cfg: DictConfig, known: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of ``cfg`` that ``known`` lacks (the outermost of each new subtree), except
+    those beside a ``_target_``."""
+    if "_target_" in cfg:
+        return []
+    found = []
+    for key in cfg:
+        path = f"{prefix}{key}"
+        if key not in known:
+            found.append(path)
+        elif isinstance(cfg[key], DictConfig) and isinstance(known[key], DictConfig):
+            found += _keys_not_in(cfg[key], known[key], f"{path}.")
+    return found
+
+
 def _claim(out_dir: Path, cfg: DictConfig, overrides: list[str]) -> str:
-    """:func:`claim_run_dir` after :func:`check_settings`; a folder taken for (more) work gets its
-    .hydra/ record then, before the job changes anything in ``cfg`` (a re-launch sets resume)."""
+    """:func:`claim_run_dir` after :func:`check_appended_keys` and :func:`check_settings`; a
+    folder taken for (more) work gets its .hydra/ record then, before the job changes anything
+    in ``cfg`` (a re-launch sets resume)."""
+    check_appended_keys(cfg, overrides)
     check_settings(cfg)
     state = claim_run_dir(out_dir, cfg, overrides)
     if state != "finished":
