@@ -81,8 +81,11 @@ def test_a_stopped_run_leaves_no_temporary_files_and_resumes(tmp_path, signum):
         time.sleep(0.02)
     assert proc.poll() is None, f"the run ended before it could be stopped:\n{proc.communicate()}"
     proc.send_signal(signum)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum
+    if signum == signal.SIGINT:  # one line saying how to go on, not a traceback
+        assert stderr.strip().splitlines()[-1].startswith("skinclf train: stopped (Ctrl-C); resume=true")
+        assert "Traceback" not in stderr
     assert not [p.name for p in run_dir.iterdir() if p.suffix == ".tmp"]
     assert not (run_dir / "test_metrics.json").exists()
     assert json.loads((run_dir / "job_status.json").read_text())["status"] == "stopped"

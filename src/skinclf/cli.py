@@ -21,6 +21,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("skinclf.prepare", "128x128 MEL/NV folder layout from an ISIC 2019 or HAM10000 download"),
 }
 
+# How work stopped by Ctrl-C goes on, per command (the others simply start again).
+RESUME_HINTS = {
+    "train": "; resume=true with its hydra.run.dir continues a run, the same -m command with its "
+    "hydra.sweep.dir a sweep",
+}
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
+
 USAGE = """usage: skinclf COMMAND [ARGS]
 
 Melanoma vs nevus classification experiments: the eight CNN combinations of the DAT341 study.
@@ -73,3 +80,9 @@ def _dispatch(argv: list[str]) -> None:
     except SkinclfError as err:
         print(f"skinclf {command}: error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's own doing, not a crash: one line, not a traceback. Files being
+        # written are atomic, so nothing is left half-written.
+        hint = RESUME_HINTS.get(command, "")
+        print(f"skinclf {command}: stopped (Ctrl-C){hint}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
