@@ -17,7 +17,7 @@ from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS
 from skinclf.sweep import resources
 from skinclf.sweep.jobs import STATUS_FILE, run_sweep_job, start_launch
-from skinclf.sweep.summary import SWEEP_SUMMARY, collect_jobs
+from skinclf.sweep.summary import SWEEP_SUMMARY, JobsSummary, SweepSummary, collect_jobs
 
 from conftest import TINY, train_cli
 
@@ -281,3 +281,13 @@ def test_failed_job_does_not_stop_the_sweep_and_relaunch_retrains_nothing(
     assert "epoch  1/1" not in again.stdout  # nothing was trained again
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before
+
+
+def test_a_failed_sweep_in_an_earlier_call_does_not_fail_the_next(monkeypatch) -> None:
+    # SweepSummary keeps the last summary on the class (Hydra makes the callback instance).
+    import skinclf.train
+
+    SweepSummary.last = JobsSummary(failed=[{"dir": "old", "error": "boom", "log": None}])
+    monkeypatch.setattr(skinclf.train, "hydra_main", lambda: None)  # a single run that went well
+    skinclf.train.main([])  # no SystemExit(1) for the earlier sweep's failure
+    assert SweepSummary.last is None

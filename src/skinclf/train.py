@@ -464,7 +464,7 @@ def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
     _check_output_folders(args)
     sys.argv = ["skinclf train", *args]
-    SweepSummary.started = None
+    SweepSummary.started = SweepSummary.last = None  # class-level: a previous call's must not count
     try:
         hydra_main()
     except BaseException:
