@@ -291,3 +291,16 @@ def test_a_failed_sweep_in_an_earlier_call_does_not_fail_the_next(monkeypatch) -
     monkeypatch.setattr(skinclf.train, "hydra_main", lambda: None)  # a single run that went well
     skinclf.train.main([])  # no SystemExit(1) for the earlier sweep's failure
     assert SweepSummary.last is None
+
+
+def test_a_failed_job_line_names_its_folder_once(tmp_path: Path) -> None:
+    folder = str(tmp_path / "0_baseline")
+    jobs = JobsSummary(
+        failed=[
+            {"dir": folder, "error": f"{folder}: holds a run of a different config", "log": "a.log"},
+            {"dir": folder, "error": "optim.lr=-1.0: must be 0 or more", "log": "b.log"},
+        ]
+    )
+    lines = jobs.format(tmp_path).splitlines()
+    assert lines[1] == f"  FAILED {folder}: holds a run of a different config"
+    assert lines[3] == f"  FAILED {folder}: optim.lr=-1.0: must be 0 or more"

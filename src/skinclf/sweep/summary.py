@@ -43,7 +43,10 @@ class JobsSummary:
             f"sweep {sweep_dir}: {total} jobs: {len(self.done)} done, {len(self.skipped)} skipped "
             f"(finished before), {len(self.failed)} failed"
         ]
-        lines += [f"  FAILED {f['dir']}: {f['error']}\n    log: {f['log']}" for f in self.failed]
+        for failed in self.failed:
+            # An error about the job's folder names it already: the folder is not repeated.
+            error = str(failed["error"]).removeprefix(f"{failed['dir']}: ")
+            lines.append(f"  FAILED {failed['dir']}: {error}\n    log: {failed['log']}")
         return "\n".join(lines)
 
 
