@@ -304,3 +304,21 @@ def test_a_failed_job_line_names_its_folder_once(tmp_path: Path) -> None:
     lines = jobs.format(tmp_path).splitlines()
     assert lines[1] == f"  FAILED {folder}: holds a run of a different config"
     assert lines[3] == f"  FAILED {folder}: optim.lr=-1.0: must be 0 or more"
+
+
+def test_a_sweep_with_nested_job_folders_is_summarised_in_full(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = train_cli(
+        "-m",
+        *TINY,
+        "seed=0,-1",  # the second job is refused
+        "hydra.sweep.subdir=${model.name}/seed${seed}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert f"sweep {sweep}: 2 jobs: 1 done, 0 skipped (finished before), 1 failed" in proc.stdout
+    assert f"FAILED {sweep / 'baseline' / 'seed-1'}: seed=-1: expected 0 to 2**32 - 1" in proc.stdout
+    summary = json.loads((sweep / SWEEP_SUMMARY).read_text())
+    assert summary["done"] == [str(sweep / "baseline" / "seed0")]

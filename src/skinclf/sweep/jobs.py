@@ -185,8 +185,27 @@ def record_refusal(sweep_dir: Path, out_dir: Path, launch: str | None, **info: A
     """Record a job refused before it ran: its folder holds another config's run, or its settings
     are bad. The record goes beside the folder (``REFUSED_PREFIX``), not into it: a run already
     there keeps its status, and a new folder takes no config that a re-launch would be held to."""
-    record = Path(sweep_dir) / f"{REFUSED_PREFIX}{out_dir.name}.json"
-    atomic_write_json({"status": "failed", "launch": launch, **info}, record)
+    atomic_write_json({"status": "failed", "launch": launch, **info}, refusal_record(sweep_dir, out_dir))
+
+
+# A job folder may be nested in its sweep (hydra.sweep.subdir=${model.name}/seed${seed}): its
+# refusal record, one file beside the jobs, names the folder's path with "/" spelt as this.
+_SLASH = "%2F"
+
+
+def refusal_record(sweep_dir: Path, out_dir: Path) -> Path:
+    """Where the refusal of the job in ``out_dir`` is recorded (see :func:`refused_job_dir`)."""
+    try:
+        name = out_dir.relative_to(sweep_dir).as_posix()
+    except ValueError:  # a subdir outside the sweep folder
+        name = out_dir.name
+    return Path(sweep_dir) / f"{REFUSED_PREFIX}{name.replace('/', _SLASH)}.json"
+
+
+def refused_job_dir(sweep_dir: Path, record: Path) -> Path:
+    """The job folder a refusal record (:func:`refusal_record`) belongs to."""
+    name = record.name.removeprefix(REFUSED_PREFIX).removesuffix(".json")
+    return Path(sweep_dir) / name.replace(_SLASH, "/")
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from skinclf.io import atomic_write_json, atomic_write_text
 from skinclf.run_files import HYDRA_MULTIRUN, HYDRA_OVERRIDES
 from skinclf.sweep.cross_validation import CV_RESULT
-from skinclf.sweep.jobs import LAUNCH_FILE, REFUSED_PREFIX, STATUS_FILE, start_launch
+from skinclf.sweep.jobs import LAUNCH_FILE, REFUSED_PREFIX, STATUS_FILE, refused_job_dir, start_launch
 
 log = logging.getLogger("skinclf")
 
@@ -59,11 +59,12 @@ def collect_jobs(sweep_dir: Path, launch: str | None) -> JobsSummary:
     summary = JobsSummary()
     sweep_dir = Path(sweep_dir)
     # job folder -> its status file; a refused job's record lies beside its folder, not in it.
-    records = {path.parent: path for path in sweep_dir.glob(f"*/{STATUS_FILE}")}
+    # Job folders may be nested (hydra.sweep.subdir=${model.name}/seed${seed}).
+    records = {path.parent: path for path in sweep_dir.glob(f"**/{STATUS_FILE}")}
     for path in sweep_dir.glob(f"{REFUSED_PREFIX}*.json"):
         refused = json.loads(path.read_text())
         if refused.get("launch") == launch:
-            records[sweep_dir / path.name.removeprefix(REFUSED_PREFIX).removesuffix(".json")] = path
+            records[refused_job_dir(sweep_dir, path)] = path
     for folder in sorted(records, key=_job_order):
         status = json.loads(records[folder].read_text())
         if status.get("launch") != launch:
@@ -80,20 +81,22 @@ def collect_jobs(sweep_dir: Path, launch: str | None) -> JobsSummary:
 
 
 def _job_order(folder: Path) -> tuple[int, str]:
-    """Job folders start with the job number: sort 2 before 10."""
+    """Job folders start with the job number: sort 2 before 10 (others, nested ones included,
+    by path)."""
     head = folder.name.split("_", 1)[0]
-    return (int(head), folder.name) if head.isdigit() else (1 << 30, folder.name)
+    return (int(head), str(folder)) if head.isdigit() else (1 << 30, str(folder))
 
 
 def rank_grid(sweep_dir: Path) -> pd.DataFrame:
     """One row per cross-validated job in ``sweep_dir``, best first (higher mean validation
     accuracy; on a tie, the lower std). ``point`` names the overrides that differ between jobs."""
     rows = []
-    for path in sorted(Path(sweep_dir).glob(f"*/{CV_RESULT}"), key=lambda p: _job_order(p.parent)):
+    for path in sorted(Path(sweep_dir).glob(f"**/{CV_RESULT}"), key=lambda p: _job_order(p.parent)):
         result = json.loads(path.read_text())
         overrides_file = path.parent / HYDRA_OVERRIDES
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-        rows.append({"overrides": overrides or [], "dir": path.parent.name, **result})
+        job = path.parent.relative_to(sweep_dir).as_posix()
+        rows.append({"overrides": overrides or [], "dir": job, **result})
     if not rows:
         return pd.DataFrame()
     # Overrides shared by every job (e.g. data.root=...) say nothing about the point: hide them.
