@@ -57,6 +57,14 @@ def test_pretrained_weights_are_not_fetched_unless_asked():
     assert "pretrained" not in model_config("baseline").model
 
 
+def test_a_weights_switch_applies_to_the_models_that_have_weights(capsys, caplog):
+    # model=all model.pretrained=...: baseline has no such key, vgg16 has; each gets what applies.
+    out = summary_output(capsys, "model=all", "model.pretrained=false")
+    assert any(line.startswith("vgg16 ") for line in out.splitlines())
+    # The table of a model built without its weights does not warn that training so would differ.
+    assert "NOT the paper's setup" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [

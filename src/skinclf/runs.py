@@ -62,7 +62,8 @@ def _without_pretrained_download(model_cfg: DictConfig) -> DictConfig:
 
 
 @contextlib.contextmanager
-def _quiet_logs() -> Iterator[None]:
+def quiet_logs() -> Iterator[None]:
+    """No log lines up to warnings inside: a model built only to load weights into, or to count."""
     logging.disable(logging.WARNING)
     try:
         yield
@@ -126,7 +127,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     try:
         # Quiet: a "random init, not the paper's setup" warning would be false here, since the
         # checkpoint's weights replace the random ones right away.
-        with _quiet_logs():
+        with quiet_logs():
             model = build_model(_without_pretrained_download(cfg.model))
         model.load_state_dict(state["model"])
         pipeline = instantiate_config(cfg.model.pipeline)

@@ -19,6 +19,7 @@ from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model
 from skinclf.report.groups import model_order
+from skinclf.runs import quiet_logs
 
 INPUT_SIZE = (64, 3, 128, 128)  # the paper's batch of 64 RGB 128x128 images
 
@@ -45,9 +46,16 @@ def model_config(name: str, overrides: list[str] = ()) -> DictConfig:
     return cfg
 
 
+def has_weights(name: str) -> bool:
+    """Whether model ``name`` has a ``model.pretrained`` switch (pretrained weights to load)."""
+    return "pretrained" in compose_config([f"model={name}"]).model
+
+
 def model_statistics(cfg: DictConfig) -> ModelStatistics:
     """torchinfo's statistics of ``cfg.model`` at input (64, 3, 128, 128), computed on shapes only."""
-    with torch.device("meta"):
+    # Quietly: a table of shapes needs no weights, and "vgg16: random features, NOT the paper's
+    # setup" would read as if it changed the table.
+    with torch.device("meta"), quiet_logs():
         model = build_model(cfg.model)
     return summary(
         model,
@@ -93,7 +101,11 @@ def totals(name: str, overrides: list[str] = ()) -> Totals:
 
 def overview(overrides: list[str] = ()) -> str:
     """One line per model in conf/model/: architecture, total and trainable parameters, mult-adds."""
-    rows = [totals(name, overrides) for name in model_names()]
+    # model.pretrained (e.g. model.pretrained=true) concerns only the models that have weights.
+    rows = [
+        totals(name, [o for o in overrides if not o.startswith("model.pretrained=") or has_weights(name)])
+        for name in model_names()
+    ]
     width = max(len(r.model) for r in rows)
     arch = max(len(r.architecture) for r in rows)
     header = ("model", "architecture", "total params", "trainable", "mult-adds (G)")
