@@ -114,7 +114,7 @@ def test_a_sweep_with_an_unknown_model_runs_nothing_and_leaves_no_folder(tmp_pat
     proc = error_run(tmp_path, "-m", "model=baseline,alexnet", *TINY)
     assert "model/alexnet" in proc.stderr
     # Hydra composes every job before the first runs: baseline did not train either.
-    assert not list((tmp_path / "outputs" / "multiruns").glob("*"))
+    assert not (tmp_path / "outputs").exists()  # nor the folders made for the sweep's
 
 
 @pytest.mark.parametrize(
@@ -204,15 +204,16 @@ def test_a_seed_too_big_for_a_float_is_kept_exactly():
     assert number_setting(compose_config(["seed=12345678901234567"]), "seed", int) == 12345678901234567
 
 
+@pytest.mark.parametrize("folder", ["afile/run", "afile/${model.name}"])  # with an interpolation too
 @pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
-def test_an_output_folder_under_a_file_is_one_clear_error(tmp_path, key):
+def test_an_output_folder_under_a_file_is_one_clear_error(tmp_path, key, folder):
     (tmp_path / "afile").write_text("a file, not a folder")
     multirun = ["-m"] if key == "hydra.sweep.dir" else []
-    proc = error_run(tmp_path, *multirun, *TINY, f"{key}=afile/run")
+    proc = error_run(tmp_path, *multirun, *TINY, f"{key}={folder}")
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()
-        == f"skinclf train: error: {key}=afile/run: {tmp_path / 'afile'} is a file; expected a folder"
+        == f"skinclf train: error: {key}={folder}: {tmp_path / 'afile'} is a file; expected a folder"
     )
 
 

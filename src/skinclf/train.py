@@ -450,9 +450,10 @@ def _check_output_folders(args: list[str]) -> None:
     made: Hydra makes it before any skinclf code runs, and reports a failure with a traceback."""
     for arg in args:
         key, has_value, value = arg.partition("=")
-        if not has_value or key.lstrip("+") not in {"hydra.run.dir", "hydra.sweep.dir"} or "${" in value:
+        if not has_value or key.lstrip("+") not in {"hydra.run.dir", "hydra.sweep.dir"}:
             continue
-        folder = Path(os.path.abspath(value))
+        # Up to the first interpolation (out/${model.name}): the folders above it are fixed already.
+        folder = Path(os.path.abspath(value.split("${", 1)[0] or "."))
         existing = next(p for p in (folder, *folder.parents) if p.exists())
         if not existing.is_dir():
             raise SkinclfError(f"{arg}: {existing} is a file; expected a folder")
@@ -464,12 +465,13 @@ def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
     _check_output_folders(args)
     sys.argv = ["skinclf train", *args]
-    SweepSummary.started = SweepSummary.last = None  # class-level: a previous call's must not count
+    # Class-level (Hydra makes the callback instance): a previous call's must not count.
+    SweepSummary.started, SweepSummary.last, SweepSummary.created = None, None, []
     try:
         hydra_main()
     except BaseException:
         # Nothing half-written: a sweep refused before its first job leaves no folder behind.
-        remove_unstarted_sweep(SweepSummary.started)
+        remove_unstarted_sweep(SweepSummary.started, SweepSummary.created)
         raise
     if SweepSummary.last is not None and SweepSummary.last.failed:
         sys.exit(1)  # the summary above names the failed jobs; scripts and CI must notice too

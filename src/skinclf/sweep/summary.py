@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from skinclf.io import atomic_write_json, atomic_write_text
+from skinclf.io import atomic_write_json, atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_MULTIRUN, HYDRA_OVERRIDES
 from skinclf.sweep.cross_validation import CV_RESULT
 from skinclf.sweep.jobs import LAUNCH_FILE, REFUSED_PREFIX, STATUS_FILE, refused_job_dir, start_launch
@@ -132,8 +133,9 @@ def format_grid(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def remove_unstarted_sweep(sweep_dir: Path | None) -> None:
-    """Delete a sweep folder that holds nothing but what was written before any job started.
+def remove_unstarted_sweep(sweep_dir: Path | None, created: Sequence[Path] = ()) -> None:
+    """Delete a sweep folder that holds nothing but what was written before any job started,
+    and the ``created`` folders above it (deepest first) that the launch made and left empty.
 
     Hydra composes every job's config before it launches the first, so a bad override (a
     misspelt model in ``model=baseline,typo``) stops the sweep right there, leaving only its
@@ -142,6 +144,7 @@ def remove_unstarted_sweep(sweep_dir: Path | None) -> None:
         return
     if {p.name for p in sweep_dir.iterdir()} <= {HYDRA_MULTIRUN, LAUNCH_FILE}:
         shutil.rmtree(sweep_dir, ignore_errors=True)
+        remove_empty_folders([folder for folder in created if folder != sweep_dir])
 
 
 def write_grid(sweep_dir: Path) -> pd.DataFrame:
@@ -163,12 +166,14 @@ class SweepSummary(Callback):
 
     last: JobsSummary | None = None
     started: Path | None = None  # the sweep folder of the latest launch
+    created: list[Path] = []  # the folders that launch made for it (outputs/multiruns/...)
 
     def __init__(self) -> None:
         self.launch: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        SweepSummary.created = [folder for folder in (sweep_dir, *sweep_dir.parents) if not folder.exists()]
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.launch = start_launch(sweep_dir)
         SweepSummary.started = sweep_dir
