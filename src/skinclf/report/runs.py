@@ -97,8 +97,7 @@ class Run:
             return None
         try:
             frame = _read_csv_keeping_line_numbers(path)
-            rows = frame.index[frame["split"] == "test"]
-            test = frame.loc[rows, ["label", "prob_mel"]]
+            test = frame.loc[frame["split"] == "test", ["label", "prob_mel"]]
         except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, UnicodeDecodeError) as err:
             raise SkinclfError(
                 f"{path}: unreadable ({err}); expected columns split,index,label,prob_mel"
@@ -112,12 +111,7 @@ class Run:
             values = pd.to_numeric(test[column], errors="coerce").to_numpy(dtype=float)
             bad = ~ok(values)  # NaN (text, an empty cell) fails too
             if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                cell = test[column].iloc[row]
-                shown = "empty or NaN" if pd.isna(cell) else repr(str(cell))
-                raise SkinclfError(
-                    f"{path} line {_line(rows[row])}: {column} is {shown}; expected {expected}"
-                )
+                raise SkinclfError(f"{path} {_first_bad_cell(test, column, bad)}; expected {expected}")
             test[column] = values.astype(int) if column == "label" else values
         return test.reset_index(drop=True)
 
@@ -240,26 +234,25 @@ def _read_history(path: Path) -> pd.DataFrame | None:
         else:
             bad, expected = ~((numbers >= 0) & (numbers <= 1)), "an accuracy in [0, 1]"
         if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            cell = history[column].iloc[row]
-            shown = "empty or NaN" if pd.isna(cell) else repr(str(cell))
-            raise ValueError(
-                f"{METRICS} line {_line(history.index[row])}: {column} is {shown}; expected {expected}"
-            )
+            raise ValueError(f"{METRICS} {_first_bad_cell(history, column, bad)}; expected {expected}")
         history[column] = values.astype(int) if column == "epoch" else values
     return history.sort_values("epoch").reset_index(drop=True)
 
 
 def _read_csv_keeping_line_numbers(path: Path) -> pd.DataFrame:
     """A CSV file without its blank lines, each row keeping its place in the file as its index
-    (see :func:`_line`): pandas would otherwise drop blank lines and renumber what follows."""
+    (row i is line i + 2): pandas would otherwise drop blank lines and renumber what follows."""
     frame = pd.read_csv(path, skip_blank_lines=False)
     return frame.dropna(how="all")
 
 
-def _line(index: int) -> int:
-    """The file line of a row read by :func:`_read_csv_keeping_line_numbers` (line 1: the header)."""
-    return int(index) + 2
+def _first_bad_cell(frame: pd.DataFrame, column: str, bad: np.ndarray) -> str:
+    """``line N: COLUMN is VALUE`` for the first row of ``frame`` (read by
+    :func:`_read_csv_keeping_line_numbers`) that ``bad`` marks."""
+    row = int(np.flatnonzero(bad)[0])
+    cell = frame[column].iloc[row]
+    shown = "empty or NaN" if pd.isna(cell) else repr(str(cell))
+    return f"line {int(frame.index[row]) + 2}: {column} is {shown}"  # line 1: the header
 
 
 def _read_test_metrics(path: Path) -> dict:
