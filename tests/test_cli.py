@@ -250,3 +250,18 @@ def test_train_help_lists_the_models(tmp_path):
         [sys.executable, "-m", "skinclf", "train", "--help"], capture_output=True, text=True, check=True
     )
     assert "res_aug" in proc.stdout and "skinclf train model=res_aug" in proc.stdout
+
+
+def test_an_error_line_keeps_the_reason_an_announcing_first_line_points_to():
+    from skinclf.errors import first_line
+
+    hydra_style = RuntimeError(
+        "Error in call to target 'skinclf.models.simple_cnn.SimpleCNN':\n"
+        "TypeError(\"SimpleCNN.__init__() got an unexpected keyword argument 'foo'\")\nfull_key: model.arch"
+    )
+    assert first_line(hydra_style) == (
+        "Error in call to target 'skinclf.models.simple_cnn.SimpleCNN': "
+        "TypeError(\"SimpleCNN.__init__() got an unexpected keyword argument 'foo'\")"
+    )
+    assert first_line(ValueError("one line\nmore detail")) == "one line"
+    assert first_line(KeyError()) == "KeyError"

@@ -14,9 +14,14 @@ EXIT_USER_ERROR = 2
 
 def first_line(err: BaseException) -> str:
     """The first line of an error's message (its type's name when it has none): torch and
-    Hydra messages run to many lines, and a status file or an ``error:`` line wants one."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    Hydra messages run to many lines, and a status file or an ``error:`` line wants one. A first
+    line that only announces the next (Hydra's "Error in call to target 'X':") takes it along."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 def counted(n: int, noun: str) -> str:
