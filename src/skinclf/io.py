@@ -76,7 +76,7 @@ def output_folder(folder: Path) -> Iterator[Path]:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise SkinclfError(f"{folder}: is a file; expected a folder for the output")
-    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    created = missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -91,6 +91,12 @@ def output_folder(folder: Path) -> Iterator[Path]:
     except BaseException:
         remove_empty_folders(created)
         raise
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those above it that do not exist yet, deepest first: what making it will
+    create, and what :func:`remove_empty_folders` may take away again when the work fails."""
+    return [p for p in (folder, *folder.parents) if not p.exists()]
 
 
 def remove_empty_folders(folders: Sequence[Path]) -> None:

@@ -26,7 +26,7 @@ from PIL import Image
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.data.splits import SPLIT_NAMES, undersample_majority
 from skinclf.errors import SkinclfError
-from skinclf.io import files_under, remove_empty_folders
+from skinclf.io import files_under, missing_folders, remove_empty_folders
 from skinclf.training.progress import progress
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ def prepare(
     # Everything is written into a hidden sibling and renamed into place only when complete; the
     # folders above OUT that this makes are removed again when it fails.
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    created = [folder for folder in out.parents if not folder.exists()]  # deepest first
+    created = missing_folders(out.parent)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         # The folders first: an OUT that cannot be written fails now, not after minutes of decoding.

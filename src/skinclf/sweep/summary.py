@@ -17,7 +17,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from skinclf.io import atomic_write_json, atomic_write_text, remove_empty_folders
+from skinclf.io import atomic_write_json, atomic_write_text, missing_folders, remove_empty_folders
 from skinclf.run_files import HYDRA_MULTIRUN, HYDRA_OVERRIDES
 from skinclf.sweep.cross_validation import CV_RESULT
 from skinclf.sweep.jobs import LAUNCH_FILE, REFUSED_PREFIX, STATUS_FILE, refused_job_dir, start_launch
@@ -173,7 +173,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        SweepSummary.created = [folder for folder in (sweep_dir, *sweep_dir.parents) if not folder.exists()]
+        SweepSummary.created = missing_folders(sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.launch = start_launch(sweep_dir)
         SweepSummary.started = sweep_dir
