@@ -11,7 +11,6 @@ stopped with an error). Each file is checked once, here, so that tables and figu
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -26,12 +25,11 @@ from skinclf.errors import SkinclfError, counted, first_line
 from skinclf.run_files import (
     HYDRA_CONFIG,
     HYDRA_OVERRIDES,
-    HYDRA_SETTINGS,
     METRICS,
     PREDICTIONS,
     TEST_METRICS,
 )
-from skinclf.sweep.jobs import STATUS_FILE, VOLATILE_KEYS, process_gone
+from skinclf.sweep.jobs import STATUS_FILE, VOLATILE_KEYS, process_gone, recorded_root
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 # How an interrupted run (stopped, or killed outright) goes on.
@@ -151,7 +149,9 @@ def load_run(path: Path) -> Run | None:
         return None  # a grid-search point: cross-validated, never tested; see its grid_search.md
     root = OmegaConf.select(cfg, "data.root", default=None)
     # Two folder datasets are different datasets: the root is part of the identity.
-    data = f"{data_name}:{_absolute_root(path, str(root))}" if root else str(data_name)
+    # Keyed by the absolute root the run read, so `ds` typed in two folders is two datasets, and
+    # `ds`, `./ds`, `$PWD/ds` in one are one; as typed when the run has no record of its folder.
+    data = f"{data_name}:{recorded_root(path, str(root)) or root}" if root else str(data_name)
     seed = OmegaConf.select(cfg, "seed", default=None)
     run = Run(path, str(model), data, None if seed is None else int(seed), _settings(path, cfg))
 
@@ -182,24 +182,6 @@ def load_run(path: Path) -> Run | None:
     except (ValueError, OSError) as err:
         run.status, run.problem = FAILED, str(err)
     return run
-
-
-def _absolute_root(path: Path, root: str) -> str:
-    """``data.root`` as the run read it, symlinks resolved. A relative root is taken from the
-    folder skinclf was started in (Hydra's ``hydra.runtime.cwd``), so ``ds`` typed in two folders
-    names two datasets, and ``ds``, ``./ds`` and ``$PWD/ds`` typed in one name the same (the
-    recorded folder is the physical path, ``$PWD`` may go through a link); as typed when the run
-    has no record of it."""
-    root_path = Path(root).expanduser()
-    if not root_path.is_absolute():
-        try:
-            cwd = OmegaConf.select(OmegaConf.load(path / HYDRA_SETTINGS), "hydra.runtime.cwd")
-        except Exception:  # no or broken hydra.yaml (a copied-out run): nothing better to go on
-            cwd = None
-        if not cwd:
-            return root
-        root_path = Path(str(cwd)) / root_path
-    return os.path.realpath(root_path)
 
 
 def _job_status(path: Path) -> dict:

@@ -118,21 +118,28 @@ def claim_run_dir(out_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ())
 
 def _resolve_stored_root(stored: dict[str, Any], out_dir: Path) -> None:
     """A run_config.json from before roots were stored absolute holds ``data.root`` as typed:
-    resolve a relative one from the folder its launch started in (Hydra's record in .hydra/)."""
+    resolve it as the run did (see :func:`recorded_root`); without a record it stays as typed."""
     data = stored.get("data")
     root = data.get("root") if isinstance(data, dict) else None
-    if not isinstance(root, str) or not root:
-        return
-    root = os.path.expanduser(root)
-    if not os.path.isabs(root):
+    if isinstance(root, str) and root:
+        data["root"] = recorded_root(out_dir, root) or root
+
+
+def recorded_root(run_dir: Path, root: str) -> str | None:
+    """The absolute ``data.root`` (symlinks resolved) that the run in ``run_dir`` read: a relative
+    root counts from the folder its launch started in, which Hydra records in
+    .hydra/hydra.yaml (``hydra.runtime.cwd``: the physical path). None when a relative root has
+    no such record (a copied-out run)."""
+    path = os.path.expanduser(root)
+    if not os.path.isabs(path):
         try:
-            cwd = OmegaConf.select(OmegaConf.load(out_dir / HYDRA_SETTINGS), "hydra.runtime.cwd")
-        except Exception:  # no record: compared as typed, and refused unless typed the same
-            return
+            cwd = OmegaConf.select(OmegaConf.load(Path(run_dir) / HYDRA_SETTINGS), "hydra.runtime.cwd")
+        except Exception:  # no or broken hydra.yaml
+            return None
         if not cwd:
-            return
-        root = os.path.join(str(cwd), root)
-    data["root"] = os.path.realpath(root)
+            return None
+        path = os.path.join(str(cwd), path)
+    return os.path.realpath(path)
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
