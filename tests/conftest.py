@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from skinclf.config import compose_config
@@ -18,19 +23,61 @@ TINY = ["data.train_size=64", "data.val_size=32", "data.test_size=32", "trainer.
 
 
 def train_cli(*overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``skinclf train OVERRIDES`` in a subprocess, as a user would."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "skinclf", "train", *overrides],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
+    """Run ``skinclf train OVERRIDES`` from folder ``cwd`` as a user would, but in this process:
+    the command line, Hydra, the exit code and the printed output are the real ones, without the
+    5 s of importing torch that a new process pays (tests of signals and --help use their own).
+
+    What a run changes in the process is put back afterwards: the working folder, torch's thread
+    count, and the log handlers Hydra attaches (the console and the run's train.log)."""
+    from skinclf import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    loggers = [logging.getLogger(), logging.getLogger("skinclf")]
+    handlers = [list(logger.handlers) for logger in loggers]
+    levels = [logger.level for logger in loggers]
+    threads, folder = torch.get_num_threads(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with (
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+            pytest.MonkeyPatch.context() as env,
+        ):
+            env.setenv("HYDRA_FULL_ERROR", "0")
+            try:
+                cli.main(["train", *overrides])
+                returncode = 0
+            except SystemExit as stop:
+                returncode = _exit_status(stop.code)
+            except Exception:  # what the interpreter does with an uncaught error
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        os.chdir(folder)
+        torch.set_num_threads(threads)
+        for logger, kept, level in zip(loggers, handlers, levels, strict=True):
+            for handler in [h for h in logger.handlers if h not in kept]:
+                logger.removeHandler(handler)
+                handler.close()
+            for handler in [h for h in kept if h not in logger.handlers]:
+                logger.addHandler(handler)
+            logger.setLevel(level)
+    proc = subprocess.CompletedProcess(
+        ["skinclf", "train", *overrides], returncode, stdout.getvalue(), stderr.getvalue()
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"skinclf train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _exit_status(code: object) -> int:
+    """The process exit status ``sys.exit(code)`` gives: a message is printed and exits 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 def run_dir_from_output(stdout: str) -> Path:
