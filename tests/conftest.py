@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -122,3 +123,14 @@ def image_and_kept_file(tmp_path: Path) -> tuple[Path, Path]:
     kept = tmp_path / "notes.txt"
     kept.write_text("keep me")
     return image, kept
+
+
+def simple_cnn_killed_at_seed(kill_seed: int, seed: int, **arch):
+    """The baseline model (``model.arch._target_=conftest.simple_cnn_killed_at_seed``), except in
+    a run whose seed is ``kill_seed``: its process is killed outright, as the out-of-memory killer
+    does (SIGKILL: nothing is recorded, no ``finally`` runs)."""
+    from skinclf.models.simple_cnn import SimpleCNN
+
+    if seed == kill_seed:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return SimpleCNN(**arch)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
@@ -43,9 +44,17 @@ def test_threads_are_divided_between_parallel_jobs(setting, launcher, cores, exp
     assert resources.threads_per_job(setting, launcher, cores) == expected
 
 
-def test_a_launcher_with_no_jobs_is_refused() -> None:
+def test_a_launcher_with_no_jobs_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SkinclfError, match="n_jobs"):
         resources.threads_per_job(None, {"n_jobs": 0}, 4)
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=0,1", "hydra/launcher=local", "hydra.launcher.n_jobs=0", f"hydra.sweep.dir={sweep}"]
+    proc = train_cli(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("skinclf train: error: hydra.launcher.n_jobs=0: expected a positive number")
+    assert not sweep.exists()
 
 
 def test_parallel_jobs_spread_over_gpus() -> None:
@@ -106,7 +115,7 @@ def test_launcher_configs_compose() -> None:
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     local = compose_config(["hydra/launcher=local"], return_hydra_config=True).hydra.launcher
-    assert "JoblibLauncher" in local._target_
+    assert local._target_ == "hydra_plugins.skinclf_launcher.LocalLauncher"
     # One job per GPU where there are GPUs, else per 4 cores.
     gpus = torch.cuda.device_count()
     assert local.n_jobs == resources.default_parallel_jobs(resources.available_cores(), gpus) >= 1
@@ -228,6 +237,57 @@ def test_joblib_sweep_over_three_models_then_report(tmp_path: Path, shared_data_
     )
     assert "3 jobs: 3 done, 0 skipped (finished before), 0 failed" in proc.stdout
     _check_sweep_and_report(sweep, MODELS, tmp_path)
+
+
+def test_a_job_killed_outright_fails_alone_and_the_jobs_beside_it_go_on(
+    tmp_path: Path, shared_data_dir: Path
+) -> None:
+    """Joblib's pool breaks when a worker dies, ending the jobs beside it; Hydra's joblib launcher
+    then aborts the whole sweep. The local launcher runs those jobs again one at a time."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    proc = train_cli(
+        "-m",
+        "seed=0,1,2",
+        *TINY,
+        f"data.cache_dir={shared_data_dir}",
+        "model.arch._target_=conftest.simple_cnn_killed_at_seed",
+        "+model.arch.kill_seed=1",
+        "+model.arch.seed=${seed}",
+        "hydra/launcher=local",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "3 jobs: 2 done, 0 skipped (finished before), 1 failed" in proc.stdout, proc.stdout + proc.stderr
+    assert f"FAILED {sweep / '1_baseline'}: stopped before finishing (killed?)" in proc.stdout
+    assert "job #1 died on its own (exit code SIGKILL(-9); out of memory?)" in proc.stdout
+    for job in ("0_baseline", "2_baseline"):
+        assert (sweep / job / "test_metrics.json").exists()
+        # Each job knew how many ran beside it: two at first, one once the others were done.
+        hydra_cfg = OmegaConf.load(sweep / job / ".hydra" / "hydra.yaml").hydra
+        assert hydra_cfg.launcher.n_jobs in (1, 2)
+
+
+def test_jobs_divide_the_cores_between_the_jobs_the_sweep_has(tmp_path: Path, shared_data_dir: Path) -> None:
+    """n_jobs=-1 is one job per core; a sweep of two jobs still gets all the cores, half each."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    train_cli(
+        "-m",
+        "seed=0,1",
+        *TINY,
+        f"data.cache_dir={shared_data_dir}",
+        "hydra/launcher=local",
+        "hydra.launcher.n_jobs=-1",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    for job in ("0_baseline", "1_baseline"):
+        launcher = OmegaConf.load(sweep / job / ".hydra" / "hydra.yaml").hydra.launcher
+        assert launcher.n_jobs == min(2, resources.available_cores())
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_plugins import skinclf_launcher
 from skinclf.config import check_bool, instantiate_config, is_number
 from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
@@ -467,6 +468,7 @@ def main(args: list[str]) -> None:
     sys.argv = ["skinclf train", *args]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
     SweepSummary.started, SweepSummary.last, SweepSummary.created = None, None, []
+    skinclf_launcher.register()  # hydra/launcher=local
     try:
         hydra_main()
     except BaseException:
