@@ -353,6 +353,15 @@ def test_a_failed_sweep_in_an_earlier_call_does_not_fail_the_next(monkeypatch) -
     assert SweepSummary.last is None
 
 
+def test_a_new_launch_removes_the_summary_of_the_last(tmp_path: Path) -> None:
+    """An interrupted launch must not leave the previous launch's summary as if it were its own."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / SWEEP_SUMMARY).write_text(json.dumps({"done": ["0_baseline"], "skipped": [], "failed": []}))
+    SweepSummary().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert not (sweep / SWEEP_SUMMARY).exists()
+
+
 def test_a_failed_job_line_names_its_folder_once(tmp_path: Path) -> None:
     folder = str(tmp_path / "0_baseline")
     jobs = JobsSummary(

@@ -177,6 +177,8 @@ class SweepSummary(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.launch = start_launch(sweep_dir)
         SweepSummary.started = sweep_dir
+        # An earlier launch's summary would read as this one's if this launch is interrupted.
+        (sweep_dir / SWEEP_SUMMARY).unlink(missing_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
