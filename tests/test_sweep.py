@@ -4,8 +4,10 @@ sweep jobs, the end-of-sweep summary, and whole sweeps through the joblib and su
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -269,6 +271,38 @@ def test_a_job_killed_outright_fails_alone_and_the_jobs_beside_it_go_on(
         # Each job knew how many ran beside it: two at first, one once the others were done.
         hydra_cfg = OmegaConf.load(sweep / job / ".hydra" / "hydra.yaml").hydra
         assert hydra_cfg.launcher.n_jobs in (1, 2)
+
+
+def test_kill_stops_a_local_sweep_and_the_jobs_it_runs(tmp_path: Path, shared_data_dir: Path) -> None:
+    """`kill` of the sweep stops its running jobs as it stops a run (resumable), instead of
+    waiting for them to finish; the jobs not begun are not begun."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    args = [*TINY[1:3], "data.train_size=256", "trainer.max_epochs=5", "trainer.progress=never"]
+    args += [f"data.cache_dir={shared_data_dir}", "hydra/launcher=local", "hydra.launcher.n_jobs=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "skinclf", "train", "-m", "seed=0,1,2", *args, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    logs = [sweep / f"{job}_baseline" / "train.log" for job in (0, 1)]
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if all(log.exists() and "data=synthetic: train" in log.read_text() for log in logs):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    for log in logs:
+        job = log.parent
+        assert json.loads((job / STATUS_FILE).read_text())["status"] == "stopped"
+        assert not (job / "test_metrics.json").exists()
+        assert not [p.name for p in job.iterdir() if p.suffix == ".tmp"]
+    assert not (sweep / "2_baseline").exists()
 
 
 def test_jobs_divide_the_cores_between_the_jobs_the_sweep_has(tmp_path: Path, shared_data_dir: Path) -> None:

@@ -17,9 +17,11 @@ As with joblib, ``n_jobs`` of 1 runs the jobs one after another in this process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -39,6 +41,9 @@ from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.sweep import resources
 
 log = logging.getLogger(__name__)
+
+# How long `kill` waits for the running jobs to record that they stopped.
+STOP_TIMEOUT_S = 60
 
 
 class LocalLauncher(JoblibLauncher):
@@ -64,11 +69,17 @@ class LocalLauncher(JoblibLauncher):
         if at_once == 1:  # in this process, as joblib runs n_jobs=1
             return [jobs.execute(idx, 1) for idx in range(len(job_overrides))]
         waiting = list(range(len(job_overrides)))
-        while waiting:
-            interrupted = jobs.run_parallel(waiting, at_once)
-            waiting = [idx for idx in waiting if idx not in jobs.returns and idx not in interrupted]
-            for idx in interrupted:
-                jobs.run_alone(idx)
+        try:
+            while waiting:
+                interrupted = jobs.run_parallel(waiting, at_once)
+                waiting = [idx for idx in waiting if idx not in jobs.returns and idx not in interrupted]
+                for idx in interrupted:
+                    jobs.run_alone(idx)
+        except SystemExit:
+            # `kill` (the CLI raises SIGTERM as SystemExit): the jobs must stop too, not run to
+            # their end first. Ctrl-C reaches them already, from the terminal.
+            jobs.stop()
+            raise
         return [jobs.returns[idx] for idx in range(len(job_overrides))]
 
 
@@ -83,6 +94,9 @@ class _Jobs:
         self.first_num = first_num
         self.returns: dict[int, JobReturn] = {}
         self.singleton_state = Singleton.get_state()
+        # The pool in use and its jobs (future -> job), for stop().
+        self.executor: Any = None
+        self.running: dict[Future, int] = {}
 
     def _arguments(self, idx: int, at_once: int) -> tuple[Any, ...]:
         launcher = self.launcher
@@ -101,15 +115,15 @@ class _Jobs:
         return execute_job(*self._arguments(idx, at_once))
 
     def submit(self, executor: Any, idx: int, at_once: int) -> Future:
-        return executor.submit(execute_job, *self._arguments(idx, at_once))
+        return executor.submit(_pool_job, *self._arguments(idx, at_once))
 
     def run_parallel(self, waiting: list[int], at_once: int) -> list[int]:
         """Run the ``waiting`` jobs, ``at_once`` at a time, until all are done or a job process
         dies; returns the jobs that were running then (the pool ends them all)."""
         at_once = min(at_once, len(waiting))
-        executor = get_reusable_executor(max_workers=at_once)
+        self.executor = executor = get_reusable_executor(max_workers=at_once)
         queue = iter(waiting)
-        running: dict[Future, int] = {}
+        self.running = running = {}
         while True:
             for idx in queue:  # fill the free places
                 running[self.submit(executor, idx, at_once)] = idx
@@ -139,7 +153,9 @@ class _Jobs:
     def run_alone(self, idx: int) -> None:
         """Run job ``idx`` in a process of its own: if that process dies, the job is the cause.
         Its status stays "running", which the sweep summary counts as failed (killed)."""
-        future = self.submit(get_reusable_executor(max_workers=1), idx, 1)
+        self.executor = get_reusable_executor(max_workers=1)
+        future = self.submit(self.executor, idx, 1)
+        self.running = {future: idx}
         wait([future])
         if not _died(future):
             self.returns[idx] = future.result()
@@ -149,6 +165,14 @@ class _Jobs:
             "it counts as failed, and a re-launch resumes it"
         )
         self.returns[idx] = JobReturn(overrides=list(self.job_overrides[idx]), status=JobStatus.COMPLETED)
+
+    def stop(self) -> None:
+        """Stop the running jobs as `kill` stops a run (each records "stopped"; a re-launch resumes
+        it), and wait until they have."""
+        for process in list(getattr(self.executor, "_processes", {}).values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+        wait(self.running, timeout=STOP_TIMEOUT_S)
 
 
 def _died(future: Future) -> bool:
@@ -194,3 +218,18 @@ def execute_job(
         job_dir_key="hydra.sweep.dir",
         job_subdir_key="hydra.sweep.subdir",
     )
+
+
+def _pool_job(*arguments: Any) -> JobReturn:
+    """:func:`execute_job` in a pool process, which SIGTERM stops as the CLI stops a run."""
+    signal.signal(signal.SIGTERM, _stop_once)
+    return execute_job(*arguments)
+
+
+def _stop_once(signum: int, frame: object) -> None:
+    """A pool process's SIGTERM: stop the job as the CLI stops a run, raising SystemExit so that
+    its status is recorded and no temporary file is left. Only once: the launcher forwards
+    `kill` to its jobs, and a scheduler may signal the whole process group as well; a second
+    signal would interrupt the recording of the first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
