@@ -32,7 +32,7 @@ from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.evaluation.curves import write_run_curves
 from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.threshold import threshold_for_sensitivity
-from skinclf.io import atomic_write_json, atomic_write_text
+from skinclf.io import atomic_write_json, atomic_write_text, remove_empty_folders
 from skinclf.models import build_model
 from skinclf.run_files import (
     BEST_CHECKPOINT,
@@ -398,9 +398,11 @@ def _write_hydra_record(cfg: DictConfig, out_dir: Path) -> None:
 
 def _remove_unstarted_run(out_dir: Path) -> None:
     """Delete a run folder that holds nothing but what was written before the run failed (Hydra's
-    files, the log, the config and status records)."""
+    files, the log, the config and status records), and the folders above it that its launch
+    made (outputs/runs on first use) when that leaves them empty."""
     if holds_only_bookkeeping(out_dir):
         shutil.rmtree(out_dir, ignore_errors=True)
+        remove_empty_folders([folder for folder in SweepSummary.created if folder != out_dir.absolute()])
 
 
 @hydra.main(version_base="1.3", config_path="pkg://skinclf.conf", config_name="train")

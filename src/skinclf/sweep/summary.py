@@ -166,10 +166,16 @@ class SweepSummary(Callback):
 
     last: JobsSummary | None = None
     started: Path | None = None  # the sweep folder of the latest launch
-    created: list[Path] = []  # the folders that launch made for it (outputs/multiruns/...)
+    # The folders the latest launch makes for its sweep or single run folder (outputs/multiruns/...,
+    # outputs/runs/...), for removing them again when it is refused before it starts.
+    created: list[Path] = []
 
     def __init__(self) -> None:
         self.launch: str | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Called before Hydra makes the run folder (the sweep's own case is below).
+        SweepSummary.created = missing_folders(Path(config.hydra.run.dir).absolute())
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
