@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 from PIL import Image
 
 from skinclf.config import compose_config
@@ -134,3 +136,16 @@ def simple_cnn_killed_at_seed(kill_seed: int, seed: int, **arch):
     if seed == kill_seed:
         os.kill(os.getpid(), signal.SIGKILL)
     return SimpleCNN(**arch)
+
+
+class KilledAtJobStart(Callback):
+    """A Hydra callback (``+hydra.callbacks.killer._target_=conftest.KilledAtJobStart``) that
+    kills the process of the sweep job whose seed is ``seed`` as it starts, before skinclf has
+    recorded anything of it."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if config.seed == self.seed:
+            os.kill(os.getpid(), signal.SIGKILL)
