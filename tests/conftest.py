@@ -127,14 +127,14 @@ def image_and_kept_file(tmp_path: Path) -> tuple[Path, Path]:
     return image, kept
 
 
-def simple_cnn_killed_at_seed(kill_seed: int, seed: int, **arch):
+def simple_cnn_killed_at_seed(kill_seed: int, seed: int, signum: int = signal.SIGKILL, **arch):
     """The baseline model (``model.arch._target_=conftest.simple_cnn_killed_at_seed``), except in
-    a run whose seed is ``kill_seed``: its process is killed outright, as the out-of-memory killer
-    does (SIGKILL: nothing is recorded, no ``finally`` runs)."""
+    a run whose seed is ``kill_seed``: its process gets ``signum``, by default killed outright as
+    the out-of-memory killer does (SIGKILL: nothing is recorded, no ``finally`` runs)."""
     from skinclf.models.simple_cnn import SimpleCNN
 
     if seed == kill_seed:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signum)
     return SimpleCNN(**arch)
 
 

@@ -280,6 +280,32 @@ def test_a_job_killed_outright_fails_alone_and_the_jobs_beside_it_go_on(
         assert OmegaConf.load(sweep / job / ".hydra" / "hydra.yaml").hydra.launcher.n_jobs == 2
 
 
+def test_a_job_stopped_by_a_signal_of_its_own_fails_alone(tmp_path: Path, shared_data_dir: Path) -> None:
+    """An out-of-memory daemon (earlyoom) sends SIGTERM to the biggest process: one job, not the
+    sweep. That job stops and the others go on."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    killer = ["model.arch._target_=conftest.simple_cnn_killed_at_seed", "+model.arch.kill_seed=1"]
+    killer += ["+model.arch.seed=${seed}", f"+model.arch.signum={int(signal.SIGTERM)}"]
+    proc = train_cli(
+        "-m",
+        "seed=0,1,2",
+        *TINY,
+        f"data.cache_dir={shared_data_dir}",
+        *killer,
+        "hydra/launcher=local",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "3 jobs: 2 done, 0 skipped (finished before), 1 failed" in proc.stdout, proc.stdout + proc.stderr
+    assert json.loads((sweep / "1_baseline" / STATUS_FILE).read_text())["status"] == "stopped"
+    for job in ("0_baseline", "2_baseline"):
+        assert (sweep / job / "test_metrics.json").exists()
+
+
 def test_kill_stops_a_local_sweep_and_the_jobs_it_runs(tmp_path: Path, shared_data_dir: Path) -> None:
     """`kill` of the sweep stops its running jobs as it stops a run (resumable), instead of
     waiting for them to finish; the jobs not begun are not begun."""

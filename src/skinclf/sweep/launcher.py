@@ -54,7 +54,7 @@ class LocalLauncher(JoblibLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None
         try:
-            at_once = resources.concurrent_jobs(self.joblib, resources.available_cores()) or 1
+            at_once = resources.concurrent_jobs(self.joblib, resources.available_cores())
         except SkinclfError as err:  # Hydra would print its traceback; before any job, as a run's
             print(f"skinclf train: error: {err}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
@@ -70,10 +70,10 @@ class LocalLauncher(JoblibLauncher):
         jobs = _Jobs(self, job_overrides, initial_job_idx, at_once)
         try:
             jobs.run()
-        except BaseException as stop:
-            # `kill` (SystemExit, as the CLI raises SIGTERM) reaches only this process: pass it on.
-            # Ctrl-C reaches the jobs from the terminal already.
-            jobs.stop(forward_sigterm=isinstance(stop, SystemExit))
+        except BaseException:
+            # `kill`, `kill -INT` or an error here reach only this process: stop the jobs too (after
+            # a Ctrl-C in the terminal, which reached them already, they ignore the second signal).
+            jobs.stop()
             raise
         return [jobs.returns[idx] for idx in range(len(job_overrides))]
 
@@ -105,12 +105,17 @@ class _Jobs:
             for future in finished:
                 idx, executor = self.running.pop(future)
                 executor.shutdown(wait=True)
-                if isinstance(future.exception(), BrokenProcessPool):
-                    self._record_killed(idx, _exit_codes(future.exception()))
-                    overrides = list(self.job_overrides[idx])
-                    self.returns[idx] = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
-                else:
+                error = future.exception()
+                if isinstance(error, BrokenProcessPool):  # its process died
+                    self._record_lost(idx, error)
+                elif not isinstance(error, (SystemExit, KeyboardInterrupt)):
                     self.returns[idx] = future.result()  # any other error is Hydra's to report
+                    continue
+                # A job stopped by a signal of its own (an out-of-memory daemon's SIGTERM) recorded
+                # "stopped", which the summary counts as failed; the sweep goes on. Its return is
+                # COMPLETED: Hydra's sweeper raises a FAILED one's error, ending the sweep.
+                overrides = list(self.job_overrides[idx])
+                self.returns[idx] = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
 
     def _start(self, idx: int) -> None:
         launcher = self.launcher
@@ -128,68 +133,75 @@ class _Jobs:
         )
         self.running[future] = (idx, executor)
 
-    def _record_killed(self, idx: int, exit_codes: str) -> None:
-        """Record job ``idx``, whose process died without a word, as failed: the sweep summary
-        and ``skinclf report`` then say so, with the exit code (SIGKILL: the out-of-memory killer?)."""
+    def _record_lost(self, idx: int, error: BrokenProcessPool) -> None:
+        """Record job ``idx``, whose process died without a word (or failed in loky itself), as
+        failed, with the exit code (SIGKILL: the out-of-memory killer?): in its job_status.json,
+        or beside its folder if it died before recording anything. The sweep summary lists it."""
         num, overrides = self.first_num + idx, list(self.job_overrides[idx])
         out_dir = self._job_dir(num, overrides)
         sweep_dir = Path(str(self.launcher.config.hydra.sweep.dir))
         launch = current_launch(sweep_dir)
-        error = f"its process was killed ({exit_codes}; out of memory?); a re-launch resumes it"
-        log.error(f"job #{num}: {error}")
+        codes = re.search(r"exit codes of the workers are \{(.*?)\}", str(error))
+        if codes:
+            message = f"its process was killed (exit code {codes.group(1)}; out of memory?)"
+            message += "; a re-launch resumes it"
+        else:
+            message = f"its process failed: {str(error).strip().splitlines()[0]}"
+        log.error(f"job #{num}: {message}")
         info = {"job": num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
         try:
             status = json.loads((out_dir / STATUS_FILE).read_text())
         except (OSError, ValueError):
             status = {}
-        if status.get("launch") != launch:  # killed before it recorded anything
-            record_refusal(sweep_dir, out_dir, launch, error=error, **info)
+        if status.get("launch") != launch:
+            record_refusal(sweep_dir, out_dir, launch, error=message, **info)
         elif status.get("status") == "running":
-            write_status(out_dir, "failed", launch, error=error, **info)
+            write_status(out_dir, "failed", launch, error=message, **info)
 
     def _job_dir(self, num: int, overrides: list[str]) -> Path:
-        """The folder of job ``num``, as Hydra's run_job names it."""
+        """The folder of job ``num``, as Hydra's run_job names it (its config is left Hydra's
+        current one here, as joblib's in-process jobs leave theirs)."""
         launcher = self.launcher
         config = job_config(launcher.hydra_context, launcher.config, overrides, num)
         return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
 
-    def stop(self, forward_sigterm: bool) -> None:
-        """Stop the running jobs: each records "stopped", and a re-launch resumes it. What has not
-        stopped after STOP_TIMEOUT_S is killed."""
-        if forward_sigterm:
+    def stop(self) -> None:
+        """Stop the running jobs as `kill` stops a run: each records "stopped", and a re-launch
+        resumes it. What has not stopped after STOP_TIMEOUT_S (or at a second signal) is killed."""
+        try:
             for _, executor in self.running.values():
                 for process in list(getattr(executor, "_processes", {}).values()):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(process.pid, signal.SIGTERM)
-        wait(self.running, timeout=STOP_TIMEOUT_S)
-        for _, executor in self.running.values():
-            executor.shutdown(wait=False, kill_workers=True)
-
-
-def _exit_codes(error: BaseException) -> str:
-    """How the process died, from loky's message: "exit codes of the workers are {SIGKILL(-9)}"."""
-    codes = re.search(r"exit codes of the workers are \{(.*?)\}", str(error))
-    return f"exit code {codes.group(1)}" if codes else str(error).strip().splitlines()[0]
+            wait(self.running, timeout=STOP_TIMEOUT_S)
+        finally:
+            for _, executor in self.running.values():
+                executor.shutdown(wait=False, kill_workers=True)
 
 
 def _run_job(*arguments: Any) -> JobReturn:
-    """:func:`execute_job` in a job's own process, which SIGTERM stops as the CLI stops a run
-    (SystemExit: the job records "stopped" and leaves no temporary file). Only while the job
-    runs: before, the process has nothing to record and may simply end; after, a signal would
-    cut short the return of the result, which the launcher would then wait for forever."""
-    signal.signal(signal.SIGTERM, _stop_once)
+    """:func:`execute_job` in a job's own process, stopped by SIGTERM as the CLI stops a run
+    (SystemExit) and by SIGINT as by Ctrl-C (KeyboardInterrupt): the job records "stopped" and
+    leaves no temporary file. Only while the job runs: before, the process has nothing to record
+    and may simply end; after, a signal would cut short the return of the result."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_once)
     try:
         return execute_job(*arguments)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _stop_once(signum: int, frame: object) -> None:
-    """SIGTERM in a job's process. Only once: the launcher forwards `kill` to its jobs, and a
-    scheduler may signal the whole process group as well; a second signal would interrupt the
-    recording of the first."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """The first SIGTERM or SIGINT in a job's process. Later ones are ignored: the launcher
+    passes a stop on to its jobs, which a Ctrl-C in the terminal or a scheduler signalling the
+    whole process group reached already, and a second signal would interrupt the recording of
+    the first."""
+    for ignored in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(ignored, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
