@@ -241,6 +241,42 @@ def test_joblib_sweep_over_three_models_then_report(tmp_path: Path, shared_data_
     _check_sweep_and_report(sweep, MODELS, tmp_path)
 
 
+def _local_sweep_where_job_1_is_hit(tmp_path: Path, data_dir: Path, *hit: str) -> tuple[Path, str]:
+    """Run seeds 0, 1, 2 two at a time with the local launcher, with the overrides ``hit`` that
+    signal job 1; check that only job 1 failed. Returns the sweep folder and the printed output."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    proc = train_cli(
+        "-m",
+        "seed=0,1,2",
+        *TINY,
+        f"data.cache_dir={data_dir}",
+        *hit,
+        "hydra/launcher=local",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "3 jobs: 2 done, 0 skipped (finished before), 1 failed" in proc.stdout, proc.stdout + proc.stderr
+    for job in ("0_baseline", "2_baseline"):
+        assert (sweep / job / "test_metrics.json").exists()
+        # Each job knew how many ran beside it.
+        assert OmegaConf.load(sweep / job / ".hydra" / "hydra.yaml").hydra.launcher.n_jobs == 2
+    return sweep, proc.stdout
+
+
+def _signal_while_training(signum: int) -> list[str]:
+    """Overrides that send ``signum`` to job 1's process as it builds its model."""
+    return [
+        "model.arch._target_=conftest.simple_cnn_killed_at_seed",
+        "+model.arch.kill_seed=1",
+        "+model.arch.seed=${seed}",
+        f"+model.arch.signum={int(signum)}",
+    ]
+
+
 @pytest.mark.parametrize("when", ["training", "starting"])
 def test_a_job_killed_outright_fails_alone_and_the_jobs_beside_it_go_on(
     tmp_path: Path, shared_data_dir: Path, when: str
@@ -249,61 +285,22 @@ def test_a_job_killed_outright_fails_alone_and_the_jobs_beside_it_go_on(
     joblib launcher then aborts the whole sweep. The local launcher gives each job its own
     process, and records a killed one as failed: once it runs ("running" in its status file), or
     before it has recorded anything."""
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    sweep = tmp_path / "sweep"
     if when == "training":
-        killer = ["model.arch._target_=conftest.simple_cnn_killed_at_seed", "+model.arch.kill_seed=1"]
-        killer.append("+model.arch.seed=${seed}")
+        hit = _signal_while_training(signal.SIGKILL)
     else:
-        killer = ["+hydra.callbacks.killer._target_=conftest.KilledAtJobStart"]
-        killer.append("+hydra.callbacks.killer.seed=1")
-    proc = train_cli(
-        "-m",
-        "seed=0,1,2",
-        *TINY,
-        f"data.cache_dir={shared_data_dir}",
-        *killer,
-        "hydra/launcher=local",
-        "hydra.launcher.n_jobs=2",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-        check=False,
-    )
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "3 jobs: 2 done, 0 skipped (finished before), 1 failed" in proc.stdout, proc.stdout + proc.stderr
+        hit = ["+hydra.callbacks.killer._target_=conftest.KilledAtJobStart", "+hydra.callbacks.killer.seed=1"]
+    sweep, stdout = _local_sweep_where_job_1_is_hit(tmp_path, shared_data_dir, *hit)
     killed = "its process was killed (exit code SIGKILL(-9); out of memory?); a re-launch resumes it"
-    assert f"FAILED {sweep / '1_baseline'}: {killed}" in proc.stdout
-    assert f"job #1: {killed}" in proc.stdout
-    for job in ("0_baseline", "2_baseline"):
-        assert (sweep / job / "test_metrics.json").exists()
-        # Each job knew how many ran beside it.
-        assert OmegaConf.load(sweep / job / ".hydra" / "hydra.yaml").hydra.launcher.n_jobs == 2
+    assert f"FAILED {sweep / '1_baseline'}: {killed}" in stdout
+    assert f"job #1: {killed}" in stdout
 
 
 def test_a_job_stopped_by_a_signal_of_its_own_fails_alone(tmp_path: Path, shared_data_dir: Path) -> None:
     """An out-of-memory daemon (earlyoom) sends SIGTERM to the biggest process: one job, not the
     sweep. That job stops and the others go on."""
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    sweep = tmp_path / "sweep"
-    killer = ["model.arch._target_=conftest.simple_cnn_killed_at_seed", "+model.arch.kill_seed=1"]
-    killer += ["+model.arch.seed=${seed}", f"+model.arch.signum={int(signal.SIGTERM)}"]
-    proc = train_cli(
-        "-m",
-        "seed=0,1,2",
-        *TINY,
-        f"data.cache_dir={shared_data_dir}",
-        *killer,
-        "hydra/launcher=local",
-        "hydra.launcher.n_jobs=2",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-        check=False,
-    )
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "3 jobs: 2 done, 0 skipped (finished before), 1 failed" in proc.stdout, proc.stdout + proc.stderr
+    hit = _signal_while_training(signal.SIGTERM)
+    sweep, _ = _local_sweep_where_job_1_is_hit(tmp_path, shared_data_dir, *hit)
     assert json.loads((sweep / "1_baseline" / STATUS_FILE).read_text())["status"] == "stopped"
-    for job in ("0_baseline", "2_baseline"):
-        assert (sweep / job / "test_metrics.json").exists()
 
 
 def test_kill_stops_a_local_sweep_and_the_jobs_it_runs(tmp_path: Path, shared_data_dir: Path) -> None:
