@@ -5,8 +5,9 @@ three ways that matter on one machine.
   processes between the jobs, and one of them killed outright (SIGKILL, the out-of-memory
   killer) breaks the pool: it ends every job beside it and aborts the sweep. Here it ends only
   its own job, which is recorded as failed with the exit code; a re-launch resumes it.
-- ``kill`` of the sweep stops its running jobs as ``kill`` stops a run (each records "stopped"),
-  instead of waiting for them to finish, and starts no other.
+- ``kill`` (or ``kill -INT``) of the sweep stops its running jobs as ``kill`` stops a run (each
+  records "stopped"), instead of waiting for them to finish, and starts no other. A job stopped
+  by a signal of its own (an out-of-memory daemon's SIGTERM) stops alone.
 - Each job's ``hydra.launcher.n_jobs`` is the number of jobs that run at once, min(n_jobs, jobs
   in the sweep): torch threads per job (skinclf.sweep.resources.threads_per_job) then divide
   the cores between the jobs that are really there, so that 2 jobs with n_jobs=-1 (one job per
