@@ -160,11 +160,16 @@ class _Jobs:
             write_status(out_dir, "failed", launch, error=message, **info)
 
     def _job_dir(self, num: int, overrides: list[str]) -> Path:
-        """The folder of job ``num``, as Hydra's run_job names it (its config is left Hydra's
-        current one here, as joblib's in-process jobs leave theirs)."""
+        """The folder of job ``num``, as Hydra's run_job names it. Its config is Hydra's current one
+        only meanwhile: this process goes on launching, and Hydra's to_absolute_path reads it."""
         launcher = self.launcher
-        config = job_config(launcher.hydra_context, launcher.config, overrides, num)
-        return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+        hydra_config = HydraConfig.instance()
+        launching = hydra_config.cfg
+        try:
+            config = job_config(launcher.hydra_context, launcher.config, overrides, num)
+            return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+        finally:
+            hydra_config.cfg = launching
 
     def stop(self) -> None:
         """Stop the running jobs as `kill` stops a run: each records "stopped", and a re-launch
