@@ -29,7 +29,7 @@ from skinclf.run_files import (
     PREDICTIONS,
     TEST_METRICS,
 )
-from skinclf.sweep.jobs import STATUS_FILE, VOLATILE_KEYS, process_gone, recorded_root
+from skinclf.sweep.jobs import VOLATILE_KEYS, process_gone, read_status, recorded_root
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 # How an interrupted run (stopped, or killed outright) goes on.
@@ -166,7 +166,7 @@ def load_run(path: Path) -> Run | None:
         else:
             n = 0 if run.history is None else len(run.history)
             epochs = counted(n, "epoch")
-            status = _job_status(path)
+            status = read_status(path)
             if status.get("status") == "failed":
                 error = status.get("error", "no error recorded")
                 run.status, run.problem = FAILED, f"failed after {epochs}: {error}"
@@ -182,15 +182,6 @@ def load_run(path: Path) -> Run | None:
     except (ValueError, OSError) as err:
         run.status, run.problem = FAILED, str(err)
     return run
-
-
-def _job_status(path: Path) -> dict:
-    """The run's or sweep job's job_status.json; empty when it has none or it is unreadable."""
-    try:
-        status = json.loads((path / STATUS_FILE).read_text())
-    except (OSError, ValueError):  # runs from before status files, or a torn copy: nothing to add
-        return {}
-    return status if isinstance(status, dict) else {}
 
 
 def _read_history(path: Path) -> pd.DataFrame | None:

@@ -182,6 +182,16 @@ def current_launch(sweep_dir: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
+def read_status(out_dir: Path) -> dict[str, Any]:
+    """The run's or sweep job's job_status.json; empty when it has none or it is unreadable (runs
+    from before status files, a torn copy)."""
+    try:
+        status = json.loads((Path(out_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
 def write_status(out_dir: Path, status: str, launch: str | None, **info: Any) -> None:
     """Record a job's state (running, done, skipped, failed, stopped) for the sweep summary and
     ``skinclf report``."""

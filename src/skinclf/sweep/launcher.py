@@ -19,7 +19,6 @@ Of joblib's settings (hydra.launcher.*), only ``n_jobs`` is read.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -42,7 +41,7 @@ from omegaconf import DictConfig, open_dict
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.run_files import TRAIN_LOG
 from skinclf.sweep import resources
-from skinclf.sweep.jobs import STATUS_FILE, current_launch, record_refusal, write_status
+from skinclf.sweep.jobs import current_launch, read_status, record_refusal, write_status
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +149,7 @@ class _Jobs:
             message = f"its process failed: {str(error).strip().splitlines()[0]}"
         log.error(f"job #{num}: {message}")
         info = {"job": num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
-        try:
-            status = json.loads((out_dir / STATUS_FILE).read_text())
-        except (OSError, ValueError):
-            status = {}
+        status = read_status(out_dir)
         if status.get("launch") != launch:
             record_refusal(sweep_dir, out_dir, launch, error=message, **info)
         elif status.get("status") == "running":
