@@ -402,7 +402,7 @@ def _remove_unstarted_run(out_dir: Path) -> None:
     made (outputs/runs on first use) when that leaves them empty."""
     if holds_only_bookkeeping(out_dir):
         shutil.rmtree(out_dir, ignore_errors=True)
-        remove_empty_folders([folder for folder in SweepSummary.created if folder != out_dir.absolute()])
+        remove_empty_folders(SweepSummary.created)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://skinclf.conf", config_name="train")

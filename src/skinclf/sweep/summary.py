@@ -144,7 +144,7 @@ def remove_unstarted_sweep(sweep_dir: Path | None, created: Sequence[Path] = ())
         return
     if {p.name for p in sweep_dir.iterdir()} <= {HYDRA_MULTIRUN, LAUNCH_FILE}:
         shutil.rmtree(sweep_dir, ignore_errors=True)
-        remove_empty_folders([folder for folder in created if folder != sweep_dir])
+        remove_empty_folders(created)
 
 
 def write_grid(sweep_dir: Path) -> pd.DataFrame:
@@ -166,8 +166,8 @@ class SweepSummary(Callback):
 
     last: JobsSummary | None = None
     started: Path | None = None  # the sweep folder of the latest launch
-    # The folders the latest launch makes for its sweep or single run folder (outputs/multiruns/...,
-    # outputs/runs/...), for removing them again when it is refused before it starts.
+    # The folders the latest launch makes above its sweep or single run folder (outputs/multiruns,
+    # outputs/runs, ...), deepest first, for removing them again when it is refused before it starts.
     created: list[Path] = []
 
     def __init__(self) -> None:
@@ -175,11 +175,11 @@ class SweepSummary(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Called before Hydra makes the run folder (the sweep's own case is below).
-        SweepSummary.created = missing_folders(Path(config.hydra.run.dir).absolute())
+        SweepSummary.created = missing_folders(Path(config.hydra.run.dir).absolute().parent)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        SweepSummary.created = missing_folders(sweep_dir)
+        SweepSummary.created = missing_folders(sweep_dir.parent)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.launch = start_launch(sweep_dir)
         SweepSummary.started = sweep_dir
