@@ -252,6 +252,29 @@ def test_train_help_lists_the_models(tmp_path):
     assert "res_aug" in proc.stdout and "skinclf train model=res_aug" in proc.stdout
 
 
+# `skinclf train ARGS` in a fresh process, then which of the heavy modules it imported.
+IMPORTED_BY_TRAIN = """
+import sys
+from skinclf.cli import main
+try:
+    main(["train", *sys.argv[1:]])
+except SystemExit:
+    pass
+print("imported:", [m for m in ("torch", "pandas", "skinclf.train") if m in sys.modules], file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["model=resnt"], ["-m", "model=baseline,resnt"]])
+def test_help_and_config_errors_answer_without_importing_torch(tmp_path, args):
+    # Importing torch takes seconds; Hydra's --help and its config errors need none of it.
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORTED_BY_TRAIN, *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.stderr.strip().splitlines()[-1] == "imported: []"
+    if args != ["--help"]:
+        assert "resnt" in proc.stderr  # the error itself came
+
+
 def test_an_error_line_keeps_the_reason_an_announcing_first_line_points_to():
     from skinclf.errors import first_line
 

@@ -409,11 +409,11 @@ def test_failed_job_does_not_stop_the_sweep_and_relaunch_retrains_nothing(
 
 def test_a_failed_sweep_in_an_earlier_call_does_not_fail_the_next(monkeypatch) -> None:
     # SweepSummary keeps the last summary on the class (Hydra makes the callback instance).
-    import skinclf.train
+    import skinclf.train_command
 
     SweepSummary.last = JobsSummary(failed=[{"dir": "old", "error": "boom", "log": None}])
-    monkeypatch.setattr(skinclf.train, "hydra_main", lambda: None)  # a single run that went well
-    skinclf.train.main([])  # no SystemExit(1) for the earlier sweep's failure
+    monkeypatch.setattr(skinclf.train_command, "hydra_main", lambda: None)  # a single run that went well
+    skinclf.train_command.main([])  # no SystemExit(1) for the earlier sweep's failure
     assert SweepSummary.last is None
 
 

@@ -10,7 +10,7 @@ from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 
 # command -> (module with a ``main(args: list[str])``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("skinclf.train", "train one combination; -m/--multirun sweeps (Hydra overrides)"),
+    "train": ("skinclf.train_command", "train one combination; -m/--multirun sweeps (Hydra overrides)"),
     "report": (
         "skinclf.report.command",
         "paper Table 1, confusion matrix, curves and ROC from finished runs",

@@ -1,14 +1,16 @@
-"""Composing the train config outside a Hydra app (summary, predict, tests), and instantiating from it."""
+"""Composing the train config outside a Hydra app (summary, predict, tests), instantiating from it,
+and reading paths from it."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException, InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig
 
 from skinclf.errors import SkinclfError, first_line
@@ -51,3 +53,11 @@ def check_bool(key: str, value: object) -> bool:
 def is_number(value: object) -> bool:
     """A finite int or float (not a bool, not inf or nan): what a numeric option accepts."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def data_path(data_cfg: DictConfig, key: str = "root") -> Path:
+    """``data_cfg[key]`` as an absolute path; relative paths are from where the user started skinclf."""
+    value = data_cfg.get(key)
+    if value in (None, ""):
+        raise SkinclfError(f"data.{key} is not set: data={data_cfg.name} needs data.{key}=PATH")
+    return Path(to_absolute_path(str(Path(str(value)).expanduser())))

@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from skinclf.errors import SkinclfError, first_line
 
 
@@ -51,7 +49,10 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _save_without_crc32(obj: Any, path: Path) -> None:
-    # A process-wide torch setting: switched off for this save only, then restored.
+    # Imported here: the command line (skinclf.train_command) writes its records with this module
+    # and must not wait for torch. A process-wide setting: switched off for this save only.
+    import torch
+
     previous = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
     try:

@@ -2,7 +2,7 @@
 files) and what ``report``, ``predict``, ``explain`` and the sweep tools read back.
 
 A sweep job's own bookkeeping files (``run_config.json``, ``job_status.json``) are named in
-:mod:`skinclf.sweep.jobs`, and cross-validation's in :mod:`skinclf.sweep.cross_validation`.
+:mod:`skinclf.sweep.jobs`.
 """
 
 from __future__ import annotations
@@ -23,3 +23,7 @@ LAST_CHECKPOINT = "last.pt"  # everything a resume needs, rewritten every traine
 PREDICTIONS = "predictions.csv"
 # Written last: a folder without it is an unfinished (or crashed) run.
 TEST_METRICS = "test_metrics.json"
+# A cross-validation job (cv.folds > 0, the grid search) writes these instead of the test files:
+# each fold's result in its fold_K/ folder, then the mean over the folds, last.
+FOLD_RESULT = "fold_result.json"
+CV_RESULT = "cv_result.json"

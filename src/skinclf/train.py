@@ -1,4 +1,5 @@
-"""`skinclf train`: one run (or, with -m, a sweep) of a paper combination, from Hydra config.
+"""One run of a paper combination from its composed config (the work of `skinclf train`, whose
+command line, run folder and sweep jobs :mod:`skinclf.train_command` handles).
 
 The data flows: source (cfg.data) -> decoded uint8 splits -> pipeline of the model
 (cfg.model.pipeline) -> architecture (cfg.model.arch) -> the shared loop -> run files.
@@ -8,13 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pandas as pd
 import torch
@@ -22,39 +19,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins import skinclf_launcher
-from skinclf.config import check_bool, instantiate_config, is_number
+from skinclf.config import check_bool, data_path, instantiate_config, is_number
 from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
-from skinclf.data.splits import data_path
-from skinclf.errors import EXIT_USER_ERROR, SkinclfError
+from skinclf.errors import SkinclfError
 from skinclf.evaluation.curves import write_run_curves
 from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.threshold import threshold_for_sensitivity
-from skinclf.io import atomic_write_json, atomic_write_text, remove_empty_folders
+from skinclf.io import atomic_write_json, atomic_write_text
 from skinclf.models import build_model
-from skinclf.run_files import (
-    BEST_CHECKPOINT,
-    HYDRA_CONFIG,
-    HYDRA_DIR,
-    HYDRA_OVERRIDES,
-    HYDRA_SETTINGS,
-    LAST_CHECKPOINT,
-    PREDICTIONS,
-    TEST_METRICS,
-    TRAIN_LOG,
-)
+from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT, PREDICTIONS, TEST_METRICS
 from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
-from skinclf.sweep.jobs import (
-    RUN_CONFIG,
-    claim_run_dir,
-    holds_only_bookkeeping,
-    recorded_status,
-    run_sweep_job,
-)
-from skinclf.sweep.summary import SweepSummary, remove_unstarted_sweep
 from skinclf.training.allocator import keep_freed_memory
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
@@ -290,7 +267,7 @@ def task(cfg: DictConfig, out_dir: Path) -> dict:
     return run(cfg, out_dir)
 
 
-def _run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
+def run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     """``task`` with this job's share of the hardware: torch threads divided between parallel
     jobs (trainer.num_threads), sweep jobs spread over the GPUs when device=auto, and freed
     memory kept for reuse (trainer.keep_freed_memory)."""
@@ -331,151 +308,3 @@ def check_settings(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None:
             check_bool(key, value)
-
-
-def check_appended_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
-    """Refuse keys added with ``+key=value`` that no skinclf config defines: nothing reads them,
-    so the run would train with the defaults without a word. Hydra itself suggests the ``+`` for
-    a misspelt key (``+trainer.max_epoch=3``) and for a group that belongs elsewhere
-    (``+pipeline=augmented``, which is ``pipeline@model.pipeline=augmented``). Keys beside a
-    ``_target_`` are let through: they are handed to that class's constructor."""
-    appended = [o for o in overrides if o.startswith("+")]
-    if not appended:
-        return
-    # Within the running Hydra app: the same config, composed without the appended keys.
-    known = hydra.compose(config_name="train", overrides=[o for o in overrides if o not in appended])
-    unknown = _keys_not_in(cfg, known)
-    if unknown:
-        given = next((o for o in appended if o.lstrip("+").split("=")[0].split("@")[0] == unknown[0]), "")
-        raise SkinclfError(
-            f"{unknown[0]}: not a skinclf config key (added by {given or 'an override with +'}), so "
-            "nothing would read it; check its spelling (`skinclf train --help` lists the keys; a "
-            "pipeline goes in as pipeline@model.pipeline=NAME)"
-        )
-
-
-def _keys_not_in(cfg: DictConfig, known: DictConfig, prefix: str = "") -> list[str]:
-    """Dotted keys of ``cfg`` that ``known`` lacks (the outermost of each new subtree), except
-    those beside a ``_target_``."""
-    if "_target_" in cfg:
-        return []
-    found = []
-    for key in cfg:
-        path = f"{prefix}{key}"
-        if key not in known:
-            found.append(path)
-        elif isinstance(cfg[key], DictConfig) and isinstance(known[key], DictConfig):
-            found += _keys_not_in(cfg[key], known[key], f"{path}.")
-    return found
-
-
-def _claim(out_dir: Path, cfg: DictConfig, overrides: list[str]) -> str:
-    """:func:`claim_run_dir` after :func:`check_appended_keys` and :func:`check_settings`; a
-    folder taken for (more) work gets its .hydra/ record then, before the job changes anything
-    in ``cfg`` (a re-launch sets resume)."""
-    check_appended_keys(cfg, overrides)
-    check_settings(cfg)
-    state = claim_run_dir(out_dir, cfg, overrides)
-    if state != "finished":
-        _write_hydra_record(cfg, out_dir)
-    return state
-
-
-def _write_hydra_record(cfg: DictConfig, out_dir: Path) -> None:
-    """The job's .hydra/ record (its config, Hydra's settings, its overrides), as Hydra writes it.
-
-    Written here, once claim_run_dir has accepted the folder, rather than by Hydra before the
-    job starts (conf/train.yaml sets hydra.output_subdir to null): a refused resume or re-launch
-    would otherwise overwrite the record of the run the folder holds, and `skinclf report`,
-    which reads the settings from it, would mislabel that run.
-    """
-    hydra_cfg = HydraConfig.instance().cfg
-    (out_dir / HYDRA_DIR).mkdir(exist_ok=True)
-    atomic_write_text(OmegaConf.to_yaml(cfg), out_dir / HYDRA_CONFIG)
-    atomic_write_text(OmegaConf.to_yaml(hydra_cfg), out_dir / HYDRA_SETTINGS)
-    atomic_write_text(OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task), out_dir / HYDRA_OVERRIDES)
-
-
-def _remove_unstarted_run(out_dir: Path) -> None:
-    """Delete a run folder that holds nothing but what was written before the run failed (Hydra's
-    files, the log, the config and status records), and the folders above it that its launch
-    made (outputs/runs on first use) when that leaves them empty."""
-    if holds_only_bookkeeping(out_dir):
-        shutil.rmtree(out_dir, ignore_errors=True)
-        remove_empty_folders(SweepSummary.created)
-
-
-@hydra.main(version_base="1.3", config_path="pkg://skinclf.conf", config_name="train")
-def hydra_main(cfg: DictConfig) -> None:
-    hydra_cfg = HydraConfig.get()
-    out_dir = Path(hydra_cfg.runtime.output_dir)
-    overrides = list(hydra_cfg.overrides.task)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        # Never exits: a failed job is recorded and the sweep goes on (SweepSummary reports it).
-        run_sweep_job(
-            cfg, out_dir, _run_in_hydra, hydra_cfg.job.num, Path(hydra_cfg.sweep.dir), overrides, _claim
-        )
-        return
-    # Only a folder that this launch begins may be removed when it fails: a folder with a recorded
-    # config holds an earlier run (even one stopped before its first epoch), whose files stay.
-    began_here = not (out_dir / RUN_CONFIG).exists()
-    try:
-        state = _claim(out_dir, cfg, overrides)
-        if state == "finished":
-            # As a sweep skips its finished jobs: retraining over the results would leave the
-            # old test_metrics.json until the end, so an interrupted retrain would read as finished.
-            print(
-                f"{out_dir}: holds a finished run of this config; nothing to do "
-                "(a new hydra.run.dir trains it again)"
-            )
-        elif state == "unfinished" and not cfg.resume:
-            # Training it anew would overwrite its checkpoint and metrics without a word.
-            raise SkinclfError(
-                f"{out_dir}: holds an unfinished run of this config; add resume=true to continue it, "
-                "or use a new hydra.run.dir to train it again"
-            )
-        else:
-            # A crash is then listed by `skinclf report` as failed with its error, not as
-            # unfinished; Ctrl-C or `kill` as stopped, resumable with resume=true. A refused
-            # folder is left alone.
-            with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):
-                _run_in_hydra(cfg, out_dir)
-    except SkinclfError as err:
-        print(f"skinclf train: error: {err}", file=sys.stderr)
-        if began_here:
-            _remove_unstarted_run(out_dir)
-        sys.exit(EXIT_USER_ERROR)
-    print(f"output directory: {out_dir}")
-
-
-def _check_output_folders(args: list[str]) -> None:
-    """A hydra.run.dir / hydra.sweep.dir given on the command line must be a folder that can be
-    made: Hydra makes it before any skinclf code runs, and reports a failure with a traceback."""
-    for arg in args:
-        key, has_value, value = arg.partition("=")
-        if not has_value or key.lstrip("+") not in {"hydra.run.dir", "hydra.sweep.dir"}:
-            continue
-        # Up to the first interpolation (out/${model.name}): the folders above it are fixed already.
-        folder = Path(os.path.abspath(value.split("${", 1)[0] or "."))
-        existing = next(p for p in (folder, *folder.parents) if p.exists())
-        if not existing.is_dir():
-            raise SkinclfError(f"{arg}: {existing} is a file; expected a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise SkinclfError(f"{arg}: {existing} is not writable")
-
-
-def main(args: list[str]) -> None:
-    """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
-    _check_output_folders(args)
-    sys.argv = ["skinclf train", *args]
-    # Class-level (Hydra makes the callback instance): a previous call's must not count.
-    SweepSummary.started, SweepSummary.last, SweepSummary.created = None, None, []
-    skinclf_launcher.register()  # hydra/launcher=local
-    try:
-        hydra_main()
-    except BaseException:
-        # Nothing half-written: a sweep refused before its first job leaves no folder behind.
-        remove_unstarted_sweep(SweepSummary.started, SweepSummary.created)
-        raise
-    if SweepSummary.last is not None and SweepSummary.last.failed:
-        sys.exit(1)  # the summary above names the failed jobs; scripts and CI must notice too

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from skinclf.config import data_path
 from skinclf.data.images import IMAGE_SIZE
-from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split, data_path, undersample_majority
+from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split, undersample_majority
 from skinclf.errors import SkinclfError
 
 log = logging.getLogger(__name__)

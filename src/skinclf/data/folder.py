@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from skinclf.config import data_path
 from skinclf.data.decode_cache import load_or_decode, store
 from skinclf.data.images import IMAGE_SIZE
-from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split, data_path
+from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split
 from skinclf.errors import SkinclfError
 from skinclf.io import files_under
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import get_method, to_absolute_path
+from hydra.utils import get_method
 from omegaconf import DictConfig
 
+from skinclf.config import data_path
 from skinclf.errors import SkinclfError
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,6 @@ def undersample_majority(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(
         np.concatenate([rng.choice(idx, n, replace=False) for idx in by_class] or [[]]).astype(int)
     )
-
-
-def data_path(data_cfg: DictConfig, key: str = "root") -> Path:
-    """``data_cfg[key]`` as an absolute path; relative paths are from where the user started skinclf."""
-    value = data_cfg.get(key)
-    if value in (None, ""):
-        raise SkinclfError(f"data.{key} is not set: data={data_cfg.name} needs data.{key}=PATH")
-    return Path(to_absolute_path(str(Path(str(value)).expanduser())))
 
 
 @dataclass

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from skinclf.data.splits import ImageSplits, Split, data_path
+from skinclf.config import data_path
+from skinclf.data.splits import ImageSplits, Split
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_torch_save
 

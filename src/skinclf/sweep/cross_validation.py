@@ -20,14 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from skinclf.data import ImageSplits, Split, load_splits
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_write_json
-from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT
+from skinclf.run_files import BEST_CHECKPOINT, CV_RESULT, FOLD_RESULT, LAST_CHECKPOINT
 from skinclf.training.hardware import resolve_device
 from skinclf.training.loop import LoopSettings, fit
 
 log = logging.getLogger("skinclf")
-
-CV_RESULT = "cv_result.json"
-FOLD_RESULT = "fold_result.json"
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -26,11 +26,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from skinclf.data.splits import data_path
+from skinclf.config import data_path
 from skinclf.errors import SkinclfError, first_line
 from skinclf.io import atomic_write_json, atomic_write_text
-from skinclf.run_files import HYDRA_DIR, HYDRA_SETTINGS, TEST_METRICS, TRAIN_LOG
-from skinclf.sweep.cross_validation import CV_RESULT
+from skinclf.run_files import CV_RESULT, HYDRA_DIR, HYDRA_SETTINGS, TEST_METRICS, TRAIN_LOG
 
 log = logging.getLogger("skinclf")
 

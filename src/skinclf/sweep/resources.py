@@ -6,7 +6,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 
 from skinclf.errors import SkinclfError
@@ -32,6 +31,8 @@ def default_parallel_jobs(cores: int, gpus: int) -> int:
 
 
 def _parallel_jobs_resolver() -> int:
+    import torch  # here: `skinclf train --help` and config errors must not wait for torch's import
+
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return default_parallel_jobs(available_cores(), gpus)
 

@@ -1,5 +1,5 @@
 """The end of a sweep: which jobs are done, skipped or failed, and for a grid search the ranking
-of its points by cross-validated accuracy. Runs as a Hydra callback (conf/train.yaml,
+of its points (:mod:`skinclf.sweep.grid`). Runs as a Hydra callback (conf/train.yaml,
 hydra.callbacks) in the process that launched the sweep, whatever the launcher."""
 
 from __future__ import annotations
@@ -12,20 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from skinclf.io import atomic_write_json, atomic_write_text, missing_folders, remove_empty_folders
-from skinclf.run_files import HYDRA_MULTIRUN, HYDRA_OVERRIDES
-from skinclf.sweep.cross_validation import CV_RESULT
+from skinclf.io import atomic_write_json, missing_folders, remove_empty_folders
+from skinclf.run_files import HYDRA_MULTIRUN
 from skinclf.sweep.jobs import LAUNCH_FILE, REFUSED_PREFIX, STATUS_FILE, refused_job_dir, start_launch
 
 log = logging.getLogger("skinclf")
 
-GRID_CSV = "grid_search.csv"
-GRID_MD = "grid_search.md"
 SWEEP_SUMMARY = "sweep_summary.json"
 
 
@@ -66,7 +61,7 @@ def collect_jobs(sweep_dir: Path, launch: str | None) -> JobsSummary:
         refused = json.loads(path.read_text())
         if refused.get("launch") == launch:
             records[refused_job_dir(sweep_dir, path)] = path
-    for folder in sorted(records, key=_job_order):
+    for folder in sorted(records, key=job_order):
         status = json.loads(records[folder].read_text())
         if status.get("launch") != launch:
             continue  # a job of an earlier launch that this one did not touch
@@ -81,56 +76,11 @@ def collect_jobs(sweep_dir: Path, launch: str | None) -> JobsSummary:
     return summary
 
 
-def _job_order(folder: Path) -> tuple[int, str]:
+def job_order(folder: Path) -> tuple[int, str]:
     """Job folders start with the job number: sort 2 before 10 (others, nested ones included,
     by path)."""
     head = folder.name.split("_", 1)[0]
     return (int(head), str(folder)) if head.isdigit() else (1 << 30, str(folder))
-
-
-def rank_grid(sweep_dir: Path) -> pd.DataFrame:
-    """One row per cross-validated job in ``sweep_dir``, best first (higher mean validation
-    accuracy; on a tie, the lower std). ``point`` names the overrides that differ between jobs."""
-    rows = []
-    for path in sorted(Path(sweep_dir).glob(f"**/{CV_RESULT}"), key=lambda p: _job_order(p.parent)):
-        result = json.loads(path.read_text())
-        overrides_file = path.parent / HYDRA_OVERRIDES
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-        job = path.parent.relative_to(sweep_dir).as_posix()
-        rows.append({"overrides": overrides or [], "dir": job, **result})
-    if not rows:
-        return pd.DataFrame()
-    # Overrides shared by every job (e.g. data.root=...) say nothing about the point: hide them.
-    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
-    for r in rows:
-        r["point"] = " ".join(o for o in r["overrides"] if o not in shared) or "(defaults)"
-        r["overrides"] = " ".join(r["overrides"])
-    table = pd.DataFrame(rows).sort_values(
-        ["mean_val_acc", "std_val_acc"], ascending=[False, True], kind="stable"
-    )
-    table.insert(0, "rank", range(1, len(table) + 1))
-    return table.reset_index(drop=True)
-
-
-def format_grid(table: pd.DataFrame) -> str:
-    """Markdown table of the ranked grid points and a line naming the best one."""
-    lines = [
-        "| rank | batch size | lr | point | validation accuracy (mean ± std) | folds |",
-        "|---:|---:|---:|---|---|---:|",
-    ]
-    for row in table.itertuples():
-        lines.append(
-            f"| {row.rank} | {row.batch_size} | {row.lr:g} | {row.point} | "
-            f"{100 * row.mean_val_acc:.2f} ± {100 * row.std_val_acc:.2f} % | {row.folds} |"
-        )
-    best = table.iloc[0]
-    lines += [
-        "",
-        f"Best point: data.batch_size={best['batch_size']} optim.lr={best['lr']:g} ({best['point']}): "
-        f"validation accuracy {100 * best['mean_val_acc']:.2f} ± {100 * best['std_val_acc']:.2f} % "
-        f"over {best['folds']} folds, job folder {best['dir']}.",
-    ]
-    return "\n".join(lines)
 
 
 def remove_unstarted_sweep(sweep_dir: Path | None, created: Sequence[Path] = ()) -> None:
@@ -145,19 +95,6 @@ def remove_unstarted_sweep(sweep_dir: Path | None, created: Sequence[Path] = ())
     if {p.name for p in sweep_dir.iterdir()} <= {HYDRA_MULTIRUN, LAUNCH_FILE}:
         shutil.rmtree(sweep_dir, ignore_errors=True)
         remove_empty_folders(created)
-
-
-def write_grid(sweep_dir: Path) -> pd.DataFrame:
-    """Rank the sweep's grid points; write grid_search.csv and grid_search.md into the sweep folder."""
-    table = rank_grid(sweep_dir)
-    if table.empty:
-        return table
-    csv_table = table.copy()
-    csv_table["fold_val_acc"] = csv_table["fold_val_acc"].map(lambda accs: " ".join(f"{a:.6f}" for a in accs))
-    atomic_write_text(csv_table.to_csv(index=False), Path(sweep_dir) / GRID_CSV)
-    text = "# Cross-validated grid search\n\n" + format_grid(table) + "\n"
-    atomic_write_text(text, Path(sweep_dir) / GRID_MD)
-    return table
 
 
 class SweepSummary(Callback):
@@ -193,6 +130,10 @@ class SweepSummary(Callback):
         atomic_write_json(
             {"done": jobs.done, "skipped": jobs.skipped, "failed": jobs.failed}, sweep_dir / SWEEP_SUMMARY
         )
+        # Imported here: pandas takes ~0.4 s, which `skinclf train --help`, a config error and
+        # every single run would pay for a table that only a grid search writes.
+        from skinclf.sweep.grid import GRID_MD, format_grid, write_grid
+
         table = write_grid(sweep_dir)
         if not table.empty:
             print(f"\n{format_grid(table)}\n(written to {sweep_dir / GRID_MD})")

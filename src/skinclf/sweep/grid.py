@@ -1,0 +1,75 @@
+"""The grid search's result: its points ranked by cross-validated accuracy, written as
+grid_search.csv and grid_search.md into the sweep folder at the end of the sweep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from skinclf.io import atomic_write_text
+from skinclf.run_files import CV_RESULT, HYDRA_OVERRIDES
+from skinclf.sweep.summary import job_order
+
+GRID_CSV = "grid_search.csv"
+GRID_MD = "grid_search.md"
+
+
+def rank_grid(sweep_dir: Path) -> pd.DataFrame:
+    """One row per cross-validated job in ``sweep_dir``, best first (higher mean validation
+    accuracy; on a tie, the lower std). ``point`` names the overrides that differ between jobs."""
+    rows = []
+    for path in sorted(Path(sweep_dir).glob(f"**/{CV_RESULT}"), key=lambda p: job_order(p.parent)):
+        result = json.loads(path.read_text())
+        overrides_file = path.parent / HYDRA_OVERRIDES
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+        job = path.parent.relative_to(sweep_dir).as_posix()
+        rows.append({"overrides": overrides or [], "dir": job, **result})
+    if not rows:
+        return pd.DataFrame()
+    # Overrides shared by every job (e.g. data.root=...) say nothing about the point: hide them.
+    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
+    for r in rows:
+        r["point"] = " ".join(o for o in r["overrides"] if o not in shared) or "(defaults)"
+        r["overrides"] = " ".join(r["overrides"])
+    table = pd.DataFrame(rows).sort_values(
+        ["mean_val_acc", "std_val_acc"], ascending=[False, True], kind="stable"
+    )
+    table.insert(0, "rank", range(1, len(table) + 1))
+    return table.reset_index(drop=True)
+
+
+def format_grid(table: pd.DataFrame) -> str:
+    """Markdown table of the ranked grid points and a line naming the best one."""
+    lines = [
+        "| rank | batch size | lr | point | validation accuracy (mean ± std) | folds |",
+        "|---:|---:|---:|---|---|---:|",
+    ]
+    for row in table.itertuples():
+        lines.append(
+            f"| {row.rank} | {row.batch_size} | {row.lr:g} | {row.point} | "
+            f"{100 * row.mean_val_acc:.2f} ± {100 * row.std_val_acc:.2f} % | {row.folds} |"
+        )
+    best = table.iloc[0]
+    lines += [
+        "",
+        f"Best point: data.batch_size={best['batch_size']} optim.lr={best['lr']:g} ({best['point']}): "
+        f"validation accuracy {100 * best['mean_val_acc']:.2f} ± {100 * best['std_val_acc']:.2f} % "
+        f"over {best['folds']} folds, job folder {best['dir']}.",
+    ]
+    return "\n".join(lines)
+
+
+def write_grid(sweep_dir: Path) -> pd.DataFrame:
+    """Rank the sweep's grid points; write grid_search.csv and grid_search.md into the sweep folder."""
+    table = rank_grid(sweep_dir)
+    if table.empty:
+        return table
+    csv_table = table.copy()
+    csv_table["fold_val_acc"] = csv_table["fold_val_acc"].map(lambda accs: " ".join(f"{a:.6f}" for a in accs))
+    atomic_write_text(csv_table.to_csv(index=False), Path(sweep_dir) / GRID_CSV)
+    text = "# Cross-validated grid search\n\n" + format_grid(table) + "\n"
+    atomic_write_text(text, Path(sweep_dir) / GRID_MD)
+    return table
