@@ -294,6 +294,28 @@ def test_default_group_choice_spelled_out_is_the_same_experiment(tmp_path):
     assert settings == ["{'recipe': 'modern'}", "{}", "{}"]
 
 
+# `skinclf report ARGS` in a fresh process, then whether it imported torch.
+REPORT_IMPORTS = """
+import sys
+from skinclf.cli import main
+try:
+    main(["report", *sys.argv[1:]])
+except SystemExit:
+    pass
+print("torch imported:", "torch" in sys.modules, file=sys.stderr)
+"""
+
+
+def test_a_report_needs_no_torch(sweep, tmp_path):
+    # Reading run folders and drawing figures needs none of torch's seconds of importing.
+    out = tmp_path / "reports"
+    proc = subprocess.run(
+        [sys.executable, "-c", REPORT_IMPORTS, str(sweep), "--out", str(out)], capture_output=True, text=True
+    )
+    assert proc.stderr.strip().splitlines()[-1] == "torch imported: False"
+    assert (out / "table1.md").is_file() and (out / "roc.png").is_file()
+
+
 def test_grid_search_points_are_not_runs(sweep):
     # A cross-validated grid point never touches the test split: it must not show up as an
     # unfinished run, nor in Table 1.

@@ -1,9 +1,16 @@
 """Architectures. Each config in conf/model/ names one class here through ``arch._target_``."""
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig
 
 from skinclf.config import instantiate_config
+
+if TYPE_CHECKING:  # torch itself is imported by the architecture's module, when it is built:
+    # `skinclf report` reads PAPER_MODELS from here and needs no torch.
+    import torch
 
 # The paper's eight model/dataset combinations (files in conf/model/), in its Table 1 order.
 PAPER_MODELS = (

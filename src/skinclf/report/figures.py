@@ -17,7 +17,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
-from sklearn.metrics import roc_curve
 
 from skinclf.report.groups import Group
 from skinclf.report.runs import describe_dataset
@@ -166,6 +165,10 @@ def roc_data(group: Group) -> RocData | None:
     One run: its exact curve. Several: the mean true-positive rate over the runs at fixed false-
     positive rates (vertical averaging). The AUC is the runs' own ``roc_auc``, as in Table 1.
     """
+    # Imported here: sklearn takes about a second, which `skinclf report --help` and its errors
+    # need not pay.
+    from sklearn.metrics import roc_curve
+
     curves, aucs = [], []
     for run in group.runs:
         predictions = run.test_predictions() if run.tested else None
