@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -135,6 +136,18 @@ def simple_cnn_killed_at_seed(kill_seed: int, seed: int, signum: int = signal.SI
 
     if seed == kill_seed:
         os.kill(os.getpid(), signum)
+    return SimpleCNN(**arch)
+
+
+def simple_cnn_waiting_at_seed(wait_seed: int, seed: int, wait_for: str, **arch):
+    """The baseline model (``model.arch._target_=conftest.simple_cnn_waiting_at_seed``), except
+    in a run whose seed is ``wait_seed``: that one is built only once the path ``wait_for``
+    exists (another sweep job's folder: that job has started), or after 120 s."""
+    from skinclf.models.simple_cnn import SimpleCNN
+
+    deadline = time.monotonic() + 120
+    while seed == wait_seed and not Path(wait_for).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     return SimpleCNN(**arch)
 
 

@@ -295,6 +295,34 @@ def test_a_job_killed_outright_fails_alone_and_the_jobs_beside_it_go_on(
     assert f"job #1: {killed}" in stdout
 
 
+def test_a_new_job_takes_the_gpu_slot_that_a_finished_job_left(tmp_path: Path, shared_data_dir: Path) -> None:
+    """With device=auto on several GPUs, a local sweep job trains on GPU (its slot mod GPUs). Job 2
+    starts when job 1 ends, while job 0 still runs (it waits for job 2's folder): it takes job
+    1's slot, and so job 1's GPU, not GPU (2 mod 2) = job 0's, busy, while job 1's idles."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    train_cli(
+        "-m",
+        "seed=0,1,2",
+        *TINY,
+        f"data.cache_dir={shared_data_dir}",
+        "model.arch._target_=conftest.simple_cnn_waiting_at_seed",
+        "+model.arch.wait_seed=0",
+        "+model.arch.seed=${seed}",
+        f"+model.arch.wait_for={sweep / '2_baseline'}",
+        "hydra/launcher=local",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    slots = [
+        OmegaConf.load(sweep / f"{job}_baseline" / ".hydra" / "hydra.yaml").hydra.launcher.slot
+        for job in range(3)
+    ]
+    assert slots == [0, 1, 1]  # the lowest free slot: job 2 got 1, so job 0 still held 0
+    assert [resources.spread_device("auto", slot, 2) for slot in slots] == ["cuda:0", "cuda:1", "cuda:1"]
+
+
 def test_a_job_stopped_by_a_signal_of_its_own_fails_alone(tmp_path: Path, shared_data_dir: Path) -> None:
     """An out-of-memory daemon (earlyoom) sends SIGTERM to the biggest process: one job, not the
     sweep. That job stops and the others go on."""

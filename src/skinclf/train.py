@@ -280,7 +280,8 @@ def run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.trainer.keep_freed_memory:
         keep_freed_memory()
     if multirun and torch.cuda.is_available():
-        cfg.device = resources.spread_device(str(cfg.device), hydra_cfg.job.num, torch.cuda.device_count())
+        slot = OmegaConf.select(launcher, "slot", default=hydra_cfg.job.num)
+        cfg.device = resources.spread_device(str(cfg.device), slot, torch.cuda.device_count())
     return task(cfg, out_dir)
 
 

@@ -12,6 +12,10 @@ three ways that matter on one machine.
   in the sweep): torch threads per job (skinclf.sweep.resources.threads_per_job) then divide
   the cores between the jobs that are really there, so that 2 jobs with n_jobs=-1 (one job per
   core) on 16 cores get 8 threads each, not 1.
+- Each job's ``hydra.launcher.slot`` is its place among the jobs running at once (0 to n_jobs - 1,
+  the lowest one free as it starts): with device=auto on several GPUs, it trains on GPU
+  (slot mod GPUs) (skinclf.sweep.resources.spread_device). Jobs end out of order, so the job
+  number would put a new job on a GPU still busy while another idles.
 
 Of joblib's settings (hydra.launcher.*), only ``n_jobs`` is read.
 """
@@ -36,7 +40,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 from joblib.externals.loky import ProcessPoolExecutor
 from joblib.externals.loky.process_executor import BrokenProcessPool
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.run_files import TRAIN_LOG
@@ -90,7 +94,8 @@ class _Jobs:
         self.first_num = first_num
         self.at_once = at_once
         self.returns: dict[int, JobReturn] = {}
-        self.running: dict[Future, tuple[int, ProcessPoolExecutor]] = {}
+        self.running: dict[Future, tuple[int, int, ProcessPoolExecutor]] = {}  # -> job, slot, executor
+        self.free_slots = set(range(at_once))
 
     def run(self) -> None:
         queue = iter(range(len(self.job_overrides)))
@@ -103,8 +108,9 @@ class _Jobs:
                 return
             finished, _ = wait(self.running, return_when=FIRST_COMPLETED)
             for future in finished:
-                idx, executor = self.running.pop(future)
+                idx, slot, executor = self.running.pop(future)
                 executor.shutdown(wait=True)
+                self.free_slots.add(slot)
                 error = future.exception()
                 if isinstance(error, BrokenProcessPool):  # its process died
                     self._record_lost(idx, error)
@@ -119,6 +125,8 @@ class _Jobs:
 
     def _start(self, idx: int) -> None:
         launcher = self.launcher
+        slot = min(self.free_slots)
+        self.free_slots.remove(slot)
         executor = ProcessPoolExecutor(max_workers=1)
         future = executor.submit(
             _run_job,
@@ -129,9 +137,10 @@ class _Jobs:
             launcher.task_function,
             Singleton.get_state(),
             self.at_once,
+            slot,
             os.getcwd(),
         )
-        self.running[future] = (idx, executor)
+        self.running[future] = (idx, slot, executor)
 
     def _record_lost(self, idx: int, error: BrokenProcessPool) -> None:
         """Record job ``idx``, whose process died without a word (or failed in loky itself), as
@@ -171,13 +180,13 @@ class _Jobs:
         """Stop the running jobs as `kill` stops a run: each records "stopped", and a re-launch
         resumes it. What has not stopped after STOP_TIMEOUT_S (or at a second signal) is killed."""
         try:
-            for _, executor in self.running.values():
+            for *_, executor in self.running.values():
                 for process in list(getattr(executor, "_processes", {}).values()):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(process.pid, signal.SIGTERM)
             wait(self.running, timeout=STOP_TIMEOUT_S)
         finally:
-            for _, executor in self.running.values():
+            for *_, executor in self.running.values():
                 executor.shutdown(wait=False, kill_workers=True)
 
 
@@ -215,15 +224,17 @@ def execute_job(
     task_function: TaskFunction,
     singleton_state: dict[Any, Any],
     at_once: int,
+    slot: int,
     folder: str,
 ) -> JobReturn:
     """One job: hydra_joblib_launcher's ``execute_job``, with ``hydra.launcher.n_jobs`` set to the
-    number of jobs running at once (``at_once``), run from the launching process's ``folder``
-    (relative paths, and Hydra's record of them, hydra.runtime.cwd, count from there)."""
+    number of jobs running at once (``at_once``) and ``hydra.launcher.slot`` to the job's place
+    among them, run from the launching process's ``folder`` (relative paths, and Hydra's record
+    of them, hydra.runtime.cwd, count from there)."""
     os.chdir(folder)
     setup_globals()
     Singleton.set_state(singleton_state)
-    sweep_config = job_config(hydra_context, config, overrides, num, n_jobs=at_once)
+    sweep_config = job_config(hydra_context, config, overrides, num, n_jobs=at_once, slot=slot)
     return run_job(
         hydra_context=hydra_context,
         config=sweep_config,
@@ -239,14 +250,17 @@ def job_config(
     overrides: Sequence[str],
     num: int,
     n_jobs: int | None = None,
+    slot: int | None = None,
 ) -> DictConfig:
-    """The config of sweep job ``num`` (with ``n_jobs`` as its hydra.launcher.n_jobs), made
-    Hydra's current one: ``${hydra:...}`` reads it."""
+    """The config of sweep job ``num`` (with ``n_jobs`` and ``slot`` as its hydra.launcher.n_jobs
+    and hydra.launcher.slot), made Hydra's current one: ``${hydra:...}`` reads it."""
     sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
     with open_dict(sweep_config):
         sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
         sweep_config.hydra.job.num = num
         if n_jobs is not None:
             sweep_config.hydra.launcher.n_jobs = n_jobs
+        if slot is not None:  # a key joblib's config schema lacks: added past it
+            OmegaConf.update(sweep_config, "hydra.launcher.slot", slot, force_add=True)
     HydraConfig.instance().set_config(sweep_config)
     return sweep_config

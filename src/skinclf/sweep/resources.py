@@ -78,12 +78,14 @@ def threads_per_job(setting: int | None, launcher: Mapping[str, Any] | None, cor
     return max(1, cores // jobs)
 
 
-def spread_device(device: str, job_num: int | None, gpu_count: int) -> str:
-    """The device of sweep job ``job_num``: with device=auto on several GPUs, job i gets GPU i mod n.
+def spread_device(device: str, slot: int | None, gpu_count: int) -> str:
+    """The device of the sweep job in ``slot``: with device=auto on several GPUs, slot i gets GPU
+    i mod n. The local launcher numbers slots so that no two running jobs share one
+    (hydra.launcher.slot); under other launchers a job's slot is its job number.
 
     Without this, every parallel job lands on cuda:0. Explicit devices (cpu, cuda:1) are kept;
     under Slurm each job sees only its own GPUs, so gpu_count is 1 there and nothing changes.
     """
-    if device != "auto" or job_num is None or gpu_count < 2:
+    if device != "auto" or slot is None or gpu_count < 2:
         return device
-    return f"cuda:{job_num % gpu_count}"
+    return f"cuda:{slot % gpu_count}"
