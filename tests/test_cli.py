@@ -1,6 +1,7 @@
 """`skinclf` as a user runs it: from any directory, the run files, and one-line errors."""
 
 import json
+import platform
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+import skinclf
 from skinclf.models import PAPER_MODELS
 from skinclf.report.runs import find_runs
 from skinclf.training.loop import METRICS_COLUMNS
@@ -50,6 +52,15 @@ def test_train_from_another_directory_writes_all_run_files(tmp_path):
     assert list((tmp_path / "data").glob("synthetic_*.pt"))
     assert_complete_run(run_dir)
     assert json.loads((run_dir / "job_status.json").read_text())["status"] == "done"
+    # What produced the numbers, recorded with them and logged.
+    environment = json.loads((run_dir / "test_metrics.json").read_text())["environment"]
+    assert environment["torch"] == torch.__version__ and environment["skinclf"] == skinclf.__version__
+    assert environment["python"] == platform.python_version()
+    assert environment["machine"].endswith(f", {torch.get_num_threads()} threads")  # CPU here
+    assert (
+        f"torch {torch.__version__}, Python {platform.python_version()}; "
+        in (run_dir / "train.log").read_text()
+    )
 
 
 @pytest.mark.slow

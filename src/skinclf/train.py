@@ -34,7 +34,7 @@ from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
 from skinclf.training.allocator import keep_freed_memory
 from skinclf.training.checkpoint import load_checkpoint
-from skinclf.training.hardware import resolve_device, resolve_precision
+from skinclf.training.hardware import resolve_device, resolve_precision, run_environment
 from skinclf.training.loop import LoopSettings, evaluate, fit
 from skinclf.training.progress import PROGRESS_MODES
 from skinclf.training.recipe import Recipe
@@ -176,6 +176,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         f"model={cfg.model.name} data={cfg.data.name} seed={cfg.seed} device={device} "
         f"precision={precision} channels_last={settings.channels_last}"
     )
+    environment = run_environment(device)
+    log.info(
+        f"skinclf {environment['skinclf']}, torch {environment['torch']}, Python {environment['python']}; "
+        f"{environment['machine']}"
+    )
 
     splits = load_splits(cfg.data)
     model, stage = prepare_training(cfg, splits, settings, device)
@@ -213,6 +218,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "epochs_run": result.epochs_run,
         "data": splits.name,
         "operating_point": {"target_sensitivity": target, "threshold": threshold},
+        # Where the run ended: a resume may have finished it on another machine than it began on.
+        "environment": environment,
     }
     predictions = [
         pd.DataFrame(

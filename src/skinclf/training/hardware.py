@@ -74,6 +74,19 @@ def describe_machine(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
+def run_environment(device: torch.device) -> dict[str, str]:
+    """What produced a run's results, recorded with them (test_metrics.json): the versions that
+    decide its numbers and the machine that decides its speed (metrics.csv's seconds)."""
+    from skinclf import __version__
+
+    return {
+        "skinclf": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": describe_machine(device),
+    }
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto`` -> bf16 where the hardware runs it natively, fp32 elsewhere."""
     if name not in PRECISIONS:
