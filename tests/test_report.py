@@ -175,8 +175,16 @@ def test_table1_has_every_number_of_the_runs(sweep, tmp_path):
 
 
 def test_runs_csv_lists_unfinished_and_failed_runs(sweep, tmp_path):
+    [res_aug] = sweep.rglob("res_aug_*/test_metrics.json")
+    recorded = json.loads(res_aug.read_text())
+    res_aug.write_text(
+        json.dumps({**recorded, "environment": {"torch": "2.14.1", "machine": "a CPU, 2 threads"}})
+    )
     build_report([sweep], tmp_path / "reports")
     runs = pd.read_csv(tmp_path / "reports" / "runs.csv").set_index("model")
+    # What produced each run's numbers; runs made before skinclf recorded it have none.
+    assert tuple(runs.loc["res_aug", ["torch", "machine"]]) == ("2.14.1", "a CPU, 2 threads")
+    assert runs.loc["resnet", ["torch", "machine"]].isna().all()
     assert len(runs) == 7
     assert (runs.loc["baseline", "status"] == "finished").all()
     assert runs.loc["batch_norm", "status"] == "unfinished"
@@ -621,6 +629,7 @@ DAMAGED_FILES = [
     ("test_metrics.json", lambda p: _set_key(p, "roc_auc", None), "roc_auc is None"),
     ("test_metrics.json", lambda p: _set_key(p, "n_test", "64 images"), "n_test is '64 images'"),
     ("test_metrics.json", lambda p: _set_key(p, "accuracy", "0.71875"), "accuracy is '0.71875'"),
+    ("test_metrics.json", lambda p: _set_key(p, "environment", {"torch": 2}), "environment is {'torch': 2}"),
 ]
 
 

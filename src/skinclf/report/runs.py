@@ -236,6 +236,9 @@ def _read_test_metrics(path: Path) -> dict:
         raise ValueError(f"{TEST_METRICS} is not valid JSON ({err})") from err
     if not isinstance(test, dict):
         raise ValueError(f"{TEST_METRICS}: expected a JSON object")
+    environment = test.get("environment", {})  # absent from runs made before it was recorded
+    if not (isinstance(environment, dict) and all(isinstance(v, str) for v in environment.values())):
+        raise ValueError(f"{TEST_METRICS}: environment is {environment!r}; expected an object of strings")
     n_test = test.get("n_test", 0)  # absent: a run without a test split, from before n_test existed
     if not _is_count(n_test):
         raise ValueError(f"{TEST_METRICS}: n_test is {n_test!r}; expected a whole number of test images")

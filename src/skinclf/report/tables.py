@@ -43,6 +43,10 @@ def run_metrics(run: Run) -> dict:
     }
 
 
+# Of a run's recorded environment (test_metrics.json), what runs.csv shows.
+ENVIRONMENT_COLUMNS = ("torch", "machine")
+
+
 def runs_table(runs: list[Run]) -> pd.DataFrame:
     """runs.csv: every run found, finished or not, with its status and key metrics."""
     rows = [
@@ -55,6 +59,8 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
             "settings": " ".join(f"{k}={v}" for k, v in sorted(run.settings.items())),
             **run_metrics(run),
             "problem": run.problem,
+            # What produced the numbers (absent from runs made before skinclf recorded it).
+            **{key: (run.test or {}).get("environment", {}).get(key) for key in ENVIRONMENT_COLUMNS},
         }
         for run in runs
     ]
