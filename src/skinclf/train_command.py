@@ -1,9 +1,9 @@
 """`skinclf train ARGS`: Hydra composes the config, the run folder is claimed, and the run
 itself (:mod:`skinclf.train`) or, with -m, each sweep job runs.
 
-This module imports neither torch nor the data and model code: `skinclf train --help` and a
-mistyped option (``model=resnt``) answer in under a second instead of the ~4 s that importing
-torch takes; :mod:`skinclf.train` is imported once the config has been composed.
+This module imports neither torch nor the data and model code, so that `skinclf train --help`
+and a mistyped option (``model=resnt``) answer without the seconds that importing torch takes
+(4 s on a 2-core VM); :mod:`skinclf.train` is imported once the config has been composed.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The ``local`` launcher (conf/hydra/launcher/local.yaml): Hydra's joblib launcher, changed in
-three ways that matter on one machine.
+four ways that matter on one machine.
 
 - Each job runs in a process of its own, at most ``n_jobs`` at once. Joblib shares a pool of
   processes between the jobs, and one of them killed outright (SIGKILL, the out-of-memory
