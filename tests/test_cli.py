@@ -6,10 +6,12 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import skinclf
 from skinclf.models import PAPER_MODELS
@@ -52,6 +54,8 @@ def test_train_from_another_directory_writes_all_run_files(tmp_path):
     assert list((tmp_path / "data").glob("synthetic_*.pt"))
     assert_complete_run(run_dir)
     assert json.loads((run_dir / "job_status.json").read_text())["status"] == "done"
+    # Hydra names a job after its entry point's module; Slurm job names and job ids use it.
+    assert OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.name == "train"
     # What produced the numbers, recorded with them and logged.
     environment = json.loads((run_dir / "test_metrics.json").read_text())["environment"]
     assert environment["torch"] == torch.__version__ and environment["skinclf"] == skinclf.__version__
@@ -106,6 +110,22 @@ def test_a_stopped_run_leaves_no_temporary_files_and_resumes(tmp_path, signum):
     train_cli(*overrides, "resume=true", cwd=tmp_path)
     assert len(pd.read_csv(metrics)) == 3
     assert json.loads((run_dir / "job_status.json").read_text())["status"] == "done"
+
+
+class _CtrlCOnImport(types.ModuleType):
+    """Stands in for skinclf.train: Ctrl-C lands while `skinclf train` imports the run's code
+    (torch: seconds), after Hydra has made the run or job folder, before skinclf claims it."""
+
+    def __getattr__(self, name):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_a_run_stopped_before_it_began_leaves_no_folder(tmp_path, monkeypatch, sweep):
+    monkeypatch.setitem(sys.modules, "skinclf.train", _CtrlCOnImport("skinclf.train"))
+    proc = train_cli(*(["-m", "seed=0,1"] if sweep else []), *TINY, cwd=tmp_path, check=False)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert not (tmp_path / "outputs").exists()
 
 
 def error_run(tmp_path, *overrides):

@@ -30,7 +30,7 @@ from skinclf.sweep.jobs import (
     recorded_status,
     run_sweep_job,
 )
-from skinclf.sweep.summary import SweepSummary, remove_unstarted_sweep
+from skinclf.sweep.summary import SweepSummary, remove_unstarted
 
 
 def check_appended_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
@@ -178,8 +178,9 @@ def main(args: list[str]) -> None:
     try:
         hydra_main()
     except BaseException:
-        # Nothing half-written: a sweep refused before its first job leaves no folder behind.
-        remove_unstarted_sweep(SweepSummary.started, SweepSummary.created)
+        # Nothing half-written: a sweep refused before its first job, or a run stopped before it
+        # began, leaves no folder behind.
+        remove_unstarted(SweepSummary.started, SweepSummary.created)
         raise
     if SweepSummary.last is not None and SweepSummary.last.failed:
         sys.exit(1)  # the summary above names the failed jobs; scripts and CI must notice too

@@ -3,5 +3,7 @@
 - ``resources``: CPU threads and GPU per parallel job, so jobs do not fight over the hardware.
 - ``jobs``: one sweep job's life: skip if finished, resume if not, record failure instead of aborting.
 - ``cross_validation``: stratified k-fold CV on the training split (the grid search's inner loop).
-- ``summary``: the Hydra callback that reports a finished sweep and ranks grid-search points.
+- ``summary``: the Hydra callback that reports a finished sweep (and removes an unstarted one).
+- ``grid``: the grid search's points ranked by cross-validated accuracy (grid_search.md).
+- ``launcher``: the ``local`` launcher, one process per job (src/hydra_plugins/skinclf_launcher).
 """

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from skinclf.io import atomic_write_json, missing_folders, remove_empty_folders
-from skinclf.run_files import HYDRA_MULTIRUN
+from skinclf.run_files import HYDRA_MULTIRUN, TRAIN_LOG
 from skinclf.sweep.jobs import LAUNCH_FILE, REFUSED_PREFIX, STATUS_FILE, refused_job_dir, start_launch
 
 log = logging.getLogger("skinclf")
@@ -83,17 +83,20 @@ def job_order(folder: Path) -> tuple[int, str]:
     return (int(head), str(folder)) if head.isdigit() else (1 << 30, str(folder))
 
 
-def remove_unstarted_sweep(sweep_dir: Path | None, created: Sequence[Path] = ()) -> None:
-    """Delete a sweep folder that holds nothing but what was written before any job started,
-    and the ``created`` folders above it (deepest first) that the launch made and left empty.
+def remove_unstarted(folder: Path | None, created: Sequence[Path] = ()) -> None:
+    """Delete a run or sweep folder that holds nothing but what was written before any run
+    started, and the ``created`` folders above it (deepest first) that the launch made and left
+    empty.
 
     Hydra composes every job's config before it launches the first, so a bad override (a
     misspelt model in ``model=baseline,typo``) stops the sweep right there, leaving only its
-    multirun.yaml and the launch tag."""
-    if sweep_dir is None or not sweep_dir.is_dir():
+    multirun.yaml and the launch tag. A run (or job) stopped while it imports torch, after Hydra
+    made its folder and before skinclf claimed it, leaves only its log there."""
+    if folder is None or not folder.is_dir():
         return
-    if {p.name for p in sweep_dir.iterdir()} <= {HYDRA_MULTIRUN, LAUNCH_FILE}:
-        shutil.rmtree(sweep_dir, ignore_errors=True)
+    files = (p for p in folder.rglob("*") if not p.is_dir())
+    if all(p.name in {HYDRA_MULTIRUN, LAUNCH_FILE, TRAIN_LOG} for p in files):
+        shutil.rmtree(folder, ignore_errors=True)
         remove_empty_folders(created)
 
 
@@ -102,7 +105,7 @@ class SweepSummary(Callback):
     jobs did, and ranks grid-search points. ``last`` keeps the summary for the exit code."""
 
     last: JobsSummary | None = None
-    started: Path | None = None  # the sweep folder of the latest launch
+    started: Path | None = None  # the folder of the latest launch: its sweep, or its single run's
     # The folders the latest launch makes above its sweep or single run folder (outputs/multiruns,
     # outputs/runs, ...), deepest first, for removing them again when it is refused before it starts.
     created: list[Path] = []
@@ -112,7 +115,9 @@ class SweepSummary(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Called before Hydra makes the run folder (the sweep's own case is below).
-        SweepSummary.created = missing_folders(Path(config.hydra.run.dir).absolute().parent)
+        run_dir = Path(config.hydra.run.dir).absolute()
+        SweepSummary.created = missing_folders(run_dir.parent)
+        SweepSummary.started = run_dir
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
