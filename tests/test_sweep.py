@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from skinclf.config import compose_config
@@ -446,11 +447,17 @@ def test_a_failed_sweep_in_an_earlier_call_does_not_fail_the_next(monkeypatch) -
 
 
 def test_a_new_launch_removes_the_summary_of_the_last(tmp_path: Path) -> None:
-    """An interrupted launch must not leave the previous launch's summary as if it were its own."""
+    """An interrupted launch must not leave the previous launch's summary as if it were its own;
+    one refused before its first job (a typo) must not remove a finished sweep's."""
     sweep = tmp_path / "sweep"
-    sweep.mkdir()
-    (sweep / SWEEP_SUMMARY).write_text(json.dumps({"done": ["0_baseline"], "skipped": [], "failed": []}))
-    SweepSummary().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    args = ["-m", *TINY, f"hydra.sweep.dir={sweep}"]
+    train_cli(*args, "seed=0", cwd=tmp_path)
+    summary = (sweep / SWEEP_SUMMARY).read_text()
+    refused = train_cli(*args, "model=baseline,resnt", cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "resnt" in refused.stderr
+    assert (sweep / SWEEP_SUMMARY).read_text() == summary
+    job = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(sweep)}}})
+    SweepSummary().on_job_start(job)  # a launch whose jobs start
     assert not (sweep / SWEEP_SUMMARY).exists()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from skinclf.io import atomic_write_json, missing_folders, remove_empty_folders
@@ -125,8 +126,14 @@ class SweepSummary(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.launch = start_launch(sweep_dir)
         SweepSummary.started = sweep_dir
-        # An earlier launch's summary would read as this one's if this launch is interrupted.
-        (sweep_dir / SWEEP_SUMMARY).unlink(missing_ok=True)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # An earlier launch's summary would read as this one's if this launch is interrupted. It
+        # goes once a job starts: Hydra checks every job's overrides before it starts the first,
+        # so a launch refused for a typo (model=baseline,resnt) leaves a finished sweep's summary.
+        # In the job's process (local, Slurm launchers), hence from the job's config.
+        if config.hydra.mode == RunMode.MULTIRUN:
+            (Path(config.hydra.sweep.dir) / SWEEP_SUMMARY).unlink(missing_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
