@@ -117,6 +117,8 @@ class _CtrlCOnImport(types.ModuleType):
     (torch: seconds), after Hydra has made the run or job folder, before skinclf claims it."""
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # what repr() and pytest's reports look up
+            raise AttributeError(name)
         raise KeyboardInterrupt
 
 
@@ -126,6 +128,17 @@ def test_a_run_stopped_before_it_began_leaves_no_folder(tmp_path, monkeypatch, s
     proc = train_cli(*(["-m", "seed=0,1"] if sweep else []), *TINY, cwd=tmp_path, check=False)
     assert proc.returncode == 130, proc.stdout + proc.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_stop_before_the_run_began_keeps_a_folder_the_user_named(tmp_path, monkeypatch):
+    # It held nothing but a log before this launch too, but it is the user's: only a folder the
+    # launch made is removed.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.log").write_text("")
+    monkeypatch.setitem(sys.modules, "skinclf.train", _CtrlCOnImport("skinclf.train"))
+    assert train_cli(*TINY, f"hydra.run.dir={mine}", cwd=tmp_path, check=False).returncode == 130
+    assert mine.is_dir()
 
 
 def error_run(tmp_path, *overrides):

@@ -85,9 +85,9 @@ def job_order(folder: Path) -> tuple[int, str]:
 
 
 def remove_unstarted(folder: Path | None, created: Sequence[Path] = ()) -> None:
-    """Delete a run or sweep folder that holds nothing but what was written before any run
-    started, and the ``created`` folders above it (deepest first) that the launch made and left
-    empty.
+    """Delete a run or sweep folder that the launch made (``SweepSummary.started``) if it holds
+    nothing but what was written before any run started, and the ``created`` folders above it
+    (deepest first) that the launch made and left empty.
 
     Hydra composes every job's config before it launches the first, so a bad override (a
     misspelt model in ``model=baseline,typo``) stops the sweep right there, leaving only its
@@ -106,7 +106,9 @@ class SweepSummary(Callback):
     jobs did, and ranks grid-search points. ``last`` keeps the summary for the exit code."""
 
     last: JobsSummary | None = None
-    started: Path | None = None  # the folder of the latest launch: its sweep, or its single run's
+    # The folder the latest launch made: its sweep's, or its single run's (None if it existed: a
+    # folder the user named may be removed only if this launch made it).
+    started: Path | None = None
     # The folders the latest launch makes above its sweep or single run folder (outputs/multiruns,
     # outputs/runs, ...), deepest first, for removing them again when it is refused before it starts.
     created: list[Path] = []
@@ -118,14 +120,14 @@ class SweepSummary(Callback):
         # Called before Hydra makes the run folder (the sweep's own case is below).
         run_dir = Path(config.hydra.run.dir).absolute()
         SweepSummary.created = missing_folders(run_dir.parent)
-        SweepSummary.started = run_dir
+        SweepSummary.started = None if run_dir.exists() else run_dir
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         SweepSummary.created = missing_folders(sweep_dir.parent)
+        SweepSummary.started = None if sweep_dir.exists() else sweep_dir
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.launch = start_launch(sweep_dir)
-        SweepSummary.started = sweep_dir
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         # An earlier launch's summary would read as this one's if this launch is interrupted. It
