@@ -100,9 +100,9 @@ class _Jobs:
     def run(self) -> None:
         queue = iter(range(len(self.job_overrides)))
         while True:
-            for idx in queue:  # fill the free places
+            for idx in queue:  # fill the free slots
                 self._start(idx)
-                if len(self.running) == self.at_once:
+                if not self.free_slots:
                     break
             if not self.running:
                 return
