@@ -272,6 +272,18 @@ def test_misspelled_key_is_one_clear_error(tmp_path):
     assert "trainer.max_epoch" in proc.stderr
 
 
+def test_a_refused_run_keeps_a_folder_the_user_made_and_removes_one_its_launch_made(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    error_run(tmp_path, *TINY, "data.batch_size=0", f"hydra.run.dir={mine}")
+    assert mine.is_dir()  # empty before, but the user's: only the refusal's log is in it
+    # A launch-made folder named through `..` is the one Hydra made (it normalises the path).
+    (tmp_path / "sub").mkdir()
+    # Refused once it has claimed the folder (.hydra/ and its status record written).
+    error_run(tmp_path, "data=folder", "data.root=missing", "hydra.run.dir=sub/../made/run")
+    assert not (tmp_path / "made").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_gpu_is_one_line_and_leaves_no_run(tmp_path):
     proc = error_run(tmp_path, "device=cuda", *TINY)

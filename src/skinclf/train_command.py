@@ -24,7 +24,6 @@ from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
 from skinclf.sweep.jobs import (
-    RUN_CONFIG,
     claim_run_dir,
     holds_only_bookkeeping,
     recorded_status,
@@ -99,10 +98,12 @@ def _write_hydra_record(cfg: DictConfig, out_dir: Path) -> None:
 
 
 def _remove_unstarted_run(out_dir: Path) -> None:
-    """Delete a run folder that holds nothing but what was written before the run failed (Hydra's
-    files, the log, the config and status records), and the folders above it that its launch
-    made (outputs/runs on first use) when that leaves them empty."""
-    if holds_only_bookkeeping(out_dir):
+    """Delete a run folder that this launch made (``SweepSummary.started``) if it holds nothing
+    but what was written before the run failed (Hydra's files, the log, the config and status
+    records), and the folders above it that the launch made (outputs/runs on first use) when
+    that leaves them empty. A folder that existed before (the user's, or an earlier run's, even
+    one stopped before its first epoch) stays."""
+    if SweepSummary.started == out_dir and holds_only_bookkeeping(out_dir):
         shutil.rmtree(out_dir, ignore_errors=True)
         remove_empty_folders(SweepSummary.created)
 
@@ -120,9 +121,6 @@ def hydra_main(cfg: DictConfig) -> None:
             cfg, out_dir, run_in_hydra, hydra_cfg.job.num, Path(hydra_cfg.sweep.dir), overrides, _claim
         )
         return
-    # Only a folder that this launch begins may be removed when it fails: a folder with a recorded
-    # config holds an earlier run (even one stopped before its first epoch), whose files stay.
-    began_here = not (out_dir / RUN_CONFIG).exists()
     try:
         state = _claim(out_dir, cfg, overrides)
         if state == "finished":
@@ -146,8 +144,7 @@ def hydra_main(cfg: DictConfig) -> None:
                 run_in_hydra(cfg, out_dir)
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
-        if began_here:
-            _remove_unstarted_run(out_dir)
+        _remove_unstarted_run(out_dir)
         sys.exit(EXIT_USER_ERROR)
     print(f"output directory: {out_dir}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,8 +118,9 @@ class SweepSummary(Callback):
         self.launch: str | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # Called before Hydra makes the run folder (the sweep's own case is below).
-        run_dir = Path(config.hydra.run.dir).absolute()
+        # Called before Hydra makes the run folder (the sweep's own case is below). Made absolute
+        # as Hydra makes hydra.runtime.output_dir, which the run compares with it.
+        run_dir = Path(os.path.abspath(config.hydra.run.dir))
         SweepSummary.created = missing_folders(run_dir.parent)
         SweepSummary.started = None if run_dir.exists() else run_dir
 
