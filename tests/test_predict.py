@@ -234,3 +234,22 @@ def test_an_operating_threshold_that_is_not_a_number_is_one_error(run_and_images
     assert err.endswith(
         f"{edited / 'test_metrics.json'}: operating_point.threshold='high'; expected a number in [0, 1]"
     )
+
+
+def test_a_run_from_an_older_skinclf_still_predicts(run_and_images, tmp_path):
+    # Its best.pt lacks the settings added since (the loop's checkpoint_every, eval_batch_size,
+    # channels_last, progress, the recipe, the recorded precision): scoring takes their defaults.
+    run_dir, folder, _ = run_and_images
+    old = tmp_path / "old_run"
+    shutil.copytree(run_dir, old)
+    state = torch.load(old / "best.pt", weights_only=True)
+    for key in ("checkpoint_every", "eval_batch_size", "channels_last", "progress"):
+        del state["config"]["trainer"][key]
+    del state["config"]["recipe"], state["precision"]
+    torch.save(state, old / "best.pt")
+    images = sorted(folder.glob("test_*.png"))
+    _predict(run_dir, *images, "--out", tmp_path / "new.csv")
+    _predict(old, *images, "--out", tmp_path / "old.csv")
+    new, older = pd.read_csv(tmp_path / "new.csv"), pd.read_csv(tmp_path / "old.csv")
+    assert older["prob_mel"].tolist() == pytest.approx(new["prob_mel"].tolist(), abs=1e-6)
+    assert (older["prediction"] == new["prediction"]).all()

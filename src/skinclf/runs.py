@@ -18,10 +18,10 @@ from skinclf.config import instantiate_config
 from skinclf.errors import SkinclfError, first_line
 from skinclf.models import build_model
 from skinclf.run_files import BEST_CHECKPOINT, TEST_METRICS
-from skinclf.train import loop_settings
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import LoopSettings, predict_logits
+from skinclf.training.recipe import Recipe
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -89,6 +89,21 @@ def _operating_threshold(metrics: dict, metrics_path: Path) -> tuple[float, str]
     return threshold, source
 
 
+def _inference_settings(cfg: DictConfig, precision: str) -> LoopSettings:
+    """What scoring images needs of the run's settings (batch size, layout, TTA), a key that an
+    older skinclf did not record at its default: a run from before ``trainer.eval_batch_size``
+    or ``trainer.channels_last`` existed still predicts. (The training loop's settings,
+    :func:`skinclf.train.loop_settings`, would require today's keys, checkpoint_every included.)"""
+    trainer = cfg.get("trainer") or {}
+    return LoopSettings(
+        eval_batch_size=int(trainer.get("eval_batch_size", LoopSettings.eval_batch_size)),
+        precision=str(precision),
+        channels_last=bool(trainer.get("channels_last", LoopSettings.channels_last)),
+        progress=str(trainer.get("progress", LoopSettings.progress)),
+        recipe=Recipe.from_config(cfg.get("recipe") or {}),
+    )
+
+
 def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     """Load the finished run in ``run_dir``: best.pt (``weights_only``, format-checked), its config,
     the fitted pipeline, and the operating threshold from test_metrics.json.
@@ -139,7 +154,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     model.to(torch_device).eval()
     # The precision the run was evaluated in (recorded by newer runs), so that predictions
     # reproduce its test-time ones; older runs: resolved again, here.
-    precision = str(state.get("precision") or resolve_precision(str(cfg.trainer.precision), torch_device))
+    precision = state.get("precision") or resolve_precision(
+        str(OmegaConf.select(cfg, "trainer.precision", default="auto")), torch_device
+    )
     return TrainedRun(
         path=run_dir,
         config=cfg,
@@ -147,6 +164,6 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         pipeline=pipeline,
         threshold=threshold,
         threshold_source=source,
-        settings=loop_settings(cfg, precision),
+        settings=_inference_settings(cfg, precision),
         device=torch_device,
     )
