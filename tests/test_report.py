@@ -630,6 +630,8 @@ DAMAGED_FILES = [
     ("test_metrics.json", lambda p: _set_key(p, "n_test", "64 images"), "n_test is '64 images'"),
     ("test_metrics.json", lambda p: _set_key(p, "accuracy", "0.71875"), "accuracy is '0.71875'"),
     ("test_metrics.json", lambda p: _set_key(p, "environment", {"torch": 2}), "environment is {'torch': 2}"),
+    ("test_metrics.json", lambda p: _set_key(p, "best_epoch", 0), "best_epoch=0, best_val_acc="),
+    ("test_metrics.json", lambda p: _set_key(p, "best_val_acc", 87.5), "best_val_acc=87.5; expected"),
 ]
 
 
@@ -648,6 +650,19 @@ def test_a_run_with_a_damaged_file_is_failed_and_the_rest_is_reported(tmp_path):
         assert status == "failed" and found.startswith(name) and problem in found, (run_dir, found)
     table = pd.read_csv(tmp_path / "reports" / "table1.csv")
     assert list(zip(table["model"], table["n"], strict=True)) == [("resnet", 1)]
+
+
+def test_table1_reports_the_checkpoint_the_run_tested(tmp_path):
+    # A GPU resume whose redone epochs did not reproduce the interrupted attempt's best.pt tests
+    # that checkpoint (epoch 2 at 0.9 here): metrics.csv holds only the redone epochs' numbers.
+    run_dir = write_run(tmp_path / "outputs", "resnet", [0.6, 0.7, 0.8], [0.7, 0.8, 0.9])
+    _set_key(run_dir / "test_metrics.json", "best_epoch", 2)
+    _set_key(run_dir / "test_metrics.json", "best_val_acc", 0.9)
+    build_report([tmp_path / "outputs"], tmp_path / "reports")
+    [row] = pd.read_csv(tmp_path / "reports" / "runs.csv").to_dict("records")
+    assert (row["best_epoch"], row["best_val_acc_pct"]) == (2, 90.0)
+    [row] = pd.read_csv(tmp_path / "reports" / "table1.csv").to_dict("records")
+    assert row["best_val_acc_pct_mean"] == 90.0 and row["max_train_acc_pct_mean"] == 90.0
 
 
 def test_no_finished_runs_error_names_the_problem_of_a_failed_run(tmp_path):

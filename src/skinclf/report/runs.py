@@ -239,6 +239,13 @@ def _read_test_metrics(path: Path) -> dict:
     environment = test.get("environment", {})  # absent from runs made before it was recorded
     if not (isinstance(environment, dict) and all(isinstance(v, str) for v in environment.values())):
         raise ValueError(f"{TEST_METRICS}: environment is {environment!r}; expected an object of strings")
+    if "best_epoch" in test:  # the tested checkpoint, which Table 1 reports (runs.csv too)
+        epoch, val_acc = test["best_epoch"], test.get("best_val_acc")
+        if not (_is_count(epoch) and epoch >= 1 and _is_fraction(val_acc)):
+            raise ValueError(
+                f"{TEST_METRICS}: best_epoch={epoch!r}, best_val_acc={val_acc!r}; expected an epoch "
+                "number and a fraction in [0, 1]"
+            )
     n_test = test.get("n_test", 0)  # absent: a run without a test split, from before n_test existed
     if not _is_count(n_test):
         raise ValueError(f"{TEST_METRICS}: n_test is {n_test!r}; expected a whole number of test images")
@@ -249,8 +256,7 @@ def _read_test_metrics(path: Path) -> dict:
         raise ValueError(f"{TEST_METRICS} lacks {', '.join(missing)}")
     for key in TEST_SCORES:
         value = test[key]
-        is_number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (is_number and (0 <= value <= 1 or (key in MAY_BE_NAN and np.isnan(value)))):
+        if not (_is_fraction(value) or (key in MAY_BE_NAN and _is_number(value) and np.isnan(value))):
             expected = "a fraction in [0, 1]" + (" or NaN" if key in MAY_BE_NAN else "")
             raise ValueError(f"{TEST_METRICS}: {key} is {value!r}; expected {expected}")
     confusion = test["confusion"]
@@ -268,6 +274,14 @@ def _read_test_metrics(path: Path) -> dict:
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_fraction(value: object) -> bool:
+    return _is_number(value) and 0 <= value <= 1
 
 
 @cache

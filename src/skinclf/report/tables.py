@@ -32,10 +32,17 @@ def run_metrics(run: Run) -> dict:
     """One run's key numbers (NaN where it has none, e.g. no test split or no epoch yet)."""
     history, test = run.history, run.test if run.tested else {}
     has_epochs = history is not None and not history.empty
+    best_epoch = run.best_epoch if has_epochs else math.nan
+    best_val_acc = history["val_acc"].max() if has_epochs else math.nan
+    if run.status == FINISHED and run.test and "best_epoch" in run.test:
+        # The checkpoint that was tested, as the run recorded it. metrics.csv says the same but
+        # after a GPU resume whose redone epochs did not reproduce the interrupted attempt's
+        # best.pt (see skinclf.train.run), when only the record pairs with the test numbers.
+        best_epoch, best_val_acc = run.test["best_epoch"], run.test["best_val_acc"]
     return {
         "epochs_run": len(history) if has_epochs else 0,
-        "best_epoch": run.best_epoch if has_epochs else math.nan,
-        "best_val_acc_pct": 100 * history["val_acc"].max() if has_epochs else math.nan,
+        "best_epoch": best_epoch,
+        "best_val_acc_pct": 100 * best_val_acc,
         "max_train_acc_pct": 100 * history["train_acc"].max() if has_epochs else math.nan,
         "test_acc_pct": 100 * test["accuracy"] if "accuracy" in test else math.nan,
         **{key: float(test.get(key, math.nan)) for key in TEST_KEYS},
