@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, first_line
 
 # What model.pretrained=false gives, as the offline message says it.
 RANDOM = "random weights, for tests and offline trials"
@@ -53,14 +53,14 @@ def load_pretrained(
     # Any error at all once the file is there: a truncated file ends in EOFError, an HTML page
     # saved under the weight's name in UnpicklingError, a wrong archive in RuntimeError.
     except Exception as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         if path.is_file():
             raise SkinclfError(
-                f"{path}: cannot load the {label} {weights.name} weights ({first_line}); delete the file "
+                f"{path}: cannot load the {label} {weights.name} weights ({reason}); delete the file "
                 f"and get it again: {hint}"
             ) from err
         if not isinstance(err, OSError | RuntimeError):  # URLError is an OSError
             raise
         raise SkinclfError(
-            f"{path}: {label} {weights.name} weights not found and the download failed ({first_line}); {hint}"
+            f"{path}: {label} {weights.name} weights not found and the download failed ({reason}); {hint}"
         ) from err

@@ -2,8 +2,9 @@
 
 Paper section 2: batch size and learning rate "were chosen by cross-validated grid search".
 Each grid point is one sweep job (conf/hparams_search/grid.yaml) that runs this instead of the
-usual train-and-test. Only the training split is loaded into the folds, so the test split can
-never influence which hyperparameters win.
+usual train-and-test. Only the training split goes into the folds (the dataset's validation and
+test splits are loaded with it, then dropped), so the test split can never influence which
+hyperparameters win.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     precision = run_precision(cfg, device, records)
     settings = loop_settings(cfg, precision)  # refuses bad settings before the data loads
     k, seed = number_setting(cfg, "cv.folds", int), settings.seed
-    # Keep the training split only: the test split must not take part in choosing hyperparameters.
+    # Keep the training split only: the test split must not take part in choosing hyperparameters
+    # (the loaders decode every split; a corrupt test image still stops the grid point here).
     splits = load_splits(cfg.data)
     name, train = splits.name, splits.train
     del splits

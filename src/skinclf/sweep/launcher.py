@@ -42,7 +42,7 @@ from joblib.externals.loky import ProcessPoolExecutor
 from joblib.externals.loky.process_executor import BrokenProcessPool
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from skinclf.errors import EXIT_USER_ERROR, SkinclfError
+from skinclf.errors import EXIT_USER_ERROR, SkinclfError, first_line
 from skinclf.run_files import TRAIN_LOG
 from skinclf.sweep import resources
 from skinclf.sweep.jobs import current_launch, read_status, record_refusal, write_status
@@ -155,7 +155,7 @@ class _Jobs:
             message = f"its process was killed (exit code {codes.group(1)}; out of memory?)"
             message += "; a re-launch resumes it"
         else:
-            message = f"its process failed: {str(error).strip().splitlines()[0]}"
+            message = f"its process failed: {first_line(error)}"
         log.error(f"job #{num}: {message}")
         info = {"job": num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
         status = read_status(out_dir)
