@@ -188,6 +188,7 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
         ("data.train_size=abc", "data.train_size=abc: expected an integer"),
         ("data.val_size=8.9", "data.val_size=8.9: expected an integer"),
         ("data.seed=-1", "data.seed=-1: must be 0 or more"),
+        ("data.train_size=1", "data.train_size=1: the synthetic data needs at least 2 images per split"),
         # Switches: Hydra reads `no` and `off` as strings, which bool() would take for true.
         ("resume=no", "resume='no': expected true or false"),
         ("trainer.channels_last=off", "trainer.channels_last='off': expected true or false"),
@@ -230,11 +231,13 @@ def test_a_sweep_with_a_bad_setting_can_be_relaunched_corrected(tmp_path):
 
 
 def test_a_sweep_job_that_fails_on_its_data_can_be_relaunched_corrected(tmp_path):
-    # data.train_size=1 passes the up-front checks and fails once the data loads, after the job
+    # A missing data.root passes the up-front checks and fails once the data loads, after the job
     # took its folder: the folder must not keep that config to hold the re-launch to.
     sweep = tmp_path / "sweep"
-    bad = train_cli("-m", *TINY, "data.train_size=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
-    assert bad.returncode == 1 and "data.train_size=1: the synthetic data needs at least 2" in bad.stderr
+    bad = train_cli(
+        "-m", "data=folder", "data.root=missing", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False
+    )
+    assert bad.returncode == 1 and f"data.root={tmp_path / 'missing'}: no such folder" in bad.stderr
     assert not list(sweep.glob("*/run_config.json"))
     assert list(sweep.glob(".refused_*.json"))  # the failure is recorded beside the folder
     train_cli("-m", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -242,8 +245,7 @@ def test_a_sweep_job_that_fails_on_its_data_can_be_relaunched_corrected(tmp_path
 
 
 def test_a_seed_too_big_for_a_float_is_kept_exactly():
-    from skinclf.config import compose_config
-    from skinclf.train import number_setting
+    from skinclf.config import compose_config, number_setting
 
     assert number_setting(compose_config(["seed=12345678901234567"]), "seed", int) == 12345678901234567
 

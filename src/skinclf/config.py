@@ -11,7 +11,7 @@ from typing import Any
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate, to_absolute_path
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from skinclf.errors import SkinclfError, first_line
 
@@ -53,6 +53,28 @@ def check_bool(key: str, value: object) -> bool:
 def is_number(value: object) -> bool:
     """A finite int or float (not a bool, not inf or nan): what a numeric option accepts."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def number_setting(cfg: DictConfig, key: str, kind: type[int] | type[float], prefix: str = "") -> int | float:
+    """``cfg``'s dotted ``key`` as an int or a float; a SkinclfError names a value that is not
+    one (``trainer.max_epochs=abc``, ``=3.5``, ``=null``, ``optim.lr=inf``) before anything trains.
+    ``prefix``: where ``cfg`` sits in the whole config (``data.`` for cfg.data), for the message."""
+    value = OmegaConf.select(cfg, key)
+    key = prefix + key
+    try:
+        if isinstance(value, bool):
+            number = None
+        elif kind is int and isinstance(value, float):
+            number = int(value) if value.is_integer() else None  # 3.5 epochs is a typo, not 3
+        else:
+            number = kind(value)  # an int as it is (no float round trip for big seeds), or text
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if number is None:
+        raise SkinclfError(f"{key}={value}: expected {'an integer' if kind is int else 'a number'}")
+    if not is_number(number):  # optim.lr=inf would train on nan weights without complaint
+        raise SkinclfError(f"{key}={value}: expected a finite number")
+    return number
 
 
 def data_path(data_cfg: DictConfig, key: str = "root") -> Path:

@@ -19,10 +19,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from skinclf.config import check_bool, data_path, instantiate_config, is_number
+from skinclf.config import check_bool, data_path, instantiate_config, number_setting
 from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
+from skinclf.data.synthetic import synthetic_settings
 from skinclf.errors import SkinclfError
 from skinclf.evaluation.curves import write_run_curves
 from skinclf.evaluation.metrics import binary_metrics
@@ -51,26 +52,6 @@ SWITCHES = (
     "data.balance_train",
     "data.class_weighted_loss",
 )
-
-
-def number_setting(cfg: DictConfig, key: str, kind: type[int] | type[float]) -> int | float:
-    """``cfg``'s dotted ``key`` as an int or a float; a SkinclfError names a value that is not
-    one (``trainer.max_epochs=abc``, ``=3.5``, ``=null``, ``optim.lr=inf``) before anything trains."""
-    value = OmegaConf.select(cfg, key)
-    try:
-        if isinstance(value, bool):
-            number = None
-        elif kind is int and isinstance(value, float):
-            number = int(value) if value.is_integer() else None  # 3.5 epochs is a typo, not 3
-        else:
-            number = kind(value)  # an int as it is (no float round trip for big seeds), or text
-    except (TypeError, ValueError, OverflowError):
-        number = None
-    if number is None:
-        raise SkinclfError(f"{key}={value}: expected {'an integer' if kind is int else 'a number'}")
-    if not is_number(number):  # optim.lr=inf would train on nan weights without complaint
-        raise SkinclfError(f"{key}={value}: expected a finite number")
-    return number
 
 
 def loop_settings(cfg: DictConfig, precision: str) -> LoopSettings:
@@ -307,10 +288,8 @@ def check_settings(cfg: DictConfig) -> None:
         raise SkinclfError(
             f"trainer.num_threads={cfg.trainer.num_threads}: expected at least 1, or null (auto)"
         )
-    if cfg.data.get("name") == "synthetic":  # its sizes and seed, read as they are further on
-        for key in ("data.train_size", "data.val_size", "data.test_size", "data.seed"):
-            if number_setting(cfg, key, int) < 0:
-                raise SkinclfError(f"{key}={OmegaConf.select(cfg, key)}: must be 0 or more")
+    if cfg.data.get("name") == "synthetic":
+        synthetic_settings(cfg.data)
     # Switches read with bool() further on, where Hydra's `off` or `no` (strings) would count as true.
     for key in SWITCHES:
         value = OmegaConf.select(cfg, key, default=None)

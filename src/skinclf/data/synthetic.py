@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from skinclf.config import data_path
+from skinclf.config import data_path, number_setting
 from skinclf.data.splits import ImageSplits, Split
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_torch_save
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 2
 SEPARATION = 1.2
 IMAGE_SIZE = 128
+SPLITS = ("train", "val", "test")
 
 _SKIN_LIGHT = np.array([236.0, 200.0, 178.0])
 _SKIN_DARK = np.array([150.0, 105.0, 80.0])
@@ -227,17 +228,23 @@ def _read_cache(cache: Path) -> dict | None:
     return stored
 
 
+def synthetic_settings(data_cfg: DictConfig) -> tuple[dict[str, int], int]:
+    """Images per split and the generator's seed, checked (skinclf train checks them before it
+    claims a run folder): a SkinclfError names a value that is not a whole number, a split of
+    fewer than 2 images, or a negative seed."""
+    sizes = {split: number_setting(data_cfg, f"{split}_size", int, "data.") for split in SPLITS}
+    for split, n in sizes.items():
+        if n < 2:
+            raise SkinclfError(f"data.{split}_size={n}: the synthetic data needs at least 2 images per split")
+    seed = number_setting(data_cfg, "seed", int, "data.") if "seed" in data_cfg else 0
+    if seed < 0:
+        raise SkinclfError(f"data.seed={seed}: must be 0 or more")
+    return sizes, seed
+
+
 def load_splits(data_cfg: DictConfig) -> ImageSplits:
     """Generate (first use) or load from ``data_cfg.cache_dir`` the synthetic train/val/test splits."""
-    sizes = {
-        "train": int(data_cfg.train_size),
-        "val": int(data_cfg.val_size),
-        "test": int(data_cfg.test_size),
-    }
-    for name, n in sizes.items():
-        if n < 2:
-            raise SkinclfError(f"data.{name}_size={n}: the synthetic data needs at least 2 images per split")
-    seed = int(data_cfg.get("seed", 0))
+    sizes, seed = synthetic_settings(data_cfg)
     key = json.dumps({"version": GENERATOR_VERSION, "seed": seed, "sizes": sizes}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache = data_path(data_cfg, "cache_dir") / f"synthetic_{digest}.pt"  # ~ expanded, as for every cache

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from skinclf.config import number_setting
 from skinclf.data import ImageSplits, Split, load_splits
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_write_json
@@ -109,7 +110,7 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     mean ± std validation accuracy) into ``out_dir``, and returns that result. Folds depend only
     on the labels and ``seed``. std is the population std (ddof=0), as scikit-learn's GridSearchCV.
     """
-    from skinclf.train import loop_settings, number_setting, run_precision  # lazily: train.py dispatches here
+    from skinclf.train import loop_settings, run_precision  # lazily: train.py dispatches here
 
     device = resolve_device(str(cfg.device))
     # Every fold in the precision the job began in, should a resume run where auto picks another.
