@@ -121,7 +121,7 @@ def step_time(model_name: str, variant: str, repeats: int) -> float:
     autocast dtype)."""
     from skinclf.models import build_model
     from skinclf.training.hardware import input_dtype, resolve_device, resolve_precision
-    from skinclf.training.loop import make_optimizer
+    from skinclf.training.recipe import Recipe, build_optimizer
 
     device = resolve_device("auto")
     precision = "fp32" if variant == "fp32" else resolve_precision("auto", device)
@@ -134,7 +134,7 @@ def step_time(model_name: str, variant: str, repeats: int) -> float:
     else:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-        optimizer = make_optimizer(model, 1e-4, 0.0, device)
+        optimizer = build_optimizer(model, 1e-4, 0.0, Recipe())
     step = training_step(model, optimizer, precision, device)
     # Three warm-up steps, not one: on a 2-core AMD EPYC (AVX2) VM the first steps after the first
     # were often the slowest (batch_norm: 1.05 s, then 0.6-0.8 s), and a median of three steps
@@ -232,14 +232,15 @@ def skinclf_epoch(model_name: str, root: Path, cache_dir: Path, repeats: int, fi
     whole epoch of ``fit`` (plus validation and checkpoint writes)."""
     from skinclf.models import build_model
     from skinclf.training.hardware import input_dtype
-    from skinclf.training.loop import fit, make_optimizer, place_splits, train_one_epoch
+    from skinclf.training.loop import fit, place_splits, train_one_epoch
+    from skinclf.training.recipe import Recipe, build_optimizer
 
     cfg, device, settings, splits, pipeline = _folder_run(model_name, root, cache_dir)
     settings.max_epochs = 1
 
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, settings.lr, settings.weight_decay, device)
+    optimizer = build_optimizer(model, settings.lr, settings.weight_decay, Recipe())
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     generator = torch.Generator().manual_seed(0)
 
@@ -286,7 +287,7 @@ def vgg_cache_epochs(root: Path, cache_dir: Path, repeats: int) -> dict:
     from skinclf.data.features import training_stage
     from skinclf.models import build_model
     from skinclf.training.hardware import input_dtype
-    from skinclf.training.loop import make_optimizer
+    from skinclf.training.recipe import Recipe, build_optimizer
 
     cfg, device, settings, splits, pipeline = _folder_run("vgg16", root, cache_dir)
     model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
@@ -297,7 +298,7 @@ def vgg_cache_epochs(root: Path, cache_dir: Path, repeats: int) -> dict:
 
     def epoch(module, stage_pipeline, images):
         module.train()
-        step = training_step(module, make_optimizer(module, 1e-4, 0.0, device), settings.precision, device)
+        step = training_step(module, build_optimizer(module, 1e-4, 0.0, Recipe()), settings.precision, device)
         generator = torch.Generator().manual_seed(0)
         for start in range(0, len(images), BATCH):
             x = stage_pipeline.train_batch(images[start : start + BATCH].to(device), generator, dtype)

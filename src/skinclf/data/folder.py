@@ -98,7 +98,7 @@ def find_images(root: Path) -> dict[str, tuple[list[Path], list[float]]]:
 
 
 def _check_classes_kept(
-    root: Path, split: str, files: list[Path], labels: list[float], kept_labels: torch.Tensor
+    root: Path, files: list[Path], labels: list[float], kept_labels: torch.Tensor
 ) -> None:
     """Refuse a split that skipping bad images left without one of its classes."""
     for label in (1.0, 0.0):
@@ -129,7 +129,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
                 f"{name}: skipped {len(decoded.bad)} bad image(s) of {len(files)} (data.skip_bad_images)"
             )
         kept_labels = torch.tensor([labels[i] for i in decoded.kept], dtype=torch.float32)
-        _check_classes_kept(root, name, files, labels, kept_labels)
+        _check_classes_kept(root, files, labels, kept_labels)
         splits[name] = Split(decoded.images, kept_labels)
     # Only once every split decoded: a bad file in val leaves no train cache behind either.
     for decoded in decoded_splits:

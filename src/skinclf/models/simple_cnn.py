@@ -2,7 +2,6 @@
 
 from typing import Literal
 
-import torch
 from torch import nn
 
 from skinclf.errors import SkinclfError
@@ -57,6 +56,3 @@ class SimpleCNN(nn.Sequential):
             nn.Linear(128, 1),
         ]
         super().__init__(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)

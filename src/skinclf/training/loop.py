@@ -100,7 +100,6 @@ class FitResult:
     best_epoch: int
     best_val_acc: float
     epochs_run: int
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def memory_format(settings: LoopSettings) -> torch.memory_format:
@@ -109,14 +108,6 @@ def memory_format(settings: LoopSettings) -> torch.memory_format:
     plain path is plain all through (a channels-last input would make convolutions run
     channels-last even with NCHW weights)."""
     return torch.channels_last if settings.channels_last else torch.contiguous_format
-
-
-def make_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, device: torch.device
-) -> torch.optim.Optimizer:
-    """The paper's Adam over the trainable parameters (fused when available); fit() builds the
-    recipe's optimizer instead, which is this one for the paper's recipe."""
-    return build_optimizer(model, lr, weight_decay, Recipe())
 
 
 @torch.inference_mode()
@@ -338,7 +329,6 @@ def fit(
     elif resume:
         log.info(f"resume=true but {last_path} does not exist: starting from epoch 1")
 
-    epoch = start_epoch - 1
     for epoch in range(start_epoch, settings.max_epochs + 1):
         if stopper.should_stop:
             break
@@ -396,4 +386,4 @@ def fit(
         )
     if stopper.should_stop:
         log.info(f"early stopping: no better validation accuracy for {settings.patience} epochs")
-    return FitResult(stopper.best_epoch, stopper.best_val_acc, len(history), history)
+    return FitResult(stopper.best_epoch, stopper.best_val_acc, len(history))
