@@ -1,5 +1,5 @@
-"""Composing the train config outside a Hydra app (summary, predict, tests), instantiating from it,
-and reading paths from it."""
+"""Composing the train config outside a Hydra app (summary, report, tests), instantiating from it,
+and reading settings and paths from it."""
 
 from __future__ import annotations
 

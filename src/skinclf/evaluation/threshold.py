@@ -8,9 +8,10 @@ import numpy as np
 def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
     """The highest threshold whose sensitivity (MEL recall) on these labels reaches ``target``.
 
-    Missing a melanoma costs more than a false alarm (paper section 4), so the threshold is
-    lowered from 0.5 until at least ``target`` of the MEL images are flagged; the highest such
-    threshold keeps specificity as high as possible.
+    Missing a melanoma costs more than a false alarm (paper section 4), so the threshold is the
+    highest at which at least ``target`` of the MEL images are flagged (the k-th highest MEL
+    probability: below 0.5 for a model that misses melanomas at 0.5, above it for one that is
+    sure of them); the highest such threshold keeps specificity as high as possible.
     """
     labels = np.asarray(labels).astype(int)
     mel_probs = np.sort(np.asarray(probs)[labels == 1])[::-1]

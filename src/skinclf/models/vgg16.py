@@ -124,7 +124,8 @@ class VGG16Transfer(nn.Module):
 
     def frozen_split(self) -> tuple[nn.Module, nn.Module]:
         """(frozen extractor, trained head) with ``model(x) == head(extractor(x))``; the head
-        starts at the pooling, so the cached extractor output is the small 512x4x4 map."""
+        starts at the pooling, so the cached extractor output is the small feature map (512x4x4 for
+        the paper's 128x128 input; 512x7x7 with input_preset=full)."""
         extractor = nn.Sequential(self.preset, self.features) if self.preset is not None else self.features
         head = nn.Sequential(self.avgpool, nn.Flatten(), self.classifier)
         return extractor, head

@@ -1,8 +1,9 @@
 """The report's figures: training curves (paper Figure 2), the confusion matrix (Table 2) and ROC.
 
-Each figure has a ``*_data`` function returning exactly what is drawn, so that tests (and users)
-can check the numbers behind a plot. Figures are built with ``matplotlib.figure.Figure`` directly,
-not pyplot: no display or GUI backend is ever involved, and nothing global is left open.
+The curves and the ROC have a ``*_data`` function returning exactly what is drawn, so that tests
+(and users) can check the numbers behind a plot; the confusion matrix draws Table 2's own numbers.
+Figures are built with ``matplotlib.figure.Figure`` directly, not pyplot: no display or GUI
+backend is ever involved, and nothing global is left open.
 One row (or panel) per dataset: runs on different datasets never share an axis.
 """
 

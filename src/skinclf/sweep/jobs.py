@@ -280,7 +280,7 @@ def run_sweep_job(
 
     The folder is taken with ``claim`` (:func:`claim_run_dir`, or a caller's version of it that
     checks more first). A finished job of the same config is skipped; an unfinished one resumes
-    from its last completed epoch (a re-launch into the same hydra.sweep.dir picks up where it
+    from its last checkpointed epoch (a re-launch into the same hydra.sweep.dir picks up where it
     stopped). Any
     error is logged with its traceback to the job's train.log and recorded, so the remaining
     jobs still run; the summary at the end of the sweep names the failed jobs.
@@ -295,7 +295,7 @@ def run_sweep_job(
             log.info(f"job {job_num}: already finished in {out_dir}, skipped")
             write_status(out_dir, "skipped", launch, **info)
             return "skipped"
-        # A re-launch continues an interrupted job from its last completed epoch.
+        # A re-launch continues an interrupted job from its last checkpointed epoch.
         cfg.resume = bool(cfg.resume) or state == "unfinished"
         recorded = True
         # Ctrl-C or `kill` is recorded as stopped and stops the sweep; a re-launch resumes it.
