@@ -21,6 +21,9 @@ METRICS = "metrics.csv"  # one row per epoch
 BEST_CHECKPOINT = "best.pt"  # the weights of the best epoch by validation accuracy
 LAST_CHECKPOINT = "last.pt"  # everything a resume needs, rewritten every trainer.checkpoint_every epochs
 PREDICTIONS = "predictions.csv"
+# The run's validation and test curves, its operating point marked.
+ROC_FIGURE = "roc.png"
+PR_FIGURE = "pr.png"
 # Written last: a folder without it is an unfinished (or crashed) run.
 TEST_METRICS = "test_metrics.json"
 # A cross-validation job (cv.folds > 0, the grid search) writes these instead of the test files:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from skinclf.io import atomic_write
+from skinclf.run_files import PR_FIGURE, ROC_FIGURE
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -108,7 +109,7 @@ def write_run_curves(
     predictions: pd.DataFrame, out_dir: Path, threshold: float | None = None, title: str = ""
 ) -> list[Path]:
     """Write roc.png and pr.png into ``out_dir`` from a predictions table (split,label,prob_mel)."""
-    paths = [Path(out_dir) / "roc.png", Path(out_dir) / "pr.png"]
+    paths = [Path(out_dir) / ROC_FIGURE, Path(out_dir) / PR_FIGURE]
     save_figure(plot_roc(predictions, threshold, title and f"ROC: {title}"), paths[0])
     save_figure(plot_pr(predictions, title and f"Precision-recall: {title}"), paths[1])
     return paths
