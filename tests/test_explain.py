@@ -12,9 +12,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
-from skinclf import explain
+from skinclf import IMAGE_SIZE, explain
 from skinclf.cli import main as cli_main
-from skinclf.data.synthetic import IMAGE_SIZE, draw_lesion
+from skinclf.data.synthetic import draw_lesion
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
 from skinclf.models import PAPER_MODELS
 from skinclf.models.vgg16 import VGG16Transfer

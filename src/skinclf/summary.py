@@ -15,13 +15,14 @@ import torch
 from omegaconf import DictConfig
 from torchinfo import ModelStatistics, summary
 
+from skinclf import IMAGE_SIZE
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model
 from skinclf.report.groups import model_order
 from skinclf.runs import quiet_logs
 
-INPUT_SIZE = (64, 3, 128, 128)  # the paper's batch of 64 RGB 128x128 images
+INPUT_SIZE = (64, 3, IMAGE_SIZE, IMAGE_SIZE)  # the paper's batch of 64 RGB 128x128 images
 
 EPILOG = """examples:
   skinclf summary model=resnet                  the layer table of paper Appendix C.6

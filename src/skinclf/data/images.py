@@ -9,9 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from skinclf import IMAGE_SIZE
 from skinclf.errors import SkinclfError
-
-IMAGE_SIZE = 128
 
 # Grayscale modes with more than 8 bits per pixel (16-bit PNG opens as I;16 or I): scaled, not clipped.
 _WIDE_GRAY_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}

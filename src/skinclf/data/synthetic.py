@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from skinclf import IMAGE_SIZE
 from skinclf.config import data_path, number_setting
 from skinclf.data.splits import ImageSplits, Split
 from skinclf.errors import SkinclfError
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 # Bump when the drawing code changes, so that cached images are regenerated.
 GENERATOR_VERSION = 2
 SEPARATION = 1.2
-IMAGE_SIZE = 128
 SPLITS = ("train", "val", "test")
 
 _SKIN_LIGHT = np.array([236.0, 200.0, 178.0])

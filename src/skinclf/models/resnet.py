@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from skinclf import IMAGE_SIZE
 from skinclf.models.layers import Dropout, Flatten, checked_dropout
 
 
@@ -34,7 +35,7 @@ class ResBlock(nn.Module):
 class ShallowResNet(nn.Module):
     """Stem conv (16 ch) + ReLU + maxpool, ResBlocks to 32 and 64 channels, dropout, FC 16384-128-1."""
 
-    def __init__(self, dropout: float = 0.5, image_size: int = 128) -> None:
+    def __init__(self, dropout: float = 0.5, image_size: int = IMAGE_SIZE) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
         self.relu = nn.ReLU(inplace=True)

@@ -4,12 +4,12 @@ from typing import Literal
 
 from torch import nn
 
+from skinclf import IMAGE_SIZE
 from skinclf.errors import SkinclfError
 from skinclf.models.layers import LayerNorm
 
 Norm = Literal["none", "batch", "group", "layer"]
 
-IMAGE_SIZE = 128
 GROUP_SIZE = 8  # channels per GroupNorm group, as in the paper (32 channels -> 4 groups)
 
 
