@@ -27,6 +27,7 @@ from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.data.splits import SPLIT_NAMES, undersample_majority
 from skinclf.errors import SkinclfError
 from skinclf.io import files_under, missing_folders, remove_empty_folders
+from skinclf.sweep.resources import available_cores
 from skinclf.training.progress import progress
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ ISIC_2019_CSV = "ISIC_2019_Training_GroundTruth.csv"
 ISIC_2019_METADATA = "ISIC_2019_Training_Metadata.csv"
 HAM10000_CSV = "HAM10000_metadata.csv"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-_WORKERS = min(8, os.cpu_count() or 1)
+_WORKERS = min(8, available_cores())  # the cores this process may use (taskset, Slurm)
 
 
 def _seed(text: str) -> int:

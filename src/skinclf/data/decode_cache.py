@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,8 @@ log = logging.getLogger(__name__)
 
 # Bump when decode_image's output changes (resampling, colour handling), to invalidate caches.
 DECODER_VERSION = 2  # 2: 16-bit grayscale always scaled from 0-65535
-# PIL releases the GIL while decoding and resizing, so threads decode in parallel.
+# PIL releases the GIL while decoding and resizing, so threads decode in parallel: as many as
+# torch's threads (this job's share of the cores when a sweep runs jobs side by side), at most 8.
 _MAX_WORKERS = 8
 
 
@@ -81,7 +81,7 @@ def decode_files(
     out = np.empty((len(files), size, size, 3), np.uint8)
     kept: list[int] = []
     bad: list[tuple[str, str]] = []
-    workers = max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
+    workers = max(1, min(_MAX_WORKERS, torch.get_num_threads()))
     pool = ThreadPoolExecutor(workers)
     try:
         results = pool.map(lambda p: _decode_one(p, size), files)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from skinclf import IMAGE_SIZE
 from skinclf.config import data_path, number_setting
-from skinclf.data.splits import ImageSplits, Split
+from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_torch_save
 
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 # Bump when the drawing code changes, so that cached images are regenerated.
 GENERATOR_VERSION = 2
 SEPARATION = 1.2
-SPLITS = ("train", "val", "test")
 
 _SKIN_LIGHT = np.array([236.0, 200.0, 178.0])
 _SKIN_DARK = np.array([150.0, 105.0, 80.0])
@@ -232,7 +231,7 @@ def synthetic_settings(data_cfg: DictConfig) -> tuple[dict[str, int], int]:
     """Images per split and the generator's seed, checked (skinclf train checks them before it
     claims a run folder): a SkinclfError names a value that is not a whole number, a split of
     fewer than 2 images, or a negative seed."""
-    sizes = {split: number_setting(data_cfg, f"{split}_size", int, "data.") for split in SPLITS}
+    sizes = {split: number_setting(data_cfg, f"{split}_size", int, "data.") for split in SPLIT_NAMES}
     for split, n in sizes.items():
         if n < 2:
             raise SkinclfError(f"data.{split}_size={n}: the synthetic data needs at least 2 images per split")
