@@ -18,7 +18,7 @@ from skinclf.io import output_folder
 from skinclf.predict import DISCLAIMER, collect_images, decode_all
 from skinclf.runs import TrainedRun, load_run
 
-CLASSES = ("mel", "nv", "predicted")
+TARGETS = ("mel", "nv", "predicted")  # what --class may name: a class, or each image's predicted one
 # Images explained per forward/backward pass: Grad-CAM keeps activations and gradients in memory.
 CHUNK = 16
 
@@ -76,8 +76,8 @@ def explain_files(
     run: TrainedRun, files: Sequence[Path], out_dir: Path, target: str = "mel"
 ) -> tuple[list[Path], list[str]]:
     """Write one Grad-CAM PNG per readable file into ``out_dir``; returns (written, problems)."""
-    if target not in CLASSES:
-        raise SkinclfError(f"--class {target}: expected one of {', '.join(CLASSES)}")
+    if target not in TARGETS:
+        raise SkinclfError(f"--class {target}: expected one of {', '.join(TARGETS)}")
     written: list[Path] = []
     problems: list[str] = []
     taken: set[str] = set()
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--class",
         dest="target",
-        choices=CLASSES,
+        choices=TARGETS,
         default="mel",
         help="map the evidence for MEL (default), for NV, or for the class predicted at the run's threshold",
     )
