@@ -12,9 +12,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from skinclf.errors import SkinclfError, counted
-from skinclf.evaluation.curves import save_figure
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
-from skinclf.io import output_folder
+from skinclf.io import output_folder, save_figure
 from skinclf.predict import DISCLAIMER, collect_images, decode_all
 from skinclf.runs import TrainedRun, load_run
 

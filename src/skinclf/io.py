@@ -9,9 +9,12 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skinclf.errors import SkinclfError, first_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _default_file_mode() -> int:
@@ -59,6 +62,11 @@ def _save_without_crc32(obj: Any, path: Path) -> None:
         torch.save(obj, path)
     finally:
         torch.serialization.set_crc32_options(previous)
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = 120) -> None:
+    """Write ``fig`` as PNG atomically (never a half-written image)."""
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def atomic_write_text(text: str, path: Path) -> None:

@@ -25,8 +25,8 @@ from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
 from skinclf.data.synthetic import synthetic_settings
 from skinclf.errors import SkinclfError
-from skinclf.evaluation.curves import write_run_curves
 from skinclf.evaluation.metrics import binary_metrics
+from skinclf.evaluation.roc_pr import write_run_curves
 from skinclf.evaluation.threshold import threshold_for_sensitivity
 from skinclf.io import atomic_write_json, atomic_write_text
 from skinclf.models import build_model

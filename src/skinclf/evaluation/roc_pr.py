@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from skinclf.io import atomic_write
+from skinclf.io import save_figure
 from skinclf.run_files import PR_FIGURE, ROC_FIGURE
 
 if TYPE_CHECKING:
@@ -20,11 +20,6 @@ if TYPE_CHECKING:
 # state, so they draw on headless machines and never change the backend of a notebook.
 
 SPLIT_STYLES = {"val": ("validation", "tab:blue"), "test": ("test", "tab:orange")}
-
-
-def save_figure(fig: Figure, path: Path, dpi: int = 120) -> None:
-    """Write ``fig`` as PNG atomically (never a half-written image)."""
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def _scored_splits(predictions: pd.DataFrame) -> list[tuple[str, np.ndarray, np.ndarray]]:
