@@ -25,6 +25,11 @@ PAPER_MODELS = (
 )
 
 
+def model_order(model: str) -> tuple[int, str]:
+    """Sort key: the paper's models in Table 1 order, then any other model by name."""
+    return (PAPER_MODELS.index(model), "") if model in PAPER_MODELS else (len(PAPER_MODELS), model)
+
+
 def build_model(model_cfg: DictConfig) -> torch.nn.Module:
     """Instantiate the architecture described by ``model_cfg.arch`` (one output logit)."""
     return instantiate_config(model_cfg.arch)

@@ -14,15 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from skinclf.models import PAPER_MODELS
+from skinclf.models import model_order
 from skinclf.report.runs import Run
-
-# Paper Table 1 order (PAPER_MODELS); models the paper does not have follow alphabetically.
-
-
-def model_order(model: str) -> tuple[int, str]:
-    """Sort key: the paper's models in Table 1 order, then any other model by name."""
-    return (PAPER_MODELS.index(model), "") if model in PAPER_MODELS else (len(PAPER_MODELS), model)
 
 
 @dataclass
