@@ -18,7 +18,7 @@ from skinclf.data.synthetic import draw_lesion
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
 from skinclf.models import PAPER_MODELS
 from skinclf.models.vgg16 import VGG16Transfer
-from skinclf.runs import load_run
+from skinclf.trained_run import load_trained_run
 from skinclf.training.recipe import FlipTTA
 
 from conftest import TINY, fail_if_called, image_and_kept_file, train_in_process
@@ -46,7 +46,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_heat_maps_have_the_image_size_and_are_not_constant(tiny_run):
-    run = load_run(tiny_run)
+    run = load_trained_run(tiny_run)
     images, _ = _off_centre_mel_images(4, 20)
     batch = run.pipeline.eval_batch(images.to(run.device))
     cam = grad_cam(run.model, batch, torch.tensor([True, True, False, False]))
@@ -65,7 +65,7 @@ def test_heat_maps_have_the_image_size_and_are_not_constant(tiny_run):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_grad_cam_takes_cpu_inputs_for_a_model_on_the_gpu(tiny_run):
-    run = load_run(tiny_run, device="cuda")
+    run = load_trained_run(tiny_run, device="cuda")
     images, _ = _off_centre_mel_images(2, 20)
     cam = grad_cam(run.model, run.pipeline.eval_batch(images))
     assert cam.heatmaps.shape == (2, IMAGE_SIZE, IMAGE_SIZE) and cam.heatmaps.device.type == "cpu"
@@ -139,7 +139,7 @@ def test_explain_draws_the_map_of_the_runs_own_prediction(tiny_run, tmp_path, mo
         return Figure()
 
     monkeypatch.setattr(explain, "render", record)
-    run = load_run(tiny_run)
+    run = load_trained_run(tiny_run)
     batch = run.pipeline.eval_batch(images)
 
     # A run with test-time augmentation: the map averaged over the flips, and the figure says so.
@@ -191,7 +191,7 @@ def test_a_trained_model_looks_at_the_off_centre_lesion(tmp_path):
         "trainer.precision=fp32",
     )
     assert metrics["roc_auc"] > 0.65, "the model did not learn: its heat maps would say nothing"
-    run = load_run(run_dir)
+    run = load_trained_run(run_dir)
     images, masks = _off_centre_mel_images(30, 22)
     heatmaps = grad_cam(run.model, run.pipeline.eval_batch(images)).heatmaps
     # Inside the dermoscope's field of view: the synthetic images darken outside a disc, and that
@@ -226,7 +226,7 @@ def test_explain_works_for_every_model(model, tmp_path, shared_data_dir):
 def test_an_unwritable_out_is_refused_before_the_model_is_loaded(where, tmp_path, monkeypatch, capsys):
     image, notes = image_and_kept_file(tmp_path)
     out = {"a file": notes, "under a file": notes / "explanations"}[where]
-    monkeypatch.setattr("skinclf.explain.load_run", fail_if_called("loading the model"))
+    monkeypatch.setattr("skinclf.explain.load_trained_run", fail_if_called("loading the model"))
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["explain", str(tmp_path / "run"), str(image), "--out", str(out)])
     assert exit_info.value.code == 2

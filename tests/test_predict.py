@@ -19,7 +19,7 @@ from skinclf.cli import main as cli_main
 from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.errors import SkinclfError
-from skinclf.runs import load_run
+from skinclf.trained_run import load_trained_run
 
 from conftest import TINY, fail_if_called, image_and_kept_file, train_in_process
 
@@ -63,7 +63,7 @@ def test_predict_matches_the_runs_own_test_predictions(run_and_images, tmp_path,
     probs = scored["prob_mel"].astype(float).to_numpy()
     assert probs == pytest.approx(expected.loc[index, "prob_mel"].to_numpy(), abs=1e-5)
 
-    threshold = load_run(run_dir).threshold
+    threshold = load_trained_run(run_dir).threshold
     assert threshold != 0.5  # the stored operating point, not the default
     # Within float parsing: some pandas versions' CSV reader is one ulp off.
     assert scored["threshold"].astype(float).tolist() == pytest.approx([threshold] * N_IMAGES, rel=1e-12)
@@ -174,7 +174,7 @@ def test_a_malicious_checkpoint_is_refused_without_running_its_code(run_and_imag
         (evil / "best.pt").write_bytes(pickle.dumps(payload, protocol=2))
 
     with pytest.raises(SkinclfError, match="not a readable skinclf checkpoint") as err:
-        load_run(evil)
+        load_trained_run(evil)
     assert str(evil / "best.pt") in str(err.value)
     assert not marker.exists()
 
@@ -188,7 +188,7 @@ def test_a_malicious_checkpoint_is_refused_without_running_its_code(run_and_imag
 def test_an_unwritable_out_is_refused_before_any_image_is_scored(where, tmp_path, monkeypatch, capsys):
     image, notes = image_and_kept_file(tmp_path)
     out, named = {"a folder": (tmp_path, tmp_path), "under a file": (notes / "pred.csv", notes)}[where]
-    monkeypatch.setattr("skinclf.predict.load_run", fail_if_called("loading the model"))
+    monkeypatch.setattr("skinclf.predict.load_trained_run", fail_if_called("loading the model"))
     with pytest.raises(SystemExit) as exit_info:
         _predict(tmp_path / "run", image, "--out", out)
     assert exit_info.value.code == 2

@@ -15,7 +15,7 @@ from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
 from skinclf.io import output_folder, save_figure
 from skinclf.predict import DISCLAIMER, collect_images, decode_all
-from skinclf.runs import TrainedRun, load_run
+from skinclf.trained_run import TrainedRun, load_trained_run
 
 TARGETS = ("mel", "nv", "predicted")  # what --class may name: a class, or each image's predicted one
 # Images explained per forward/backward pass: Grad-CAM keeps activations and gradients in memory.
@@ -152,7 +152,7 @@ def main(args: list[str]) -> None:
     # removed again should no image be explained.
     with output_folder(Path(opts.out)) as out_dir:
         files = collect_images(opts.images)
-        run = load_run(opts.run_dir, device=opts.device)
+        run = load_trained_run(opts.run_dir, device=opts.device)
         written, problems = explain_files(run, files, out_dir, opts.target)
         for problem in problems:
             print(f"skipped: {problem}", file=sys.stderr)

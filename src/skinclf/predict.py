@@ -14,7 +14,7 @@ import torch
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.errors import SkinclfError, counted
 from skinclf.io import atomic_write_text, files_under, output_folder
-from skinclf.runs import TrainedRun, load_run
+from skinclf.trained_run import TrainedRun, load_trained_run
 from skinclf.training.progress import progress
 
 DISCLAIMER = "skinclf is a research tool, not a diagnosis: do not use its output for medical decisions."
@@ -134,7 +134,7 @@ def main(args: list[str]) -> None:
     # An unwritable --out fails now, not after every image was scored.
     with output_folder(out.parent) if out is not None else contextlib.nullcontext():
         files = collect_images(opts.images)
-        run = load_run(opts.run_dir, device=opts.device)
+        run = load_trained_run(opts.run_dir, device=opts.device)
         threshold = run.threshold if opts.threshold is None else opts.threshold
         source = run.threshold_source if opts.threshold is None else "--threshold"
         table = predict_files(run, files, threshold)

@@ -19,7 +19,7 @@ from skinclf import IMAGE_SIZE
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model, model_order
-from skinclf.runs import quiet_logs
+from skinclf.trained_run import quiet_logs
 
 INPUT_SIZE = (64, 3, IMAGE_SIZE, IMAGE_SIZE)  # the paper's batch of 64 RGB 128x128 images
 

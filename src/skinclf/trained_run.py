@@ -104,7 +104,7 @@ def _inference_settings(cfg: DictConfig, precision: str) -> LoopSettings:
     )
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
+def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     """Load the finished run in ``run_dir``: best.pt (``weights_only``, format-checked), its config,
     the fitted pipeline, and the operating threshold from test_metrics.json.
 
