@@ -278,7 +278,13 @@ def test_a_refused_run_keeps_a_folder_the_user_made_and_removes_one_its_launch_m
     mine = tmp_path / "mine"
     mine.mkdir()
     error_run(tmp_path, *TINY, "data.batch_size=0", f"hydra.run.dir={mine}")
-    assert mine.is_dir()  # empty before, but the user's: only the refusal's log is in it
+    assert [p.name for p in mine.iterdir()] == ["train.log"]  # empty before, but the user's
+    # Refused once the run had claimed the folder: the claim is undone too, so that the corrected
+    # launch is not held to the refused config.
+    error_run(tmp_path, "data=folder", "data.root=missing", f"hydra.run.dir={mine}")
+    assert [p.name for p in mine.iterdir()] == ["train.log"]
+    train_cli(*TINY, f"hydra.run.dir={mine}", cwd=tmp_path)
+    assert (mine / "test_metrics.json").is_file()
     # A launch-made folder named through `..` is the one Hydra made (it normalises the path).
     (tmp_path / "sub").mkdir()
     # Refused once it has claimed the folder (.hydra/ and its status record written).

@@ -27,6 +27,7 @@ from skinclf.sweep.jobs import (
     claim_run_dir,
     holds_only_bookkeeping,
     recorded_status,
+    release_claim,
     run_sweep_job,
 )
 from skinclf.sweep.summary import SweepSummary, remove_unstarted
@@ -97,15 +98,20 @@ def _write_hydra_record(cfg: DictConfig, out_dir: Path) -> None:
     atomic_write_text(OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task), out_dir / HYDRA_OVERRIDES)
 
 
-def _remove_unstarted_run(out_dir: Path) -> None:
-    """Delete a run folder that this launch made (``SweepSummary.started``) if it holds nothing
-    but what was written before the run failed (Hydra's files, the log, the config and status
-    records), and the folders above it that the launch made (outputs/runs on first use) when
-    that leaves them empty. A folder that existed before (the user's, or an earlier run's, even
-    one stopped before its first epoch) stays."""
-    if SweepSummary.started == out_dir and holds_only_bookkeeping(out_dir):
+def _undo_refused_run(out_dir: Path, state: str | None) -> None:
+    """Leave nothing of a run refused before it produced anything (its folder holds only Hydra's
+    files, the log, the config and status records). A folder this launch made goes, with the
+    folders above it that the launch made (outputs/runs on first use) when that leaves them
+    empty. A folder that existed before keeps its train.log, with the error; if the run had
+    claimed it (``state`` new), the claim goes, so that the corrected launch is not held to the
+    refused config. An earlier run's folder (even one stopped before its first epoch) stays."""
+    if not holds_only_bookkeeping(out_dir):
+        return
+    if SweepSummary.started == out_dir:
         shutil.rmtree(out_dir, ignore_errors=True)
         remove_empty_folders(SweepSummary.created)
+    elif state == "new":
+        release_claim(out_dir)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://skinclf.conf", config_name="train")
@@ -121,6 +127,7 @@ def hydra_main(cfg: DictConfig) -> None:
             cfg, out_dir, run_in_hydra, hydra_cfg.job.num, Path(hydra_cfg.sweep.dir), overrides, _claim
         )
         return
+    state = None
     try:
         state = _claim(out_dir, cfg, overrides)
         if state == "finished":
@@ -144,7 +151,7 @@ def hydra_main(cfg: DictConfig) -> None:
                 run_in_hydra(cfg, out_dir)
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
-        _remove_unstarted_run(out_dir)
+        _undo_refused_run(out_dir, state)
         sys.exit(EXIT_USER_ERROR)
     print(f"output directory: {out_dir}")
 

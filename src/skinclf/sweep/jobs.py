@@ -267,6 +267,15 @@ def holds_only_bookkeeping(out_dir: Path) -> bool:
     return out_dir.is_dir() and all(p.name in BOOKKEEPING for p in out_dir.iterdir())
 
 
+def release_claim(out_dir: Path) -> None:
+    """Undo :func:`claim_run_dir` (and the .hydra/ and status records written with it) in a folder
+    whose run failed before it produced anything: a corrected re-launch is then not held to the
+    failed config. Its train.log stays, with the error."""
+    shutil.rmtree(out_dir / HYDRA_DIR, ignore_errors=True)
+    for name in (RUN_CONFIG, STATUS_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def run_sweep_job(
     cfg: DictConfig,
     out_dir: Path,
@@ -312,9 +321,7 @@ def run_sweep_job(
             # Failed on its data or settings before training anything (data.train_size=1): its
             # new folder must not keep the config, or the corrected re-launch would be refused
             # as a different config. Its train.log stays, with the error.
-            shutil.rmtree(out_dir / HYDRA_DIR, ignore_errors=True)
-            for name in (RUN_CONFIG, STATUS_FILE):
-                (out_dir / name).unlink(missing_ok=True)
+            release_claim(out_dir)
             recorded = False
         if not recorded:  # refused before it ran: the folder is not this job's to write in
             record_refusal(sweep_dir, out_dir, launch, error=message, **info)
