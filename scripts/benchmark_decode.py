@@ -22,7 +22,7 @@ import torch
 from _args import positive_int
 from PIL import Image
 
-from skinclf.data.decode_cache import decode_files, load_or_decode, store
+from skinclf.data.decode_cache import decode_files, decode_threads, load_or_decode, store
 from skinclf.data.synthetic import draw_lesion
 
 
@@ -79,7 +79,10 @@ def main() -> None:
         assert again.from_cache and torch.equal(again.images, first.images)
         cache_mb = sum(p.stat().st_size for p in cache.glob("*.pt")) / 1e6
 
-    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.1f}; "
+        f"decoding on {decode_threads()} threads"
+    )
     print(
         f"torch {torch.__version__}, {args.images} JPEGs 128x128 ({mb:.0f} MB), cache file {cache_mb:.0f} MB"
     )

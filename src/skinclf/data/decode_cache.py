@@ -37,6 +37,11 @@ DECODER_VERSION = 2  # 2: 16-bit grayscale always scaled from 0-65535
 _MAX_WORKERS = 8
 
 
+def decode_threads() -> int:
+    """Threads that decode images: torch's thread count, at most 8."""
+    return max(1, min(_MAX_WORKERS, torch.get_num_threads()))
+
+
 @dataclass
 class Decoded:
     """Decoded images of ``files`` in order, minus the ``bad`` ones (path, reason) when skipped."""
@@ -81,8 +86,7 @@ def decode_files(
     out = np.empty((len(files), size, size, 3), np.uint8)
     kept: list[int] = []
     bad: list[tuple[str, str]] = []
-    workers = max(1, min(_MAX_WORKERS, torch.get_num_threads()))
-    pool = ThreadPoolExecutor(workers)
+    pool = ThreadPoolExecutor(decode_threads())
     try:
         results = pool.map(lambda p: _decode_one(p, size), files)
         for i, (arr, error) in enumerate(progress(results, total=len(files), desc=desc, unit="img")):
