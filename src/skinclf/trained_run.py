@@ -90,7 +90,7 @@ def _operating_threshold(metrics: dict, metrics_path: Path) -> tuple[float, str]
 
 
 def _inference_settings(cfg: DictConfig, precision: str) -> LoopSettings:
-    """What scoring images needs of the run's settings (batch size, layout, TTA), a key that an
+    """What scoring images needs of the run's settings (batch size, layout, TTA), each key that an
     older skinclf did not record at its default: a run from before ``trainer.eval_batch_size``
     or ``trainer.channels_last`` existed still predicts. (The training loop's settings,
     :func:`skinclf.train.loop_settings`, would require today's keys, checkpoint_every included.)"""

@@ -35,9 +35,9 @@ def run_metrics(run: Run) -> dict:
     best_epoch = run.best_epoch if has_epochs else math.nan
     best_val_acc = history["val_acc"].max() if has_epochs else math.nan
     if run.status == FINISHED and run.test and "best_epoch" in run.test:
-        # The checkpoint that was tested, as the run recorded it. metrics.csv says the same but
-        # after a GPU resume whose redone epochs did not reproduce the interrupted attempt's
-        # best.pt (see skinclf.train.run), when only the record pairs with the test numbers.
+        # The checkpoint that was tested, as the run recorded it. metrics.csv agrees, except after
+        # a GPU resume whose redone epochs did not reproduce the interrupted attempt's best.pt
+        # (see skinclf.train.run): then only the record matches the test numbers.
         best_epoch, best_val_acc = run.test["best_epoch"], run.test["best_val_acc"]
     return {
         "epochs_run": len(history) if has_epochs else 0,

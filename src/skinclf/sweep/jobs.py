@@ -318,7 +318,7 @@ def run_sweep_job(
             log.exception(f"job {job_num} failed: {type(err).__name__}: {message}")
         print(f"skinclf train: job {job_num} failed: {message} (log: {info['log']})", file=sys.stderr)
         if state == "new" and holds_only_bookkeeping(out_dir):
-            # Failed on its data or settings before training anything (data.train_size=1): its
+            # Failed on its data or settings before training anything (a missing data.root): its
             # new folder must not keep the config, or the corrected re-launch would be refused
             # as a different config. Its train.log stays, with the error.
             release_claim(out_dir)
