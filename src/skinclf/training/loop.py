@@ -204,6 +204,8 @@ def train_one_epoch(
             scheduler.step()
         if ema is not None:
             ema.update(model)
+        if pos_weight is not None:  # reported unweighted, so that runs stay comparable
+            loss = F.binary_cross_entropy_with_logits(logits.detach().float(), target)
         # Accumulated on the device: no host sync per step.
         loss_sum += loss.detach() * len(idx)
         correct += ((logits.detach() >= 0).float() == y).sum()
