@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 import skinclf
 from skinclf.models import PAPER_MODELS
 from skinclf.report.runs import find_runs
+from skinclf.summary import model_names
 from skinclf.training.loop import METRICS_COLUMNS
 
 from conftest import TINY, run_dir_from_output, train_cli
@@ -313,7 +314,10 @@ def test_train_help_lists_the_models(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "skinclf", "train", "--help"], capture_output=True, text=True, check=True
     )
-    assert "res_aug" in proc.stdout and "skinclf train model=res_aug" in proc.stdout
+    assert "skinclf train model=res_aug" in proc.stdout  # the examples
+    # The config groups, listed by Hydra: every shipped model config.
+    [models] = [line for line in proc.stdout.splitlines() if line.startswith("model: ")]
+    assert models.removeprefix("model: ").split(", ") == sorted(model_names())
 
 
 # `skinclf train ARGS` in a fresh process, then which of the heavy modules it imported.
