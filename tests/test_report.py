@@ -76,9 +76,11 @@ def write_run(
     rng = np.random.default_rng(zlib.crc32(path.name.encode()))
     labels = np.repeat([0, 1], n_test // 2)
     probs = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.25, n_test), 0, 1)
-    pd.DataFrame({"split": "test", "index": np.arange(n_test), "label": labels, "prob_mel": probs}).to_csv(
-        path / "predictions.csv", index=False
-    )
+    # Validation rows first, as a run writes them, scored the other way round: a report that
+    # let them into the test ROC would show it.
+    val = pd.DataFrame({"split": "val", "index": np.arange(n_test), "label": labels, "prob_mel": 1 - probs})
+    test = pd.DataFrame({"split": "test", "index": np.arange(n_test), "label": labels, "prob_mel": probs})
+    pd.concat([val, test]).to_csv(path / "predictions.csv", index=False)
     best = int(np.argmax(val_acc))
     metrics = {
         **binary_metrics(labels, probs),
@@ -340,7 +342,7 @@ def test_confusion_matrix_is_the_best_models_test_set_laid_out_like_table_2(swee
     confusion = pd.read_csv(tmp_path / "reports" / "confusion_matrix.csv")
     run_dir = next(sweep.rglob("res_aug_*"))
     assert set(confusion["run_dir"]) == {str(run_dir)} and set(confusion["model"]) == {"res_aug"}
-    predictions = pd.read_csv(run_dir / "predictions.csv")
+    predictions = pd.read_csv(run_dir / "predictions.csv").query("split == 'test'")
     true, pred = predictions["label"].to_numpy(), (predictions["prob_mel"] >= 0.5).to_numpy()
     assert list(confusion["true"]) == ["NEV", "MEL"]
     assert confusion[["pred_NEV", "pred_MEL"]].to_numpy().tolist() == [
@@ -378,7 +380,7 @@ def test_roc_is_the_runs_test_curve_with_its_auc(sweep):
     groups = group_runs(finished(find_runs([sweep])))["synthetic"]
     roc = roc_data(next(g for g in groups if g.model == "res_aug"))
     run_dir = next(sweep.rglob("res_aug_*"))
-    predictions = pd.read_csv(run_dir / "predictions.csv")
+    predictions = pd.read_csv(run_dir / "predictions.csv").query("split == 'test'")
     fpr, tpr, _ = roc_curve(predictions["label"], predictions["prob_mel"])
     np.testing.assert_allclose(roc.fpr, fpr)
     np.testing.assert_allclose(roc.tpr, tpr)
@@ -702,26 +704,27 @@ def test_a_report_that_fails_leaves_no_out_folder_behind(sweep, tmp_path):
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        ("text probability", "line 3: prob_mel is 'abc'; expected a probability in [0, 1]"),
-        ("row cut short", "line 3: prob_mel is empty or NaN; expected a probability in [0, 1]"),
-        ("label 2", "line 3: label is '2'; expected 0 (NV) or 1 (MEL)"),
-        ("after a blank line", "line 4: prob_mel is 'abc'; expected a probability in [0, 1]"),
+        ("text probability", "line {n}: prob_mel is 'abc'; expected a probability in [0, 1]"),
+        ("row cut short", "line {n}: prob_mel is empty or NaN; expected a probability in [0, 1]"),
+        ("label 2", "line {n}: label is '2'; expected 0 (NV) or 1 (MEL)"),
+        ("after a blank line", "line {n_after_blank}: prob_mel is 'abc'; expected a probability in [0, 1]"),
     ],
 )
 def test_a_damaged_prediction_is_one_error_naming_file_and_line(damage, message, sweep, tmp_path):
     predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"
     lines = predictions.read_text().splitlines()
-    split, index, label, prob = lines[2].split(",")
-    lines[2] = {
+    row = [line.split(",")[0] for line in lines].index("test") + 1  # the second test row
+    split, index, label, prob = lines[row].split(",")
+    lines[row] = {
         "text probability": f"{split},{index},{label},abc",
         "row cut short": f"{split},{index},{label}",
         "label 2": f"{split},{index},2,{prob}",
-        "after a blank line": f"\n{split},{index},{label},abc",  # the file's line 4
+        "after a blank line": f"\n{split},{index},{label},abc",  # a line further down the file
     }[damage]
     predictions.write_text("\n".join(lines) + "\n")
     with pytest.raises(SkinclfError) as err:
         build_report([sweep], tmp_path / "reports")
-    assert str(err.value) == f"{predictions} {message}"
+    assert str(err.value) == f"{predictions} {message.format(n=row + 1, n_after_blank=row + 2)}"
     assert not (tmp_path / "reports").exists()
 
 
