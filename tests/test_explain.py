@@ -150,8 +150,23 @@ def test_explain_draws_the_map_of_the_runs_own_prediction(tiny_run, tmp_path, mo
     assert not torch.allclose(heatmap, grad_cam(run.model, batch).heatmaps[0], atol=1e-3)
     assert evidence == "MEL, mean of image + 3 flips"
 
-    # A model that sees only part of the image (VGG-16's full preset): the figure gets its window.
+    # --class nv: the map of the evidence toward NV; --class predicted: toward the run's call at
+    # its threshold (NV above every probability, MEL at 0).
     run.settings = replace(run.settings, recipe=replace(run.settings.recipe, tta=False))
+    explain.explain_files(run, [tmp_path / "lesion.png"], tmp_path / "nv", target="nv")
+    nv_map, evidence, _ = drawn.pop()
+    assert evidence == "NV"
+    assert torch.allclose(nv_map, grad_cam(run.model, batch, torch.tensor([False])).heatmaps[0], atol=1e-6)
+    assert not torch.allclose(nv_map, grad_cam(run.model, batch).heatmaps[0], atol=1e-3)
+    for threshold, call in ((1.0, "NV"), (0.0, "MEL")):
+        run.threshold = threshold
+        explain.explain_files(run, [tmp_path / "lesion.png"], tmp_path / call, target="predicted")
+        heatmap, evidence, _ = drawn.pop()
+        toward_mel = torch.tensor([call == "MEL"])
+        assert evidence == call
+        assert torch.allclose(heatmap, grad_cam(run.model, batch, toward_mel).heatmaps[0], atol=1e-6)
+
+    # A model that sees only part of the image (VGG-16's full preset): the figure gets its window.
     monkeypatch.setattr(run.model, "input_window", lambda height, width: (8, 8, 112, 112), raising=False)
     explain.explain_files(run, [tmp_path / "lesion.png"], tmp_path / "window")
     heatmap, evidence, window = drawn.pop()
