@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import pickle
 import shutil
@@ -253,3 +254,15 @@ def test_a_run_from_an_older_skinclf_still_predicts(run_and_images, tmp_path):
     new, older = pd.read_csv(tmp_path / "new.csv"), pd.read_csv(tmp_path / "old.csv")
     assert older["prob_mel"].tolist() == pytest.approx(new["prob_mel"].tolist(), abs=1e-6)
     assert (older["prediction"] == new["prediction"]).all()
+
+
+def test_without_out_the_table_goes_to_standard_output_alone(run_and_images, capsys):
+    # `skinclf predict RUN img > table.csv` must give a clean CSV: the reminder and the summary
+    # go to standard error.
+    run_dir, folder, _ = run_and_images
+    _predict(run_dir, folder / "test_000.png", folder / "test_001.png")
+    out, err = capsys.readouterr()
+    table = pd.read_csv(io.StringIO(out), keep_default_na=False)
+    assert list(table.columns) == ["path", "prob_mel", "prediction", "threshold", "error"]
+    assert [Path(p).name for p in table["path"]] == ["test_000.png", "test_001.png"]
+    assert "not a diagnosis" in err and "not a diagnosis" not in out
