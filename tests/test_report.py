@@ -701,6 +701,21 @@ def test_a_report_that_fails_leaves_no_out_folder_behind(sweep, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_a_failed_report_leaves_an_earlier_report_as_it_was(sweep, tmp_path):
+    out = tmp_path / "reports"
+    build_report([sweep], out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # The next report would change every table (a new run), but fails drawing its ROC.
+    write_run(sweep / "more", "resnet", [0.5, 0.6], [0.6, 0.7], seed=1)
+    predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"
+    pd.read_csv(predictions).drop(columns="prob_mel").to_csv(predictions, index=False)
+    with pytest.raises(SkinclfError, match="unreadable"):
+        build_report([sweep], out)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # no file of the failed report, and no staging folder, is left
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
