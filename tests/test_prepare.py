@@ -15,6 +15,8 @@ from skinclf.data import load_splits
 from skinclf.errors import SkinclfError
 from skinclf.prepare import main as prepare_main
 
+from conftest import fail_if_called
+
 RED, BLUE, GREEN = (220, 30, 30), (30, 30, 220), (30, 200, 30)
 COLOURS = {"MEL": RED, "NV": BLUE, "other": GREEN}
 
@@ -196,8 +198,13 @@ def _text_in_isic_label(source):
         (lambda s: fake_ham10000(s, n_mel=3, n_nv=6, n_other=0), [], "no MEL image left"),
         (lambda s: fake_ham10000(s), ["--split", "70,30"], "--split 70,30"),
         (_relabelled_twice, [], "is listed 2 times, as MEL lesion HAM_9999999; NV lesion"),
-        (_text_in_isic_label, [], "column MEL: 'x'; expected 0 or 1"),
-        (_both_labels_in_isic_row, [], "has both MEL and NV set to 1; expected one diagnosis per image"),
+        # The edited row is the table's fourth: line 5 of the file, after the header.
+        (_text_in_isic_label, [], "row 5 (ISIC_0001003), column MEL: 'x'; expected 0 or 1"),
+        (
+            _both_labels_in_isic_row,
+            [],
+            "row 5 (ISIC_0001003) has both MEL and NV set to 1; expected one diagnosis per image",
+        ),
     ],
     ids=[
         "no-metadata",
@@ -233,8 +240,9 @@ def test_existing_output_is_never_overwritten(tmp_path):
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
 
 
-def test_output_that_cannot_be_created_is_one_error_before_any_decoding(tmp_path):
+def test_output_that_cannot_be_created_is_one_error_before_any_decoding(tmp_path, monkeypatch):
     fake_ham10000(tmp_path / "ham", n_mel=12, n_nv=12, n_other=0)
+    monkeypatch.setattr("skinclf.prepare.decode_image", fail_if_called("decoding an image"))
     (tmp_path / "afile").write_text("a file, not a folder")
     out = tmp_path / "afile" / "out"
     with pytest.raises(SkinclfError, match=r"afile/out: cannot write the output \(Not a directory"):
