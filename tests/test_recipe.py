@@ -481,7 +481,9 @@ def test_modern_run_in_process_writes_ema_scores_and_recipe_state(tmp_path, shar
     assert list(history.columns) == [*METRICS_COLUMNS, "val_loss_raw", "val_acc_raw"]
     last = load_checkpoint(out / "last.pt")
     assert {"scheduler", "ema"} <= set(last) and last["config"]["recipe"]["name"] == "modern"
-    assert metrics["n_test"] == 32 and 0 <= metrics["accuracy"] <= 1
+    test = pd.read_csv(out / "predictions.csv").query("split == 'test'")
+    assert metrics["n_test"] == len(test) == 32
+    assert metrics["accuracy"] == pytest.approx(((test["prob_mel"] >= 0.5) == test["label"]).mean())
 
 
 @pytest.mark.slow
