@@ -1,6 +1,7 @@
 """`skinclf` as a user runs it: from any directory, the run files, and one-line errors."""
 
 import json
+import os
 import platform
 import signal
 import subprocess
@@ -249,6 +250,17 @@ def test_a_seed_too_big_for_a_float_is_kept_exactly():
     from skinclf.config import compose_config, number_setting
 
     assert number_setting(compose_config(["seed=12345678901234567"]), "seed", int) == 12345678901234567
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_an_output_folder_that_cannot_be_written_is_one_clear_error(tmp_path, key, monkeypatch):
+    # os.access says no, as it would for a read-only folder (CI runs as root, which may write anywhere).
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+    multirun = ["-m"] if key == "hydra.sweep.dir" else []
+    proc = error_run(tmp_path, *multirun, *TINY, f"{key}=locked/run")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"skinclf train: error: {key}=locked/run: {tmp_path} is not writable"
+    assert not (tmp_path / "locked").exists()
 
 
 @pytest.mark.parametrize("folder", ["afile/run", "afile/${model.name}"])  # with an interpolation too
