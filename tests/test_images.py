@@ -121,3 +121,19 @@ def test_non_image_and_missing_files_name_the_path(tmp_path):
     assert str(text) in str(err.value)
     with pytest.raises(SkinclfError, match="no such image file"):
         decode_image(tmp_path / "absent.png")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_the_whole_image_is_resized_nothing_cropped(tmp_path, suffix):
+    # 300x100 grey with a green band in its first and a red band in its last 10 columns: both
+    # edges survive the squeeze to 128x128 (a centre crop or a kept aspect ratio would lose them).
+    pixels = np.full((100, 300, 3), 128, np.uint8)
+    pixels[:, :10] = (0, 200, 0)
+    pixels[:, -10:] = (200, 0, 0)
+    Image.fromarray(pixels).save(tmp_path / f"wide{suffix}", quality=95)
+    image = decode_image(tmp_path / f"wide{suffix}").int()
+    assert image.shape == (3, 128, 128)
+    left, right, middle = image[:, :, :2], image[:, :, -2:], image[:, :, 60:68]
+    assert (left[1] > 150).all() and (left[0] < 60).all()  # green all the way down the left edge
+    assert (right[0] > 150).all() and (right[1] < 60).all()  # red down the right edge
+    assert ((middle - 128).abs() < 12).all()  # the grey between them
