@@ -14,11 +14,12 @@ from torch import nn
 
 from skinclf import IMAGE_SIZE, explain
 from skinclf.cli import main as cli_main
+from skinclf.config import compose_config
 from skinclf.data.synthetic import draw_lesion
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
-from skinclf.models import PAPER_MODELS
+from skinclf.models import PAPER_MODELS, build_model
 from skinclf.models.vgg16 import VGG16Transfer
-from skinclf.trained_run import load_trained_run
+from skinclf.trained_run import load_trained_run, quiet_logs
 from skinclf.training.recipe import FlipTTA
 
 from conftest import TINY, fail_if_called, image_and_kept_file, train_in_process
@@ -127,6 +128,21 @@ def test_grad_cam_over_flips_maps_every_view_back_onto_the_image():
     # The logit is that of the mean probability over the views, as FlipTTA gives it.
     assert cam.logits == pytest.approx(FlipTTA(model)(images).detach().flatten(), abs=1e-5)
     assert cam.logits != pytest.approx(model(images).detach().flatten(), abs=1e-3)  # not one view's
+
+
+@pytest.mark.parametrize(
+    ("model", "layer"),
+    [
+        ("baseline", "3 (Conv2d)"),  # the second conv (the first is module 0)
+        ("layer_norm", "4 (Conv2d)"),  # after its LayerNorm, the second conv is module 4
+        ("vgg16", "features (Sequential)"),  # the whole frozen extractor, as its features are cached
+    ],
+)
+def test_grad_cam_maps_the_last_convolutional_block(model, layer):
+    no_weights = ["model.pretrained=false"] if model == "vgg16" else []  # no download, no network
+    with quiet_logs():  # vgg16 without ImageNet weights says so
+        net = build_model(compose_config([f"model={model}", *no_weights]).model)
+    assert grad_cam(net, torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)).layer == layer
 
 
 def test_explain_draws_the_map_of_the_runs_own_prediction(tiny_run, tmp_path, monkeypatch):
