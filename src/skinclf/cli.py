@@ -6,6 +6,7 @@ import importlib
 import signal
 import sys
 
+from skinclf.arguments import PARSERS
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 
 # command -> (module with a ``main(args: list[str])``, one-line help)
@@ -74,6 +75,9 @@ def _dispatch(argv: list[str]) -> None:
         known = ", ".join(COMMANDS)
         print(f"skinclf: error: unknown command {command!r}; expected one of {known}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    if command in PARSERS:
+        # Before the command's module (torch: seconds): --help and a wrong argument answer now.
+        PARSERS[command]().parse_args(args)
     module = importlib.import_module(COMMANDS[command][0])
     try:
         module.main(args)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,13 +10,13 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from skinclf.arguments import DISCLAIMER, EXPLAIN_TARGETS, explain_parser
 from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
 from skinclf.io import output_folder, save_figure
-from skinclf.predict import DISCLAIMER, collect_images, decode_all
+from skinclf.predict import collect_images, decode_all
 from skinclf.trained_run import TrainedRun, load_trained_run
 
-TARGETS = ("mel", "nv", "predicted")  # what --class may name: a class, or each image's predicted one
 # Images explained per forward/backward pass: Grad-CAM keeps activations and gradients in memory.
 CHUNK = 16
 
@@ -75,8 +74,8 @@ def explain_files(
     run: TrainedRun, files: Sequence[Path], out_dir: Path, target: str = "mel"
 ) -> tuple[list[Path], list[str]]:
     """Write one Grad-CAM PNG per readable file into ``out_dir``; returns (written, problems)."""
-    if target not in TARGETS:
-        raise SkinclfError(f"--class {target}: expected one of {', '.join(TARGETS)}")
+    if target not in EXPLAIN_TARGETS:
+        raise SkinclfError(f"--class {target}: expected one of {', '.join(EXPLAIN_TARGETS)}")
     written: list[Path] = []
     problems: list[str] = []
     taken: set[str] = set()
@@ -119,35 +118,9 @@ def explain_files(
     return written, problems
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="skinclf explain",
-        description=(
-            "Grad-CAM heat maps from the last convolutional block of a finished run's model, overlaid "
-            "on each image, with the probability of melanoma in the title: one PNG per image. " + DISCLAIMER
-        ),
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="output directory of a finished `skinclf train`")
-    parser.add_argument(
-        "images", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files, or folders scanned recursively"
-    )
-    parser.add_argument(
-        "--out", metavar="DIR", default="explanations", help="folder for the PNGs (default: explanations/)"
-    )
-    parser.add_argument(
-        "--class",
-        dest="target",
-        choices=TARGETS,
-        default="mel",
-        help="map the evidence for MEL (default), for NV, or for the class predicted at the run's threshold",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    return parser
-
-
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf explain ARGS``."""
-    opts = build_parser().parse_args(args)
+    opts = explain_parser().parse_args(args)
     # An unwritable --out fails now, not after the model was loaded; an --out made here is
     # removed again should no image be explained.
     with output_folder(Path(opts.out)) as out_dir:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
@@ -11,13 +10,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from skinclf.arguments import DISCLAIMER, predict_parser
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.errors import SkinclfError, counted
 from skinclf.io import atomic_write_text, files_under, output_folder
 from skinclf.trained_run import TrainedRun, load_trained_run
 from skinclf.training.progress import progress
 
-DISCLAIMER = "skinclf is a research tool, not a diagnosis: do not use its output for medical decisions."
 COLUMNS = ["path", "prob_mel", "prediction", "threshold", "error"]
 # Images decoded and scored together: bounds memory on large folders, keeps batches large.
 CHUNK = 256
@@ -89,45 +88,9 @@ def predict_files(run: TrainedRun, files: Sequence[Path], threshold: float) -> p
     return table.sort_values("path", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
 
-def _threshold_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a probability threshold in [0, 1]")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="skinclf predict",
-        description=(
-            "Probability of melanoma (MEL) vs nevus (NV) for new images, with the best checkpoint and "
-            "the exact preprocessing of a finished run. Images are converted to RGB 128x128 like the "
-            "training data. " + DISCLAIMER
-        ),
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="output directory of a finished `skinclf train`")
-    parser.add_argument(
-        "images", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files, or folders scanned recursively"
-    )
-    parser.add_argument(
-        "--out", metavar="FILE.csv", help="write the table here (default: print it to standard output)"
-    )
-    parser.add_argument(
-        "--threshold",
-        type=_threshold_arg,
-        metavar="T",
-        help="call MEL when prob_mel >= T (default: the run's operating point chosen on validation)",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    return parser
-
-
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf predict ARGS``."""
-    opts = build_parser().parse_args(args)
+    opts = predict_parser().parse_args(args)
     out = None if opts.out is None else Path(opts.out)
     if out is not None and out.is_dir():
         raise SkinclfError(f"--out {out}: is a folder; expected the path of a CSV file")

@@ -12,7 +12,6 @@ once complete: the images are written into a temporary sibling folder that is re
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from skinclf.arguments import HAM10000_CSV, ISIC_2019_CSV, prepare_parser
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.data.splits import SPLIT_NAMES, undersample_majority
 from skinclf.errors import SkinclfError
@@ -32,51 +32,9 @@ from skinclf.training.progress import progress
 
 log = logging.getLogger(__name__)
 
-ISIC_2019_CSV = "ISIC_2019_Training_GroundTruth.csv"
 ISIC_2019_METADATA = "ISIC_2019_Training_Metadata.csv"
-HAM10000_CSV = "HAM10000_metadata.csv"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 _WORKERS = min(8, available_cores())  # the cores this process may use (taskset, Slurm)
-
-
-def _seed(text: str) -> int:
-    """argparse type of --seed: numpy's generators take only non-negative integers."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative integer")
-    return value
-
-
-def parse_args(args: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="skinclf prepare",
-        description=(
-            "Build the paper's ROOT/{train,val,test}/{MEL,NV} layout of 128x128 images from a raw ISIC 2019 "
-            f"training-set or HAM10000 download (detected from {ISIC_2019_CSV} or {HAM10000_CSV} in SOURCE). "
-            "Splits are stratified by class, and all images of one lesion stay in one split. "
-            "Then: skinclf train data=folder data.root=OUT"
-        ),
-    )
-    parser.add_argument(
-        "source", type=Path, help="the unpacked download (metadata CSV and images anywhere under it)"
-    )
-    parser.add_argument("out", type=Path, help="output folder (must not exist, or be empty)")
-    parser.add_argument("--balance", action="store_true", help="undersample NV to as many images as MEL")
-    parser.add_argument(
-        "--split",
-        default="71,14,15",
-        help="train,val,test percentages (default 71,14,15, the paper's); test may be 0",
-    )
-    parser.add_argument(
-        "--seed", type=_seed, default=0, help="seed of the balancing and the split (default 0)"
-    )
-    parser.add_argument(
-        "--format", choices=["jpg", "png"], default="jpg", help="output image format (default jpg)"
-    )
-    return parser.parse_args(args)
 
 
 def parse_fractions(text: str) -> np.ndarray:
@@ -325,5 +283,5 @@ def prepare(
 
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf prepare SOURCE OUT [--balance] [--split 71,14,15] [--seed N]``."""
-    ns = parse_args(args)
-    prepare(ns.source, ns.out, parse_fractions(ns.split), ns.balance, ns.seed, ns.format)
+    ns = prepare_parser().parse_args(args)
+    prepare(Path(ns.source), Path(ns.out), parse_fractions(ns.split), ns.balance, ns.seed, ns.format)

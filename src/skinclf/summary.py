@@ -7,7 +7,6 @@ no computation, and no ImageNet download (``model.pretrained`` is set to false u
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -16,17 +15,13 @@ from omegaconf import DictConfig
 from torchinfo import ModelStatistics, summary
 
 from skinclf import IMAGE_SIZE
+from skinclf.arguments import summary_parser
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model, model_order
 from skinclf.trained_run import quiet_logs
 
 INPUT_SIZE = (64, 3, IMAGE_SIZE, IMAGE_SIZE)  # the paper's batch of 64 RGB 128x128 images
-
-EPILOG = """examples:
-  skinclf summary model=resnet                  the layer table of paper Appendix C.6
-  skinclf summary model=all                     one line per model in conf/model/
-  skinclf summary model=vgg16 model.pretrained=true   any other train override is accepted"""
 
 
 def model_names() -> list[str]:
@@ -120,17 +115,7 @@ def overview(overrides: list[str] = ()) -> str:
 
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf summary model=NAME [OVERRIDES]``."""
-    parser = argparse.ArgumentParser(
-        prog="skinclf summary",
-        description="The layer table of paper Appendix C (torchinfo) for input (64, 3, 128, 128): "
-        "output shapes, parameters per layer, total and trainable parameters, mult-adds.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="model=NAME or model=all, then any train override"
-    )
-    overrides = parser.parse_args(args).overrides
+    overrides = summary_parser().parse_args(args).overrides
     for override in overrides:
         if "=" not in override:
             raise SkinclfError(f"{override!r}: expected KEY=VALUE, e.g. model=resnet")

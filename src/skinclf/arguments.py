@@ -1,0 +1,148 @@
+"""The command lines of `skinclf predict`, `explain`, `prepare` and `summary`.
+
+Apart from the commands' modules, which import torch for their work: cli.py parses a command's
+arguments with these before it imports the module, so that `--help` and a wrong argument answer
+in about a second instead of the 4-6 s that importing torch takes (2-core VM). Each module
+parses with the same parser when its ``main`` is called.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DISCLAIMER = "skinclf is a research tool, not a diagnosis: do not use its output for medical decisions."
+# What `explain --class` may name: a class, or each image's predicted one.
+EXPLAIN_TARGETS = ("mel", "nv", "predicted")
+# The ground-truth files `prepare` recognises a download by.
+ISIC_2019_CSV = "ISIC_2019_Training_GroundTruth.csv"
+HAM10000_CSV = "HAM10000_metadata.csv"
+
+_RUN_DIR_HELP = "output directory of a finished `skinclf train`"
+_IMAGES_HELP = "image files, or folders scanned recursively"
+_DEVICE_HELP = "auto, cpu or cuda (default: auto)"
+
+
+def _threshold(text: str) -> float:
+    """argparse type of --threshold: a probability."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a probability threshold in [0, 1]")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: numpy's generators take only non-negative integers."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative integer")
+    return value
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinclf predict",
+        description=(
+            "Probability of melanoma (MEL) vs nevus (NV) for new images, with the best checkpoint and "
+            "the exact preprocessing of a finished run. Images are converted to RGB 128x128 like the "
+            "training data. " + DISCLAIMER
+        ),
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help=_RUN_DIR_HELP)
+    parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+", help=_IMAGES_HELP)
+    parser.add_argument(
+        "--out", metavar="FILE.csv", help="write the table here (default: print it to standard output)"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=_threshold,
+        metavar="T",
+        help="call MEL when prob_mel >= T (default: the run's operating point chosen on validation)",
+    )
+    parser.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    return parser
+
+
+def explain_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinclf explain",
+        description=(
+            "Grad-CAM heat maps from the last convolutional block of a finished run's model, overlaid "
+            "on each image, with the probability of melanoma in the title: one PNG per image. " + DISCLAIMER
+        ),
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help=_RUN_DIR_HELP)
+    parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+", help=_IMAGES_HELP)
+    parser.add_argument(
+        "--out", metavar="DIR", default="explanations", help="folder for the PNGs (default: explanations/)"
+    )
+    parser.add_argument(
+        "--class",
+        dest="target",
+        choices=EXPLAIN_TARGETS,
+        default="mel",
+        help="map the evidence for MEL (default), for NV, or for the class predicted at the run's threshold",
+    )
+    parser.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    return parser
+
+
+def prepare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinclf prepare",
+        description=(
+            "Build the paper's ROOT/{train,val,test}/{MEL,NV} layout of 128x128 images from a raw ISIC 2019 "
+            f"training-set or HAM10000 download (detected from {ISIC_2019_CSV} or {HAM10000_CSV} in SOURCE). "
+            "Splits are stratified by class, and all images of one lesion stay in one split. "
+            "Then: skinclf train data=folder data.root=OUT"
+        ),
+    )
+    parser.add_argument("source", help="the unpacked download (metadata CSV and images anywhere under it)")
+    parser.add_argument("out", help="output folder (must not exist, or be empty)")
+    parser.add_argument("--balance", action="store_true", help="undersample NV to as many images as MEL")
+    parser.add_argument(
+        "--split",
+        default="71,14,15",
+        help="train,val,test percentages (default 71,14,15, the paper's); test may be 0",
+    )
+    parser.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the balancing and the split (default 0)"
+    )
+    parser.add_argument(
+        "--format", choices=["jpg", "png"], default="jpg", help="output image format (default jpg)"
+    )
+    return parser
+
+
+SUMMARY_EPILOG = """examples:
+  skinclf summary model=resnet                  the layer table of paper Appendix C.6
+  skinclf summary model=all                     one line per model in conf/model/
+  skinclf summary model=vgg16 model.pretrained=true   any other train override is accepted"""
+
+
+def summary_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinclf summary",
+        description="The layer table of paper Appendix C (torchinfo) for input (64, 3, 128, 128): "
+        "output shapes, parameters per layer, total and trainable parameters, mult-adds.",
+        epilog=SUMMARY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="model=NAME or model=all, then any train override"
+    )
+    return parser
+
+
+# command -> its parser, for cli.py
+PARSERS = {
+    "predict": predict_parser,
+    "explain": explain_parser,
+    "prepare": prepare_parser,
+    "summary": summary_parser,
+}
