@@ -17,10 +17,6 @@ EXPLAIN_TARGETS = ("mel", "nv", "predicted")
 ISIC_2019_CSV = "ISIC_2019_Training_GroundTruth.csv"
 HAM10000_CSV = "HAM10000_metadata.csv"
 
-_RUN_DIR_HELP = "output directory of a finished `skinclf train`"
-_IMAGES_HELP = "image files, or folders scanned recursively"
-_DEVICE_HELP = "auto, cpu or cuda (default: auto)"
-
 
 def _threshold(text: str) -> float:
     """argparse type of --threshold: a probability."""
@@ -44,17 +40,23 @@ def _seed(text: str) -> int:
     return value
 
 
-def predict_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="skinclf predict",
-        description=(
-            "Probability of melanoma (MEL) vs nevus (NV) for new images, with the best checkpoint and "
-            "the exact preprocessing of a finished run. Images are converted to RGB 128x128 like the "
-            "training data. " + DISCLAIMER
-        ),
+def _run_and_images_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser of ``RUN_DIR IMAGE_OR_FOLDER... [--device D]``, the part predict and explain share."""
+    parser = argparse.ArgumentParser(prog=prog, description=f"{description} {DISCLAIMER}")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="output directory of a finished `skinclf train`")
+    parser.add_argument(
+        "images", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files, or folders scanned recursively"
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help=_RUN_DIR_HELP)
-    parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+", help=_IMAGES_HELP)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    return parser
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    parser = _run_and_images_parser(
+        "skinclf predict",
+        "Probability of melanoma (MEL) vs nevus (NV) for new images, with the best checkpoint and the "
+        "exact preprocessing of a finished run. Images are converted to RGB 128x128 like the training data.",
+    )
     parser.add_argument(
         "--out", metavar="FILE.csv", help="write the table here (default: print it to standard output)"
     )
@@ -64,20 +66,15 @@ def predict_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="call MEL when prob_mel >= T (default: the run's operating point chosen on validation)",
     )
-    parser.add_argument("--device", default="auto", help=_DEVICE_HELP)
     return parser
 
 
 def explain_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="skinclf explain",
-        description=(
-            "Grad-CAM heat maps from the last convolutional block of a finished run's model, overlaid "
-            "on each image, with the probability of melanoma in the title: one PNG per image. " + DISCLAIMER
-        ),
+    parser = _run_and_images_parser(
+        "skinclf explain",
+        "Grad-CAM heat maps from the last convolutional block of a finished run's model, overlaid on "
+        "each image, with the probability of melanoma in the title: one PNG per image.",
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help=_RUN_DIR_HELP)
-    parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+", help=_IMAGES_HELP)
     parser.add_argument(
         "--out", metavar="DIR", default="explanations", help="folder for the PNGs (default: explanations/)"
     )
@@ -88,7 +85,6 @@ def explain_parser() -> argparse.ArgumentParser:
         default="mel",
         help="map the evidence for MEL (default), for NV, or for the class predicted at the run's threshold",
     )
-    parser.add_argument("--device", default="auto", help=_DEVICE_HELP)
     return parser
 
 
