@@ -94,7 +94,7 @@ def test_class_weighted_loss_weights_mel_by_nv_over_mel_and_reports_the_plain_lo
     # lr=0: the same weights see the same batches, so the reported (unweighted) losses agree.
     frozen = train("frozen", "optim.lr=0")
     frozen_weighted = train("frozen_weighted", "optim.lr=0", "data.class_weighted_loss=true")
-    assert frozen_weighted[:2] == pytest.approx(frozen[:2], rel=1e-6)
+    assert frozen_weighted[:2] == pytest.approx(frozen[:2], abs=2e-6)  # metrics.csv keeps 6 decimals
     # Training on it: the MEL weight changes the steps taken.
     plain, weighted = train("plain"), train("weighted", "data.class_weighted_loss=true")
     assert any(not torch.equal(plain[2][k], weighted[2][k]) for k in plain[2])

@@ -2,7 +2,7 @@
 
 Apart from the commands' modules, which import torch for their work: cli.py parses a command's
 arguments with these before it imports the module, so that `--help` and a wrong argument answer
-in about a second instead of the 4-6 s that importing torch takes (2-core VM). Each module
+in 0.1 s instead of the 4-6 s that importing torch takes (2-core VM). Each module
 parses with the same parser when its ``main`` is called.
 """
 
