@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from skinclf import __version__
 from skinclf.errors import SkinclfError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -77,8 +78,6 @@ def describe_machine(device: torch.device) -> str:
 def run_environment(device: torch.device) -> dict[str, str]:
     """What produced a run's results, recorded with them (test_metrics.json): the versions that
     decide its numbers and the machine that decides its speed (metrics.csv's seconds)."""
-    from skinclf import __version__
-
     return {
         "skinclf": __version__,
         "torch": torch.__version__,
