@@ -62,7 +62,11 @@ def test_train_from_another_directory_writes_all_run_files(tmp_path):
     environment = json.loads((run_dir / "test_metrics.json").read_text())["environment"]
     assert environment["torch"] == torch.__version__ and environment["skinclf"] == skinclf.__version__
     assert environment["python"] == platform.python_version()
-    assert environment["machine"].endswith(f", {torch.get_num_threads()} threads")  # CPU here
+    # trainer.device=auto trains on the GPU where there is one (the CUDA test machine), else the CPU.
+    if torch.cuda.is_available():
+        assert environment["machine"].startswith(torch.cuda.get_device_name())
+    else:
+        assert environment["machine"].endswith(f", {torch.get_num_threads()} threads")
     assert (
         f"torch {torch.__version__}, Python {platform.python_version()}; "
         in (run_dir / "train.log").read_text()
