@@ -167,14 +167,16 @@ def test_explain_draws_the_map_of_the_runs_own_prediction(tiny_run, tmp_path, mo
     assert evidence == "MEL, mean of image + 3 flips"
 
     # --class nv: the map of the evidence toward NV; --class predicted: toward the run's call at
-    # its threshold (NV above every probability, MEL at 0).
+    # its threshold (NV above every probability, MEL at 0 and at the image's own probability:
+    # MEL when prob_mel >= threshold, as `skinclf predict` calls it).
     run.settings = replace(run.settings, recipe=replace(run.settings.recipe, tta=False))
     explain.explain_files(run, [tmp_path / "lesion.png"], tmp_path / "nv", target="nv")
     nv_map, evidence, _ = drawn.pop()
     assert evidence == "NV"
     assert torch.allclose(nv_map, grad_cam(run.model, batch, torch.tensor([False])).heatmaps[0], atol=1e-6)
     assert not torch.allclose(nv_map, grad_cam(run.model, batch).heatmaps[0], atol=1e-3)
-    for threshold, call in ((1.0, "NV"), (0.0, "MEL")):
+    own_prob = float(run.predict_probs(images)[0])
+    for threshold, call in ((1.0, "NV"), (0.0, "MEL"), (own_prob, "MEL")):
         run.threshold = threshold
         explain.explain_files(run, [tmp_path / "lesion.png"], tmp_path / call, target="predicted")
         heatmap, evidence, _ = drawn.pop()

@@ -20,6 +20,7 @@ from skinclf.cli import main as cli_main
 from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.errors import SkinclfError
+from skinclf.predict import predict_files
 from skinclf.trained_run import load_trained_run
 
 from conftest import TINY, fail_if_called, image_and_kept_file, train_in_process
@@ -114,6 +115,12 @@ def test_threshold_option_overrides_the_operating_point(run_and_images, tmp_path
     table = pd.read_csv(out)
     assert (table["threshold"] == 1.0).all()
     assert (table["prediction"] == "NV").all()  # a sigmoid below 1 is never >= 1
+
+    # At a threshold equal to an image's own probability, the call is MEL (prob_mel >= threshold).
+    run = load_trained_run(run_dir)
+    image = folder / "test_000.png"
+    own_prob = float(predict_files(run, [image], threshold=0.5)["prob_mel"].iloc[0])
+    assert predict_files(run, [image], threshold=own_prob)["prediction"].tolist() == ["MEL"]
 
 
 def _png_header_only(width: int, height: int) -> bytes:
