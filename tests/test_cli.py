@@ -102,8 +102,10 @@ def test_a_stopped_run_leaves_no_temporary_files_and_resumes(tmp_path, signum):
         time.sleep(0.02)
     assert proc.poll() is None, f"the run ended before it could be stopped:\n{proc.communicate()}"
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum
+    # The folder that resume=true needs is printed (a timestamped one is otherwise hard to find).
+    assert stdout.strip().splitlines()[-1] == f"output directory: {run_dir}"
     if signum == signal.SIGINT:  # one line saying how to go on, not a traceback
         assert stderr.strip().splitlines()[-1].startswith("skinclf train: stopped (Ctrl-C); resume=true")
         assert "Traceback" not in stderr
@@ -134,6 +136,7 @@ def test_a_run_stopped_before_it_began_leaves_no_folder(tmp_path, monkeypatch, s
     proc = train_cli(*(["-m", "seed=0,1"] if sweep else []), *TINY, cwd=tmp_path, check=False)
     assert proc.returncode == 130, proc.stdout + proc.stderr
     assert not (tmp_path / "outputs").exists()
+    assert "output directory" not in proc.stdout  # no folder to name
 
 
 def test_a_stop_before_the_run_began_keeps_a_folder_the_user_named(tmp_path, monkeypatch):

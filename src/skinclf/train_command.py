@@ -177,14 +177,19 @@ def main(args: list[str]) -> None:
     _check_output_folders(args)
     sys.argv = ["skinclf train", *args]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
-    SweepSummary.started, SweepSummary.last, SweepSummary.created = None, None, []
+    SweepSummary.started, SweepSummary.folder, SweepSummary.last, SweepSummary.created = None, None, None, []
     skinclf_launcher.register()  # hydra/launcher=local
     try:
         hydra_main()
-    except BaseException:
+    except BaseException as stop:
         # Nothing half-written: a sweep refused before its first job, or a run stopped before it
         # began, leaves no folder behind.
         remove_unstarted(SweepSummary.started, SweepSummary.created)
+        refused = isinstance(stop, SystemExit) and stop.code == EXIT_USER_ERROR
+        if not refused and SweepSummary.folder is not None and SweepSummary.folder.is_dir():
+            # Stopped (Ctrl-C, kill) or crashed: the folder that resume=true, or the sweep's
+            # re-launch, needs; a timestamped one is otherwise hard to find.
+            print(f"output directory: {SweepSummary.folder}")
         raise
     if SweepSummary.last is not None and SweepSummary.last.failed:
         sys.exit(1)  # the summary above names the failed jobs; scripts and CI must notice too
