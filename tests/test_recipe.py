@@ -456,8 +456,9 @@ def test_recipe_pipeline_wraps_only_when_enabled_and_names_bad_keys():
         ("crop_scale=[0.8,0.5]", r"recipe.augment.crop_scale=\[0.8, 0.5\]: expected"),
     ],
 )
-def test_bad_augment_values_are_one_clear_error(override, message):
-    cfg = compose_config(["recipe=modern", f"recipe.augment.{override}"])
+@pytest.mark.parametrize("recipe", ["modern", "paper"])  # paper: augmentation off, values checked
+def test_bad_augment_values_are_one_clear_error(override, message, recipe):
+    cfg = compose_config([f"recipe={recipe}", f"recipe.augment.{override}"])
     with pytest.raises(SkinclfError, match=f"^{message}"):
         recipe_pipeline(DefaultPipeline(), cfg.recipe.augment)
 

@@ -47,17 +47,18 @@ class AugmentParams:
 
 def recipe_pipeline(pipeline: Any, augment: Any) -> Any:
     """The training pipeline of a recipe: ``pipeline`` (the model's own) when ``augment.enabled``
-    is false, otherwise :class:`DermoscopyAugmentation` around it with the other ``augment`` keys."""
+    is false, otherwise :class:`DermoscopyAugmentation` around it with the other ``augment`` keys.
+    The keys are checked either way: a bad value is refused, not stored unused in the run's config."""
     options = {str(k): v for k, v in dict(augment).items()}
-    if not check_bool("recipe.augment.enabled", options.pop("enabled", False)):
-        return pipeline
+    enabled = check_bool("recipe.augment.enabled", options.pop("enabled", False))
     try:
-        return DermoscopyAugmentation(pipeline, **options)
+        augmentation = DermoscopyAugmentation(pipeline, **options)
     except TypeError as err:  # an unknown key
         raise SkinclfError(
             f"recipe.augment: {err}; expected the keys enabled, flip_p, rot90, crop_scale, crop_ratio, "
             "brightness, contrast, saturation"
         ) from err
+    return augmentation if enabled else pipeline
 
 
 def _number(key: str, value: object, ok: Callable[[float], bool], expected: str) -> float:
