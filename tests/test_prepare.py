@@ -14,6 +14,7 @@ from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.errors import SkinclfError
 from skinclf.prepare import main as prepare_main
+from skinclf.prepare import parse_fractions
 
 from conftest import fail_if_called
 
@@ -229,6 +230,30 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, setup, args,
     if expected != "--split 70,30":
         assert str(source) in err
     assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "70,20,20",  # sums to 110: a typo, not rescaled to 64/18/18
+        "inf,1,1",
+        "nan,1,1",
+        "100,0,0",  # no validation images
+        "0,50,50",
+        "80,30,-10",
+        "70,30",
+        "a,b,c",
+    ],
+)
+def test_a_split_that_is_not_three_percentages_summing_to_100_is_refused(text):
+    with pytest.raises(SkinclfError, match=rf"^--split {text}: expected three percentages .* summing to 100"):
+        parse_fractions(text)
+
+
+def test_split_percentages_become_fractions():
+    assert parse_fractions("71,14,15").tolist() == pytest.approx([0.71, 0.14, 0.15])
+    assert parse_fractions("80,20,0").tolist() == pytest.approx([0.8, 0.2, 0.0])
+    assert parse_fractions("33.3,33.3,33.4").tolist() == pytest.approx([0.333, 0.333, 0.334])
 
 
 def test_existing_output_is_never_overwritten(tmp_path):

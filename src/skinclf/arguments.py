@@ -104,7 +104,7 @@ def prepare_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split",
         default="71,14,15",
-        help="train,val,test percentages (default 71,14,15, the paper's); test may be 0",
+        help="train,val,test percentages summing to 100 (default 71,14,15, the paper's); test may be 0",
     )
     parser.add_argument(
         "--seed", type=_seed, default=0, help="seed of the balancing and the split (default 0)"

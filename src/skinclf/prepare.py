@@ -38,14 +38,25 @@ _WORKERS = min(8, available_cores())  # the cores this process may use (taskset,
 
 
 def parse_fractions(text: str) -> np.ndarray:
-    """'71,14,15' -> fractions of train, val, test summing to 1; train and val must be positive."""
+    """'71,14,15' -> fractions of train, val, test: three finite percentages summing to 100, train
+    and val above 0 (test may be 0). A sum off 100 is refused, not rescaled: 70,20,20 is a typo."""
     try:
         values = np.array([float(v) for v in text.split(",")])
     except ValueError:
         values = np.array([])
-    if len(values) != 3 or (values < 0).any() or values[0] <= 0 or values[1] <= 0:
-        raise SkinclfError(f"--split {text}: expected three percentages train,val,test such as 71,14,15")
-    return values / values.sum()
+    if not (
+        len(values) == 3
+        and np.isfinite(values).all()
+        and (values >= 0).all()
+        and values[0] > 0
+        and values[1] > 0
+        and abs(values.sum() - 100) < 1e-6
+    ):
+        raise SkinclfError(
+            f"--split {text}: expected three percentages train,val,test summing to 100, train and val "
+            "above 0, such as 71,14,15"
+        )
+    return values / 100
 
 
 def _find_one(source: Path, name: str) -> Path | None:
