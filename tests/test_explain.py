@@ -209,6 +209,16 @@ def test_explain_writes_one_png_per_readable_image(tiny_run, tmp_path, capsys):
     assert "broken.jpg" in err and "not a diagnosis" in err
     assert f"2 Grad-CAM images in {out}/, 1 file unreadable" in err
 
+    # Nothing readable: one error naming the file (as `skinclf predict` gives it), exit 2, no
+    # summary that claims a folder, and the --out made for it removed again.
+    empty_out = tmp_path / "none"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["explain", str(tiny_run), str(folder / "broken.jpg"), "--out", str(empty_out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"skinclf explain: error: no image to explain: {folder / 'broken.jpg'}: ")
+    assert len(err.splitlines()) == 1 and not empty_out.exists()
+
 
 @pytest.mark.slow
 def test_a_trained_model_looks_at_the_off_centre_lesion(tmp_path):

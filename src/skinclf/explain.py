@@ -14,7 +14,7 @@ from skinclf.arguments import DISCLAIMER, EXPLAIN_TARGETS, explain_parser
 from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
 from skinclf.io import output_folder, save_figure
-from skinclf.predict import collect_images, decode_all
+from skinclf.predict import collect_images, decode_all, no_readable_image
 from skinclf.trained_run import TrainedRun, load_trained_run
 
 # Images explained per forward/backward pass: Grad-CAM keeps activations and gradients in memory.
@@ -127,6 +127,8 @@ def main(args: list[str]) -> None:
         files = collect_images(opts.images)
         run = load_trained_run(opts.run_dir, device=opts.device)
         written, problems = explain_files(run, files, out_dir, opts.target)
+        if not written:  # before any output: the --out made here is removed again
+            raise no_readable_image(problems, "explain")
         for problem in problems:
             print(f"skipped: {problem}", file=sys.stderr)
         for path in written:
@@ -137,5 +139,3 @@ def main(args: list[str]) -> None:
             file=sys.stderr,
         )
         print(DISCLAIMER, file=sys.stderr)
-        if not written:
-            raise SkinclfError(f"none of the {len(problems)} files could be read as an image")

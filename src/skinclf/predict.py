@@ -39,6 +39,15 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def no_readable_image(problems: Sequence[str], what: str) -> SkinclfError:
+    """The error when none of the files could be decoded (each problem names its file): a result
+    of errors only would pass for a result."""
+    if len(problems) == 1:
+        return SkinclfError(f"no image to {what}: {problems[0]}")
+    many = f"none of the {len(problems)} files could be read as an image"
+    return SkinclfError(f"{many}; the first: {problems[0]}")
+
+
 def decode_all(files: Sequence[Path], desc: str = "decoding") -> Iterator[tuple[Path, torch.Tensor | str]]:
     """Yield (path, uint8 image) or (path, reason it cannot be read), with a progress bar."""
     bar_mode = "auto" if len(files) > 1 else "never"
@@ -102,10 +111,8 @@ def main(args: list[str]) -> None:
         source = run.threshold_source if opts.threshold is None else "--threshold"
         table = predict_files(run, files, threshold)
         n_bad = int((table["error"] != "").sum())
-        if n_bad == len(table):  # nothing to write: a table of errors only would pass for a result
-            error = table["error"].iloc[0]  # names its file
-            many = f"none of the {n_bad} files could be read as an image; the first: "
-            raise SkinclfError(f"{many if n_bad > 1 else 'no image to score: '}{error}")
+        if n_bad == len(table):
+            raise no_readable_image(table["error"].tolist(), "score")
 
         csv_text = table.to_csv(index=False)
         if out is not None:
