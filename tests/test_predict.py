@@ -273,3 +273,16 @@ def test_without_out_the_table_goes_to_standard_output_alone(run_and_images, cap
     assert list(table.columns) == ["path", "prob_mel", "prediction", "threshold", "error"]
     assert [Path(p).name for p in table["path"]] == ["test_000.png", "test_001.png"]
     assert "not a diagnosis" in err and "not a diagnosis" not in out
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda"])
+def test_a_bad_device_is_named_as_the_option_was_typed(device, run_and_images, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    run_dir, folder, _ = run_and_images
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(run_dir, folder / "test_000.png", "--device", device)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"skinclf predict: error: --device {device}: ")  # not train's device=...
+    assert "device=" not in err

@@ -130,7 +130,7 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         raise SkinclfError(f"{metrics_path}: expected a JSON object")
     threshold, source = _operating_threshold(metrics, metrics_path)
 
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, option="--device ")
     # Load on the CPU: the checkpoint may come from a GPU machine.
     state = load_checkpoint(run_dir / BEST_CHECKPOINT, map_location="cpu")
     for key in ("model", "pipeline", "config"):

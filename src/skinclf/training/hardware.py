@@ -17,27 +17,30 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+def resolve_device(name: str, option: str = "device=") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error. Errors spell
+    the setting as the user typed it: ``option`` is ``device=`` for train, ``--device `` for predict."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SkinclfError(f"device={name}: no CUDA GPU is available here; use device=cpu or device=auto")
+            raise SkinclfError(
+                f"{option}{name}: no CUDA GPU is available here; use {option}cpu or {option}auto"
+            )
         try:
             device = torch.device(name)
         except RuntimeError:
             device = None
         if device is None or device.type != "cuda":
-            raise SkinclfError(f"device={name}: expected cuda or cuda:N")
+            raise SkinclfError(f"{option}{name}: expected cuda or cuda:N")
         count = torch.cuda.device_count()
         # An index past the last GPU would fail only when the first tensor moves there.
         if device.index is not None and device.index >= count:
-            raise SkinclfError(f"device={name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+            raise SkinclfError(f"{option}{name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
         return device
-    raise SkinclfError(f"device={name}: expected auto, cpu or cuda")
+    raise SkinclfError(f"{option}{name}: expected auto, cpu or cuda")
 
 
 # Resident uint8 splits may take at most this share of the GPU's free memory; the rest is for
