@@ -299,10 +299,15 @@ def test_a_refused_run_keeps_a_folder_the_user_made_and_removes_one_its_launch_m
     mine.mkdir()
     error_run(tmp_path, *TINY, "data.batch_size=0", f"hydra.run.dir={mine}")
     assert [p.name for p in mine.iterdir()] == ["train.log"]  # empty before, but the user's
+    # Its log says why nothing ran (once: the console has the same line).
+    log = (mine / "train.log").read_text()
+    assert log.count("skinclf train: error: data.batch_size=0") == 1
     # Refused once the run had claimed the folder: the claim is undone too, so that the corrected
     # launch is not held to the refused config.
-    error_run(tmp_path, "data=folder", "data.root=missing", f"hydra.run.dir={mine}")
+    proc = error_run(tmp_path, "data=folder", "data.root=missing", f"hydra.run.dir={mine}")
     assert [p.name for p in mine.iterdir()] == ["train.log"]
+    assert (mine / "train.log").read_text().count("missing: no such folder") == 1
+    assert "error" not in proc.stdout  # the console's log stream: the error went to stderr only
     train_cli(*TINY, f"hydra.run.dir={mine}", cwd=tmp_path)
     assert (mine / "test_metrics.json").is_file()
     # A launch-made folder named through `..` is the one Hydra made (it normalises the path).

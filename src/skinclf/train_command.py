@@ -8,6 +8,7 @@ and a mistyped option (``model=resnt``) answer without the seconds that importin
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -152,8 +153,20 @@ def hydra_main(cfg: DictConfig) -> None:
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
         _undo_refused_run(out_dir, state)
+        # A folder the user made keeps only its log: the log says why nothing ran. One that holds
+        # an earlier run is left exactly as it was.
+        if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {TRAIN_LOG}:
+            _log_to_file_only(f"skinclf train: error: {err}")
         sys.exit(EXIT_USER_ERROR)
     print(f"output directory: {out_dir}")
+
+
+def _log_to_file_only(message: str) -> None:
+    """``message`` into the run's train.log (Hydra's file handler), not again on the console."""
+    record = logging.LogRecord("skinclf", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _check_output_folders(args: list[str]) -> None:
