@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -280,6 +281,18 @@ def test_an_output_folder_under_a_file_is_one_clear_error(tmp_path, key, folder)
     assert (
         proc.stderr.strip()
         == f"skinclf train: error: {key}={folder}: {tmp_path / 'afile'} is a file; expected a folder"
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_an_output_folder_where_none_can_be_made_is_one_clear_error(tmp_path, key):
+    # /proc passes the permission check (root may write anywhere), yet takes no new folder.
+    multirun = ["-m"] if key == "hydra.sweep.dir" else []
+    proc = error_run(tmp_path, *multirun, *TINY, f"{key}=/proc/skinclf_run/x")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(
+        f"skinclf train: error: {key}=/proc/skinclf_run/x: cannot make /proc/skinclf_run ("
     )
 
 

@@ -178,11 +178,20 @@ def _check_output_folders(args: list[str]) -> None:
             continue
         # Up to the first interpolation (out/${model.name}): the folders above it are fixed already.
         folder = Path(os.path.abspath(value.split("${", 1)[0] or "."))
-        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        existing = folder.parents[len(missing) - 1] if missing else folder
         if not existing.is_dir():
             raise SkinclfError(f"{arg}: {existing} is a file; expected a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise SkinclfError(f"{arg}: {existing} is not writable")
+        if missing:
+            # What access() cannot tell (a read-only or special file system such as /proc, root's
+            # rights): try making the first missing folder, and take it away again.
+            try:
+                missing[-1].mkdir()
+                missing[-1].rmdir()
+            except OSError as err:
+                raise SkinclfError(f"{arg}: cannot make {missing[-1]} ({err.strerror})") from err
 
 
 def main(args: list[str]) -> None:
