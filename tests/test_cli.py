@@ -236,8 +236,19 @@ def test_a_sweep_with_a_bad_setting_can_be_relaunched_corrected(tmp_path):
     proc = train_cli("-m", *TINY, "optim.lr=-1", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "optim.lr=-1.0: must be 0 or more" in proc.stderr
     assert not list(sweep.glob("*/run_config.json"))  # the job's folder holds no config to be held to
+    # `skinclf report` lists the refused job as failed, with its error and settings; a refusal of
+    # an earlier launch (superseded) is not listed.
+    [record] = sweep.glob(".refused_*.json")
+    earlier = {**json.loads(record.read_text()), "launch": "an earlier launch"}
+    (sweep / ".refused_7_baseline.json").write_text(json.dumps(earlier))
+    [refused] = find_runs([sweep])
+    assert (refused.path, refused.status, refused.model) == (sweep / "0_baseline", "failed", "baseline")
+    assert refused.problem == "refused before it ran: optim.lr=-1.0: must be 0 or more"
+    assert refused.settings["optim.lr"] == "-1"
     train_cli("-m", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert list(sweep.glob("*/test_metrics.json"))
+    # The corrected job's folder is a run now: listed as that run only.
+    assert [run.status for run in find_runs([sweep])] == ["finished"]
 
 
 def test_a_sweep_job_that_fails_on_its_data_can_be_relaunched_corrected(tmp_path):

@@ -197,6 +197,18 @@ def test_runs_csv_lists_unfinished_and_failed_runs(sweep, tmp_path):
     assert runs.loc["res_aug", "best_val_acc_pct"] == pytest.approx(80.0)
 
 
+def test_runs_csv_keeps_whole_numbers_beside_a_run_without_them(tmp_path):
+    write_run(tmp_path / "runs", "baseline", *BASELINE[2], seed=2)
+    broken = write_run(tmp_path / "runs", "resnet", *RESNET)
+    (broken / ".hydra" / "config.yaml").write_text("{unclosed")  # no seed, no epochs to read
+    build_report([tmp_path / "runs"], tmp_path / "reports")
+    runs = pd.read_csv(tmp_path / "reports" / "runs.csv", dtype=str, keep_default_na=False)
+    assert runs[["status", "seed", "epochs_run", "best_epoch", "n_test"]].values.tolist() == [
+        ["finished", "2", "4", "2", "40"],
+        ["failed", "", "0", "", "0"],
+    ]
+
+
 def test_a_sweep_job_that_crashed_is_listed_as_failed_with_its_error(tmp_path):
     root = tmp_path / "multiruns" / "sweep"
     write_run(root, "baseline", *BASELINE[0])

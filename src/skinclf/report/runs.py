@@ -5,7 +5,9 @@ points, which cross-validate on the training split and are never tested, are not
 ``finished`` (``test_metrics.json`` exists; the trainer writes it last), ``unfinished`` (still
 running, stopped by Ctrl-C or a signal, or killed outright) or ``failed`` (its files cannot be
 read or hold values that ``skinclf train`` never writes, or its ``job_status.json`` says it
-stopped with an error). Each file is checked once, here, so that tables and figures can trust it.
+stopped with an error). A sweep job refused before it ran has no run folder, only a record beside
+it: it is listed as a failed run too. Each file is checked once, here, so that tables and figures
+can trust it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from skinclf.run_files import (
     PREDICTIONS,
     TEST_METRICS,
 )
-from skinclf.sweep.jobs import VOLATILE_KEYS, process_gone, read_status, recorded_root
+from skinclf.sweep.jobs import (
+    REFUSED_PREFIX,
+    VOLATILE_KEYS,
+    current_launch,
+    process_gone,
+    read_status,
+    recorded_root,
+    refused_job_dir,
+)
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 # How an interrupted run (stopped, or killed outright) goes on.
@@ -130,7 +140,43 @@ def find_runs(dirs: Sequence[Path]) -> list[Run]:
         for config in root.rglob(str(HYDRA_CONFIG)):
             seen.setdefault(config.parent.parent.resolve(), config.parent.parent)
     runs = [load_run(seen[key]) for key in sorted(seen)]
-    return [run for run in runs if run is not None]
+    refused = [run for root in map(Path, dirs) if root.is_dir() for run in _refused_jobs(root, set(seen))]
+    return [run for run in runs if run is not None] + sorted(refused, key=lambda run: str(run.path))
+
+
+def _refused_jobs(root: Path, runs_found: set[Path]) -> list[Run]:
+    """The sweep jobs under ``root`` that the latest launch of their sweep refused before they ran
+    (a bad setting, missing data), as failed runs with the refusal's error. Such a job has no run
+    folder, only a record beside it (sweep/jobs.py, ``record_refusal``); one whose folder holds an
+    earlier run is listed as that run. Refusals of earlier launches were superseded, and skipped."""
+    jobs = []
+    for record in root.rglob(f"{REFUSED_PREFIX}*.json"):
+        sweep_dir = record.parent
+        job_dir = refused_job_dir(sweep_dir, record)
+        if job_dir.resolve() in runs_found:
+            continue
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue  # a torn record: nothing to tell
+        if not isinstance(info, dict) or info.get("launch") != current_launch(sweep_dir):
+            continue
+        overrides = dict(str(o).lstrip("+~").partition("=")[::2] for o in info.get("overrides") or [])
+        defaults = _default_group_choices()
+        data = overrides.get("data", defaults.get("data") or "?")
+        seed = overrides.get("seed", "")
+        jobs.append(
+            Run(
+                job_dir,
+                overrides.get("model", defaults.get("model") or "?"),
+                f"{data}:{overrides['data.root']}" if "data.root" in overrides else data,
+                int(seed) if seed.isdigit() else None,
+                {k: v for k, v in overrides.items() if k not in NOT_AN_EXPERIMENT_SETTING},
+                status=FAILED,
+                problem=f"refused before it ran: {info.get('error', 'no error recorded')}",
+            )
+        )
+    return jobs
 
 
 def load_run(path: Path) -> Run | None:

@@ -71,7 +71,10 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
         }
         for run in runs
     ]
-    return pd.DataFrame(rows).round(DECIMALS)
+    table = pd.DataFrame(rows).round(DECIMALS)
+    # Whole numbers even beside a run without one (an unreadable config, a refused job, a run
+    # with no epoch yet): pandas would otherwise write every seed as 0.0.
+    return table.astype({key: "Int64" for key in ("seed", "epochs_run", "best_epoch", "n_test")})
 
 
 def table1(groups: dict[str, list[Group]]) -> pd.DataFrame:
