@@ -307,6 +307,19 @@ def test_an_output_folder_where_none_can_be_made_is_one_clear_error(tmp_path, ke
     )
 
 
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
+def test_a_slurm_sweep_without_slurm_is_one_clear_error(tmp_path, monkeypatch, launcher):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
+    proc = error_run(tmp_path, "-m", f"hydra/launcher={launcher}", *TINY)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"skinclf train: error: hydra/launcher={launcher}: no sbatch command on this machine; launch the "
+        "sweep from a node of the Slurm cluster, or run it here with hydra/launcher=local or the "
+        "default launcher"
+    )
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_a_grid_search_refuses_a_size_below_one_before_it_trains(tmp_path):
     proc = error_run(tmp_path, *TINY, "cv.folds=2", "data.batch_size=0")
     assert "data.batch_size=0: must be at least 1" in proc.stderr

@@ -194,9 +194,25 @@ def _check_output_folders(args: list[str]) -> None:
                 raise SkinclfError(f"{arg}: cannot make {missing[-1]} ({err.strerror})") from err
 
 
+# The Slurm launchers (skinclf's config, and the plugin's own) submit each job with sbatch.
+SLURM_LAUNCHERS = {"hydra/launcher=slurm", "hydra/launcher=submitit_slurm"}
+
+
+def _check_launcher(args: list[str]) -> None:
+    """A Slurm sweep where there is no Slurm: one line, not submitit's traceback after the sweep
+    folder was made."""
+    for arg in args:
+        if arg.lstrip("+") in SLURM_LAUNCHERS and shutil.which("sbatch") is None:
+            raise SkinclfError(
+                f"{arg}: no sbatch command on this machine; launch the sweep from a node of the Slurm "
+                "cluster, or run it here with hydra/launcher=local or the default launcher"
+            )
+
+
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
     _check_output_folders(args)
+    _check_launcher(args)
     sys.argv = ["skinclf train", *args]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
     SweepSummary.started, SweepSummary.folder, SweepSummary.last, SweepSummary.created = None, None, None, []
