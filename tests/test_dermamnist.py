@@ -129,7 +129,7 @@ def test_wrong_keys_or_shapes_name_the_key(tmp_path, kwargs, key):
 def test_not_an_npz(tmp_path):
     path = tmp_path / "dermamnist_128.npz"
     path.write_text("<html>download page</html>")
-    with pytest.raises(SkinclfError, match="not a readable npz"):
+    with pytest.raises(SkinclfError, match=f"^{path}: not a readable npz file \\(not a NumPy file\\); "):
         splits_of(path)
 
 

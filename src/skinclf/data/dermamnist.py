@@ -92,13 +92,26 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(out) if out else images.new_zeros((0, 3, size, size))
 
 
+def _why_unreadable(path: Path, err: Exception) -> str:
+    """NumPy takes any file that starts with neither a zip's nor a .npy's magic bytes (an HTML
+    download page, a text file) for a pickle, and says so: the file is simply not NumPy's."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(6)
+    except OSError:
+        return str(err)
+    return str(err) if head.startswith((b"PK", b"\x93NUMPY")) else "not a NumPy file"
+
+
 def load_splits(data_cfg: DictConfig) -> ImageSplits:
     """The MEL (4) / NV (5) images of each split of the DermaMNIST npz at ``data.root``, as 128x128."""
     path = _npz_path(data_cfg)
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise SkinclfError(f"{path}: not a readable npz file ({err}); {DOWNLOAD_HELP}") from err
+        raise SkinclfError(
+            f"{path}: not a readable npz file ({_why_unreadable(path, err)}); {DOWNLOAD_HELP}"
+        ) from err
     if not isinstance(npz, np.lib.npyio.NpzFile):  # np.load reads a .npy file as one bare array
         raise SkinclfError(f"{path}: a single array (.npy), not an npz archive of splits; {DOWNLOAD_HELP}")
     balance = bool(data_cfg.get("balance_train", False))
