@@ -1,14 +1,15 @@
 """`skinclf` as a user runs it: from any directory, the run files, and one-line errors."""
 
+import errno
 import json
 import os
 import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -140,6 +141,43 @@ def test_a_run_stopped_before_it_began_leaves_no_folder(tmp_path, monkeypatch, s
     assert "output directory" not in proc.stdout  # no folder to name
 
 
+def _stop_after_it_began(error: BaseException):
+    def run_in_hydra(cfg, out_dir):
+        (out_dir / "metrics.csv").write_text("epoch\n1\n")  # as if an epoch was done
+        raise error
+
+    return run_in_hydra
+
+
+@pytest.mark.parametrize(
+    ("sweep", "error", "returncode"),
+    [
+        (False, RuntimeError("a crash"), 1),
+        (True, KeyboardInterrupt(), 130),
+        (False, KeyboardInterrupt(), 130),
+    ],
+    ids=["run-crash", "sweep-ctrl-c", "run-ctrl-c"],
+)
+def test_a_stopped_or_crashed_launch_names_its_folder(tmp_path, monkeypatch, sweep, error, returncode):
+    import skinclf.train
+
+    monkeypatch.setattr(skinclf.train, "run_in_hydra", _stop_after_it_began(error))
+    folder = tmp_path / "out"
+    where = ["-m", f"hydra.sweep.dir={folder}"] if sweep else [f"hydra.run.dir={folder}"]
+    proc = train_cli(*where, *TINY, cwd=tmp_path, check=False)
+    assert proc.returncode == returncode, proc.stderr
+    # The folder to resume (the run's, or the sweep's to re-launch into), or to read the log of.
+    assert f"output directory: {folder}" in proc.stdout.splitlines()
+
+
+def test_a_config_error_in_a_relaunched_sweep_names_no_folder(tmp_path):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    proc = error_run(tmp_path, "-m", "model=baseline,resnt", f"hydra.sweep.dir={folder}", *TINY)
+    assert proc.returncode == 1 and "model/resnt" in proc.stderr
+    assert "output directory" not in proc.stdout
+
+
 def test_a_stop_before_the_run_began_keeps_a_folder_the_user_named(tmp_path, monkeypatch):
     # It held nothing but a log before this launch too, but it is the user's: only a folder the
     # launch made is removed.
@@ -236,19 +274,42 @@ def test_a_sweep_with_a_bad_setting_can_be_relaunched_corrected(tmp_path):
     proc = train_cli("-m", *TINY, "optim.lr=-1", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "optim.lr=-1.0: must be 0 or more" in proc.stderr
     assert not list(sweep.glob("*/run_config.json"))  # the job's folder holds no config to be held to
-    # `skinclf report` lists the refused job as failed, with its error and settings; a refusal of
-    # an earlier launch (superseded) is not listed.
-    [record] = sweep.glob(".refused_*.json")
-    earlier = {**json.loads(record.read_text()), "launch": "an earlier launch"}
-    (sweep / ".refused_7_baseline.json").write_text(json.dumps(earlier))
-    [refused] = find_runs([sweep])
-    assert (refused.path, refused.status, refused.model) == (sweep / "0_baseline", "failed", "baseline")
+    # `skinclf report` lists the refused job as a failed run, with its error and settings, once
+    # even when the folders it is given overlap.
+    [refused] = find_runs([sweep, tmp_path])
+    assert (refused.path, refused.status, refused.model, refused.seed) == (
+        sweep / "0_baseline",
+        "failed",
+        "baseline",
+        0,
+    )
     assert refused.problem == "refused before it ran: optim.lr=-1.0: must be 0 or more"
-    assert refused.settings["optim.lr"] == "-1"
+    assert refused.settings["optim.lr"] == "-1"  # as a run's settings are shown
     train_cli("-m", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert list(sweep.glob("*/test_metrics.json"))
     # The corrected job's folder is a run now: listed as that run only.
     assert [run.status for run in find_runs([sweep])] == ["finished"]
+
+
+def test_refused_jobs_in_nested_folders_of_a_relative_sweep_folder_are_each_recorded(tmp_path):
+    # Hydra makes the job folders absolute, the sweep folder stays as typed: each job's record
+    # must still name its own folder, not the last part of it (s0 for both jobs).
+    proc = train_cli(
+        "-m",
+        *TINY,
+        "optim.lr=-1",
+        "model=baseline,resnet",
+        "hydra.sweep.dir=sw",
+        "hydra.sweep.subdir=${model.name}/s${seed}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1 and "2 failed" in proc.stdout
+    refused = find_runs([tmp_path / "sw"])
+    assert [(run.path, run.model, run.status) for run in refused] == [
+        (tmp_path / "sw" / "baseline" / "s0", "baseline", "failed"),
+        (tmp_path / "sw" / "resnet" / "s0", "resnet", "failed"),
+    ]
 
 
 def test_a_sweep_job_that_fails_on_its_data_can_be_relaunched_corrected(tmp_path):
@@ -295,16 +356,20 @@ def test_an_output_folder_under_a_file_is_one_clear_error(tmp_path, key, folder)
     )
 
 
-@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 @pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
-def test_an_output_folder_where_none_can_be_made_is_one_clear_error(tmp_path, key):
-    # /proc passes the permission check (root may write anywhere), yet takes no new folder.
+def test_an_output_folder_where_none_can_be_made_is_one_clear_error(tmp_path, key, monkeypatch):
+    # What access() cannot tell (a read-only disk, /proc, root's rights): the probe folder fails.
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     multirun = ["-m"] if key == "hydra.sweep.dir" else []
-    proc = error_run(tmp_path, *multirun, *TINY, f"{key}=/proc/skinclf_run/x")
+    proc = error_run(tmp_path, *multirun, *TINY, f"{key}=new/run")
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith(
-        f"skinclf train: error: {key}=/proc/skinclf_run/x: cannot make /proc/skinclf_run ("
+    assert proc.stderr.strip() == (
+        f"skinclf train: error: {key}=new/run: cannot make {tmp_path / 'new'} (Read-only file system)"
     )
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])

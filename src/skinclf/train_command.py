@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -149,7 +150,14 @@ def hydra_main(cfg: DictConfig) -> None:
             # unfinished; Ctrl-C or `kill` as stopped, resumable with resume=true. A refused
             # folder is left alone.
             with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):
-                run_in_hydra(cfg, out_dir)
+                try:
+                    run_in_hydra(cfg, out_dir)
+                except BaseException as stop:
+                    # Stopped (Ctrl-C, kill) or crashed: the folder that resume=true needs, or
+                    # that holds the log; a timestamped one is otherwise hard to find.
+                    if not isinstance(stop, SkinclfError):
+                        print(f"output directory: {out_dir}")
+                    raise
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
         _undo_refused_run(out_dir, state)
@@ -186,10 +194,10 @@ def _check_output_folders(args: list[str]) -> None:
             raise SkinclfError(f"{arg}: {existing} is not writable")
         if missing:
             # What access() cannot tell (a read-only or special file system such as /proc, root's
-            # rights): try making the first missing folder, and take it away again.
+            # rights): whether a folder can be made there. A probe of a name of its own, so that
+            # launches into the same new folder at once never meet it.
             try:
-                missing[-1].mkdir()
-                missing[-1].rmdir()
+                os.rmdir(tempfile.mkdtemp(prefix=".skinclf-probe-", dir=existing))
             except OSError as err:
                 raise SkinclfError(f"{arg}: cannot make {missing[-1]} ({err.strerror})") from err
 
@@ -201,8 +209,12 @@ SLURM_LAUNCHERS = {"hydra/launcher=slurm", "hydra/launcher=submitit_slurm"}
 def _check_launcher(args: list[str]) -> None:
     """A Slurm sweep where there is no Slurm: one line, not submitit's traceback after the sweep
     folder was made."""
+    # A single run ignores the launcher; experiment=paper is a sweep even without -m.
+    sweep = any(
+        arg in {"-m", "--multirun", "hydra.mode=MULTIRUN"} or arg.startswith("experiment=") for arg in args
+    )
     for arg in args:
-        if arg.lstrip("+") in SLURM_LAUNCHERS and shutil.which("sbatch") is None:
+        if sweep and arg.lstrip("+") in SLURM_LAUNCHERS and shutil.which("sbatch") is None:
             raise SkinclfError(
                 f"{arg}: no sbatch command on this machine; launch the sweep from a node of the Slurm "
                 "cluster, or run it here with hydra/launcher=local or the default launcher"
@@ -215,7 +227,8 @@ def main(args: list[str]) -> None:
     _check_launcher(args)
     sys.argv = ["skinclf train", *args]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
-    SweepSummary.started, SweepSummary.folder, SweepSummary.last, SweepSummary.created = None, None, None, []
+    SweepSummary.started = SweepSummary.sweep_dir = SweepSummary.last = None
+    SweepSummary.created = []
     skinclf_launcher.register()  # hydra/launcher=local
     try:
         hydra_main()
@@ -223,11 +236,12 @@ def main(args: list[str]) -> None:
         # Nothing half-written: a sweep refused before its first job, or a run stopped before it
         # began, leaves no folder behind.
         remove_unstarted(SweepSummary.started, SweepSummary.created)
-        refused = isinstance(stop, SystemExit) and stop.code == EXIT_USER_ERROR
-        if not refused and SweepSummary.folder is not None and SweepSummary.folder.is_dir():
-            # Stopped (Ctrl-C, kill) or crashed: the folder that resume=true, or the sweep's
-            # re-launch, needs; a timestamped one is otherwise hard to find.
-            print(f"output directory: {SweepSummary.folder}")
+        # A stopped sweep (Ctrl-C, or a signal's exit 128 + N) is continued by re-launching it into
+        # its folder: named here. Not after a config error (Hydra's exit 1) or a refusal (exit 2).
+        code = stop.code if isinstance(stop, SystemExit) else None
+        stopped = isinstance(stop, KeyboardInterrupt) or (isinstance(code, int) and code > 128)
+        if stopped and SweepSummary.sweep_dir is not None and SweepSummary.sweep_dir.is_dir():
+            print(f"output directory: {SweepSummary.sweep_dir}")
         raise
     if SweepSummary.last is not None and SweepSummary.last.failed:
         sys.exit(1)  # the summary above names the failed jobs; scripts and CI must notice too

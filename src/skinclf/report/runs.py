@@ -34,7 +34,6 @@ from skinclf.run_files import (
 from skinclf.sweep.jobs import (
     REFUSED_PREFIX,
     VOLATILE_KEYS,
-    current_launch,
     process_gone,
     read_status,
     recorded_root,
@@ -139,44 +138,48 @@ def find_runs(dirs: Sequence[Path]) -> list[Run]:
             continue
         for config in root.rglob(str(HYDRA_CONFIG)):
             seen.setdefault(config.parent.parent.resolve(), config.parent.parent)
+    records = {
+        record.resolve(): record
+        for root in map(Path, dirs)
+        if root.is_dir()
+        for record in root.rglob(f"{REFUSED_PREFIX}*.json")
+    }
     runs = [load_run(seen[key]) for key in sorted(seen)]
-    refused = [run for root in map(Path, dirs) if root.is_dir() for run in _refused_jobs(root, set(seen))]
-    return [run for run in runs if run is not None] + sorted(refused, key=lambda run: str(run.path))
+    runs += [_refused_job(records[key], set(seen)) for key in sorted(records)]
+    return sorted((run for run in runs if run is not None), key=lambda run: str(run.path))
 
 
-def _refused_jobs(root: Path, runs_found: set[Path]) -> list[Run]:
-    """The sweep jobs under ``root`` that the latest launch of their sweep refused before they ran
-    (a bad setting, missing data), as failed runs with the refusal's error. Such a job has no run
-    folder, only a record beside it (sweep/jobs.py, ``record_refusal``); one whose folder holds an
-    earlier run is listed as that run. Refusals of earlier launches were superseded, and skipped."""
-    jobs = []
-    for record in root.rglob(f"{REFUSED_PREFIX}*.json"):
-        sweep_dir = record.parent
-        job_dir = refused_job_dir(sweep_dir, record)
-        if job_dir.resolve() in runs_found:
-            continue
-        try:
-            info = json.loads(record.read_text())
-        except (OSError, ValueError):
-            continue  # a torn record: nothing to tell
-        if not isinstance(info, dict) or info.get("launch") != current_launch(sweep_dir):
-            continue
-        overrides = dict(str(o).lstrip("+~").partition("=")[::2] for o in info.get("overrides") or [])
-        defaults = _default_group_choices()
-        data = overrides.get("data", defaults.get("data") or "?")
-        seed = overrides.get("seed", "")
-        jobs.append(
-            Run(
-                job_dir,
-                overrides.get("model", defaults.get("model") or "?"),
-                f"{data}:{overrides['data.root']}" if "data.root" in overrides else data,
-                int(seed) if seed.isdigit() else None,
-                {k: v for k, v in overrides.items() if k not in NOT_AN_EXPERIMENT_SETTING},
-                status=FAILED,
-                problem=f"refused before it ran: {info.get('error', 'no error recorded')}",
-            )
-        )
-    return jobs
+def _refused_job(record: Path, runs_found: set[Path]) -> Run | None:
+    """A sweep job refused before it ran (a bad setting, missing data), from the record beside its
+    folder (sweep/jobs.py, ``record_refusal``): a failed run with the refusal's error. None when
+    the record is unreadable, or when the job's folder is a run now (a later launch ran it, or it
+    held an earlier run, refused as another config): that run is listed instead."""
+    job_dir = refused_job_dir(record.parent, record)
+    if job_dir.resolve() in runs_found:
+        return None
+    try:
+        info = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("overrides"), list):
+        return None
+    overrides = [str(override) for override in info["overrides"]]
+    # The job's config as it would have run: its model, dataset, seed and settings named as a
+    # run's are (None: composing fails, e.g. a model this skinclf no longer has).
+    cfg = _composed(tuple(overrides))
+    select = (lambda key: OmegaConf.select(cfg, key, default=None)) if cfg is not None else (lambda key: None)
+    data = select("data.name") or "?"
+    root = select("data.root")
+    seed = select("seed")
+    return Run(
+        job_dir,
+        str(select("model.name") or "?"),
+        f"{data}:{root}" if root else str(data),
+        seed if isinstance(seed, int) else None,
+        _settings(overrides, cfg) if cfg is not None else {},
+        status=FAILED,
+        problem=f"refused before it ran: {info.get('error', 'no error recorded')}",
+    )
 
 
 def load_run(path: Path) -> Run | None:
@@ -199,7 +202,7 @@ def load_run(path: Path) -> Run | None:
     # `ds`, `./ds`, `$PWD/ds` in one are one; as typed when the run has no record of its folder.
     data = f"{data_name}:{recorded_root(path, str(root)) or root}" if root else str(data_name)
     seed = OmegaConf.select(cfg, "seed", default=None)
-    run = Run(path, str(model), data, None if seed is None else int(seed), _settings(path, cfg))
+    run = Run(path, str(model), data, None if seed is None else int(seed), _settings(_overrides(path), cfg))
 
     try:
         run.history = _read_history(path / METRICS)
@@ -355,21 +358,25 @@ def _composed(choices: tuple[str, ...]) -> DictConfig | None:
 _ABSENT = object()  # OmegaConf.select's answer for a key the config does not have
 
 
-def _settings(path: Path, cfg: DictConfig) -> dict[str, str]:
-    """The run's command-line overrides that define the experiment (see NOT_AN_EXPERIMENT_SETTING),
-    each with the value it resolved to in the run's config ``cfg``.
+def _overrides(path: Path) -> list[str]:
+    """The run's command-line overrides (.hydra/overrides.yaml); none when the file is missing or
+    broken: the run then counts as run with the defaults."""
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(path / HYDRA_OVERRIDES))
+    except Exception:
+        return []
+    return [str(override) for override in overrides] if isinstance(overrides, list) else []
+
+
+def _settings(overrides: Sequence[str], cfg: DictConfig) -> dict[str, str]:
+    """The run's command-line ``overrides`` that define the experiment (see
+    NOT_AN_EXPERIMENT_SETTING), each with the value it resolved to in the run's config ``cfg``.
 
     The resolved value, not the override's text: `optim.lr=1e-3` and `optim.lr=0.001` are one
     setting. An override that leaves its value at the default of the run's config groups
     (`optim.lr=1e-4`, `recipe=paper`, `experiment=paper`, whose values are the defaults) is the
     default run spelled out, not another setting.
     """
-    try:
-        overrides = OmegaConf.to_container(OmegaConf.load(path / HYDRA_OVERRIDES))
-    except Exception:  # no or broken overrides.yaml: the run counts as run with the defaults
-        return {}
-    if not isinstance(overrides, list):
-        return {}
     parsed = []
     for override in overrides:
         key, _, value = str(override).partition("=")

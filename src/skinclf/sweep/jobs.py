@@ -212,7 +212,8 @@ _SLASH = "%2F"
 def refusal_record(sweep_dir: Path, out_dir: Path) -> Path:
     """Where the refusal of the job in ``out_dir`` is recorded (see :func:`refused_job_dir`)."""
     try:
-        name = out_dir.relative_to(sweep_dir).as_posix()
+        # Both absolute: Hydra makes the job folder absolute, the sweep folder stays as typed.
+        name = Path(os.path.abspath(out_dir)).relative_to(os.path.abspath(sweep_dir)).as_posix()
     except ValueError:  # a subdir outside the sweep folder
         name = out_dir.name
     return Path(sweep_dir) / f"{REFUSED_PREFIX}{name.replace('/', _SLASH)}.json"

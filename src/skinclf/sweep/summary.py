@@ -110,8 +110,8 @@ class SweepSummary(Callback):
     # The folder the latest launch made: its sweep's, or its single run's (None if it existed: a
     # folder the user named may be removed only if this launch made it).
     started: Path | None = None
-    # The latest launch's sweep or single run folder, whoever made it: printed when a stop leaves it.
-    folder: Path | None = None
+    # The latest sweep's folder, whoever made it: printed when a stop (Ctrl-C, kill) leaves it.
+    sweep_dir: Path | None = None
     # The folders the latest launch makes above its sweep or single run folder (outputs/multiruns,
     # outputs/runs, ...), deepest first, for removing them again when it is refused before it starts.
     created: list[Path] = []
@@ -125,13 +125,12 @@ class SweepSummary(Callback):
         run_dir = Path(os.path.abspath(config.hydra.run.dir))
         SweepSummary.created = missing_folders(run_dir.parent)
         SweepSummary.started = None if run_dir.exists() else run_dir
-        SweepSummary.folder = run_dir
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         SweepSummary.created = missing_folders(sweep_dir.parent)
         SweepSummary.started = None if sweep_dir.exists() else sweep_dir
-        SweepSummary.folder = sweep_dir
+        SweepSummary.sweep_dir = sweep_dir
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.launch = start_launch(sweep_dir)
 
