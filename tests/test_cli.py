@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import types
+from importlib.resources import files
 
 import pandas as pd
 import pytest
@@ -173,8 +174,9 @@ def test_a_stopped_or_crashed_launch_names_its_folder(tmp_path, monkeypatch, swe
 def test_a_config_error_in_a_relaunched_sweep_names_no_folder(tmp_path):
     folder = tmp_path / "sweep"
     folder.mkdir()
-    proc = error_run(tmp_path, "-m", "model=baseline,resnt", f"hydra.sweep.dir={folder}", *TINY)
-    assert proc.returncode == 1 and "model/resnt" in proc.stderr
+    # A key no config has, in a swept override: Hydra refuses it as it composes the first job.
+    proc = error_run(tmp_path, "-m", "trainer.max_epoch=3,4", f"hydra.sweep.dir={folder}", *TINY)
+    assert proc.returncode == 1 and "trainer.max_epoch" in proc.stderr
     assert "output directory" not in proc.stdout
 
 
@@ -196,17 +198,44 @@ def error_run(tmp_path, *overrides):
     return proc
 
 
-def test_unknown_model_is_one_clear_error(tmp_path):
-    proc = error_run(tmp_path, "model=alexnet")
-    assert "model/alexnet" in proc.stderr
-    assert "baseline" in proc.stderr  # the available options are listed
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "model=alexnet",
+            f"model=alexnet: unknown model; expected one of {', '.join(sorted(model_names()))}",
+        ),
+        ("recipe=moden", "recipe=moden: unknown recipe; expected one of modern, paper"),
+        ("data=Folder", "data=Folder: unknown data; expected one of dermamnist, folder, synthetic"),
+        (
+            "pipeline@model.pipeline=plain",
+            "pipeline@model.pipeline=plain: unknown pipeline; expected one of augmented, default, imagenet",
+        ),
+    ],
+)
+def test_an_unknown_config_choice_is_one_line_naming_the_choices(tmp_path, override, message):
+    proc = error_run(tmp_path, override)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"skinclf train: error: {message}"
 
 
 def test_a_sweep_with_an_unknown_model_runs_nothing_and_leaves_no_folder(tmp_path):
     proc = error_run(tmp_path, "-m", "model=baseline,alexnet", *TINY)
-    assert "model/alexnet" in proc.stderr
-    # Hydra composes every job before the first runs: baseline did not train either.
+    assert proc.returncode == 2 and "model=alexnet: unknown model; expected one of" in proc.stderr
+    # Caught before Hydra starts: baseline did not train either.
     assert not (tmp_path / "outputs").exists()  # nor the folders made for the sweep's
+
+
+def test_a_model_config_of_the_users_own_trains(tmp_path):
+    # Beside skinclf's configs (hydra.searchpath): the unknown-choice check leaves it to Hydra.
+    mine = tmp_path / "my_conf" / "model"
+    mine.mkdir(parents=True)
+    baseline = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
+    (mine / "tiny_cnn.yaml").write_text(baseline.replace("name: baseline", "name: tiny_cnn"))
+    proc = train_cli(
+        f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "model=tiny_cnn", *TINY, cwd=tmp_path
+    )
+    assert json.loads((run_dir_from_output(proc.stdout) / "test_metrics.json").read_text())["n_test"] == 32
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,16 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
             return compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
     except HydraException as err:
         raise SkinclfError(first_line(err)) from err
+
+
+def config_choices(group: str) -> list[str]:
+    """The configs shipped in config group ``group`` (``model``: baseline, ...), sorted; none when
+    skinclf has no such group (``hydra/launcher`` choices also come from Hydra's plugins)."""
+    folder = files(CONFIG_MODULE).joinpath(group)
+    if group.startswith("hydra") or not folder.is_dir():
+        return []
+    names = (entry.name for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+    return sorted(name.removesuffix(".yaml") for name in names if not name.startswith("_"))
 
 
 def instantiate_config(node: DictConfig) -> Any:

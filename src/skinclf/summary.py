@@ -8,7 +8,6 @@ no computation, and no ImageNet download (``model.pretrained`` is set to false u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.resources import files
 
 import torch
 from omegaconf import DictConfig
@@ -16,7 +15,7 @@ from torchinfo import ModelStatistics, summary
 
 from skinclf import IMAGE_SIZE
 from skinclf.arguments import summary_parser
-from skinclf.config import compose_config
+from skinclf.config import compose_config, config_choices
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model, model_order
 from skinclf.trained_run import quiet_logs
@@ -26,8 +25,7 @@ INPUT_SIZE = (64, 3, IMAGE_SIZE, IMAGE_SIZE)  # the paper's batch of 64 RGB 128x
 
 def model_names() -> list[str]:
     """Every model config shipped in conf/model/, in the paper's order."""
-    names = [p.name.removesuffix(".yaml") for p in files("skinclf.conf").joinpath("model").iterdir()]
-    return sorted((n for n in names if not n.startswith("_")), key=model_order)
+    return sorted(config_choices("model"), key=model_order)
 
 
 def model_config(name: str, overrides: list[str] = ()) -> DictConfig:

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins import skinclf_launcher
+from skinclf.config import config_choices
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
@@ -221,10 +223,35 @@ def _check_launcher(args: list[str]) -> None:
             )
 
 
+def _check_group_choices(args: list[str]) -> None:
+    """An unknown config choice (``model=resnt``, ``recipe=moden``, in a sweep too): one line
+    naming it and the choices, exit 2, where Hydra prints a multi-line error and exits 1. What
+    this cannot read (glob sweeps, interpolations) is left to Hydra."""
+    if any(arg.startswith(("hydra.searchpath", "+hydra.searchpath", "--config-dir", "-cd")) for arg in args):
+        return  # configs of the user's own beside skinclf's: Hydra knows them, this check does not
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        try:
+            override = parser.parse_overrides([arg])[0]
+            values = override.sweep_string_iterator() if override.is_sweep_override() else [override.value()]
+            values = list(values)
+        except Exception:  # noqa: BLE001 - Hydra's own parser and error message take it from here
+            continue
+        group = override.key_or_group.split("@", 1)[0]
+        choices = [] if override.is_delete() else config_choices(group)
+        for value in values:
+            if choices and isinstance(value, str) and "${" not in value and value not in choices:
+                key = arg.split("=", 1)[0].lstrip("+")  # as typed: pipeline@model.pipeline
+                raise SkinclfError(f"{key}={value}: unknown {group}; expected one of {', '.join(choices)}")
+
+
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
     _check_output_folders(args)
     _check_launcher(args)
+    _check_group_choices(args)
     sys.argv = ["skinclf train", *args]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
     SweepSummary.started = SweepSummary.sweep_dir = SweepSummary.last = None
