@@ -211,16 +211,16 @@ SLURM_LAUNCHERS = {"hydra/launcher=slurm", "hydra/launcher=submitit_slurm"}
 def _check_launcher(args: list[str]) -> None:
     """A Slurm sweep where there is no Slurm: one line, not submitit's traceback after the sweep
     folder was made."""
+    slurm = [arg for arg in args if arg.lstrip("+") in SLURM_LAUNCHERS]
     # A single run ignores the launcher; experiment=paper is a sweep even without -m.
     sweep = any(
         arg in {"-m", "--multirun", "hydra.mode=MULTIRUN"} or arg.startswith("experiment=") for arg in args
     )
-    for arg in args:
-        if sweep and arg.lstrip("+") in SLURM_LAUNCHERS and shutil.which("sbatch") is None:
-            raise SkinclfError(
-                f"{arg}: no sbatch command on this machine; launch the sweep from a node of the Slurm "
-                "cluster, or run it here with hydra/launcher=local or the default launcher"
-            )
+    if slurm and sweep and shutil.which("sbatch") is None:
+        raise SkinclfError(
+            f"{slurm[0]}: no sbatch command on this machine; launch the sweep from a node of the Slurm "
+            "cluster, or run it here with hydra/launcher=local or the default launcher"
+        )
 
 
 def _check_group_choices(args: list[str]) -> None:

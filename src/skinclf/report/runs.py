@@ -145,7 +145,8 @@ def find_runs(dirs: Sequence[Path]) -> list[Run]:
         for record in root.rglob(f"{REFUSED_PREFIX}*.json")
     }
     runs = [load_run(seen[key]) for key in sorted(seen)]
-    runs += [_refused_job(records[key], set(seen)) for key in sorted(records)]
+    run_dirs = set(seen)
+    runs += [_refused_job(records[key], run_dirs) for key in sorted(records)]
     return sorted((run for run in runs if run is not None), key=lambda run: str(run.path))
 
 
@@ -164,21 +165,22 @@ def _refused_job(record: Path, runs_found: set[Path]) -> Run | None:
     if not isinstance(info, dict) or not isinstance(info.get("overrides"), list):
         return None
     overrides = [str(override) for override in info["overrides"]]
+    problem = f"refused before it ran: {info.get('error', 'no error recorded')}"
     # The job's config as it would have run: its model, dataset, seed and settings named as a
-    # run's are (None: composing fails, e.g. a model this skinclf no longer has).
+    # run's are.
     cfg = _composed(tuple(overrides))
-    select = (lambda key: OmegaConf.select(cfg, key, default=None)) if cfg is not None else (lambda key: None)
-    data = select("data.name") or "?"
-    root = select("data.root")
-    seed = select("seed")
+    if cfg is None:  # e.g. a model this skinclf no longer has
+        return Run(job_dir, "?", "?", None, status=FAILED, problem=problem)
+    data, root = cfg.data.get("name", "?"), cfg.data.get("root")
+    seed = cfg.get("seed")
     return Run(
         job_dir,
-        str(select("model.name") or "?"),
+        str(cfg.model.get("name", "?")),
         f"{data}:{root}" if root else str(data),
         seed if isinstance(seed, int) else None,
-        _settings(overrides, cfg) if cfg is not None else {},
+        _settings(overrides, cfg),
         status=FAILED,
-        problem=f"refused before it ran: {info.get('error', 'no error recorded')}",
+        problem=problem,
     )
 
 
@@ -346,11 +348,11 @@ def _default_group_choices() -> dict[str, str | None]:
 
 
 @cache
-def _composed(choices: tuple[str, ...]) -> DictConfig | None:
-    """The config that group ``choices`` (``model=resnet``, ...) give, every value at its default;
-    None when this skinclf cannot compose it (a run of a model it no longer has)."""
+def _composed(overrides: tuple[str, ...]) -> DictConfig | None:
+    """The train config of ``overrides`` (group choices such as ``model=resnet`` give every other
+    value at its default); None when this skinclf cannot compose it (a model it no longer has)."""
     try:
-        return compose_config(choices)
+        return compose_config(overrides)
     except SkinclfError:
         return None
 
