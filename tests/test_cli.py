@@ -16,8 +16,10 @@ import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 import skinclf
+from skinclf.cli import main as cli_main
 from skinclf.models import PAPER_MODELS
 from skinclf.report.runs import find_runs
 from skinclf.summary import model_names
@@ -226,16 +228,93 @@ def test_a_sweep_with_an_unknown_model_runs_nothing_and_leaves_no_folder(tmp_pat
     assert not (tmp_path / "outputs").exists()  # nor the folders made for the sweep's
 
 
-def test_a_model_config_of_the_users_own_trains(tmp_path):
-    # Beside skinclf's configs (hydra.searchpath): the unknown-choice check leaves it to Hydra.
+def _own_model_config(tmp_path, name: str, text: str) -> str:
+    """A model config of the user's own, ``name``.yaml, in a folder beside skinclf's configs;
+    returns the override that adds the folder."""
     mine = tmp_path / "my_conf" / "model"
-    mine.mkdir(parents=True)
-    baseline = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
-    (mine / "tiny_cnn.yaml").write_text(baseline.replace("name: baseline", "name: tiny_cnn"))
-    proc = train_cli(
-        f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "model=tiny_cnn", *TINY, cwd=tmp_path
+    mine.mkdir(parents=True, exist_ok=True)
+    (mine / f"{name}.yaml").write_text(text)
+    return f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
+
+
+def test_a_model_of_the_users_own_trains_predicts_and_is_named_when_gone(tmp_path, monkeypatch, capsys):
+    # The user's class, in the user's module (on PYTHONPATH), beside skinclf's configs.
+    code = tmp_path / "my_code"
+    code.mkdir()
+    (code / "my_models.py").write_text(
+        "from skinclf.models.simple_cnn import SimpleCNN\n\n\nclass TinyCNN(SimpleCNN):\n    pass\n"
     )
-    assert json.loads((run_dir_from_output(proc.stdout) / "test_metrics.json").read_text())["n_test"] == 32
+    monkeypatch.syspath_prepend(str(code))
+    baseline = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
+    searchpath = _own_model_config(
+        tmp_path,
+        "tiny_cnn",
+        baseline.replace("name: baseline", "name: tiny_cnn").replace(
+            "skinclf.models.simple_cnn.SimpleCNN", "my_models.TinyCNN"
+        ),
+    )
+    proc = train_cli(searchpath, "model=tiny_cnn", *TINY, cwd=tmp_path)
+    run_dir = run_dir_from_output(proc.stdout)
+    assert json.loads((run_dir / "test_metrics.json").read_text())["n_test"] == 32
+
+    image = tmp_path / "lesion.png"
+    Image.new("RGB", (128, 128), (150, 90, 60)).save(image)
+    cli_main(["predict", str(run_dir), str(image), "--out", str(tmp_path / "pred.csv")])
+    assert 0 <= pd.read_csv(tmp_path / "pred.csv")["prob_mel"][0] <= 1
+
+    # On a machine without the user's module: one line naming the checkpoint and the class.
+    monkeypatch.delitem(sys.modules, "my_models")
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry != str(code)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["predict", str(run_dir), str(image)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"skinclf predict: error: {run_dir / 'best.pt'}: model.arch._target_=my_models.TinyCNN: "
+        "cannot import my_models "
+        "(No module named 'my_models'); it must be installed or on PYTHONPATH"
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "missing"),
+    [
+        (lambda text: text.replace("name: baseline\n", ""), "model.name"),
+        (lambda text: text.replace("  - /pipeline@pipeline: default\n", ""), "model.pipeline._target_"),
+        (
+            lambda text: text.replace("  _target_: skinclf.models.simple_cnn.SimpleCNN\n", ""),
+            "model.arch._target_",
+        ),
+    ],
+)
+def test_a_model_config_of_the_users_own_lacking_a_key_is_one_clear_error(tmp_path, edit, missing):
+    baseline = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
+    edited = edit(baseline)
+    assert edited != baseline
+    proc = error_run(tmp_path, _own_model_config(tmp_path, "partial", edited), "model=partial", *TINY)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"skinclf train: error: model=partial: {missing} is not set; ")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "outputs").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        ("not_a_package.Net", "cannot import not_a_package (No module named 'not_a_package')"),
+        ("skinclf.models.simple_cnn.NoSuchNet", "skinclf.models.simple_cnn has no 'NoSuchNet'"),
+    ],
+)
+def test_a_model_class_that_cannot_be_imported_is_one_clear_error(tmp_path, target, reason):
+    baseline = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
+    config = baseline.replace("skinclf.models.simple_cnn.SimpleCNN", target)
+    proc = error_run(tmp_path, _own_model_config(tmp_path, "mine", config), "model=mine", *TINY)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(
+        f"skinclf train: error: model=mine: model.arch._target_={target}: {reason}"
+    )
+    assert not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.roc_pr import write_run_curves
 from skinclf.evaluation.threshold import threshold_for_sensitivity
 from skinclf.io import atomic_write_json, atomic_write_text
-from skinclf.models import build_model
+from skinclf.models import build_model, check_model_config
 from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT, PREDICTIONS, TEST_METRICS
 from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
@@ -277,6 +277,8 @@ def check_settings(cfg: DictConfig) -> None:
     """Every check of ``cfg`` that needs no data (device, numbers, sizes, target sensitivity).
     Run before the run folder is claimed, so that a refused run writes nothing into it: a
     resume's folder keeps its record and status, a sweep job's folder takes no config."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    check_model_config(cfg.model, f"model={choices.get('model', cfg.model.get('name'))}")
     device = resolve_device(str(cfg.device))
     seed = loop_settings(cfg, resolve_precision(str(cfg.trainer.precision), device)).seed
     target_sensitivity(cfg)

@@ -16,7 +16,7 @@ from torch import nn
 
 from skinclf.config import instantiate_config
 from skinclf.errors import SkinclfError, first_line
-from skinclf.models import build_model
+from skinclf.models import build_model, check_model_config
 from skinclf.run_files import BEST_CHECKPOINT, TEST_METRICS
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
@@ -139,6 +139,8 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     # The checkpoint's config is the resolved one the model was built from (.hydra/ holds
     # interpolations, and in-process runs have no .hydra/ at all).
     cfg = OmegaConf.create(state["config"])
+    # A model of the user's own must be importable here too (another machine, another venv).
+    check_model_config(cfg.model, str(run_dir / BEST_CHECKPOINT))
     try:
         # Quiet: a "random init, not the paper's setup" warning would be false here, since the
         # checkpoint's weights replace the random ones right away.
