@@ -228,6 +228,38 @@ def test_a_sweep_with_an_unknown_model_runs_nothing_and_leaves_no_folder(tmp_pat
     assert not (tmp_path / "outputs").exists()  # nor the folders made for the sweep's
 
 
+BASELINE_CONFIG = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
+
+# A user's own model, as the README's example: its feature block ends in global pooling.
+USERS_MODULE = """
+import torch.nn as nn
+
+
+class WideCNN(nn.Module):
+    def __init__(self, channels=8, outputs=1):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(channels, outputs)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+"""
+
+
+# The README's example of a model config of one's own.
+OWN_CONFIG = """
+defaults:
+  - /pipeline@pipeline: default
+  - _self_
+name: {name}
+arch:
+  {arch}
+"""
+
+
 def _own_model_config(tmp_path, name: str, text: str) -> str:
     """A model config of the user's own, ``name``.yaml, in a folder beside skinclf's configs;
     returns the override that adds the folder."""
@@ -237,30 +269,50 @@ def _own_model_config(tmp_path, name: str, text: str) -> str:
     return f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
 
 
-def test_a_model_of_the_users_own_trains_predicts_and_is_named_when_gone(tmp_path, monkeypatch, capsys):
-    # The user's class, in the user's module (on PYTHONPATH), beside skinclf's configs.
+def _users_module(tmp_path, monkeypatch, name: str, text: str):
+    """A module of the user's own, ``name``.py, importable (its folder on the path)."""
     code = tmp_path / "my_code"
-    code.mkdir()
-    (code / "my_models.py").write_text(
-        "from skinclf.models.simple_cnn import SimpleCNN\n\n\nclass TinyCNN(SimpleCNN):\n    pass\n"
-    )
+    code.mkdir(exist_ok=True)
+    (code / f"{name}.py").write_text(text)
     monkeypatch.syspath_prepend(str(code))
-    baseline = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
-    searchpath = _own_model_config(
-        tmp_path,
-        "tiny_cnn",
-        baseline.replace("name: baseline", "name: tiny_cnn").replace(
-            "skinclf.models.simple_cnn.SimpleCNN", "my_models.TinyCNN"
-        ),
-    )
-    proc = train_cli(searchpath, "model=tiny_cnn", *TINY, cwd=tmp_path)
-    run_dir = run_dir_from_output(proc.stdout)
+    return code
+
+
+def test_a_model_of_the_users_own_trains_reports_predicts_and_explains(tmp_path, monkeypatch, capsys):
+    code = _users_module(tmp_path, monkeypatch, "my_models", USERS_MODULE)
+    config = OWN_CONFIG.format(name="wide_cnn", arch="_target_: my_models.WideCNN")
+    searchpath = _own_model_config(tmp_path, "wide_cnn", config)
+    proc = train_cli("-m", searchpath, "model=wide_cnn,baseline", *TINY, cwd=tmp_path)
+    assert "2 jobs: 2 done" in proc.stdout
+    [run_dir] = (tmp_path / "outputs" / "multiruns").glob("*/0_wide_cnn")
     assert json.loads((run_dir / "test_metrics.json").read_text())["n_test"] == 32
+
+    cli_main(["report", str(tmp_path / "outputs"), "--out", str(tmp_path / "report")])
+    assert set(pd.read_csv(tmp_path / "report" / "runs.csv")["model"]) == {"wide_cnn", "baseline"}
+    cli_main(["summary", "model=wide_cnn", searchpath])
+    table = capsys.readouterr().out
+    assert "model=wide_cnn: my_models.WideCNN" in table
+    assert "Total params: 817" in table  # (3*9*8 + 8) + (8*9*8 + 8) + (8 + 1)
 
     image = tmp_path / "lesion.png"
     Image.new("RGB", (128, 128), (150, 90, 60)).save(image)
     cli_main(["predict", str(run_dir), str(image), "--out", str(tmp_path / "pred.csv")])
     assert 0 <= pd.read_csv(tmp_path / "pred.csv")["prob_mel"][0] <= 1
+    cli_main(["explain", str(run_dir), str(image), "--out", str(tmp_path / "cams")])
+    assert (tmp_path / "cams" / "lesion_gradcam.png").is_file()
+
+    # The class changed since the run: one line naming the checkpoint and the constructor's error.
+    monkeypatch.delitem(sys.modules, "my_models")
+    (code / "my_models.py").write_text(
+        USERS_MODULE.replace("channels=8, outputs=1", "depth, channels=8, outputs=1")
+    )
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["predict", str(run_dir), str(image)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"skinclf predict: error: {run_dir / 'best.pt'}: does not match model=wide_cnn (")
+    assert "missing 1 required positional argument: 'depth'" in err and len(err.splitlines()) == 1
 
     # On a machine without the user's module: one line naming the checkpoint and the class.
     monkeypatch.delitem(sys.modules, "my_models")
@@ -269,11 +321,9 @@ def test_a_model_of_the_users_own_trains_predicts_and_is_named_when_gone(tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["predict", str(run_dir), str(image)])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err == (
-        f"skinclf predict: error: {run_dir / 'best.pt'}: model.arch._target_=my_models.TinyCNN: "
-        "cannot import my_models "
-        "(No module named 'my_models'); it must be installed or on PYTHONPATH"
+    assert capsys.readouterr().err.strip() == (
+        f"skinclf predict: error: {run_dir / 'best.pt'}: model.arch._target_=my_models.WideCNN: "
+        "no module my_models; it must be installed or on PYTHONPATH"
     )
 
 
@@ -289,9 +339,8 @@ def test_a_model_of_the_users_own_trains_predicts_and_is_named_when_gone(tmp_pat
     ],
 )
 def test_a_model_config_of_the_users_own_lacking_a_key_is_one_clear_error(tmp_path, edit, missing):
-    baseline = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
-    edited = edit(baseline)
-    assert edited != baseline
+    edited = edit(BASELINE_CONFIG)
+    assert edited != BASELINE_CONFIG
     proc = error_run(tmp_path, _own_model_config(tmp_path, "partial", edited), "model=partial", *TINY)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith(f"skinclf train: error: model=partial: {missing} is not set; ")
@@ -300,21 +349,45 @@ def test_a_model_config_of_the_users_own_lacking_a_key_is_one_clear_error(tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("target", "reason"),
+    ("arch", "message"),
     [
-        ("not_a_package.Net", "cannot import not_a_package (No module named 'not_a_package')"),
-        ("skinclf.models.simple_cnn.NoSuchNet", "skinclf.models.simple_cnn has no 'NoSuchNet'"),
+        (
+            "_target_: not_a_package.Net",
+            "model.arch._target_=not_a_package.Net: no module not_a_package; "
+            "it must be installed or on PYTHONPATH",
+        ),
+        (
+            "_target_: skinclf.models.simple_cnn.NoSuchNet",
+            "model.arch._target_=skinclf.models.simple_cnn.NoSuchNet: "
+            "skinclf.models.simple_cnn has no 'NoSuchNet'",
+        ),
+        ("_target_: WideCNN", "model.arch._target_=WideCNN: expected package.module.Class"),
+        (
+            "_target_: needs_a_package.Net",  # the module is there; what it imports is not
+            "model.arch._target_=needs_a_package.Net: importing needs_a_package needs not_installed_xyz, "
+            "which is not installed",
+        ),
+        (
+            "_target_: my_models.WideCNN\n  width: 64",
+            "Error in call to target 'my_models.WideCNN': "
+            "TypeError(\"WideCNN.__init__() got an unexpected keyword argument 'width'\")",
+        ),
+        (
+            "_target_: my_models.WideCNN\n  outputs: 2",
+            "the model returns (2, 2) for a batch of 2 images; expected one logit per image, (2, 1) or (2,)",
+        ),
     ],
 )
-def test_a_model_class_that_cannot_be_imported_is_one_clear_error(tmp_path, target, reason):
-    baseline = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
-    config = baseline.replace("skinclf.models.simple_cnn.SimpleCNN", target)
+def test_a_model_of_the_users_own_that_cannot_be_built_is_one_clear_error(
+    tmp_path, monkeypatch, arch, message
+):
+    _users_module(tmp_path, monkeypatch, "my_models", USERS_MODULE)
+    _users_module(tmp_path, monkeypatch, "needs_a_package", "import not_installed_xyz\n")
+    config = OWN_CONFIG.format(name="mine", arch=arch)
     proc = error_run(tmp_path, _own_model_config(tmp_path, "mine", config), "model=mine", *TINY)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith(
-        f"skinclf train: error: model=mine: model.arch._target_={target}: {reason}"
-    )
-    assert not (tmp_path / "outputs").exists()
+    assert proc.stderr.strip() == f"skinclf train: error: model=mine: {message}"
+    assert not (tmp_path / "outputs").exists()  # before the run folder was made
 
 
 @pytest.mark.parametrize(

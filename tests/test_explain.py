@@ -145,6 +145,29 @@ def test_grad_cam_maps_the_last_convolutional_block(model, layer):
     assert grad_cam(net, torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)).layer == layer
 
 
+class GloballyPooledCNN(nn.Module):
+    """A common shape of a user's own model: the feature block ends in global pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1)
+        )
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def test_grad_cam_skips_a_block_that_pools_to_1x1():
+    # The block holding the convs returns a 1x1 map, which says nothing about where.
+    torch.manual_seed(0)
+    cam = grad_cam(GloballyPooledCNN(), torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE))
+    assert cam.layer == "features.2 (Conv2d)"
+    assert cam.heatmaps.shape == (2, IMAGE_SIZE, IMAGE_SIZE)
+    assert float(cam.heatmaps.flatten(1).std(dim=1).min()) > 0.01  # a map, not a constant
+
+
 def test_explain_draws_the_map_of_the_runs_own_prediction(tiny_run, tmp_path, monkeypatch):
     images, _ = _off_centre_mel_images(1, 20)
     Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "lesion.png")

@@ -17,7 +17,7 @@ from skinclf import IMAGE_SIZE
 from skinclf.arguments import summary_parser
 from skinclf.config import compose_config, config_choices
 from skinclf.errors import SkinclfError
-from skinclf.models import build_model, model_order
+from skinclf.models import build_model, check_model_config, model_order
 from skinclf.trained_run import quiet_logs
 
 INPUT_SIZE = (64, 3, IMAGE_SIZE, IMAGE_SIZE)  # the paper's batch of 64 RGB 128x128 images
@@ -29,10 +29,13 @@ def model_names() -> list[str]:
 
 
 def model_config(name: str, overrides: list[str] = ()) -> DictConfig:
-    """The train config of model ``name`` with ``overrides``; random weights unless asked otherwise."""
-    if name not in model_names():
+    """The train config of model ``name`` with ``overrides``; random weights unless asked otherwise.
+    A model of the user's own comes from a folder added with ``hydra.searchpath=[file://DIR]``."""
+    own_configs = any(o.lstrip("+").startswith("hydra.searchpath=") for o in overrides)
+    if name not in model_names() and not own_configs:
         raise SkinclfError(f"model={name}: unknown model; expected one of {', '.join(model_names())} or all")
     cfg = compose_config([f"model={name}", *overrides])
+    check_model_config(cfg.model, f"model={name}")
     if "pretrained" in cfg.model and not any(o.startswith("model.pretrained=") for o in overrides):
         # Weights do not change the table; downloading them would need a network.
         cfg = compose_config([f"model={name}", *overrides, "model.pretrained=false"])

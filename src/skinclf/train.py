@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from skinclf.config import check_bool, data_path, instantiate_config, number_setting
+from skinclf.config import check_bool, config_choices, data_path, instantiate_config, number_setting
 from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
@@ -29,7 +29,7 @@ from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.roc_pr import write_run_curves
 from skinclf.evaluation.threshold import threshold_for_sensitivity
 from skinclf.io import atomic_write_json, atomic_write_text
-from skinclf.models import build_model, check_model_config
+from skinclf.models import build_model, check_model_config, check_model_output
 from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT, PREDICTIONS, TEST_METRICS
 from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
@@ -278,7 +278,10 @@ def check_settings(cfg: DictConfig) -> None:
     Run before the run folder is claimed, so that a refused run writes nothing into it: a
     resume's folder keeps its record and status, a sweep job's folder takes no config."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    check_model_config(cfg.model, f"model={choices.get('model', cfg.model.get('name'))}")
+    model = str(choices.get("model", cfg.model.get("name")))
+    check_model_config(cfg.model, f"model={model}")
+    if model not in config_choices("model"):  # a model of the user's own (hydra.searchpath)
+        check_model_output(cfg.model, f"model={model}")
     device = resolve_device(str(cfg.device))
     seed = loop_settings(cfg, resolve_precision(str(cfg.trainer.precision), device)).seed
     target_sensitivity(cfg)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -149,7 +150,7 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         model.load_state_dict(state["model"])
         pipeline = instantiate_config(cfg.model.pipeline)
         pipeline.load_state_dict(state["pipeline"])
-    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+    except (RuntimeError, KeyError, TypeError, ValueError, InstantiationException) as err:
         raise SkinclfError(
             f"{run_dir / BEST_CHECKPOINT}: does not match model={cfg.model.get('name')} ({first_line(err)})"
         ) from err

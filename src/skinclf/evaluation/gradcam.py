@@ -46,8 +46,9 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
     an image the model calls NV would mostly get an empty map.
 
     The layer is the last module, in forward order, that is or holds a Conv2d and returns a 4-D
-    feature map: the last convolutional block. That is the residual block (not its 1x1 shortcut
-    conv) in the ResNet, the last conv in the plain CNNs, the whole frozen extractor in VGG-16.
+    feature map larger than 1x1: the last convolutional block. That is the residual block (not its
+    1x1 shortcut conv) in the ResNet, the last conv in the plain CNNs, the whole frozen extractor
+    in VGG-16.
     Runs in fp32 with the model in eval mode, on the model's device (``inputs`` are moved
     there); the model's parameters get no gradients. Heat maps and logits come back on the CPU.
     """
@@ -56,7 +57,8 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
     captured: list[tuple[str, torch.Tensor]] = []
 
     def keep(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if not (isinstance(output, torch.Tensor) and output.ndim == 4):
+        # A 1x1 map (a block that ends in global pooling) has nothing to say about where.
+        if not (isinstance(output, torch.Tensor) and output.ndim == 4 and output[0, 0].numel() > 1):
             return None
         if not output.requires_grad:
             # A frozen extractor run without autograd (e.g. under no_grad): restart the graph here.
@@ -73,7 +75,10 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
             x = inputs.detach().to(device, torch.float32).requires_grad_()
             logits = model(x).flatten()
             if not captured:
-                raise SkinclfError(f"{type(model).__name__}: no convolutional layer to explain with Grad-CAM")
+                raise SkinclfError(
+                    f"{type(model).__name__}: no convolutional layer with a feature map larger than 1x1 "
+                    "to explain with Grad-CAM"
+                )
             layer, activations = captured[-1]
             sign = (
                 torch.ones_like(logits)

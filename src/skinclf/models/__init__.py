@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from skinclf.config import instantiate_config
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, first_line
 
 if TYPE_CHECKING:  # torch itself is imported by the architecture's module, when it is built:
     # `skinclf report` reads PAPER_MODELS from here and needs no torch.
@@ -54,18 +55,65 @@ def check_model_config(model_cfg: DictConfig, where: str) -> None:
 
 def _check_importable(setting: str, target: str) -> None:
     """A SkinclfError starting with ``setting`` when ``target`` (``package.module.Class``) cannot
-    be imported: Hydra would say so only once the run has started, over several lines."""
-    module_name, _, name = target.rpartition(".")
-    try:
-        module = importlib.import_module(module_name) if module_name else None
-    except ImportError as err:  # the module, or something it imports, is not installed
-        raise SkinclfError(
-            f"{setting}: cannot import {module_name} ({err}); it must be installed or on PYTHONPATH"
-        ) from err
-    if not hasattr(module, name):
-        raise SkinclfError(f"{setting}: {module_name or 'no module'} has no {name!r}")
+    be found the way Hydra's instantiate finds it (its first part imported, then attribute by
+    attribute, importing submodules): Hydra would say so only once the run has started, over
+    several lines."""
+    parts = target.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise SkinclfError(f"{setting}: expected package.module.Class")
+    found: object = None
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        if i and hasattr(found, part):
+            found = getattr(found, part)
+            continue
+        if i and not isinstance(found, ModuleType):
+            raise SkinclfError(f"{setting}: {'.'.join(parts[:i])} has no {part!r}")
+        try:
+            found = importlib.import_module(path)
+        except ModuleNotFoundError as err:
+            if err.name != path:  # the module is there, but something it imports is not
+                raise SkinclfError(
+                    f"{setting}: importing {path} needs {err.name}, which is not installed"
+                ) from err
+            if i:
+                raise SkinclfError(f"{setting}: {'.'.join(parts[:i])} has no {part!r}") from err
+            raise SkinclfError(f"{setting}: no module {path}; it must be installed or on PYTHONPATH") from err
+        except (ImportError, SyntaxError) as err:
+            raise SkinclfError(f"{setting}: importing {path} failed: {first_line(err)}") from err
+    if isinstance(found, ModuleType):
+        raise SkinclfError(f"{setting}: {target} is a module; expected a class in it")
 
 
 def build_model(model_cfg: DictConfig) -> torch.nn.Module:
     """Instantiate the architecture described by ``model_cfg.arch`` (one output logit)."""
     return instantiate_config(model_cfg.arch)
+
+
+def check_model_output(model_cfg: DictConfig, where: str) -> None:
+    """A model of the user's own, built on PyTorch's meta device (shapes only: no memory, no
+    computation, no weights) and run on a batch of two images: a constructor that refuses its
+    arguments, or an output other than one logit per image, is one line before anything trains
+    instead of a traceback once the run has begun. A forward pass that the meta device cannot
+    run (a custom op, data-dependent control flow) is left to the run itself."""
+    import torch
+    from hydra.errors import InstantiationException
+
+    from skinclf import IMAGE_SIZE
+
+    try:
+        with torch.device("meta"):
+            model = build_model(model_cfg)
+    except InstantiationException as err:
+        raise SkinclfError(f"{where}: {first_line(err)}") from err
+    try:
+        with torch.no_grad():
+            logits = model(torch.empty(2, 3, IMAGE_SIZE, IMAGE_SIZE, device="meta"))
+    except Exception:  # noqa: BLE001 - not a verdict on the model: the real run will tell
+        return
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) not in {(2,), (2, 1)}:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise SkinclfError(
+            f"{where}: the model returns {got} for a batch of 2 images; expected one logit per "
+            "image, (2, 1) or (2,)"
+        )
