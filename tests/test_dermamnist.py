@@ -65,6 +65,15 @@ def test_folder_holding_the_file_and_other_sizes_are_resized(tmp_path):
     assert small.train.images[:, 0, 0, 0].tolist() == [44, 45, 56, 57, 58, 59, 60, 61]
 
 
+def test_a_folder_holding_one_file_of_another_size_takes_it(tmp_path):
+    write_npz(tmp_path / "dermamnist_64.npz", size=64)
+    assert splits_of(tmp_path).train.images.shape == (8, 3, 128, 128)
+    # With two such files the folder is ambiguous: the 128 pixel file is asked for, by name.
+    write_npz(tmp_path / "dermamnist_28.npz", size=28)
+    with pytest.raises(SkinclfError, match="dermamnist_128.npz: no such file"):
+        splits_of(tmp_path)
+
+
 def test_balance_train_undersamples_nv_in_train_only(tmp_path):
     path = write_npz(tmp_path / "d.npz")
     a = splits_of(path, "data.balance_train=true", "seed=1")
@@ -124,6 +133,15 @@ def test_wrong_keys_or_shapes_name_the_key(tmp_path, kwargs, key):
     with pytest.raises(SkinclfError) as err:
         splits_of(path)
     assert key in str(err.value) and str(path) in str(err.value)
+
+
+def test_images_and_labels_of_different_counts_say_so(tmp_path):
+    path = write_npz(tmp_path / "bad.npz", test_labels=np.full((14, 1), 5, np.uint8))
+    with pytest.raises(SkinclfError) as err:
+        splits_of(path)
+    assert str(err.value) == (
+        f"{path}: test_images holds 4 images but test_labels 14 labels; expected one label per image"
+    )
 
 
 def test_not_an_npz(tmp_path):

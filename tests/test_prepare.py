@@ -177,6 +177,20 @@ def _both_labels_in_isic_row(source):
     table.to_csv(csv, index=False)
 
 
+def _empty_isic_label(source):
+    fake_isic2019(source)
+    csv = source / "ISIC_2019_Training_GroundTruth.csv"
+    table = pd.read_csv(csv, dtype=str)
+    table.loc[3, "MEL"] = ""
+    table.to_csv(csv, index=False)
+
+
+def _tab_separated_ham10000(source):
+    fake_ham10000(source)
+    csv = source / "HAM10000_metadata.csv"
+    pd.read_csv(csv, dtype=str).to_csv(csv, index=False, sep="\t")
+
+
 def _text_in_isic_label(source):
     fake_isic2019(source)
     csv = source / "ISIC_2019_Training_GroundTruth.csv"
@@ -194,13 +208,20 @@ def _text_in_isic_label(source):
         (
             lambda s: (fake_ham10000(s), (s / "HAM10000_metadata.csv").write_text("image_id,dx\nx,mel\n")),
             [],
-            "'lesion_id'",
+            "no column 'lesion_id'; expected columns image_id, dx, lesion_id, found image_id, dx",
+        ),
+        (_tab_separated_ham10000, [], "found lesion_id\timage_id\tdx (tab-separated? expected commas)"),
+        (
+            lambda s: (s.parent.mkdir(exist_ok=True), s.write_bytes(b"PK\x03\x04")),
+            [],
+            "is a file (an archive?",
         ),
         (lambda s: fake_ham10000(s, n_mel=3, n_nv=6, n_other=0), [], "no MEL image left"),
         (lambda s: fake_ham10000(s), ["--split", "70,30"], "--split 70,30"),
         (_relabelled_twice, [], "is listed 2 times, as MEL lesion HAM_9999999; NV lesion"),
         # The edited row is the table's fourth: line 5 of the file, after the header.
         (_text_in_isic_label, [], "row 5 (ISIC_0001003), column MEL: 'x'; expected 0 or 1"),
+        (_empty_isic_label, [], "row 5 (ISIC_0001003), column MEL: empty; expected 0 or 1"),
         (
             _both_labels_in_isic_row,
             [],
@@ -212,10 +233,13 @@ def _text_in_isic_label(source):
         "no-source",
         "missing-image",
         "missing-column",
+        "tab-separated",
+        "archive",
         "too-few",
         "bad-split",
         "conflicting-duplicate",
         "non-numeric-label",
+        "empty-label",
         "mel-and-nv",
     ],
 )
@@ -230,6 +254,30 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, setup, args,
     if expected != "--split 70,30":
         assert str(source) in err
     assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_an_output_folder_inside_the_download_is_refused(tmp_path, capsys):
+    # The next prepare of that download would take its 128x128 copies for originals.
+    source = tmp_path / "ham10000"
+    fake_ham10000(source)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prepare", str(source), str(source / "prepared")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"skinclf prepare: error: {source / 'prepared'}: inside the download {source}; "
+        "expected an output folder outside it"
+    )
+    assert not (source / "prepared").exists()
+
+
+def test_spaces_around_the_metadata_column_names_are_ignored(tmp_path):
+    source = tmp_path / "ham10000"
+    table = fake_ham10000(source)
+    csv = source / "HAM10000_metadata.csv"
+    header, rest = csv.read_text().split("\n", 1)
+    csv.write_text(" , ".join(header.split(",")) + " \n" + rest)  # "lesion_id , image_id , dx "
+    cli.main(["prepare", str(source), str(tmp_path / "out")])
+    assert len(pd.read_csv(tmp_path / "out" / "manifest.csv")) == (table["label"] != "other").sum()
 
 
 @pytest.mark.parametrize(

@@ -71,14 +71,20 @@ def _find_one(source: Path, name: str) -> Path | None:
 def _require_columns(table: pd.DataFrame, path: Path, columns: list[str]) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise SkinclfError(f"{path}: no column {missing[0]!r}; expected columns {', '.join(columns)}")
+        found = ", ".join(map(str, table.columns[:8])) + (", ..." if len(table.columns) > 8 else "")
+        tabs = " (tab-separated? expected commas)" if any("\t" in str(c) for c in table.columns) else ""
+        raise SkinclfError(
+            f"{path}: no column {missing[0]!r}; expected columns {', '.join(columns)}, found {found}{tabs}"
+        )
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, dtype=str)
+        table = pd.read_csv(path, dtype=str)
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise SkinclfError(f"{path}: not a readable CSV file ({err})") from err
+    # Values are trimmed where they are read; a header edited by hand may carry spaces too.
+    return table.rename(columns=lambda name: str(name).strip())
 
 
 def _one_hot(table: pd.DataFrame, path: Path, column: str) -> pd.Series:
@@ -87,9 +93,10 @@ def _one_hot(table: pd.DataFrame, path: Path, column: str) -> pd.Series:
     bad = values.isna() | ~values.isin([0.0, 1.0])
     if bad.any():
         row = int(bad.to_numpy().argmax())
+        value = table[column].iloc[row]
         raise SkinclfError(
             f"{path}: row {row + 2} ({table['image'].iloc[row]}), column {column}: "
-            f"{table[column].iloc[row]!r}; expected 0 or 1"
+            f"{'empty' if pd.isna(value) else repr(value)}; expected 0 or 1"
         )
     return values
 
@@ -213,10 +220,14 @@ def prepare(
 ) -> pd.DataFrame:
     """Build OUT from SOURCE (see the module docstring); returns the manifest."""
     if not source.is_dir():
-        raise SkinclfError(f"{source}: no such folder; expected an unpacked ISIC 2019 or HAM10000 download")
+        what = "is a file (an archive? unpack it first)" if source.is_file() else "no such folder"
+        raise SkinclfError(f"{source}: {what}; expected an unpacked ISIC 2019 or HAM10000 download")
     # Absolute and normalised, so that OUT "." or "x/.." still has a name and a parent folder
     # for the hidden temporary sibling.
     out = Path(os.path.abspath(out))
+    if out.resolve().is_relative_to(source.resolve()):
+        # Its 128x128 copies would be found as images of the download by the next prepare.
+        raise SkinclfError(f"{out}: inside the download {source}; expected an output folder outside it")
     _check_out(out)
     name, metadata, records = read_records(source)
     records = _without_duplicates(records, metadata).sort_values("image_id", ignore_index=True)

@@ -38,7 +38,9 @@ DOWNLOAD_HELP = (
 def _npz_path(data_cfg: DictConfig) -> Path:
     path = data_path(data_cfg, "root")
     if path.is_dir():
-        path = path / FILE_NAME
+        # The folder of the download: the 128 pixel file, or the one file of another size there.
+        found = sorted(path.glob("dermamnist_*.npz"))
+        path = path / FILE_NAME if (path / FILE_NAME).exists() or len(found) != 1 else found[0]
     if not path.exists():
         raise SkinclfError(f"data.root={path}: no such file; {DOWNLOAD_HELP}")
     return path
@@ -65,6 +67,11 @@ def _checked_arrays(npz, path: Path, split: str) -> tuple[np.ndarray, np.ndarray
     ):
         raise SkinclfError(
             f"{path}: {keys[0]} is {images.dtype} {images.shape}; expected uint8 (N, S, S, 3) RGB images"
+        )
+    if labels.ndim in {1, 2} and len(labels) != len(images):
+        raise SkinclfError(
+            f"{path}: {keys[0]} holds {len(images)} images but {keys[1]} {len(labels)} labels; "
+            "expected one label per image"
         )
     if labels.shape not in {(len(images),), (len(images), 1)} or not np.issubdtype(labels.dtype, np.integer):
         raise SkinclfError(
