@@ -217,6 +217,7 @@ def _text_in_isic_label(source):
             "is a file (an archive?",
         ),
         (lambda s: fake_ham10000(s, n_mel=3, n_nv=6, n_other=0), [], "no MEL image left"),
+        (lambda s: fake_ham10000(s, n_mel=0, n_nv=20, n_other=3), [], "no MEL image listed; expected"),
         (lambda s: fake_ham10000(s), ["--split", "70,30"], "--split 70,30"),
         (_relabelled_twice, [], "is listed 2 times, as MEL lesion HAM_9999999; NV lesion"),
         # The edited row is the table's fourth: line 5 of the file, after the header.
@@ -236,6 +237,7 @@ def _text_in_isic_label(source):
         "tab-separated",
         "archive",
         "too-few",
+        "no-mel",
         "bad-split",
         "conflicting-duplicate",
         "non-numeric-label",
@@ -318,8 +320,10 @@ def test_output_that_cannot_be_created_is_one_error_before_any_decoding(tmp_path
     monkeypatch.setattr("skinclf.prepare.decode_image", fail_if_called("decoding an image"))
     (tmp_path / "afile").write_text("a file, not a folder")
     out = tmp_path / "afile" / "out"
-    with pytest.raises(SkinclfError, match=r"afile/out: cannot write the output \(Not a directory"):
+    with pytest.raises(SkinclfError, match=r"afile/out: cannot write the output \(Not a directory") as err:
         prepare_main([str(tmp_path / "ham"), str(out)])
+    # The folder it is in, not the hidden temporary folder prepare writes into first.
+    assert str(err.value).endswith(f"(Not a directory: {tmp_path / 'afile'})")
 
 
 def test_a_failure_while_writing_removes_the_folders_made_for_out(tmp_path):

@@ -255,6 +255,9 @@ def prepare(
         columns=["MEL", "NV"],
         fill_value=0,
     )
+    for label in ("MEL", "NV"):
+        if not (records["label"] == label).any():
+            raise SkinclfError(f"{metadata}: no {label} image listed; expected a download with MEL and NV")
     for split_name, row in counts.iterrows():
         for label, n in row.items():
             if n == 0:
@@ -292,7 +295,10 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
         remove_empty_folders(created)
         if isinstance(err, OSError):  # unreadable sources are SkinclfErrors already: this is the writing
-            where = err.filename or tmp
+            # The hidden temporary sibling is skinclf's, not the user's: name the folder it is in.
+            where = (
+                err.filename if err.filename and not str(err.filename).startswith(str(tmp)) else out.parent
+            )
             raise SkinclfError(f"{out}: cannot write the output ({err.strerror}: {where})") from err
         raise
     shutil.rmtree(tmp, ignore_errors=True)  # emptied into an OUT that existed
