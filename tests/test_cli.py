@@ -417,6 +417,8 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
         ("data.train_size=abc", "data.train_size=abc: expected an integer"),
         ("data.val_size=8.9", "data.val_size=8.9: expected an integer"),
         ("data.seed=-1", "data.seed=-1: must be 0 or more"),
+        ("cv.folds=-1", "cv.folds=-1: expected 0 (no cross-validation) or at least 2 folds"),
+        ("cv.folds=1", "cv.folds=1: expected 0 (no cross-validation) or at least 2 folds"),
         ("data.train_size=1", "data.train_size=1: the synthetic data needs at least 2 images per split"),
         # Switches: Hydra reads `no` and `off` as strings, which bool() would take for true.
         ("resume=no", "resume='no': expected true or false"),

@@ -156,6 +156,17 @@ def test_a_folder_that_is_not_a_finished_run_is_refused(run_and_images, tmp_path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert str(unfinished) in err and "test_metrics.json is missing" in err
+    assert "sweep" not in err
+
+
+def test_a_sweep_folder_given_as_the_run_points_to_its_job_folders(run_and_images, tmp_path, capsys):
+    _, folder, _ = run_and_images
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")  # what a sweep's folder holds
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(tmp_path, folder)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("; a sweep's folder: give one of its job folders") and len(err.splitlines()) == 1
 
 
 class _Payload:
@@ -166,6 +177,21 @@ class _Payload:
 
     def __reduce__(self):
         return (Path.write_text, (self.marker, "code executed"))
+
+
+@pytest.mark.parametrize("which", ["an image", "the run's predictions.csv"])
+def test_an_out_that_would_overwrite_an_input_is_refused(run_and_images, tmp_path, capsys, which):
+    run_dir, folder, _ = run_and_images
+    copy = tmp_path / "images"
+    shutil.copytree(folder, copy)
+    out = copy / "test_000.png" if which == "an image" else run_dir / "predictions.csv"
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(run_dir, copy, "--out", out)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"skinclf predict: error: --out {out}: ") and len(err.splitlines()) == 1
+    assert out.read_bytes() == before
 
 
 @pytest.mark.parametrize("writer", ["torch", "pickle"])

@@ -97,6 +97,19 @@ def predict_files(run: TrainedRun, files: Sequence[Path], threshold: float) -> p
     return table.sort_values("path", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
 
+def _check_out_spares_inputs(out: Path, images: list[Path], run_dir: Path) -> None:
+    """--out must not overwrite an image being scored or a file of the run (its predictions.csv,
+    which `skinclf report` reads back): a typo there would destroy what the user came to use."""
+    target = out.resolve()
+    if any(target == image.resolve() for image in images):
+        raise SkinclfError(f"--out {out}: is one of the images to score; expected the path of a new CSV file")
+    if target.parent == run_dir.resolve() and target.exists():
+        raise SkinclfError(
+            f"--out {out}: would overwrite a file of the run {run_dir}; "
+            "expected a path outside the run folder"
+        )
+
+
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf predict ARGS``."""
     opts = predict_parser().parse_args(args)
@@ -106,6 +119,8 @@ def main(args: list[str]) -> None:
     # An unwritable --out fails now, not after every image was scored.
     with output_folder(out.parent) if out is not None else contextlib.nullcontext():
         files = collect_images(opts.images)
+        if out is not None:
+            _check_out_spares_inputs(out, files, Path(opts.run_dir))
         run = load_trained_run(opts.run_dir, device=opts.device)
         threshold = run.threshold if opts.threshold is None else opts.threshold
         source = run.threshold_source if opts.threshold is None else "--threshold"

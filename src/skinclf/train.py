@@ -285,7 +285,9 @@ def check_settings(cfg: DictConfig) -> None:
     device = resolve_device(str(cfg.device))
     seed = loop_settings(cfg, resolve_precision(str(cfg.trainer.precision), device)).seed
     target_sensitivity(cfg)
-    number_setting(cfg, "cv.folds", int)
+    folds = number_setting(cfg, "cv.folds", int)
+    if folds < 0 or folds == 1:  # -1 would quietly train and test instead of cross-validating
+        raise SkinclfError(f"cv.folds={folds}: expected 0 (no cross-validation) or at least 2 folds")
     if not 0 <= seed < 2**32:
         raise SkinclfError(f"seed={seed}: expected 0 to 2**32 - 1 (what NumPy and scikit-learn take)")
     threads_given = OmegaConf.select(cfg, "trainer.num_threads") is not None

@@ -18,7 +18,7 @@ from torch import nn
 from skinclf.config import instantiate_config
 from skinclf.errors import SkinclfError, first_line
 from skinclf.models import build_model, check_model_config
-from skinclf.run_files import BEST_CHECKPOINT, TEST_METRICS
+from skinclf.run_files import BEST_CHECKPOINT, HYDRA_MULTIRUN, TEST_METRICS
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import LoopSettings, predict_logits
@@ -116,9 +116,15 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         raise SkinclfError(f"{run_dir}: no such run folder; expected the output directory of `skinclf train`")
     for name in (BEST_CHECKPOINT, TEST_METRICS):
         if not (run_dir / name).is_file():
+            # A sweep's folder holds runs rather than being one: say which to give instead.
+            hint = (
+                "; a sweep's folder: give one of its job folders"
+                if (run_dir / HYDRA_MULTIRUN).is_file()
+                else ""
+            )
             raise SkinclfError(
                 f"{run_dir}: not a finished skinclf run ({name} is missing); expected the output "
-                "directory of a completed `skinclf train`"
+                f"directory of a completed `skinclf train`{hint}"
             )
     metrics_path = run_dir / TEST_METRICS
     try:

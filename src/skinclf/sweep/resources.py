@@ -54,7 +54,8 @@ def concurrent_jobs(launcher: Mapping[str, Any] | None, cores: int) -> int | Non
         n_jobs = int(launcher["n_jobs"])
         if n_jobs == 0:
             raise SkinclfError(
-                "hydra.launcher.n_jobs=0: expected a positive number of jobs, or -1 for all cores"
+                "hydra.launcher.n_jobs=0: expected a positive number of jobs, or a negative one "
+                "counted back from the cores (-1: all of them; -2: all but one), as joblib takes it"
             )
         return max(1, cores + 1 + n_jobs) if n_jobs < 0 else n_jobs
     return 1

@@ -329,7 +329,8 @@ def fit(
         _write_metrics(metrics_path, history)
         log.info(f"resuming from {last_path} after epoch {state['epoch']}")
     elif resume:
-        log.info(f"resume=true but {last_path} does not exist: starting from epoch 1")
+        # Also a sweep re-launch's job that never started (re-launches set resume for every job).
+        log.info(f"nothing to resume ({last_path} does not exist yet): starting from epoch 1")
 
     for epoch in range(start_epoch, settings.max_epochs + 1):
         if stopper.should_stop:
