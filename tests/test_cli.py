@@ -125,6 +125,17 @@ def test_a_stopped_run_leaves_no_temporary_files_and_resumes(tmp_path, signum):
     assert json.loads((run_dir / "job_status.json").read_text())["status"] == "done"
 
 
+@pytest.mark.parametrize("folder", ["a misspelt hydra.run.dir", "no hydra.run.dir"])
+def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, folder):
+    # Training anew there would exit 0 and leave the user thinking the old run went on.
+    run_dir = ["hydra.run.dir=outputs/runs/2026-01-01_00-00-00-000000_basline"] if folder[0] == "a" else []
+    proc = error_run(tmp_path, *TINY, *run_dir, "resume=true")
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("skinclf train: error: resume=true: ") and "holds no run to resume" in line
+    assert not (tmp_path / "outputs").exists()  # nothing made, nothing trained
+
+
 class _CtrlCOnImport(types.ModuleType):
     """Stands in for skinclf.train: Ctrl-C lands while `skinclf train` imports the run's code
     (torch: seconds), after Hydra has made the run or job folder, before skinclf claims it."""

@@ -141,6 +141,13 @@ def hydra_main(cfg: DictConfig) -> None:
                 f"{out_dir}: holds a finished run of this config; nothing to do "
                 "(a new hydra.run.dir trains it again)"
             )
+        elif state == "new" and cfg.resume:
+            # A misspelt or forgotten hydra.run.dir would otherwise train anew, exit 0, unnoticed.
+            raise SkinclfError(
+                f"resume=true: {out_dir} holds no run to resume; expected the folder of an earlier run "
+                "(hydra.run.dir=FOLDER, as its `output directory:` line names it), or no resume=true "
+                "to train anew"
+            )
         elif state == "unfinished" and not cfg.resume:
             # Training it anew would overwrite its checkpoint and metrics without a word.
             raise SkinclfError(
