@@ -177,26 +177,23 @@ def _both_labels_in_isic_row(source):
     table.to_csv(csv, index=False)
 
 
-def _empty_isic_label(source):
-    fake_isic2019(source)
-    csv = source / "ISIC_2019_Training_GroundTruth.csv"
-    table = pd.read_csv(csv, dtype=str)
-    table.loc[3, "MEL"] = ""
-    table.to_csv(csv, index=False)
-
-
 def _tab_separated_ham10000(source):
     fake_ham10000(source)
     csv = source / "HAM10000_metadata.csv"
     pd.read_csv(csv, dtype=str).to_csv(csv, index=False, sep="\t")
 
 
-def _text_in_isic_label(source):
-    fake_isic2019(source)
-    csv = source / "ISIC_2019_Training_GroundTruth.csv"
-    table = pd.read_csv(csv, dtype=str)
-    table.loc[3, "MEL"] = "x"
-    table.to_csv(csv, index=False)
+def _isic_mel_cell(value):
+    """The setup of an ISIC 2019 download whose fourth row has ``value`` in its MEL column."""
+
+    def setup(source):
+        fake_isic2019(source)
+        csv = source / "ISIC_2019_Training_GroundTruth.csv"
+        table = pd.read_csv(csv, dtype=str)
+        table.loc[3, "MEL"] = value
+        table.to_csv(csv, index=False)
+
+    return setup
 
 
 @pytest.mark.parametrize(
@@ -221,8 +218,8 @@ def _text_in_isic_label(source):
         (lambda s: fake_ham10000(s), ["--split", "70,30"], "--split 70,30"),
         (_relabelled_twice, [], "is listed 2 times, as MEL lesion HAM_9999999; NV lesion"),
         # The edited row is the table's fourth: line 5 of the file, after the header.
-        (_text_in_isic_label, [], "row 5 (ISIC_0001003), column MEL: 'x'; expected 0 or 1"),
-        (_empty_isic_label, [], "row 5 (ISIC_0001003), column MEL: empty; expected 0 or 1"),
+        (_isic_mel_cell("x"), [], "row 5 (ISIC_0001003), column MEL: 'x'; expected 0 or 1"),
+        (_isic_mel_cell(""), [], "row 5 (ISIC_0001003), column MEL: empty; expected 0 or 1"),
         (
             _both_labels_in_isic_row,
             [],
