@@ -186,8 +186,10 @@ class _Jobs:
                         os.kill(process.pid, signal.SIGTERM)
             wait(self.running, timeout=STOP_TIMEOUT_S)
         finally:
-            for *_, executor in self.running.values():
-                executor.shutdown(wait=False, kill_workers=True)
+            for future, (*_, executor) in self.running.items():
+                # A job that recorded its stop is shut down cleanly (a killed worker leaves loky's
+                # semaphores behind, which Python then warns about at exit); the rest are killed.
+                executor.shutdown(wait=future.done(), kill_workers=not future.done())
 
 
 def _run_job(*arguments: Any) -> JobReturn:
@@ -201,7 +203,7 @@ def _run_job(*arguments: Any) -> JobReturn:
         return execute_job(*arguments)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_IGN)
+            signal.signal(signum, _already_stopping)
 
 
 def _stop_once(signum: int, frame: object) -> None:
@@ -210,10 +212,17 @@ def _stop_once(signum: int, frame: object) -> None:
     whole process group reached already, and a second signal would interrupt the recording of
     the first."""
     for ignored in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(ignored, signal.SIG_IGN)
+        signal.signal(ignored, _already_stopping)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)
+
+
+def _already_stopping(signum: int, frame: object) -> None:
+    """A stop signal after the first: nothing to do. A handler rather than SIG_IGN, because the
+    launcher's SIGTERM often arrives together with the terminal's SIGINT: Python would then find
+    it pending under SIG_IGN and print "OSError: Signal 15 ignored due to race condition" with a
+    traceback (CPython's bpo-43406 check) in the middle of the job's clean stop."""
 
 
 def execute_job(
