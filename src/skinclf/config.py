@@ -39,6 +39,15 @@ def config_choices(group: str) -> list[str]:
     return sorted(name.removesuffix(".yaml") for name in names if not name.startswith("_"))
 
 
+def adds_config_folders(args: Sequence[str]) -> bool:
+    """Whether ``args`` add config folders of the user's own beside skinclf's (hydra.searchpath,
+    --config-dir): their choices are then Hydra's to know, not :func:`config_choices`'."""
+    return any(
+        arg.lstrip("+").startswith("hydra.searchpath") or arg.startswith(("--config-dir", "-cd"))
+        for arg in args
+    )
+
+
 def instantiate_config(node: DictConfig) -> Any:
     """``hydra.utils.instantiate``, letting our own SkinclfError through unwrapped.
 

@@ -231,6 +231,9 @@ def prepare(
     _check_out(out)
     name, metadata, records = read_records(source)
     records = _without_duplicates(records, metadata).sort_values("image_id", ignore_index=True)
+    for label in ("MEL", "NV"):  # as read, before balancing or looking for the images
+        if not (records["label"] == label).any():
+            raise SkinclfError(f"{metadata}: no {label} image listed; expected a download with MEL and NV")
     if balance:
         records = records.iloc[undersample_majority((records["label"] == "MEL").to_numpy(), seed)]
         records = records.reset_index(drop=True)
@@ -255,9 +258,6 @@ def prepare(
         columns=["MEL", "NV"],
         fill_value=0,
     )
-    for label in ("MEL", "NV"):
-        if not (records["label"] == label).any():
-            raise SkinclfError(f"{metadata}: no {label} image listed; expected a download with MEL and NV")
     for split_name, row in counts.iterrows():
         for label, n in row.items():
             if n == 0:

@@ -15,7 +15,7 @@ from torchinfo import ModelStatistics, summary
 
 from skinclf import IMAGE_SIZE
 from skinclf.arguments import summary_parser
-from skinclf.config import compose_config, config_choices
+from skinclf.config import adds_config_folders, compose_config, config_choices
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model, check_model_config, model_order
 from skinclf.trained_run import quiet_logs
@@ -31,8 +31,7 @@ def model_names() -> list[str]:
 def model_config(name: str, overrides: list[str] = ()) -> DictConfig:
     """The train config of model ``name`` with ``overrides``; random weights unless asked otherwise.
     A model of the user's own comes from a folder added with ``hydra.searchpath=[file://DIR]``."""
-    own_configs = any(o.lstrip("+").startswith("hydra.searchpath=") for o in overrides)
-    if name not in model_names() and not own_configs:
+    if name not in model_names() and not adds_config_folders(overrides):
         raise SkinclfError(f"model={name}: unknown model; expected one of {', '.join(model_names())} or all")
     cfg = compose_config([f"model={name}", *overrides])
     check_model_config(cfg.model, f"model={name}")

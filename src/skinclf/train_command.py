@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins import skinclf_launcher
-from skinclf.config import config_choices
+from skinclf.config import adds_config_folders, config_choices
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
@@ -234,7 +234,7 @@ def _check_group_choices(args: list[str]) -> None:
     """An unknown config choice (``model=resnt``, ``recipe=moden``, in a sweep too): one line
     naming it and the choices, exit 2, where Hydra prints a multi-line error and exits 1. What
     this cannot read (glob sweeps, interpolations) is left to Hydra."""
-    if any(arg.startswith(("hydra.searchpath", "+hydra.searchpath", "--config-dir", "-cd")) for arg in args):
+    if adds_config_folders(args):
         return  # configs of the user's own beside skinclf's: Hydra knows them, this check does not
     parser = OverridesParser.create()
     for arg in args:
