@@ -14,10 +14,10 @@ import yaml
 from skinclf import train
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
-from skinclf.run_files import CV_RESULT, FOLD_RESULT
+from skinclf.run_files import CV_RESULT, FOLD_RESULT, GRID_CSV, GRID_MD
 from skinclf.sweep import cross_validation
 from skinclf.sweep.cross_validation import cross_validate, stratified_folds
-from skinclf.sweep.grid import GRID_CSV, GRID_MD, format_grid, rank_grid, write_grid
+from skinclf.sweep.grid import format_grid, rank_grid, write_grid
 from skinclf.training import loop
 
 from conftest import train_cli

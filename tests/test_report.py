@@ -27,6 +27,7 @@ from skinclf.report.figures import curve_data, roc_data
 from skinclf.report.groups import group_runs
 from skinclf.report.runs import find_runs
 from skinclf.report.tables import _tex_escape, finished
+from skinclf.run_files import CV_RESULT, GRID_MD
 
 from conftest import TINY, fail_if_called, run_dir_from_output, train_cli
 
@@ -347,6 +348,23 @@ def test_grid_search_points_are_not_runs(sweep):
     config.write_text(config.read_text().replace("folds: 0", "folds: 5"))
     paths = {run.path for run in find_runs([sweep])}
     assert point not in paths and len(paths) == 7
+
+
+@pytest.mark.parametrize("ended", [True, False])
+def test_a_report_of_only_a_grid_search_points_to_its_ranking(ended, tmp_path):
+    # Its points are never tested, so there is no Table 1: the user is told where the result is.
+    sweep = tmp_path / "grid"
+    point = write_run(sweep, "resnet", [0.9], [0.9], tested=False)
+    config = point / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("folds: 0", "folds: 3"))
+    (point / CV_RESULT).write_text('{"mean_val_acc": 0.9}')
+    if ended:
+        (sweep / GRID_MD).write_text("# Cross-validated grid search\n")
+    with pytest.raises(SkinclfError) as caught:
+        build_report([tmp_path], tmp_path / "reports")
+    hint = f"its ranking is in {sweep / GRID_MD}" if ended else f"the sweep ranks them in {GRID_MD}"
+    assert str(caught.value).startswith("no finished runs found") and hint in str(caught.value)
+    assert not (tmp_path / "reports").exists()
 
 
 def test_confusion_matrix_is_the_best_models_test_set_laid_out_like_table_2(sweep, tmp_path):

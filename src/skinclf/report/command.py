@@ -21,7 +21,7 @@ from skinclf.report.tables import (
     table1_latex,
     table1_markdown,
 )
-from skinclf.run_files import HYDRA_CONFIG, METRICS, TEST_METRICS
+from skinclf.run_files import CV_RESULT, GRID_MD, HYDRA_CONFIG, METRICS, TEST_METRICS
 
 DPI = 300  # print resolution at the figures' paper size
 
@@ -102,9 +102,20 @@ def _no_finished_runs(dirs: Sequence[Path], runs: Sequence[Run]) -> str:
         first = next((run for run in runs if run.status == FAILED), runs[0])
         found = f"; {counted(len(runs), 'run folder')} found ({counts}), e.g. {first.path}: {first.problem}"
     return (
-        f"no finished runs found under {', '.join(map(str, dirs))}{found}; expected folders written by "
-        f"`skinclf train` (with {HYDRA_CONFIG}, {METRICS} and {TEST_METRICS})"
+        f"no finished runs found under {', '.join(map(str, dirs))}{found}{_grid_search_hint(dirs)}; "
+        f"expected folders written by `skinclf train` (with {HYDRA_CONFIG}, {METRICS} and {TEST_METRICS})"
     )
+
+
+def _grid_search_hint(dirs: Sequence[Path]) -> str:
+    """Where a grid search's result is, when ``dirs`` hold one: its points are cross-validated
+    and never tested, so they are no runs of Table 1 and the user is looking for its ranking."""
+    rankings = sorted(path for root in dirs for path in Path(root).rglob(GRID_MD))
+    if rankings:
+        return f"; a cross-validated grid search is never tested: its ranking is in {rankings[0]}"
+    if any(next(Path(root).rglob(CV_RESULT), None) for root in dirs):
+        return f"; grid-search points are never tested: the sweep ranks them in {GRID_MD} at its end"
+    return ""
 
 
 def main(args: list[str]) -> None:

@@ -10,11 +10,8 @@ import pandas as pd
 import yaml
 
 from skinclf.io import atomic_write_text
-from skinclf.run_files import CV_RESULT, HYDRA_OVERRIDES
+from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_OVERRIDES
 from skinclf.sweep.summary import job_order
-
-GRID_CSV = "grid_search.csv"
-GRID_MD = "grid_search.md"
 
 
 def rank_grid(sweep_dir: Path) -> pd.DataFrame:

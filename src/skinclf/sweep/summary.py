@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from skinclf.io import atomic_write_json, missing_folders, remove_empty_folders
-from skinclf.run_files import HYDRA_MULTIRUN, TRAIN_LOG
+from skinclf.run_files import GRID_MD, HYDRA_MULTIRUN, TRAIN_LOG
 from skinclf.sweep.jobs import LAUNCH_FILE, REFUSED_PREFIX, STATUS_FILE, refused_job_dir, start_launch
 
 log = logging.getLogger("skinclf")
@@ -151,7 +151,7 @@ class SweepSummary(Callback):
         )
         # Imported here: pandas takes ~0.4 s, which `skinclf train --help`, a config error and
         # every single run would pay for a table that only a grid search writes.
-        from skinclf.sweep.grid import GRID_MD, format_grid, write_grid
+        from skinclf.sweep.grid import format_grid, write_grid
 
         table = write_grid(sweep_dir)
         if not table.empty:
