@@ -628,6 +628,9 @@ def test_top_level_help_and_unknown_command(tmp_path):
     assert "train" in helped.stdout and "not a diagnostic device" in helped.stdout
     bad = subprocess.run([*run, "trian"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
+    # No command did nothing: the usage, as an error (a script must not go on as if it had run).
+    bare = subprocess.run(run, capture_output=True, text=True)
+    assert bare.returncode == 2 and bare.stderr.strip() == helped.stdout.strip() and not bare.stdout
 
 
 def test_train_help_lists_the_models(tmp_path):

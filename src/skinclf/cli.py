@@ -67,9 +67,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _dispatch(argv: list[str]) -> None:
-    if not argv or argv[0] in {"-h", "--help", "help"}:
+    if argv and argv[0] in {"-h", "--help", "help"}:
         print(_usage())
         return
+    if not argv:
+        # Nothing was done: a script that forgot the command must not carry on as if it had run.
+        print(_usage(), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
         known = ", ".join(COMMANDS)
