@@ -34,7 +34,7 @@ LEARNABLE = [
 def test_training_learns_well_above_chance(tmp_path):
     _, metrics = train_in_process(tmp_path, *LEARNABLE)
     assert metrics["best_val_acc"] >= 0.65
-    assert metrics["roc_auc"] > 0.6
+    assert metrics["roc_auc"] > 0.75  # 0.82 in fp32, 0.85 in bf16 (chance: 0.5)
 
 
 def test_early_stopping_stops_after_patience_and_tests_the_best_checkpoint(tmp_path):
