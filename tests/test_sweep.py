@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,11 +17,19 @@ import torch
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from skinclf import train_command
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS
 from skinclf.sweep import resources
-from skinclf.sweep.jobs import STATUS_FILE, run_sweep_job, start_launch
+from skinclf.sweep.jobs import (
+    STATUS_FILE,
+    read_status,
+    record_stopped_jobs,
+    run_sweep_job,
+    start_launch,
+    write_status,
+)
 from skinclf.sweep.summary import SWEEP_SUMMARY, JobsSummary, SweepSummary, collect_jobs
 
 from conftest import TINY, train_cli
@@ -438,11 +447,9 @@ def test_failed_job_does_not_stop_the_sweep_and_relaunch_retrains_nothing(
 
 def test_a_failed_sweep_in_an_earlier_call_does_not_fail_the_next(monkeypatch) -> None:
     # SweepSummary keeps the last summary on the class (Hydra makes the callback instance).
-    import skinclf.train_command
-
     SweepSummary.last = JobsSummary(failed=[{"dir": "old", "error": "boom", "log": None}])
-    monkeypatch.setattr(skinclf.train_command, "hydra_main", lambda: None)  # a single run that went well
-    skinclf.train_command.main([])  # no SystemExit(1) for the earlier sweep's failure
+    monkeypatch.setattr(train_command, "hydra_main", lambda: None)  # a single run that went well
+    train_command.main([])  # no SystemExit(1) for the earlier sweep's failure
     assert SweepSummary.last is None
 
 
@@ -525,3 +532,72 @@ def test_a_stop_signal_arriving_with_the_first_is_ignored_without_a_traceback():
     assert proc.stdout.splitlines()[-1] == "recorded the stop"
     assert proc.stdout.startswith("stopped by ")
     assert "race condition" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _ended_process_id() -> int:
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_jobs_that_a_stopped_sweeps_launcher_killed_unrecorded_are_recorded_as_stopped(
+    tmp_path: Path,
+) -> None:
+    # submitit's local executor SIGKILLs a job 1 s after passing it the Ctrl-C, which a job inside
+    # a long torch op never sees: its job_status.json kept "running", which `skinclf report` then
+    # called "killed (SIGKILL, out of memory?)".
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    earlier = start_launch(sweep)
+    launch = start_launch(sweep)
+    host = socket.gethostname()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        jobs = {
+            "0_baseline": (launch, _ended_process_id(), host),  # killed unrecorded: stopped
+            "1_resnet": (launch, alive.pid, host),  # still running: left to record itself
+            "2_batch_norm": (earlier, _ended_process_id(), host),  # an earlier launch's: untouched
+            "3_res_aug": (launch, _ended_process_id(), "another-machine"),  # cannot tell: untouched
+        }
+        for name, (tag, pid, machine) in jobs.items():
+            (sweep / name).mkdir()
+            write_status(sweep / name, "running", tag, pid=pid, host=machine, job=int(name[0]), log="x.log")
+        start = time.monotonic()
+        assert record_stopped_jobs(sweep, wait_s=0.3) == [sweep / "0_baseline"]
+        assert time.monotonic() - start < 5
+    finally:
+        alive.kill()
+        alive.wait()
+    assert read_status(sweep / "0_baseline") == {
+        "status": "stopped",
+        "launch": launch,
+        "job": 0,
+        "log": "x.log",
+    }
+    assert [read_status(sweep / name)["status"] for name in jobs] == [
+        "stopped",
+        "running",
+        "running",
+        "running",
+    ]
+
+
+def test_a_stopped_sweep_records_its_jobs_killed_unrecorded_as_stopped(tmp_path: Path, monkeypatch) -> None:
+    # The same, through `skinclf train -m`'s stop path: a launcher that ends on Ctrl-C while the
+    # process of one of its jobs was killed before that job could record the stop.
+    sweep = tmp_path / "sweep"
+
+    def sweep_stopped_by_ctrl_c() -> None:
+        sweep.mkdir()
+        SweepSummary.sweep_dir = sweep
+        launch = start_launch(sweep)
+        (sweep / "0_baseline").mkdir()
+        write_status(
+            sweep / "0_baseline", "running", launch, pid=_ended_process_id(), host=socket.gethostname()
+        )
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_command, "hydra_main", sweep_stopped_by_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train_command.main(["-m", f"hydra.sweep.dir={sweep}"])
+    assert read_status(sweep / "0_baseline")["status"] == "stopped"

@@ -30,6 +30,7 @@ from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SE
 from skinclf.sweep.jobs import (
     claim_run_dir,
     holds_only_bookkeeping,
+    record_stopped_jobs,
     recorded_status,
     release_claim,
     run_sweep_job,
@@ -275,6 +276,8 @@ def main(args: list[str]) -> None:
         code = stop.code if isinstance(stop, SystemExit) else None
         stopped = isinstance(stop, KeyboardInterrupt) or (isinstance(code, int) and code > 128)
         if stopped and SweepSummary.sweep_dir is not None and SweepSummary.sweep_dir.is_dir():
+            # Jobs whose launcher ended them before they recorded the stop (submitit_local).
+            record_stopped_jobs(SweepSummary.sweep_dir)
             print(f"output directory: {SweepSummary.sweep_dir}")
         raise
     if SweepSummary.last is not None and SweepSummary.last.failed:

@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -261,6 +262,61 @@ def process_gone(status: dict[str, Any]) -> bool:
     except PermissionError:  # it exists, under another user
         pass
     return False
+
+
+# How long a stopped sweep's launching process waits for its jobs' processes to end before it
+# records the ones that ended unrecorded as stopped (record_stopped_jobs); submitit's local
+# executor kills a job 1 s after it passed the stop on.
+STOPPED_JOBS_WAIT_S = 5.0
+
+
+def record_stopped_jobs(sweep_dir: Path, wait_s: float = STOPPED_JOBS_WAIT_S) -> list[Path]:
+    """After a stop of the sweep in ``sweep_dir`` (Ctrl-C, `kill`), in the process that launched
+    it: record as stopped the jobs of its launch still marked running whose process has ended on
+    this machine; returns their folders.
+
+    A launcher may end a job's process before the job could record its stop: submitit's local
+    executor (hydra/launcher=submitit_local) passes a Ctrl-C on to its jobs and SIGKILLs them 1 s
+    later, and a job inside a long torch operation (a backward pass on one thread) runs no Python
+    code, so no signal handler, in that second. ``skinclf report`` would then call the job killed
+    (out of memory?). Waits up to ``wait_s`` for those processes to end; one still alive after
+    that (a job that goes on, or is still recording its stop) is left to record itself."""
+    launch = current_launch(sweep_dir)
+    running = [
+        path.parent
+        for path in Path(sweep_dir).glob(f"**/{STATUS_FILE}")
+        if _running_here(read_status(path.parent), launch)
+    ]
+    stopped = []
+    deadline = time.monotonic() + wait_s
+    try:
+        while running:
+            for folder in list(running):
+                status = read_status(folder)
+                if not _running_here(status, launch):  # it recorded its end meanwhile
+                    running.remove(folder)
+                # This process's own job (Hydra's basic launcher runs them here) has ended by now.
+                elif status["pid"] == os.getpid() or process_gone(status):
+                    info = {k: v for k, v in status.items() if k not in {"status", "launch", "pid", "host"}}
+                    write_status(folder, "stopped", launch, **info)
+                    stopped.append(folder)
+                    running.remove(folder)
+            if not running or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+        pass
+    return stopped
+
+
+def _running_here(status: dict[str, Any], launch: str | None) -> bool:
+    """Whether ``status`` says running, in ``launch``, a process of this machine."""
+    return (
+        status.get("status") == "running"
+        and status.get("launch") == launch
+        and isinstance(status.get("pid"), int)
+        and status.get("host") == socket.gethostname()
+    )
 
 
 def holds_only_bookkeeping(out_dir: Path) -> bool:
