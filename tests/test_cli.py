@@ -590,18 +590,22 @@ def test_misspelled_key_is_one_clear_error(tmp_path):
     assert "trainer.max_epoch" in proc.stderr
 
 
-def test_a_refused_run_keeps_a_folder_the_user_made_and_removes_one_its_launch_made(tmp_path):
+@pytest.mark.parametrize("users_files", [[], ["notes.txt"]], ids=["empty", "with-a-file"])
+def test_a_refused_run_keeps_a_folder_the_user_made_and_removes_one_its_launch_made(tmp_path, users_files):
     mine = tmp_path / "mine"
     mine.mkdir()
+    for name in users_files:  # the user's own, not a run's: the folder is no earlier run's
+        (mine / name).write_text("keep me")
+    kept = sorted([*users_files, "train.log"])
     error_run(tmp_path, *TINY, "data.batch_size=0", f"hydra.run.dir={mine}")
-    assert [p.name for p in mine.iterdir()] == ["train.log"]  # empty before, but the user's
+    assert sorted(p.name for p in mine.iterdir()) == kept  # empty before, but the user's
     # Its log says why nothing ran (once: the console has the same line).
     log = (mine / "train.log").read_text()
     assert log.count("skinclf train: error: data.batch_size=0") == 1
     # Refused once the run had claimed the folder: the claim is undone too, so that the corrected
     # launch is not held to the refused config.
     proc = error_run(tmp_path, "data=folder", "data.root=missing", f"hydra.run.dir={mine}")
-    assert [p.name for p in mine.iterdir()] == ["train.log"]
+    assert sorted(p.name for p in mine.iterdir()) == kept
     assert (mine / "train.log").read_text().count("missing: no such folder") == 1
     assert "error" not in proc.stdout  # the console's log stream: the error went to stderr only
     train_cli(*TINY, f"hydra.run.dir={mine}", cwd=tmp_path)

@@ -268,11 +268,33 @@ def test_a_resume_refused_for_a_bad_setting_leaves_an_unfinished_folder_as_it_wa
     )
     assert refused.returncode == 2 and "trainer.checkpoint_every=0: must be at least 1" in refused.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
-    # The same command without resume=true would train it anew over its checkpoint: refused.
-    again = train_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.progress=never", cwd=tmp_path, check=False)
+    # The same command without resume=true would train it anew over its checkpoint: refused, and
+    # nothing rewritten: not its .hydra/ record (num_threads may differ from the run's), nor a
+    # run_config.json that an older skinclf wrote (which a resume would bring up to date).
+    _as_an_older_skinclf_wrote_it(run_dir, "eval.target_sensitivity")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    again = train_cli(
+        *TINY,
+        f"hydra.run.dir={run_dir}",
+        "trainer.progress=never",
+        "trainer.num_threads=1",
+        cwd=tmp_path,
+        check=False,
+    )
     assert again.returncode == 2
     assert f"{run_dir}: holds an unfinished run of this config; add resume=true" in again.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("result", ["metrics.csv", "last.pt", "test_metrics.json"])
+def test_a_runs_results_without_their_config_record_are_never_trained_over(tmp_path, result):
+    # A folder from a skinclf before run_config.json, or with the file removed: its config is
+    # unknown, so resuming or overwriting it could mix two experiments (it counted as new).
+    (tmp_path / result).write_text("kept")
+    for resume in ("false", "true"):
+        with pytest.raises(SkinclfError, match=rf"{tmp_path}: holds a run's {result} but no {RUN_CONFIG}"):
+            claim_run_dir(tmp_path, compose_config([f"resume={resume}"]), single_run=True)
+    assert [p.name for p in tmp_path.iterdir()] == [result]
 
 
 def test_a_refused_resume_keeps_a_run_stopped_before_its_first_epoch(tmp_path: Path) -> None:

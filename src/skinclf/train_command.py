@@ -28,8 +28,9 @@ from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
 from skinclf.sweep.jobs import (
+    BOOKKEEPING,
     claim_run_dir,
-    holds_only_bookkeeping,
+    holds_a_run,
     record_stopped_jobs,
     recorded_status,
     release_claim,
@@ -74,7 +75,7 @@ def _keys_not_in(cfg: DictConfig, known: DictConfig, prefix: str = "") -> list[s
     return found
 
 
-def _claim(out_dir: Path, cfg: DictConfig, overrides: list[str]) -> str:
+def _claim(out_dir: Path, cfg: DictConfig, overrides: list[str], single_run: bool = False) -> str:
     """:func:`claim_run_dir` after :func:`check_appended_keys` and :func:`skinclf.train.check_settings`; a
     folder taken for (more) work gets its .hydra/ record then, before the job changes anything
     in ``cfg`` (a re-launch sets resume)."""
@@ -82,7 +83,7 @@ def _claim(out_dir: Path, cfg: DictConfig, overrides: list[str]) -> str:
 
     check_appended_keys(cfg, overrides)
     check_settings(cfg)
-    state = claim_run_dir(out_dir, cfg, overrides)
+    state = claim_run_dir(out_dir, cfg, overrides, single_run=single_run)
     if state != "finished":
         _write_hydra_record(cfg, out_dir)
     return state
@@ -103,14 +104,15 @@ def _write_hydra_record(cfg: DictConfig, out_dir: Path) -> None:
     atomic_write_text(OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task), out_dir / HYDRA_OVERRIDES)
 
 
-def _undo_refused_run(out_dir: Path, state: str | None) -> None:
-    """Leave nothing of a run refused before it produced anything (its folder holds only Hydra's
-    files, the log, the config and status records). A folder this launch made goes, with the
-    folders above it that the launch made (outputs/runs on first use) when that leaves them
-    empty. A folder that existed before keeps its train.log, with the error; if the run had
-    claimed it (``state`` new), the claim goes, so that the corrected launch is not held to the
-    refused config. An earlier run's folder (even one stopped before its first epoch) stays."""
-    if not holds_only_bookkeeping(out_dir):
+def _undo_refused_run(out_dir: Path, state: str | None, found: set[str]) -> None:
+    """Leave nothing of a run refused before it produced anything (it added only the log, the
+    config and status records to the ``found`` entries of its folder). A folder this launch made
+    goes, with the folders above it that the launch made (outputs/runs on first use) when that
+    leaves them empty. A folder that existed before (the user's own, files and all) keeps its
+    train.log, with the error; if the run had claimed it (``state`` new), the claim goes, so that
+    the corrected launch is not held to the refused config. An earlier run's folder (even one
+    stopped before its first epoch) stays."""
+    if not out_dir.is_dir() or not {p.name for p in out_dir.iterdir()} - found <= BOOKKEEPING:
         return
     if SweepSummary.started == out_dir:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -133,27 +135,15 @@ def hydra_main(cfg: DictConfig) -> None:
         )
         return
     state = None
+    found = {p.name for p in out_dir.iterdir()}  # what a refusal must leave (Hydra made out_dir)
     try:
-        state = _claim(out_dir, cfg, overrides)
+        state = _claim(out_dir, cfg, overrides, single_run=True)
         if state == "finished":
             # As a sweep skips its finished jobs: retraining over the results would leave the
             # old test_metrics.json until the end, so an interrupted retrain would read as finished.
             print(
                 f"{out_dir}: holds a finished run of this config; nothing to do "
                 "(a new hydra.run.dir trains it again)"
-            )
-        elif state == "new" and cfg.resume:
-            # A misspelt or forgotten hydra.run.dir would otherwise train anew, exit 0, unnoticed.
-            raise SkinclfError(
-                f"resume=true: {out_dir} holds no run to resume; expected the folder of an earlier run "
-                "(hydra.run.dir=FOLDER, as its `output directory:` line names it), or no resume=true "
-                "to train anew"
-            )
-        elif state == "unfinished" and not cfg.resume:
-            # Training it anew would overwrite its checkpoint and metrics without a word.
-            raise SkinclfError(
-                f"{out_dir}: holds an unfinished run of this config; add resume=true to continue it, "
-                "or use a new hydra.run.dir to train it again"
             )
         else:
             # A crash is then listed by `skinclf report` as failed with its error, not as
@@ -170,10 +160,10 @@ def hydra_main(cfg: DictConfig) -> None:
                     raise
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
-        _undo_refused_run(out_dir, state)
+        _undo_refused_run(out_dir, state, found)
         # A folder the user made keeps only its log: the log says why nothing ran. One that holds
         # an earlier run is left exactly as it was.
-        if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {TRAIN_LOG}:
+        if out_dir.is_dir() and not holds_a_run(out_dir):
             _log_to_file_only(f"skinclf train: error: {err}")
         sys.exit(EXIT_USER_ERROR)
     print(f"output directory: {out_dir}")

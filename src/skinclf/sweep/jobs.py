@@ -30,7 +30,16 @@ from omegaconf import DictConfig, OmegaConf
 from skinclf.config import data_path
 from skinclf.errors import SkinclfError, first_line
 from skinclf.io import atomic_write_json, atomic_write_text
-from skinclf.run_files import CV_RESULT, HYDRA_DIR, HYDRA_SETTINGS, TEST_METRICS, TRAIN_LOG
+from skinclf.run_files import (
+    BEST_CHECKPOINT,
+    CV_RESULT,
+    HYDRA_DIR,
+    HYDRA_SETTINGS,
+    LAST_CHECKPOINT,
+    METRICS,
+    TEST_METRICS,
+    TRAIN_LOG,
+)
 
 log = logging.getLogger("skinclf")
 
@@ -44,6 +53,8 @@ REFUSED_PREFIX = ".refused_"
 LAUNCH_FILE = ".skinclf_launch"
 # What a finished job has written last: run() the test metrics, cross_validate() its CV result.
 RESULT_FILES = (TEST_METRICS, CV_RESULT)
+# What a run writes once it has trained: a folder holding any of these holds a run.
+RUN_OUTPUTS = (METRICS, LAST_CHECKPOINT, BEST_CHECKPOINT, *RESULT_FILES)
 # Keys that do not change what a run computes, so a resume may change them.
 VOLATILE_KEYS = (
     "resume",
@@ -72,12 +83,17 @@ def comparable_config(cfg: DictConfig) -> dict[str, Any]:
     return config
 
 
-def claim_run_dir(out_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ()) -> str:
+def claim_run_dir(
+    out_dir: Path, cfg: DictConfig, overrides: Sequence[str] = (), single_run: bool = False
+) -> str:
     """Check that ``out_dir`` holds nothing from another config and record this one.
 
     Returns "new" (nothing of this config there yet), "unfinished" (a run of this config that
     did not finish: resume it) or "finished" (nothing to do). Raises SkinclfError when it holds
-    results of a different config: resuming or overwriting them would silently mix two experiments.
+    results of a different config: resuming or overwriting them would silently mix two experiments;
+    so are results without a record of their config. A ``single_run`` (not a sweep job, which
+    resumes on its own) is refused, before anything is written, when it would train anew over an
+    unfinished run (no resume=true) or finds no run to resume (resume=true).
 
     A folder from an older skinclf lacks the config keys added since. Such a key counts as the
     same config when none of the run's command-line ``overrides`` sets it: the run then had no
@@ -94,6 +110,7 @@ def claim_run_dir(out_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ())
                 "use a new hydra.run.dir / hydra.sweep.dir"
             ) from err
         _resolve_stored_root(stored, out_dir)
+        added: list[str] = []
         if stored != config:
             differing = sorted(_differences(stored, config))
             # Keys this skinclf added since, which the run's overrides leave to the config files.
@@ -106,12 +123,35 @@ def claim_run_dir(out_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ())
                     f"{out_dir}: holds a run of a different config (changed: {', '.join(changed[:5])}); "
                     "use a new hydra.run.dir / hydra.sweep.dir, or the original overrides"
                 )
+        state = "finished" if any((out_dir / name).exists() for name in RESULT_FILES) else "unfinished"
+        if single_run and state == "unfinished" and not cfg.resume:
+            # Training it anew would overwrite its checkpoint and metrics without a word.
+            raise SkinclfError(
+                f"{out_dir}: holds an unfinished run of this config; add resume=true to continue it, "
+                "or use a new hydra.run.dir to train it again"
+            )
+        if added:
             log.warning(
                 f"{out_dir}: its {RUN_CONFIG} predates the config keys {', '.join(added)} (an older "
                 "skinclf); no override sets them, so it counts as this config, with their configured values"
             )
             atomic_write_json(config, stored_path)
-        return "finished" if any((out_dir / name).exists() for name in RESULT_FILES) else "unfinished"
+        return state
+    found = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    if found:
+        # Resuming or overwriting them could mix two experiments, and nothing tells which.
+        raise SkinclfError(
+            f"{out_dir}: holds a run's {found[0]} but no {RUN_CONFIG} (which skinclf writes before a "
+            "run starts; an early version did not), so that run's config is unknown; use a new "
+            "hydra.run.dir / hydra.sweep.dir"
+        )
+    if single_run and cfg.resume:
+        # A misspelt or forgotten hydra.run.dir would otherwise train anew, exit 0, unnoticed.
+        raise SkinclfError(
+            f"resume=true: {out_dir} holds no run to resume; expected the folder of an earlier run "
+            "(hydra.run.dir=FOLDER, as its `output directory:` line names it), or no resume=true "
+            "to train anew"
+        )
     atomic_write_json(config, stored_path)
     return "new"
 
@@ -322,6 +362,11 @@ def _running_here(status: dict[str, Any], launch: str | None) -> bool:
 def holds_only_bookkeeping(out_dir: Path) -> bool:
     """Whether ``out_dir`` holds nothing a run produced: only its config, status, log and .hydra/."""
     return out_dir.is_dir() and all(p.name in BOOKKEEPING for p in out_dir.iterdir())
+
+
+def holds_a_run(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a run: its config record or anything it wrote once it trained."""
+    return any((out_dir / name).exists() for name in (RUN_CONFIG, *RUN_OUTPUTS))
 
 
 def release_claim(out_dir: Path) -> None:
