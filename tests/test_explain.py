@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from skinclf import IMAGE_SIZE, explain
+from skinclf.arguments import SYNTHETIC_MODEL_NOTE
 from skinclf.cli import main as cli_main
 from skinclf.config import compose_config
 from skinclf.data.synthetic import draw_lesion
@@ -231,6 +232,7 @@ def test_explain_writes_one_png_per_readable_image(tiny_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "not a diagnosis" in err
     assert f"2 Grad-CAM images in {out}/, 1 file unreadable" in err
+    assert f"note: {SYNTHETIC_MODEL_NOTE}" in err  # the run learned from the built-in data
 
     # Nothing readable: one error naming the file (as `skinclf predict` gives it), exit 2, no
     # summary that claims a folder, and the --out made for it removed again.
@@ -299,3 +301,12 @@ def test_an_unwritable_out_is_refused_before_the_model_is_loaded(where, tmp_path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"error: {out}: " in err
     assert notes.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("synthetic", [False, True])
+def test_each_figure_says_research_aid_and_whether_the_model_learned_from_synthetic_data(synthetic):
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    fig = explain.render(image, torch.rand(8, 8), 0.7, 0.5, "x.png", "MEL", synthetic=synthetic)
+    [footer] = [text.get_text() for text in fig.texts if text.get_text().startswith("Research aid")]
+    assert footer.startswith("Research aid, not a diagnosis.")
+    assert ("trained on synthetic data" in footer) == synthetic

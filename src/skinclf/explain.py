@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from skinclf.arguments import DISCLAIMER, EXPLAIN_TARGETS, explain_parser
+from skinclf.arguments import DISCLAIMER, EXPLAIN_TARGETS, SYNTHETIC_MODEL_NOTE, explain_parser
 from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
 from skinclf.io import output_folder, save_figure
@@ -29,10 +29,11 @@ def render(
     title: str,
     evidence: str,
     window: tuple[int, int, int, int] | None = None,
+    synthetic: bool = False,
 ) -> Figure:
     """The image and the image with its Grad-CAM heat map overlaid, P(MEL) in the title. A
     ``window`` (top, left, height, width) smaller than the image, the part the network sees, is
-    outlined and named."""
+    outlined and named; a model trained on the ``synthetic`` data says so below."""
     fig = Figure(figsize=(7.2, 4.0))
     left, right = fig.subplots(1, 2)
     rgb = image.permute(1, 2, 0).cpu().numpy()
@@ -57,7 +58,10 @@ def render(
     fig.colorbar(shown, ax=right, fraction=0.046, pad=0.03)
     call = "MEL" if prob_mel >= threshold else "NV"
     fig.suptitle(f"{title}\nP(MEL) = {prob_mel:.3f}: {call} at threshold {threshold:.3g}", fontsize=10)
-    fig.text(0.5, 0.02, "Research aid, not a diagnosis.", ha="center", fontsize=8, style="italic")
+    footer = "Research aid, not a diagnosis."
+    if synthetic:
+        footer += " Model trained on synthetic data, not real lesions."
+    fig.text(0.5, 0.02, footer, ha="center", fontsize=8, style="italic")
     return fig
 
 
@@ -101,7 +105,8 @@ def explain_files(
         ):
             title = f"{path.name} - model={run.model_name}, layer {cam.layer}"
             evidence = ("MEL" if mel else "NV") + (", mean of image + 3 flips" if tta else "")
-            fig = render(image, heatmap, prob, run.threshold, title, evidence, cam.window)
+            synthetic = run.trained_on_synthetic_data
+            fig = render(image, heatmap, prob, run.threshold, title, evidence, cam.window, synthetic)
             out = out_dir / _unique_name(path, taken)
             save_figure(fig, out)
             written.append(out)
@@ -138,4 +143,6 @@ def main(args: list[str]) -> None:
             f"{out_dir}/, {counted(len(problems), 'file')} unreadable",
             file=sys.stderr,
         )
+        if run.trained_on_synthetic_data:
+            print(f"note: {SYNTHETIC_MODEL_NOTE}", file=sys.stderr)
         print(DISCLAIMER, file=sys.stderr)

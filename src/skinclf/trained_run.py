@@ -45,6 +45,10 @@ class TrainedRun:
     def model_name(self) -> str:
         return str(self.config.model.name)
 
+    @property
+    def trained_on_synthetic_data(self) -> bool:
+        return OmegaConf.select(self.config, "data.name") == "synthetic"
+
     def predict_probs(self, images: torch.Tensor) -> torch.Tensor:
         """MEL probabilities (float32, CPU) for uint8 (N, 3, H, W) images, exactly as at test time."""
         logits = predict_logits(self.model, self.pipeline, images, self.settings, self.device)
