@@ -13,8 +13,8 @@ from skinclf import cli
 from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.errors import SkinclfError
+from skinclf.prepare import assign_splits, parse_fractions
 from skinclf.prepare import main as prepare_main
-from skinclf.prepare import parse_fractions
 
 from conftest import fail_if_called
 
@@ -144,6 +144,27 @@ def test_isic2019_with_and_without_lesion_metadata_seeded(tmp_path):
     assert not pd.read_csv(tmp_path / "c" / "manifest.csv", keep_default_na=False)["split"].equals(
         first["split"]
     )
+
+
+def test_lesions_of_every_size_reach_every_split_in_the_proportions():
+    # HAM10000-like: most lesions have one image, some up to 6. Val and test must hold lesions like
+    # train's; handing out the largest lesions first gave every lesion of 3 or more images to train
+    # (the split furthest behind while they came), whatever the seed.
+    rng = np.random.default_rng(0)
+    sizes = rng.choice([1] * 12 + [2] * 3 + [3, 4, 5, 6], size=600)
+    labels = np.repeat(np.arange(600) % 2, sizes)
+    groups = np.repeat([f"HAM_{i}" for i in range(600)], sizes)
+    fractions = np.array([0.71, 0.14, 0.15])
+    of_big_lesions = np.repeat(sizes, sizes) >= 3
+    splits = {seed: assign_splits(labels, groups, fractions, seed) for seed in (0, 1)}
+    for split in splits.values():
+        assert (pd.Series(split).groupby(groups).nunique() == 1).all()  # no lesion in two splits
+        for label in (0, 1):
+            counts = np.bincount(split[labels == label], minlength=3)
+            assert (abs(counts - fractions * (labels == label).sum()) <= sizes.max()).all()
+        big = pd.Series(split[sizes.cumsum() - 1])[sizes >= 3]  # the split of each lesion of 3+
+        assert set(big) == {0, 1, 2} and 0.2 < (big > 0).mean() < 0.4  # val + test: 29 %
+    assert not np.array_equal(splits[0][of_big_lesions], splits[1][of_big_lesions])
 
 
 def test_balance_and_no_test_split(tmp_path):

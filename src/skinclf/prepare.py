@@ -183,9 +183,12 @@ def locate_images(source: Path, image_ids: pd.Series, metadata: Path) -> list[Pa
 def assign_splits(labels: np.ndarray, groups: np.ndarray, fractions: np.ndarray, seed: int) -> np.ndarray:
     """A split index (0 train, 1 val, 2 test) per image, stratified by label, never dividing a group.
 
-    Per class, groups (lesions) go largest first, ties in seeded random order, each to the split
-    furthest below its target share of that class's images: the proportions come out as close to
-    ``fractions`` as the group sizes allow. A group of mixed labels follows its majority label.
+    Per class, groups (lesions) go in seeded random order, each to the split furthest below its
+    target share of that class's images: the proportions come out within about one group of
+    ``fractions``, and lesions of every size reach every split. (Largest first would fit the
+    proportions more tightly, but would hand every lesion of several images to train, the split
+    furthest behind while they come: val and test would then hold another kind of lesion, and no
+    seed would change that.) A group of mixed labels follows its majority label.
     """
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame({"label": labels, "group": groups})
@@ -193,7 +196,6 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, fractions: np.ndarray,
     split_of_group: dict[str, int] = {}
     for _, members in per_group.groupby("label", sort=True):
         order = members.iloc[rng.permutation(len(members))]
-        order = order.sort_values("size", ascending=False, kind="stable")
         targets, counts = fractions * order["size"].sum(), np.zeros(len(fractions))
         for group, size in order["size"].items():
             split = int(np.argmax(targets - counts))
