@@ -169,6 +169,20 @@ def test_a_sweep_folder_given_as_the_run_points_to_its_job_folders(run_and_image
     assert err.endswith("; a sweep's folder: give one of its job folders") and len(err.splitlines()) == 1
 
 
+def test_a_file_given_as_the_run_folder_is_named_a_file(tmp_path, capsys):
+    image, _ = image_and_kept_file(tmp_path)
+    best = tmp_path / "run" / "best.pt"  # the run's checkpoint, given for its folder
+    best.parent.mkdir()
+    best.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(best, image)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"skinclf predict: error: {best}: is a file; expected the output directory of `skinclf train`"
+    )
+
+
 class _Payload:
     """Unpickling this object (unsafely) writes a marker file: proof that code ran."""
 

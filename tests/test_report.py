@@ -528,7 +528,7 @@ def test_no_runs_is_a_clear_error_with_exit_2(setup, tmp_path):
         (target / "notes.txt").write_text("hello")
     if setup == "unfinished_only":
         write_run(target, "baseline", [0.5], [0.5], tested=False)
-    with pytest.raises(SkinclfError, match="no finished runs found|no such directory"):
+    with pytest.raises(SkinclfError, match="no finished runs found|no such folder"):
         build_report([target], tmp_path / "reports")
     assert not (tmp_path / "reports").exists()
     if setup == "empty":  # and through the real command line
@@ -540,6 +540,19 @@ def test_no_runs_is_a_clear_error_with_exit_2(setup, tmp_path):
         assert proc.returncode == 2
         assert proc.stderr.startswith("skinclf report: error: no finished runs found under")
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_file_given_for_a_folder_is_named_a_file(tmp_path, capsys):
+    # "no such directory" would send the user looking for a typo in a path that exists.
+    metrics = write_run(tmp_path / "runs", "baseline", [0.5], [0.5]) / "metrics.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", str(metrics), "--out", str(tmp_path / "reports")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"skinclf report: error: {metrics}: is a file; expected a run or multirun folder of `skinclf train`"
+    )
+    assert not (tmp_path / "reports").exists()
 
 
 @pytest.mark.slow

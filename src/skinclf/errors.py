@@ -1,5 +1,7 @@
 """User-facing errors (one clear line, a non-zero exit, no traceback wall) and message wording."""
 
+from pathlib import Path
+
 
 class SkinclfError(Exception):
     """A problem with the user's input (path, config, data) that the user can fix.
@@ -27,3 +29,10 @@ def first_line(err: BaseException) -> str:
 def counted(n: int, noun: str) -> str:
     """``n`` and the noun in the right number, for messages: "1 image", "3 images"."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def not_a_folder(path: Path) -> str:
+    """What is wrong with ``path`` where a folder was expected and ``path`` is none: "is a file"
+    when something is there (a file given for its folder), "no such folder" only when nothing is,
+    so that the user does not go looking for a typo in a path that exists."""
+    return "is a file" if Path(path).exists() else "no such folder"

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from skinclf.config import instantiate_config
-from skinclf.errors import SkinclfError, first_line
+from skinclf.errors import SkinclfError, first_line, not_a_folder
 from skinclf.models import build_model, check_model_config
 from skinclf.run_files import BEST_CHECKPOINT, HYDRA_MULTIRUN, TEST_METRICS
 from skinclf.training.checkpoint import load_checkpoint
@@ -117,7 +117,9 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise SkinclfError(f"{run_dir}: no such run folder; expected the output directory of `skinclf train`")
+        raise SkinclfError(
+            f"{run_dir}: {not_a_folder(run_dir)}; expected the output directory of `skinclf train`"
+        )
     for name in (BEST_CHECKPOINT, TEST_METRICS):
         if not (run_dir / name).is_file():
             # A sweep's folder holds runs rather than being one: say which to give instead.

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from skinclf.errors import SkinclfError, counted
+from skinclf.errors import SkinclfError, counted, not_a_folder
 from skinclf.io import output_folder
 from skinclf.report.figures import confusion_figure, curves_figure, roc_figure
 from skinclf.report.groups import group_runs
@@ -46,7 +46,7 @@ def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]
     for path in dirs:
         if not Path(path).is_dir():
             raise SkinclfError(
-                f"{path}: no such directory; expected a run or multirun folder of `skinclf train`"
+                f"{path}: {not_a_folder(path)}; expected a run or multirun folder of `skinclf train`"
             )
     with output_folder(out):
         runs = find_runs(dirs)
