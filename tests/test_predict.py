@@ -193,19 +193,27 @@ class _Payload:
         return (Path.write_text, (self.marker, "code executed"))
 
 
-@pytest.mark.parametrize("which", ["an image", "the run's predictions.csv"])
-def test_an_out_that_would_overwrite_an_input_is_refused(run_and_images, tmp_path, capsys, which):
+@pytest.mark.parametrize(
+    "which", ["an image", "the run's predictions.csv", "the run's config", "a new file deep in the run"]
+)
+def test_an_out_over_an_input_or_inside_the_run_is_refused(run_and_images, tmp_path, capsys, which):
     run_dir, folder, _ = run_and_images
     copy = tmp_path / "images"
     shutil.copytree(folder, copy)
-    out = copy / "test_000.png" if which == "an image" else run_dir / "predictions.csv"
-    before = out.read_bytes()
+    out = {
+        "an image": copy / "test_000.png",
+        "the run's predictions.csv": run_dir / "predictions.csv",
+        "the run's config": run_dir / ".hydra" / "config.yaml",
+        "a new file deep in the run": run_dir / "mine" / "pred.csv",
+    }[which]
+    before = out.read_bytes() if out.exists() else None
     with pytest.raises(SystemExit) as exit_info:
         _predict(run_dir, copy, "--out", out)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"skinclf predict: error: --out {out}: ") and len(err.splitlines()) == 1
-    assert out.read_bytes() == before
+    assert (out.read_bytes() if out.exists() else None) == before
+    assert not (run_dir / "mine").exists()  # nor the folder made for it
 
 
 @pytest.mark.parametrize("writer", ["torch", "pickle"])

@@ -98,15 +98,16 @@ def predict_files(run: TrainedRun, files: Sequence[Path], threshold: float) -> p
 
 
 def _check_out_spares_inputs(out: Path, images: list[Path], run_dir: Path) -> None:
-    """--out must not overwrite an image being scored or a file of the run (its predictions.csv,
-    which `skinclf report` reads back): a typo there would destroy what the user came to use."""
+    """--out must not overwrite an image being scored, nor go anywhere inside the run folder: a
+    typo there would destroy what the user came to use (its predictions.csv, which `skinclf report`
+    reads back; its .hydra/config.yaml, which makes it a run), and a new file there would be taken
+    for one the run wrote."""
     target = out.resolve()
     if any(target == image.resolve() for image in images):
         raise SkinclfError(f"--out {out}: is one of the images to score; expected the path of a new CSV file")
-    if target.parent == run_dir.resolve() and target.exists():
+    if target.is_relative_to(run_dir.resolve()):
         raise SkinclfError(
-            f"--out {out}: would overwrite a file of the run {run_dir}; "
-            "expected a path outside the run folder"
+            f"--out {out}: is inside the run folder {run_dir}; expected a path outside the run folder"
         )
 
 
