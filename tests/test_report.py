@@ -210,6 +210,28 @@ def test_runs_csv_keeps_whole_numbers_beside_a_run_without_them(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    "config",
+    ["", "path,prob_mel,prediction\nlesion.png,0.53,MEL\n", "- 1\n", "{}\n"],
+    ids=["empty", "CSV", "a list", "an empty mapping"],
+)
+def test_a_run_whose_config_was_damaged_is_listed_as_failed(tmp_path, config):
+    # As a YAML error is: leaving the run out would hide it from runs.csv without a word.
+    run_dir = write_run(tmp_path / "runs", "baseline", [0.5], [0.5])
+    (run_dir / ".hydra" / "config.yaml").write_text(config)
+    [run] = find_runs([tmp_path / "runs"])
+    assert (run.path, run.status) == (run_dir, "failed")
+    assert run.problem.startswith(".hydra/config.yaml: no model.name or data.name; expected")
+
+
+def test_another_hydra_applications_output_is_no_run(tmp_path):
+    other = tmp_path / "outputs" / "other"
+    (other / ".hydra").mkdir(parents=True)
+    (other / ".hydra" / "config.yaml").write_text("lr: 0.1\n")
+    (other / "train.log").write_text("")  # Hydra's log of any train.py
+    assert find_runs([tmp_path / "outputs"]) == []
+
+
 def test_a_sweep_job_that_crashed_is_listed_as_failed_with_its_error(tmp_path):
     root = tmp_path / "multiruns" / "sweep"
     write_run(root, "baseline", *BASELINE[0])

@@ -1,7 +1,8 @@
 """Finding run folders and reading what ``skinclf train`` left in them.
 
 A run folder is any folder with a ``.hydra/config.yaml`` of a skinclf training config (grid-search
-points, which cross-validate on the training split and are never tested, are not runs). Its status:
+points, which cross-validate on the training split and are never tested, are not runs), or with
+one that is not valid YAML or, beside a run's files, names no model and dataset. Its status:
 ``finished`` (``test_metrics.json`` exists; the trainer writes it last), ``unfinished`` (still
 running, stopped by Ctrl-C or a signal, or killed outright) or ``failed`` (its files cannot be
 read or hold values that ``skinclf train`` never writes, or its ``job_status.json`` says it
@@ -25,14 +26,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError, counted, first_line
 from skinclf.run_files import (
+    BEST_CHECKPOINT,
     HYDRA_CONFIG,
     HYDRA_OVERRIDES,
+    LAST_CHECKPOINT,
     METRICS,
     PREDICTIONS,
     TEST_METRICS,
 )
 from skinclf.sweep.jobs import (
     REFUSED_PREFIX,
+    RUN_CONFIG,
+    STATUS_FILE,
     VOLATILE_KEYS,
     process_gone,
     read_status,
@@ -41,6 +46,10 @@ from skinclf.sweep.jobs import (
 )
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
+# Files of a skinclf run or sweep job: beside a .hydra/config.yaml that is no skinclf config, they
+# tell a run whose config was damaged from another Hydra application's output. Not train.log:
+# Hydra names an application's log after its script, so any train.py writes one.
+RUN_FILES = (METRICS, TEST_METRICS, BEST_CHECKPOINT, LAST_CHECKPOINT, PREDICTIONS, RUN_CONFIG, STATUS_FILE)
 # How an interrupted run (stopped, or killed outright) goes on.
 RESUME_HINT = "resume=true, or re-launching its sweep, continues it"
 
@@ -185,16 +194,21 @@ def _refused_job(record: Path, runs_found: set[Path]) -> Run | None:
 
 
 def load_run(path: Path) -> Run | None:
-    """Read one run folder; None when its config is not a skinclf training config."""
+    """Read one run folder; None when its config is not a skinclf training config and no run's
+    files lie beside it (another Hydra application's output)."""
     try:
         cfg = OmegaConf.load(path / HYDRA_CONFIG)
     except Exception as err:  # any YAML problem: the folder is listed as failed, not skipped
         return Run(path, "?", "?", None, status=FAILED, problem=f"{HYDRA_CONFIG} unreadable: {err}")
-    if not isinstance(cfg, DictConfig):
-        return None
-    model = OmegaConf.select(cfg, "model.name", default=None)
-    data_name = OmegaConf.select(cfg, "data.name", default=None)
+    mapping = isinstance(cfg, DictConfig)
+    model = OmegaConf.select(cfg, "model.name", default=None) if mapping else None
+    data_name = OmegaConf.select(cfg, "data.name", default=None) if mapping else None
     if model is None or data_name is None:
+        if any((path / name).exists() for name in RUN_FILES):
+            # A run's config, emptied or overwritten (OmegaConf reads an empty file, and CSV
+            # text, as a mapping): as failed as one with a YAML error, not silently left out.
+            problem = f"{HYDRA_CONFIG}: no model.name or data.name; expected the config of `skinclf train`"
+            return Run(path, "?", "?", None, status=FAILED, problem=problem)
         return None  # another Hydra application's output
     if OmegaConf.select(cfg, "cv.folds", default=None):
         return None  # a grid-search point: cross-validated, never tested; see its grid_search.md
