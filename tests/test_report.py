@@ -758,6 +758,23 @@ def test_an_unwritable_out_is_one_error_before_any_work(where, tmp_path, monkeyp
     assert file.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("where", ["a run folder", "inside a run folder"])
+def test_an_out_in_a_run_folder_is_refused_before_any_work(where, tmp_path, monkeypatch, capsys):
+    run_dir = write_run(tmp_path / "runs", "baseline", [0.5], [0.5])
+    (run_dir / "roc.png").write_bytes(b"the run's own ROC curve")  # which the report's would replace
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    out = run_dir if where == "a run folder" else run_dir / "reports"
+    monkeypatch.setattr("skinclf.report.command.find_runs", fail_if_called("reading the runs"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", str(tmp_path / "runs"), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"skinclf report: error: --out {out}: ") and len(err.splitlines()) == 1
+    assert f"the run folder {run_dir}; expected" in err
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+    assert not (run_dir / "reports").exists()
+
+
 def test_a_report_that_fails_leaves_no_out_folder_behind(sweep, tmp_path):
     predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"
     pd.read_csv(predictions).drop(columns="prob_mel").to_csv(predictions, index=False)

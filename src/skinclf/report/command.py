@@ -48,6 +48,7 @@ def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]
             raise SkinclfError(
                 f"{path}: {not_a_folder(path)}; expected a run or multirun folder of `skinclf train`"
             )
+    _check_out_outside_runs(out)
     with output_folder(out):
         runs = find_runs(dirs)
         done = finished(runs)
@@ -82,6 +83,18 @@ def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]
                 if out / name not in written:
                     (out / name).unlink(missing_ok=True)
     return runs, written
+
+
+def _check_out_outside_runs(out: Path) -> None:
+    """--out must be no run folder, nor lie inside one: the report's roc.png would replace the
+    run's own, and its other files would pass for files the run wrote."""
+    target = out.resolve()
+    for folder in (target, *target.parents):
+        if (folder / HYDRA_CONFIG).is_file():
+            where = "is" if folder == target else "is inside"
+            raise SkinclfError(
+                f"--out {out}: {where} the run folder {folder}; expected a folder outside every run folder"
+            )
 
 
 # Written only when the runs have test data.
