@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import skinclf
+from skinclf.cli import RESUME_HINTS
 from skinclf.cli import main as cli_main
 from skinclf.models import PAPER_MODELS
 from skinclf.report.runs import find_runs
@@ -111,9 +112,10 @@ def test_a_stopped_run_leaves_no_temporary_files_and_resumes(tmp_path, signum):
     assert proc.returncode == 128 + signum
     # The folder that resume=true needs is printed (a timestamped one is otherwise hard to find).
     assert stdout.strip().splitlines()[-1] == f"output directory: {run_dir}"
-    if signum == signal.SIGINT:  # one line saying how to go on, not a traceback
-        assert stderr.strip().splitlines()[-1].startswith("skinclf train: stopped (Ctrl-C); resume=true")
-        assert "Traceback" not in stderr
+    # One line saying how to go on, not a traceback.
+    by = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    assert stderr.strip().splitlines()[-1].startswith(f"skinclf train: stopped ({by}); resume=true")
+    assert "Traceback" not in stderr
     assert not [p.name for p in run_dir.iterdir() if p.suffix == ".tmp"]
     assert not (run_dir / "test_metrics.json").exists()
     assert json.loads((run_dir / "job_status.json").read_text())["status"] == "stopped"
@@ -182,6 +184,22 @@ def test_a_stopped_or_crashed_launch_names_its_folder(tmp_path, monkeypatch, swe
     assert proc.returncode == returncode, proc.stderr
     # The folder to resume (the run's, or the sweep's to re-launch into), or to read the log of.
     assert f"output directory: {folder}" in proc.stdout.splitlines()
+
+
+def test_kill_says_how_to_go_on_as_ctrl_c_does(tmp_path, monkeypatch):
+    import skinclf.train
+
+    def killed(cfg, out_dir):
+        (out_dir / "metrics.csv").write_text("epoch\n1\n")  # as if an epoch was done
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the signal's handler raises in here
+
+    monkeypatch.setattr(skinclf.train, "run_in_hydra", killed)
+    folder = tmp_path / "out"
+    proc = train_cli(f"hydra.run.dir={folder}", *TINY, cwd=tmp_path, check=False)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"output directory: {folder}"
+    assert proc.stderr.strip().splitlines()[-1] == f"skinclf train: stopped (SIGTERM){RESUME_HINTS['train']}"
 
 
 def test_a_config_error_in_a_relaunched_sweep_names_no_folder(tmp_path):

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("skinclf.prepare", "128x128 MEL/NV folder layout from an ISIC 2019 or HAM10000 download"),
 }
 
-# How work stopped by Ctrl-C goes on, per command (the others simply start again).
+# How work stopped by Ctrl-C or `kill` goes on, per command (the others simply start again).
 RESUME_HINTS = {
     "train": "; resume=true with its hydra.run.dir continues a run, the same -m command with its "
     "hydra.sweep.dir a sweep",
@@ -46,11 +46,18 @@ def _usage() -> str:
     return USAGE.format(commands="\n".join(lines))
 
 
+class Terminated(SystemExit):
+    """What stop signal N (`kill`) raises: ``SystemExit`` with the code a shell reports for it
+    (128 + N, 143 for SIGTERM), of a type of its own so that :func:`_dispatch` can tell it from an
+    ordinary exit and say how to go on, as after Ctrl-C. Code that reads only the exit code (the
+    sweep folder's line in train_command) takes it as any SystemExit."""
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # Python's default for SIGTERM ends the process on the spot; raising instead lets every
     # `finally` run, so that an atomic write in progress removes its temporary file (vgg16's
     # last.pt is 1.3 GB). The run folder is then left as Ctrl-C leaves it: resumable.
-    raise SystemExit(128 + signum)
+    raise Terminated(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,8 +96,14 @@ def _dispatch(argv: list[str]) -> None:
         print(f"skinclf {command}: error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        # Ctrl-C is the user's own doing, not a crash: one line, not a traceback. Files being
-        # written are atomic, so nothing is left half-written.
-        hint = RESUME_HINTS.get(command, "")
-        print(f"skinclf {command}: stopped (Ctrl-C){hint}", file=sys.stderr)
+        _report_stop(command, "Ctrl-C")
         sys.exit(EXIT_INTERRUPTED)
+    except Terminated as stop:
+        _report_stop(command, signal.Signals(stop.code - 128).name)
+        raise
+
+
+def _report_stop(command: str, by: str) -> None:
+    # A stop is the user's own doing (or their scheduler's), not a crash: one line, not a
+    # traceback. Files being written are atomic, so nothing is left half-written.
+    print(f"skinclf {command}: stopped ({by}){RESUME_HINTS.get(command, '')}", file=sys.stderr)
