@@ -174,7 +174,7 @@ def test_explain_draws_the_map_of_the_runs_own_prediction(tiny_run, tmp_path, mo
     Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "lesion.png")
     drawn = []
 
-    def record(image, heatmap, prob_mel, threshold, title, evidence, window=None):
+    def record(image, heatmap, prob_mel, threshold, title, evidence, window=None, synthetic=False):
         drawn.append((heatmap, evidence, window))
         return Figure()
 

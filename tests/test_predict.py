@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from skinclf.arguments import SYNTHETIC_MODEL_NOTE
 from skinclf.cli import main as cli_main
 from skinclf.config import compose_config
 from skinclf.data import load_splits
@@ -72,6 +73,7 @@ def test_predict_matches_the_runs_own_test_predictions(run_and_images, tmp_path,
     assert (scored["prediction"] == ["MEL" if p >= threshold else "NV" for p in probs]).all()
     err = capsys.readouterr().err
     assert "research tool, not a diagnosis" in err
+    assert f"note: {SYNTHETIC_MODEL_NOTE}" in err  # the run learned from the built-in data
     assert f"{N_IMAGES} images scored, 2 unreadable -> {out}" in err
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from skinclf.arguments import DISCLAIMER, predict_parser
+from skinclf.arguments import DISCLAIMER, SYNTHETIC_MODEL_NOTE, predict_parser
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.errors import SkinclfError, counted
 from skinclf.io import atomic_write_text, files_under, output_folder
@@ -142,4 +142,6 @@ def main(args: list[str]) -> None:
         f"MEL when prob_mel >= {threshold:.4g}, from {source}",
         file=sys.stderr,
     )
+    if run.trained_on_synthetic_data:
+        print(f"note: {SYNTHETIC_MODEL_NOTE}", file=sys.stderr)
     print(DISCLAIMER, file=sys.stderr)

@@ -26,10 +26,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError, counted, first_line
 from skinclf.run_files import (
-    BEST_CHECKPOINT,
     HYDRA_CONFIG,
     HYDRA_OVERRIDES,
-    LAST_CHECKPOINT,
     METRICS,
     PREDICTIONS,
     TEST_METRICS,
@@ -37,6 +35,7 @@ from skinclf.run_files import (
 from skinclf.sweep.jobs import (
     REFUSED_PREFIX,
     RUN_CONFIG,
+    RUN_OUTPUTS,
     STATUS_FILE,
     VOLATILE_KEYS,
     process_gone,
@@ -49,7 +48,7 @@ FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 # Files of a skinclf run or sweep job: beside a .hydra/config.yaml that is no skinclf config, they
 # tell a run whose config was damaged from another Hydra application's output. Not train.log:
 # Hydra names an application's log after its script, so any train.py writes one.
-RUN_FILES = (METRICS, TEST_METRICS, BEST_CHECKPOINT, LAST_CHECKPOINT, PREDICTIONS, RUN_CONFIG, STATUS_FILE)
+RUN_FILES = (*RUN_OUTPUTS, PREDICTIONS, RUN_CONFIG, STATUS_FILE)
 # How an interrupted run (stopped, or killed outright) goes on.
 RESUME_HINT = "resume=true, or re-launching its sweep, continues it"
 
