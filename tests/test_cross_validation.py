@@ -55,6 +55,35 @@ def test_impossible_fold_counts_are_refused(k: int) -> None:
         stratified_folds(labels, k, seed=0)
 
 
+def test_folds_keep_each_lesion_whole() -> None:
+    # 60 lesions of 1 to 4 images; a lesion's images must never be split between a fold's
+    # training and validation parts.
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 5, size=60)
+    lesions = np.repeat([f"HAM_{i}" for i in range(60)], sizes).astype(object)
+    labels = np.repeat(np.arange(60) % 3 == 0, sizes).astype(int)
+    folds = stratified_folds(labels, k=4, seed=3, lesions=lesions)
+    assert [va.tolist() for _, va in folds] == [
+        va.tolist() for _, va in stratified_folds(labels, 4, 3, lesions)
+    ]
+    fold_of = {}
+    for i, (tr, va) in enumerate(folds):
+        assert set(lesions[tr]).isdisjoint(lesions[va])
+        assert 0 < labels[va].sum() < len(va)  # both classes in every validation fold
+        fold_of.update(dict.fromkeys(va.tolist(), i))
+    assert sorted(fold_of) == list(range(len(labels)))  # every image validated once
+    # Without the lesions, images of one lesion land in different folds.
+    plain = stratified_folds(labels, k=4, seed=3)
+    fold_of_plain = {j: i for i, (_, va) in enumerate(plain) for j in va.tolist()}
+    assert any(
+        len({fold_of_plain[j] for j in np.flatnonzero(lesions == lesion)}) > 1 for lesion in set(lesions)
+    )
+    # The fold count is bounded by the smaller class's lesions, not its images.
+    n_mel_lesions = len(set(lesions[labels == 1]))
+    with pytest.raises(SkinclfError, match=f"has {n_mel_lesions} lesions"):
+        stratified_folds(labels, n_mel_lesions + 1, seed=0, lesions=lesions)
+
+
 class _NeverRead:
     """Stands in for the test split: any use of it fails the test."""
 

@@ -12,9 +12,11 @@ from PIL import Image
 from skinclf import cli
 from skinclf.config import compose_config
 from skinclf.data import load_splits
+from skinclf.data.folder import find_images
 from skinclf.errors import SkinclfError
 from skinclf.prepare import assign_splits, parse_fractions
 from skinclf.prepare import main as prepare_main
+from skinclf.sweep import cross_validation
 
 from conftest import fail_if_called
 
@@ -165,6 +167,35 @@ def test_lesions_of_every_size_reach_every_split_in_the_proportions():
         big = pd.Series(split[sizes.cumsum() - 1])[sizes >= 3]  # the split of each lesion of 3+
         assert set(big) == {0, 1, 2} and 0.2 < (big > 0).mean() < 0.4  # val + test: 29 %
     assert not np.array_equal(splits[0][of_big_lesions], splits[1][of_big_lesions])
+
+
+class _FoldsMade(Exception):
+    pass
+
+
+@pytest.mark.parametrize("download", [fake_ham10000, fake_isic2019])
+def test_cross_validation_on_a_prepared_folder_keeps_each_lesion_whole(tmp_path, monkeypatch, download):
+    # The grid search's folds split the training split, where a lesion's images all are: without
+    # the manifest's lesion ids, its images would land on both sides of a fold.
+    download(tmp_path / "download")
+    root = tmp_path / "out"
+    prepare_main([str(tmp_path / "download"), str(root)])
+    manifest = pd.read_csv(root / "manifest.csv", keep_default_na=False)
+    lesion_of = dict(zip(manifest["file"], manifest["lesion_id"], strict=True))
+    cfg = compose_config(["data=folder", f"data.root={root}", "data.decode_cache=false", "cv.folds=3"])
+    train = load_splits(cfg.data).train
+    relative = [f.relative_to(root).as_posix() for f in find_images(root)["train"][0]]
+    # An image without a lesion id (some of ISIC 2019's) is a lesion of its own.
+    assert train.lesions.tolist() == [lesion_of[name] or f"file:{name}" for name in relative]
+    assert len(set(train.lesions)) < len(train)  # some lesions have several images
+
+    def folds(labels, k, seed, lesions=None):
+        assert lesions.tolist() == train.lesions.tolist()
+        raise _FoldsMade
+
+    monkeypatch.setattr(cross_validation, "stratified_folds", folds)
+    with pytest.raises(_FoldsMade):
+        cross_validation.cross_validate(cfg, tmp_path / "point")
 
 
 def test_balance_and_no_test_split(tmp_path):

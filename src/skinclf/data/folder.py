@@ -3,8 +3,9 @@
 Split and class folder names are matched case-insensitively; the class folder ``NEV`` is
 accepted for NV; ``test`` may be absent. Files and folders whose name starts with a dot
 (.DS_Store, .ipynb_checkpoints) are ignored; anything else out of place is an error, so that
-nothing silently trains on the wrong data. Other entries directly in ROOT (a manifest, a
-README) are not looked at.
+nothing silently trains on the wrong data. Other entries directly in ROOT (a README) are not
+looked at, except ``manifest.csv`` as ``skinclf prepare`` writes it: its ``lesion_id`` column
+tells which images show one lesion (see :attr:`Split.lesions`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 
@@ -20,7 +23,7 @@ from skinclf.config import data_path
 from skinclf.data.decode_cache import load_or_decode, store
 from skinclf.data.images import IMAGE_SIZE
 from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, first_line
 from skinclf.io import files_under
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 # Class folder name (lower case) -> label; MEL is the positive class.
 CLASS_FOLDERS = {"mel": 1.0, "nv": 0.0, "nev": 0.0}
 LAYOUT = "ROOT/{train,val,test}/{MEL,NV}/* (test optional, NEV accepted for NV)"
+# Written by `skinclf prepare`: one row per image, its path relative to ROOT and its lesion.
+MANIFEST = "manifest.csv"
 
 
 def _visible(path: Path) -> list[Path]:
@@ -110,6 +115,27 @@ def _check_classes_kept(
             )
 
 
+def _lesions_by_file(root: Path) -> dict[str, str] | None:
+    """The lesion id of each image that ROOT/manifest.csv names one for, by its path relative to
+    ROOT; None without a manifest with ``file`` and ``lesion_id`` columns (any other manifest is
+    the user's own and not read further)."""
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=["file", "lesion_id"])
+    except (OSError, ValueError) as err:  # pandas' parser errors are ValueErrors too
+        log.info(f"{path}: no lesion ids read ({first_line(err)}); images count as lesions of their own")
+        return None
+    return {file: lesion for file, lesion in zip(table["file"], table["lesion_id"], strict=True) if lesion}
+
+
+def _lesions_of(files: list[Path], root: Path, lesion_of: dict[str, str]) -> np.ndarray:
+    """The lesion of each of ``files``; an image the manifest gives none for is one of its own."""
+    relative = [file.relative_to(root).as_posix() for file in files]
+    return np.array([lesion_of.get(name, f"file:{name}") for name in relative], dtype=object)
+
+
 def load_splits(data_cfg: DictConfig) -> ImageSplits:
     """Decode (first use) or load from the decode cache the splits of ``data.root``."""
     root = data_path(data_cfg, "root")
@@ -117,6 +143,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
     cache_dir = data_path(data_cfg, "cache_dir") if data_cfg.get("decode_cache", True) else None
     skip_bad = bool(data_cfg.get("skip_bad_images", False))
     stem = "folder-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", root.name or "root")
+    lesion_of = _lesions_by_file(root)
     splits = {}
     decoded_splits = []
     for name, (files, labels) in layout.items():
@@ -130,7 +157,9 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
             )
         kept_labels = torch.tensor([labels[i] for i in decoded.kept], dtype=torch.float32)
         _check_classes_kept(root, files, labels, kept_labels)
-        splits[name] = Split(decoded.images, kept_labels)
+        kept_files = [files[i] for i in decoded.kept]
+        lesions = None if lesion_of is None else _lesions_of(kept_files, root, lesion_of)
+        splits[name] = Split(decoded.images, kept_labels, lesions)
     # Only once every split decoded: a bad file in val leaves no train cache behind either.
     for decoded in decoded_splits:
         store(decoded)

@@ -24,6 +24,10 @@ class Split:
 
     images: torch.Tensor
     labels: torch.Tensor
+    # The lesion each image shows, where the dataset says (a folder made by `skinclf prepare`,
+    # from its manifest.csv), so that cross-validation keeps a lesion's images in one fold; None
+    # where unknown.
+    lesions: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
@@ -32,6 +36,8 @@ class Split:
             )
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if self.lesions is not None and len(self.lesions) != len(self.labels):
+            raise ValueError(f"{len(self.labels)} images but {len(self.lesions)} lesion ids")
         self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.labels = self.labels.to(torch.float32)
 

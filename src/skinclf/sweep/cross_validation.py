@@ -29,20 +29,34 @@ from skinclf.training.loop import LoopSettings, fit
 log = logging.getLogger("skinclf")
 
 
-def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def stratified_folds(
+    labels: np.ndarray, k: int, seed: int, lesions: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``k`` (train indices, validation indices) pairs: disjoint validation folds that cover every
-    image once, each with the class ratio of ``labels``; the same for the same seed."""
+    image once, each with the class ratio of ``labels``; the same for the same seed.
+
+    With ``lesions`` (the lesion of each image), all images of a lesion fall in one fold: a
+    lesion photographed twice, in training and validation, would be partly recognised rather than
+    classified, and favour the grid points that memorise most. The class ratios are then met as
+    closely as the lesions allow (scikit-learn's StratifiedGroupKFold)."""
     labels = np.asarray(labels).astype(int)
-    smallest = int(np.bincount(labels, minlength=2).min())
+    if lesions is None:
+        smallest, unit = int(np.bincount(labels, minlength=2).min()), "images"
+    else:
+        smallest, unit = min(len(set(lesions[labels == c])) for c in (0, 1)), "lesions"
     if k < 2 or k > smallest:
         raise SkinclfError(
             f"cv.folds={k}: expected 2 <= k <= {smallest} (the smaller class of the training split has "
-            f"{smallest} images, and every fold needs at least one of each class)"
+            f"{smallest} {unit}, and every fold needs at least one of each class)"
         )
-    from sklearn.model_selection import StratifiedKFold  # here: sklearn is slow to import
+    # Here: sklearn is slow to import.
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return list(splitter.split(np.zeros(len(labels)), labels))
+    if lesions is None:
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(labels)), labels))
+    grouped = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(grouped.split(np.zeros(len(labels)), labels, groups=lesions))
 
 
 def subset(split: Split, indices: np.ndarray) -> Split:
@@ -108,7 +122,8 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
 
     Writes ``fold_<i>/`` (each a training run's metrics.csv) and ``cv_result.json`` (per-fold and
     mean ± std validation accuracy) into ``out_dir``, and returns that result. Folds depend only
-    on the labels and ``seed``. std is the population std (ddof=0), as scikit-learn's GridSearchCV.
+    on the labels, the lesions (where known) and ``seed``. std is the population std (ddof=0), as
+    scikit-learn's GridSearchCV.
     """
     from skinclf.train import loop_settings, run_precision  # lazily: train.py dispatches here
 
@@ -126,10 +141,11 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     splits = load_splits(cfg.data)
     name, train = splits.name, splits.train
     del splits
-    folds = stratified_folds(train.labels.numpy(), k, seed)
+    folds = stratified_folds(train.labels.numpy(), k, seed, train.lesions)
+    grouping = "" if train.lesions is None else f", {len(set(train.lesions))} lesions kept whole"
     log.info(
         f"{k}-fold cross-validation of model={cfg.model.name} batch_size={cfg.data.batch_size} "
-        f"lr={cfg.optim.lr} on the training split ({len(train)} images), device={device}"
+        f"lr={cfg.optim.lr} on the training split ({len(train)} images{grouping}), device={device}"
     )
     accs = [
         _fit_fold(
