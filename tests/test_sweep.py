@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -540,6 +541,14 @@ def _ended_process_id() -> int:
     return process.pid
 
 
+def _process_ending_in(seconds: float, then: str = "") -> int:
+    """The id of a process that runs ``then`` (Python) after ``seconds`` and ends; reaped as it
+    ends, as a launcher reaps its jobs (an unreaped process still exists)."""
+    process = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds}); {then}"])
+    threading.Thread(target=process.wait, daemon=True).start()
+    return process.pid
+
+
 def test_jobs_that_a_stopped_sweeps_launcher_killed_unrecorded_are_recorded_as_stopped(
     tmp_path: Path,
 ) -> None:
@@ -551,20 +560,26 @@ def test_jobs_that_a_stopped_sweeps_launcher_killed_unrecorded_are_recorded_as_s
     earlier = start_launch(sweep)
     launch = start_launch(sweep)
     host = socket.gethostname()
+    done = sweep / "5_vgg16" / STATUS_FILE
+    payload = json.dumps({"status": "done", "launch": launch})
+    records_done = f"open({str(done)!r}, 'w').write({payload!r})"
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         jobs = {
-            "0_baseline": (launch, _ended_process_id(), host),  # killed unrecorded: stopped
+            "0_baseline": (launch, _process_ending_in(0.3), host),  # killed unrecorded: stopped
             "1_resnet": (launch, alive.pid, host),  # still running: left to record itself
-            "2_batch_norm": (earlier, _ended_process_id(), host),  # an earlier launch's: untouched
-            "3_res_aug": (launch, _ended_process_id(), "another-machine"),  # cannot tell: untouched
+            "2_batch_norm": (earlier, _process_ending_in(0.3), host),  # an earlier launch's: untouched
+            "3_res_aug": (launch, _process_ending_in(0.3), "another-machine"),  # cannot tell: untouched
+            # Dead before the stop came (the out-of-memory killer): the report's "killed" stays.
+            "4_layer_norm": (launch, _ended_process_id(), host),
+            "5_vgg16": (launch, _process_ending_in(0.3, records_done), host),  # ended as it should
         }
         for name, (tag, pid, machine) in jobs.items():
             (sweep / name).mkdir()
             write_status(sweep / name, "running", tag, pid=pid, host=machine, job=int(name[0]), log="x.log")
         start = time.monotonic()
-        assert record_stopped_jobs(sweep, wait_s=0.3) == [sweep / "0_baseline"]
-        assert time.monotonic() - start < 5
+        assert record_stopped_jobs(sweep, wait_s=2) == [sweep / "0_baseline"]
+        assert time.monotonic() - start < 4
     finally:
         alive.kill()
         alive.wait()
@@ -579,12 +594,14 @@ def test_jobs_that_a_stopped_sweeps_launcher_killed_unrecorded_are_recorded_as_s
         "running",
         "running",
         "running",
+        "running",
+        "done",
     ]
 
 
 def test_a_stopped_sweep_records_its_jobs_killed_unrecorded_as_stopped(tmp_path: Path, monkeypatch) -> None:
     # The same, through `skinclf train -m`'s stop path: a launcher that ends on Ctrl-C while the
-    # process of one of its jobs was killed before that job could record the stop.
+    # process of one of its jobs is killed before that job can record the stop.
     sweep = tmp_path / "sweep"
 
     def sweep_stopped_by_ctrl_c() -> None:
@@ -593,7 +610,7 @@ def test_a_stopped_sweep_records_its_jobs_killed_unrecorded_as_stopped(tmp_path:
         launch = start_launch(sweep)
         (sweep / "0_baseline").mkdir()
         write_status(
-            sweep / "0_baseline", "running", launch, pid=_ended_process_id(), host=socket.gethostname()
+            sweep / "0_baseline", "running", launch, pid=_process_ending_in(0.3), host=socket.gethostname()
         )
         raise KeyboardInterrupt
 

@@ -320,12 +320,15 @@ def record_stopped_jobs(sweep_dir: Path, wait_s: float = STOPPED_JOBS_WAIT_S) ->
     later, and a job inside a long torch operation (a backward pass on one thread) runs no Python
     code, so no signal handler, in that second. ``skinclf report`` would then call the job killed
     (out of memory?). Waits up to ``wait_s`` for those processes to end; one still alive after
-    that (a job that goes on, or is still recording its stop) is left to record itself."""
+    that (a job that goes on, or is still recording its stop) is left to record itself. Only jobs
+    whose process was alive when the stop came count: one that died before it (killed by the
+    out-of-memory killer while the launcher waited on another job) keeps its "running", which the
+    report reads as killed."""
     launch = current_launch(sweep_dir)
     running = [
         path.parent
         for path in Path(sweep_dir).glob(f"**/{STATUS_FILE}")
-        if _running_here(read_status(path.parent), launch)
+        if _running_here(status := read_status(path.parent), launch) and not process_gone(status)
     ]
     stopped = []
     deadline = time.monotonic() + wait_s
@@ -333,13 +336,17 @@ def record_stopped_jobs(sweep_dir: Path, wait_s: float = STOPPED_JOBS_WAIT_S) ->
         while running:
             for folder in list(running):
                 status = read_status(folder)
-                if not _running_here(status, launch):  # it recorded its end meanwhile
-                    running.remove(folder)
                 # This process's own job (Hydra's basic launcher runs them here) has ended by now.
-                elif status["pid"] == os.getpid() or process_gone(status):
+                ended = _running_here(status, launch) and (
+                    status["pid"] == os.getpid() or process_gone(status)
+                )
+                # Read again once its process is gone: it may have recorded done or failed just
+                # before it ended, and nothing can change the file now.
+                if ended and _running_here(status := read_status(folder), launch):
                     info = {k: v for k, v in status.items() if k not in {"status", "launch", "pid", "host"}}
                     write_status(folder, "stopped", launch, **info)
                     stopped.append(folder)
+                if ended or not _running_here(status, launch):  # recorded, by the job or here
                     running.remove(folder)
             if not running or time.monotonic() >= deadline:
                 break
