@@ -228,7 +228,10 @@ def test_another_hydra_applications_output_is_no_run(tmp_path):
     other = tmp_path / "outputs" / "other"
     (other / ".hydra").mkdir(parents=True)
     (other / ".hydra" / "config.yaml").write_text("lr: 0.1\n")
-    (other / "train.log").write_text("")  # Hydra's log of any train.py
+    # Hydra's log of any train.py, and what other training tools write (Lightning's CSVLogger,
+    # YOLO's checkpoints): names a skinclf run has too, so they do not make it one.
+    for name in ("train.log", "metrics.csv", "last.pt", "best.pt"):
+        (other / name).write_text("")
     assert find_runs([tmp_path / "outputs"]) == []
 
 
@@ -774,6 +777,15 @@ def test_an_out_in_a_run_folder_is_refused_before_any_work(where, tmp_path, monk
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
     assert not (run_dir / "reports").exists()
 
+
+def test_an_out_inside_another_hydra_applications_folder_is_accepted(tmp_path):
+    # A project folder that another Hydra application ran in (hydra.run.dir=.) is no skinclf run.
+    project = tmp_path / "project"
+    (project / ".hydra").mkdir(parents=True)
+    (project / ".hydra" / "config.yaml").write_text("lr: 0.1\n")
+    write_run(project / "runs", "baseline", [0.5], [0.5])
+    build_report([project / "runs"], project / "reports")
+    assert (project / "reports" / "table1.md").is_file()
 
 def test_a_report_that_fails_leaves_no_out_folder_behind(sweep, tmp_path):
     predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"

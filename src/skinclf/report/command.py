@@ -12,7 +12,7 @@ from skinclf.errors import SkinclfError, counted, not_a_folder
 from skinclf.io import output_folder
 from skinclf.report.figures import confusion_figure, curves_figure, roc_figure
 from skinclf.report.groups import group_runs
-from skinclf.report.runs import FAILED, FINISHED, UNFINISHED, Run, find_runs
+from skinclf.report.runs import FAILED, FINISHED, UNFINISHED, Run, find_runs, load_run
 from skinclf.report.tables import (
     confusion_table,
     finished,
@@ -87,10 +87,11 @@ def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]
 
 def _check_out_outside_runs(out: Path) -> None:
     """--out must be no run folder, nor lie inside one: the report's roc.png would replace the
-    run's own, and its other files would pass for files the run wrote."""
+    run's own, and its other files would pass for files the run wrote. (Another Hydra
+    application's folder, which the report does not read as a run, may hold it.)"""
     target = out.resolve()
     for folder in (target, *target.parents):
-        if (folder / HYDRA_CONFIG).is_file():
+        if (folder / HYDRA_CONFIG).is_file() and load_run(folder) is not None:
             where = "is" if folder == target else "is inside"
             raise SkinclfError(
                 f"--out {out}: {where} the run folder {folder}; expected a folder outside every run folder"

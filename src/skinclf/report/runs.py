@@ -34,8 +34,8 @@ from skinclf.run_files import (
 )
 from skinclf.sweep.jobs import (
     REFUSED_PREFIX,
+    RESULT_FILES,
     RUN_CONFIG,
-    RUN_OUTPUTS,
     STATUS_FILE,
     VOLATILE_KEYS,
     process_gone,
@@ -45,10 +45,11 @@ from skinclf.sweep.jobs import (
 )
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
-# Files of a skinclf run or sweep job: beside a .hydra/config.yaml that is no skinclf config, they
-# tell a run whose config was damaged from another Hydra application's output. Not train.log:
-# Hydra names an application's log after its script, so any train.py writes one.
-RUN_FILES = (*RUN_OUTPUTS, PREDICTIONS, RUN_CONFIG, STATUS_FILE)
+# Files only a skinclf run or sweep job writes: beside a .hydra/config.yaml that is no skinclf
+# config, they tell a run whose config was damaged from another Hydra application's output. Not
+# train.log, metrics.csv or last.pt/best.pt: Hydra names an application's log after its script
+# (any train.py writes one), and the others are common names in other training tools.
+RUN_FILES = (RUN_CONFIG, STATUS_FILE, *RESULT_FILES)
 # How an interrupted run (stopped, or killed outright) goes on.
 RESUME_HINT = "resume=true, or re-launching its sweep, continues it"
 
