@@ -169,6 +169,16 @@ def test_lesions_of_every_size_reach_every_split_in_the_proportions():
     assert not np.array_equal(splits[0][of_big_lesions], splits[1][of_big_lesions])
 
 
+def test_a_small_dataset_gets_each_class_into_every_split_whatever_the_seed():
+    # MEL: one lesion of 10 images and two single images. Dealt out in random order, the large
+    # lesion often came first, filled train's share, and left val or test without MEL.
+    labels = np.array([1] * 12 + [0] * 40)
+    groups = np.array(["big"] * 10 + ["one", "two"] + [f"nv{i}" for i in range(40)])
+    for seed in range(30):
+        split = assign_splits(labels, groups, np.array([0.71, 0.14, 0.15]), seed)
+        assert set(split[labels == 1]) == {0, 1, 2} and set(split[groups == "big"]) == {0}, seed
+
+
 class _FoldsMade(Exception):
     pass
 

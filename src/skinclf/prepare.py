@@ -183,8 +183,9 @@ def locate_images(source: Path, image_ids: pd.Series, metadata: Path) -> list[Pa
 def assign_splits(labels: np.ndarray, groups: np.ndarray, fractions: np.ndarray, seed: int) -> np.ndarray:
     """A split index (0 train, 1 val, 2 test) per image, stratified by label, never dividing a group.
 
-    Per class, groups (lesions) go in seeded random order, each to the split furthest below its
-    target share of that class's images: the proportions come out within about one group of
+    Per class, each split with a share first gets one group, then the other groups (lesions) go
+    in seeded random order, each to the split furthest below its target share of that class's
+    images: the proportions come out within about one group of
     ``fractions``, and lesions of every size reach every split. (Largest first would fit the
     proportions more tightly, but would hand every lesion of several images to train, the split
     furthest behind while they come: val and test would then hold another kind of lesion, and no
@@ -195,9 +196,19 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, fractions: np.ndarray,
     per_group = frame.groupby("group", sort=True)["label"].agg(size="size", label=lambda s: s.mode().max())
     split_of_group: dict[str, int] = {}
     for _, members in per_group.groupby("label", sort=True):
-        order = members.iloc[rng.permutation(len(members))]
-        targets, counts = fractions * order["size"].sum(), np.zeros(len(fractions))
-        for group, size in order["size"].items():
+        sizes = members["size"].iloc[rng.permutation(len(members))]
+        targets, counts = fractions * sizes.sum(), np.zeros(len(fractions))
+        # First one lesion for each split with a share, the smallest shares first, the first lesion
+        # that fits in the share (else the smallest): in a small dataset one large lesion dealt out
+        # early would otherwise fill train and leave val without this class.
+        for split in sorted(np.flatnonzero(fractions > 0), key=lambda s: targets[s]):
+            if sizes.empty:
+                break
+            fitting = sizes[sizes <= targets[split]]
+            group = fitting.index[0] if not fitting.empty else sizes.idxmin()
+            split_of_group[group], counts[split] = int(split), counts[split] + sizes[group]
+            sizes = sizes.drop(group)
+        for group, size in sizes.items():
             split = int(np.argmax(targets - counts))
             split_of_group[group] = split
             counts[split] += size
@@ -265,7 +276,7 @@ def prepare(
             if n == 0:
                 raise SkinclfError(
                     f"{source}: no {label} image left for the {split_name} split ({len(records)} MEL/NV "
-                    "images); expected a larger dataset or another --split"
+                    "images); expected a larger dataset, another --split or another --seed"
                 )
 
     # Everything is written into a hidden sibling and renamed into place only when complete; the
