@@ -14,7 +14,7 @@ import yaml
 from skinclf import train
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
-from skinclf.run_files import CV_RESULT, FOLD_RESULT, GRID_CSV, GRID_MD
+from skinclf.run_files import CV_RESULT, FOLD_RESULT, FOLDS_RECORD, GRID_CSV, GRID_MD
 from skinclf.sweep import cross_validation
 from skinclf.sweep.cross_validation import cross_validate, stratified_folds
 from skinclf.sweep.grid import format_grid, rank_grid, write_grid
@@ -82,6 +82,47 @@ def test_folds_keep_each_lesion_whole() -> None:
     n_mel_lesions = len(set(lesions[labels == 1]))
     with pytest.raises(SkinclfError, match=f"has {n_mel_lesions} lesions"):
         stratified_folds(labels, n_mel_lesions + 1, seed=0, lesions=lesions)
+
+
+def test_a_grouped_fold_without_a_class_is_refused(monkeypatch) -> None:
+    # StratifiedGroupKFold spreads lesions greedily: with lesions of mixed labels a fold can get
+    # no MEL, and its accuracy would then say nothing about melanoma.
+    import sklearn.model_selection
+
+    class AllMelInFoldZero:
+        def __init__(self, **kwargs):
+            pass
+
+        def split(self, x, labels, groups):
+            mel = np.flatnonzero(labels == 1)
+            nv = np.flatnonzero(labels == 0)
+            yield nv[1:], np.concatenate([mel, nv[:1]])
+            yield np.concatenate([mel, nv[:1]]), nv[1:]
+
+    monkeypatch.setattr(sklearn.model_selection, "StratifiedGroupKFold", AllMelInFoldZero)
+    labels = np.array([1, 1, 0, 0, 0, 0])
+    lesions = np.array(["a", "b", "c", "d", "e", "f"], dtype=object)
+    with pytest.raises(SkinclfError, match="cv.folds=2: fold 1 gets no MEL image .* expected fewer folds"):
+        stratified_folds(labels, 2, seed=0, lesions=lesions)
+
+
+def test_a_grid_point_resumes_only_on_the_folds_it_began_with(tmp_path: Path) -> None:
+    folds = stratified_folds(np.array([0, 1] * 10), 2, seed=0)
+    point = tmp_path / "point"
+    (point / "fold_0").mkdir(parents=True)
+    cross_validation._check_same_folds(point, folds, grouped=True)  # the first start records them
+    (point / "fold_0" / FOLD_RESULT).write_text('{"best_val_acc": 0.9}')
+    cross_validation._check_same_folds(point, folds, grouped=True)  # the same folds: resumes
+    other = stratified_folds(np.array([0, 1] * 10), 2, seed=1)  # e.g. the manifest changed
+    with pytest.raises(SkinclfError, match=f"{point}: its folds were drawn from other images"):
+        cross_validation._check_same_folds(point, other, grouped=True)
+    # Begun by a skinclf that kept no record: accepted where folds were never grouped by lesion
+    # (they were drawn as now), refused where they now are.
+    (point / FOLDS_RECORD).unlink()
+    with pytest.raises(SkinclfError, match="began before skinclf kept each lesion's images in one fold"):
+        cross_validation._check_same_folds(point, folds, grouped=True)
+    cross_validation._check_same_folds(point, folds, grouped=False)
+    assert (point / FOLDS_RECORD).is_file()
 
 
 class _NeverRead:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -206,6 +207,33 @@ def test_cross_validation_on_a_prepared_folder_keeps_each_lesion_whole(tmp_path,
     monkeypatch.setattr(cross_validation, "stratified_folds", folds)
     with pytest.raises(_FoldsMade):
         cross_validation.cross_validate(cfg, tmp_path / "point")
+
+
+def test_lesion_ids_follow_the_images_kept_and_cached(tmp_path, caplog):
+    fake_ham10000(tmp_path / "download")
+    root = tmp_path / "out"
+    prepare_main([str(tmp_path / "download"), str(root)])
+    manifest = pd.read_csv(root / "manifest.csv", keep_default_na=False)
+    files = find_images(root)["train"][0]
+    files[0].write_bytes(b"not an image")  # skipped: the lesion ids of the others must not shift
+    lesion_of = dict(zip(manifest["file"], manifest["lesion_id"], strict=True))
+    expected = [lesion_of[f.relative_to(root).as_posix()] for f in files[1:]]
+    cfg = compose_config(
+        [
+            "data=folder",
+            f"data.root={root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.skip_bad_images=true",
+        ]
+    )
+    decoded, cached = load_splits(cfg.data).train, load_splits(cfg.data).train
+    assert decoded.lesions.tolist() == expected and cached.lesions.tolist() == expected
+    # A manifest that lists none of the images (folders renamed since prepare): said, not silent.
+    manifest.assign(file="renamed/" + manifest["file"]).to_csv(root / "manifest.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        train = load_splits(cfg.data).train
+    assert f"{root / 'manifest.csv'}: lists none of the {len(expected)} images of train/" in caplog.text
+    assert len(set(train.lesions)) == len(train)
 
 
 def test_balance_and_no_test_split(tmp_path):

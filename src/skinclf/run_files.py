@@ -30,6 +30,9 @@ TEST_METRICS = "test_metrics.json"
 # each fold's result in its fold_K/ folder, then the mean over the folds, last.
 FOLD_RESULT = "fold_result.json"
 CV_RESULT = "cv_result.json"
+# Beside them, written before the first fold: which images each fold validates on (a digest), so
+# that a resume never mixes folds drawn two ways.
+FOLDS_RECORD = "folds.json"
 # In a grid search's sweep folder, at the end of the sweep: its points ranked by CV_RESULT.
 GRID_CSV = "grid_search.csv"
 GRID_MD = "grid_search.md"

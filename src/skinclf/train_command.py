@@ -112,7 +112,10 @@ def _undo_refused_run(out_dir: Path, state: str | None, found: set[str]) -> None
     train.log, with the error; if the run had claimed it (``state`` new), the claim goes, so that
     the corrected launch is not held to the refused config. An earlier run's folder (even one
     stopped before its first epoch) stays."""
-    if not out_dir.is_dir() or not {p.name for p in out_dir.iterdir()} - found <= BOOKKEEPING:
+    if not out_dir.is_dir():
+        return
+    added = {p.name for p in out_dir.iterdir()} - found
+    if not added <= BOOKKEEPING:  # the run produced something: it is no refusal to undo
         return
     if SweepSummary.started == out_dir:
         shutil.rmtree(out_dir, ignore_errors=True)

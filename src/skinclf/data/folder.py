@@ -116,9 +116,9 @@ def _check_classes_kept(
 
 
 def _lesions_by_file(root: Path) -> dict[str, str] | None:
-    """The lesion id of each image that ROOT/manifest.csv names one for, by its path relative to
-    ROOT; None without a manifest with ``file`` and ``lesion_id`` columns (any other manifest is
-    the user's own and not read further)."""
+    """The lesion id ("" where the download gave none) of each image ROOT/manifest.csv lists, by
+    its path relative to ROOT; None without a manifest with ``file`` and ``lesion_id`` columns
+    (any other manifest is the user's own and not read further)."""
     path = root / MANIFEST
     if not path.is_file():
         return None
@@ -127,13 +127,20 @@ def _lesions_by_file(root: Path) -> dict[str, str] | None:
     except (OSError, ValueError) as err:  # pandas' parser errors are ValueErrors too
         log.info(f"{path}: no lesion ids read ({first_line(err)}); images count as lesions of their own")
         return None
-    return {file: lesion for file, lesion in zip(table["file"], table["lesion_id"], strict=True) if lesion}
+    return dict(zip(table["file"], table["lesion_id"], strict=True))
 
 
 def _lesions_of(files: list[Path], root: Path, lesion_of: dict[str, str]) -> np.ndarray:
     """The lesion of each of ``files``; an image the manifest gives none for is one of its own."""
     relative = [file.relative_to(root).as_posix() for file in files]
-    return np.array([lesion_of.get(name, f"file:{name}") for name in relative], dtype=object)
+    if files and not any(name in lesion_of for name in relative):
+        # Folders renamed or images moved since prepare wrote it: say so, rather than let
+        # cross-validation count every image as a lesion of its own without a word.
+        log.warning(
+            f"{root / MANIFEST}: lists none of the {len(files)} images of "
+            f"{files[0].relative_to(root).parts[0]}/; each counts as a lesion of its own"
+        )
+    return np.array([lesion_of.get(name) or f"file:{name}" for name in relative], dtype=object)
 
 
 def load_splits(data_cfg: DictConfig) -> ImageSplits:

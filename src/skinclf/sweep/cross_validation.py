@@ -9,6 +9,7 @@ hyperparameters win.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import replace
@@ -22,7 +23,7 @@ from skinclf.config import number_setting
 from skinclf.data import ImageSplits, Split, load_splits
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_write_json
-from skinclf.run_files import BEST_CHECKPOINT, CV_RESULT, FOLD_RESULT, LAST_CHECKPOINT
+from skinclf.run_files import BEST_CHECKPOINT, CV_RESULT, FOLD_RESULT, FOLDS_RECORD, LAST_CHECKPOINT
 from skinclf.training.hardware import resolve_device
 from skinclf.training.loop import LoopSettings, fit
 
@@ -56,7 +57,44 @@ def stratified_folds(
         splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
         return list(splitter.split(np.zeros(len(labels)), labels))
     grouped = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    return list(grouped.split(np.zeros(len(labels)), labels, groups=lesions))
+    folds = list(grouped.split(np.zeros(len(labels)), labels, groups=lesions))
+    # Its greedy spread does not promise both classes in every fold (lesions of mixed labels).
+    for i, (_, val) in enumerate(folds):
+        for label, name in ((1, "MEL"), (0, "NV")):
+            if not (labels[val] == label).any():
+                raise SkinclfError(
+                    f"cv.folds={k}: fold {i} gets no {name} image (its lesions could not be spread "
+                    f"over {k} folds); expected fewer folds"
+                )
+    return folds
+
+
+def _check_same_folds(out_dir: Path, folds: list[tuple[np.ndarray, np.ndarray]], grouped: bool) -> None:
+    """A grid point resumes only on the folds it began with: a fold's result or checkpoint from
+    other folds (the data or its manifest.csv changed, or the point began before skinclf kept
+    lesions whole) would be averaged with, or go on training on, images now in its validation
+    part. Records the folds in FOLDS_RECORD on the first start."""
+    digest = hashlib.sha256()
+    for _, val in folds:
+        digest.update(np.asarray(val, dtype=np.int64).tobytes() + b"|")
+    record = {"images": int(sum(len(val) for _, val in folds)), "folds_sha256": digest.hexdigest()}
+    path = out_dir / FOLDS_RECORD
+    begun = any(out_dir.glob("fold_*/*"))
+    if path.exists():
+        if json.loads(path.read_text()) != record:
+            raise SkinclfError(
+                f"{out_dir}: its folds were drawn from other images or lesions than this launch's "
+                "(data.root's images or manifest.csv changed since the grid point began); use a new "
+                "hydra.sweep.dir"
+            )
+        return
+    # Begun by a skinclf that kept no record: its folds match only where they did not group lesions.
+    if begun and grouped:
+        raise SkinclfError(
+            f"{out_dir}: began before skinclf kept each lesion's images in one fold, so its finished "
+            "folds let lesions into both parts; use a new hydra.sweep.dir"
+        )
+    atomic_write_json(record, path)
 
 
 def subset(split: Split, indices: np.ndarray) -> Split:
@@ -142,6 +180,7 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     name, train = splits.name, splits.train
     del splits
     folds = stratified_folds(train.labels.numpy(), k, seed, train.lesions)
+    _check_same_folds(out_dir, folds, grouped=train.lesions is not None)
     grouping = "" if train.lesions is None else f", {len(set(train.lesions))} lesions kept whole"
     log.info(
         f"{k}-fold cross-validation of model={cfg.model.name} batch_size={cfg.data.batch_size} "
