@@ -787,6 +787,7 @@ def test_an_out_inside_another_hydra_applications_folder_is_accepted(tmp_path):
     build_report([project / "runs"], project / "reports")
     assert (project / "reports" / "table1.md").is_file()
 
+
 def test_a_report_that_fails_leaves_no_out_folder_behind(sweep, tmp_path):
     predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"
     pd.read_csv(predictions).drop(columns="prob_mel").to_csv(predictions, index=False)
