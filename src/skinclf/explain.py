@@ -84,6 +84,7 @@ def explain_files(
     problems: list[str] = []
     taken: set[str] = set()
     chunk: list[tuple[Path, torch.Tensor]] = []
+    synthetic = run.trained_on_synthetic_data  # said at the foot of every figure
 
     def explain_chunk() -> None:
         if not chunk:
@@ -105,7 +106,6 @@ def explain_files(
         ):
             title = f"{path.name} - model={run.model_name}, layer {cam.layer}"
             evidence = ("MEL" if mel else "NV") + (", mean of image + 3 flips" if tta else "")
-            synthetic = run.trained_on_synthetic_data
             fig = render(image, heatmap, prob, run.threshold, title, evidence, cam.window, synthetic)
             out = out_dir / _unique_name(path, taken)
             save_figure(fig, out)

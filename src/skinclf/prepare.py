@@ -185,8 +185,8 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, fractions: np.ndarray,
 
     Per class, each split with a share first gets one group, then the other groups (lesions) go
     in seeded random order, each to the split furthest below its target share of that class's
-    images: the proportions come out within about one group of
-    ``fractions``, and lesions of every size reach every split. (Largest first would fit the
+    images: the proportions come out within about one group of ``fractions``, and lesions of
+    every size can land in every split. (Largest first would fit the
     proportions more tightly, but would hand every lesion of several images to train, the split
     furthest behind while they come: val and test would then hold another kind of lesion, and no
     seed would change that.) A group of mixed labels follows its majority label.

@@ -79,7 +79,6 @@ def _check_same_folds(out_dir: Path, folds: list[tuple[np.ndarray, np.ndarray]],
         digest.update(np.asarray(val, dtype=np.int64).tobytes() + b"|")
     record = {"images": int(sum(len(val) for _, val in folds)), "folds_sha256": digest.hexdigest()}
     path = out_dir / FOLDS_RECORD
-    begun = any(out_dir.glob("fold_*/*"))
     if path.exists():
         if json.loads(path.read_text()) != record:
             raise SkinclfError(
@@ -89,7 +88,7 @@ def _check_same_folds(out_dir: Path, folds: list[tuple[np.ndarray, np.ndarray]],
             )
         return
     # Begun by a skinclf that kept no record: its folds match only where they did not group lesions.
-    if begun and grouped:
+    if grouped and any(out_dir.glob("fold_*/*")):
         raise SkinclfError(
             f"{out_dir}: began before skinclf kept each lesion's images in one fold, so its finished "
             "folds let lesions into both parts; use a new hydra.sweep.dir"
