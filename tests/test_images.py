@@ -74,6 +74,25 @@ def test_16_bit_grayscale_scale_does_not_depend_on_the_pixels(tmp_path):
     assert decoded == [round(200 * 255 / 65535), round(300 * 255 / 65535), 255]
 
 
+def test_float_tiff_is_read_on_the_0_to_1_scale(tmp_path):
+    # A float image in 0..1 (scikit-image's convention) was read as 0..255 and came out black.
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.tile(np.linspace(0, 1, 128, dtype=np.float32), (128, 1))).save(path)
+    assert Image.open(path).mode == "F"
+    row = decode_image(path)[0, 64].numpy().astype(int)
+    assert row[0] == 0 and row[-1] == 255 and abs(row[64] - 129) <= 1 and (np.diff(row) >= 0).all()
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.0, 200.0), (-0.5, 1.0), (0.0, float("nan"))])
+def test_float_tiff_outside_0_to_1_is_refused_naming_it(tmp_path, low, high):
+    path = tmp_path / "counts.tif"
+    pixels = np.full((16, 16), 0.5, np.float32)
+    pixels[0, 0], pixels[-1, -1] = low, high
+    Image.fromarray(pixels).save(path)
+    with pytest.raises(SkinclfError, match=rf"{path}: a floating-point image .* expected values from 0"):
+        decode_image(path)
+
+
 def test_exif_rotation_is_applied(tmp_path):
     # Stored: left half red, right half blue. Orientation 6 = rotate 90 degrees clockwise to
     # display, so the displayed image is red on top and blue at the bottom.

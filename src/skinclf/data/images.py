@@ -29,14 +29,31 @@ def _check_pixel_count(path: Path, img: Image.Image) -> None:
         )
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB, keeping the full tonal range of 16-bit grayscale."""
+def _check_float_range(path: Path, pixels: np.ndarray) -> None:
+    """Float images are read on the usual float scale, 0 = black and 1 = white (scikit-image,
+    OpenCV, ImageJ's normalised exports). One on another scale (0-255, raw counts) would
+    otherwise come out black or white without a word, so it is refused instead."""
+    # Half a grey level of slack either side: such values round into range anyway.
+    slack = 0.5 / 255
+    low, high = float(np.min(pixels)), float(np.max(pixels))
+    if not (-slack <= low and high <= 1 + slack):  # also catches NaN
+        raise SkinclfError(
+            f"{path}: a floating-point image with values from {low:g} to {high:g}; expected values "
+            "from 0 (black) to 1 (white); save it as an 8- or 16-bit image first"
+        )
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, keeping the full tonal range of 16-bit grayscale; a
+    floating-point image read on the 0-1 scale (``path`` names it if it is on another)."""
     if img.mode in _WIDE_GRAY_MODES:
         # PIL's own I;16 -> L conversion clips at 255, which turns most 16-bit images white.
         arr = np.asarray(img, dtype=np.float64)
         # A fixed scale, never one read from the pixels: a dark 16-bit image must stay darker
         # than a bright one. "I" is how PIL opens 16-bit PNGs too (32-bit TIFFs clip at white).
-        peak = 255.0 if img.mode == "F" else 65535.0
+        peak = 1.0 if img.mode == "F" else 65535.0
+        if img.mode == "F":
+            _check_float_range(path, arr)
         gray = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
@@ -50,7 +67,8 @@ def decode_image(path: str | Path, size: int = IMAGE_SIZE) -> torch.Tensor:
     """Decode the image at ``path`` into a uint8 tensor of shape (3, size, size), RGB.
 
     - Any mode PIL reads: RGB, RGBA/LA (alpha dropped), L, P (palette, with or without
-      transparency), CMYK, 16-bit grayscale PNG (I;16 / I, scaled 0-65535 -> 0-255, not clipped).
+      transparency), CMYK, 16-bit grayscale PNG (I;16 / I, scaled 0-65535 -> 0-255, not clipped),
+      floating-point grayscale TIFF (F, 0-1 -> 0-255; values outside 0-1 are refused).
     - EXIF orientation is applied first, so a phone photo stored sideways comes out upright.
     - The whole image is resized to ``size`` x ``size`` (antialiased bilinear; the aspect ratio is
       not kept, so no part of the lesion is cropped away, as in MedMNIST). Large JPEGs are
@@ -69,7 +87,7 @@ def decode_image(path: str | Path, size: int = IMAGE_SIZE) -> torch.Tensor:
                 img.draft("RGB", (size, size))
             img.load()  # decode everything now: a truncated file fails here, not later
             img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
+            img = _to_rgb(img, path)
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
             arr = np.array(img, dtype=np.uint8)  # a writable copy, owned by the tensor
