@@ -310,6 +310,27 @@ def test_a_refused_resume_keeps_a_run_stopped_before_its_first_epoch(tmp_path: P
         assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+def test_a_resume_that_fails_on_its_data_records_it_and_resumes_once_fixed(tmp_path: Path) -> None:
+    # Accepted, then failed (not refused): the folder says so, and stays resumable.
+    from test_data_folder import make_dataset
+
+    root = make_dataset(tmp_path / "ds", {"train": (8, 8), "val": (4, 4), "test": (4, 4)})
+    run_dir = tmp_path / "run"
+    args = ["data=folder", f"data.root={root}", "data.decode_cache=false", "trainer.max_epochs=2"]
+    train_cli(*args, f"hydra.run.dir={run_dir}", "trainer.progress=never", cwd=tmp_path)
+    (run_dir / "test_metrics.json").unlink()  # as if stopped before testing: resumable
+    root.rename(tmp_path / "moved")
+    failed = train_cli(*args, f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path, check=False)
+    assert failed.returncode == 2 and str(root) in failed.stderr
+    status = json.loads((run_dir / "job_status.json").read_text())
+    assert status["status"] == "failed" and str(root) in status["error"]
+    assert (run_dir / "last.pt").exists() and (run_dir / "metrics.csv").exists()
+    (tmp_path / "moved").rename(root)
+    train_cli(*args, f"hydra.run.dir={run_dir}", "resume=true", "trainer.progress=never", cwd=tmp_path)
+    assert json.loads((run_dir / "job_status.json").read_text())["status"] == "done"
+    assert json.loads((run_dir / "test_metrics.json").read_text())["n_test"] == 8
+
+
 def _as_an_older_skinclf_wrote_it(run_dir: Path, *dotted_keys: str) -> None:
     """Drop keys from run_config.json, as if the folder came from a version without them."""
     stored = json.loads((run_dir / RUN_CONFIG).read_text())
