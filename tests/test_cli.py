@@ -458,6 +458,18 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
             "eval.target_sensitivity=95",
             "eval.target_sensitivity=95.0: expected a fraction above 0, at most 1",
         ),
+        # Augmentation options, which trained quietly on p=1.5 or a nan angle (nan batches).
+        ("model=res_aug model.pipeline.p=1.5", "model.pipeline.p=1.5: expected a probability in [0, 1]"),
+        (
+            "model=augmented model.pipeline.crop_scale=[0,1]",
+            "model.pipeline.crop_scale=[0, 1]: expected [lo, hi] with 0 < lo <= hi <= 1 "
+            "(fractions of the side)",
+        ),
+        (
+            "model=augmented model.pipeline.max_rotation_degrees=nan",
+            "model.pipeline.max_rotation_degrees=nan: expected 0 to 180",
+        ),
+        ("recipe.augment.flip_p=3", "recipe.augment.flip_p=3: expected a probability in [0, 1]"),
         # Keys Hydra lets in with + (its own hint for a misspelt key), which nothing would read.
         (
             "+optim.lrr=0.001",
@@ -474,7 +486,7 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
     ],
 )
 def test_a_bad_setting_is_one_clear_error_before_training(tmp_path, override, expected):
-    proc = error_run(tmp_path, *TINY, override)
+    proc = error_run(tmp_path, *TINY, *override.split())
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"skinclf train: error: {expected}"
     assert "epoch" not in proc.stdout + proc.stderr.replace("max_epochs", "")

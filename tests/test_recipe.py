@@ -463,6 +463,22 @@ def test_bad_augment_values_are_one_clear_error(override, message, recipe):
         recipe_pipeline(DefaultPipeline(), cfg.recipe.augment)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"p": -0.1}, r"model.pipeline.p=-0.1: expected a probability in \[0, 1\]"),
+        ({"p": "half"}, r"model.pipeline.p='half': expected a probability"),
+        ({"max_rotation_degrees": 270}, "model.pipeline.max_rotation_degrees=270: expected 0 to 180"),
+        ({"crop_scale": [0.5]}, r"model.pipeline.crop_scale=\[0.5\]: expected \[lo, hi\]"),
+        ({"crop_scale": [1.0, 0.75]}, r"model.pipeline.crop_scale=\[1.0, 0.75\]: expected .* of the side"),
+    ],
+)
+def test_bad_paper_augmentation_options_are_one_clear_error(options, message):
+    with pytest.raises(SkinclfError, match=f"^{message}"):
+        AugmentedPipeline(**options)
+    assert AugmentedPipeline(p=1, max_rotation_degrees=0, crop_scale=[1, 1]).crop_scale == (1.0, 1.0)
+
+
 def test_augment_switches_take_booleans():
     cfg = compose_config(["recipe=modern", "recipe.augment.rot90=false"])
     pipeline = recipe_pipeline(DefaultPipeline(), cfg.recipe.augment)

@@ -4,7 +4,7 @@ and reading settings and paths from it."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,27 @@ def check_bool(key: str, value: object) -> bool:
 def is_number(value: object) -> bool:
     """A finite int or float (not a bool, not inf or nan): what a numeric option accepts."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def number_option(key: str, value: object, ok: Callable[[float], bool], expected: str) -> float:
+    """Option ``key`` as a float, or a SkinclfError naming it: a string or inf must not reach
+    ``float()`` or the comparisons (a ValueError traceback, or a NaN batch)."""
+    if not (is_number(value) and ok(value)):
+        raise SkinclfError(f"{key}={value!r}: expected {expected}")
+    return float(value)
+
+
+def number_pair(
+    key: str, value: object, ok: Callable[[float, float], bool], expected: str
+) -> tuple[float, float]:
+    """Option ``key`` as a (lo, hi) pair of floats, or a SkinclfError naming it: exactly two finite
+    numbers (a third one is not silently dropped) for which ``ok(lo, hi)`` holds."""
+    # Hydra hands over a ListConfig, a Sequence; a string is one too but never a pair.
+    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+    if items is None or len(items) != 2 or not all(is_number(v) for v in items) or not ok(*items):
+        shown = items if items is not None else value
+        raise SkinclfError(f"{key}={shown!r}: expected [lo, hi] with {expected}")
+    return float(items[0]), float(items[1])
 
 
 def number_setting(cfg: DictConfig, key: str, kind: type[int] | type[float], prefix: str = "") -> int | float:

@@ -297,6 +297,8 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if cfg.data.get("name") == "synthetic":
         synthetic_settings(cfg.data)
+    # The pipeline's and the recipe's augmentation options, checked as they are built (cheap: no data).
+    recipe_pipeline(instantiate_config(cfg.model.pipeline), cfg.recipe.augment)
     # Switches read with bool() further on, where Hydra's `off` or `no` (strings) would count as true.
     for key in SWITCHES:
         value = OmegaConf.select(cfg, key, default=None)

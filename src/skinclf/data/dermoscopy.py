@@ -19,13 +19,12 @@ fixed order, so a run's augmentation depends only on its seed, on any device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from skinclf.config import check_bool, is_number
+from skinclf.config import check_bool, number_option, number_pair
 from skinclf.data.pipeline import warp
 from skinclf.errors import SkinclfError
 
@@ -61,25 +60,6 @@ def recipe_pipeline(pipeline: Any, augment: Any) -> Any:
     return augmentation if enabled else pipeline
 
 
-def _number(key: str, value: object, ok: Callable[[float], bool], expected: str) -> float:
-    """``recipe.augment.<key>`` as a float, or a SkinclfError naming it: a string or inf must not
-    reach ``float()`` or the comparisons (a ValueError traceback, or a NaN batch)."""
-    if not (is_number(value) and ok(value)):
-        raise SkinclfError(f"recipe.augment.{key}={value!r}: expected {expected}")
-    return float(value)
-
-
-def _pair(key: str, value: object, ok: Callable[[float, float], bool], expected: str) -> tuple[float, float]:
-    """``recipe.augment.<key>`` as a (lo, hi) pair of floats, or a SkinclfError naming it: exactly
-    two finite numbers (a third one is not silently dropped) for which ``ok(lo, hi)`` holds."""
-    # Hydra hands over a ListConfig, a Sequence; a string is one too but never a pair.
-    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
-    if items is None or len(items) != 2 or not all(is_number(v) for v in items) or not ok(*items):
-        shown = items if items is not None else value
-        raise SkinclfError(f"recipe.augment.{key}={shown!r}: expected [lo, hi] with {expected}")
-    return float(items[0]), float(items[1])
-
-
 class DermoscopyAugmentation:
     """Wraps a model's pipeline: its normalisation (fit on the training split, state, evaluation
     batches) is kept, its own training augmentation (if any) is replaced by this one."""
@@ -97,16 +77,20 @@ class DermoscopyAugmentation:
     ) -> None:
         self.base = base
         self.rot90 = check_bool("recipe.augment.rot90", rot90)
-        self.flip_p = _number("flip_p", flip_p, lambda p: 0 <= p <= 1, "a probability in [0, 1]")
-        self.crop_scale = _pair(
-            "crop_scale",
+        self.flip_p = number_option(
+            "recipe.augment.flip_p", flip_p, lambda p: 0 <= p <= 1, "a probability in [0, 1]"
+        )
+        self.crop_scale = number_pair(
+            "recipe.augment.crop_scale",
             crop_scale,
             lambda lo, hi: 0 < lo <= hi <= 1,
             "0 < lo <= hi <= 1 (fractions of the area)",
         )
-        self.crop_ratio = _pair("crop_ratio", crop_ratio, lambda lo, hi: 0 < lo <= hi, "0 < lo <= hi")
+        self.crop_ratio = number_pair(
+            "recipe.augment.crop_ratio", crop_ratio, lambda lo, hi: 0 < lo <= hi, "0 < lo <= hi"
+        )
         brightness, contrast, saturation = (
-            _number(key, value, lambda f: 0 <= f < 1, "a number in [0, 1)")
+            number_option(f"recipe.augment.{key}", value, lambda f: 0 <= f < 1, "a number in [0, 1)")
             for key, value in zip(JITTER, (brightness, contrast, saturation), strict=True)
         )
         self.jitter = (brightness, contrast, saturation)

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from skinclf.config import number_option, number_pair
+
 _CHUNK = 512  # images per chunk when computing dataset statistics, to bound memory
 
 
@@ -108,9 +110,19 @@ class AugmentedPipeline(DefaultPipeline):
         crop_scale: tuple[float, float] = (0.75, 1.0),
     ) -> None:
         super().__init__()
-        self.p = float(p)
-        self.max_rotation = math.radians(float(max_rotation_degrees))
-        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        # Checked here, where a bad value would otherwise train quietly: p=1.5 applies everything
+        # always, crop_scale [0, 1] samples from a point, and nan turns the batch into nan.
+        self.p = number_option("model.pipeline.p", p, lambda q: 0 <= q <= 1, "a probability in [0, 1]")
+        degrees = number_option(
+            "model.pipeline.max_rotation_degrees", max_rotation_degrees, lambda d: 0 <= d <= 180, "0 to 180"
+        )
+        self.max_rotation = math.radians(degrees)
+        self.crop_scale = number_pair(
+            "model.pipeline.crop_scale",
+            crop_scale,
+            lambda lo, hi: 0 < lo <= hi <= 1,
+            "0 < lo <= hi <= 1 (fractions of the side)",
+        )
 
     def fit(self, train_images: torch.Tensor) -> None:
         self.mean, self.std = channel_stats(train_images)
