@@ -788,27 +788,83 @@ def test_an_out_inside_another_hydra_applications_folder_is_accepted(tmp_path):
     assert (project / "reports" / "table1.md").is_file()
 
 
-def test_a_report_that_fails_leaves_no_out_folder_behind(sweep, tmp_path):
-    predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"
-    pd.read_csv(predictions).drop(columns="prob_mel").to_csv(predictions, index=False)
-    with pytest.raises(SkinclfError, match=f"{predictions}: unreadable"):
+def _fail_drawing_the_roc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the report fail while writing its files, after the tables were made (a full disk)."""
+
+    def fail(groups):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("skinclf.report.command.roc_figure", fail)
+
+
+def test_a_report_that_fails_leaves_no_out_folder_behind(sweep, tmp_path, monkeypatch):
+    _fail_drawing_the_roc(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
         build_report([sweep], tmp_path / "new" / "reports")
     assert not (tmp_path / "new").exists()
 
 
-def test_a_failed_report_leaves_an_earlier_report_as_it_was(sweep, tmp_path):
+def test_a_failed_report_leaves_an_earlier_report_as_it_was(sweep, tmp_path, monkeypatch):
     out = tmp_path / "reports"
     build_report([sweep], out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     # The next report would change every table (a new run), but fails drawing its ROC.
     write_run(sweep / "more", "resnet", [0.5, 0.6], [0.6, 0.7], seed=1)
-    predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"
-    pd.read_csv(predictions).drop(columns="prob_mel").to_csv(predictions, index=False)
-    with pytest.raises(SkinclfError, match="unreadable"):
+    _fail_drawing_the_roc(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
         build_report([sweep], out)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # no file of the failed report, and no staging folder, is left
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def _report_with_damaged_predictions(sweep: Path, out: Path, capsys) -> tuple[Path, str, pd.DataFrame]:
+    """`skinclf report` of ``sweep``, whose res_aug run's predictions.csv the caller damaged:
+    (that file, the report's stderr, runs.csv), after checking that everything else was written."""
+    predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"
+    cli_main(["report", str(sweep), "--out", str(out)])  # exit status 0, as for other damaged runs
+    err = capsys.readouterr().err.strip()
+    written = {p.name for p in out.iterdir()}
+    assert written >= {"runs.csv", "table1.csv", "table1.md", "table1.tex", "curves.png", "curves.pdf"}
+    assert {"confusion_matrix.csv", "roc.png"} <= written  # from the other runs
+    # The run still counts in Table 1: only its ROC curve came from the damaged file.
+    assert _row(pd.read_csv(out / "table1.csv"), "res_aug")["n"] == 1
+    from skinclf.report.runs import check_test_predictions  # new with this behaviour
+
+    groups = group_runs(finished(find_runs([sweep])))
+    [res_aug] = [g for g in groups["synthetic"] if g.model == "res_aug"]
+    check_test_predictions(res_aug.runs)
+    assert roc_data(res_aug) is None
+    return predictions, err, pd.read_csv(out / "runs.csv").set_index("model")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncated", "predictions.csv line {n}: prob_mel is empty or NaN; expected a probability in [0, 1]"),
+        ("no columns", "predictions.csv lacks columns ['label', 'prob_mel']; expected columns"),
+        ("not CSV", "predictions.csv unreadable ("),
+        ("empty", "predictions.csv unreadable (No columns to parse from file); expected columns"),
+    ],
+    ids=["truncated", "no columns", "not CSV", "empty"],
+)
+def test_a_damaged_predictions_csv_costs_its_run_the_roc_curve_only(damage, message, sweep, tmp_path, capsys):
+    predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"
+    text = predictions.read_text()
+    {
+        "truncated": lambda: predictions.write_text(text[: text.rindex(",") + 1]),  # cut mid-row
+        "no columns": lambda: pd.read_csv(predictions).iloc[:, :2].to_csv(predictions, index=False),
+        "not CSV": lambda: predictions.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 40),
+        "empty": lambda: predictions.write_text(""),
+    }[damage]()
+    n = len(text.splitlines())  # the last line, cut short
+    path, err, runs = _report_with_damaged_predictions(sweep, tmp_path / "reports", capsys)
+    expected = message.format(n=n)
+    assert err.startswith(f"skinclf report: warning: {path.parent}/{expected}") and len(err.splitlines()) == 1
+    assert err.endswith("its run is left out of roc.png")
+    assert runs.loc["res_aug", "status"] == "finished"
+    assert runs.loc["res_aug", "problem"].startswith(expected)
+    assert runs.loc["res_aug", "problem"].endswith("; left out of roc.png")
 
 
 @pytest.mark.parametrize(
@@ -819,8 +875,9 @@ def test_a_failed_report_leaves_an_earlier_report_as_it_was(sweep, tmp_path):
         ("label 2", "line {n}: label is '2'; expected 0 (NV) or 1 (MEL)"),
         ("after a blank line", "line {n_after_blank}: prob_mel is 'abc'; expected a probability in [0, 1]"),
     ],
+    ids=["text probability", "row cut short", "label 2", "after a blank line"],
 )
-def test_a_damaged_prediction_is_one_error_naming_file_and_line(damage, message, sweep, tmp_path):
+def test_a_damaged_prediction_is_named_by_file_and_line(damage, message, sweep, tmp_path, capsys):
     predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"
     lines = predictions.read_text().splitlines()
     row = [line.split(",")[0] for line in lines].index("test") + 1  # the second test row
@@ -832,10 +889,10 @@ def test_a_damaged_prediction_is_one_error_naming_file_and_line(damage, message,
         "after a blank line": f"\n{split},{index},{label},abc",  # a line further down the file
     }[damage]
     predictions.write_text("\n".join(lines) + "\n")
-    with pytest.raises(SkinclfError) as err:
-        build_report([sweep], tmp_path / "reports")
-    assert str(err.value) == f"{predictions} {message.format(n=row + 1, n_after_blank=row + 2)}"
-    assert not (tmp_path / "reports").exists()
+    _, err, runs = _report_with_damaged_predictions(sweep, tmp_path / "reports", capsys)
+    expected = message.format(n=row + 1, n_after_blank=row + 2)
+    assert err == f"skinclf report: warning: {predictions} {expected}; its run is left out of roc.png"
+    assert runs.loc["res_aug", "problem"] == f"predictions.csv {expected}; left out of roc.png"
 
 
 def test_a_report_without_test_data_leaves_no_figure_of_an_earlier_report(sweep, tmp_path):

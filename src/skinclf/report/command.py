@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +13,15 @@ from skinclf.errors import SkinclfError, counted, not_a_folder
 from skinclf.io import output_folder
 from skinclf.report.figures import confusion_figure, curves_figure, roc_figure
 from skinclf.report.groups import group_runs
-from skinclf.report.runs import FAILED, FINISHED, UNFINISHED, Run, find_runs, load_run
+from skinclf.report.runs import (
+    FAILED,
+    FINISHED,
+    UNFINISHED,
+    Run,
+    check_test_predictions,
+    find_runs,
+    load_run,
+)
 from skinclf.report.tables import (
     confusion_table,
     finished,
@@ -31,7 +40,8 @@ Writes paper Table 1 (table1.csv/.md/.tex), the best model's test confusion matr
 test ROC curves of all models (roc.png) and a list of every run found (runs.csv).
 Runs are grouped per dataset and never averaged across datasets; runs of one model that differ
 only in seed are aggregated as mean ± std over n. Unfinished or failed runs are listed in
-runs.csv only."""
+runs.csv only; a run whose predictions.csv is damaged is left out of roc.png alone (a warning
+names the file)."""
 
 
 def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]]:
@@ -55,6 +65,8 @@ def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]
         if not done:
             raise SkinclfError(_no_finished_runs(dirs, runs))
         groups = group_runs(done)
+        # Only the runs drawn: a repeated seed, left out, needs no warning about its file.
+        check_test_predictions([run for in_data in groups.values() for g in in_data for run in g.runs])
         table = table1(groups)
         confusion = confusion_table(groups, table)
 
@@ -148,10 +160,17 @@ def main(args: list[str]) -> None:
     parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
     ns = parser.parse_args(args)
     runs, written = build_report(ns.dirs, ns.out)
+    for run in runs:
+        if run.predictions_problem:  # begins with the file's name: after the folder, its path
+            print(
+                f"skinclf report: warning: {run.path}{os.sep}{run.predictions_problem}; "
+                "its run is left out of roc.png",
+                file=sys.stderr,
+            )
     print(", ".join(f"{n} {status}" for status, n in status_counts(runs).items()) + " run(s); see runs.csv")
     if not any(path.name == "confusion_matrix.csv" for path in written):
         print("no tested runs (no test split): confusion_matrix.* not written")
     if not any(path.name == "roc.png" for path in written):
-        print("no predictions.csv with test rows: roc.png not written")
+        print("no readable predictions.csv with test rows: roc.png not written")
     for path in written:
         print(f"wrote {path}")

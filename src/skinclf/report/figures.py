@@ -172,7 +172,8 @@ def roc_data(group: Group) -> RocData | None:
 
     curves, aucs = [], []
     for run in group.runs:
-        predictions = run.test_predictions() if run.tested else None
+        # A run whose predictions.csv is damaged was named on stderr and in runs.csv instead.
+        predictions = run.test_predictions() if run.tested and not run.predictions_problem else None
         if predictions is None or predictions["label"].nunique() < 2:
             continue
         fpr, tpr, _ = roc_curve(predictions["label"], predictions["prob_mel"])

@@ -54,6 +54,7 @@ RUN_FILES = (RUN_CONFIG, STATUS_FILE, *RESULT_FILES)
 RESUME_HINT = "resume=true, or re-launching its sweep, continues it"
 
 METRICS_REQUIRED = ("epoch", "train_acc", "val_acc")
+PREDICTIONS_REQUIRED = ("split", "label", "prob_mel")
 # test_metrics.json of a run with a test split: scores that are fractions, and those of them that
 # are NaN (JSON NaN) when undefined: sensitivity without a MEL image, AUC without both classes.
 TEST_SCORES = ("accuracy", "f1", "sensitivity", "specificity", "roc_auc")
@@ -93,6 +94,9 @@ class Run:
     problem: str = ""
     history: pd.DataFrame | None = None
     test: dict | None = None
+    # Why its predictions.csv cannot be read (see check_test_predictions): the run then counts
+    # everywhere but in the ROC figure, whose curve is the only thing read from that file.
+    predictions_problem: str = ""
 
     @property
     def best_epoch(self) -> int | None:
@@ -107,17 +111,23 @@ class Run:
         return self.status == FINISHED and bool(self.test) and int(self.test.get("n_test", 0)) > 0
 
     def test_predictions(self) -> pd.DataFrame | None:
-        """The test rows of predictions.csv (``label``, ``prob_mel``), or None when absent."""
+        """The test rows of predictions.csv (``label``, ``prob_mel``), or None when absent.
+
+        A damaged file raises ValueError with a message that begins with the file's name, as
+        one of metrics.csv does (see :func:`check_test_predictions`)."""
         path = self.path / PREDICTIONS
         if not path.is_file():
             return None
+        expected_columns = "expected columns split,index,label,prob_mel"
         try:
             frame = _read_csv_keeping_line_numbers(path)
-            test = frame.loc[frame["split"] == "test", ["label", "prob_mel"]]
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, UnicodeDecodeError) as err:
-            raise SkinclfError(
-                f"{path}: unreadable ({err}); expected columns split,index,label,prob_mel"
-            ) from err
+        # ValueError: pandas' parser and empty-file errors, and a file that is no UTF-8 text.
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{PREDICTIONS} unreadable ({first_line(err)}); {expected_columns}") from err
+        missing = [c for c in PREDICTIONS_REQUIRED if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{PREDICTIONS} lacks columns {missing}; {expected_columns}")
+        test = frame.loc[frame["split"] == "test", ["label", "prob_mel"]]
         # Checked as metrics.csv is: a text cell or a row cut short would otherwise reach the ROC
         # curve as a traceback, and a label outside 0/1 would draw a wrong one.
         for column, ok, expected in (
@@ -127,9 +137,26 @@ class Run:
             values = pd.to_numeric(test[column], errors="coerce").to_numpy(dtype=float)
             bad = ~ok(values)  # NaN (text, an empty cell) fails too
             if bad.any():
-                raise SkinclfError(f"{path} {_first_bad_cell(test, column, bad)}; expected {expected}")
+                raise ValueError(f"{PREDICTIONS} {_first_bad_cell(test, column, bad)}; expected {expected}")
             test[column] = values.astype(int) if column == "label" else values
         return test.reset_index(drop=True)
+
+
+def check_test_predictions(runs: Sequence[Run]) -> None:
+    """Read the predictions.csv of each tested run of ``runs``; those that cannot be read get
+    their ``predictions_problem``, also named in their ``problem`` for runs.csv.
+
+    A damaged predictions.csv costs its run the ROC curve only: its Table 1 numbers and confusion
+    matrix come from metrics.csv and test_metrics.json, and the other runs' report must not be
+    lost over it."""
+    for run in runs:
+        if not run.tested:
+            continue
+        try:
+            run.test_predictions()
+        except ValueError as err:
+            run.predictions_problem = str(err)
+            run.problem = f"{err}; left out of roc.png"
 
 
 def describe_dataset(data: str) -> str:
