@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,6 +127,21 @@ def image_and_kept_file(tmp_path: Path) -> tuple[Path, Path]:
     kept = tmp_path / "notes.txt"
     kept.write_text("keep me")
     return image, kept
+
+
+def another_run(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of ``run_dir``'s files without its checkpoints (MBs that no test here reads), and a
+    grid-search point's fold folder: another skinclf run, whose files an --out must leave alone."""
+    other = tmp_path / "other_run"
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("*.pt"))
+    (other / "fold_0").mkdir()
+    (other / "fold_0" / "metrics.csv").write_text((other / "metrics.csv").read_text())
+    return other
+
+
+def files_of(folder: Path) -> dict[Path, bytes]:
+    """Every file under ``folder`` and its bytes: what a refused command must leave as it was."""
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
 def simple_cnn_killed_at_seed(kill_seed: int, seed: int, signum: int = signal.SIGKILL, **arch):

@@ -24,7 +24,7 @@ from skinclf.errors import SkinclfError
 from skinclf.predict import predict_files
 from skinclf.trained_run import load_trained_run
 
-from conftest import TINY, fail_if_called, image_and_kept_file, train_in_process
+from conftest import TINY, another_run, fail_if_called, files_of, image_and_kept_file, train_in_process
 
 N_IMAGES = 10
 
@@ -216,6 +216,47 @@ def test_an_out_over_an_input_or_inside_the_run_is_refused(run_and_images, tmp_p
     assert err.startswith(f"skinclf predict: error: --out {out}: ") and len(err.splitlines()) == 1
     assert (out.read_bytes() if out.exists() else None) == before
     assert not (run_dir / "mine").exists()  # nor the folder made for it
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "predictions.csv",
+        "metrics.csv",
+        "test_metrics.json",
+        "job_status.json",  # not there yet: a running sweep job writes it later
+        ".hydra/config.yaml",
+        "fold_0/metrics.csv",
+        "fold_1/new.csv",  # a fold folder is the run's alone
+    ],
+)
+def test_an_out_over_another_runs_own_file_is_refused(run_and_images, tmp_path, capsys, name):
+    run_dir, folder, _ = run_and_images
+    other = another_run(run_dir, tmp_path)
+    before = files_of(other)
+    out = other / name
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(run_dir, folder / "test_000.png", "--out", out)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    own = other / name.split("/")[0]
+    where = "is" if own == out else "lies in"
+    assert err == (
+        f"skinclf predict: error: --out {out}: {where} {own}, which the skinclf run in {other} "
+        "writes; expected a CSV path that is none of a run's own files"
+    )
+    assert files_of(other) == before
+    assert sorted(p.name for p in other.iterdir()) == sorted({p.relative_to(other).parts[0] for p in before})
+
+
+def test_a_new_file_in_another_run_folder_is_written(run_and_images, tmp_path):
+    # The smallest rule: only a run's own files are refused, not the user's folder around them.
+    run_dir, folder, _ = run_and_images
+    other = another_run(run_dir, tmp_path)
+    before = files_of(other)
+    _predict(run_dir, folder / "test_000.png", "--out", other / "mine" / "pred.csv")
+    assert len(pd.read_csv(other / "mine" / "pred.csv")) == 1
+    assert {path: data for path, data in files_of(other).items() if "mine" not in path.parts} == before
 
 
 @pytest.mark.parametrize("writer", ["torch", "pickle"])

@@ -14,6 +14,7 @@ from skinclf.arguments import DISCLAIMER, SYNTHETIC_MODEL_NOTE, predict_parser
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.errors import SkinclfError, counted
 from skinclf.io import atomic_write_text, files_under, output_folder
+from skinclf.report.runs import run_file_at
 from skinclf.trained_run import TrainedRun, load_trained_run
 from skinclf.training.progress import progress
 
@@ -97,18 +98,29 @@ def predict_files(run: TrainedRun, files: Sequence[Path], threshold: float) -> p
     return table.sort_values("path", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
 
-def _check_out_spares_inputs(out: Path, images: list[Path], run_dir: Path) -> None:
-    """--out must not overwrite an image being scored, nor go anywhere inside the run folder: a
-    typo there would destroy what the user came to use (its predictions.csv, which `skinclf report`
-    reads back; its .hydra/config.yaml, which makes it a run), and a new file there would be taken
-    for one the run wrote."""
-    target = out.resolve()
-    if any(target == image.resolve() for image in images):
-        raise SkinclfError(f"--out {out}: is one of the images to score; expected the path of a new CSV file")
-    if target.is_relative_to(run_dir.resolve()):
+def check_out_spares_runs(out: Path, run_dir: Path, expected: str) -> None:
+    """--out (``expected``: what it should be instead) must not go anywhere inside the run folder
+    used, nor be any run's own file: a typo there would destroy what the user came to use (its
+    predictions.csv, which `skinclf report` reads back; its .hydra/config.yaml, which makes it a
+    run), and a new file in the run used would be taken for one the run wrote. In another run's
+    folder a new file is allowed: only that run's own files are kept from harm."""
+    if out.resolve().is_relative_to(run_dir.resolve()):
+        where = "is" if out.resolve() == run_dir.resolve() else "is inside"
+        raise SkinclfError(f"--out {out}: {where} the run folder {run_dir}; expected {expected} outside it")
+    own = run_file_at(out)
+    if own is not None:
+        where = "is" if own == out.resolve() else "lies in"
         raise SkinclfError(
-            f"--out {out}: is inside the run folder {run_dir}; expected a path outside the run folder"
+            f"--out {out}: {where} {own}, which the skinclf run in {own.parent} writes; "
+            f"expected {expected} that is none of a run's own files"
         )
+
+
+def _check_out_spares_inputs(out: Path, images: list[Path], run_dir: Path) -> None:
+    """--out must not overwrite an image being scored, nor a run's files (check_out_spares_runs)."""
+    if any(out.resolve() == image.resolve() for image in images):
+        raise SkinclfError(f"--out {out}: is one of the images to score; expected the path of a new CSV file")
+    check_out_spares_runs(out, run_dir, "a CSV path")
 
 
 def main(args: list[str]) -> None:

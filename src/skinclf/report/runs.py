@@ -14,6 +14,7 @@ can trust it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -26,11 +27,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError, counted, first_line
 from skinclf.run_files import (
+    BEST_CHECKPOINT,
+    FOLDS_RECORD,
     HYDRA_CONFIG,
+    HYDRA_DIR,
     HYDRA_OVERRIDES,
+    LAST_CHECKPOINT,
     METRICS,
+    PR_FIGURE,
     PREDICTIONS,
+    ROC_FIGURE,
     TEST_METRICS,
+    TRAIN_LOG,
 )
 from skinclf.sweep.jobs import (
     REFUSED_PREFIX,
@@ -50,6 +58,25 @@ FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 # train.log, metrics.csv or last.pt/best.pt: Hydra names an application's log after its script
 # (any train.py writes one), and the others are common names in other training tools.
 RUN_FILES = (RUN_CONFIG, STATUS_FILE, *RESULT_FILES)
+# Every file `skinclf train` (a sweep job, a grid-search point) writes in its run folder, and the
+# folders that hold only its files (.hydra/, a grid point's fold_K/): what `skinclf predict` and
+# `skinclf explain` must never write over, in any run folder, whether the file exists yet or not.
+OWN_FILES = frozenset(
+    {
+        METRICS,
+        PREDICTIONS,
+        TEST_METRICS,
+        BEST_CHECKPOINT,
+        LAST_CHECKPOINT,
+        TRAIN_LOG,
+        ROC_FIGURE,
+        PR_FIGURE,
+        FOLDS_RECORD,
+        HYDRA_DIR,
+        *RUN_FILES,
+    }
+)
+FOLD_DIR = re.compile(r"fold_\d+")
 # How an interrupted run (stopped, or killed outright) goes on.
 RESUME_HINT = "resume=true, or re-launching its sweep, continues it"
 
@@ -218,6 +245,27 @@ def _refused_job(record: Path, runs_found: set[Path]) -> Run | None:
         status=FAILED,
         problem=problem,
     )
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a skinclf run's: one the report reads as a run, or one with a file only
+    skinclf writes (a grid-search point, which the report does not list)."""
+    if any((folder / name).exists() for name in RUN_FILES):
+        return True
+    return (folder / HYDRA_CONFIG).is_file() and load_run(folder) is not None
+
+
+def run_file_at(path: Path) -> Path | None:
+    """The file (or folder) of a skinclf run that writing ``path`` would replace or write into:
+    one of its OWN_FILES, there or still to come; None when ``path`` is none of them.
+
+    A new file of another name in a run folder is no run's file: the folder is the user's too."""
+    target = Path(path).resolve()
+    for folder in target.parents:
+        first = target.relative_to(folder).parts[0]
+        if (first in OWN_FILES or FOLD_DIR.fullmatch(first)) and is_run_folder(folder):
+            return folder / first
+    return None
 
 
 def load_run(path: Path) -> Run | None:
