@@ -23,7 +23,7 @@ from skinclf.models.vgg16 import VGG16Transfer
 from skinclf.trained_run import load_trained_run, quiet_logs
 from skinclf.training.recipe import FlipTTA
 
-from conftest import TINY, fail_if_called, image_and_kept_file, train_in_process
+from conftest import TINY, another_run, fail_if_called, files_of, image_and_kept_file, train_in_process
 
 
 def _off_centre_mel_images(n: int, offset: float, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,6 +301,52 @@ def test_an_unwritable_out_is_refused_before_the_model_is_loaded(where, tmp_path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"error: {out}: " in err
     assert notes.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("the run folder", "is the run folder {run}; expected a folder outside it"),
+        ("inside the run folder", "is inside the run folder {run}; expected a folder outside it"),
+        ("another run's .hydra", "is {other}/.hydra, which the skinclf run in {other} writes; expected a"),
+        ("another run's fold_3", "is {other}/fold_3, which the skinclf run in {other} writes; expected a"),
+        ("another run's file", "is {other}/predictions.csv, which the skinclf run in {other} writes; "),
+    ],
+    ids=["run folder", "inside it", "other .hydra", "other fold_3", "other predictions.csv"],
+)
+def test_an_out_in_the_run_or_over_another_runs_files_is_refused(
+    tiny_run, tmp_path, monkeypatch, capsys, where, message
+):
+    # The rule of `skinclf predict`: nothing into the run used, nothing over any run's own files.
+    image, _ = image_and_kept_file(tmp_path)
+    other = another_run(tiny_run, tmp_path)
+    out = {
+        "the run folder": tiny_run,
+        "inside the run folder": tiny_run / "explanations",
+        "another run's .hydra": other / ".hydra",
+        "another run's fold_3": other / "fold_3",  # a fold folder the grid point writes later
+        "another run's file": other / "predictions.csv",
+    }[where]
+    runs_before = {**files_of(tiny_run), **files_of(other)}
+    monkeypatch.setattr("skinclf.explain.load_trained_run", fail_if_called("loading the model"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["explain", str(tiny_run), str(image), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    expected = message.format(run=tiny_run, other=other)
+    assert err.startswith(f"skinclf explain: error: --out {out}: {expected}") and len(err.splitlines()) == 1
+    assert {**files_of(tiny_run), **files_of(other)} == runs_before
+    assert not (tiny_run / "explanations").exists() and not (other / "fold_3").exists()
+
+
+def test_an_out_that_is_another_runs_folder_gets_new_files_only(tiny_run, tmp_path):
+    # Grad-CAM images are named after the images, never as a run's files: nothing of it is at stake.
+    image, _ = image_and_kept_file(tmp_path)
+    other = another_run(tiny_run, tmp_path)
+    before = files_of(other)
+    cli_main(["explain", str(tiny_run), str(image), "--out", str(other)])
+    assert set(files_of(other)) - set(before) == {other / "lesion_gradcam.png"}
+    assert {path: data for path, data in files_of(other).items() if path in before} == before
 
 
 @pytest.mark.parametrize("synthetic", [False, True])

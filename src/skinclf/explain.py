@@ -14,7 +14,7 @@ from skinclf.arguments import DISCLAIMER, EXPLAIN_TARGETS, SYNTHETIC_MODEL_NOTE,
 from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
 from skinclf.io import output_folder, save_figure
-from skinclf.predict import collect_images, decode_all, no_readable_image
+from skinclf.predict import check_out_spares_runs, collect_images, decode_all, no_readable_image
 from skinclf.trained_run import TrainedRun, load_trained_run
 
 # Images explained per forward/backward pass: Grad-CAM keeps activations and gradients in memory.
@@ -126,6 +126,8 @@ def explain_files(
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf explain ARGS``."""
     opts = explain_parser().parse_args(args)
+    # Before the folder is made: refused, it leaves nothing behind.
+    check_out_spares_runs(Path(opts.out), Path(opts.run_dir), "a folder")
     # An unwritable --out fails now, not after the model was loaded; an --out made here is
     # removed again should no image be explained.
     with output_folder(Path(opts.out)) as out_dir:
