@@ -157,6 +157,27 @@ def test_a_run_stopped_before_it_began_leaves_no_folder(tmp_path, monkeypatch, s
     assert "output directory" not in proc.stdout  # no folder to name
 
 
+def test_torch_logs_nothing_at_info_while_its_import_is_unfinished():
+    # Ctrl-C while a run imports torch: torch's loggers are not set to WARNING yet (its import does
+    # that last), so its exit hooks' INFO lines (FakeTensor cache stats) followed the stop line.
+    # A fresh interpreter, Hydra's job logging applied as Hydra does, torch not yet imported.
+    code = """
+import logging.config, sys
+from omegaconf import OmegaConf
+from skinclf.config import compose_config
+conf = OmegaConf.to_container(compose_config(return_hydra_config=True).hydra.job_logging)
+conf["handlers"].pop("file")  # its file name needs a run folder
+conf["root"]["handlers"] = ["console"]
+logging.config.dictConfig(conf)
+assert "torch" not in sys.modules
+print(logging.getLogger("skinclf").isEnabledFor(logging.INFO))
+print(logging.getLogger("torch._subclasses.fake_tensor").isEnabledFor(logging.INFO))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "False"]  # skinclf's lines stay, torch's INFO goes
+
+
 def _stop_after_it_began(error: BaseException):
     def run_in_hydra(cfg, out_dir):
         (out_dir / "metrics.csv").write_text("epoch\n1\n")  # as if an epoch was done
