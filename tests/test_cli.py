@@ -398,6 +398,18 @@ def test_a_model_config_of_the_users_own_lacking_a_key_is_one_clear_error(tmp_pa
     assert not (tmp_path / "outputs").exists()  # nothing half-written
 
 
+def test_a_key_that_a_shipped_models_constructor_refuses_is_one_line_and_no_run(tmp_path):
+    # A key beside a _target_ is let through to the constructor; when the constructor refuses it,
+    # the run ended with Hydra's multi-line "Error executing job", exit 1, and a run folder.
+    proc = error_run(tmp_path, "+model.arch.bogus=1", *TINY)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("skinclf train: error: model=baseline: Error in call to target ")
+    assert "unexpected keyword argument 'bogus'" in line
+    assert "output directory" not in proc.stdout
+    assert not (tmp_path / "outputs").exists()  # nothing half-written
+
+
 @pytest.mark.parametrize(
     ("arch", "message"),
     [

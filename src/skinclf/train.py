@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,7 +25,7 @@ from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
 from skinclf.data.synthetic import synthetic_settings
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, first_line
 from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.roc_pr import write_run_curves
 from skinclf.evaluation.threshold import threshold_for_sensitivity
@@ -112,7 +113,13 @@ def prepare_training(
     # The model's pipeline, or the recipe's augmentation around it (keeping its normalisation).
     pipeline = recipe_pipeline(instantiate_config(cfg.model.pipeline), cfg.recipe.augment)
     pipeline.fit(splits.train.images)
-    model = build_model(cfg.model)
+    try:
+        model = build_model(cfg.model)
+    except InstantiationException as err:
+        # A key added beside a shipped model's _target_ (+model.arch.NAME=...), which the checks
+        # let through to its constructor, refused there: one line, and the refused run's folder
+        # goes. (A model of the user's own is built on the meta device before the folder is claimed.)
+        raise SkinclfError(f"model={cfg.model.name}: {first_line(err)}") from err
     # A model with a frozen front end (vgg16) trains only its head, on the front end's outputs
     # computed once and cached; any other model trains whole, on the images (stage = as given).
     stage = training_stage(model, pipeline, splits, data_path(cfg.data, "cache_dir"), settings, device)
