@@ -410,6 +410,18 @@ def test_a_key_that_a_shipped_models_constructor_refuses_is_one_line_and_no_run(
     assert not (tmp_path / "outputs").exists()  # nothing half-written
 
 
+def test_a_key_added_beside_the_target_of_a_model_of_the_users_own_reaches_its_constructor(tmp_path):
+    # The + check composed the config again without hydra.searchpath, so that it could not find
+    # the user's model: Hydra's "Could not find 'model/mine'", exit 1, whatever the key.
+    own = _own_model_config(tmp_path, "mine", BASELINE_CONFIG.replace("name: baseline", "name: mine"))
+    proc = error_run(tmp_path, own, "model=mine", "+model.arch.bogus=1", *TINY)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("skinclf train: error: model=mine: Error in call to target ")
+    assert "unexpected keyword argument 'bogus'" in line
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.parametrize(
     ("arch", "message"),
     [

@@ -48,8 +48,12 @@ def check_appended_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
     appended = [o for o in overrides if o.startswith("+")]
     if not appended:
         return
-    # Within the running Hydra app: the same config, composed without the appended keys.
-    known = hydra.compose(config_name="train", overrides=[o for o in overrides if o not in appended])
+    # Within the running Hydra app: the same config, composed without the appended keys. The
+    # config folders added with hydra.searchpath (a Hydra override, not among the job's) come
+    # along, or a model of the user's own would not be found.
+    searchpath = [o for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.searchpath=")]
+    kept = [o for o in overrides if o not in appended]
+    known = hydra.compose(config_name="train", overrides=[*searchpath, *kept])
     unknown = _keys_not_in(cfg, known)
     if unknown:
         given = next((o for o in appended if o.lstrip("+").split("=")[0].split("@")[0] == unknown[0]), "")
