@@ -110,6 +110,23 @@ def test_second_load_is_a_cache_hit_and_a_changed_dataset_is_decoded_again(tmp_p
     assert len(list(cache.glob("*.pt"))) == 4
 
 
+def test_a_file_replaced_with_its_size_and_mtime_kept_is_decoded_again(tmp_path):
+    # `touch -r old new; mv new old`, `cp -p`, `rsync -t`: same size (BMP), same mtime, new pixels.
+    root = make_dataset(tmp_path / "ds", {"train": (2, 2), "val": (1, 1)})
+    image = write_image(root / "train" / "MEL" / "m0.bmp", RED)
+    cache = tmp_path / "cache"
+    assert load_splits(data_cfg(root, cache)).train.class_counts() == {"MEL": 3, "NV": 2}
+    kept = image.stat()
+    replacement = write_image(tmp_path / "new.bmp", BLUE)
+    assert replacement.stat().st_size == kept.st_size
+    os.utime(replacement, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    replacement.replace(image)
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (kept.st_size, kept.st_mtime_ns)
+    train = load_splits(data_cfg(root, cache)).train
+    red_minus_blue = train.images.float().mean(dim=(2, 3))[:, 0] - train.images.float().mean(dim=(2, 3))[:, 2]
+    assert (red_minus_blue > 0).sum() == 2  # two red MEL images left: the replaced one reads blue
+
+
 def test_the_cache_key_follows_permissions_owner_and_the_pillow_version(tmp_path, monkeypatch):
     # chmod and chown keep the mtime: an image skipped as unreadable, then made readable, must be decoded
     # anew; and a new Pillow may decode JPEGs a little differently.

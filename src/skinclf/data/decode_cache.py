@@ -1,11 +1,15 @@
 """Decode a list of image files once; later loads read one uint8 tensor file instead.
 
 The cache of a list of files is keyed by its content as the file system reports it: every
-file's path (relative to the dataset root), size, modification time (ns), permission bits and
-owner, the output image size, the decoder version and Pillow's version. Any added, removed,
-renamed, resized, touched, chmod-ed or chown-ed file (an image skipped as unreadable, then made
-readable) changes the key, as does a Pillow upgrade (its JPEG decoder may round differently),
-so a changed dataset is never served stale; the old cache file is simply not used again.
+file's path (relative to the dataset root), size, modification time (ns), status-change time
+(ns), permission bits and owner, the output image size, the decoder version and Pillow's
+version. Any added, removed, renamed, resized, touched, chmod-ed or chown-ed file (an image
+skipped as unreadable, then made readable) changes the key, as does a Pillow upgrade (its JPEG
+decoder may round differently), so a changed dataset is never served stale; the old cache file
+is simply not used again. The status-change time, which no tool can set back, catches a file
+replaced by one of the same size with its modification time copied over (``touch -r``, ``cp -p``,
+``rsync -t``, an archive extracted again): the price is one more decode of a copied dataset.
+Hashing the bytes instead would read the whole dataset on every run (full-size photos: GBs).
 Cache files are written atomically (temporary file + rename), so an interrupted run leaves no
 half-written cache behind.
 """
@@ -64,7 +68,15 @@ def content_key(files: list[Path], root: Path, size: int = IMAGE_SIZE) -> str:
         except OSError as err:
             raise SkinclfError(f"{path}: cannot read the file ({err.strerror})") from err
         entries.append(
-            [path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns, st.st_mode, st.st_uid, st.st_gid]
+            [
+                path.relative_to(root).as_posix(),
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+            ]
         )
     decoder = {"decoder": DECODER_VERSION, "pillow": PIL.__version__, "size": size}
     blob = json.dumps({**decoder, "files": entries}, separators=(",", ":"))
