@@ -349,6 +349,18 @@ def test_an_out_that_is_another_runs_folder_gets_new_files_only(tiny_run, tmp_pa
     assert {path: data for path, data in files_of(other).items() if path in before} == before
 
 
+def test_an_input_image_named_like_an_output_is_never_overwritten(tiny_run, tmp_path):
+    # --out is the images' own folder, which holds lesion.png and lesion_gradcam.png (an image).
+    image, _ = image_and_kept_file(tmp_path)
+    lookalike = tmp_path / "lesion_gradcam.png"
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(lookalike)
+    kept = lookalike.read_bytes()
+    cli_main(["explain", str(tiny_run), str(image), str(lookalike), "--out", str(tmp_path)])
+    assert lookalike.read_bytes() == kept
+    assert (tmp_path / "lesion_2_gradcam.png").is_file()  # lesion.png's figure
+    assert (tmp_path / "lesion_gradcam_gradcam.png").is_file()
+
+
 @pytest.mark.parametrize("synthetic", [False, True])
 def test_each_figure_says_research_aid_and_whether_the_model_learned_from_synthetic_data(synthetic):
     image = torch.zeros(3, 8, 8, dtype=torch.uint8)

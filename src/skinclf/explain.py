@@ -82,7 +82,9 @@ def explain_files(
         raise SkinclfError(f"--class {target}: expected one of {', '.join(EXPLAIN_TARGETS)}")
     written: list[Path] = []
     problems: list[str] = []
-    taken: set[str] = set()
+    # An input image in out_dir named like an output (X_gradcam.png beside X.png) keeps its name:
+    # the figure of X.png takes the next free one instead of overwriting it.
+    taken = {path.name for path in files if path.resolve().parent == out_dir.resolve()}
     chunk: list[tuple[Path, torch.Tensor]] = []
     synthetic = run.trained_on_synthetic_data  # said at the foot of every figure
 
