@@ -12,7 +12,8 @@ import argparse
 
 DISCLAIMER = "skinclf is a research tool, not a diagnosis: do not use its output for medical decisions."
 # Said wherever a model that learned from the built-in data scores images: the synthetic data is
-# labelled as such wherever it appears (SPEC.md), and a user may score real photographs with it.
+# labelled as such wherever it appears (report titles, explain's figures), and a user may score
+# real photographs with it.
 SYNTHETIC_MODEL_NOTE = "this model was trained on synthetic data (procedurally generated, not real lesions)"
 # What `explain --class` may name: a class, or each image's predicted one.
 EXPLAIN_TARGETS = ("mel", "nv", "predicted")

@@ -1,5 +1,5 @@
-"""The files of a run folder, named once: what ``skinclf train`` writes there (SPEC.md's output
-files) and what ``report``, ``predict``, ``explain`` and the sweep tools read back.
+"""The files of a run folder, named once: what ``skinclf train`` writes there (README.md, "What a
+run leaves behind") and what ``report``, ``predict``, ``explain`` and the sweep tools read back.
 
 A sweep job's own bookkeeping files (``run_config.json``, ``job_status.json``) are named in
 :mod:`skinclf.sweep.jobs`.
