@@ -394,14 +394,15 @@ def run_sweep_job(
     overrides: list[str],
     claim: Callable[[Path, DictConfig, list[str]], str] = claim_run_dir,
 ) -> str:
-    """Run ``task`` as sweep job ``job_num`` and return its status; never raises.
+    """Run ``task`` as sweep job ``job_num`` and return its status ("done", "skipped" or
+    "failed"); an error never raises, a stop (Ctrl-C, `kill`) does, recorded as stopped.
 
     The folder is taken with ``claim`` (:func:`claim_run_dir`, or a caller's version of it that
     checks more first). A finished job of the same config is skipped; an unfinished one resumes
     from its last checkpointed epoch (a re-launch into the same hydra.sweep.dir picks up where it
-    stopped). Any
-    error is logged with its traceback to the job's train.log and recorded, so the remaining
-    jobs still run; the summary at the end of the sweep names the failed jobs.
+    stopped). Any error is logged to the job's train.log (with its traceback, unless it is a
+    SkinclfError) and recorded, so the remaining jobs still run; the summary at the end of the
+    sweep names the failed jobs.
     """
     launch = current_launch(sweep_dir)
     info = {"job": job_num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
