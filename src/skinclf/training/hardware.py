@@ -68,8 +68,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def describe_machine(device: torch.device) -> str:
-    """What a measurement ran on, for benchmark tables: the GPU on CUDA, else the CPU model (from
-    /proc/cpuinfo where there is one) and torch's thread count."""
+    """What a measurement ran on, for a run's recorded environment (:func:`run_environment`) and
+    the benchmark scripts' tables: the GPU on CUDA, else the CPU model (from /proc/cpuinfo where
+    there is one) and torch's thread count."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     lines = _cpuinfo().splitlines()
