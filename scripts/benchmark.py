@@ -23,13 +23,13 @@ Prints a table and writes JSON. For each model:
   * peak_rss_mb / peak_cuda_mb  peak memory of skinclf's measurement process for that model.
 and, for vgg16, the head's epoch time on cached features vs running the frozen extractor.
 
-    python scripts/benchmark.py                        # all models, 1024 training images
+    python scripts/benchmark.py                        # the paper's eight models, 1024 training images
     python scripts/benchmark.py --models baseline res_aug --images 1024 --repeats 5
 
-Medians over --repeats after one warm-up. The plain-PyTorch side, skinclf's side and the
-"not kept" step each run in their own process per model, so allocator settings never leak
-from one to the other; peak memory is that of skinclf's process. Run it on an otherwise idle
-machine.
+Medians over --repeats after warm-up (three steps before the step times, one pass before the
+epochs). The plain-PyTorch side, skinclf's side and the "not kept" step each run in their own
+process per model, so allocator settings never leak from one to the other; peak memory is that
+of skinclf's process. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
