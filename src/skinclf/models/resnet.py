@@ -35,7 +35,7 @@ class ResBlock(nn.Module):
 class ShallowResNet(nn.Module):
     """Stem conv (16 ch) + ReLU + maxpool, ResBlocks to 32 and 64 channels, dropout, FC 16384-128-1."""
 
-    def __init__(self, dropout: float = 0.5, image_size: int = IMAGE_SIZE) -> None:
+    def __init__(self, dropout: float = 0.5) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
         self.relu = nn.ReLU(inplace=True)
@@ -45,7 +45,7 @@ class ShallowResNet(nn.Module):
         # skinclf's Dropout and Flatten: torch's function, faster on the CPU (see layers.py).
         self.dropout = Dropout(checked_dropout(dropout))
         self.flatten = Flatten()
-        spatial = image_size // 8
+        spatial = IMAGE_SIZE // 8
         self.fc1 = nn.Linear(64 * spatial * spatial, 128)
         self.fc2 = nn.Linear(128, 1)
 

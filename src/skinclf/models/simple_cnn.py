@@ -37,9 +37,9 @@ class SimpleCNN(nn.Sequential):
     Returns one logit per image; ``sigmoid(logit) >= 0.5`` means MEL.
     """
 
-    def __init__(self, norm: Norm = "none", image_size: int = IMAGE_SIZE) -> None:
+    def __init__(self, norm: Norm = "none") -> None:
         layers: list[nn.Module] = []
-        in_channels, spatial = 3, image_size
+        in_channels, spatial = 3, IMAGE_SIZE
         for out_channels in (32, 64):
             layers.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
             norm_layer = _norm_layer(norm, out_channels, spatial)
