@@ -6,8 +6,9 @@ HAM10000 (``HAM10000_metadata.csv`` with ``image_id``, ``dx``, ``lesion_id``); t
 detected from the metadata file, and images may sit anywhere under SOURCE. MEL and NV are kept,
 split into train/val/test stratified by class and grouped by lesion (all images of one lesion
 land in one split: no leakage between splits), resized to 128x128 and written as
-OUT/{train,val,test}/{MEL,NV}/<source image id>.<ext>, with OUT/manifest.csv. OUT appears only
-once complete: the images are written into a temporary sibling folder that is renamed at the end.
+OUT/{train,val,test}/{MEL,NV}/<source image id>.<ext>, with OUT/manifest.csv. OUT is filled only
+once complete: the images are written into a temporary sibling folder that is renamed to OUT at
+the end (or, when OUT exists as an empty folder, emptied into it).
 """
 
 from __future__ import annotations
@@ -323,6 +324,7 @@ def prepare(
 
 
 def main(args: list[str]) -> None:
-    """Entry point of ``skinclf prepare SOURCE OUT [--balance] [--split 71,14,15] [--seed N]``."""
+    """Entry point of ``skinclf prepare SOURCE OUT [--balance] [--split 71,14,15] [--seed N]
+    [--format jpg|png]``."""
     ns = prepare_parser().parse_args(args)
     prepare(Path(ns.source), Path(ns.out), parse_fractions(ns.split), ns.balance, ns.seed, ns.format)
