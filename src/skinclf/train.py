@@ -281,7 +281,9 @@ def run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """Every check of ``cfg`` that needs no data (device, numbers, sizes, target sensitivity).
+    """Every check of ``cfg`` that needs no data: the model config (and a model of the user's own
+    on the meta device), device, numbers and sizes, target sensitivity, cv.folds, seed, threads,
+    the synthetic data's sizes, the augmentation options and the true/false switches.
     Run before the run folder is claimed, so that a refused run writes nothing into it: a
     resume's folder keeps its record and status, a sweep job's folder takes no config."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
