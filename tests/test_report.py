@@ -477,6 +477,24 @@ def test_datasets_and_settings_are_never_averaged_together(tmp_path):
     assert set(confusion[confusion["data"] == "synthetic"]["model"]) == {"baseline"}
 
 
+def test_tied_means_mark_the_earlier_row_best_and_its_confusion_matrix_is_shown(tmp_path):
+    # 100 validation images: the trainer records float32 accuracies. Seeds at 96 % and 99 % and
+    # seeds at 97 % and 98 % both average 97.5 %, but not in their last float bits.
+    def accuracy(correct: int) -> float:
+        return float(np.float32(correct) / np.float32(100))
+
+    root = tmp_path / "outputs"
+    for model, correct in (("baseline", (96, 99)), ("resnet", (97, 98))):
+        for seed, k in enumerate(correct):
+            write_run(root, model, [0.5, accuracy(k)], [0.6, 0.7], seed=seed)
+    build_report([root], tmp_path / "reports")
+    table = pd.read_csv(tmp_path / "reports" / "table1.csv")
+    assert list(table["best_val_acc_pct_mean"]) == [97.5, 97.5]
+    assert list(table["best"]) == [True, False]  # a tie: the earlier row
+    confusion = pd.read_csv(tmp_path / "reports" / "confusion_matrix.csv")
+    assert set(confusion["model"]) == {"baseline"}  # the row marked best
+
+
 def test_a_seed_run_twice_counts_once_and_runs_csv_says_why(tmp_path):
     first = write_run(tmp_path / "outputs" / "a", "baseline", [0.6, 0.7], [0.6, 0.7], seed=0)
     again = write_run(tmp_path / "outputs" / "b", "baseline", [0.6, 0.9], [0.6, 0.7], seed=0)
