@@ -84,7 +84,8 @@ def explain_files(
     problems: list[str] = []
     # An input image in out_dir named like an output (X_gradcam.png beside X.png) keeps its name:
     # the figure of X.png takes the next free one instead of overwriting it.
-    taken = {path.name for path in files if path.resolve().parent == out_dir.resolve()}
+    out_folder = out_dir.resolve()
+    taken = {path.name for path in files if path.resolve().parent == out_folder}
     chunk: list[tuple[Path, torch.Tensor]] = []
     synthetic = run.trained_on_synthetic_data  # said at the foot of every figure
 

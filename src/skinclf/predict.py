@@ -104,12 +104,13 @@ def check_out_spares_runs(out: Path, run_dir: Path, expected: str) -> None:
     predictions.csv, which `skinclf report` reads back; its .hydra/config.yaml, which makes it a
     run), and a new file in the run used would be taken for one the run wrote. In another run's
     folder a new file is allowed: only that run's own files are kept from harm."""
-    if out.resolve().is_relative_to(run_dir.resolve()):
-        where = "is" if out.resolve() == run_dir.resolve() else "is inside"
+    target, run_folder = out.resolve(), run_dir.resolve()
+    if target.is_relative_to(run_folder):
+        where = "is" if target == run_folder else "is inside"
         raise SkinclfError(f"--out {out}: {where} the run folder {run_dir}; expected {expected} outside it")
-    own = run_file_at(out)
+    own = run_file_at(target)
     if own is not None:
-        where = "is" if own == out.resolve() else "lies in"
+        where = "is" if own == target else "lies in"
         raise SkinclfError(
             f"--out {out}: {where} {own}, which the skinclf run in {own.parent} writes; "
             f"expected {expected} that is none of a run's own files"

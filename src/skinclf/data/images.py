@@ -51,9 +51,9 @@ def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         # A fixed scale, never one read from the pixels: a dark 16-bit image must stay darker
         # than a bright one. "I" is how PIL opens 16-bit PNGs too (32-bit TIFFs clip at white).
-        peak = 1.0 if img.mode == "F" else 65535.0
         if img.mode == "F":
             _check_float_range(path, arr)
+        peak = 1.0 if img.mode == "F" else 65535.0
         gray = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:

@@ -20,7 +20,7 @@ from skinclf.report.runs import (
     Run,
     check_test_predictions,
     find_runs,
-    load_run,
+    reads_as_run,
 )
 from skinclf.report.tables import (
     confusion_table,
@@ -103,7 +103,7 @@ def _check_out_outside_runs(out: Path) -> None:
     application's folder, which the report does not read as a run, may hold it.)"""
     target = out.resolve()
     for folder in (target, *target.parents):
-        if (folder / HYDRA_CONFIG).is_file() and load_run(folder) is not None:
+        if reads_as_run(folder):
             where = "is" if folder == target else "is inside"
             raise SkinclfError(
                 f"--out {out}: {where} the run folder {folder}; expected a folder outside every run folder"

@@ -27,12 +27,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError, counted, first_line
 from skinclf.run_files import (
-    BEST_CHECKPOINT,
     FOLDS_RECORD,
     HYDRA_CONFIG,
     HYDRA_DIR,
     HYDRA_OVERRIDES,
-    LAST_CHECKPOINT,
     METRICS,
     PR_FIGURE,
     PREDICTIONS,
@@ -44,6 +42,7 @@ from skinclf.sweep.jobs import (
     REFUSED_PREFIX,
     RESULT_FILES,
     RUN_CONFIG,
+    RUN_OUTPUTS,
     STATUS_FILE,
     VOLATILE_KEYS,
     process_gone,
@@ -62,19 +61,7 @@ RUN_FILES = (RUN_CONFIG, STATUS_FILE, *RESULT_FILES)
 # folders that hold only its files (.hydra/, a grid point's fold_K/): what `skinclf predict` and
 # `skinclf explain` must never write over, in any run folder, whether the file exists yet or not.
 OWN_FILES = frozenset(
-    {
-        METRICS,
-        PREDICTIONS,
-        TEST_METRICS,
-        BEST_CHECKPOINT,
-        LAST_CHECKPOINT,
-        TRAIN_LOG,
-        ROC_FIGURE,
-        PR_FIGURE,
-        FOLDS_RECORD,
-        HYDRA_DIR,
-        *RUN_FILES,
-    }
+    {*RUN_FILES, *RUN_OUTPUTS, PREDICTIONS, TRAIN_LOG, ROC_FIGURE, PR_FIGURE, FOLDS_RECORD, HYDRA_DIR}
 )
 FOLD_DIR = re.compile(r"fold_\d+")
 # How an interrupted run (stopped, or killed outright) goes on.
@@ -250,8 +237,12 @@ def _refused_job(record: Path, runs_found: set[Path]) -> Run | None:
 def is_run_folder(folder: Path) -> bool:
     """Whether ``folder`` is a skinclf run's: one the report reads as a run, or one with a file only
     skinclf writes (a grid-search point, which the report does not list)."""
-    if any((folder / name).exists() for name in RUN_FILES):
-        return True
+    return any((folder / name).exists() for name in RUN_FILES) or reads_as_run(folder)
+
+
+def reads_as_run(folder: Path) -> bool:
+    """Whether the report reads ``folder`` as a skinclf run: a Hydra record that :func:`load_run`
+    takes for one (not another Hydra application's output)."""
     return (folder / HYDRA_CONFIG).is_file() and load_run(folder) is not None
 
 
