@@ -135,6 +135,30 @@ def test_augmentation_is_deterministic_from_the_generator():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"),
+    [(torch.float32, {"rtol": 0, "atol": 5e-4}), (torch.bfloat16, {"rtol": 2**-7, "atol": 5e-4})],
+)
+def test_warping_in_chunks_changes_no_image(monkeypatch, dtype, tolerance):
+    # On the CPU the batch warps a few images at a time, for the caches' sake: each image must
+    # still get its own draws and land in its own row, whatever the chunk size. 50 images: the
+    # last chunk is a partial one. Values may differ in the last bits only (the sampling grid's
+    # matrix product rounds differently for different row counts).
+    import skinclf.data.pipeline as pipeline_module
+
+    split = generate_split(seed=0, split_index=0, n=50)
+    pipeline = AugmentedPipeline()
+    pipeline.fit(split.images)
+    outputs = []
+    for chunk in (50, 8, 3):
+        monkeypatch.setattr(pipeline_module, "WARP_CHUNK", chunk)
+        outputs.append(pipeline.train_batch(split.images, torch.Generator().manual_seed(7), dtype))
+    whole, *chunked = outputs
+    for out in chunked:
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out.float(), whole.float(), **tolerance)
+
+
 def test_statistics_come_from_the_training_split_and_eval_is_never_augmented():
     train = torch.randint(0, 128, (50, 3, 16, 16), dtype=torch.uint8)
     val = torch.randint(128, 256, (20, 3, 16, 16), dtype=torch.uint8)

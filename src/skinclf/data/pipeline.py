@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from skinclf.config import number_option, number_pair
 
 _CHUNK = 512  # images per chunk when computing dataset statistics, to bound memory
+# Images per warp on the CPU. A batch of 64 warps through about 33 MB of float32 input, sampling
+# grid and output, more than a 2-core machine's caches hold, so each pass went to main memory; in
+# chunks of 8 they stay in cache. On CUDA the whole batch warps at once.
+WARP_CHUNK = 8
 
 
 class DefaultPipeline:
@@ -49,13 +53,18 @@ class DefaultPipeline:
         scale, shift = self.scale_shift(images.device, dtype)
         return torch.addcmul(shift.repeat(w), rows, scale.repeat(w)).view(n, h, w, c).permute(0, 3, 1, 2)
 
-    def warped_to_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def warped_to_input(
+        self, x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """A float32 NCHW batch in 0-255 units, as :func:`warp` returns it -> the model's input:
         normalised in place in float32 (the per-channel constants broadcast along contiguous
-        rows), then cast and laid out channels-last."""
+        rows), then cast and laid out channels-last, into ``out`` when given. Cast first, then
+        relayout: torch's one-pass cast-and-relayout took twice as long."""
         scale, shift = self.scale_shift(x.device, torch.float32)
         x.view(len(x), x.shape[1], -1).mul_(scale.view(1, -1, 1)).add_(shift.view(1, -1, 1))
-        return x.to(dtype).contiguous(memory_format=torch.channels_last)
+        if out is None:
+            return x.to(dtype).contiguous(memory_format=torch.channels_last)
+        return out.copy_(x.to(dtype))
 
     def scale_shift(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the ``x * scale + shift`` that normalises pixel values in 0-255 units."""
@@ -176,22 +185,33 @@ def augment(
     bilinear warp (``grid_sample``), each image with its own affine map: flip, rotation and crop
     composed (:meth:`AugmentationDraws.theta`). An image that draws no transform gets the
     identity, which samples its own pixels (exactly, for power-of-two sizes such as 128). Warping
-    those too is cheaper than sorting the batch by transform and putting it back in order.
+    those too is cheaper than sorting the batch by transform and putting it back in order. On the
+    CPU the batch warps in chunks of :data:`WARP_CHUNK` images that stay in cache, into one output
+    tensor. Each image's warp is its own; the chunk size changes values only by float rounding
+    (the sampling grid's matrix product may round differently for a different number of rows).
     """
-    x = warp(images, pipeline.draw(len(images), generator).theta())
-    return pipeline.warped_to_input(x, dtype)
+    theta = pipeline.draw(len(images), generator).theta()
+    out = torch.empty(images.shape, dtype=dtype, device=images.device, memory_format=torch.channels_last)
+    chunk = WARP_CHUNK if images.device.type == "cpu" else max(len(images), 1)
+    for start in range(0, len(images), chunk):
+        part = slice(start, start + chunk)
+        pipeline.warped_to_input(warp(images[part], theta[part]), dtype, out=out[part])
+    return out
 
 
 def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) images (any dtype, any memory format) sampled bilinearly through the affine
     maps ``theta`` (N, 2, 3), ``affine_grid``'s convention: a new float32 NCHW tensor. Pixels
-    from outside the image are black, as torchvision's RandomRotation(fill=0)."""
+    from outside the image are black, as torchvision's RandomRotation(fill=0).
+
+    The images are converted to float32 NCHW first, whatever their layout: ``grid_sample`` on the
+    CPU gathers each channel from its own plane, and on channels-last input it took about 30 %
+    longer (64 images on a 2-core AVX-512 AMD EPYC: 7.0 ms against 5.3 ms), the same values."""
     n, _, height, width = images.shape
     theta = theta.to(images.device, torch.float32).reshape(n, 6)
     grid = (theta @ _grid_basis(height, width, images.device)).view(n, height, width, 2)
-    return F.grid_sample(
-        images.to(torch.float32), grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+    x = images.to(torch.float32, memory_format=torch.contiguous_format)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 @lru_cache(maxsize=8)
