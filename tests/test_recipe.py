@@ -415,6 +415,29 @@ def test_dermoscopy_one_warp_equals_the_pieces_one_after_the_other():
     torch.testing.assert_close(out, sequential_augmentation(images.float(), params), rtol=0, atol=0.02)
 
 
+def test_dermoscopy_batches_warp_in_chunks_without_changing_an_image(monkeypatch):
+    # On the CPU the batch is augmented a few images at a time (for the caches): each image keeps
+    # its own draws and row whatever the chunk size; 50 images, so the last chunk is partial.
+    import skinclf.data.pipeline as pipeline_module
+
+    images = torch.randint(
+        0, 256, (50, 3, 16, 16), generator=torch.Generator().manual_seed(7), dtype=torch.uint8
+    )
+    pipeline = DermoscopyAugmentation(AugmentedPipeline())
+    pipeline.fit(images)
+    outputs = []
+    for chunk in (50, 8, 3):
+        monkeypatch.setattr(pipeline_module, "WARP_CHUNK", chunk)
+        outputs.append(pipeline.train_batch(images, torch.Generator().manual_seed(8)))
+    whole, *chunked = outputs
+    # The draws did turn, flip and jitter images: the chunks had something to get wrong.
+    params = pipeline.draw(50, torch.Generator().manual_seed(8))
+    assert params.quarter_turns.ne(0).any() and params.hflip.any() and params.colour.ne(1).any()
+    for out in chunked:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, whole, rtol=0, atol=5e-4)
+
+
 def test_dermoscopy_pipeline_keeps_the_base_normalisation_and_never_augments_evaluation():
     images = tiny_split(n=8).images
     base = AugmentedPipeline()

@@ -19,13 +19,13 @@ fixed order, so a run's augmentation depends only on its seed, on any device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from skinclf.config import check_bool, number_option, number_pair
-from skinclf.data.pipeline import warp
+from skinclf.data.pipeline import input_in_chunks, warp
 from skinclf.errors import SkinclfError
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
@@ -42,6 +42,10 @@ class AugmentParams:
     quarter_turns: torch.Tensor  # int64 (N,) in 0..3
     crop: torch.Tensor  # float (N, 4): width, height (fractions of the side), centre x, y in [-1, 1]
     colour: torch.Tensor  # float (N, 3): brightness, contrast, saturation factors
+
+    def __getitem__(self, rows: slice) -> AugmentParams:
+        """The draws of the images at ``rows`` only."""
+        return AugmentParams(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
 
 def recipe_pipeline(pipeline: Any, augment: Any) -> Any:
@@ -112,9 +116,16 @@ class DermoscopyAugmentation:
     def train_batch(
         self, images: torch.Tensor, generator: torch.Generator, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """Augmented, then normalised by the base pipeline."""
+        """Augmented, then normalised by the base pipeline, a chunk of images at a time on the CPU
+        (see :func:`~skinclf.data.pipeline.input_in_chunks`)."""
         params = self.draw(len(images), generator)
-        return self.base.warped_to_input(apply_augmentation(images, params), dtype)
+        return input_in_chunks(
+            images,
+            dtype,
+            lambda rows, out: self.base.warped_to_input(
+                apply_augmentation(images[rows], params[rows]), dtype, out=out
+            ),
+        )
 
     def draw(self, n: int, generator: torch.Generator) -> AugmentParams:
         """The random choices for ``n`` images, from ``generator`` (CPU) in a fixed order."""

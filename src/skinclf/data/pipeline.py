@@ -8,6 +8,7 @@ multiply-add per pixel: fused into the uint8 -> float conversion, or after the a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -192,11 +193,25 @@ def augment(
     (the sampling grid's matrix product may round differently for a different number of rows).
     """
     theta = pipeline.draw(len(images), generator).theta()
+    return input_in_chunks(
+        images,
+        dtype,
+        lambda rows, out: pipeline.warped_to_input(warp(images[rows], theta[rows]), dtype, out=out),
+    )
+
+
+def input_in_chunks(
+    images: torch.Tensor, dtype: torch.dtype, write_chunk: Callable[[slice, torch.Tensor], object]
+) -> torch.Tensor:
+    """A batch's model input (channels-last ``dtype``, on the images' device), built a chunk of
+    images at a time: ``write_chunk(rows, out)`` writes the input of ``images[rows]`` into ``out``,
+    that chunk's part of the result. On the CPU chunks of :data:`WARP_CHUNK` images, so that a
+    warp's float32 intermediates stay in cache; on CUDA the whole batch at once."""
     out = torch.empty(images.shape, dtype=dtype, device=images.device, memory_format=torch.channels_last)
     chunk = WARP_CHUNK if images.device.type == "cpu" else max(len(images), 1)
     for start in range(0, len(images), chunk):
-        part = slice(start, start + chunk)
-        pipeline.warped_to_input(warp(images[part], theta[part]), dtype, out=out[part])
+        rows = slice(start, start + chunk)
+        write_chunk(rows, out[rows])
     return out
 
 
