@@ -178,3 +178,15 @@ class KilledAtJobStart(Callback):
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if config.seed == self.seed:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def batches_by_warp_chunk(monkeypatch: pytest.MonkeyPatch, train_batch) -> list[torch.Tensor]:
+    """``train_batch()`` with the augmentation warping the whole batch of 50, then chunks of 8
+    and of 3 (the last one partial): the batch the caller compares the chunked ones with first."""
+    import skinclf.data.pipeline as pipeline_module
+
+    batches = []
+    for chunk in (50, 8, 3):
+        monkeypatch.setattr(pipeline_module, "WARP_CHUNK", chunk)
+        batches.append(train_batch())
+    return batches

@@ -12,6 +12,8 @@ from skinclf.models.simple_cnn import SimpleCNN
 from skinclf.training.hardware import autocast, resolve_precision
 from skinclf.training.loop import LoopSettings, fit
 
+from conftest import batches_by_warp_chunk
+
 N = 2000
 
 
@@ -144,16 +146,12 @@ def test_warping_in_chunks_changes_no_image(monkeypatch, dtype, tolerance):
     # still get its own draws and land in its own row, whatever the chunk size. 50 images: the
     # last chunk is a partial one. Values may differ in the last bits only (the sampling grid's
     # matrix product rounds differently for different row counts).
-    import skinclf.data.pipeline as pipeline_module
-
     split = generate_split(seed=0, split_index=0, n=50)
     pipeline = AugmentedPipeline()
     pipeline.fit(split.images)
-    outputs = []
-    for chunk in (50, 8, 3):
-        monkeypatch.setattr(pipeline_module, "WARP_CHUNK", chunk)
-        outputs.append(pipeline.train_batch(split.images, torch.Generator().manual_seed(7), dtype))
-    whole, *chunked = outputs
+    whole, *chunked = batches_by_warp_chunk(
+        monkeypatch, lambda: pipeline.train_batch(split.images, torch.Generator().manual_seed(7), dtype)
+    )
     for out in chunked:
         assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(out.float(), whole.float(), **tolerance)

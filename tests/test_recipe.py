@@ -26,7 +26,7 @@ from skinclf.training.recipe import (
     mixup,
 )
 
-from conftest import TINY, run_dir_from_output, train_cli, train_in_process
+from conftest import TINY, batches_by_warp_chunk, run_dir_from_output, train_cli, train_in_process
 
 CPU = torch.device("cpu")
 MODERN = Recipe(optimizer="adamw", schedule="cosine", warmup_epochs=1, ema=True, tta=True)
@@ -418,18 +418,14 @@ def test_dermoscopy_one_warp_equals_the_pieces_one_after_the_other():
 def test_dermoscopy_batches_warp_in_chunks_without_changing_an_image(monkeypatch):
     # On the CPU the batch is augmented a few images at a time (for the caches): each image keeps
     # its own draws and row whatever the chunk size; 50 images, so the last chunk is partial.
-    import skinclf.data.pipeline as pipeline_module
-
     images = torch.randint(
         0, 256, (50, 3, 16, 16), generator=torch.Generator().manual_seed(7), dtype=torch.uint8
     )
     pipeline = DermoscopyAugmentation(AugmentedPipeline())
     pipeline.fit(images)
-    outputs = []
-    for chunk in (50, 8, 3):
-        monkeypatch.setattr(pipeline_module, "WARP_CHUNK", chunk)
-        outputs.append(pipeline.train_batch(images, torch.Generator().manual_seed(8)))
-    whole, *chunked = outputs
+    whole, *chunked = batches_by_warp_chunk(
+        monkeypatch, lambda: pipeline.train_batch(images, torch.Generator().manual_seed(8))
+    )
     # The draws did turn, flip and jitter images: the chunks had something to get wrong.
     params = pipeline.draw(50, torch.Generator().manual_seed(8))
     assert params.quarter_turns.ne(0).any() and params.hflip.any() and params.colour.ne(1).any()

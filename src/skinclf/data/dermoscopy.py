@@ -122,9 +122,7 @@ class DermoscopyAugmentation:
         return input_in_chunks(
             images,
             dtype,
-            lambda rows, out: self.base.warped_to_input(
-                apply_augmentation(images[rows], params[rows]), dtype, out=out
-            ),
+            lambda rows, out: self.base.warped_to_input(apply_augmentation(images[rows], params[rows]), out),
         )
 
     def draw(self, n: int, generator: torch.Generator) -> AugmentParams:

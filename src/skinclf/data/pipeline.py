@@ -55,18 +55,14 @@ class DefaultPipeline:
         scale, shift = self.scale_shift(images.device, dtype)
         return torch.addcmul(shift.repeat(w), rows, scale.repeat(w)).view(n, h, w, c).permute(0, 3, 1, 2)
 
-    def warped_to_input(
-        self, x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """A float32 NCHW batch in 0-255 units, as :func:`warp` returns it -> the model's input:
-        normalised in place in float32 (the per-channel constants broadcast along contiguous
-        rows), then cast and laid out channels-last, into ``out`` when given. Cast first, then
-        relayout: torch's one-pass cast-and-relayout took twice as long."""
+    def warped_to_input(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A float32 NCHW batch in 0-255 units, as :func:`warp` returns it -> the model's input in
+        ``out`` (channels-last, the model's input dtype): normalised in place in float32 (the
+        per-channel constants broadcast along contiguous rows), cast, then laid out channels-last.
+        Cast first, then relayout: torch's one-pass cast-and-relayout took twice as long."""
         scale, shift = self.scale_shift(x.device, torch.float32)
         x.view(len(x), x.shape[1], -1).mul_(scale.view(1, -1, 1)).add_(shift.view(1, -1, 1))
-        if out is None:
-            return x.to(dtype).contiguous(memory_format=torch.channels_last)
-        return out.copy_(x.to(dtype))
+        return out.copy_(x.to(out.dtype))
 
     def scale_shift(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the ``x * scale + shift`` that normalises pixel values in 0-255 units."""
@@ -187,16 +183,14 @@ def augment(
     bilinear warp (``grid_sample``), each image with its own affine map: flip, rotation and crop
     composed (:meth:`AugmentationDraws.theta`). An image that draws no transform gets the
     identity, which samples its own pixels (exactly, for power-of-two sizes such as 128). Warping
-    those too is cheaper than sorting the batch by transform and putting it back in order. On the
-    CPU the batch warps in chunks of :data:`WARP_CHUNK` images that stay in cache, into one output
-    tensor. Each image's warp is its own; the chunk size changes values only by float rounding
-    (the sampling grid's matrix product may round differently for a different number of rows).
+    those too is cheaper than sorting the batch by transform and putting it back in order. The
+    warps run a chunk at a time (:func:`input_in_chunks`); each image's warp is its own, and the
+    chunk size changes values only by float rounding (the sampling grid's matrix product may
+    round differently for a different number of rows).
     """
     theta = pipeline.draw(len(images), generator).theta()
     return input_in_chunks(
-        images,
-        dtype,
-        lambda rows, out: pipeline.warped_to_input(warp(images[rows], theta[rows]), dtype, out=out),
+        images, dtype, lambda rows, out: pipeline.warped_to_input(warp(images[rows], theta[rows]), out)
     )
 
 
