@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from skinclf.evaluation.metrics import binary_metrics
+from skinclf.evaluation.roc_pr import plot_pr, plot_roc
 from skinclf.evaluation.threshold import threshold_for_sensitivity
 
 from conftest import TINY, train_in_process
@@ -40,6 +43,21 @@ def test_without_mel_images_the_threshold_is_the_default():
     assert threshold_for_sensitivity(np.zeros(4), np.array([0.1, 0.2, 0.3, 0.9]), 0.95) == 0.5
 
 
+def test_the_threshold_flags_the_same_images_in_float32_and_as_predictions_csv_reads_back():
+    # float32 probabilities whose exact values are long decimals, as a model's are; the CSV holds
+    # their shortest decimal form, which pandas reads as float64.
+    rng = np.random.default_rng(0)
+    probs = rng.random(400).astype(np.float32)
+    labels = (rng.random(400) < probs).astype(int)
+    read_back = pd.read_csv(io.StringIO(pd.DataFrame({"prob_mel": probs}).to_csv(index=False)))
+    for target in (0.5, 0.9, 0.95, 1.0):
+        threshold = threshold_for_sensitivity(labels, probs, target)
+        in_memory = probs >= threshold
+        assert np.array_equal(read_back["prob_mel"].to_numpy() >= threshold, in_memory)
+        assert _sensitivity(labels, read_back["prob_mel"].to_numpy(), threshold) >= target
+        assert np.float32(threshold) in probs[labels == 1]  # one MEL image's own probability
+
+
 def test_a_tiny_run_stores_a_threshold_that_reaches_the_target_on_validation(tmp_path, shared_data_dir):
     target = 0.9
     run_dir, metrics = train_in_process(
@@ -50,9 +68,8 @@ def test_a_tiny_run_stores_a_threshold_that_reaches_the_target_on_validation(tmp
     predictions = pd.read_csv(run_dir / "predictions.csv")
     val = predictions[predictions["split"] == "val"]
     test = predictions[predictions["split"] == "test"]
-    # predictions.csv holds float32 probabilities in their shortest decimal form: compare in float32.
-    val_probs, threshold = val["prob_mel"].to_numpy(np.float32), np.float32(point["threshold"])
-    assert _sensitivity(val["label"].to_numpy(), val_probs, threshold) >= target
+    # As a user checks it: the file's probabilities as pandas reads them, the stored threshold.
+    assert _sensitivity(val["label"].to_numpy(), val["prob_mel"].to_numpy(), point["threshold"]) >= target
 
     # The test figures at the operating point and at 0.5 are those of the stored predictions.
     at_point = binary_metrics(test["label"], test["prob_mel"], point["threshold"])
@@ -75,3 +92,30 @@ def test_binary_metrics_match_a_hand_count():
     assert metrics["f1"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 1))
     # AUC: of the 8 (MEL, NV) pairs the MEL scores higher in 6 (.4 loses to .6 and .7).
     assert metrics["roc_auc"] == pytest.approx(6 / 8)
+
+
+def _circles(fig) -> list[tuple[float, float]]:
+    """The (x, y) of each circled point on a figure's axes (the legend's sample has no data)."""
+    lines = fig.axes[0].get_lines()
+    return [
+        (float(ln.get_xdata()[0]), float(ln.get_ydata()[0]))
+        for ln in lines
+        if ln.get_marker() == "o" and len(ln.get_xdata())
+    ]
+
+
+def test_roc_and_pr_figures_circle_the_operating_point():
+    # At 0.5: MEL 0.7, 0.8, 0.9 found (sensitivity 3/4), NV 0.55 and 0.6 called MEL (false-positive
+    # rate 2/4), so 3 of the 5 MEL calls are right (precision 3/5).
+    table = pd.DataFrame(
+        {
+            "split": ["val"] * 8,
+            "label": [0, 0, 0, 0, 1, 1, 1, 1],
+            "prob_mel": [0.1, 0.55, 0.6, 0.2, 0.4, 0.7, 0.8, 0.9],
+        }
+    )
+    assert _circles(plot_roc(table, 0.5)) == [(pytest.approx(0.5), pytest.approx(0.75))]
+    assert _circles(plot_pr(table, 0.5)) == [(pytest.approx(0.75), pytest.approx(0.6))]
+    # Above every probability nothing is called MEL: no precision, so no circle on that curve.
+    assert _circles(plot_pr(table, 0.95)) == []
+    assert _circles(plot_pr(table)) == [] and _circles(plot_roc(table)) == []

@@ -48,21 +48,18 @@ def plot_roc(predictions: pd.DataFrame, threshold: float | None = None, title: s
         auc = roc_auc_score(labels, probs)
         ax.plot(fpr, tpr, color=colour, label=f"{name} (AUC {auc:.3f}, n={len(labels)})")
         if threshold is not None:
-            flagged = probs >= threshold
-            sens, fpr_at = flagged[labels == 1].mean(), flagged[labels == 0].mean()
-            ax.plot(fpr_at, sens, "o", color=colour, markerfacecolor="none", markersize=8)
+            point = operating_point(labels, probs, threshold)
+            _mark_operating_point(ax, point["false_positive_rate"], point["sensitivity"], colour)
     ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=1, label="chance")
-    if threshold is not None:
-        ax.plot(
-            [], [], "o", color="black", markerfacecolor="none", label=f"operating point p>={threshold:.3g}"
-        )
+    _label_operating_point(ax, threshold)
     roc_title = title or "ROC, MEL positive"
     _finish(ax, "1 - specificity (NV called MEL)", "sensitivity (MEL found)", roc_title, "lower right")
     return fig
 
 
-def plot_pr(predictions: pd.DataFrame, title: str = "") -> Figure:
-    """Precision-recall curves of the validation and test splits, average precision in the legend."""
+def plot_pr(predictions: pd.DataFrame, threshold: float | None = None, title: str = "") -> Figure:
+    """Precision-recall curves of the validation and test splits, average precision in the legend;
+    the operating point (``threshold``) marked on each curve that has MEL calls there."""
     from matplotlib.figure import Figure
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
@@ -81,10 +78,40 @@ def plot_pr(predictions: pd.DataFrame, title: str = "") -> Figure:
         )
         # A classifier with no skill sits at the MEL prevalence.
         ax.axhline(labels.mean(), color=colour, linestyle=":", linewidth=1)
+        if threshold is not None:
+            point = operating_point(labels, probs, threshold)
+            if point["flagged"]:  # precision is undefined where nothing is called MEL
+                _mark_operating_point(ax, point["sensitivity"], point["precision"], colour)
     ax.plot([], [], ":", color="grey", linewidth=1, label="no skill (MEL prevalence)")
+    _label_operating_point(ax, threshold)
     pr_title = title or "Precision-recall, MEL positive"
     _finish(ax, "recall = sensitivity", "precision (MEL calls that are MEL)", pr_title, "lower left")
     return fig
+
+
+def operating_point(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """Where calling MEL at ``probs >= threshold`` lands: sensitivity (= recall), false-positive
+    rate (1 - specificity), precision (nan when nothing is called MEL) and the number called."""
+    flagged = probs >= threshold
+    called = int(flagged.sum())
+    return {
+        "sensitivity": float(flagged[labels == 1].mean()),
+        "false_positive_rate": float(flagged[labels == 0].mean()),
+        "precision": float(labels[flagged].mean()) if called else float("nan"),
+        "flagged": called,
+    }
+
+
+def _mark_operating_point(ax: Axes, x: float, y: float, colour: str) -> None:
+    ax.plot(x, y, "o", color=colour, markerfacecolor="none", markersize=8)
+
+
+def _label_operating_point(ax: Axes, threshold: float | None) -> None:
+    """One legend entry for the circles of every split."""
+    if threshold is not None:
+        ax.plot(
+            [], [], "o", color="black", markerfacecolor="none", label=f"operating point p>={threshold:.3g}"
+        )
 
 
 def _finish(ax: Axes, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
@@ -101,5 +128,5 @@ def write_run_curves(
     """Write roc.png and pr.png into ``out_dir`` from a predictions table (split,label,prob_mel)."""
     paths = [Path(out_dir) / ROC_FIGURE, Path(out_dir) / PR_FIGURE]
     save_figure(plot_roc(predictions, threshold, title and f"ROC: {title}"), paths[0])
-    save_figure(plot_pr(predictions, title and f"Precision-recall: {title}"), paths[1])
+    save_figure(plot_pr(predictions, threshold, title and f"Precision-recall: {title}"), paths[1])
     return paths
