@@ -863,8 +863,9 @@ def _report_with_damaged_predictions(sweep: Path, out: Path, capsys) -> tuple[Pa
         ("no columns", "predictions.csv lacks columns ['label', 'prob_mel']; expected columns"),
         ("not CSV", "predictions.csv unreadable ("),
         ("empty", "predictions.csv unreadable (No columns to parse from file); expected columns"),
+        ("missing", "predictions.csv missing; expected the file a tested run writes"),
     ],
-    ids=["truncated", "no columns", "not CSV", "empty"],
+    ids=["truncated", "no columns", "not CSV", "empty", "missing"],
 )
 def test_a_damaged_predictions_csv_costs_its_run_the_roc_curve_only(damage, message, sweep, tmp_path, capsys):
     predictions = next(sweep.rglob("res_aug_*")) / "predictions.csv"
@@ -874,6 +875,7 @@ def test_a_damaged_predictions_csv_costs_its_run_the_roc_curve_only(damage, mess
         "no columns": lambda: pd.read_csv(predictions).iloc[:, :2].to_csv(predictions, index=False),
         "not CSV": lambda: predictions.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 40),
         "empty": lambda: predictions.write_text(""),
+        "missing": predictions.unlink,
     }[damage]()
     n = len(text.splitlines())  # the last line, cut short
     path, err, runs = _report_with_damaged_predictions(sweep, tmp_path / "reports", capsys)

@@ -40,7 +40,7 @@ Writes paper Table 1 (table1.csv/.md/.tex), the best model's test confusion matr
 test ROC curves of all models (roc.png) and a list of every run found (runs.csv).
 Runs are grouped per dataset and never averaged across datasets; runs of one model that differ
 only in seed are aggregated as mean ± std over n. Unfinished or failed runs are listed in
-runs.csv only; a run whose predictions.csv is damaged is left out of roc.png alone (a warning
+runs.csv only; a run whose predictions.csv is damaged or missing is left out of roc.png alone (a warning
 names the file)."""
 
 

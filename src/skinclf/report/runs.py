@@ -160,13 +160,15 @@ def check_test_predictions(runs: Sequence[Run]) -> None:
     """Read the predictions.csv of each tested run of ``runs``; those that cannot be read get
     their ``predictions_problem``, also named in their ``problem`` for runs.csv.
 
-    A damaged predictions.csv costs its run the ROC curve only: its Table 1 numbers and confusion
+    A damaged or missing predictions.csv costs its run the ROC curve only: its Table 1 numbers and confusion
     matrix come from metrics.csv and test_metrics.json, and the other runs' report must not be
     lost over it."""
     for run in runs:
         if not run.tested:
             continue
         try:
+            if not (run.path / PREDICTIONS).is_file():  # removed, or a copy without it
+                raise ValueError(f"{PREDICTIONS} missing; expected the file a tested run writes")
             run.test_predictions()
         except ValueError as err:
             run.predictions_problem = str(err)
