@@ -58,19 +58,37 @@ def test_keeps_melanoma_and_nevi_as_mel_and_nv(tmp_path):
 def test_folder_holding_the_file_and_other_sizes_are_resized(tmp_path):
     write_npz(tmp_path / "dermamnist_128.npz")
     assert len(splits_of(tmp_path).train) == 8
-    small = splits_of(write_npz(tmp_path / "dermamnist_28.npz", size=28))
+    small = splits_of(write_npz(tmp_path / "dermamnist.npz", size=28))  # MedMNIST's name for 28
     assert small.train.images.shape == (8, 3, 128, 128)
     # Constant images stay the same constant after antialiased resizing.
     assert small.train.images[:, 0, 0, 0].tolist() == small.train.images[:, 2, 77, 5].tolist()
     assert small.train.images[:, 0, 0, 0].tolist() == [44, 45, 56, 57, 58, 59, 60, 61]
 
 
-def test_a_folder_holding_one_file_of_another_size_takes_it(tmp_path):
-    write_npz(tmp_path / "dermamnist_64.npz", size=64)
+@pytest.mark.parametrize(("name", "size"), [("dermamnist_64.npz", 64), ("dermamnist.npz", 28)])
+def test_a_folder_holding_one_file_of_another_size_takes_it(tmp_path, name, size):
+    write_npz(tmp_path / name, size=size)
     assert splits_of(tmp_path).train.images.shape == (8, 3, 128, 128)
-    # With two such files the folder is ambiguous: the 128 pixel file is asked for, by name.
-    write_npz(tmp_path / "dermamnist_28.npz", size=28)
-    with pytest.raises(SkinclfError, match="dermamnist_128.npz: no such file"):
+
+
+def test_a_folder_holding_two_other_sizes_names_them(tmp_path):
+    write_npz(tmp_path / "dermamnist_64.npz", size=64)
+    write_npz(tmp_path / "dermamnist.npz", size=28)
+    with pytest.raises(SkinclfError) as err:
+        splits_of(tmp_path)
+    assert str(err.value) == (
+        f"data.root={tmp_path}: holds dermamnist.npz, dermamnist_64.npz but no dermamnist_128.npz; "
+        "pass the file to use as data.root"
+    )
+    # With the 128 pixel file there too, that one is taken (3 training images, not 8).
+    write_npz(tmp_path / "dermamnist_128.npz", labels={"train": [4, 5, 5], "val": [4, 5], "test": [4, 5]})
+    assert len(splits_of(tmp_path).train) == 3
+
+
+def test_a_folder_without_the_file_names_the_file_it_looked_for(tmp_path):
+    with pytest.raises(
+        SkinclfError, match=f"data.root={tmp_path}/dermamnist_128.npz: no such file; download"
+    ):
         splits_of(tmp_path)
 
 

@@ -37,10 +37,18 @@ DOWNLOAD_HELP = (
 
 def _npz_path(data_cfg: DictConfig) -> Path:
     path = data_path(data_cfg, "root")
-    if path.is_dir():
-        # The folder of the download: the 128 pixel file, or the one file of another size there.
-        found = sorted(path.glob("dermamnist_*.npz"))
-        path = path / FILE_NAME if (path / FILE_NAME).exists() or len(found) != 1 else found[0]
+    if path.is_dir() and not (path / FILE_NAME).exists():
+        # The folder of another size's download. MedMNIST names the 64 and 224 pixel files
+        # dermamnist_64.npz and dermamnist_224.npz, the 28 pixel one dermamnist.npz.
+        found = sorted([*path.glob("dermamnist_*.npz"), *path.glob("dermamnist.npz")])
+        if len(found) > 1:
+            raise SkinclfError(
+                f"data.root={path}: holds {', '.join(f.name for f in found)} but no {FILE_NAME}; "
+                "pass the file to use as data.root"
+            )
+        path = found[0] if found else path / FILE_NAME
+    elif path.is_dir():
+        path = path / FILE_NAME
     if not path.exists():
         raise SkinclfError(f"data.root={path}: no such file; {DOWNLOAD_HELP}")
     return path
