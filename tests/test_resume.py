@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 from skinclf import train
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
-from skinclf.sweep.jobs import RUN_CONFIG, claim_run_dir, comparable_config
+from skinclf.sweep.jobs import RUN_CONFIG, STATUS_FILE, claim_run_dir, comparable_config
 from skinclf.train import run
 from skinclf.training import loop
 
@@ -250,6 +251,36 @@ def test_a_refused_resume_or_a_rerun_leaves_a_finished_folder_as_it_was(tmp_path
     assert run_dir_from_output(again.stdout) == run_dir
     # Its .hydra/ record (which the report reads the settings from) and status are untouched.
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_folder_another_process_is_training_in_is_refused_until_it_ends(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.progress=never", cwd=tmp_path)
+    (run_dir / "test_metrics.json").unlink()  # unfinished, as while it trains
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        status = {"status": "running", "launch": None, "pid": trainer.pid, "host": socket.gethostname()}
+        (run_dir / STATUS_FILE).write_text(json.dumps(status))
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        refused = train_cli(*TINY, f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path, check=False)
+        assert refused.returncode == 2
+        assert f"{run_dir}: is being trained now by process {trainer.pid} on this machine" in refused.stderr
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+        # The same status naming another machine, or this process (a sweep's earlier job), is no
+        # reason to refuse: only a live process here is known to be training.
+        for other in ({"host": "another-node"}, {"pid": os.getpid()}):
+            (run_dir / STATUS_FILE).write_text(json.dumps({**status, **other}))
+            assert (
+                claim_run_dir(run_dir, compose_config([*TINY, "resume=true"]), single_run=True)
+                == "unfinished"
+            )
+        (run_dir / STATUS_FILE).write_text(json.dumps(status))
+    finally:
+        trainer.kill()
+        trainer.wait()
+    # Once it has ended (killed here, so its status still says running) the resume goes ahead.
+    resumed = train_cli(*TINY, f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)
+    assert (run_dir / "test_metrics.json").exists() and "resuming" in resumed.stdout + resumed.stderr
 
 
 def test_a_resume_refused_for_a_bad_setting_leaves_an_unfinished_folder_as_it_was(tmp_path: Path) -> None:

@@ -124,6 +124,15 @@ def claim_run_dir(
                     "use a new hydra.run.dir / hydra.sweep.dir, or the original overrides"
                 )
         state = "finished" if any((out_dir / name).exists() for name in RESULT_FILES) else "unfinished"
+        status = read_status(out_dir)
+        if state == "unfinished" and status.get("status") == "running" and _process_state(status) == "alive":
+            # Two processes training into one folder would interleave their epochs and
+            # checkpoints: a second `resume=true`, or a sweep launched again while it runs.
+            raise SkinclfError(
+                f"{out_dir}: is being trained now by process {status['pid']} on this machine "
+                f"({STATUS_FILE}); wait for it to end, or use a new hydra.run.dir / hydra.sweep.dir "
+                f"(if that process is not skinclf, its id reused after a crash, delete {STATUS_FILE})"
+            )
         if single_run and state == "unfinished" and not cfg.resume:
             # Training it anew would overwrite its checkpoint and metrics without a word.
             raise SkinclfError(
@@ -288,20 +297,29 @@ def recorded_status(out_dir: Path, launch: str | None, **info: Any) -> Iterator[
 
 def process_gone(status: dict[str, Any]) -> bool:
     """Whether the process that a "running" status names has ended without recording how.
+    False wherever that cannot be told (see :func:`_process_state`)."""
+    return _process_state(status) == "gone"
+
+
+def _process_state(status: dict[str, Any]) -> str | None:
+    """ "alive" or "gone": the process a status names, or None where that cannot be told.
 
     Only answerable on the machine it ran on, and only on POSIX (Windows' ``os.kill`` would
-    terminate the process); False wherever it cannot tell. A recycled process id reads as alive.
+    terminate the process). A recycled process id reads as alive; the calling process itself
+    (a sweep's jobs in one process) is never another run's.
     """
     pid = status.get("pid")
     if os.name != "posix" or not isinstance(pid, int) or status.get("host") != socket.gethostname():
-        return False
+        return None
+    if pid == os.getpid():
+        return None
     try:
         os.kill(pid, 0)  # signal 0: only checks that the process exists
     except ProcessLookupError:
-        return True
+        return "gone"
     except PermissionError:  # it exists, under another user
         pass
-    return False
+    return "alive"
 
 
 # How long a stopped sweep's launching process waits for its jobs' processes to end before it
