@@ -641,10 +641,19 @@ def test_an_output_folder_where_none_can_be_made_is_one_clear_error(tmp_path, ke
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
-def test_a_slurm_sweep_without_slurm_is_one_clear_error(tmp_path, monkeypatch, launcher):
+@pytest.mark.parametrize(
+    ("launcher", "sweep"),
+    [
+        ("slurm", "-m"),
+        ("submitit_slurm", "-m"),
+        ("slurm", "hparams_search=grid"),
+        ("slurm", "experiment=paper"),
+    ],
+)
+def test_a_slurm_sweep_without_slurm_is_one_clear_error(tmp_path, monkeypatch, launcher, sweep):
+    # hparams_search=grid and experiment=paper are sweeps without -m: their configs set MULTIRUN.
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
-    proc = error_run(tmp_path, "-m", f"hydra/launcher={launcher}", *TINY)
+    proc = error_run(tmp_path, sweep, f"hydra/launcher={launcher}", *TINY)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"skinclf train: error: hydra/launcher={launcher}: no sbatch command on this machine; launch the "

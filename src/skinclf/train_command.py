@@ -217,9 +217,12 @@ def _check_launcher(args: list[str]) -> None:
     """A Slurm sweep where there is no Slurm: one line, not submitit's traceback after the sweep
     folder was made."""
     slurm = [arg for arg in args if arg.lstrip("+") in SLURM_LAUNCHERS]
-    # A single run ignores the launcher; experiment=paper is a sweep even without -m.
+    # A single run ignores the launcher; experiment=paper and hparams_search=grid set
+    # hydra.mode=MULTIRUN, so they are sweeps even without -m.
     sweep = any(
-        arg in {"-m", "--multirun", "hydra.mode=MULTIRUN"} or arg.startswith("experiment=") for arg in args
+        arg in {"-m", "--multirun", "hydra.mode=MULTIRUN"}
+        or arg.startswith(("experiment=", "hparams_search="))
+        for arg in args
     )
     if slurm and sweep and shutil.which("sbatch") is None:
         raise SkinclfError(
