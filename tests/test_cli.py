@@ -21,9 +21,11 @@ from PIL import Image
 import skinclf
 from skinclf.cli import RESUME_HINTS
 from skinclf.cli import main as cli_main
+from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS
 from skinclf.report.runs import find_runs
 from skinclf.summary import model_names
+from skinclf.train_command import _check_override_keys
 from skinclf.training.loop import METRICS_COLUMNS
 
 from conftest import TINY, run_dir_from_output, train_cli
@@ -226,9 +228,9 @@ def test_kill_says_how_to_go_on_as_ctrl_c_does(tmp_path, monkeypatch):
 def test_a_config_error_in_a_relaunched_sweep_names_no_folder(tmp_path):
     folder = tmp_path / "sweep"
     folder.mkdir()
-    # A key no config has, in a swept override: Hydra refuses it as it composes the first job.
+    # A key no config has, in a swept override: refused before Hydra makes the sweep.
     proc = error_run(tmp_path, "-m", "trainer.max_epoch=3,4", f"hydra.sweep.dir={folder}", *TINY)
-    assert proc.returncode == 1 and "trainer.max_epoch" in proc.stderr
+    assert proc.returncode == 2 and "trainer.max_epoch: no skinclf config has this key" in proc.stderr
     assert "output directory" not in proc.stdout
 
 
@@ -671,7 +673,39 @@ def test_a_grid_search_refuses_a_size_below_one_before_it_trains(tmp_path):
 
 def test_misspelled_key_is_one_clear_error(tmp_path):
     proc = error_run(tmp_path, "trainer.max_epoch=3")
-    assert "trainer.max_epoch" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "skinclf train: error: trainer.max_epoch: no skinclf config has this key; did you mean "
+        "trainer.max_epochs? (`skinclf train --help` lists them)"
+    )
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_key_of_other_configs_names_them(tmp_path):
+    proc = error_run(tmp_path, "data.root=ds")  # the default data=synthetic has no root
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "skinclf train: error: data.root: the configs chosen (the defaults) have no such key; "
+        "data=dermamnist, data=folder have it"
+    )
+    with pytest.raises(SkinclfError, match=r"\(model=resnet\) have no such key; .*model=vgg16"):
+        _check_override_keys(["model=resnet", "model.pretrained=false"])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["model=vgg16", "model.pretrained=false"],
+        ["model=res_aug", "model.pipeline.p=0.3", "trainer.max_epochs=2"],
+        ["pipeline@model.pipeline=augmented", "model.pipeline.p=0.3"],
+        ["-m", "model=baseline,vgg16", "model.pretrained=false"],  # one of the sweep's configs has it
+        ["experiment=paper", "seed=1"],
+        ["+optim.lrr=1"],  # appended keys have their own check, once the run's config is composed
+        ["data=folder", "data.root=ds", "hydra.run.dir=x"],
+    ],
+)
+def test_keys_that_the_chosen_configs_have_pass_the_key_check(args):
+    _check_override_keys(args)
 
 
 @pytest.mark.parametrize("users_files", [[], ["notes.txt"]], ids=["empty", "with-a-file"])

@@ -8,22 +8,24 @@ and a mistyped option (``model=resnt``) answer without the seconds that importin
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins import skinclf_launcher
-from skinclf.config import adds_config_folders, config_choices
+from skinclf.config import adds_config_folders, compose_config, config_choices
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
@@ -231,12 +233,9 @@ def _check_launcher(args: list[str]) -> None:
         )
 
 
-def _check_group_choices(args: list[str]) -> None:
-    """An unknown config choice (``model=resnt``, ``recipe=moden``, in a sweep too): one line
-    naming it and the choices, exit 2, where Hydra prints a multi-line error and exits 1. What
-    this cannot read (glob sweeps, interpolations) is left to Hydra."""
-    if adds_config_folders(args):
-        return  # configs of the user's own beside skinclf's: Hydra knows them, this check does not
+def _parsed_overrides(args: list[str]) -> Iterator[tuple[str, Override, list]]:
+    """(the argument as typed, Hydra's parse of it, its values: several for a sweep) for each
+    override; what Hydra's parser refuses is left out, for Hydra's own message."""
     parser = OverridesParser.create()
     for arg in args:
         if arg.startswith("-"):
@@ -244,9 +243,18 @@ def _check_group_choices(args: list[str]) -> None:
         try:
             override = parser.parse_overrides([arg])[0]
             values = override.sweep_string_iterator() if override.is_sweep_override() else [override.value()]
-            values = list(values)
+            yield arg, override, list(values)
         except Exception:  # noqa: BLE001 - Hydra's own parser and error message take it from here
             continue
+
+
+def _check_group_choices(args: list[str]) -> None:
+    """An unknown config choice (``model=resnt``, ``recipe=moden``, in a sweep too): one line
+    naming it and the choices, exit 2, where Hydra prints a multi-line error and exits 1. What
+    this cannot read (glob sweeps, interpolations) is left to Hydra."""
+    if adds_config_folders(args):
+        return  # configs of the user's own beside skinclf's: Hydra knows them, this check does not
+    for arg, override, values in _parsed_overrides(args):
         group = override.key_or_group.split("@", 1)[0]
         choices = [] if override.is_delete() else config_choices(group)
         for value in values:
@@ -255,11 +263,85 @@ def _check_group_choices(args: list[str]) -> None:
                 raise SkinclfError(f"{key}={value}: unknown {group}; expected one of {', '.join(choices)}")
 
 
+def _check_override_keys(args: list[str]) -> None:
+    """A key that no config has (``trainer.max_epoch=3``, in a sweep too): one line naming it and
+    the nearest key, or the choices whose configs have it (``data.root`` under data=synthetic),
+    exit 2, where Hydra prints a multi-line error and exits 1. A key that one of a sweep's
+    choices has (``model.pretrained`` with ``model=baseline,vgg16``) is left to each job."""
+    if adds_config_folders(args):
+        return
+    groups: dict[str, list[str]] = {}  # the config choices given, as typed (pipeline@model.pipeline)
+    keys = []
+    for _, override, values in _parsed_overrides(args):
+        name = override.key_or_group
+        if override.is_delete() or override.is_add() or name.startswith("hydra"):
+            continue  # +key has its own check (check_appended_keys); hydra's keys are Hydra's
+        if config_choices(name.split("@", 1)[0]):
+            groups[name] = [str(v) for v in values]
+        else:
+            keys.append(name)
+    # Only composed when a key is given, and once unless a key is missing: `skinclf train` with
+    # no overrides pays nothing.
+    missing = [key for key in keys if not _key_in_any(key, [{g: v[0] for g, v in groups.items()}])]
+    if not missing:
+        return
+    swept = [
+        {**{g: v[0] for g, v in groups.items()}, group: value} for group, vs in groups.items() for value in vs
+    ]
+    for key in missing:
+        if _key_in_any(key, swept):
+            continue
+        given = {g: v[0] for g, v in groups.items()}
+        having = {
+            f"{group}={choice}"
+            for group in sorted({*groups, "model", "data", "recipe"})
+            for choice in config_choices(group.split("@", 1)[0])
+            if _key_in_any(key, [{**given, group: choice}])
+        }
+        if having:
+            chosen = ", ".join(f"{g}={v[0]}" for g, v in groups.items()) or "the defaults"
+            raise SkinclfError(
+                f"{key}: the configs chosen ({chosen}) have no such key; {', '.join(sorted(having))} have it"
+            )
+        near = difflib.get_close_matches(
+            key, _dotted_keys(compose_config([f"{g}={v}" for g, v in given.items()])), 1
+        )
+        hint = f"; did you mean {near[0]}?" if near else ""
+        raise SkinclfError(f"{key}: no skinclf config has this key{hint} (`skinclf train --help` lists them)")
+
+
+def _key_in_any(key: str, choices: list[dict[str, str]]) -> bool:
+    """Whether the config composed with any of these group choices has the dotted ``key``; True
+    where one does not compose (a bad choice or value is Hydra's to report)."""
+    for chosen in choices:
+        try:
+            cfg = compose_config([f"{group}={value}" for group, value in chosen.items()])
+        except SkinclfError:
+            return True
+        if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+            return True
+    return False
+
+
+_ABSENT = object()
+
+
+def _dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every key of ``cfg`` as a dotted path (``trainer.max_epochs``)."""
+    out = []
+    for key, value in cfg.items():
+        out.append(f"{prefix}{key}")
+        if isinstance(value, DictConfig):
+            out += _dotted_keys(value, f"{prefix}{key}.")
+    return out
+
+
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
     _check_output_folders(args)
     _check_launcher(args)
     _check_group_choices(args)
+    _check_override_keys(args)
     sys.argv = ["skinclf train", *args]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
     SweepSummary.started = SweepSummary.sweep_dir = SweepSummary.last = None
