@@ -57,12 +57,19 @@ def test_threads_are_divided_between_parallel_jobs(setting, launcher, cores, exp
     assert resources.threads_per_job(setting, launcher, cores) == expected
 
 
-def test_a_launcher_with_no_jobs_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["local", "joblib"])  # joblib itself raised with a traceback
+def test_a_launcher_with_no_jobs_is_refused(tmp_path: Path, launcher: str) -> None:
     with pytest.raises(SkinclfError, match="n_jobs"):
         resources.threads_per_job(None, {"n_jobs": 0}, 4)
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    args = ["-m", "seed=0,1", "hydra/launcher=local", "hydra.launcher.n_jobs=0", f"hydra.sweep.dir={sweep}"]
+    args = [
+        "-m",
+        "seed=0,1",
+        f"hydra/launcher={launcher}",
+        "hydra.launcher.n_jobs=0",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = train_cli(*args, cwd=tmp_path, check=False)
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()

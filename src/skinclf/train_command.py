@@ -38,6 +38,7 @@ from skinclf.sweep.jobs import (
     release_claim,
     run_sweep_job,
 )
+from skinclf.sweep.resources import N_JOBS_ZERO
 from skinclf.sweep.summary import SweepSummary, remove_unstarted
 
 
@@ -216,8 +217,8 @@ SLURM_LAUNCHERS = {"hydra/launcher=slurm", "hydra/launcher=submitit_slurm"}
 
 
 def _check_launcher(args: list[str]) -> None:
-    """A Slurm sweep where there is no Slurm: one line, not submitit's traceback after the sweep
-    folder was made."""
+    """A Slurm sweep where there is no Slurm, or n_jobs=0: one line, not submitit's or joblib's
+    traceback after the sweep folder was made."""
     slurm = [arg for arg in args if arg.lstrip("+") in SLURM_LAUNCHERS]
     # A single run ignores the launcher; experiment=paper and hparams_search=grid set
     # hydra.mode=MULTIRUN, so they are sweeps even without -m.
@@ -226,6 +227,10 @@ def _check_launcher(args: list[str]) -> None:
         or arg.startswith(("experiment=", "hparams_search="))
         for arg in args
     )
+    # Under hydra/launcher=local skinclf's own check names it; under plain joblib, joblib raised
+    # on it with a traceback.
+    if any(arg.lstrip("+") in {"hydra.launcher.n_jobs=0", "hydra.launcher.n_jobs=-0"} for arg in args):
+        raise SkinclfError(N_JOBS_ZERO)
     if slurm and sweep and shutil.which("sbatch") is None:
         raise SkinclfError(
             f"{slurm[0]}: no sbatch command on this machine; launch the sweep from a node of the Slurm "

@@ -42,6 +42,12 @@ if not OmegaConf.has_resolver("skinclf.parallel_jobs"):
     OmegaConf.register_new_resolver("skinclf.parallel_jobs", _parallel_jobs_resolver)
 
 
+N_JOBS_ZERO = (
+    "hydra.launcher.n_jobs=0: expected a positive number of jobs, or a negative one counted back "
+    "from the cores (-1: all of them; -2: all but one), as joblib takes it"
+)
+
+
 def concurrent_jobs(launcher: Mapping[str, Any] | None, cores: int) -> int | None:
     """Jobs sharing this machine's cores under ``launcher`` (hydra.launcher); None if not known.
 
@@ -53,10 +59,7 @@ def concurrent_jobs(launcher: Mapping[str, Any] | None, cores: int) -> int | Non
     if "n_jobs" in launcher:
         n_jobs = int(launcher["n_jobs"])
         if n_jobs == 0:
-            raise SkinclfError(
-                "hydra.launcher.n_jobs=0: expected a positive number of jobs, or a negative one "
-                "counted back from the cores (-1: all of them; -2: all but one), as joblib takes it"
-            )
+            raise SkinclfError(N_JOBS_ZERO)
         return max(1, cores + 1 + n_jobs) if n_jobs < 0 else n_jobs
     return 1
 
