@@ -4,6 +4,7 @@ sweep jobs, the end-of-sweep summary, and whole sweeps through the joblib and su
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -625,3 +626,29 @@ def test_a_stopped_sweep_records_its_jobs_killed_unrecorded_as_stopped(tmp_path:
     with pytest.raises(KeyboardInterrupt):
         train_command.main(["-m", f"hydra.sweep.dir={sweep}"])
     assert read_status(sweep / "0_baseline")["status"] == "stopped"
+
+
+def test_a_sweep_is_not_launched_again_while_a_launch_of_it_trains(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=0,1", f"hydra.sweep.dir={sweep}", *TINY]
+    train_cli(*args, cwd=tmp_path)
+    (sweep / "1_baseline" / "test_metrics.json").unlink()  # unfinished, as while it trains
+    trainer = _process_ending_in(60)
+    try:
+        status = {"status": "running", "launch": "earlier", "pid": trainer, "host": socket.gethostname()}
+        (sweep / "1_baseline" / STATUS_FILE).write_text(json.dumps(status))
+        before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+        proc = train_cli(*args, cwd=tmp_path, check=False)
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == (
+            f"skinclf train: error: {sweep}: job 1_baseline is being trained now by process {trainer} on "
+            "this machine (another launch of this sweep); wait for that launch to end, then launch again "
+            "to continue the sweep"
+        )
+        # Nothing of the earlier launch is touched: its tag, its summary, its jobs' files.
+        assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+    finally:
+        os.kill(trainer, signal.SIGKILL)
+    # Once that process has gone (killed: its status still says running), the launch continues it.
+    proc = train_cli(*args, cwd=tmp_path)
+    assert (sweep / "1_baseline" / "test_metrics.json").exists()

@@ -295,6 +295,16 @@ def recorded_status(out_dir: Path, launch: str | None, **info: Any) -> Iterator[
     write_status(out_dir, "done", launch, **info)
 
 
+def job_in_training(sweep_dir: Path) -> tuple[Path, int] | None:
+    """A job folder of ``sweep_dir`` that a live process on this machine is training in now (an
+    earlier launch of the same sweep, still running), with that process's id; None if none."""
+    for path in sorted(Path(sweep_dir).rglob(STATUS_FILE)):
+        status = read_status(path.parent)
+        if status.get("status") == "running" and _process_state(status) == "alive":
+            return path.parent, status["pid"]
+    return None
+
+
 def process_gone(status: dict[str, Any]) -> bool:
     """Whether the process that a "running" status names has ended without recording how.
     False wherever that cannot be told (see :func:`_process_state`)."""

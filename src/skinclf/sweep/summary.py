@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,17 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from skinclf.errors import EXIT_USER_ERROR
 from skinclf.io import atomic_write_json, missing_folders, remove_empty_folders
 from skinclf.run_files import GRID_MD, HYDRA_MULTIRUN, TRAIN_LOG
-from skinclf.sweep.jobs import LAUNCH_FILE, REFUSED_PREFIX, STATUS_FILE, refused_job_dir, start_launch
+from skinclf.sweep.jobs import (
+    LAUNCH_FILE,
+    REFUSED_PREFIX,
+    STATUS_FILE,
+    job_in_training,
+    refused_job_dir,
+    start_launch,
+)
 
 log = logging.getLogger("skinclf")
 
@@ -128,6 +137,17 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        busy = job_in_training(sweep_dir) if sweep_dir.is_dir() else None
+        if busy is not None:
+            # Its launch tag and summary would be overwritten, and its jobs refused or raced for.
+            # Exits here: Hydra would print an exception raised in a callback as a stack trace.
+            print(
+                f"skinclf train: error: {sweep_dir}: job {busy[0].name} is being trained now by process "
+                f"{busy[1]} on this machine (another launch of this sweep); wait for that launch to end, "
+                "then launch again to continue the sweep",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_USER_ERROR)
         SweepSummary.created = missing_folders(sweep_dir.parent)
         SweepSummary.started = None if sweep_dir.exists() else sweep_dir
         SweepSummary.sweep_dir = sweep_dir
