@@ -191,6 +191,17 @@ def test_precision_auto_uses_bf16_only_where_native(monkeypatch):
         assert resolve_precision("auto", cpu) == expected
     assert resolve_precision("fp32", cpu) == "fp32"
 
+    # On CUDA: by the compute capability of the GPU the run uses, not of the current one; a T4 (7.5)
+    # would only emulate bf16, which torch.cuda.is_bf16_supported() counts as supported.
+    asked = []
+    capabilities = {0: (9, 0), 1: (7, 5), 2: (8, 0)}
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda d: asked.append(d) or capabilities[d.index]
+    )
+    picked = [resolve_precision("auto", torch.device(f"cuda:{i}")) for i in (1, 2, 0)]
+    assert picked == ["fp32", "bf16", "bf16"] and [d.index for d in asked] == [1, 2, 0]
+
 
 @pytest.mark.parametrize(("precision", "channels_last"), [("fp32", False), ("bf16", True), ("fp32", True)])
 def test_loop_feeds_the_configured_dtype_and_memory_format(tmp_path, precision, channels_last):

@@ -97,8 +97,18 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cuda_has_native_bf16(device) else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """True on the GPU ``device`` if it runs bf16 natively: compute capability 8.0 (Ampere) or
+    later, or any ROCm GPU, as ``torch.cuda.is_bf16_supported(including_emulation=False)`` judges
+    the current GPU. Its default (emulation included) also says yes on a T4 or V100, where bf16
+    is emulated and slower than fp32."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def input_dtype(precision: str) -> torch.dtype:
