@@ -4,20 +4,40 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from pathlib import Path
 
 from skinclf.summary import model_names
 
 
-def positive_int(text: str) -> int:
-    """An argparse ``type`` for counts that must be at least 1 (``--repeats``: a median or a best of
-    zero timings does not exist)."""
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for counts that must be at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: expected an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+# Counts that must be at least 1 (``--repeats``: a median or a best of zero timings does not exist).
+positive_int = int_at_least(1)
+
+
+def writable_json(text: str) -> Path:
+    """An argparse ``type`` for the JSON a benchmark writes its results to: checked by writing an
+    empty result there now, so that a bad path fails before the measurements, not after them."""
+    path = Path(text)
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
-    return value
+        path.write_text("{}\n")
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"{text}: cannot write there ({err.strerror})") from None
+    return path
 
 
 def add_models_argument(parser: argparse.ArgumentParser, default: tuple[str, ...]) -> None:

@@ -27,9 +27,11 @@ and, for vgg16, the head's epoch time on cached features vs running the frozen e
     python scripts/benchmark.py --models baseline res_aug --images 1024 --repeats 5
 
 Medians over --repeats after warm-up (three steps before the step times, one pass before the
-epochs). The plain-PyTorch side, skinclf's side and the "not kept" step each run in their own
-process per model, so allocator settings never leak from one to the other; peak memory is that
-of skinclf's process. Run it on an otherwise idle machine.
+epochs); the reference and fit epochs and vgg16's head epochs on cached features over half as
+many, its epochs through the extractor over a quarter (at least one each). The plain-PyTorch
+side, skinclf's side and the "not kept" step each run in their own process per model, so
+allocator settings never leak from one to the other; peak memory is that of skinclf's process.
+Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _args import add_models_argument, positive_int
+from _args import add_models_argument, int_at_least, positive_int, writable_json
 
 from skinclf.models import PAPER_MODELS
 from skinclf.training.hardware import describe_machine, resolve_device
@@ -356,13 +358,27 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_models_argument(parser, PAPER_MODELS)
-    parser.add_argument("--images", type=int, default=1024, help="training images in the folder dataset")
     parser.add_argument(
-        "--repeats", type=positive_int, default=5, help="timed repetitions of each step (median)"
+        "--images",
+        type=int_at_least(BATCH),
+        default=1024,
+        help=f"training images in the folder dataset (at least one batch: {BATCH})",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=5,
+        help="timed repetitions of each step and paired pass (median); the epochs run half as often",
     )
     parser.add_argument("--steps-only", action="store_true", help="skip the epoch measurements")
-    parser.add_argument("--json", type=Path, default=Path("benchmark.json"))
+    parser.add_argument(
+        "--json",
+        type=writable_json,
+        default="benchmark.json",
+        help="results file, rewritten after each model (default: benchmark.json)",
+    )
     args = parser.parse_args()
+    machine = describe_machine(resolve_device("auto"))
 
     with tempfile.TemporaryDirectory() as tmp:
         root, cache_dir = Path(tmp) / "jpegs", Path(tmp) / "cache"
@@ -378,10 +394,10 @@ def main() -> None:
                 with context.Pool(1) as pool:
                     row.update(pool.apply(_measure, (job,)))
             rows.append(row)
+            _write_results(args.json, machine, args.images, rows)  # kept should a later model fail
             print(f"measured {model}", flush=True)
 
     batches = -(-args.images // BATCH)
-    machine = describe_machine(resolve_device("auto"))
     print(
         f"\nmachine: {machine}; torch {torch.__version__}; {args.images} training images "
         f"({batches} batches of {BATCH}), median of {args.repeats} steps"
@@ -415,13 +431,12 @@ def main() -> None:
                 f"{r['vgg_epoch_extractor_s']:.2f}s running the extractor "
                 f"(one-off extraction of all splits: {r['vgg_extract_once_s']:.2f}s)"
             )
-    args.json.write_text(
-        json.dumps(
-            {"machine": machine, "torch": torch.__version__, "images": args.images, "rows": rows},
-            indent=2,
-        )
-    )
     print(f"\nwritten: {args.json}")
+
+
+def _write_results(path: Path, machine: str, images: int, rows: list[dict]) -> None:
+    results = {"machine": machine, "torch": torch.__version__, "images": images, "rows": rows}
+    path.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def best_of(repeats: int, fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--images", type=positive_int, default=3000)
     parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,13 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
         ("benchmark_decode.py", ["--repeats", "0"], "argument --repeats: 0: expected an integer >= 1"),
         ("benchmark.py", ["--repeats", "0"], "argument --repeats: 0: expected an integer >= 1"),
         ("benchmark.py", ["--models", "resnt"], "argument --models: invalid choice: 'resnt'"),
+        ("benchmark.py", ["--images", "63"], "argument --images: 63: expected an integer >= 64"),
+        ("benchmark_decode.py", ["--images", "0"], "argument --images: 0: expected an integer >= 1"),
+        (
+            "benchmark.py",
+            ["--json", "no/such/folder/b.json"],
+            "argument --json: no/such/folder/b.json: cannot write there (No such file or directory)",
+        ),
         (
             "benchmark_sweep.py",
             ["--models", "baseline", "resnt"],
