@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from skinclf.evaluation.metrics import binary_metrics
 from skinclf.evaluation.roc_pr import plot_pr, plot_roc
@@ -43,18 +44,24 @@ def test_without_mel_images_the_threshold_is_the_default():
     assert threshold_for_sensitivity(np.zeros(4), np.array([0.1, 0.2, 0.3, 0.9]), 0.95) == 0.5
 
 
-def test_the_threshold_flags_the_same_images_in_float32_and_as_predictions_csv_reads_back():
-    # float32 probabilities whose exact values are long decimals, as a model's are; the CSV holds
-    # their shortest decimal form, which pandas reads as float64.
-    rng = np.random.default_rng(0)
-    probs = rng.random(400).astype(np.float32)
-    labels = (rng.random(400) < probs).astype(int)
+@pytest.mark.parametrize("seed", range(3))
+def test_the_threshold_flags_the_same_images_however_the_probabilities_are_read(seed):
+    # float32 probabilities whose exact values are long decimals, as a model's are, and whose
+    # shortest decimals (what predictions.csv holds, read back as float64 by pandas) lie above
+    # the exact value (0.7) or below it (0.4827949): the run compares in float32, predict and
+    # explain compare the exact values (.tolist()), a user the file's.
+    rng = np.random.default_rng(seed)
+    probs = np.concatenate([[0.7, 0.4827949106693268], rng.random(400)]).astype(np.float32)
+    labels = np.concatenate([[1, 1], (rng.random(400) < probs[2:]).astype(int)])
     read_back = pd.read_csv(io.StringIO(pd.DataFrame({"prob_mel": probs}).to_csv(index=False)))
-    for target in (0.5, 0.9, 0.95, 1.0):
-        threshold = threshold_for_sensitivity(labels, probs, target)
-        in_memory = probs >= threshold
-        assert np.array_equal(read_back["prob_mel"].to_numpy() >= threshold, in_memory)
-        assert _sensitivity(labels, read_back["prob_mel"].to_numpy(), threshold) >= target
+    exact = np.array(torch.from_numpy(probs).tolist())
+    targets = (0.5, 0.9, 0.95, 1.0)
+    for threshold in [threshold_for_sensitivity(labels, probs, t) for t in targets] + [
+        threshold_for_sensitivity(np.array([1, 0]), probs[[i, 2]], 1.0) for i in (0, 1)
+    ]:
+        in_float32 = probs >= threshold
+        assert np.array_equal(exact >= threshold, in_float32)
+        assert np.array_equal(read_back["prob_mel"].to_numpy() >= threshold, in_float32)
         assert np.float32(threshold) in probs[labels == 1]  # one MEL image's own probability
 
 

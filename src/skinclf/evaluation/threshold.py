@@ -19,8 +19,10 @@ def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: flo
         return 0.5
     # Flagging the k highest-scoring MEL images needs threshold <= their k-th probability.
     k = int(np.ceil(target * len(mel_probs) - 1e-9))
-    # That probability as predictions.csv writes it: the shortest decimal that reads back as the
-    # same value in its own dtype. Compared with that file's values read as float64, or with
-    # the float32 probabilities in memory, it flags the same images; the float32's exact value
-    # in float64 (0.4827949106693268 for a prob_mel written 0.4827949) would miss that image.
-    return float(str(mel_probs[max(k, 1) - 1]))
+    # That probability is compared three ways: as the float32 it is (the run's metrics), as its
+    # exact value in float64 (predict and explain, from .tolist()) and as predictions.csv writes
+    # it, the shortest decimal that reads back as the same float32, read as float64 (0.4827949
+    # for 0.4827949106693268, 0.7 for 0.699999988079071). The lower of the last two is a
+    # threshold that this image reaches in all three, and no image below it does.
+    value = mel_probs[max(k, 1) - 1]
+    return min(float(value), float(str(value)))
