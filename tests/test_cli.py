@@ -25,7 +25,7 @@ from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS
 from skinclf.report.runs import find_runs
 from skinclf.summary import model_names
-from skinclf.train_command import _check_override_keys
+from skinclf.train_command import _check_launcher, _check_override_keys
 from skinclf.training.loop import METRICS_COLUMNS
 
 from conftest import TINY, run_dir_from_output, train_cli
@@ -665,6 +665,13 @@ def test_a_slurm_sweep_without_slurm_is_one_clear_error(tmp_path, monkeypatch, l
     assert not (tmp_path / "outputs").exists()
 
 
+def test_no_experiment_is_no_sweep_for_the_slurm_check(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
+    _check_launcher(["experiment=null", "hydra/launcher=slurm"])  # a single run: the launcher is unused
+    with pytest.raises(SkinclfError, match="no sbatch command"):
+        _check_launcher(["experiment=paper", "hydra/launcher=slurm"])
+
+
 def test_a_grid_search_refuses_a_size_below_one_before_it_trains(tmp_path):
     proc = error_run(tmp_path, *TINY, "cv.folds=2", "data.batch_size=0")
     assert "data.batch_size=0: must be at least 1" in proc.stderr
@@ -690,6 +697,9 @@ def test_a_key_of_other_configs_names_them(tmp_path):
     )
     with pytest.raises(SkinclfError, match=r"\(model=resnet\) have no such key; .*model=vgg16"):
         _check_override_keys(["model=resnet", "model.pretrained=false"])
+    # A choice put in another package is composed as given: the augmented pipeline has p, no q.
+    with pytest.raises(SkinclfError, match=r"model.pipeline.q: no skinclf config has this key; did you mean"):
+        _check_override_keys(["pipeline@model.pipeline=augmented", "model.pipeline.q=0.3"])
 
 
 @pytest.mark.parametrize(
@@ -701,7 +711,10 @@ def test_a_key_of_other_configs_names_them(tmp_path):
         ["-m", "model=baseline,vgg16", "model.pretrained=false"],  # one of the sweep's configs has it
         ["experiment=paper", "seed=1"],
         ["+optim.lrr=1"],  # appended keys have their own check, once the run's config is composed
+        ["++optim.lrr=1"],
         ["data=folder", "data.root=ds", "hydra.run.dir=x"],
+        ["-m", "model=glob(vgg*)", "model.input_preset=full"],  # a glob only Hydra expands
+        ["--config-path", "/my/configs", "extra=2"],  # a primary config of the user's own
     ],
 )
 def test_keys_that_the_chosen_configs_have_pass_the_key_check(args):

@@ -58,8 +58,9 @@ def test_threads_are_divided_between_parallel_jobs(setting, launcher, cores, exp
     assert resources.threads_per_job(setting, launcher, cores) == expected
 
 
-@pytest.mark.parametrize("launcher", ["local", "joblib"])  # joblib itself raised with a traceback
-def test_a_launcher_with_no_jobs_is_refused(tmp_path: Path, launcher: str) -> None:
+# joblib itself raised on 0 with a traceback; +0 is 0 too
+@pytest.mark.parametrize(("launcher", "zero"), [("local", "0"), ("joblib", "0"), ("joblib", "+0")])
+def test_a_launcher_with_no_jobs_is_refused(tmp_path: Path, launcher: str, zero: str) -> None:
     with pytest.raises(SkinclfError, match="n_jobs"):
         resources.threads_per_job(None, {"n_jobs": 0}, 4)
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
@@ -68,7 +69,7 @@ def test_a_launcher_with_no_jobs_is_refused(tmp_path: Path, launcher: str) -> No
         "-m",
         "seed=0,1",
         f"hydra/launcher={launcher}",
-        "hydra.launcher.n_jobs=0",
+        f"hydra.launcher.n_jobs={zero}",
         f"hydra.sweep.dir={sweep}",
     ]
     proc = train_cli(*args, cwd=tmp_path, check=False)
@@ -643,7 +644,8 @@ def test_a_sweep_is_not_launched_again_while_a_launch_of_it_trains(tmp_path: Pat
         assert proc.stderr.strip() == (
             f"skinclf train: error: {sweep}: job 1_baseline is being trained now by process {trainer} on "
             "this machine (another launch of this sweep); wait for that launch to end, then launch again "
-            "to continue the sweep"
+            "to continue the sweep (if that process is not skinclf, its id reused after a crash, delete "
+            f"{sweep / '1_baseline' / STATUS_FILE})"
         )
         # Nothing of the earlier launch is touched: its tag, its summary, its jobs' files.
         assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before

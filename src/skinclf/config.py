@@ -41,9 +41,11 @@ def config_choices(group: str) -> list[str]:
 
 def adds_config_folders(args: Sequence[str]) -> bool:
     """Whether ``args`` add config folders of the user's own beside skinclf's (hydra.searchpath,
-    --config-dir): their choices are then Hydra's to know, not :func:`config_choices`'."""
+    --config-dir) or replace skinclf's (--config-path): their choices and keys are then Hydra's to
+    know, not :func:`config_choices`'."""
     return any(
-        arg.lstrip("+").startswith("hydra.searchpath") or arg.startswith(("--config-dir", "-cd"))
+        arg.lstrip("+").startswith("hydra.searchpath")
+        or arg.startswith(("--config-dir", "-cd", "--config-path", "-cp"))
         for arg in args
     )
 

@@ -220,17 +220,16 @@ def _check_launcher(args: list[str]) -> None:
     """A Slurm sweep where there is no Slurm, or n_jobs=0: one line, not submitit's or joblib's
     traceback after the sweep folder was made."""
     slurm = [arg for arg in args if arg.lstrip("+") in SLURM_LAUNCHERS]
-    # A single run ignores the launcher; experiment=paper and hparams_search=grid set
-    # hydra.mode=MULTIRUN, so they are sweeps even without -m.
-    sweep = any(
-        arg in {"-m", "--multirun", "hydra.mode=MULTIRUN"}
-        or arg.startswith(("experiment=", "hparams_search="))
-        for arg in args
-    )
+    parsed = [(override.key_or_group, values) for _, override, values in _parsed_overrides(args)]
     # Under hydra/launcher=local skinclf's own check names it; under plain joblib, joblib raised
     # on it with a traceback.
-    if any(arg.lstrip("+") in {"hydra.launcher.n_jobs=0", "hydra.launcher.n_jobs=-0"} for arg in args):
+    if any(key == "hydra.launcher.n_jobs" and 0 in (values or []) for key, values in parsed):
         raise SkinclfError(N_JOBS_ZERO)
+    # A single run ignores the launcher; experiment=paper and hparams_search=grid set
+    # hydra.mode=MULTIRUN, so they are sweeps even without -m.
+    sweep = any(arg in {"-m", "--multirun", "hydra.mode=MULTIRUN"} for arg in args) or any(
+        key in {"experiment", "hparams_search"} and values != [None] for key, values in parsed
+    )
     if slurm and sweep and shutil.which("sbatch") is None:
         raise SkinclfError(
             f"{slurm[0]}: no sbatch command on this machine; launch the sweep from a node of the Slurm "
@@ -238,19 +237,25 @@ def _check_launcher(args: list[str]) -> None:
         )
 
 
-def _parsed_overrides(args: list[str]) -> Iterator[tuple[str, Override, list]]:
-    """(the argument as typed, Hydra's parse of it, its values: several for a sweep) for each
-    override; what Hydra's parser refuses is left out, for Hydra's own message."""
+def _parsed_overrides(args: list[str]) -> Iterator[tuple[str, Override, list | None]]:
+    """(the argument as typed, Hydra's parse of it, its values: several for a sweep, None for one
+    that only Hydra expands, such as a glob) for each override; what Hydra's parser refuses is
+    left out, for Hydra's own message."""
     parser = OverridesParser.create()
     for arg in args:
         if arg.startswith("-"):
             continue
         try:
             override = parser.parse_overrides([arg])[0]
-            values = override.sweep_string_iterator() if override.is_sweep_override() else [override.value()]
-            yield arg, override, list(values)
         except Exception:  # noqa: BLE001 - Hydra's own parser and error message take it from here
             continue
+        try:
+            values = (
+                list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+            )
+        except Exception:  # noqa: BLE001 - glob(...) and the like
+            values = None
+        yield arg, override, values
 
 
 def _check_group_choices(args: list[str]) -> None:
@@ -260,9 +265,9 @@ def _check_group_choices(args: list[str]) -> None:
     if adds_config_folders(args):
         return  # configs of the user's own beside skinclf's: Hydra knows them, this check does not
     for arg, override, values in _parsed_overrides(args):
-        group = override.key_or_group.split("@", 1)[0]
+        group = override.key_or_group
         choices = [] if override.is_delete() else config_choices(group)
-        for value in values:
+        for value in values or []:
             if choices and isinstance(value, str) and "${" not in value and value not in choices:
                 key = arg.split("=", 1)[0].lstrip("+")  # as typed: pipeline@model.pipeline
                 raise SkinclfError(f"{key}={value}: unknown {group}; expected one of {', '.join(choices)}")
@@ -271,45 +276,46 @@ def _check_group_choices(args: list[str]) -> None:
 def _check_override_keys(args: list[str]) -> None:
     """A key that no config has (``trainer.max_epoch=3``, in a sweep too): one line naming it and
     the nearest key, or the choices whose configs have it (``data.root`` under data=synthetic),
-    exit 2, where Hydra prints a multi-line error and exits 1. A key that one of a sweep's
-    choices has (``model.pretrained`` with ``model=baseline,vgg16``) is left to each job."""
+    exit 2, where Hydra prints a multi-line error and exits 1. A key that one of the sweep's
+    choices typed here has (``model.pretrained`` with ``model=baseline,vgg16``) is left to each
+    job, and so is every key when a choice is a glob, which only Hydra expands."""
     if adds_config_folders(args):
         return
-    groups: dict[str, list[str]] = {}  # the config choices given, as typed (pipeline@model.pipeline)
+    groups: dict[str, list[str]] = {}  # the config choices given, by group@package
     keys = []
     for _, override, values in _parsed_overrides(args):
         name = override.key_or_group
-        if override.is_delete() or override.is_add() or name.startswith("hydra"):
-            continue  # +key has its own check (check_appended_keys); hydra's keys are Hydra's
-        if config_choices(name.split("@", 1)[0]):
-            groups[name] = [str(v) for v in values]
+        if override.is_delete() or override.is_add() or override.is_force_add() or name.startswith("hydra"):
+            continue  # +key and ++key have their own check (check_appended_keys); hydra's are Hydra's
+        if config_choices(name):
+            if values is None:
+                return
+            groups[f"{name}@{override.package}" if override.package else name] = [str(v) for v in values]
         else:
             keys.append(name)
     # Only composed when a key is given, and once unless a key is missing: `skinclf train` with
     # no overrides pays nothing.
-    missing = [key for key in keys if not _key_in_any(key, [{g: v[0] for g, v in groups.items()}])]
+    first = {group: values[0] for group, values in groups.items()}
+    missing = [key for key in keys if not _key_in_any(key, [first])]
     if not missing:
         return
-    swept = [
-        {**{g: v[0] for g, v in groups.items()}, group: value} for group, vs in groups.items() for value in vs
-    ]
+    swept = [{**first, group: value} for group, values in groups.items() for value in values]
     for key in missing:
         if _key_in_any(key, swept):
             continue
-        given = {g: v[0] for g, v in groups.items()}
         having = {
             f"{group}={choice}"
             for group in sorted({*groups, "model", "data", "recipe"})
             for choice in config_choices(group.split("@", 1)[0])
-            if _key_in_any(key, [{**given, group: choice}])
+            if _key_in_any(key, [{**first, group: choice}])
         }
         if having:
-            chosen = ", ".join(f"{g}={v[0]}" for g, v in groups.items()) or "the defaults"
+            chosen = ", ".join(f"{group}={value}" for group, value in first.items()) or "the defaults"
             raise SkinclfError(
                 f"{key}: the configs chosen ({chosen}) have no such key; {', '.join(sorted(having))} have it"
             )
         near = difflib.get_close_matches(
-            key, _dotted_keys(compose_config([f"{g}={v}" for g, v in given.items()])), 1
+            key, _dotted_keys(compose_config([f"{g}={v}" for g, v in first.items()])), 1
         )
         hint = f"; did you mean {near[0]}?" if near else ""
         raise SkinclfError(f"{key}: no skinclf config has this key{hint} (`skinclf train --help` lists them)")

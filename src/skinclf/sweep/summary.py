@@ -144,7 +144,8 @@ class SweepSummary(Callback):
             print(
                 f"skinclf train: error: {sweep_dir}: job {busy[0].name} is being trained now by process "
                 f"{busy[1]} on this machine (another launch of this sweep); wait for that launch to end, "
-                "then launch again to continue the sweep",
+                "then launch again to continue the sweep (if that process is not skinclf, its id reused "
+                f"after a crash, delete {busy[0] / STATUS_FILE})",
                 file=sys.stderr,
             )
             sys.exit(EXIT_USER_ERROR)
