@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from skinclf.evaluation.metrics import binary_metrics
 from skinclf.io import save_figure
 from skinclf.run_files import PR_FIGURE, ROC_FIGURE
 
@@ -92,13 +93,13 @@ def plot_pr(predictions: pd.DataFrame, threshold: float | None = None, title: st
 def operating_point(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
     """Where calling MEL at ``probs >= threshold`` lands: sensitivity (= recall), false-positive
     rate (1 - specificity), precision (nan when nothing is called MEL) and the number called."""
-    flagged = probs >= threshold
-    called = int(flagged.sum())
+    metrics = binary_metrics(labels, probs, threshold)
+    tp, fp = metrics["confusion"]["tp"], metrics["confusion"]["fp"]
     return {
-        "sensitivity": float(flagged[labels == 1].mean()),
-        "false_positive_rate": float(flagged[labels == 0].mean()),
-        "precision": float(labels[flagged].mean()) if called else float("nan"),
-        "flagged": called,
+        "sensitivity": metrics["sensitivity"],
+        "false_positive_rate": 1 - metrics["specificity"],
+        "precision": tp / (tp + fp) if tp + fp else float("nan"),
+        "flagged": tp + fp,
     }
 
 
