@@ -125,7 +125,7 @@ def claim_run_dir(
                 )
         state = "finished" if any((out_dir / name).exists() for name in RESULT_FILES) else "unfinished"
         status = read_status(out_dir)
-        if state == "unfinished" and status.get("status") == "running" and _process_state(status) == "alive":
+        if state == "unfinished" and trained_now(status):
             # Two processes training into one folder would interleave their epochs and
             # checkpoints: a second `resume=true`, or a sweep launched again while it runs.
             raise SkinclfError(
@@ -300,9 +300,14 @@ def job_in_training(sweep_dir: Path) -> tuple[Path, int] | None:
     earlier launch of the same sweep, still running), with that process's id; None if none."""
     for path in sorted(Path(sweep_dir).rglob(STATUS_FILE)):
         status = read_status(path.parent)
-        if status.get("status") == "running" and _process_state(status) == "alive":
+        if trained_now(status):
             return path.parent, status["pid"]
     return None
+
+
+def trained_now(status: dict[str, Any]) -> bool:
+    """Whether a status says running and names a live process on this machine (another one)."""
+    return status.get("status") == "running" and _process_state(status) == "alive"
 
 
 def process_gone(status: dict[str, Any]) -> bool:
@@ -312,7 +317,7 @@ def process_gone(status: dict[str, Any]) -> bool:
 
 
 def _process_state(status: dict[str, Any]) -> str | None:
-    """ "alive" or "gone": the process a status names, or None where that cannot be told.
+    """Whether the process a status names is "alive" or "gone"; None where that cannot be told.
 
     Only answerable on the machine it ran on, and only on POSIX (Windows' ``os.kill`` would
     terminate the process). A recycled process id reads as alive; the calling process itself
