@@ -203,18 +203,33 @@ def test_precision_auto_uses_bf16_only_where_native(monkeypatch):
     assert picked == ["fp32", "bf16", "bf16"] and [d.index for d in asked] == [1, 2, 0]
 
 
-@pytest.mark.parametrize(("precision", "channels_last"), [("fp32", False), ("bf16", True), ("fp32", True)])
-def test_loop_feeds_the_configured_dtype_and_memory_format(tmp_path, precision, channels_last):
-    seen = []
+@pytest.mark.parametrize(
+    ("precision", "channels_last"), [("fp32", False), ("bf16", True), ("fp32", True), ("fp16", True)]
+)
+def test_loop_feeds_the_configured_dtype_and_memory_format(tmp_path, precision, channels_last, monkeypatch):
+    seen, modes = [], []
     model = SimpleCNN()
     model[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    # Evaluation batches (model in eval mode) run under inference_mode, training batches do not.
+    model[0].register_forward_pre_hook(
+        lambda m, _: modes.append((m.training, torch.is_inference_mode_enabled()))
+    )
+    scalers = []
+    real_scaler = torch.amp.GradScaler
+    monkeypatch.setattr(
+        torch.amp, "GradScaler", lambda *a, **k: scalers.append(real_scaler(*a, **k)) or scalers[-1]
+    )
     images = torch.randint(0, 256, (8, 3, 128, 128), dtype=torch.uint8)
     split = Split(images, torch.tensor([0.0, 1.0] * 4))
     settings = LoopSettings(max_epochs=1, batch_size=4, precision=precision, channels_last=channels_last)
     settings.progress = "never"
     fit(model, DefaultPipeline(), split, split, settings, torch.device("cpu"), tmp_path)
-    expected_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    expected_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     assert all(x.dtype == expected_dtype for x in seen)
+    assert {True, False} == {training for training, _ in modes}
+    assert all(inference == (not training) for training, inference in modes)
+    # fp16 gradients are scaled against underflow; the other precisions need no scaler.
+    assert [scaler.is_enabled() for scaler in scalers] == [precision == "fp16"]
     # Training and evaluation batches alike, in the configured layout (plain NCHW when off).
     layout = torch.channels_last if channels_last else torch.contiguous_format
     assert len(seen) > 2 and all(x.is_contiguous(memory_format=layout) for x in seen)
