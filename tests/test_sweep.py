@@ -654,3 +654,14 @@ def test_a_sweep_is_not_launched_again_while_a_launch_of_it_trains(tmp_path: Pat
     # Once that process has gone (killed: its status still says running), the launch continues it.
     proc = train_cli(*args, cwd=tmp_path)
     assert (sweep / "1_baseline" / "test_metrics.json").exists()
+
+
+def test_a_sweep_that_expands_to_no_job_is_an_error_and_leaves_no_folder(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = train_cli("-m", "model=glob(zzz*)", f"hydra.sweep.dir={sweep}", *TINY, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"skinclf train: error: {sweep}: the sweep has no jobs: a swept value expanded to nothing "
+        "(a glob(...) that matches no config, an empty range(...))"
+    )
+    assert not sweep.exists()

@@ -111,6 +111,13 @@ def remove_unstarted(folder: Path | None, created: Sequence[Path] = ()) -> None:
         remove_empty_folders(created)
 
 
+def _exit_with_error(message: str) -> None:
+    """The CLI's one error line and exit code, from inside a Hydra callback: an exception raised
+    there would reach the console as Hydra's stack trace."""
+    print(f"skinclf train: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
 class SweepSummary(Callback):
     """Hydra callback: tags each launch, then prints (and writes sweep_summary.json) what its
     jobs did, and ranks grid-search points. ``last`` keeps the summary for the exit code."""
@@ -140,15 +147,12 @@ class SweepSummary(Callback):
         busy = job_in_training(sweep_dir) if sweep_dir.is_dir() else None
         if busy is not None:
             # Its launch tag and summary would be overwritten, and its jobs refused or raced for.
-            # Exits here: Hydra would print an exception raised in a callback as a stack trace.
-            print(
-                f"skinclf train: error: {sweep_dir}: job {busy[0].name} is being trained now by process "
-                f"{busy[1]} on this machine (another launch of this sweep); wait for that launch to end, "
-                "then launch again to continue the sweep (if that process is not skinclf, its id reused "
-                f"after a crash, delete {busy[0] / STATUS_FILE})",
-                file=sys.stderr,
+            _exit_with_error(
+                f"{sweep_dir}: job {busy[0].name} is being trained now by process {busy[1]} on this "
+                "machine (another launch of this sweep); wait for that launch to end, then launch again "
+                "to continue the sweep (if that process is not skinclf, its id reused after a crash, "
+                f"delete {busy[0] / STATUS_FILE})"
             )
-            sys.exit(EXIT_USER_ERROR)
         SweepSummary.created = missing_folders(sweep_dir.parent)
         SweepSummary.started = None if sweep_dir.exists() else sweep_dir
         SweepSummary.sweep_dir = sweep_dir
@@ -166,6 +170,15 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = collect_jobs(sweep_dir, self.launch)
+        if not (jobs.done or jobs.skipped or jobs.failed) and not any(
+            p.is_dir() for p in sweep_dir.iterdir()
+        ):
+            # A sweep value that expanded to nothing ran no job; a summary of "0 jobs" and exit 0
+            # would read as success. main() then removes the folder this launch made.
+            _exit_with_error(
+                f"{sweep_dir}: the sweep has no jobs: a swept value expanded to nothing (a glob(...) "
+                "that matches no config, an empty range(...))"
+            )
         SweepSummary.last = jobs
         atomic_write_json(
             {"done": jobs.done, "skipped": jobs.skipped, "failed": jobs.failed}, sweep_dir / SWEEP_SUMMARY
