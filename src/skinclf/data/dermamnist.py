@@ -37,18 +37,21 @@ DOWNLOAD_HELP = (
 
 def _npz_path(data_cfg: DictConfig) -> Path:
     path = data_path(data_cfg, "root")
-    if path.is_dir() and not (path / FILE_NAME).exists():
-        # The folder of another size's download. MedMNIST names the 64 and 224 pixel files
+    if path.is_dir():
+        folder, path = path, path / FILE_NAME
+        # Else the one file of another size there. MedMNIST names the 64 and 224 pixel files
         # dermamnist_64.npz and dermamnist_224.npz, the 28 pixel one dermamnist.npz.
-        found = sorted([*path.glob("dermamnist_*.npz"), *path.glob("dermamnist.npz")])
+        found = (
+            []
+            if path.exists()
+            else sorted([*folder.glob("dermamnist_*.npz"), *folder.glob("dermamnist.npz")])
+        )
         if len(found) > 1:
             raise SkinclfError(
-                f"data.root={path}: holds {', '.join(f.name for f in found)} but no {FILE_NAME}; "
+                f"data.root={folder}: holds {', '.join(f.name for f in found)} but no {FILE_NAME}; "
                 "pass the file to use as data.root"
             )
-        path = found[0] if found else path / FILE_NAME
-    elif path.is_dir():
-        path = path / FILE_NAME
+        path = found[0] if found else path
     if not path.exists():
         raise SkinclfError(f"data.root={path}: no such file; {DOWNLOAD_HELP}")
     return path

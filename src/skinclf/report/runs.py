@@ -124,14 +124,14 @@ class Run:
         """Finished with a test split (datasets without one end after validation)."""
         return self.status == FINISHED and bool(self.test) and int(self.test.get("n_test", 0)) > 0
 
-    def test_predictions(self) -> pd.DataFrame | None:
-        """The test rows of predictions.csv (``label``, ``prob_mel``), or None when absent.
+    def test_predictions(self) -> pd.DataFrame:
+        """The test rows of predictions.csv (``label``, ``prob_mel``), which a tested run writes.
 
-        A damaged file raises ValueError with a message that begins with the file's name, as
-        one of metrics.csv does (see :func:`check_test_predictions`)."""
+        A damaged or missing file raises ValueError with a message that begins with the file's
+        name, as one of metrics.csv does (see :func:`check_test_predictions`)."""
         path = self.path / PREDICTIONS
-        if not path.is_file():
-            return None
+        if not path.is_file():  # removed, or a copy without it
+            raise ValueError(f"{PREDICTIONS} missing; expected the file a tested run writes")
         expected_columns = "expected columns split,index,label,prob_mel"
         try:
             frame = _read_csv_keeping_line_numbers(path)
@@ -167,8 +167,6 @@ def check_test_predictions(runs: Sequence[Run]) -> None:
         if not run.tested:
             continue
         try:
-            if not (run.path / PREDICTIONS).is_file():  # removed, or a copy without it
-                raise ValueError(f"{PREDICTIONS} missing; expected the file a tested run writes")
             run.test_predictions()
         except ValueError as err:
             run.predictions_problem = str(err)

@@ -43,11 +43,14 @@ class JobsSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def total(self) -> int:
+        return len(self.done) + len(self.skipped) + len(self.failed)
+
     def format(self, sweep_dir: Path) -> str:
         """The lines printed at the end of a sweep."""
-        total = len(self.done) + len(self.skipped) + len(self.failed)
         lines = [
-            f"sweep {sweep_dir}: {total} jobs: {len(self.done)} done, {len(self.skipped)} skipped "
+            f"sweep {sweep_dir}: {self.total} jobs: {len(self.done)} done, {len(self.skipped)} skipped "
             f"(finished before), {len(self.failed)} failed"
         ]
         for failed in self.failed:
@@ -170,9 +173,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = collect_jobs(sweep_dir, self.launch)
-        if not (jobs.done or jobs.skipped or jobs.failed) and not any(
-            p.is_dir() for p in sweep_dir.iterdir()
-        ):
+        if jobs.total == 0 and not any(p.is_dir() for p in sweep_dir.iterdir()):
             # A sweep value that expanded to nothing ran no job; a summary of "0 jobs" and exit 0
             # would read as success. main() then removes the folder this launch made.
             _exit_with_error(
