@@ -30,11 +30,15 @@ positive_int = int_at_least(1)
 
 
 def writable_json(text: str) -> Path:
-    """An argparse ``type`` for the JSON a benchmark writes its results to: checked by writing an
-    empty result there now, so that a bad path fails before the measurements, not after them."""
+    """An argparse ``type`` for the JSON a benchmark writes its results to: checked now, so that
+    a bad path fails before the measurements, not after them. A new file starts as an empty
+    result; an existing one (earlier results) is only opened, and kept until new ones replace it."""
     path = Path(text)
     try:
-        path.write_text("{}\n")
+        if path.is_file():
+            path.open("a").close()
+        else:
+            path.write_text("{}\n")
     except OSError as err:
         raise argparse.ArgumentTypeError(f"{text}: cannot write there ({err.strerror})") from None
     return path

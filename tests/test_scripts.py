@@ -38,3 +38,14 @@ def test_bad_arguments_are_a_usage_error(script, args, message):
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and done.stderr.startswith("usage: ")
     assert f"{script}: error: {message}" in done.stderr
+
+
+def test_refused_arguments_leave_earlier_results_as_they_were(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text('{"baseline": {}}\n')
+    args = ["--json", str(results), "--images", "63"]  # --json is checked first, then --images fails
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "benchmark.py"), *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "argument --images: 63" in done.stderr
+    assert results.read_text() == '{"baseline": {}}\n'
