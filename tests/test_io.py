@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_torch_save, atomic_write, atomic_write_json, files_under
+from skinclf.io import atomic_link, atomic_torch_save, atomic_write, atomic_write_json, files_under
 
 
 def test_failed_write_leaves_neither_file_nor_temporary(tmp_path):
@@ -42,6 +42,24 @@ def test_torch_files_skip_zip_checksums_and_load_exactly(tmp_path):
     # The save time without the CRC32 pass is the point; torch's own setting is left as it was.
     assert {info.CRC for info in zipfile.ZipFile(tmp_path / "last.pt").infolist()} == {0}
     assert torch.serialization.get_crc32_options() is True
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_second_name_replaces_the_old_file_and_outlives_the_next_write(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # a file system without them (FAT, some network shares): a copy instead
+
+        def refuse(source, target):
+            raise OSError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", refuse)
+    best, last = tmp_path / "best.pt", tmp_path / "last.pt"
+    last.write_text("epoch 1")
+    best.write_text("epoch 2")
+    atomic_link(best, last)
+    assert last.read_text() == "epoch 2" and best.samefile(last) == hard_links
+    atomic_write_json({"epoch": 3}, last)  # the next write replaces the name, not the file
+    assert best.read_text() == "epoch 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
 
 
 def test_files_under_follows_symlinked_folders_once_and_keeps_dangling_links(tmp_path):

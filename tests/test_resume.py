@@ -21,6 +21,7 @@ from skinclf.errors import SkinclfError
 from skinclf.sweep.jobs import RUN_CONFIG, STATUS_FILE, claim_run_dir, comparable_config
 from skinclf.train import run
 from skinclf.training import loop
+from skinclf.training.checkpoint import load_checkpoint
 
 from conftest import TINY, run_dir_from_output, train_cli
 
@@ -96,7 +97,7 @@ def test_sparser_checkpoints_resume_by_redoing_the_epochs_since(
     overrides = in_process(
         shared_data_dir, "model=augmented", "trainer.max_epochs=5", "trainer.checkpoint_every=2"
     )
-    real_save, real_write_metrics = loop.save_checkpoint, loop._write_metrics
+    real_save, real_link, real_write_metrics = loop.save_checkpoint, loop.atomic_link, loop._write_metrics
     last_saves = []
 
     def recording_save(state, path):
@@ -104,7 +105,12 @@ def test_sparser_checkpoints_resume_by_redoing_the_epochs_since(
         if Path(path).name == "last.pt":
             last_saves.append(state["epoch"])
 
+    def recording_link(source, path):  # an improving epoch's last.pt: a second name of best.pt
+        real_link(source, path)
+        last_saves.append(load_checkpoint(path, mmap=True)["epoch"])
+
     monkeypatch.setattr(loop, "save_checkpoint", recording_save)
+    monkeypatch.setattr(loop, "atomic_link", recording_link)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run(compose_config(overrides), straight)
     assert last_saves == [2, 4, 5]  # every second epoch, and after the last

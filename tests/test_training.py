@@ -49,6 +49,16 @@ def test_early_stopping_stops_after_patience_and_tests_the_best_checkpoint(tmp_p
     assert metrics["best_epoch"] == 1 and metrics["epochs_run"] == 4
     assert load_checkpoint(out / "best.pt")["epoch"] == 1
     assert load_checkpoint(out / "last.pt")["epoch"] == 4
+    # Epoch 1 wrote one file under both names (a hard link); epoch 2 replaced last.pt's only.
+    assert not (out / "best.pt").samefile(out / "last.pt")
+
+
+def test_an_improving_epoch_writes_one_checkpoint_for_best_and_last(tmp_path):
+    out, _ = train_in_process(tmp_path, *SMALL, "trainer.max_epochs=1")
+    assert (out / "best.pt").samefile(out / "last.pt")
+    # It serves both: what predict reads (val_acc) and what a resume reads (history).
+    state = load_checkpoint(out / "best.pt")
+    assert state["epoch"] == 1 and "val_acc" in state and len(state["history"]) == 1
 
 
 def test_best_checkpoint_is_the_one_evaluated_on_test(tmp_path):
@@ -69,6 +79,12 @@ def test_best_checkpoint_is_the_one_evaluated_on_test(tmp_path):
     settings = LoopSettings(precision=best["precision"])
     _, acc, _ = evaluate(model, pipeline, test, settings, torch.device("cpu"))
     assert acc == pytest.approx(metrics["accuracy"])
+    # It holds the optimizer of that epoch too (SPEC): Adam's state after best_epoch epochs of one
+    # batch each (64 training images), for every parameter, loadable into the model's optimizer.
+    optimizer = torch.optim.Adam(model.parameters())
+    optimizer.load_state_dict(best["optimizer"])
+    steps = {int(state["step"]) for state in optimizer.state.values()}
+    assert steps == {metrics["best_epoch"]} and len(optimizer.state) == len(list(model.parameters()))
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -62,6 +63,20 @@ def _save_without_crc32(obj: Any, path: Path) -> None:
         torch.save(obj, path)
     finally:
         torch.serialization.set_crc32_options(previous)
+
+
+def atomic_link(source: Path, path: Path) -> None:
+    """Make ``path`` a second name of the file ``source`` (a hard link: no bytes written), or a
+    copy of it where the file system has no hard links; atomically, as every write here."""
+
+    def link(tmp: Path) -> None:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    atomic_write(path, link)
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 120) -> None:

@@ -188,7 +188,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     )
 
     # The checkpoint with the best validation accuracy is the one that is tested.
-    best = load_checkpoint(out_dir / BEST_CHECKPOINT, map_location=device)
+    # mmap: the optimizer state it also holds is never read from disk.
+    best = load_checkpoint(out_dir / BEST_CHECKPOINT, mmap=True)
     if best["epoch"] != result.best_epoch:
         # The interrupted attempt wrote best.pt after the checkpoint the resume started from, and
         # no redone epoch beat that checkpoint's best: possible only where kernels do not repeat

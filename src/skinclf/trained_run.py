@@ -144,8 +144,9 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     threshold, source = _operating_threshold(metrics, metrics_path)
 
     torch_device = resolve_device(device, option="--device ")
-    # Load on the CPU: the checkpoint may come from a GPU machine.
-    state = load_checkpoint(run_dir / BEST_CHECKPOINT, map_location="cpu")
+    # Load on the CPU: the checkpoint may come from a GPU machine. mmap: the optimizer state
+    # it also holds is never read from disk.
+    state = load_checkpoint(run_dir / BEST_CHECKPOINT, map_location="cpu", mmap=True)
     for key in ("model", "pipeline", "config"):
         if key not in state:
             raise SkinclfError(f"{run_dir / BEST_CHECKPOINT}: checkpoint has no {key!r} entry")

@@ -25,7 +25,7 @@ from torch import nn
 
 from skinclf.data.splits import Split
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_write
+from skinclf.io import atomic_link, atomic_write
 from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS
 from skinclf.training.checkpoint import load_checkpoint, save_checkpoint
 from skinclf.training.hardware import (
@@ -340,17 +340,27 @@ def fit(
         train_loss, train_acc = train_one_epoch(
             model, pipeline, train, optimizer, scaler, generator, settings, device, desc, scheduler, ema
         )
-        common = {"epoch": epoch, "pipeline": pipeline.state_dict(), **extra_state}
+        # SPEC: a checkpoint holds model, optimizer, epoch and config; best.pt those (with what
+        # predict needs), last.pt also all that a resume needs.
+        common = {
+            "epoch": epoch,
+            "pipeline": pipeline.state_dict(),
+            **extra_state,
+            "optimizer": optimizer.state_dict(),
+        }
         raw_scores = {}
         if ema is not None:
             raw_loss, raw_acc, _ = evaluate(model, pipeline, val, settings, device)
             raw_scores = {"val_loss_raw": round(raw_loss, 6), "val_acc_raw": round(raw_acc, 6)}
-        # With an EMA, its averaged weights are the ones validated, selected and saved as best.
+        # With an EMA, its averaged weights are the ones validated, selected and saved as best
+        # (the optimizer state saved with them is the raw weights' that the EMA follows).
         with ema.applied(model) if ema is not None else contextlib.nullcontext():
             val_loss, val_acc, _ = evaluate(model, pipeline, val, settings, device)
             is_best = stopper.update(epoch, val_acc)
             if is_best:
-                save_checkpoint({"model": saved.state_dict(), **common, "val_acc": val_acc}, best_path)
+                best = {"model": saved.state_dict(), **common, "val_acc": val_acc}
+                if ema is not None:
+                    save_checkpoint(best, best_path)
         row = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
@@ -363,23 +373,30 @@ def fit(
         }
         history.append(row)
         last_epoch = stopper.should_stop or epoch == settings.max_epochs
-        if last_epoch or epoch % settings.checkpoint_every == 0:
+        write_last = last_epoch or epoch % settings.checkpoint_every == 0
+        last = {}
+        if write_last:
             recipe_state = {
                 k: v.state_dict() for k, v in (("scheduler", scheduler), ("ema", ema)) if v is not None
             }
-            save_checkpoint(
-                {
-                    "model": saved.state_dict(),
-                    **common,
-                    **recipe_state,
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(generator, device),
-                    "early_stopping": asdict(stopper),
-                    "history": history,
-                },
-                last_path,
-            )
+            last = {
+                "model": saved.state_dict(),
+                **common,
+                **recipe_state,
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(generator, device),
+                "early_stopping": asdict(stopper),
+                "history": history,
+            }
+        if is_best and ema is None:
+            # Same weights in both: one file (best.pt first, as a crash between the two writes
+            # always left it) that last.pt becomes a second name of. vgg16's checkpoints are
+            # 1.3 GB: an improving epoch writes them once.
+            save_checkpoint({**last, **best}, best_path)
+            if write_last:
+                atomic_link(best_path, last_path)
+        elif write_last:
+            save_checkpoint(last, last_path)
         _write_metrics(metrics_path, history)
         log.info(
             f"epoch {epoch:>2}/{settings.max_epochs} train_loss {train_loss:.4f} train_acc {train_acc:.4f} "
