@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -108,6 +110,25 @@ def test_exif_rotation_is_applied(tmp_path):
     top, bottom = out[:, :50].mean(dim=(1, 2)), out[:, -50:].mean(dim=(1, 2))
     assert top[0] > 200 and top[2] < 50, top
     assert bottom[2] > 200 and bottom[0] < 50, bottom
+
+
+def test_damaged_exif_is_one_error_naming_the_file(tmp_path):
+    # An orientation tag beside a text value where EXIF's ImageWidth must be a number: PIL's
+    # parser fails with struct.error, so the orientation the photo needs is unknown.
+    img = Image.new("RGB", (30, 40))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Cam"
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", exif=exif.tobytes())
+    data = bytearray(buffer.getvalue())
+    data[data.find(b"Exif") + 17] = 0  # the maker tag's id becomes 256, ImageWidth
+    path = tmp_path / "damaged_exif.jpg"
+    path.write_bytes(data)
+    with pytest.raises(SkinclfError) as err:
+        decode_image(path)
+    assert str(err.value).startswith(f"{path}: damaged EXIF metadata (")
+    assert str(err.value).endswith("(re-save the image without EXIF to use it)")
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from skinclf import IMAGE_SIZE
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, first_line
 
 # Grayscale modes with more than 8 bits per pixel (16-bit PNG opens as I;16 or I): scaled, not clipped.
 _WIDE_GRAY_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -63,6 +63,19 @@ def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _apply_exif_orientation(img: Image.Image, path: Path) -> Image.Image:
+    """The image turned as its EXIF orientation says. A damaged EXIF block makes PIL's parser fail
+    with whatever its bytes lead to (struct.error, TypeError, ...); its orientation is then
+    unknown, and a guess would train on a turned image without a word."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as err:
+        raise SkinclfError(
+            f"{path}: damaged EXIF metadata ({first_line(err)}); expected a readable "
+            "orientation tag (re-save the image without EXIF to use it)"
+        ) from err
+
+
 def decode_image(path: str | Path, size: int = IMAGE_SIZE) -> torch.Tensor:
     """Decode the image at ``path`` into a uint8 tensor of shape (3, size, size), RGB.
 
@@ -86,7 +99,7 @@ def decode_image(path: str | Path, size: int = IMAGE_SIZE) -> torch.Tensor:
             if img.format == "JPEG":
                 img.draft("RGB", (size, size))
             img.load()  # decode everything now: a truncated file fails here, not later
-            img = ImageOps.exif_transpose(img)
+            img = _apply_exif_orientation(img, path)
             img = _to_rgb(img, path)
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
