@@ -61,6 +61,14 @@ def test_an_improving_epoch_writes_one_checkpoint_for_best_and_last(tmp_path):
     assert state["epoch"] == 1 and "val_acc" in state and len(state["history"]) == 1
 
 
+def test_a_diverging_run_stops_with_one_error_naming_the_epoch(tmp_path):
+    # lr 1e30: the first steps blow the weights up, the losses become nan.
+    with pytest.raises(
+        SkinclfError, match=r"^epoch 1: the (training|validation) loss is nan: training diverged"
+    ):
+        train_in_process(tmp_path, *SMALL, "trainer.max_epochs=3", "optim.lr=1e30")
+
+
 def test_best_checkpoint_is_the_one_evaluated_on_test(tmp_path):
     out, metrics = train_in_process(tmp_path, *SMALL, "trainer.max_epochs=3", "optim.lr=1e-3")
     history = pd.read_csv(out / "metrics.csv")

@@ -246,6 +246,16 @@ def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator, d
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+def _check_finite(loss: float, split: str, epoch: int) -> None:
+    """A nan or infinite loss means the weights have diverged: every later epoch, the checkpoint
+    and the test metrics would be meaningless (and metrics such as ROC AUC refuse NaN scores)."""
+    if not math.isfinite(loss):
+        raise SkinclfError(
+            f"epoch {epoch}: the {split} loss is {loss}: training diverged; expected finite losses "
+            "(a lower optim.lr, or trainer.precision=fp32, may help)"
+        )
+
+
 def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
     # METRICS_COLUMNS, then any the recipe adds (the raw weights' validation scores beside an EMA).
     columns = list(history[0]) if history else METRICS_COLUMNS
@@ -340,6 +350,7 @@ def fit(
         train_loss, train_acc = train_one_epoch(
             model, pipeline, train, optimizer, scaler, generator, settings, device, desc, scheduler, ema
         )
+        _check_finite(train_loss, "training", epoch)
         # SPEC: a checkpoint holds model, optimizer, epoch and config; best.pt those (with what
         # predict needs), last.pt also all that a resume needs.
         common = {
@@ -356,6 +367,7 @@ def fit(
         # (the optimizer state saved with them is the raw weights' that the EMA follows).
         with ema.applied(model) if ema is not None else contextlib.nullcontext():
             val_loss, val_acc, _ = evaluate(model, pipeline, val, settings, device)
+            _check_finite(val_loss, "validation", epoch)
             is_best = stopper.update(epoch, val_acc)
             if is_best:
                 best = {"model": saved.state_dict(), **common, "val_acc": val_acc}
