@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,31 @@ def _truncate(path: Path) -> Path:
             )[1],
             "no such image file",
         ),
+        (
+            lambda r: write_image(r / "train" / "MEL" / "more" / "nv" / "n9.jpg", BLUE).parent,
+            "a class folder inside the class folder MEL; expected it beside MEL",
+        ),
+        (lambda r: ((r / "test").write_text("x"), r / "test")[1], "test: a file; expected ROOT/"),
+        (
+            lambda r: ((r / "test").symlink_to(r / "gone"), r / "test")[1],
+            f"test: a symlink to nothing ({os.sep}",
+        ),
+        (
+            lambda r: (
+                shutil.rmtree(r / "val" / "NV"),
+                (r / "val" / "NV").symlink_to("gone"),
+                r / "val" / "NV",
+            )[2],
+            "NV: a symlink to nothing (gone); expected a class folder",
+        ),
+        (
+            lambda r: (
+                shutil.rmtree(r / "val"),
+                (r / "val").symlink_to(r / "train"),
+                r / "val" / "MEL" / "m0.jpg",
+            )[2],
+            f"the same file as {os.sep}",
+        ),
     ],
     ids=[
         "missing-root",
@@ -221,6 +247,11 @@ def _truncate(path: Path) -> Path:
         "non-image",
         "stray-file",
         "dangling-symlink",
+        "class-in-other-class",
+        "test-is-a-file",
+        "test-is-a-dangling-symlink",
+        "class-is-a-dangling-symlink",
+        "val-linked-to-train",
     ],
 )
 def test_bad_input_names_the_path(tmp_path, breaker, expected):

@@ -11,6 +11,7 @@ tells which images show one lesion (see :attr:`Split.lesions`).
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -49,12 +50,29 @@ def _by_lower_name(parent: Path, entries: list[Path]) -> dict[str, Path]:
     return found
 
 
+def _not_a_folder(entry: Path) -> str:
+    """What ``entry`` is instead of a folder, for a message."""
+    if entry.is_symlink() and not entry.exists():
+        return f"a symlink to nothing ({os.readlink(entry)})"
+    return "a file"
+
+
 def _class_files(class_dir: Path) -> list[Path]:
     """Every non-hidden file under ``class_dir`` (subfolders, symlinked ones too), sorted; a
-    dangling symlink is kept, so that decoding names it as missing."""
+    dangling symlink is kept, so that decoding names it as missing. A subfolder named after the
+    other class (MEL/NV/) is refused: its images would quietly take this folder's label."""
     files = files_under(class_dir)
     if not files:
         raise SkinclfError(f"{class_dir}: empty class folder; expected images of this class")
+    label = CLASS_FOLDERS[class_dir.name.lower()]
+    for file in files:
+        parts = file.relative_to(class_dir).parts[:-1]
+        for depth, part in enumerate(parts, start=1):
+            if CLASS_FOLDERS.get(part.lower(), label) != label:
+                raise SkinclfError(
+                    f"{class_dir.joinpath(*parts[:depth])}: a class folder inside the class folder "
+                    f"{class_dir.name}; expected it beside {class_dir.name}, in {class_dir.parent}"
+                )
     return files
 
 
@@ -62,6 +80,8 @@ def _split_files(split_dir: Path) -> tuple[list[Path], list[float]]:
     entries = _visible(split_dir)
     for entry in entries:
         if not entry.is_dir():
+            if entry.name.lower() in CLASS_FOLDERS:
+                raise SkinclfError(f"{entry}: {_not_a_folder(entry)}; expected a class folder of images")
             raise SkinclfError(
                 f"{entry}: file outside a class folder; expected it under {split_dir}/MEL or NV"
             )
@@ -91,15 +111,34 @@ def find_images(root: Path) -> dict[str, tuple[list[Path], list[float]]]:
         raise SkinclfError(f"data.root={root}: no such folder; expected {LAYOUT}")
     if not root.is_dir():
         raise SkinclfError(f"data.root={root}: is a file; expected a folder {LAYOUT}")
-    splits = _by_lower_name(root, [p for p in _visible(root) if p.is_dir()])
+    splits = _by_lower_name(root, [p for p in _visible(root) if p.name.lower() in SPLIT_NAMES])
     found = {}
     for name in SPLIT_NAMES:
         if name not in splits:
             if name == "test":
                 continue
             raise SkinclfError(f"{root / name}: missing split folder; expected {LAYOUT}")
+        if not splits[name].is_dir():  # a test that is not a folder is a mistake, not "no test"
+            raise SkinclfError(f"{splits[name]}: {_not_a_folder(splits[name])}; expected {LAYOUT}")
         found[name] = _split_files(splits[name])
+    _check_each_image_once(found)
     return found
+
+
+def _check_each_image_once(found: dict[str, tuple[list[Path], list[float]]]) -> None:
+    """Refuse a file that two splits, or both classes, reach through symlinks (``val`` linked to
+    ``train``): it would be validated or tested on the images it trained on, or carry two labels."""
+    first_route: dict[str, tuple[Path, str, float]] = {}
+    for split, (files, labels) in found.items():
+        for file, label in zip(files, labels, strict=True):
+            other, other_split, other_label = first_route.setdefault(
+                os.path.realpath(file), (file, split, label)
+            )
+            if (other_split, other_label) != (split, label):
+                raise SkinclfError(
+                    f"{file}: the same file as {other} (through a symlink); expected each image "
+                    "in one split and class only"
+                )
 
 
 def _check_classes_kept(
