@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from skinclf import train
 from skinclf.config import compose_config
@@ -438,3 +440,44 @@ def test_sigkill_after_epoch_k_then_resume_matches_an_uninterrupted_run(
     assert "resuming from" in (killed / "train.log").read_text()
     assert str(killed) in resumed.stdout
     _same_results(straight, killed)
+
+
+def test_a_resume_on_changed_data_is_refused_and_the_run_resumes_once_it_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "ds"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("MEL", "NV"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    overrides = [
+        "data=folder",
+        f"data.root={root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.batch_size=4",
+        "trainer.max_epochs=3",
+        "trainer.progress=never",
+    ]
+    out = tmp_path / "run"
+    monkeypatch.setattr(loop, "_write_metrics", _crash_once_metrics_have(1))
+    with pytest.raises(_Crash):
+        run(compose_config(overrides), out)
+    monkeypatch.undo()
+
+    def swap_classes() -> None:  # the same files, config and paths; MEL and NV trade labels
+        train = root / "train"
+        os.rename(train / "MEL", train / "was_mel")
+        os.rename(train / "NV", train / "MEL")
+        os.rename(train / "was_mel", train / "NV")
+
+    swap_classes()
+    with pytest.raises(
+        SkinclfError, match=r"last\.pt: trained on other images or labels than the data gives now"
+    ):
+        run(compose_config([*overrides, "resume=true"]), out)
+    swap_classes()
+    run(compose_config([*overrides, "resume=true"]), out)
+    assert len(pd.read_csv(out / "metrics.csv")) == 3

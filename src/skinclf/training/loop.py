@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skinclf.data.splits import Split
+from skinclf.data.splits import Split, content_hash
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_link, atomic_write
 from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS
@@ -293,6 +293,7 @@ def fit(
     """
     extra_state = extra_state or {}
     saved = model if checkpoint_model is None else checkpoint_model
+    data_hash = content_hash(train, val)
     train, val = place_splits(train, val, device)
     model.to(device)
     if settings.channels_last:
@@ -321,6 +322,13 @@ def fit(
     )
     if resume and last_path.exists():
         state = load_checkpoint(last_path, map_location=device)
+        # Absent from checkpoints of skinclf versions before it: not checked there.
+        if state.get("data_sha256", data_hash) != data_hash:
+            raise SkinclfError(
+                f"{last_path}: trained on other images or labels than the data gives now (files "
+                "changed, moved between classes or splits, or decoded by another Pillow version); "
+                "expected the same data to resume: start a new run for the new data"
+            )
         saved.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -399,6 +407,7 @@ def fit(
                 "rng": _rng_state(generator, device),
                 "early_stopping": asdict(stopper),
                 "history": history,
+                "data_sha256": data_hash,
             }
         if is_best and ema is None:
             # Same weights in both: one file (best.pt first, as a crash between the two writes
