@@ -143,8 +143,9 @@ def test_missing_file_says_where_to_get_it(tmp_path):
         ({"train_images": np.zeros((13, 128, 128, 3), np.float32)}, "train_images"),
         ({"train_labels": np.zeros((12, 1), np.uint8)}, "train_labels"),
         ({"val_labels": np.full((5, 1), 9, np.uint8)}, "val_labels"),
+        ({"train_images": np.zeros((13, 0, 0, 3), np.uint8)}, "train_images"),
     ],
-    ids=["missing-key", "grayscale-shape", "float-images", "label-count", "label-range"],
+    ids=["missing-key", "grayscale-shape", "float-images", "label-count", "label-range", "zero-size-images"],
 )
 def test_wrong_keys_or_shapes_name_the_key(tmp_path, kwargs, key):
     path = write_npz(tmp_path / "bad.npz", **kwargs)

@@ -75,6 +75,7 @@ def _checked_arrays(npz, path: Path, split: str) -> tuple[np.ndarray, np.ndarray
         or images.ndim != 4
         or images.shape[3] != 3
         or images.shape[1] != images.shape[2]
+        or images.shape[1] == 0
     ):
         raise SkinclfError(
             f"{path}: {keys[0]} is {images.dtype} {images.shape}; expected uint8 (N, S, S, 3) RGB images"
