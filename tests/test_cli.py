@@ -520,15 +520,17 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
         # Keys Hydra lets in with + (its own hint for a misspelt key), which nothing would read.
         (
             "+optim.lrr=0.001",
-            "optim.lrr: not a skinclf config key (added by +optim.lrr=0.001), so nothing "
-            "would read it; check its spelling (`skinclf train --help` lists the keys; a pipeline goes "
-            "in as pipeline@model.pipeline=NAME)",
+            "optim.lrr: not a key of this run's configs (model=baseline, data=synthetic, recipe=paper; "
+            "added by +optim.lrr=0.001), so nothing would read it; check its spelling, or leave it out "
+            "where the config lacks it (`skinclf train --help` lists the keys; a pipeline goes in as "
+            "pipeline@model.pipeline=NAME)",
         ),
         (
             "+pipeline=augmented",
-            "pipeline: not a skinclf config key (added by +pipeline=augmented), so nothing would read "
-            "it; check its spelling (`skinclf train --help` lists the keys; a pipeline goes in as "
-            "pipeline@model.pipeline=NAME)",
+            "pipeline: not a key of this run's configs (model=baseline, data=synthetic, recipe=paper; "
+            "added by +pipeline=augmented), so nothing would read it; check its spelling, or leave it "
+            "out where the config lacks it (`skinclf train --help` lists the keys; a pipeline goes in "
+            "as pipeline@model.pipeline=NAME)",
         ),
     ],
 )
@@ -719,6 +721,41 @@ def test_a_key_of_other_configs_names_them(tmp_path):
 )
 def test_keys_that_the_chosen_configs_have_pass_the_key_check(args):
     _check_override_keys(args)
+
+
+def test_a_key_only_the_sweeps_choices_have_goes_to_hydra_as_a_forced_add():
+    # Hydra composes model=baseline (the default) before a sweep's jobs: no model.pretrained there.
+    for sweep in (["model=vgg16,vgg16_ft"], ["model=baseline,vgg16"]):
+        assert _check_override_keys(["-m", *sweep, "model.pretrained=false"]) == ["model.pretrained=false"]
+    assert _check_override_keys(["model=vgg16", "model.pretrained=false"]) == []  # composed as given
+    assert _check_override_keys(["-m", "model=vgg16,vgg16_ft", "seed=1,2"]) == []
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("trainer=null", "trainer=null: trainer is a group of settings (max_epochs, patience, "),
+        ("recipe.augment=null", "; expected its keys set one by one (recipe.augment.enabled=...)"),
+        ("trainer=[1]", "trainer=[1]: trainer is a group of settings"),
+        (
+            "data.cache_dir=[a,b]",
+            "data.cache_dir=[a,b]: expected one value for data.cache_dir (default: data), not a list",
+        ),
+        ("model=null", "model=null: expected one of augmented, baseline, "),
+        ("experiment=null", "experiment=null: expected one of paper (leave experiment out for its default)"),
+        (
+            "data.root=[a",
+            "data.root=[a: no viable alternative at input '[a'; expected Hydra's override grammar",
+        ),
+    ],
+)
+def test_a_value_of_the_wrong_shape_is_one_line_before_hydra(tmp_path, arg, message):
+    # Before: tracebacks (trainer=null, recipe.augment=null, model=null), Hydra's multi-line
+    # errors, or a cache folder named "['a', 'b']".
+    proc = error_run(tmp_path, arg)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("skinclf train: error: ") and message in proc.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "['a', 'b']").exists()
 
 
 @pytest.mark.parametrize("users_files", [[], ["notes.txt"]], ids=["empty", "with-a-file"])

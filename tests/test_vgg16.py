@@ -296,3 +296,22 @@ def test_feature_cache_key_names_the_device_and_cuda_tf32(random_vgg):
         assert extractor_key(extractor, pipeline, "fp32", CPU) == cpu  # TF32 is no CPU setting
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_a_sweep_with_a_key_only_vgg16_has_runs_vgg16_and_refuses_it_for_the_others(tmp_path):
+    # Hydra composes the default model (baseline, no model.pretrained) before the jobs: without
+    # skinclf passing the key on as ++model.pretrained, it refused the whole launch.
+    small = ["data.train_size=16", "data.val_size=8", "data.test_size=8", "trainer.max_epochs=1"]
+    proc = train_cli(
+        "-m", "model=vgg16,baseline", "model.pretrained=false", *small, cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 1  # one job failed
+    sweep = next((tmp_path / "outputs" / "multiruns").iterdir())
+    vgg = sweep / "0_vgg16"
+    assert json.loads((vgg / "job_status.json").read_text())["status"] == "done"
+    status = json.loads((sweep / ".refused_1_baseline.json").read_text())  # refused before it ran
+    assert status["status"] == "failed" and status["error"].startswith(
+        "model.pretrained: not a key of this run's configs (model=baseline, "
+    )
+    for checkpoint in ("best.pt", "last.pt"):  # 1.3 GB: do not keep it in pytest's tmp
+        (vgg / checkpoint).unlink()

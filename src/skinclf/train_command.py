@@ -9,6 +9,7 @@ and a mistyped option (``model=resnt``) answer without the seconds that importin
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 import shutil
@@ -21,12 +22,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
+from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins import skinclf_launcher
 from skinclf.config import adds_config_folders, compose_config, config_choices
-from skinclf.errors import EXIT_USER_ERROR, SkinclfError
+from skinclf.errors import EXIT_USER_ERROR, SkinclfError, first_line
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
 from skinclf.sweep.jobs import (
@@ -60,10 +62,13 @@ def check_appended_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
     unknown = _keys_not_in(cfg, known)
     if unknown:
         given = next((o for o in appended if o.lstrip("+").split("=")[0].split("@")[0] == unknown[0]), "")
+        choices = HydraConfig.get().runtime.choices
+        chosen = ", ".join(f"{g}={choices[g]}" for g in ("model", "data", "recipe") if g in choices)
         raise SkinclfError(
-            f"{unknown[0]}: not a skinclf config key (added by {given or 'an override with +'}), so "
-            "nothing would read it; check its spelling (`skinclf train --help` lists the keys; a "
-            "pipeline goes in as pipeline@model.pipeline=NAME)"
+            f"{unknown[0]}: not a key of this run's configs ({chosen}; added by "
+            f"{given or 'an override with +'}), so nothing would read it; check its spelling, or leave "
+            "it out where the config lacks it (`skinclf train --help` lists the keys; a pipeline goes "
+            "in as pipeline@model.pipeline=NAME)"
         )
 
 
@@ -237,18 +242,24 @@ def _check_launcher(args: list[str]) -> None:
         )
 
 
+OVERRIDE_GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+
+
 def _parsed_overrides(args: list[str]) -> Iterator[tuple[str, Override, list | None]]:
     """(the argument as typed, Hydra's parse of it, its values: several for a sweep, None for one
-    that only Hydra expands, such as a glob) for each override; what Hydra's parser refuses is
-    left out, for Hydra's own message."""
+    that only Hydra expands, such as a glob) for each override; one Hydra's grammar refuses
+    (``data.root=[a``) is one line naming it, where Hydra prints three."""
     parser = OverridesParser.create()
     for arg in args:
         if arg.startswith("-"):
             continue
         try:
             override = parser.parse_overrides([arg])[0]
-        except Exception:  # noqa: BLE001 - Hydra's own parser and error message take it from here
-            continue
+        except OverrideParseException as err:
+            raise SkinclfError(
+                f"{arg}: {first_line(err).rstrip('.')}; expected Hydra's override grammar (quote a "
+                f"value with brackets, commas or spaces: 'key=\"a,b\"'; {OVERRIDE_GRAMMAR})"
+            ) from err
         try:
             values = (
                 list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
@@ -267,69 +278,110 @@ def _check_group_choices(args: list[str]) -> None:
     for arg, override, values in _parsed_overrides(args):
         group = override.key_or_group
         choices = [] if override.is_delete() else config_choices(group)
+        if choices and None in (values or []):  # Hydra's own error: a 25-line traceback
+            raise SkinclfError(
+                f"{arg}: expected one of {', '.join(choices)} (leave {group} out for its default)"
+            )
         for value in values or []:
             if choices and isinstance(value, str) and "${" not in value and value not in choices:
                 key = arg.split("=", 1)[0].lstrip("+")  # as typed: pipeline@model.pipeline
                 raise SkinclfError(f"{key}={value}: unknown {group}; expected one of {', '.join(choices)}")
 
 
-def _check_override_keys(args: list[str]) -> None:
+def _check_override_keys(args: list[str]) -> list[str]:
     """A key that no config has (``trainer.max_epoch=3``, in a sweep too): one line naming it and
     the nearest key, or the choices whose configs have it (``data.root`` under data=synthetic),
-    exit 2, where Hydra prints a multi-line error and exits 1. A key that one of the sweep's
-    choices typed here has (``model.pretrained`` with ``model=baseline,vgg16``) is left to each
-    job, and so is every key when a choice is a glob, which only Hydra expands."""
+    exit 2, where Hydra prints a multi-line error and exits 1. Keys are left to Hydra when a
+    choice is a glob, which only Hydra expands.
+
+    Returns the arguments that Hydra must be given as ``++key=value``: keys that only the
+    sweep's choices have (``model.pretrained`` with ``model=vgg16,vgg16_ft``). Before any job,
+    Hydra composes the config without the sweep's values (the default model=baseline: no such
+    key) and refuses the whole launch; with ``++`` each job gets the key, and a job whose config
+    lacks it refuses it (:func:`check_appended_keys`) while the others run."""
     if adds_config_folders(args):
-        return
+        return []
     groups: dict[str, list[str]] = {}  # the config choices given, by group@package
-    keys = []
-    for _, override, values in _parsed_overrides(args):
+    typed = []  # (argument, key, values) of each key given
+    for arg, override, values in _parsed_overrides(args):
         name = override.key_or_group
         if override.is_delete() or override.is_add() or override.is_force_add() or name.startswith("hydra"):
             continue  # +key and ++key have their own check (check_appended_keys); hydra's are Hydra's
         if config_choices(name):
             if values is None:
-                return
+                return []
             groups[f"{name}@{override.package}" if override.package else name] = [str(v) for v in values]
         else:
-            keys.append(name)
-    # Only composed when a key is given, and once unless a key is missing: `skinclf train` with
-    # no overrides pays nothing.
+            typed.append((arg, name, values))
+    # Composed only when a key is given (`skinclf train` with no overrides pays nothing), and
+    # each set of choices once.
+    base = {group: values[0] for group, values in groups.items() if len(values) == 1}
     first = {group: values[0] for group, values in groups.items()}
-    missing = [key for key in keys if not _key_in_any(key, [first])]
-    if not missing:
-        return
     swept = [{**first, group: value} for group, values in groups.items() for value in values]
-    for key in missing:
-        if _key_in_any(key, swept):
-            continue
-        having = {
-            f"{group}={choice}"
-            for group in sorted({*groups, "model", "data", "recipe"})
-            for choice in config_choices(group.split("@", 1)[0])
-            if _key_in_any(key, [{**first, group: choice}])
-        }
-        if having:
-            chosen = ", ".join(f"{group}={value}" for group, value in first.items()) or "the defaults"
-            raise SkinclfError(
-                f"{key}: the configs chosen ({chosen}) have no such key; {', '.join(sorted(having))} have it"
-            )
-        near = difflib.get_close_matches(
-            key, _dotted_keys(compose_config([f"{g}={v}" for g, v in first.items()])), 1
+    forced = []
+    for arg, key, values in typed:
+        if _key_in_any(key, [base]):
+            _check_value_shape(arg, key, values, _composed(tuple(base.items())))
+        elif _key_in_any(key, swept):
+            forced.append(arg)
+        else:
+            _refuse_missing_key(key, groups, first)
+    return forced
+
+
+def _refuse_missing_key(key: str, groups: dict[str, list[str]], first: dict[str, str]) -> None:
+    """One line for a key that none of the chosen configs has: the configs that have it, or the
+    nearest key."""
+    having = {
+        f"{group}={choice}"
+        for group in sorted({*groups, "model", "data", "recipe"})
+        for choice in config_choices(group.split("@", 1)[0])
+        if _key_in_any(key, [{**first, group: choice}])
+    }
+    if having:
+        chosen = ", ".join(f"{group}={value}" for group, value in first.items()) or "the defaults"
+        raise SkinclfError(
+            f"{key}: the configs chosen ({chosen}) have no such key; {', '.join(sorted(having))} have it"
         )
-        hint = f"; did you mean {near[0]}?" if near else ""
-        raise SkinclfError(f"{key}: no skinclf config has this key{hint} (`skinclf train --help` lists them)")
+    near = difflib.get_close_matches(key, _dotted_keys(_composed(tuple(first.items()))), 1)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    raise SkinclfError(f"{key}: no skinclf config has this key{hint} (`skinclf train --help` lists them)")
+
+
+def _check_value_shape(arg: str, key: str, values: list | None, reference: DictConfig | None) -> None:
+    """A group of settings replaced by one value (``trainer=null``, ``recipe.augment=null``) or
+    one setting given a list (``data.cache_dir=[a,b]``): one line, where the run would end in
+    a traceback, or use a folder named "['a', 'b']" without a word."""
+    if reference is None or values is None:
+        return
+    default = OmegaConf.select(reference, key, default=None, throw_on_resolution_failure=False)
+    for value in values:
+        if isinstance(default, DictConfig) and not isinstance(value, dict):
+            first_key = next(iter(default), "KEY")
+            raise SkinclfError(
+                f"{arg}: {key} is a group of settings ({', '.join(map(str, default))}); expected "
+                f"its keys set one by one ({key}.{first_key}=...)"
+            )
+        if isinstance(default, str | int | float | bool) and isinstance(value, list | dict):
+            raise SkinclfError(f"{arg}: expected one value for {key} (default: {default}), not a list")
+
+
+@functools.cache
+def _composed(chosen: tuple[tuple[str, str], ...]) -> DictConfig | None:
+    """The config composed with these group choices; None where it does not compose (a bad
+    choice or value is Hydra's to report). Cached: the checks ask for the same one."""
+    try:
+        return compose_config([f"{group}={value}" for group, value in chosen])
+    except SkinclfError:
+        return None
 
 
 def _key_in_any(key: str, choices: list[dict[str, str]]) -> bool:
     """Whether the config composed with any of these group choices has the dotted ``key``; True
-    where one does not compose (a bad choice or value is Hydra's to report)."""
+    where one does not compose."""
     for chosen in choices:
-        try:
-            cfg = compose_config([f"{group}={value}" for group, value in chosen.items()])
-        except SkinclfError:
-            return True
-        if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+        cfg = _composed(tuple(chosen.items()))
+        if cfg is None or OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
             return True
     return False
 
@@ -352,8 +404,8 @@ def main(args: list[str]) -> None:
     _check_output_folders(args)
     _check_launcher(args)
     _check_group_choices(args)
-    _check_override_keys(args)
-    sys.argv = ["skinclf train", *args]
+    forced = _check_override_keys(args)
+    sys.argv = ["skinclf train", *(f"++{arg}" if arg in forced else arg for arg in args)]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
     SweepSummary.started = SweepSummary.sweep_dir = SweepSummary.last = None
     SweepSummary.created = []
