@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -359,6 +361,30 @@ def test_an_input_image_named_like_an_output_is_never_overwritten(tiny_run, tmp_
     assert lookalike.read_bytes() == kept
     assert (tmp_path / "lesion_2_gradcam.png").is_file()  # lesion.png's figure
     assert (tmp_path / "lesion_gradcam_gradcam.png").is_file()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")
+def test_a_file_name_that_is_no_utf8_is_titled_with_escapes_and_named_as_it_is(
+    tiny_run, tmp_path, monkeypatch
+):
+    # Linux allows any bytes in a name; Python keeps those that are no UTF-8 as "\udcff", which
+    # matplotlib refuses: the whole batch would end half-written, an earlier image's figure on disk.
+    image, _ = image_and_kept_file(tmp_path)
+    named = tmp_path / os.fsdecode(b"\xff\xfe.png")
+    named.write_bytes(image.read_bytes())
+    titles, real_render = [], explain.render
+
+    def render(*args):
+        titles.append(args[4])
+        return real_render(*args)
+
+    monkeypatch.setattr(explain, "render", render)
+    out = tmp_path / "out"
+    cli_main(["explain", str(tiny_run), str(image), str(named), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["lesion_gradcam.png", f"{named.stem}_gradcam.png"]
+    )
+    assert sorted(title.split(" - ")[0] for title in titles) == ["\\xff\\xfe.png", "lesion.png"]
 
 
 @pytest.mark.parametrize("synthetic", [False, True])

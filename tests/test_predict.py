@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -377,3 +380,39 @@ def test_a_bad_device_is_named_as_the_option_was_typed(device, run_and_images, c
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"skinclf predict: error: --device {device}: ")  # not train's device=...
     assert "device=" not in err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")
+def test_file_names_that_are_no_utf8_are_written_as_their_bytes(run_and_images, tmp_path):
+    # Linux allows any bytes in a name; Python keeps those that are no UTF-8 as "\udcff".
+    run_dir, folder, _ = run_and_images
+    images = tmp_path / "images"
+    images.mkdir()
+    good, bad = images / os.fsdecode(b"\xff\xfe.png"), images / os.fsdecode(b"bad\xff.png")
+    shutil.copy(folder / "test_000.png", good)
+    shutil.copy(folder / "corrupt.png", bad)
+    out = tmp_path / "pred.csv"
+    _predict(run_dir, images, "--out", out)
+    # Read back, each name finds its file again; the error names the unreadable one as it is.
+    table = pd.read_csv(out, keep_default_na=False, encoding_errors="surrogateescape").set_index("path")
+    assert sorted(table.index) == sorted([str(good), str(bad)])
+    assert table.loc[str(good), "error"] == "" and table.loc[str(good), "prediction"] in ("MEL", "NV")
+    assert table.loc[str(bad), "error"].startswith(f"{bad}: corrupt or truncated")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")
+def test_a_name_that_is_no_utf8_prints_as_its_bytes_on_a_strict_stdout(run_and_images, tmp_path):
+    # A locale such as en_US.UTF-8 gives Python a strict stdout (forced here): printing such a
+    # name failed with UnicodeEncodeError; the CSV on stdout now carries the name's bytes.
+    run_dir, folder, _ = run_and_images
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(folder / "test_000.png", images / os.fsdecode(b"\xff\xfe.png"))
+    done = subprocess.run(
+        [sys.executable, "-m", "skinclf", "predict", str(run_dir), str(images)],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert os.fsencode(images) + b"/\xff\xfe.png," in done.stdout

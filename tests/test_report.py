@@ -706,6 +706,12 @@ def _set_key(path: Path, key: str, value: object) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
 
 
+def _set_config(path: Path, key: str, value: object) -> None:
+    cfg = OmegaConf.load(path)
+    OmegaConf.update(cfg, key, value)
+    path.write_text(OmegaConf.to_yaml(cfg))  # an interpolation stays as typed
+
+
 # (file, how it is damaged, what the run's problem must say)
 DAMAGED_FILES = [
     ("metrics.csv", lambda p: _set_cell(p, 1, "val_acc", "nan"), "line 3: val_acc is empty or NaN"),
@@ -720,6 +726,18 @@ DAMAGED_FILES = [
     ("test_metrics.json", lambda p: _set_key(p, "environment", {"torch": 2}), "environment is {'torch': 2}"),
     ("test_metrics.json", lambda p: _set_key(p, "best_epoch", 0), "best_epoch=0, best_val_acc="),
     ("test_metrics.json", lambda p: _set_key(p, "best_val_acc", 87.5), "best_val_acc=87.5; expected"),
+    # A tested checkpoint beyond metrics.csv (6 epochs): Table 1 would say "Best epoch 7 | Epochs 6".
+    (
+        "test_metrics.json",
+        lambda p: _set_key(p, "best_epoch", 7),
+        "best_epoch=7 is after the last epoch of metrics.csv (6)",
+    ),
+    (".hydra/config.yaml", lambda p: _set_config(p, "seed", "abc"), "seed=abc: expected an integer"),
+    (
+        ".hydra/config.yaml",
+        lambda p: _set_config(p, "model.name", "${oops}"),
+        "model.name: Interpolation key 'oops' not found",
+    ),
 ]
 
 
@@ -926,3 +944,60 @@ def test_a_report_without_test_data_leaves_no_figure_of_an_earlier_report(sweep,
     assert {p.name for p in written} >= {"table1.md", "curves.png"}
     for name in ("confusion_matrix.csv", "confusion_matrix.png", "roc.png"):
         assert not (out / name).exists(), name  # the first report's, of other runs
+
+
+# A file name's byte that is no UTF-8 (Linux allows any), as Python keeps it in a str: "\udcff".
+NOT_UTF8 = os.fsdecode(b"\xff")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")
+def test_file_names_that_are_no_utf8_keep_their_bytes_in_csv_files_and_show_escaped_in_text(tmp_path):
+    # A run folder and a folder dataset's root so named: the report must not die writing them.
+    root = tmp_path / "outputs"
+    named = write_run(root, "baseline", *BASELINE[0]).rename(root / f"run_{NOT_UTF8}")
+    folder_run = write_run(root, "resnet", *RESNET)
+    data_root = tmp_path.resolve() / f"ds_{NOT_UTF8}"  # as the report keys it
+    _set_config(folder_run / ".hydra" / "config.yaml", "data.name", "folder")
+    _set_config(folder_run / ".hydra" / "config.yaml", "data.root", str(data_root))
+    out = tmp_path / "reports"
+    cli_main(["report", str(root), "--out", str(out)])
+    # CSV files hold the names' own bytes: what they name can be found again.
+    runs = pd.read_csv(out / "runs.csv", encoding_errors="surrogateescape")
+    assert sorted(runs["run_dir"]) == sorted([str(named), str(folder_run)])
+    assert all(Path(run_dir).is_dir() for run_dir in runs["run_dir"])
+    assert f"folder:{data_root}" in set(runs["data"])
+    table = pd.read_csv(out / "table1.csv", encoding_errors="surrogateescape")
+    assert set(table["data"]) == {"synthetic", f"folder:{data_root}"}
+    confusion = pd.read_csv(out / "confusion_matrix.csv", encoding_errors="surrogateescape")
+    assert str(named) in set(confusion["run_dir"])
+    # Markdown, LaTeX and the figures' titles show the byte escaped, as UTF-8 text.
+    shown = f"folder:{tmp_path.resolve()}/ds_\\xff data"
+    assert f"## Dataset: {shown}" in (out / "table1.md").read_text()
+    assert "ds\\_\\textbackslash{}xff data" in (out / "table1.tex").read_text()
+    assert {"curves.png", "curves.pdf", "roc.png"} <= {p.name for p in out.iterdir()}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")
+def test_a_skipped_image_whose_name_is_no_utf8_is_logged_in_train_log(tmp_path):
+    # (Here beside the report's own test of such names: a run's train.log is what its row in
+    # runs.csv sends the user to.) A strict log file loses the line to `--- Logging error ---`.
+    root = tmp_path / "ds"
+    for split in ("train", "val", "test"):
+        for label in ("MEL", "NV"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (32, 32), (40 * i, 90, 0)).save(root / split / label / f"{label}_{i}.png")
+    bad = root / "train" / "MEL" / f"bad{NOT_UTF8}.png"
+    bad.write_text("not an image")
+    proc = train_cli(
+        "data=folder",
+        f"data.root={root}",
+        "data.skip_bad_images=true",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "trainer.max_epochs=1",
+        "trainer.progress=never",
+        cwd=tmp_path,
+    )
+    assert "Logging error" not in proc.stderr
+    log = (run_dir_from_output(proc.stdout) / "train.log").read_text()
+    assert f"skipped bad image {root}/train/MEL/bad\\udcff.png: not an image file" in log

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import io
 import signal
 import sys
 
 from skinclf.arguments import PARSERS
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
+from skinclf.io import NAME_BYTES
 
 # command -> (module with a ``main(args: list[str])``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -62,6 +64,10 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # File names whose bytes are no UTF-8 (printed paths, predict's CSV on stdout) go out as those
+    # bytes, whatever the locale: a strict stdout (en_US.UTF-8) would end in UnicodeEncodeError.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors=NAME_BYTES)
     # `kill`, a scheduler's time limit: stop as Ctrl-C does (only the main thread can set this).
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:

@@ -13,7 +13,7 @@ from matplotlib.patches import Rectangle
 from skinclf.arguments import DISCLAIMER, EXPLAIN_TARGETS, SYNTHETIC_MODEL_NOTE, explain_parser
 from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
-from skinclf.io import output_folder, save_figure
+from skinclf.io import output_folder, readable, save_figure
 from skinclf.predict import check_out_spares_runs, collect_images, decode_all, no_readable_image
 from skinclf.trained_run import TrainedRun, load_trained_run
 
@@ -107,7 +107,7 @@ def explain_files(
         for (path, image), heatmap, prob, mel in zip(
             chunk, cam.heatmaps, probs.tolist(), toward_mel, strict=True
         ):
-            title = f"{path.name} - model={run.model_name}, layer {cam.layer}"
+            title = f"{readable(path.name)} - model={run.model_name}, layer {cam.layer}"
             evidence = ("MEL" if mel else "NV") + (", mean of image + 3 flips" if tta else "")
             fig = render(image, heatmap, prob, run.threshold, title, evidence, cam.window, synthetic)
             out = out_dir / _unique_name(path, taken)

@@ -18,6 +18,18 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
+# A file name may hold bytes that are no UTF-8 (Linux allows any), which Python keeps in a str as
+# surrogate escapes and a UTF-8 text file refuses. A CSV file writes them back as they were
+# (errors=NAME_BYTES), so that the name it holds still finds the file; a title shows them escaped.
+NAME_BYTES = "surrogateescape"
+
+
+def readable(text: str) -> str:
+    """``text`` with a file name's bytes that are no UTF-8 shown as ``\\xff``: for titles and
+    headers, which matplotlib, Markdown and LaTeX cannot take as bytes."""
+    return text.encode("utf-8", NAME_BYTES).decode("utf-8", "backslashreplace")
+
+
 def _default_file_mode() -> int:
     """rw for everyone the umask allows, as ``open()`` would create the file."""
     umask = os.umask(0)

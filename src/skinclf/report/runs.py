@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from skinclf.config import compose_config
+from skinclf.config import compose_config, number_setting
 from skinclf.errors import SkinclfError, counted, first_line
+from skinclf.io import readable
 from skinclf.run_files import (
     FOLDS_RECORD,
     HYDRA_CONFIG,
@@ -177,7 +179,7 @@ def describe_dataset(data: str) -> str:
     """The dataset's name as shown in table headers and figure titles; the synthetic data says so."""
     if data == "synthetic":
         return "synthetic data (procedurally generated, not real lesions)"
-    return f"{data} data"
+    return f"{readable(data)} data"  # a folder dataset's root may be no UTF-8
 
 
 def find_runs(dirs: Sequence[Path]) -> list[Run]:
@@ -266,25 +268,35 @@ def load_run(path: Path) -> Run | None:
         cfg = OmegaConf.load(path / HYDRA_CONFIG)
     except Exception as err:  # any YAML problem: the folder is listed as failed, not skipped
         return Run(path, "?", "?", None, status=FAILED, problem=f"{HYDRA_CONFIG} unreadable: {err}")
-    mapping = isinstance(cfg, DictConfig)
-    model = OmegaConf.select(cfg, "model.name", default=None) if mapping else None
-    data_name = OmegaConf.select(cfg, "data.name", default=None) if mapping else None
-    if model is None or data_name is None:
-        if any((path / name).exists() for name in RUN_FILES):
-            # A run's config, emptied or overwritten (OmegaConf reads an empty file, and CSV
-            # text, as a mapping): as failed as one with a YAML error, not silently left out.
-            problem = f"{HYDRA_CONFIG}: no model.name or data.name; expected the config of `skinclf train`"
-            return Run(path, "?", "?", None, status=FAILED, problem=problem)
-        return None  # another Hydra application's output
-    if OmegaConf.select(cfg, "cv.folds", default=None):
-        return None  # a grid-search point: cross-validated, never tested; see its grid_search.md
-    root = OmegaConf.select(cfg, "data.root", default=None)
-    # Two folder datasets are different datasets: the root is part of the identity.
-    # Keyed by the absolute root the run read, so `ds` typed in two folders is two datasets, and
-    # `ds`, `./ds`, `$PWD/ds` in one are one; as typed when the run has no record of its folder.
-    data = f"{data_name}:{recorded_root(path, str(root)) or root}" if root else str(data_name)
-    seed = OmegaConf.select(cfg, "seed", default=None)
-    run = Run(path, str(model), data, None if seed is None else int(seed), _settings(_overrides(path), cfg))
+    try:
+        mapping = isinstance(cfg, DictConfig)
+        model = OmegaConf.select(cfg, "model.name", default=None) if mapping else None
+        data_name = OmegaConf.select(cfg, "data.name", default=None) if mapping else None
+        if model is None or data_name is None:
+            if any((path / name).exists() for name in RUN_FILES):
+                # A run's config, emptied or overwritten (OmegaConf reads an empty file, and CSV
+                # text, as a mapping): as failed as one with a YAML error, not silently left out.
+                problem = (
+                    f"{HYDRA_CONFIG}: no model.name or data.name; expected the config of `skinclf train`"
+                )
+                return Run(path, "?", "?", None, status=FAILED, problem=problem)
+            return None  # another Hydra application's output
+        if OmegaConf.select(cfg, "cv.folds", default=None):
+            return None  # a grid-search point: cross-validated, never tested; see its grid_search.md
+        root = OmegaConf.select(cfg, "data.root", default=None)
+        # Two folder datasets are different datasets: the root is part of the identity.
+        # Keyed by the absolute root the run read, so `ds` typed in two folders is two datasets, and
+        # `ds`, `./ds`, `$PWD/ds` in one are one; as typed when the run has no record of its folder.
+        data = f"{data_name}:{recorded_root(path, str(root)) or root}" if root else str(data_name)
+        seed = OmegaConf.select(cfg, "seed", default=None)
+        # A whole number, as `skinclf train` takes it (3.0 is 3): text such as `abc` is damage.
+        seed = None if seed is None else number_setting(cfg, "seed", int)
+        run = Run(path, str(model), data, seed, _settings(_overrides(path), cfg))
+    except (OmegaConfBaseException, SkinclfError) as err:
+        # As failed as a YAML error: a `${...}` that names no key, a seed that is no number.
+        key = getattr(err, "full_key", "")
+        problem = f"{HYDRA_CONFIG}: {key + ': ' if key else ''}{first_line(err)}"
+        return Run(path, "?", "?", None, status=FAILED, problem=problem)
 
     try:
         run.history = _read_history(path / METRICS)
@@ -293,6 +305,12 @@ def load_run(path: Path) -> Run | None:
             run.test = _read_test_metrics(test_path)
             if run.history is None or run.history.empty:
                 raise ValueError(f"{TEST_METRICS} exists but {METRICS} has no epochs")
+            last = int(run.history["epoch"].iloc[-1])
+            if run.test.get("best_epoch", 0) > last:  # the tested checkpoint is one metrics.csv records
+                raise ValueError(
+                    f"{TEST_METRICS}: best_epoch={run.test['best_epoch']} is after the last epoch of "
+                    f"{METRICS} ({last}); expected one of its epochs"
+                )
             run.status = FINISHED
         else:
             n = 0 if run.history is None else len(run.history)
