@@ -78,6 +78,10 @@ def test_predict_matches_the_runs_own_test_predictions(run_and_images, tmp_path,
     assert "research tool, not a diagnosis" in err
     assert f"note: {SYNTHETIC_MODEL_NOTE}" in err  # the run learned from the built-in data
     assert f"{N_IMAGES} images scored, 2 unreadable -> {out}" in err
+    # The rule printed is the one the CSV follows, to the last digit (a rounded 0.5 was printed
+    # for 0.49998915, beside a MEL call at 0.49999).
+    assert f"MEL when prob_mel >= {threshold!r}, from the run's operating point" in err
+    assert len(repr(threshold)) > 6  # this run's threshold has more digits than 4 significant ones
 
 
 def test_unreadable_files_are_reported_and_the_rest_scored(run_and_images, tmp_path):

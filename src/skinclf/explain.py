@@ -57,7 +57,7 @@ def render(
         ax.set_axis_off()
     fig.colorbar(shown, ax=right, fraction=0.046, pad=0.03)
     call = "MEL" if prob_mel >= threshold else "NV"
-    fig.suptitle(f"{title}\nP(MEL) = {prob_mel:.3f}: {call} at threshold {threshold:.3g}", fontsize=10)
+    fig.suptitle(f"{title}\nP(MEL) = {prob_mel:.3f}: {call} at threshold {float(threshold)!r}", fontsize=10)
     footer = "Research aid, not a diagnosis."
     if synthetic:
         footer += " Model trained on synthetic data, not real lesions."

@@ -153,7 +153,7 @@ def main(args: list[str]) -> None:
     print(
         f"model={run.model_name} ({run.path}): {counted(len(table) - n_bad, 'image')} scored, "
         f"{n_bad} unreadable{where}; "
-        f"MEL when prob_mel >= {threshold:.4g}, from {source}",
+        f"MEL when prob_mel >= {float(threshold)!r}, from {source}",  # exact: the rule the CSV follows
         file=sys.stderr,
     )
     if run.trained_on_synthetic_data:
