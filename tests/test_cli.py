@@ -225,6 +225,19 @@ def test_kill_says_how_to_go_on_as_ctrl_c_does(tmp_path, monkeypatch):
     assert proc.stderr.strip().splitlines()[-1] == f"skinclf train: stopped (SIGTERM){RESUME_HINTS['train']}"
 
 
+def test_a_stop_before_the_run_has_a_folder_gives_no_resume_hint(tmp_path, monkeypatch):
+    from skinclf import train_command
+
+    def interrupted(args):  # Ctrl-C while the command line is still being checked
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_command, "_check_override_keys", interrupted)
+    proc = train_cli(*TINY, cwd=tmp_path, check=False)
+    assert proc.returncode == 130
+    assert proc.stderr.strip() == "skinclf train: stopped (Ctrl-C)"  # nothing to resume
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_a_config_error_in_a_relaunched_sweep_names_no_folder(tmp_path):
     folder = tmp_path / "sweep"
     folder.mkdir()
@@ -526,11 +539,12 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
             "pipeline@model.pipeline=NAME)",
         ),
         (
-            "+pipeline=augmented",
-            "pipeline: not a key of this run's configs (model=baseline, data=synthetic, recipe=paper; "
-            "added by +pipeline=augmented), so nothing would read it; check its spelling, or leave it "
-            "out where the config lacks it (`skinclf train --help` lists the keys; a pipeline goes in "
-            "as pipeline@model.pipeline=NAME)",
+            "+pipeline=augmented",  # Hydra's own hint for pipeline=augmented
+            "+pipeline=augmented: a pipeline goes in model.pipeline; expected pipeline@model.pipeline=augmented",
+        ),
+        (
+            "pipeline=augmented",
+            "pipeline=augmented: a pipeline goes in model.pipeline; expected pipeline@model.pipeline=augmented",
         ),
     ],
 )

@@ -102,14 +102,16 @@ def _dispatch(argv: list[str]) -> None:
         print(f"skinclf {command}: error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        _report_stop(command, "Ctrl-C")
+        _report_stop(command, "Ctrl-C", module)
         sys.exit(EXIT_INTERRUPTED)
     except Terminated as stop:
-        _report_stop(command, signal.Signals(stop.code - 128).name)
+        _report_stop(command, signal.Signals(stop.code - 128).name, module)
         raise
 
 
-def _report_stop(command: str, by: str) -> None:
+def _report_stop(command: str, by: str, module: object) -> None:
     # A stop is the user's own doing (or their scheduler's), not a crash: one line, not a
-    # traceback. Files being written are atomic, so nothing is left half-written.
-    print(f"skinclf {command}: stopped ({by}){RESUME_HINTS.get(command, '')}", file=sys.stderr)
+    # traceback. Files being written are atomic, so nothing is left half-written. The hint only
+    # where there is something to resume (train's ``resumable``: not when stopped before its folder).
+    hint = RESUME_HINTS.get(command, "") if getattr(module, "resumable", None) is not None else ""
+    print(f"skinclf {command}: stopped ({by}){hint}", file=sys.stderr)

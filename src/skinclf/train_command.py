@@ -136,8 +136,14 @@ def _undo_refused_run(out_dir: Path, state: str | None, found: set[str]) -> None
         release_claim(out_dir)
 
 
+# The folder a stopped run or sweep leaves to resume (its `output directory:` line); None when
+# it stopped before it had one, so that the command line does not send the user to resume it.
+resumable: Path | None = None
+
+
 @hydra.main(version_base="1.3", config_path="pkg://skinclf.conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
+    global resumable
     from skinclf.train import run_in_hydra  # torch and the run's code: only now that cfg is composed
 
     hydra_cfg = HydraConfig.get()
@@ -172,6 +178,7 @@ def hydra_main(cfg: DictConfig) -> None:
                     # that holds the log; a timestamped one is otherwise hard to find.
                     if not isinstance(stop, SkinclfError):
                         print(f"output directory: {out_dir}")
+                        resumable = out_dir
                     raise
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
@@ -269,6 +276,10 @@ def _parsed_overrides(args: list[str]) -> Iterator[tuple[str, Override, list | N
         yield arg, override, values
 
 
+# Config groups that are chosen inside another config, not at the top: where each goes.
+NESTED_GROUPS = {"pipeline": "model.pipeline"}
+
+
 def _check_group_choices(args: list[str]) -> None:
     """An unknown config choice (``model=resnt``, ``recipe=moden``, in a sweep too): one line
     naming it and the choices, exit 2, where Hydra prints a multi-line error and exits 1. What
@@ -278,6 +289,12 @@ def _check_group_choices(args: list[str]) -> None:
     for arg, override, values in _parsed_overrides(args):
         group = override.key_or_group
         choices = [] if override.is_delete() else config_choices(group)
+        if group in NESTED_GROUPS and not override.package and not override.is_delete():
+            # Hydra's hint is +pipeline=..., which adds a config nothing reads.
+            place = NESTED_GROUPS[group]
+            raise SkinclfError(
+                f"{arg}: a {group} goes in {place}; expected {group}@{place}={arg.split('=', 1)[1]}"
+            )
         if choices and None in (values or []):  # Hydra's own error: a 25-line traceback
             raise SkinclfError(
                 f"{arg}: expected one of {', '.join(choices)} (leave {group} out for its default)"
@@ -401,6 +418,8 @@ def _dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
 
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
+    global resumable
+    resumable = None
     _check_output_folders(args)
     _check_launcher(args)
     _check_group_choices(args)
@@ -424,6 +443,7 @@ def main(args: list[str]) -> None:
             # Jobs whose launcher ended them before they recorded the stop (submitit_local).
             record_stopped_jobs(SweepSummary.sweep_dir)
             print(f"output directory: {SweepSummary.sweep_dir}")
+            resumable = SweepSummary.sweep_dir
         raise
     if SweepSummary.last is not None and SweepSummary.last.failed:
         sys.exit(1)  # the summary above names the failed jobs; scripts and CI must notice too
