@@ -14,7 +14,7 @@ Prints a table and writes JSON. For each model:
   * train_epoch_skinclf_s  the training pass of skinclf's own loop (`train_one_epoch`, images
                   from the decode cache, batched augmentation) on the same images;
   * epoch_skinclf_s  a whole epoch of `fit` as its metrics.csv clock counts it: that pass plus
-                  validation and the best.pt write (last.pt is written after the clock stops);
+                  validation (the checkpoints are written after the clock stops);
   * pure_steps_s  the same number of training steps on the loop's batches, prepared before
                   the clock starts;
   * overhead      what the loop adds to the pure steps (batching, augmentation, normalisation,

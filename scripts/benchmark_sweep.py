@@ -3,9 +3,9 @@
 Runs ``skinclf train -m experiment=paper`` as a user would (one process, Hydra's basic launcher,
 the paper's settings: batch 64, lr 1e-4, at most 30 epochs, early stopping with patience 10) on
 the built-in synthetic images at the paper's split sizes (6,429 / 1,255 / 1,369), and prints a
-table: per model the epochs run, the seconds its epochs took (training, validation, best.pt; the
+table: per model the epochs run, the seconds its epochs took (training and validation; the
 clock of metrics.csv), seconds per epoch, the job's wall-clock time from its first file to its
-last (adding data loading, vgg16's feature extraction, last.pt writes, test evaluation and
+last (adding data loading, vgg16's feature extraction, checkpoint writes, test evaluation and
 figures) and best validation accuracy; then the whole sweep's wall-clock time, start-up included.
 The images are generated before the clock starts, as a real dataset is decoded once into the
 decode cache.

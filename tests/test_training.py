@@ -3,6 +3,7 @@ epoch, tests the best checkpoint, and is reproducible."""
 
 import json
 import logging
+import time
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from skinclf.data import load_splits
 from skinclf.data.pipeline import DefaultPipeline
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model
+from skinclf.training import loop
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device
 from skinclf.training.loop import METRICS_COLUMNS, EarlyStopping, LoopSettings, evaluate, place_splits
@@ -51,6 +53,20 @@ def test_early_stopping_stops_after_patience_and_tests_the_best_checkpoint(tmp_p
     assert load_checkpoint(out / "last.pt")["epoch"] == 4
     # Epoch 1 wrote one file under both names (a hard link); epoch 2 replaced last.pt's only.
     assert not (out / "best.pt").samefile(out / "last.pt")
+
+
+def test_the_epoch_clock_leaves_out_the_checkpoint_writes(tmp_path, monkeypatch):
+    # metrics.csv's seconds time training and validation: a 3 s checkpoint write (vgg16's 1.3 GB
+    # on a slow disk) must not show in them, whichever of best.pt and last.pt it is.
+    real_save = loop.save_checkpoint
+
+    def slow_save(state, path):
+        time.sleep(3)
+        real_save(state, path)
+
+    monkeypatch.setattr(loop, "save_checkpoint", slow_save)
+    out, _ = train_in_process(tmp_path, *SMALL, "trainer.max_epochs=2", "recipe=modern", "recipe.ema=true")
+    assert (pd.read_csv(out / "metrics.csv")["seconds"] < 3).all()
 
 
 def test_an_improving_epoch_writes_one_checkpoint_for_best_and_last(tmp_path):

@@ -22,6 +22,7 @@ from skinclf.config import compose_config
 from skinclf.data import ImageSplits, Split, load_splits
 from skinclf.data.features import FeatureSplit, extractor_key, training_stage
 from skinclf.data.pipeline import AugmentedPipeline, ImageNetPipeline
+from skinclf.data.splits import content_hash
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model
 from skinclf.models.vgg16 import WEIGHTS, VGG16Transfer, weights_file
@@ -313,5 +314,10 @@ def test_a_sweep_with_a_key_only_vgg16_has_runs_vgg16_and_refuses_it_for_the_oth
     assert status["status"] == "failed" and status["error"].startswith(
         "model.pretrained: not a key of this run's configs (model=baseline, "
     )
+    # A resume compares the images the features came from, not the features: those differ with
+    # the machine (and a deleted feature cache is recomputed on whatever machine resumes).
+    splits = load_splits(compose_config([*small, f"data.cache_dir={tmp_path / 'data'}"]).data)
+    recorded = load_checkpoint(vgg / "last.pt", mmap=True)["data_sha256"]
+    assert recorded == content_hash(splits.train, splits.val)
     for checkpoint in ("best.pt", "last.pt"):  # 1.3 GB: do not keep it in pytest's tmp
         (vgg / checkpoint).unlink()

@@ -24,6 +24,7 @@ from skinclf.config import check_bool, config_choices, data_path, instantiate_co
 from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
+from skinclf.data.splits import content_hash
 from skinclf.data.synthetic import synthetic_settings
 from skinclf.errors import SkinclfError, first_line
 from skinclf.evaluation.metrics import binary_metrics
@@ -185,6 +186,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         extra_state={"config": config, "precision": precision},
         resume=bool(cfg.resume),
         checkpoint_model=model,
+        data_hash=content_hash(splits.train, splits.val),
     )
 
     # The checkpoint with the best validation accuracy is the one that is tested.

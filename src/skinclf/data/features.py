@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from skinclf.data.pipeline import DefaultPipeline
-from skinclf.data.splits import ImageSplits, Split
+from skinclf.data.splits import ImageSplits, Split, hash_tensor
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_torch_save
 from skinclf.training.loop import LoopSettings, forward_batches
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 # Half the memory and disk of fp32; the rounding (~5e-4 relative) is far below what the head can resolve.
 CACHE_DTYPE = torch.float16
-_HASH_CHUNK = 512  # images hashed at a time, to bound the memory of the contiguous copy
 
 
 @runtime_checkable
@@ -103,15 +102,6 @@ class TrainingStage:
     splits: ImageSplits
 
 
-def _hash_tensor(h: Any, t: torch.Tensor) -> None:
-    """Feed a tensor's dtype, shape and values into hash ``h`` (layout-independent, in chunks)."""
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    rows = t.reshape(1, -1) if t.ndim == 0 else t
-    for start in range(0, len(rows), _HASH_CHUNK):
-        part = rows[start : start + _HASH_CHUNK].detach().cpu().contiguous()
-        h.update(part.reshape(-1).view(torch.uint8).numpy().data)
-
-
 def device_numerics(device: torch.device) -> str:
     """What about ``device`` changes an extractor's outputs: its type (CPU and CUDA kernels differ by
     up to ~1e-3 in fp32), and on CUDA whether matmuls and convolutions may round through TF32.
@@ -131,14 +121,14 @@ def extractor_key(
     h = hashlib.sha256(f"v{CACHE_VERSION} {numerics} {type(pipeline).__qualname__}\n{extractor!r}".encode())
     for name, tensor in [*extractor.state_dict().items(), *pipeline.state_dict().items()]:
         h.update(name.encode())
-        _hash_tensor(h, tensor)
+        hash_tensor(h, tensor)
     return h.hexdigest()
 
 
 def split_key(images: torch.Tensor, extractor_digest: str) -> str:
     """A hex digest of one split's images together with the extractor key."""
     h = hashlib.sha256(extractor_digest.encode())
-    _hash_tensor(h, images)
+    hash_tensor(h, images)
     return h.hexdigest()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,16 +71,26 @@ class Split:
         return counts["NV"] / counts["MEL"]
 
 
+# Images hashed at a time: bounds the memory of the contiguous copy of a channels-last split.
+_HASH_CHUNK = 512
+
+
+def hash_tensor(h: Any, t: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and values into hash ``h`` (layout-independent, in chunks)."""
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    rows = t.reshape(1, -1) if t.ndim == 0 else t
+    for start in range(0, len(rows), _HASH_CHUNK):
+        part = rows[start : start + _HASH_CHUNK].detach().cpu().contiguous()
+        h.update(part.reshape(-1).view(torch.uint8).numpy().data)
+
+
 def content_hash(*splits: Split) -> str:
-    """A SHA-256 of the splits' images (or feature maps) and labels, as they are fed to the
-    model: what a resume compares to be sure it goes on with the data the run began on. About
-    0.15 s for the paper's 6,400 training images."""
+    """A SHA-256 of the splits' images and labels: what a resume compares to be sure it goes on
+    with the data the run began on. About 0.2 s for the paper's 6,400 training images."""
     digest = hashlib.sha256()
     for split in splits:
-        for tensor in (split.images, split.labels):
-            if tensor.ndim == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
-                tensor = tensor.permute(0, 2, 3, 1)  # the order it is stored in: no copy
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+        hash_tensor(digest, split.images)
+        hash_tensor(digest, split.labels)
     return digest.hexdigest()
 
 

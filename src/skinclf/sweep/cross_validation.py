@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from skinclf.config import number_setting
 from skinclf.data import ImageSplits, Split, load_splits
+from skinclf.data.splits import content_hash
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_write_json
 from skinclf.run_files import BEST_CHECKPOINT, CV_RESULT, FOLD_RESULT, FOLDS_RECORD, LAST_CHECKPOINT
@@ -136,6 +137,7 @@ def _fit_fold(
         extra_state={"config": config, "fold": fold, "precision": settings.precision},
         resume=bool(cfg.resume),
         checkpoint_model=model,
+        data_hash=content_hash(fold_splits.train, fold_splits.val),
     )
     atomic_write_json(
         {

@@ -278,6 +278,7 @@ def fit(
     extra_state: dict[str, Any] | None = None,
     resume: bool = False,
     checkpoint_model: nn.Module | None = None,
+    data_hash: str | None = None,
 ) -> FitResult:
     """Train with early stopping. Writes metrics.csv, last.pt (every ``checkpoint_every`` epochs
     and after the last) and best.pt into ``out_dir``; with ``resume``, continues exactly from
@@ -285,6 +286,9 @@ def fit(
 
     ``checkpoint_model``: the module whose state dict the checkpoints hold, when ``model`` is only
     its trained part (a head on cached features); it must contain ``model``. Default: ``model``.
+    ``data_hash``: :func:`content_hash` of the images the splits come from, which last.pt records
+    and a resume compares (cached features differ with the machine: hash the images they came
+    from). Default: that of ``train`` and ``val``.
 
     With an EMA of the weights (``recipe.ema``), the averaged weights are the ones validated for
     early stopping, saved in best.pt and so tested; the raw weights' validation loss and accuracy
@@ -293,7 +297,7 @@ def fit(
     """
     extra_state = extra_state or {}
     saved = model if checkpoint_model is None else checkpoint_model
-    data_hash = content_hash(train, val)
+    data_hash = data_hash or content_hash(train, val)
     train, val = place_splits(train, val, device)
     model.to(device)
     if settings.channels_last:
@@ -377,6 +381,7 @@ def fit(
             val_loss, val_acc, _ = evaluate(model, pipeline, val, settings, device)
             _check_finite(val_loss, "validation", epoch)
             is_best = stopper.update(epoch, val_acc)
+            seconds = time.perf_counter() - t0  # training and validation; checkpoint writes not
             if is_best:
                 best = {"model": saved.state_dict(), **common, "val_acc": val_acc}
                 if ema is not None:
@@ -388,7 +393,7 @@ def fit(
             "val_loss": round(val_loss, 6),
             "val_acc": round(val_acc, 6),
             "lr": optimizer.param_groups[0]["lr"],
-            "seconds": round(time.perf_counter() - t0, 3),
+            "seconds": round(seconds, 3),
             **raw_scores,
         }
         history.append(row)
