@@ -25,7 +25,7 @@ from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS
 from skinclf.report.runs import find_runs
 from skinclf.summary import model_names
-from skinclf.train_command import _check_launcher, _check_override_keys
+from skinclf.train_command import _check_group_choices, _check_launcher, _check_override_keys
 from skinclf.training.loop import METRICS_COLUMNS
 
 from conftest import TINY, run_dir_from_output, train_cli
@@ -540,11 +540,13 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
         ),
         (
             "+pipeline=augmented",  # Hydra's own hint for pipeline=augmented
-            "+pipeline=augmented: a pipeline goes in model.pipeline; expected pipeline@model.pipeline=augmented",
+            "+pipeline=augmented: a pipeline goes in model.pipeline; "
+            "expected pipeline@model.pipeline=augmented",
         ),
         (
             "pipeline=augmented",
-            "pipeline=augmented: a pipeline goes in model.pipeline; expected pipeline@model.pipeline=augmented",
+            "pipeline=augmented: a pipeline goes in model.pipeline; "
+            "expected pipeline@model.pipeline=augmented",
         ),
     ],
 )
@@ -734,6 +736,16 @@ def test_a_key_of_other_configs_names_them(tmp_path):
     ],
 )
 def test_keys_that_the_chosen_configs_have_pass_the_key_check(args):
+    _check_override_keys(args)
+
+
+@pytest.mark.parametrize(
+    "args", [["-cd", "/my/configs", "model=mine"], ["--cfg", "job"], ["--info", "config"]]
+)
+def test_a_hydra_option_with_a_separate_value_passes_the_checks(args):
+    # The value (a word without "=") is no override: Hydra's argument parser takes it.
+    _check_launcher(args)
+    _check_group_choices(args)
     _check_override_keys(args)
 
 

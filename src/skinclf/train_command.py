@@ -138,12 +138,12 @@ def _undo_refused_run(out_dir: Path, state: str | None, found: set[str]) -> None
 
 # The folder a stopped run or sweep leaves to resume (its `output directory:` line); None when
 # it stopped before it had one, so that the command line does not send the user to resume it.
-resumable: Path | None = None
+resume_folder: Path | None = None
 
 
 @hydra.main(version_base="1.3", config_path="pkg://skinclf.conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
-    global resumable
+    global resume_folder
     from skinclf.train import run_in_hydra  # torch and the run's code: only now that cfg is composed
 
     hydra_cfg = HydraConfig.get()
@@ -178,7 +178,7 @@ def hydra_main(cfg: DictConfig) -> None:
                     # that holds the log; a timestamped one is otherwise hard to find.
                     if not isinstance(stop, SkinclfError):
                         print(f"output directory: {out_dir}")
-                        resumable = out_dir
+                        resume_folder = out_dir
                     raise
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
@@ -255,7 +255,8 @@ OVERRIDE_GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 def _parsed_overrides(args: list[str]) -> Iterator[tuple[str, Override, list | None]]:
     """(the argument as typed, Hydra's parse of it, its values: several for a sweep, None for one
     that only Hydra expands, such as a glob) for each override; one Hydra's grammar refuses
-    (``data.root=[a``) is one line naming it, where Hydra prints three."""
+    (``data.root=[a``) is one line naming it, where Hydra prints three. A word without ``=`` is
+    left out: the value of an option such as ``-cd DIR``."""
     parser = OverridesParser.create()
     for arg in args:
         if arg.startswith("-"):
@@ -263,6 +264,8 @@ def _parsed_overrides(args: list[str]) -> Iterator[tuple[str, Override, list | N
         try:
             override = parser.parse_overrides([arg])[0]
         except OverrideParseException as err:
+            if "=" not in arg:  # the value of a Hydra option (-cd DIR, --cfg job): Hydra's to read
+                continue
             raise SkinclfError(
                 f"{arg}: {first_line(err).rstrip('.')}; expected Hydra's override grammar (quote a "
                 f"value with brackets, commas or spaces: 'key=\"a,b\"'; {OVERRIDE_GRAMMAR})"
@@ -418,8 +421,8 @@ def _dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
 
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
-    global resumable
-    resumable = None
+    global resume_folder
+    resume_folder = None
     _check_output_folders(args)
     _check_launcher(args)
     _check_group_choices(args)
@@ -443,7 +446,7 @@ def main(args: list[str]) -> None:
             # Jobs whose launcher ended them before they recorded the stop (submitit_local).
             record_stopped_jobs(SweepSummary.sweep_dir)
             print(f"output directory: {SweepSummary.sweep_dir}")
-            resumable = SweepSummary.sweep_dir
+            resume_folder = SweepSummary.sweep_dir
         raise
     if SweepSummary.last is not None and SweepSummary.last.failed:
         sys.exit(1)  # the summary above names the failed jobs; scripts and CI must notice too
