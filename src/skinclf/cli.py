@@ -9,7 +9,7 @@ import sys
 
 from skinclf.arguments import PARSERS
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
-from skinclf.io import NAME_BYTES
+from skinclf.io import FILE_NAME_ERRORS
 
 # command -> (module with a ``main(args: list[str])``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     # File names whose bytes are no UTF-8 (printed paths, predict's CSV on stdout) go out as those
     # bytes, whatever the locale: a strict stdout (en_US.UTF-8) would end in UnicodeEncodeError.
     if isinstance(sys.stdout, io.TextIOWrapper):
-        sys.stdout.reconfigure(errors=NAME_BYTES)
+        sys.stdout.reconfigure(errors=FILE_NAME_ERRORS)
     # `kill`, a scheduler's time limit: stop as Ctrl-C does (only the main thread can set this).
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
@@ -112,6 +112,6 @@ def _dispatch(argv: list[str]) -> None:
 def _report_stop(command: str, by: str, module: object) -> None:
     # A stop is the user's own doing (or their scheduler's), not a crash: one line, not a
     # traceback. Files being written are atomic, so nothing is left half-written. The hint only
-    # where there is something to resume (train's ``resumable``: not when stopped before its folder).
-    hint = RESUME_HINTS.get(command, "") if getattr(module, "resumable", None) is not None else ""
+    # where there is something to resume (train's ``resume_folder``: not when stopped before its folder).
+    hint = RESUME_HINTS.get(command, "") if getattr(module, "resume_folder", None) is not None else ""
     print(f"skinclf {command}: stopped ({by}){hint}", file=sys.stderr)

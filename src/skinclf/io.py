@@ -4,6 +4,7 @@ output folders checked before the work that fills them; and the files under an i
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -20,14 +21,14 @@ if TYPE_CHECKING:
 
 # A file name may hold bytes that are no UTF-8 (Linux allows any), which Python keeps in a str as
 # surrogate escapes and a UTF-8 text file refuses. A CSV file writes them back as they were
-# (errors=NAME_BYTES), so that the name it holds still finds the file; a title shows them escaped.
-NAME_BYTES = "surrogateescape"
+# (errors=FILE_NAME_ERRORS), so that the name it holds still finds the file; a title shows them escaped.
+FILE_NAME_ERRORS = "surrogateescape"
 
 
 def readable(text: str) -> str:
     """``text`` with a file name's bytes that are no UTF-8 shown as ``\\xff``: for titles and
     headers, which matplotlib, Markdown and LaTeX cannot take as bytes."""
-    return text.encode("utf-8", NAME_BYTES).decode("utf-8", "backslashreplace")
+    return text.encode("utf-8", FILE_NAME_ERRORS).decode("utf-8", "backslashreplace")
 
 
 def _default_file_mode() -> int:
@@ -77,6 +78,11 @@ def _save_without_crc32(obj: Any, path: Path) -> None:
         torch.serialization.set_crc32_options(previous)
 
 
+# What os.link raises where a file system has no hard links (FAT, some network shares) or no more
+# of them for a file.
+NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
 def atomic_link(source: Path, path: Path) -> None:
     """Make ``path`` a second name of the file ``source`` (a hard link: no bytes written), or a
     copy of it where the file system has no hard links; atomically, as every write here."""
@@ -85,9 +91,12 @@ def atomic_link(source: Path, path: Path) -> None:
         tmp.unlink()
         try:
             os.link(source, tmp)
-        except OSError:
+        except OSError as err:
+            if err.errno not in NO_HARD_LINKS:  # a full disk or missing folder: no copy would do better
+                raise
             shutil.copyfile(source, tmp)
 
+    # atomic_write's chmod of the new name sets the mode of the shared file: the same one.
     atomic_write(path, link)
 
 

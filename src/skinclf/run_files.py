@@ -18,7 +18,7 @@ HYDRA_SETTINGS = Path(HYDRA_DIR) / "hydra.yaml"
 HYDRA_MULTIRUN = "multirun.yaml"
 TRAIN_LOG = "train.log"
 METRICS = "metrics.csv"  # one row per epoch
-BEST_CHECKPOINT = "best.pt"  # the weights of the best epoch by validation accuracy
+BEST_CHECKPOINT = "best.pt"  # the model (and optimizer) of the best epoch by validation accuracy
 LAST_CHECKPOINT = "last.pt"  # everything a resume needs, rewritten every trainer.checkpoint_every epochs
 PREDICTIONS = "predictions.csv"
 # The run's validation and test curves, its operating point marked.

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from skinclf.errors import SkinclfError, counted, not_a_folder
-from skinclf.io import NAME_BYTES, output_folder
+from skinclf.io import FILE_NAME_ERRORS, output_folder
 from skinclf.report.figures import confusion_figure, curves_figure, roc_figure
 from skinclf.report.groups import group_runs
 from skinclf.report.runs import (
@@ -72,15 +72,15 @@ def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]
 
         with tempfile.TemporaryDirectory(prefix=".report-", dir=out) as staging_dir:
             staging = Path(staging_dir)
-            runs_table(runs).to_csv(staging / "runs.csv", index=False, errors=NAME_BYTES)
-            table.to_csv(staging / "table1.csv", index=False, errors=NAME_BYTES)
+            runs_table(runs).to_csv(staging / "runs.csv", index=False, errors=FILE_NAME_ERRORS)
+            table.to_csv(staging / "table1.csv", index=False, errors=FILE_NAME_ERRORS)
             (staging / "table1.md").write_text(table1_markdown(table, groups))
             (staging / "table1.tex").write_text(table1_latex(table, groups))
             curves = curves_figure(groups)
             curves.savefig(staging / "curves.png", dpi=DPI)
             curves.savefig(staging / "curves.pdf")
             if not confusion.empty:
-                confusion.to_csv(staging / "confusion_matrix.csv", index=False, errors=NAME_BYTES)
+                confusion.to_csv(staging / "confusion_matrix.csv", index=False, errors=FILE_NAME_ERRORS)
                 confusion_figure(confusion).savefig(staging / "confusion_matrix.png", dpi=DPI)
             roc = roc_figure(groups)
             if roc is not None:

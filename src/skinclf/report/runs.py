@@ -305,12 +305,6 @@ def load_run(path: Path) -> Run | None:
             run.test = _read_test_metrics(test_path)
             if run.history is None or run.history.empty:
                 raise ValueError(f"{TEST_METRICS} exists but {METRICS} has no epochs")
-            last = int(run.history["epoch"].iloc[-1])
-            if run.test.get("best_epoch", 0) > last:  # the tested checkpoint is one metrics.csv records
-                raise ValueError(
-                    f"{TEST_METRICS}: best_epoch={run.test['best_epoch']} is after the last epoch of "
-                    f"{METRICS} ({last}); expected one of its epochs"
-                )
             run.status = FINISHED
         else:
             n = 0 if run.history is None else len(run.history)
