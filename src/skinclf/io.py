@@ -105,8 +105,9 @@ def save_figure(fig: Figure, path: Path, dpi: int = 120) -> None:
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
-def atomic_write_text(text: str, path: Path) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+def atomic_write_text(text: str, path: Path, errors: str = "strict") -> None:
+    """``text`` as UTF-8 whatever the locale; ``errors=FILE_NAME_ERRORS`` for text holding file names."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors=errors))
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from skinclf.arguments import DISCLAIMER, SYNTHETIC_MODEL_NOTE, predict_parser
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.errors import SkinclfError, counted
-from skinclf.io import FILE_NAME_ERRORS, atomic_write, files_under, output_folder
+from skinclf.io import FILE_NAME_ERRORS, atomic_write_text, files_under, output_folder
 from skinclf.report.runs import run_file_at
 from skinclf.trained_run import TrainedRun, load_trained_run
 from skinclf.training.progress import progress
@@ -146,7 +146,7 @@ def main(args: list[str]) -> None:
         csv_text = table.to_csv(index=False)
         if out is not None:
             # A file name that is no UTF-8 as its bytes, which find the file again.
-            atomic_write(out, lambda tmp: tmp.write_text(csv_text, errors=FILE_NAME_ERRORS))
+            atomic_write_text(csv_text, out, errors=FILE_NAME_ERRORS)
         else:
             sys.stdout.write(csv_text)
     where = f" -> {out}" if out is not None else ""
