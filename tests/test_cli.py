@@ -534,7 +534,7 @@ def test_a_size_below_one_is_one_clear_error_naming_it(tmp_path, override):
         (
             "+optim.lrr=0.001",
             "optim.lrr: not a key of this run's configs (model=baseline, data=synthetic, recipe=paper; "
-            "added by +optim.lrr=0.001), so nothing would read it; check its spelling, or leave it out "
+            "given as +optim.lrr=0.001), so nothing would read it; check its spelling, or leave it out "
             "where the config lacks it (`skinclf train --help` lists the keys; a pipeline goes in as "
             "pipeline@model.pipeline=NAME)",
         ),

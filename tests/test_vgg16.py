@@ -312,7 +312,8 @@ def test_a_sweep_with_a_key_only_vgg16_has_runs_vgg16_and_refuses_it_for_the_oth
     assert json.loads((vgg / "job_status.json").read_text())["status"] == "done"
     status = json.loads((sweep / ".refused_1_baseline.json").read_text())  # refused before it ran
     assert status["status"] == "failed" and status["error"].startswith(
-        "model.pretrained: not a key of this run's configs (model=baseline, "
+        "model.pretrained: not a key of this run's configs (model=baseline, data=synthetic, "
+        "recipe=paper; given as model.pretrained=False)"
     )
     # A resume compares the images the features came from, not the features: those differ with
     # the machine (and a deleted feature cache is recomputed on whatever machine resumes).

@@ -64,8 +64,11 @@ def check_appended_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
         given = next((o for o in appended if o.lstrip("+").split("=")[0].split("@")[0] == unknown[0]), "")
         choices = HydraConfig.get().runtime.choices
         chosen = ", ".join(f"{g}={choices[g]}" for g in ("model", "data", "recipe") if g in choices)
+        # A plain key that only a sweep's other choices have reached this job as ++key (see
+        # _check_override_keys): named as the user typed it.
+        given = given.removeprefix("++")
         raise SkinclfError(
-            f"{unknown[0]}: not a key of this run's configs ({chosen}; added by "
+            f"{unknown[0]}: not a key of this run's configs ({chosen}; given as "
             f"{given or 'an override with +'}), so nothing would read it; check its spelling, or leave "
             "it out where the config lacks it (`skinclf train --help` lists the keys; a pipeline goes "
             "in as pipeline@model.pipeline=NAME)"
