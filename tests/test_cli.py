@@ -413,6 +413,15 @@ def test_a_model_config_of_the_users_own_lacking_a_key_is_one_clear_error(tmp_pa
     assert not (tmp_path / "outputs").exists()  # nothing half-written
 
 
+def test_a_grid_search_of_a_users_model_without_a_name_fails_its_jobs_in_one_line_each(tmp_path):
+    # The grid's job folders are named after the model: without oc.select, Hydra stopped on the
+    # missing key with a traceback before any job.
+    unnamed = _own_model_config(tmp_path, "partial", BASELINE_CONFIG.replace("name: baseline\n", ""))
+    proc = train_cli("hparams_search=grid", unnamed, "model=partial", *TINY, cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("model=partial: model.name is not set; ") == 9  # each of the 9 points
+
+
 def test_a_key_that_a_shipped_models_constructor_refuses_is_one_line_and_no_run(tmp_path):
     # A key beside a _target_ is let through to the constructor; when the constructor refuses it,
     # the run ended with Hydra's multi-line "Error executing job", exit 1, and a run folder.

@@ -656,12 +656,18 @@ def test_a_sweep_is_not_launched_again_while_a_launch_of_it_trains(tmp_path: Pat
     assert (sweep / "1_baseline" / "test_metrics.json").exists()
 
 
-def test_a_sweep_that_expands_to_no_job_is_an_error_and_leaves_no_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("swept", ["model=glob(zzz*)", "seed=range(0)"])
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "relaunch"])
+def test_a_sweep_that_expands_to_no_job_is_an_error_and_leaves_no_folder(
+    tmp_path: Path, swept: str, existing: bool
+) -> None:
     sweep = tmp_path / "sweep"
-    proc = train_cli("-m", "model=glob(zzz*)", f"hydra.sweep.dir={sweep}", *TINY, cwd=tmp_path, check=False)
+    if existing:  # a re-launch into a sweep's folder read "0 jobs", exit 0
+        (sweep / "0_baseline").mkdir(parents=True)
+    proc = train_cli("-m", swept, f"hydra.sweep.dir={sweep}", *TINY, cwd=tmp_path, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"skinclf train: error: {sweep}: the sweep has no jobs: a swept value expanded to nothing "
-        "(a glob(...) that matches no config, an empty range(...))"
+    assert proc.stderr.strip() == (
+        f"skinclf train: error: {swept}: expands to no value (a glob that matches no config, an "
+        "empty range); expected at least one job"
     )
-    assert not sweep.exists()
+    assert sorted(p.name for p in sweep.iterdir()) == ["0_baseline"] if existing else not sweep.exists()

@@ -21,7 +21,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
+from hydra.core.override_parser.types import Glob, Override
 from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -311,6 +311,21 @@ def _check_group_choices(args: list[str]) -> None:
                 raise SkinclfError(f"{key}={value}: unknown {group}; expected one of {', '.join(choices)}")
 
 
+def _check_sweeps_have_values(args: list[str]) -> None:
+    """A swept value that expands to nothing (``model=glob(zzz*)``, ``seed=range(0)``): one line
+    before Hydra, which would launch no job (and submitit's launchers fail on an empty batch with
+    an AssertionError; a re-launch into the sweep's folder read as a finished sweep of 0 jobs)."""
+    for arg, override, values in _parsed_overrides(args):
+        choices = config_choices(override.key_or_group)
+        if values is None and choices and isinstance(override.value(), Glob):
+            values = override.value().filter(choices)  # what Hydra's glob will expand to
+        if override.is_sweep_override() and values == []:
+            raise SkinclfError(
+                f"{arg}: expands to no value (a glob that matches no config, an empty range); "
+                "expected at least one job"
+            )
+
+
 def _check_override_keys(args: list[str]) -> list[str]:
     """A key that no config has (``trainer.max_epoch=3``, in a sweep too): one line naming it and
     the nearest key, or the choices whose configs have it (``data.root`` under data=synthetic),
@@ -429,6 +444,7 @@ def main(args: list[str]) -> None:
     _check_output_folders(args)
     _check_launcher(args)
     _check_group_choices(args)
+    _check_sweeps_have_values(args)
     forced = _check_override_keys(args)
     sys.argv = ["skinclf train", *(f"++{arg}" if arg in forced else arg for arg in args)]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
