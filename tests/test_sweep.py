@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import pandas as pd
@@ -142,7 +143,9 @@ def test_launcher_configs_compose() -> None:
     gpus = torch.cuda.device_count()
     assert local.n_jobs == resources.default_parallel_jobs(resources.available_cores(), gpus) >= 1
     slurm = compose_config(["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
-    assert "SlurmLauncher" in slurm._target_
+    assert slurm._target_ == "hydra_plugins.skinclf_launcher.SlurmLauncher"  # a killed job fails alone
+    slurm_local = compose_config(["hydra/launcher=slurm_local"], return_hydra_config=True).hydra.launcher
+    assert slurm_local._target_ == "hydra_plugins.skinclf_launcher.SlurmLocalLauncher"
     assert (slurm.gpus_per_node, slurm.timeout_min) == (1, 240)
     assert slurm.max_num_timeout > 0  # requeued jobs resume, so retrying a timeout is safe
 
@@ -418,6 +421,54 @@ def test_submitit_local_sweep_over_three_models_then_report(tmp_path: Path, shar
     )
     assert "3 jobs: 3 done" in proc.stdout
     _check_sweep_and_report(sweep, MODELS, tmp_path)
+
+
+KILLER_MODEL = """
+import os, signal
+from torch import nn
+
+class Killer(nn.Module):  # dies as the out-of-memory killer kills: SIGKILL, nothing recorded
+    def __init__(self, **kwargs):
+        super().__init__()
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_a_slurm_local_job_killed_outright_fails_alone(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hydra's submitit launchers raised the killed job's UncompletedJobError as the launch's own:
+    # a traceback, no summary, the other jobs no longer waited for.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    code, configs = tmp_path / "code", tmp_path / "my_conf" / "model"
+    code.mkdir()
+    configs.mkdir(parents=True)
+    (code / "my_killer.py").write_text(KILLER_MODEL)
+    baseline = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
+    killer = baseline.replace("name: baseline", "name: killer")
+    (configs / "killer.yaml").write_text(
+        killer.replace("skinclf.models.simple_cnn.SimpleCNN", "my_killer.Killer")
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{code}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    sweep = tmp_path / "sweep"
+    proc = train_cli(
+        "-m",
+        "model=killer,baseline",
+        f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
+        *TINY,
+        f"data.cache_dir={shared_data_dir}",
+        "hydra/launcher=slurm_local",
+        "hydra.launcher.timeout_min=20",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "2 jobs: 1 done, 0 skipped (finished before), 1 failed" in proc.stdout
+    failed = json.loads((sweep / SWEEP_SUMMARY).read_text())["failed"]
+    assert [job["dir"] for job in failed] == [str(sweep / "0_killer")]
+    assert "ended without a result (out of memory, scancel, a lost node?" in failed[0]["error"]
 
 
 @pytest.mark.slow

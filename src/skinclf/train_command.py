@@ -450,7 +450,7 @@ def main(args: list[str]) -> None:
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
     SweepSummary.started = SweepSummary.sweep_dir = SweepSummary.last = None
     SweepSummary.created = []
-    skinclf_launcher.register()  # hydra/launcher=local
+    skinclf_launcher.register()  # hydra/launcher=local, slurm, slurm_local
     try:
         hydra_main()
     except BaseException as stop:

@@ -6,4 +6,5 @@
 - ``summary``: the Hydra callback that reports a finished sweep (and removes an unstarted one).
 - ``grid``: the grid search's points ranked by cross-validated accuracy (grid_search.md).
 - ``launcher``: the ``local`` launcher, one process per job (src/hydra_plugins/skinclf_launcher).
+- ``cluster``: the ``slurm`` and ``slurm_local`` launchers: a killed job fails alone.
 """

@@ -144,37 +144,14 @@ class _Jobs:
 
     def _record_lost(self, idx: int, error: BrokenProcessPool) -> None:
         """Record job ``idx``, whose process died without a word (or failed in loky itself), as
-        failed, with the exit code (SIGKILL: the out-of-memory killer?): in its job_status.json,
-        or beside its folder if it died before recording anything. The sweep summary lists it."""
-        num, overrides = self.first_num + idx, list(self.job_overrides[idx])
-        out_dir = self._job_dir(num, overrides)
-        sweep_dir = Path(str(self.launcher.config.hydra.sweep.dir))
-        launch = current_launch(sweep_dir)
+        failed, with the exit code (SIGKILL: the out-of-memory killer?)."""
         codes = re.search(r"exit codes of the workers are \{(.*?)\}", str(error))
         if codes:
             message = f"its process was killed (exit code {codes.group(1)}; out of memory?)"
             message += "; a re-launch resumes it"
         else:
             message = f"its process failed: {first_line(error)}"
-        log.error(f"job #{num}: {message}")
-        info = {"job": num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
-        status = read_status(out_dir)
-        if status.get("launch") != launch:
-            record_refusal(sweep_dir, out_dir, launch, error=message, **info)
-        elif status.get("status") == "running":
-            write_status(out_dir, "failed", launch, error=message, **info)
-
-    def _job_dir(self, num: int, overrides: list[str]) -> Path:
-        """The folder of job ``num``, as Hydra's run_job names it. Its config is Hydra's current one
-        only meanwhile: this process goes on launching, and Hydra's to_absolute_path reads it."""
-        launcher = self.launcher
-        hydra_config = HydraConfig.instance()
-        launching = hydra_config.cfg
-        try:
-            config = job_config(launcher.hydra_context, launcher.config, overrides, num)
-            return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
-        finally:
-            hydra_config.cfg = launching
+        record_lost_job(self.launcher, self.first_num + idx, list(self.job_overrides[idx]), message)
 
     def stop(self) -> None:
         """Stop the running jobs as `kill` stops a run: each records "stopped", and a re-launch
@@ -190,6 +167,34 @@ class _Jobs:
                 # A job that recorded its stop is shut down cleanly (a killed worker leaves loky's
                 # semaphores behind, which Python then warns about at exit); the rest are killed.
                 executor.shutdown(wait=future.done(), kill_workers=not future.done())
+
+
+def record_lost_job(launcher: Any, num: int, overrides: list[str], message: str) -> None:
+    """Record job ``num`` of ``launcher``'s sweep, which ended without a word (killed), as failed
+    with ``message``: in its job_status.json, or beside its folder if it died before recording
+    anything. The sweep summary lists it. (The launcher: this module's, or a submitit one.)"""
+    out_dir = _job_dir(launcher, num, overrides)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    launch = current_launch(sweep_dir)
+    log.error(f"job #{num}: {message}")
+    info = {"job": num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
+    status = read_status(out_dir)
+    if status.get("launch") != launch:
+        record_refusal(sweep_dir, out_dir, launch, error=message, **info)
+    elif status.get("status") == "running":
+        write_status(out_dir, "failed", launch, error=message, **info)
+
+
+def _job_dir(launcher: Any, num: int, overrides: list[str]) -> Path:
+    """The folder of job ``num``, as Hydra's run_job names it. Its config is Hydra's current one
+    only meanwhile: this process goes on launching, and Hydra's to_absolute_path reads it."""
+    hydra_config = HydraConfig.instance()
+    launching = hydra_config.cfg
+    try:
+        config = job_config(launcher.hydra_context, launcher.config, overrides, num)
+        return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+    finally:
+        hydra_config.cfg = launching
 
 
 def _run_job(*arguments: Any) -> JobReturn:
