@@ -451,3 +451,21 @@ def test_negative_seed_is_a_usage_error(tmp_path, capsys):
         prepare_main([str(tmp_path), str(tmp_path / "out"), "--seed", "-1"])
     assert exit_info.value.code == 2
     assert "--seed: '-1': expected a non-negative integer" in capsys.readouterr().err
+
+
+def test_an_empty_out_that_a_failure_interrupts_while_filling_it_is_left_empty(tmp_path, monkeypatch):
+    fake_ham10000(tmp_path / "ham", n_mel=12, n_nv=12, n_other=0)
+    (tmp_path / "out").mkdir()
+    real_replace, calls = os.replace, []
+
+    def replace_then_fail(source, target):  # the disk fills up after the first folder moved in
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr("skinclf.prepare.os.replace", replace_then_fail)
+    with pytest.raises(SkinclfError, match="No space left on device"):
+        prepare_main([str(tmp_path / "ham"), str(tmp_path / "out")])
+    assert list((tmp_path / "out").iterdir()) == []  # not a train/ without its manifest.csv
+    assert calls[-1].name != "manifest.csv"  # which goes in last

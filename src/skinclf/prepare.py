@@ -284,6 +284,7 @@ def prepare(
     # folders above OUT that this makes are removed again when it fails.
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     created = missing_folders(out.parent)
+    moved: list[Path] = []  # into an empty OUT that existed: taken out again if this fails
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         # The folders first: an OUT that cannot be written fails now, not after minutes of decoding.
@@ -300,13 +301,17 @@ def prepare(
         _check_out(out)  # still free after the minutes of writing
         if out.exists():
             # An empty OUT the user made, perhaps the folder they stand in (OUT "."): filled, not
-            # replaced, so that it stays the folder their shell is in.
-            for entry in tmp.iterdir():
+            # replaced, so that it stays the folder their shell is in. manifest.csv last: a folder
+            # that has it is complete.
+            for entry in sorted(tmp.iterdir(), key=lambda entry: entry.name == "manifest.csv"):
                 os.replace(entry, out / entry.name)
+                moved.append(out / entry.name)
         else:
             os.replace(tmp, out)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        for path in moved:  # OUT was empty: as it was
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         remove_empty_folders(created)
         if isinstance(err, OSError):  # unreadable sources are SkinclfErrors already: this is the writing
             # The hidden temporary sibling is skinclf's, not the user's: name the folder it is in.
