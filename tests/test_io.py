@@ -105,3 +105,22 @@ def test_an_unreadable_subfolder_is_an_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(SkinclfError, match=f"{locked}: cannot read the folder \\(Permission denied\\)"):
         files_under(tmp_path / "images")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a file descriptor through /proc")
+def test_records_reach_the_disk_before_they_count_and_checkpoints_skip_it(tmp_path, monkeypatch):
+    # A power loss after the rename must find the new record or the old, never an empty file: the
+    # file is synced before the rename, the folder after. Checkpoints skip it (seconds for 1.3 GB).
+    real_fsync, synced = os.fsync, []
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    atomic_write_json({"status": "running"}, tmp_path / "job_status.json")
+    assert len(synced) == 2 and synced[0].startswith(str(tmp_path / ".job_status.json."))
+    assert synced[1] == str(tmp_path)
+    synced.clear()
+    atomic_torch_save({"w": torch.zeros(3)}, tmp_path / "last.pt")
+    assert synced == []
