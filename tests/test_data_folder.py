@@ -326,3 +326,29 @@ def test_train_cli_bad_root_one_line_exit_2_no_run_left(tmp_path):
     ]
     runs = tmp_path / "outputs" / "runs"
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_copies_of_an_image_in_two_splits_are_named_in_a_warning(tmp_path, caplog):
+    # The same photo under another name in val and in test: scored on images the model saw.
+    root, rng = tmp_path / "ds", np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for label in ("MEL", "NV"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(2):  # every other image unique
+                pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    photo = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(root / "train" / "MEL" / "isic_1.png")
+    Image.fromarray(photo).save(root / "val" / "MEL" / "isic_1_copy.png")
+    Image.fromarray(photo).save(root / "test" / "NV" / "isic_1_again.png")
+    with caplog.at_level(logging.WARNING):
+        load_splits(data_cfg(root, None))
+    warnings = [r.getMessage() for r in caplog.records if "same pixels" in r.getMessage()]
+    assert warnings == [
+        f"val: 1 image(s) with the same pixels as train images (first: {root / 'val/MEL/isic_1_copy.png'} = "
+        f"{root / 'train/MEL/isic_1.png'}); the val scores then count images the model trained on: remove "
+        "the copies from one split",
+        f"test: 1 image(s) with the same pixels as train images (first: {root / 'test/NV/isic_1_again.png'} "
+        f"= {root / 'train/MEL/isic_1.png'}); the test scores then count images the model trained on: "
+        "remove the copies from one split",
+    ]
