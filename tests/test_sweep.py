@@ -707,6 +707,13 @@ def test_a_sweep_is_not_launched_again_while_a_launch_of_it_trains(tmp_path: Pat
     assert (sweep / "1_baseline" / "test_metrics.json").exists()
 
 
+def test_a_glob_over_configs_of_the_users_own_is_left_to_hydra() -> None:
+    # skinclf's configs have no model my_*; the folder added may.
+    train_command._check_sweeps_have_values(["-m", "model=glob(my_*)", "hydra.searchpath=[file:///my/conf]"])
+    with pytest.raises(SkinclfError, match=r"^model=glob\(my_\*\): expands to no value"):
+        train_command._check_sweeps_have_values(["-m", "model=glob(my_*)"])
+
+
 @pytest.mark.parametrize("swept", ["model=glob(zzz*)", "seed=range(0)"])
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "relaunch"])
 def test_a_sweep_that_expands_to_no_job_is_an_error_and_leaves_no_folder(

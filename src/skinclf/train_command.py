@@ -316,7 +316,8 @@ def _check_sweeps_have_values(args: list[str]) -> None:
     before Hydra, which would launch no job (and submitit's launchers fail on an empty batch with
     an AssertionError; a re-launch into the sweep's folder read as a finished sweep of 0 jobs)."""
     for arg, override, values in _parsed_overrides(args):
-        choices = config_choices(override.key_or_group)
+        # Configs of the user's own are Hydra's to know: a glob may match them.
+        choices = [] if adds_config_folders(args) else config_choices(override.key_or_group)
         if values is None and choices and isinstance(override.value(), Glob):
             values = override.value().filter(choices)  # what Hydra's glob will expand to
         if override.is_sweep_override() and values == []:
