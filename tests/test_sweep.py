@@ -423,6 +423,17 @@ def test_submitit_local_sweep_over_three_models_then_report(tmp_path: Path, shar
     _check_sweep_and_report(sweep, MODELS, tmp_path)
 
 
+def test_the_slurm_launchers_change_to_submitit_is_undone_however_the_launch_ends() -> None:
+    submitit = pytest.importorskip("submitit")
+    from skinclf.sweep import cluster
+
+    before = dict(vars(submitit.AutoExecutor))
+    with pytest.raises(KeyboardInterrupt), cluster._lost_jobs_recorded(None, [], 0):
+        assert "map_array" in vars(submitit.AutoExecutor)  # wrapped for this launch
+        raise KeyboardInterrupt  # Ctrl-C while the launch waits for its jobs
+    assert dict(vars(submitit.AutoExecutor)) == before
+
+
 KILLER_MODEL = """
 import os, signal
 from torch import nn

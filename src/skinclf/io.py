@@ -55,20 +55,25 @@ def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = Fals
         # mkstemp creates files readable by their owner only; results are meant to be shared.
         os.chmod(tmp, _default_file_mode())
         if durable:
-            _fsync(tmp)
+            _fsync(tmp, os.O_RDWR)
         os.replace(tmp, path)
-        if durable:
-            _fsync(path.parent)
+        if durable and os.name == "posix":  # the rename, kept in the folder's own entry
+            _fsync(path.parent, os.O_RDONLY)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, mode: int) -> None:
+    """Sync ``path`` where the system can: a file system or platform that cannot (some network or
+    FUSE mounts; a folder that is not readable) keeps the write as it was before, unsynced."""
+    try:
+        fd = os.open(path, mode)
+    except OSError:
+        return
     try:
         os.fsync(fd)
-    except OSError:  # a file system that cannot sync a folder: the file itself was synced
-        if not path.is_dir():
+    except OSError as err:
+        if err.errno not in {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}:
             raise
     finally:
         os.close(fd)

@@ -310,8 +310,8 @@ def prepare(
             os.replace(tmp, out)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        for path in moved:  # OUT was empty: as it was
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for path in moved:  # OUT was empty: as it was (what cannot go stays; the error is the first)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         remove_empty_folders(created)
         if isinstance(err, OSError):  # unreadable sources are SkinclfErrors already: this is the writing
             # The hidden temporary sibling is skinclf's, not the user's: name the folder it is in.

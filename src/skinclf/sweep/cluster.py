@@ -18,7 +18,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurm
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from skinclf.sweep.launcher import record_lost_job
+from skinclf.sweep.jobs import job_dir, read_status, record_lost_job
 
 
 class _RecordsLostJobs:
@@ -42,7 +42,9 @@ def _lost_jobs_recorded(
     # Hydra's launch() builds its executor and reads the jobs' results in one method: submitting
     # is the one step between them that can hand it jobs whose results() record a loss instead of
     # raising. Patched for this launch only.
-    submit = submitit.AutoExecutor.map_array
+    executor_class = submitit.AutoExecutor
+    own = vars(executor_class).get("map_array")  # None: inherited from submitit's Executor
+    submit = executor_class.map_array
 
     def map_array(executor: submitit.AutoExecutor, fn: Any, *iterables: Any) -> list[_Recorded]:
         jobs = submit(executor, fn, *iterables)
@@ -51,11 +53,14 @@ def _lost_jobs_recorded(
             for idx, job in enumerate(jobs)
         ]
 
-    submitit.AutoExecutor.map_array = map_array
+    executor_class.map_array = map_array
     try:
         yield
     finally:
-        submitit.AutoExecutor.map_array = submit
+        if own is None:
+            del executor_class.map_array
+        else:
+            executor_class.map_array = own
 
 
 class _Recorded:
@@ -65,15 +70,20 @@ class _Recorded:
         self.job, self.launcher, self.num, self.overrides = job, launcher, num, overrides
 
     def results(self) -> list[JobReturn]:
+        # COMPLETED where handled: Hydra's sweeper raises a FAILED job's error, ending the sweep.
+        handled = [JobReturn(overrides=self.overrides, status=JobStatus.COMPLETED)]
         try:
             return self.job.results()
-        except (UncompletedJobError, FailedJobError):
-            # A skinclf job never raises (run_sweep_job records its errors): this one was killed,
-            # or stopped by a signal, which it recorded itself (then left as it is).
+        except UncompletedJobError:  # no result at all: the process was killed
             message = (
                 f"its job {self.job.job_id} ended without a result (out of memory, scancel, a lost "
                 f"node? {self.job.paths.stderr} may say); a re-launch resumes it"
             )
             record_lost_job(self.launcher, self.num, self.overrides, message)
-            # COMPLETED: Hydra's sweeper raises a FAILED job's error, ending the sweep.
-            return [JobReturn(overrides=self.overrides, status=JobStatus.COMPLETED)]
+            return handled
+        except FailedJobError:
+            # A skinclf job raises only when stopped by a signal (scancel's SIGTERM), which it
+            # recorded as stopped; any other error (skinclf not importable on the node) is Hydra's.
+            if read_status(job_dir(self.launcher, self.num, self.overrides)).get("status") == "stopped":
+                return handled
+            raise

@@ -21,7 +21,9 @@ def rank_grid(sweep_dir: Path) -> pd.DataFrame:
     for path in sorted(Path(sweep_dir).glob(f"**/{CV_RESULT}"), key=lambda p: job_order(p.parent)):
         result = json.loads(path.read_text())
         overrides_file = path.parent / HYDRA_OVERRIDES
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+        overrides = (
+            yaml.safe_load(overrides_file.read_text(encoding="utf-8")) if overrides_file.exists() else []
+        )
         job = path.parent.relative_to(sweep_dir).as_posix()
         rows.append({"overrides": overrides or [], "dir": job, **result})
     if not rows:

@@ -25,7 +25,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import HydraContext
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from skinclf.config import data_path
 from skinclf.errors import SkinclfError, first_line
@@ -471,3 +473,53 @@ def run_sweep_job(
         return "failed"
     print(f"output directory: {out_dir}")
     return "done"
+
+
+def record_lost_job(launcher: Any, num: int, overrides: list[str], message: str) -> None:
+    """Record job ``num`` of ``launcher``'s sweep, which ended without a word (killed), as failed
+    with ``message``: in its job_status.json, or beside its folder if it died before recording
+    anything. The sweep summary lists it. (The launcher: this module's, or a submitit one.)"""
+    out_dir = job_dir(launcher, num, overrides)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    launch = current_launch(sweep_dir)
+    log.error(f"job #{num}: {message}")
+    info = {"job": num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
+    status = read_status(out_dir)
+    if status.get("launch") != launch:
+        record_refusal(sweep_dir, out_dir, launch, error=message, **info)
+    elif status.get("status") == "running":
+        write_status(out_dir, "failed", launch, error=message, **info)
+
+
+def job_dir(launcher: Any, num: int, overrides: list[str]) -> Path:
+    """The folder of job ``num``, as Hydra's run_job names it. Its config is Hydra's current one
+    only meanwhile: this process goes on launching, and Hydra's to_absolute_path reads it."""
+    hydra_config = HydraConfig.instance()
+    launching = hydra_config.cfg
+    try:
+        config = job_config(launcher.hydra_context, launcher.config, overrides, num)
+        return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+    finally:
+        hydra_config.cfg = launching
+
+
+def job_config(
+    hydra_context: HydraContext,
+    config: DictConfig,
+    overrides: Sequence[str],
+    num: int,
+    n_jobs: int | None = None,
+    slot: int | None = None,
+) -> DictConfig:
+    """The config of sweep job ``num`` (with ``n_jobs`` and ``slot`` as its hydra.launcher.n_jobs
+    and hydra.launcher.slot), made Hydra's current one: ``${hydra:...}`` reads it."""
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
+        sweep_config.hydra.job.num = num
+        if n_jobs is not None:
+            sweep_config.hydra.launcher.n_jobs = n_jobs
+        if slot is not None:  # a key joblib's config schema lacks: added past it
+            OmegaConf.update(sweep_config, "hydra.launcher.slot", slot, force_add=True)
+    HydraConfig.instance().set_config(sweep_config)
+    return sweep_config
