@@ -373,6 +373,22 @@ def test_without_out_the_table_goes_to_standard_output_alone(run_and_images, cap
     assert "not a diagnosis" in err and "not a diagnosis" not in out
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_path_that_exists_but_is_no_file_or_folder_says_so(run_and_images, tmp_path, capsys):
+    run_dir, _, _ = run_and_images
+    pipe, missing = tmp_path / "camera.png", tmp_path / "gone.png"
+    os.mkfifo(pipe)  # reading it would wait for a writer forever
+    for path, what in ((pipe, "not a regular file or folder"), (missing, "no such file or folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            _predict(run_dir, path)
+        assert exit_info.value.code == 2
+        assert (
+            capsys.readouterr()
+            .err.strip()
+            .endswith(f"error: {path}: {what}; expected an image or a folder of images")
+        )
+
+
 @pytest.mark.parametrize("device", ["gpu", "cuda"])
 def test_a_bad_device_is_named_as_the_option_was_typed(device, run_and_images, capsys):
     if device == "cuda" and torch.cuda.is_available():

@@ -35,8 +35,9 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
             files += found
         elif arg.is_file():
             files.append(arg)
-        else:
-            raise SkinclfError(f"{arg}: no such file or folder; expected an image or a folder of images")
+        else:  # a named pipe or device exists, but is no image file either
+            what = "not a regular file or folder" if arg.exists() else "no such file or folder"
+            raise SkinclfError(f"{arg}: {what}; expected an image or a folder of images")
     return files
 
 
