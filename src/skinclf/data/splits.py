@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, replace
@@ -63,6 +64,12 @@ class Split:
         n_mel = int(self.labels.sum().item())
         return {"NV": len(self) - n_mel, "MEL": n_mel}
 
+    @functools.cached_property
+    def image_digests(self) -> list[bytes]:
+        """One SHA-256 per image (see :func:`image_digests`), computed once: the resume check
+        (:func:`content_hash`) and folder data's copy check both read them."""
+        return image_digests(self.images)
+
     def pos_weight(self) -> float:
         """NV / MEL count: the BCE weight of MEL examples that makes both classes weigh the same."""
         counts = self.class_counts()
@@ -84,12 +91,25 @@ def hash_tensor(h: Any, t: torch.Tensor) -> None:
         h.update(part.reshape(-1).view(torch.uint8).numpy().data)
 
 
+def image_digests(images: torch.Tensor) -> list[bytes]:
+    """The SHA-256 of each image's values (or feature map's), in (H, W, C) order whatever the
+    memory layout: about 0.2 s for the paper's 9,000 images."""
+    hwc = images.detach().permute(0, 2, 3, 1) if images.ndim == 4 else images.detach()
+    digests = []
+    for start in range(0, len(hwc), _HASH_CHUNK):
+        part = hwc[start : start + _HASH_CHUNK].cpu().contiguous()  # channels-last: no copy
+        rows = part.reshape(len(part), -1).view(torch.uint8).numpy()
+        digests += [hashlib.sha256(row.data).digest() for row in rows]
+    return digests
+
+
 def content_hash(*splits: Split) -> str:
     """A SHA-256 of the splits' images and labels: what a resume compares to be sure it goes on
-    with the data the run began on. About 0.2 s for the paper's 6,400 training images."""
+    with the data the run began on."""
     digest = hashlib.sha256()
     for split in splits:
-        hash_tensor(digest, split.images)
+        digest.update(f"{split.images.dtype}{tuple(split.images.shape)}".encode())
+        digest.update(b"".join(split.image_digests))
         hash_tensor(digest, split.labels)
     return digest.hexdigest()
 
