@@ -1,5 +1,6 @@
 """User-facing errors (one clear line, a non-zero exit, no traceback wall) and message wording."""
 
+import sys
 from pathlib import Path
 
 
@@ -12,6 +13,13 @@ class SkinclfError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+def exit_with_error(command: str, message: str) -> None:
+    """The CLI's one ``error:`` line and exit code, from where an exception would not reach the
+    CLI as one (inside Hydra's callbacks and launchers, which print their own traceback)."""
+    print(f"skinclf {command}: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 
 
 def first_line(err: BaseException) -> str:

@@ -260,26 +260,31 @@ def _parsed_overrides(args: list[str]) -> Iterator[tuple[str, Override, list | N
     that only Hydra expands, such as a glob) for each override; one Hydra's grammar refuses
     (``data.root=[a``) is one line naming it, where Hydra prints three. A word without ``=`` is
     left out: the value of an option such as ``-cd DIR``."""
-    parser = OverridesParser.create()
     for arg in args:
-        if arg.startswith("-"):
-            continue
-        try:
-            override = parser.parse_overrides([arg])[0]
-        except OverrideParseException as err:
-            if "=" not in arg:  # the value of a Hydra option (-cd DIR, --cfg job): Hydra's to read
-                continue
-            raise SkinclfError(
-                f"{arg}: {first_line(err).rstrip('.')}; expected Hydra's override grammar (quote a "
-                f"value with brackets, commas or spaces: 'key=\"a,b\"'; {OVERRIDE_GRAMMAR})"
-            ) from err
-        try:
-            values = (
-                list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
-            )
-        except Exception:  # noqa: BLE001 - glob(...) and the like
-            values = None
-        yield arg, override, values
+        parsed = None if arg.startswith("-") else _parse_override(arg)
+        if parsed is not None:
+            yield arg, *parsed
+
+
+@functools.cache
+def _parse_override(arg: str) -> tuple[Override, list | None] | None:
+    """:func:`_parsed_overrides` for one argument, parsed once for all the checks that read it."""
+    try:
+        override = OverridesParser.create().parse_overrides([arg])[0]
+    except OverrideParseException as err:
+        if "=" not in arg:  # the value of a Hydra option (-cd DIR, --cfg job): Hydra's to read
+            return None
+        raise SkinclfError(
+            f"{arg}: {first_line(err).rstrip('.')}; expected Hydra's override grammar (quote a "
+            f"value with brackets, commas or spaces: 'key=\"a,b\"'; {OVERRIDE_GRAMMAR})"
+        ) from err
+    try:
+        values = (
+            list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        )
+    except Exception:  # noqa: BLE001 - glob(...) and the like
+        values = None
+    return override, values
 
 
 # Config groups that are chosen inside another config, not at the top: where each goes.

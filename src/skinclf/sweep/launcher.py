@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import signal
-import sys
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
@@ -41,7 +40,7 @@ from joblib.externals.loky import ProcessPoolExecutor
 from joblib.externals.loky.process_executor import BrokenProcessPool
 from omegaconf import DictConfig
 
-from skinclf.errors import EXIT_USER_ERROR, SkinclfError, first_line
+from skinclf.errors import SkinclfError, exit_with_error, first_line
 from skinclf.sweep import resources
 from skinclf.sweep.jobs import job_config, record_lost_job
 
@@ -58,8 +57,7 @@ class LocalLauncher(JoblibLauncher):
         try:
             at_once = resources.concurrent_jobs(self.joblib, resources.available_cores())
         except SkinclfError as err:  # Hydra would print its traceback; before any job, as a run's
-            print(f"skinclf train: error: {err}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+            exit_with_error("train", str(err))
         at_once = min(at_once, len(job_overrides))
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from skinclf.errors import EXIT_USER_ERROR
+from skinclf.errors import exit_with_error
 from skinclf.io import atomic_write_json, missing_folders, remove_empty_folders
 from skinclf.run_files import GRID_MD, HYDRA_MULTIRUN, TRAIN_LOG
 from skinclf.sweep.jobs import (
@@ -114,13 +113,6 @@ def remove_unstarted(folder: Path | None, created: Sequence[Path] = ()) -> None:
         remove_empty_folders(created)
 
 
-def _exit_with_error(message: str) -> None:
-    """The CLI's one error line and exit code, from inside a Hydra callback: an exception raised
-    there would reach the console as Hydra's stack trace."""
-    print(f"skinclf train: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
-
-
 class SweepSummary(Callback):
     """Hydra callback: tags each launch, then prints (and writes sweep_summary.json) what its
     jobs did, and ranks grid-search points. ``last`` keeps the summary for the exit code."""
@@ -150,11 +142,12 @@ class SweepSummary(Callback):
         busy = job_in_training(sweep_dir) if sweep_dir.is_dir() else None
         if busy is not None:
             # Its launch tag and summary would be overwritten, and its jobs refused or raced for.
-            _exit_with_error(
+            exit_with_error(
+                "train",
                 f"{sweep_dir}: job {busy[0].name} is being trained now by process {busy[1]} on this "
                 "machine (another launch of this sweep); wait for that launch to end, then launch again "
                 "to continue the sweep (if that process is not skinclf, its id reused after a crash, "
-                f"delete {busy[0] / STATUS_FILE})"
+                f"delete {busy[0] / STATUS_FILE})",
             )
         SweepSummary.created = missing_folders(sweep_dir.parent)
         SweepSummary.started = None if sweep_dir.exists() else sweep_dir
@@ -174,11 +167,13 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = collect_jobs(sweep_dir, self.launch)
         if jobs.total == 0 and not any(p.is_dir() for p in sweep_dir.iterdir()):
-            # A sweep value that expanded to nothing ran no job; a summary of "0 jobs" and exit 0
-            # would read as success. main() then removes the folder this launch made.
-            _exit_with_error(
+            # A sweep value that expanded to nothing ran no job (caught before Hydra, but for a
+            # glob over configs of the user's own); a summary of "0 jobs" and exit 0 would read
+            # as success. main() then removes the folder this launch made.
+            exit_with_error(
+                "train",
                 f"{sweep_dir}: the sweep has no jobs: a swept value expanded to nothing (a glob(...) "
-                "that matches no config, an empty range(...))"
+                "that matches no config, an empty range(...))",
             )
         SweepSummary.last = jobs
         atomic_write_json(
