@@ -113,6 +113,8 @@ class Run:
     # Why its predictions.csv cannot be read (see check_test_predictions): the run then counts
     # everywhere but in the ROC figure, whose curve is the only thing read from that file.
     predictions_problem: str = ""
+    # The test rows once read: check_test_predictions reads them, the ROC figure uses them.
+    _test_predictions: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
     def best_epoch(self) -> int | None:
@@ -130,7 +132,12 @@ class Run:
         """The test rows of predictions.csv (``label``, ``prob_mel``), which a tested run writes.
 
         A damaged or missing file raises ValueError with a message that begins with the file's
-        name, as one of metrics.csv does (see :func:`check_test_predictions`)."""
+        name, as one of metrics.csv does (see :func:`check_test_predictions`). Read once."""
+        if self._test_predictions is None:
+            self._test_predictions = self._read_test_predictions()
+        return self._test_predictions
+
+    def _read_test_predictions(self) -> pd.DataFrame:
         path = self.path / PREDICTIONS
         if not path.is_file():  # removed, or a copy without it
             raise ValueError(f"{PREDICTIONS} missing; expected the file a tested run writes")
