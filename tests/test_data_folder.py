@@ -177,6 +177,10 @@ def _truncate(path: Path) -> Path:
     ("breaker", "expected"),
     [
         (lambda r: (r.rename(r.with_name("gone")), r)[1], "no such folder"),
+        (
+            lambda r: (r.rename(r.with_name("moved")), r.symlink_to(r.with_name("moved_away")), r)[2],
+            "is a symlink to nothing (",
+        ),
         (lambda r: (os.rename(r / "val", r / "valid"), r / "val")[1], "missing split folder"),
         (
             lambda r: (os.rename(r / "train" / "NV", r / "train" / "benign"), r / "train" / "benign")[1],
@@ -214,10 +218,10 @@ def _truncate(path: Path) -> Path:
             lambda r: write_image(r / "train" / "MEL" / "more" / "nv" / "n9.jpg", BLUE).parent,
             "a class folder inside the class folder MEL; expected it beside MEL",
         ),
-        (lambda r: ((r / "test").write_text("x"), r / "test")[1], "test: a file; expected ROOT/"),
+        (lambda r: ((r / "test").write_text("x"), r / "test")[1], "test: is a file; expected ROOT/"),
         (
             lambda r: ((r / "test").symlink_to(r / "gone"), r / "test")[1],
-            f"test: a symlink to nothing ({os.sep}",
+            f"test: is a symlink to nothing ({os.sep}",
         ),
         (
             lambda r: (
@@ -225,7 +229,7 @@ def _truncate(path: Path) -> Path:
                 (r / "val" / "NV").symlink_to("gone"),
                 r / "val" / "NV",
             )[2],
-            "NV: a symlink to nothing (gone); expected a class folder",
+            "NV: is a symlink to nothing (gone); expected a class folder",
         ),
         (
             lambda r: (
@@ -238,6 +242,7 @@ def _truncate(path: Path) -> Path:
     ],
     ids=[
         "missing-root",
+        "root-dangling-symlink",
         "missing-split",
         "misnamed-class",
         "missing-class",

@@ -1,5 +1,6 @@
 """User-facing errors (one clear line, a non-zero exit, no traceback wall) and message wording."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,12 @@ def counted(n: int, noun: str) -> str:
 
 def not_a_folder(path: Path) -> str:
     """What is wrong with ``path`` where a folder was expected and ``path`` is none: "is a file"
-    when something is there (a file given for its folder), "no such folder" only when nothing is,
-    so that the user does not go looking for a typo in a path that exists."""
-    return "is a file" if Path(path).exists() else "no such folder"
+    when something is there (a file given for its folder), "is a symlink to nothing (TARGET)"
+    for a dangling link, and "no such folder" only when nothing is, so that the user does not go
+    looking for a typo in a path that exists."""
+    path = Path(path)
+    if path.exists():
+        return "is a file"
+    if path.is_symlink():
+        return f"is a symlink to nothing ({os.readlink(path)})"
+    return "no such folder"

@@ -24,7 +24,7 @@ from skinclf.config import data_path
 from skinclf.data.decode_cache import load_or_decode, store
 from skinclf.data.images import IMAGE_SIZE
 from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split
-from skinclf.errors import SkinclfError, first_line
+from skinclf.errors import SkinclfError, first_line, not_a_folder
 from skinclf.io import files_under
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,6 @@ def _by_lower_name(parent: Path, entries: list[Path]) -> dict[str, Path]:
             raise SkinclfError(f"{parent}: both {found[key].name!r} and {entry.name!r}; expected one of them")
         found[key] = entry
     return found
-
-
-def _not_a_folder(entry: Path) -> str:
-    """What ``entry`` is instead of a folder, for a message."""
-    if entry.is_symlink() and not entry.exists():
-        return f"a symlink to nothing ({os.readlink(entry)})"
-    return "a file"
 
 
 def _class_files(class_dir: Path) -> list[Path]:
@@ -81,7 +74,7 @@ def _split_files(split_dir: Path) -> tuple[list[Path], list[float]]:
     for entry in entries:
         if not entry.is_dir():
             if entry.name.lower() in CLASS_FOLDERS:
-                raise SkinclfError(f"{entry}: {_not_a_folder(entry)}; expected a class folder of images")
+                raise SkinclfError(f"{entry}: {not_a_folder(entry)}; expected a class folder of images")
             raise SkinclfError(
                 f"{entry}: file outside a class folder; expected it under {split_dir}/MEL or NV"
             )
@@ -107,10 +100,8 @@ def _split_files(split_dir: Path) -> tuple[list[Path], list[float]]:
 
 def find_images(root: Path) -> dict[str, tuple[list[Path], list[float]]]:
     """The image files and labels (MEL = 1) of each split present under ``root``; checks the layout."""
-    if not root.exists():
-        raise SkinclfError(f"data.root={root}: no such folder; expected {LAYOUT}")
     if not root.is_dir():
-        raise SkinclfError(f"data.root={root}: is a file; expected a folder {LAYOUT}")
+        raise SkinclfError(f"data.root={root}: {not_a_folder(root)}; expected {LAYOUT}")
     splits = _by_lower_name(root, [p for p in _visible(root) if p.name.lower() in SPLIT_NAMES])
     found = {}
     for name in SPLIT_NAMES:
@@ -119,7 +110,7 @@ def find_images(root: Path) -> dict[str, tuple[list[Path], list[float]]]:
                 continue
             raise SkinclfError(f"{root / name}: missing split folder; expected {LAYOUT}")
         if not splits[name].is_dir():  # a test that is not a folder is a mistake, not "no test"
-            raise SkinclfError(f"{splits[name]}: {_not_a_folder(splits[name])}; expected {LAYOUT}")
+            raise SkinclfError(f"{splits[name]}: {not_a_folder(splits[name])}; expected {LAYOUT}")
         found[name] = _split_files(splits[name])
     _check_each_image_once(found)
     return found
