@@ -291,6 +291,30 @@ def test_a_folder_another_process_is_training_in_is_refused_until_it_ends(tmp_pa
     assert (run_dir / "test_metrics.json").exists() and "resuming" in resumed.stdout + resumed.stderr
 
 
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_a_folder_locked_by_a_process_that_has_not_yet_recorded_itself_is_refused(tmp_path: Path) -> None:
+    # Two resumes started in the same instant: the first holds the folder's lock before its
+    # job_status.json says running, so the status check alone would let the second in.
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    train_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.progress=never", cwd=tmp_path)
+    (run_dir / "test_metrics.json").unlink()  # unfinished: resumable
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        refused = train_cli(*TINY, f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path, check=False)
+        assert refused.returncode == 2
+        assert f"{run_dir}: is being trained now by another process on this machine" in refused.stderr
+        after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        assert after == before
+    finally:
+        os.close(fd)
+    resumed = train_cli(*TINY, f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)
+    assert (run_dir / "test_metrics.json").exists() and "resuming" in resumed.stdout + resumed.stderr
+
+
 def test_a_resume_refused_for_a_bad_setting_leaves_an_unfinished_folder_as_it_was(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     train_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.progress=never", cwd=tmp_path)

@@ -26,6 +26,7 @@ from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS
 from skinclf.sweep import resources
 from skinclf.sweep.jobs import (
+    RUN_CONFIG,
     STATUS_FILE,
     read_status,
     record_stopped_jobs,
@@ -155,6 +156,31 @@ def _job(tmp_path: Path, sweep: Path, num: int, task, *overrides: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     cfg = compose_config([f"data.cache_dir={tmp_path / 'data'}", *overrides])
     return run_sweep_job(cfg, out, task, num, sweep, list(overrides))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_a_sweep_job_whose_folder_another_process_holds_is_refused_not_run(tmp_path: Path, capsys) -> None:
+    import fcntl
+
+    sweep = tmp_path / "sweep"
+    start_launch(sweep)
+    calls: list[int] = []
+
+    def finishing(cfg, out_dir):
+        calls.append(int(cfg.seed))
+        (out_dir / "test_metrics.json").write_text("{}")
+
+    (sweep / "0_job").mkdir()
+    fd = os.open(sweep / "0_job", os.O_RDONLY)  # another launch's job, not yet recorded as running
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert _job(tmp_path, sweep, 0, finishing, "seed=0") == "failed"
+        assert calls == []
+        assert "job 0 failed: " in capsys.readouterr().err
+        assert not (sweep / "0_job" / RUN_CONFIG).exists()  # not claimed: its holder's to write
+    finally:
+        os.close(fd)
+    assert _job(tmp_path, sweep, 0, finishing, "seed=0") == "done" and calls == [0]
 
 
 def test_sweep_jobs_skip_finished_resume_unfinished_and_record_failures(tmp_path: Path, capsys) -> None:

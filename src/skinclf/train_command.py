@@ -38,6 +38,7 @@ from skinclf.sweep.jobs import (
     record_stopped_jobs,
     recorded_status,
     release_claim,
+    run_dir_lock,
     run_sweep_job,
 )
 from skinclf.sweep.resources import N_JOBS_ZERO
@@ -161,28 +162,30 @@ def hydra_main(cfg: DictConfig) -> None:
     state = None
     found = {p.name for p in out_dir.iterdir()}  # what a refusal must leave (Hydra made out_dir)
     try:
-        state = _claim(out_dir, cfg, overrides, single_run=True)
-        if state == "finished":
-            # As a sweep skips its finished jobs: retraining over the results would leave the
-            # old test_metrics.json until the end, so an interrupted retrain would read as finished.
-            print(
-                f"{out_dir}: holds a finished run of this config; nothing to do "
-                "(a new hydra.run.dir trains it again)"
-            )
-        else:
-            # A crash is then listed by `skinclf report` as failed with its error, not as
-            # unfinished; Ctrl-C or `kill` as stopped, resumable with resume=true. A refused
-            # folder is left alone.
-            with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):
-                try:
-                    run_in_hydra(cfg, out_dir)
-                except BaseException as stop:
-                    # Stopped (Ctrl-C, kill) or crashed: the folder that resume=true needs, or
-                    # that holds the log; a timestamped one is otherwise hard to find.
-                    if not isinstance(stop, SkinclfError):
-                        print(f"output directory: {out_dir}")
-                        resume_folder = out_dir
-                    raise
+        with run_dir_lock(out_dir):
+            state = _claim(out_dir, cfg, overrides, single_run=True)
+            if state == "finished":
+                # As a sweep skips its finished jobs: retraining over the results would leave the
+                # old test_metrics.json until the end, so an interrupted retrain would read as
+                # finished.
+                print(
+                    f"{out_dir}: holds a finished run of this config; nothing to do "
+                    "(a new hydra.run.dir trains it again)"
+                )
+            else:
+                # A crash is then listed by `skinclf report` as failed with its error, not as
+                # unfinished; Ctrl-C or `kill` as stopped, resumable with resume=true. A refused
+                # folder is left alone.
+                with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):
+                    try:
+                        run_in_hydra(cfg, out_dir)
+                    except BaseException as stop:
+                        # Stopped (Ctrl-C, kill) or crashed: the folder that resume=true needs, or
+                        # that holds the log; a timestamped one is otherwise hard to find.
+                        if not isinstance(stop, SkinclfError):
+                            print(f"output directory: {out_dir}")
+                            resume_folder = out_dir
+                        raise
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
         _undo_refused_run(out_dir, state, found)

@@ -278,6 +278,41 @@ def refused_job_dir(sweep_dir: Path, record: Path) -> Path:
 
 
 @contextlib.contextmanager
+def run_dir_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir`` for this process while it claims and trains in it; raise SkinclfError if
+    another process holds it.
+
+    The job_status.json check (:func:`trained_now`) has a gap: two processes started in the same
+    instant (two resume=true, a sweep launched twice) both read the status before either writes
+    "running". An OS lock (``flock`` on the folder) closes it, and the kernel releases it however
+    the process ends. Where there is none to take (Windows, some network file systems), the status
+    check works alone, as before."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise SkinclfError(
+                f"{out_dir}: is being trained now by another process on this machine (it holds the "
+                "folder's lock); wait for it to end, or use a new hydra.run.dir / hydra.sweep.dir"
+            ) from err
+        except OSError:  # a file system without flock (NFS may refuse it on a folder): status only
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def recorded_status(out_dir: Path, launch: str | None, **info: Any) -> Iterator[None]:
     """Record the work inside as running, then done, failed (with the error's first line) or
     stopped (Ctrl-C, or SIGTERM as the CLI raises it: resumable). Errors are re-raised.
@@ -444,17 +479,18 @@ def run_sweep_job(
     recorded = False
     state = None
     try:
-        state = claim(out_dir, cfg, overrides)
-        if state == "finished":
-            log.info(f"job {job_num}: already finished in {out_dir}, skipped")
-            write_status(out_dir, "skipped", launch, **info)
-            return "skipped"
-        # A re-launch continues an interrupted job from its last checkpointed epoch.
-        cfg.resume = bool(cfg.resume) or state == "unfinished"
-        recorded = True
-        # Ctrl-C or `kill` is recorded as stopped and stops the sweep; a re-launch resumes it.
-        with recorded_status(out_dir, launch, **info):
-            task(cfg, out_dir)
+        with run_dir_lock(out_dir):
+            state = claim(out_dir, cfg, overrides)
+            if state == "finished":
+                log.info(f"job {job_num}: already finished in {out_dir}, skipped")
+                write_status(out_dir, "skipped", launch, **info)
+                return "skipped"
+            # A re-launch continues an interrupted job from its last checkpointed epoch.
+            cfg.resume = bool(cfg.resume) or state == "unfinished"
+            recorded = True
+            # Ctrl-C or `kill` is recorded as stopped and stops the sweep; a re-launch resumes it.
+            with recorded_status(out_dir, launch, **info):
+                task(cfg, out_dir)
     except Exception as err:  # noqa: BLE001 - any failure of one job must not stop the sweep
         message = first_line(err)
         if isinstance(err, SkinclfError):
