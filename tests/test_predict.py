@@ -361,6 +361,33 @@ def test_a_run_from_an_older_skinclf_still_predicts(run_and_images, tmp_path):
     assert (older["prediction"] == new["prediction"]).all()
 
 
+def test_a_best_pt_copied_in_from_another_run_is_refused(run_and_images, tmp_path, capsys):
+    # Another seed's (or model's) best.pt in this folder would be scored with this run's
+    # threshold and named after this run, without a word.
+    run_dir, folder, _ = run_and_images
+    mixed = tmp_path / "mixed_run"
+    shutil.copytree(run_dir, mixed)
+    state = torch.load(mixed / "best.pt", weights_only=True)
+    # The run's record, as `skinclf train` writes it (this in-process run has none).
+    (mixed / "run_config.json").write_text(json.dumps(state["config"]))
+    _predict(mixed, folder / "test_000.png")  # its own checkpoint: scored
+    state["config"]["seed"] += 1
+    state["config"]["optim"]["lr"] *= 10
+    state["config"]["device"] = "cuda"  # a setting a resume may change: no difference
+    torch.save(state, mixed / "best.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(mixed, folder / "test_000.png")
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"{mixed / 'best.pt'}: is not this run's checkpoint: its config differs from the folder's "
+            "run_config.json in optim.lr, seed; expected the best.pt the run wrote"
+        )
+    )
+
+
 def test_without_out_the_table_goes_to_standard_output_alone(run_and_images, capsys):
     # `skinclf predict RUN img > table.csv` must give a clean CSV: the reminder and the summary
     # go to standard error.

@@ -19,6 +19,7 @@ from skinclf.config import instantiate_config
 from skinclf.errors import SkinclfError, first_line, not_a_folder
 from skinclf.models import build_model, check_model_config
 from skinclf.run_files import BEST_CHECKPOINT, HYDRA_MULTIRUN, TEST_METRICS
+from skinclf.sweep.jobs import RUN_CONFIG, differences_from_record
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import LoopSettings, predict_logits
@@ -150,6 +151,14 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     for key in ("model", "pipeline", "config"):
         if key not in state:
             raise SkinclfError(f"{run_dir / BEST_CHECKPOINT}: checkpoint has no {key!r} entry")
+    # A best.pt copied in from another run would be used with this run's threshold and named
+    # after this folder, without a word.
+    foreign = differences_from_record(run_dir, state["config"])
+    if foreign:
+        raise SkinclfError(
+            f"{run_dir / BEST_CHECKPOINT}: is not this run's checkpoint: its config differs from the "
+            f"folder's {RUN_CONFIG} in {', '.join(foreign[:5])}; expected the best.pt the run wrote"
+        )
     # The checkpoint's config is the resolved one the model was built from (.hydra/ holds
     # interpolations, and in-process runs have no .hydra/ at all).
     cfg = OmegaConf.create(state["config"])

@@ -167,6 +167,23 @@ def claim_run_dir(
     return "new"
 
 
+def differences_from_record(run_dir: Path, config: dict[str, Any]) -> list[str]:
+    """The keys (dotted) whose values in ``config`` (a checkpoint's resolved config) differ from
+    the record of the run in ``run_dir`` (its run_config.json): those of the keys both hold,
+    other than the ones a resume may change and ``data.root`` (recorded absolute, possibly typed
+    relative in the checkpoint). Empty when the folder has no readable record (an early run)."""
+    try:
+        stored = json.loads((Path(run_dir) / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return []
+    ignored = (*VOLATILE_KEYS, "data.root")
+    return [
+        key
+        for key in _differences(stored, config)
+        if key not in ignored and _has_key(stored, key) and _has_key(config, key)
+    ]
+
+
 def _resolve_stored_root(stored: dict[str, Any], out_dir: Path) -> None:
     """A run_config.json from before roots were stored absolute holds ``data.root`` as typed:
     resolve it as the run did (see :func:`recorded_root`); without a record it stays as typed."""
