@@ -25,7 +25,12 @@ from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS
 from skinclf.report.runs import find_runs
 from skinclf.summary import model_names
-from skinclf.train_command import _check_group_choices, _check_launcher, _check_override_keys
+from skinclf.train_command import (
+    _check_group_choices,
+    _check_launcher,
+    _check_override_keys,
+    _check_sweeps_are_launched_as_sweeps,
+)
 from skinclf.training.loop import METRICS_COLUMNS
 
 from conftest import TINY, run_dir_from_output, train_cli
@@ -749,13 +754,22 @@ def test_keys_that_the_chosen_configs_have_pass_the_key_check(args):
 
 
 @pytest.mark.parametrize(
-    "args", [["-cd", "/my/configs", "model=mine"], ["--cfg", "job"], ["--info", "config"]]
+    "args",
+    [
+        ["-cd", "/my/configs", "model=mine"],
+        ["--cfg", "job"],
+        ["--info", "config"],
+        ["-cp", "/my/configs", "-cn", "mine"],
+        ["--info", "model=resnet"],  # --info's value is optional: this is an override
+        ["-p", "model", "--cfg", "job", "~data.seed"],
+    ],
 )
 def test_a_hydra_option_with_a_separate_value_passes_the_checks(args):
     # The value (a word without "=") is no override: Hydra's argument parser takes it.
     _check_launcher(args)
     _check_group_choices(args)
     _check_override_keys(args)
+    _check_sweeps_are_launched_as_sweeps(args)
 
 
 def test_a_key_only_the_sweeps_choices_have_goes_to_hydra_as_a_forced_add():
@@ -782,6 +796,9 @@ def test_a_key_only_the_sweeps_choices_have_goes_to_hydra_as_a_forced_add():
             "data.root=[a",
             "data.root=[a: no viable alternative at input '[a'; expected Hydra's override grammar",
         ),
+        ("trainer.max_epochs", "trainer.max_epochs: no value; expected key=value (trainer.max_epochs=2, "),
+        ("optim.lr=1e-3,1e-4", "optim.lr=1e-3,1e-4: several values make a sweep; add -m to train one run "),
+        ("seed=range(3)", "seed=range(3): several values make a sweep; add -m "),
     ],
 )
 def test_a_value_of_the_wrong_shape_is_one_line_before_hydra(tmp_path, arg, message):

@@ -243,12 +243,8 @@ def _check_launcher(args: list[str]) -> None:
     # on it with a traceback.
     if any(key == "hydra.launcher.n_jobs" and 0 in (values or []) for key, values in parsed):
         raise SkinclfError(N_JOBS_ZERO)
-    # A single run ignores the launcher; experiment=paper and hparams_search=grid set
-    # hydra.mode=MULTIRUN, so they are sweeps even without -m.
-    sweep = any(arg in {"-m", "--multirun", "hydra.mode=MULTIRUN"} for arg in args) or any(
-        key in {"experiment", "hparams_search"} and values != [None] for key, values in parsed
-    )
-    if slurm and sweep and shutil.which("sbatch") is None:
+    # A single run ignores the launcher.
+    if slurm and _is_sweep(args) and shutil.which("sbatch") is None:
         raise SkinclfError(
             f"{slurm[0]}: no sbatch command on this machine; launch the sweep from a node of the Slurm "
             "cluster, or run it here with hydra/launcher=local or the default launcher"
@@ -256,27 +252,58 @@ def _check_launcher(args: list[str]) -> None:
 
 
 OVERRIDE_GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+# Hydra's options that take the next word as their value (hydra._internal.utils.get_args_parser);
+# --info takes it only when it is one of INFO_TOPICS.
+VALUE_OPTIONS = {
+    "-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+    "-cd", "--config-dir", "--experimental-rerun",
+}  # fmt: skip
+INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+SHELL_COMPLETION = {"-sc", "--shell-completion"}  # its words are a query, not overrides
+
+
+def _override_words(args: list[str]) -> Iterator[str]:
+    """The words of ``args`` that Hydra reads as overrides: not its options, nor their values."""
+    words = iter(args)
+    for arg in words:
+        if arg in VALUE_OPTIONS:
+            next(words, None)
+        elif arg in {"-i", "--info"}:
+            following = next(words, None)
+            if following is not None and following not in INFO_TOPICS:
+                yield following
+        elif not arg.startswith("-"):
+            yield arg
 
 
 def _parsed_overrides(args: list[str]) -> Iterator[tuple[str, Override, list | None]]:
     """(the argument as typed, Hydra's parse of it, its values: several for a sweep, None for one
     that only Hydra expands, such as a glob) for each override; one Hydra's grammar refuses
-    (``data.root=[a``) is one line naming it, where Hydra prints three. A word without ``=`` is
-    left out: the value of an option such as ``-cd DIR``."""
-    for arg in args:
-        parsed = None if arg.startswith("-") else _parse_override(arg)
-        if parsed is not None:
-            yield arg, *parsed
+    (``data.root=[a``, ``trainer.max_epochs`` without ``=``) is one line naming it, where Hydra
+    prints three."""
+    for arg in _override_words(args):
+        yield arg, *_parse_override(arg)
+
+
+def _is_sweep(args: list[str]) -> bool:
+    """Whether ``args`` launch a sweep: -m, or experiment=paper and hparams_search=grid, which
+    set hydra.mode=MULTIRUN themselves."""
+    return any(arg in {"-m", "--multirun", "hydra.mode=MULTIRUN"} for arg in args) or any(
+        override.key_or_group in {"experiment", "hparams_search"} and values != [None]
+        for _, override, values in _parsed_overrides(args)
+    )
 
 
 @functools.cache
-def _parse_override(arg: str) -> tuple[Override, list | None] | None:
+def _parse_override(arg: str) -> tuple[Override, list | None]:
     """:func:`_parsed_overrides` for one argument, parsed once for all the checks that read it."""
     try:
         override = OverridesParser.create().parse_overrides([arg])[0]
     except OverrideParseException as err:
-        if "=" not in arg:  # the value of a Hydra option (-cd DIR, --cfg job): Hydra's to read
-            return None
+        if "=" not in arg.lstrip("~"):
+            raise SkinclfError(
+                f"{arg}: no value; expected key=value (trainer.max_epochs=2, not trainer.max_epochs 2)"
+            ) from err
         raise SkinclfError(
             f"{arg}: {first_line(err).rstrip('.')}; expected Hydra's override grammar (quote a "
             f"value with brackets, commas or spaces: 'key=\"a,b\"'; {OVERRIDE_GRAMMAR})"
@@ -332,6 +359,19 @@ def _check_sweeps_have_values(args: list[str]) -> None:
             raise SkinclfError(
                 f"{arg}: expands to no value (a glob that matches no config, an empty range); "
                 "expected at least one job"
+            )
+
+
+def _check_sweeps_are_launched_as_sweeps(args: list[str]) -> None:
+    """Several values without -m (``optim.lr=1e-3,1e-4``): one line, where Hydra prints four
+    and exits 1."""
+    if _is_sweep(args):
+        return
+    for arg, override, _ in _parsed_overrides(args):
+        if override.is_sweep_override():
+            raise SkinclfError(
+                f"{arg}: several values make a sweep; add -m to train one run per value, or quote a "
+                "value that holds a comma: 'key=\"a,b\"'"
             )
 
 
@@ -450,11 +490,14 @@ def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
     global resume_folder
     resume_folder = None
-    _check_output_folders(args)
-    _check_launcher(args)
-    _check_group_choices(args)
-    _check_sweeps_have_values(args)
-    forced = _check_override_keys(args)
+    forced = []
+    if not SHELL_COMPLETION & set(args):
+        _check_output_folders(args)
+        _check_launcher(args)
+        _check_group_choices(args)
+        _check_sweeps_are_launched_as_sweeps(args)
+        _check_sweeps_have_values(args)
+        forced = _check_override_keys(args)
     sys.argv = ["skinclf train", *(f"++{arg}" if arg in forced else arg for arg in args)]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
     SweepSummary.started = SweepSummary.sweep_dir = SweepSummary.last = None
