@@ -363,6 +363,15 @@ def test_an_input_image_named_like_an_output_is_never_overwritten(tiny_run, tmp_
     assert (tmp_path / "lesion_gradcam_gradcam.png").is_file()
 
 
+def test_an_out_inside_an_explained_folder_is_not_explained_again(tiny_run, tmp_path):
+    # The default --out, explanations/, lies inside `.`: a second `skinclf explain RUN .` explained
+    # the first one's figures (lesion_gradcam_gradcam.png).
+    image, _ = image_and_kept_file(tmp_path)
+    for _ in range(2):
+        cli_main(["explain", str(tiny_run), str(tmp_path), "--out", str(tmp_path / "explanations")])
+    assert sorted(p.name for p in (tmp_path / "explanations").iterdir()) == ["lesion_gradcam.png"]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")
 def test_a_file_name_that_is_no_utf8_is_titled_with_escapes_and_named_as_it_is(
     tiny_run, tmp_path, monkeypatch

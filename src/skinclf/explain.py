@@ -134,7 +134,8 @@ def main(args: list[str]) -> None:
     # An unwritable --out fails now, not after the model was loaded; an --out made here is
     # removed again should no image be explained.
     with output_folder(Path(opts.out)) as out_dir:
-        files = collect_images(opts.images)
+        # An --out inside a folder being explained: its figures from an earlier run are no input.
+        files = collect_images(opts.images, skip=out_dir)
         run = load_trained_run(opts.run_dir, device=opts.device)
         written, problems = explain_files(run, files, out_dir, opts.target)
         if not written:  # before any output: the --out made here is removed again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,13 +24,18 @@ COLUMNS = ["path", "prob_mel", "prediction", "threshold", "error"]
 CHUNK = 256
 
 
-def collect_images(paths: Sequence[str | Path]) -> list[Path]:
+def collect_images(paths: Sequence[str | Path], skip: Path | None = None) -> list[Path]:
     """The files named by ``paths``: files as given, folders expanded to every file inside them
-    (see :func:`files_under`). Non-image files and dangling links are kept: they get a reported error."""
+    (see :func:`files_under`) but those inside the folder ``skip`` (an output folder among the
+    inputs, whose earlier output is no input). Non-image files and dangling links are kept: they
+    get a reported error."""
+    skipped = None if skip is None else os.path.realpath(skip) + os.sep
     files: list[Path] = []
     for arg in map(Path, paths):
         if arg.is_dir():
-            found = files_under(arg)
+            found = [
+                f for f in files_under(arg) if not skipped or not os.path.realpath(f).startswith(skipped)
+            ]
             if not found:
                 raise SkinclfError(f"{arg}: folder holds no files; expected images (JPEG, PNG, ...)")
             files += found
