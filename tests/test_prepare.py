@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 
 import numpy as np
 import pandas as pd
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from PIL import Image
 
 from skinclf import cli
@@ -135,6 +137,20 @@ def test_ham10000_split_by_lesion_in_the_paper_proportions(tmp_path, capsys):
     )
     assert len(splits.train) + len(splits.val) + len(splits.test) == 110
     assert splits.train.class_counts()["MEL"] == n_train_mel
+
+
+@pytest.mark.parametrize(
+    "out", ["out", "out dir ü", "a,b", "it's", 'say "hi"', "back\\slash", "end\\"], ids=repr
+)
+def test_the_next_command_pastes_into_a_shell_and_names_the_output(tmp_path, capsys, out):
+    # An OUT with a space was printed bare: pasted, the shell split it and Hydra refused the rest.
+    fake_ham10000(tmp_path / "ham")
+    cli.main(["prepare", str(tmp_path / "ham"), str(tmp_path / out)])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("next: "))
+    words = shlex.split(line.removeprefix("next: "))
+    assert words[:3] == ["skinclf", "train", "data=folder"] and len(words) == 4
+    override = OverridesParser.create().parse_overrides([words[3]])[0]
+    assert (override.key_or_group, override.value()) == ("data.root", str(tmp_path / out))
 
 
 def test_isic2019_with_and_without_lesion_metadata_seeded(tmp_path):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shlex
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -324,8 +326,24 @@ def prepare(
     counts["total"] = counts.sum(axis=1)
     print(f"{name}: {len(manifest)} MEL/NV images from {source} -> {out} (manifest.csv)")
     print(counts.rename_axis(index="split", columns=None).to_string())
-    print(f"next: skinclf train data=folder data.root={out}")
+    print(f"next: {train_command_for(out)}")
     return manifest
+
+
+# What Hydra's override grammar reads as a plain value; any other path is quoted for it.
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./+-]+")
+
+
+def train_command_for(root: Path) -> str:
+    """``skinclf train data=folder data.root=ROOT`` as it can be pasted into a shell: a root with
+    spaces or commas quoted for Hydra's grammar (backslashes doubled only before a quote, as it
+    reads them), then the whole override quoted for the shell."""
+    value = str(root)
+    if not _PLAIN_VALUE.fullmatch(value):
+        escaped = re.sub(r'(\\*)"', lambda m: 2 * m.group(1) + '\\"', value)
+        escaped = re.sub(r"(\\+)$", lambda m: 2 * m.group(1), escaped)
+        value = f'"{escaped}"'
+    return f"skinclf train data=folder {shlex.quote(f'data.root={value}')}"
 
 
 def main(args: list[str]) -> None:
