@@ -477,6 +477,30 @@ def test_datasets_and_settings_are_never_averaged_together(tmp_path):
     assert set(confusion[confusion["data"] == "synthetic"]["model"]) == {"baseline"}
 
 
+def test_synthetic_data_with_other_validation_and_test_images_is_another_dataset(tmp_path):
+    # Another data.seed or val/test size: other images to validate and test on, so its runs must
+    # not compete for `best` with the default data's. Another train size is a row of the same.
+    root = tmp_path / "outputs"
+    write_run(root, "baseline", [0.70, 0.80], [0.7, 0.8])
+    write_run(root, "baseline", [0.70, 0.75], [0.7, 0.8], overrides=("data.train_size=512",))
+    write_run(root, "resnet", [0.70, 0.95], [0.7, 0.8], overrides=("data.seed=1",))
+    write_run(root, "resnet", [0.70, 0.90], [0.7, 0.8], overrides=("data.val_size=64", "data.test_size=64"))
+    build_report([root], tmp_path / "reports")
+    table = pd.read_csv(tmp_path / "reports" / "table1.csv", keep_default_na=False, na_values=[""])
+    assert list(
+        zip(table["data"], table["model"], table["variant"].fillna(""), table["best"], strict=True)
+    ) == [
+        ("synthetic", "baseline", "", True),
+        ("synthetic", "baseline", "data.train_size=512", False),
+        ("synthetic [data.seed=1]", "resnet", "", True),
+        ("synthetic [data.val_size=64 data.test_size=64]", "resnet", "", True),
+    ]
+    md = (tmp_path / "reports" / "table1.md").read_text()
+    assert "## Dataset: synthetic data [data.seed=1] (procedurally generated, not real lesions)" in md
+    confusion = pd.read_csv(tmp_path / "reports" / "confusion_matrix.csv")
+    assert set(confusion[confusion["data"] == "synthetic"]["model"]) == {"baseline"}
+
+
 def test_tied_means_mark_the_earlier_row_best_and_its_confusion_matrix_is_shown(tmp_path):
     # 100 validation images: the trainer records float32 accuracies. Seeds at 96 % and 99 % and
     # seeds at 97 % and 98 % both average 97.5 %, but not in their last float bits.

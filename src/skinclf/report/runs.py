@@ -182,10 +182,33 @@ def check_test_predictions(runs: Sequence[Run]) -> None:
             run.problem = f"{err}; left out of roc.png"
 
 
+# Per data source, the settings besides its root that give it other validation and test images:
+# runs that differ in them are on different datasets (reported apart, never compared for the
+# best row). Settings that change only the training split (data.train_size, balance_train) are
+# variants of one dataset, and a folder's or DermaMNIST file's images are fixed by its root.
+DATASET_SETTINGS = {"synthetic": ("seed", "val_size", "test_size")}
+
+
+def dataset_key(cfg: DictConfig, root: str | None) -> str:
+    """The dataset a run's config ``cfg`` trained and was tested on: its name, the root it read
+    (absolute, when known), and those of its DATASET_SETTINGS that differ from their defaults
+    (``synthetic [data.seed=1 data.val_size=64]``), so that default runs keep the plain name."""
+    name = str(OmegaConf.select(cfg, "data.name", default="?"))
+    key = f"{name}:{root}" if root else name
+    defaults = _composed((f"data={name}",)) if name in DATASET_SETTINGS else None
+    differing = [
+        f"data.{setting}={value}"
+        for setting in DATASET_SETTINGS.get(name, ())
+        if (value := OmegaConf.select(cfg, f"data.{setting}", default=None))
+        != OmegaConf.select(defaults, f"data.{setting}", default=None)
+    ]
+    return f"{key} [{' '.join(differing)}]" if differing else key
+
+
 def describe_dataset(data: str) -> str:
     """The dataset's name as shown in table headers and figure titles; the synthetic data says so."""
-    if data == "synthetic":
-        return "synthetic data (procedurally generated, not real lesions)"
+    if data == "synthetic" or data.startswith("synthetic ["):
+        return f"{data.replace('synthetic', 'synthetic data', 1)} (procedurally generated, not real lesions)"
     return f"{readable(data)} data"  # a folder dataset's root may be no UTF-8
 
 
@@ -230,12 +253,11 @@ def _refused_job(record: Path, runs_found: set[Path]) -> Run | None:
     cfg = _composed(tuple(overrides))
     if cfg is None:  # e.g. a model this skinclf no longer has
         return Run(job_dir, "?", "?", None, status=FAILED, problem=problem)
-    data, root = cfg.data.get("name", "?"), cfg.data.get("root")
     seed = cfg.get("seed")
     return Run(
         job_dir,
         str(cfg.model.get("name", "?")),
-        f"{data}:{root}" if root else str(data),
+        dataset_key(cfg, cfg.data.get("root")),
         seed if isinstance(seed, int) else None,
         _settings(overrides, cfg),
         status=FAILED,
@@ -294,7 +316,7 @@ def load_run(path: Path) -> Run | None:
         # Two folder datasets are different datasets: the root is part of the identity.
         # Keyed by the absolute root the run read, so `ds` typed in two folders is two datasets, and
         # `ds`, `./ds`, `$PWD/ds` in one are one; as typed when the run has no record of its folder.
-        data = f"{data_name}:{recorded_root(path, str(root)) or root}" if root else str(data_name)
+        data = dataset_key(cfg, recorded_root(path, str(root)) or root if root else None)
         seed = OmegaConf.select(cfg, "seed", default=None)
         # A whole number, as `skinclf train` takes it (3.0 is 3): text such as `abc` is damage.
         seed = None if seed is None else number_setting(cfg, "seed", int)
