@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from sklearn.metrics import roc_curve
@@ -23,7 +24,7 @@ from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.evaluation.metrics import binary_metrics
 from skinclf.report.command import build_report
-from skinclf.report.figures import curve_data, roc_data
+from skinclf.report.figures import confusion_figure, curve_data, roc_data
 from skinclf.report.groups import group_runs
 from skinclf.report.runs import find_runs
 from skinclf.report.tables import _tex_escape, finished
@@ -499,6 +500,22 @@ def test_synthetic_data_with_other_validation_and_test_images_is_another_dataset
     assert "## Dataset: synthetic data [data.seed=1] (procedurally generated, not real lesions)" in md
     confusion = pd.read_csv(tmp_path / "reports" / "confusion_matrix.csv")
     assert set(confusion[confusion["data"] == "synthetic"]["model"]) == {"baseline"}
+
+
+def test_a_long_model_label_stays_inside_the_confusion_figure(tmp_path):
+    # The title was one line per part, cut off at both edges for a variant of several settings.
+    root = tmp_path / "outputs"
+    long = ("data.train_size=512", "optim.lr=0.001", "trainer.max_epochs=8", "trainer.patience=8")
+    write_run(root, "baseline", [0.70, 0.80], [0.7, 0.8], overrides=long)
+    write_run(root, "baseline", [0.70, 0.75], [0.7, 0.8])
+    build_report([root], tmp_path / "reports")
+    fig = confusion_figure(pd.read_csv(tmp_path / "reports" / "confusion_matrix.csv"))
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    title = fig.axes[0].title
+    assert "trainer.patience=8" in title.get_text()
+    extent, page = title.get_window_extent(renderer), fig.bbox
+    assert page.x0 <= extent.x0 and extent.x1 <= page.x1
 
 
 def test_tied_means_mark_the_earlier_row_best_and_its_confusion_matrix_is_shown(tmp_path):

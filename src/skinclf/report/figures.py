@@ -71,6 +71,12 @@ def curve_data(group: Group) -> CurveData:
     )
 
 
+def _title(*lines: str) -> str:
+    """A panel's title, each line wrapped at LEGEND_WIDTH: a long model label (its variant's
+    settings) or dataset name would otherwise run past the figure's edge and be cut off."""
+    return "\n".join(textwrap.fill(line, LEGEND_WIDTH) for line in lines)
+
+
 def _wrap(label: str) -> str:
     """Legend entries of runs with long differing settings on several lines, not one wide one."""
     return textwrap.fill(label, LEGEND_WIDTH, subsequent_indent="  ")
@@ -133,7 +139,7 @@ def confusion_figure(confusion: pd.DataFrame) -> Figure:
         ax.set_yticks([0, 1], list(CLASSES))
         ax.set_ylabel("true class")
         first = rows.iloc[0]
-        ax.set_title(f"{first['model']}, test set\n{describe_dataset(data)}")
+        ax.set_title(_title(f"{first['model']}, test set", describe_dataset(data)))
         scores = "\n".join(
             f"{name:<12}{first[key]:.4f}"
             for name, key in (
@@ -215,7 +221,7 @@ def roc_figure(groups: dict[str, list[Group]]) -> Figure | None:
         ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
         ax.set_xlabel("false-positive rate (1 - specificity)")
         ax.set_ylabel("true-positive rate (sensitivity)")
-        ax.set_title(f"Test ROC\n{describe_dataset(data)}")
+        ax.set_title(_title("Test ROC", describe_dataset(data)))
         # Below the panel: a legend inside would hide the curves' upper-left corner.
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18))
         ax.grid(alpha=0.3)
