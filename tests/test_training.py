@@ -146,6 +146,16 @@ def test_evaluate_probabilities_match_accuracy(tmp_path):
     assert loss > 0
 
 
+def test_validation_accuracy_counts_mel_as_the_test_metrics_do(monkeypatch):
+    # float32's sigmoid rounds logits in about (-1.2e-7, 0) to exactly 0.5: MEL for the test
+    # metrics and the report (p >= 0.5), so for the validation accuracy too.
+    logits = torch.tensor([-1e-8, -1e-3, 2.0, -2.0])
+    monkeypatch.setattr(loop, "predict_logits", lambda *args: logits)
+    split = type("Split", (), {"images": None, "labels": torch.tensor([1.0, 0.0, 1.0, 0.0])})()
+    _, acc, probs = evaluate(None, None, split, LoopSettings(), torch.device("cpu"))
+    assert probs[0] == 0.5 and acc == 1.0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("recipe", ["paper", "modern"])
 def test_a_cuda_run_augments_on_the_gpu_learns_and_tests_the_best_checkpoint(tmp_path, recipe):

@@ -157,8 +157,11 @@ def evaluate(
     # The logits come back on the CPU; on CUDA, fit has moved the split's labels to the GPU.
     labels = split.labels.cpu()
     loss = F.binary_cross_entropy_with_logits(logits, labels).item()
-    acc = ((logits >= 0).float() == labels).float().mean().item()
-    return loss, acc, torch.sigmoid(logits).numpy()
+    probs = torch.sigmoid(logits)
+    # MEL at p >= 0.5, as the test metrics and the report count it from these probabilities:
+    # "logit >= 0" differs where float32's sigmoid rounds a small negative logit up to 0.5.
+    acc = ((probs >= 0.5).float() == labels).float().mean().item()
+    return loss, acc, probs.numpy()
 
 
 def train_one_epoch(
