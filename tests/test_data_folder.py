@@ -83,6 +83,20 @@ def test_every_mode_size_and_nev_alias_in_any_case(tmp_path):
         assert ((mean[:, 0] > mean[:, 2]) == colour)[colourful].all()
 
 
+def test_a_misspelt_test_folder_is_named_in_a_warning(tmp_path, caplog):
+    # tests/ is no split name: the run has no test split, and the warning says what was there.
+    root = make_dataset(tmp_path / "ds", {"train": (2, 2), "val": (1, 1), "tests": (1, 1)})
+    with caplog.at_level(logging.INFO, logger="skinclf"):
+        assert load_splits(data_cfg(root, None)).test is None
+    (warning,) = [r for r in caplog.records if "no test split folder" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and "its other folders: tests;" in warning.getMessage()
+    shutil.rmtree(root / "tests")  # no test split meant: no warning
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="skinclf"):
+        load_splits(data_cfg(root, None))
+    assert [r.levelno for r in caplog.records if "no test split folder" in r.getMessage()] == [logging.INFO]
+
+
 def test_second_load_is_a_cache_hit_and_a_changed_dataset_is_decoded_again(tmp_path, monkeypatch):
     root = make_dataset(tmp_path / "ds", {"train": (3, 4), "val": (2, 2)})
     cache = tmp_path / "cache"

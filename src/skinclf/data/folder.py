@@ -223,5 +223,13 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
     for decoded in decoded_splits:
         store(decoded)
     if "test" not in splits:
-        log.info(f"{root}: no test split folder; the run will end after validation")
+        # A misspelt test folder (tests/, Test_set/) would otherwise go unnoticed: name what is there.
+        others = [p.name for p in _visible(root) if p.is_dir() and p.name.lower() not in SPLIT_NAMES]
+        if others:
+            log.warning(
+                f"{root}: no test split folder (its other folders: {', '.join(others)}; a split "
+                "must be named test); the run will end after validation"
+            )
+        else:
+            log.info(f"{root}: no test split folder; the run will end after validation")
     return ImageSplits(name="folder", **splits)
