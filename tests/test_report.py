@@ -310,9 +310,12 @@ def test_a_run_killed_outright_is_told_from_one_still_running(tmp_path):
         while proc.poll() is None and not metrics.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed"
-        # While it runs, the report cannot know more than that the test metrics are missing.
+        # While it runs, its live process says so.
         [running] = find_runs([tmp_path / "outputs"])
-        assert (running.status, running.problem) == ("unfinished", "no test_metrics.json (1 epoch done)")
+        assert (running.status, running.problem) == (
+            "unfinished",
+            f"still running: process {proc.pid} on this machine (1 epoch done)",
+        )
         status = json.loads((run_dir / "job_status.json").read_text())
         assert (status["status"], status["pid"]) == ("running", proc.pid)
     finally:
@@ -331,7 +334,7 @@ def test_a_running_status_from_another_machine_is_taken_at_its_word(tmp_path):
     status = {"status": "running", "pid": int(dead.stdout), "host": "another-node"}
     (run_dir / "job_status.json").write_text(json.dumps(status))
     [run] = find_runs([tmp_path / "outputs"])
-    assert run.problem == "no test_metrics.json (1 epoch done)"
+    assert run.problem == "no test_metrics.json (1 epoch done): may still be running elsewhere"
 
 
 def test_default_group_choice_spelled_out_is_the_same_experiment(tmp_path):

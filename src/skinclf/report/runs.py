@@ -51,6 +51,7 @@ from skinclf.sweep.jobs import (
     read_status,
     recorded_root,
     refused_job_dir,
+    trained_now,
 )
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
@@ -349,8 +350,10 @@ def load_run(path: Path) -> Run | None:
                     f"killed after {epochs}: its process ({status['pid']}) ended without recording "
                     f"why (SIGKILL, out of memory?); {RESUME_HINT}"
                 )
-            else:
-                run.problem = f"no {TEST_METRICS} ({epochs} done)"
+            elif trained_now(status):
+                run.problem = f"still running: process {status['pid']} on this machine ({epochs} done)"
+            else:  # running on another machine, or no record of how it ended (an older skinclf)
+                run.problem = f"no {TEST_METRICS} ({epochs} done): may still be running elsewhere"
     except (ValueError, OSError) as err:
         run.status, run.problem = FAILED, str(err)
     return run
