@@ -625,6 +625,9 @@ def test_a_sweep_job_that_fails_on_its_data_can_be_relaunched_corrected(tmp_path
     assert bad.returncode == 1 and f"data.root={tmp_path / 'missing'}: no such folder" in bad.stderr
     assert not list(sweep.glob("*/run_config.json"))
     assert list(sweep.glob(".refused_*.json"))  # the failure is recorded beside the folder
+    # Its dataset named as a run's is, by the absolute root: from where the sweep was launched.
+    [refused] = find_runs([sweep])
+    assert refused.data == f"folder:{tmp_path / 'missing'}"
     train_cli("-m", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert list(sweep.glob("*/test_metrics.json"))
 

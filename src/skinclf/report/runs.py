@@ -32,6 +32,7 @@ from skinclf.run_files import (
     FOLDS_RECORD,
     HYDRA_CONFIG,
     HYDRA_DIR,
+    HYDRA_MULTIRUN,
     HYDRA_OVERRIDES,
     METRICS,
     PR_FIGURE,
@@ -255,10 +256,13 @@ def _refused_job(record: Path, runs_found: set[Path]) -> Run | None:
     if cfg is None:  # e.g. a model this skinclf no longer has
         return Run(job_dir, "?", "?", None, status=FAILED, problem=problem)
     seed = cfg.get("seed")
+    # Absolute, as a run's: a relative root counts from where the sweep was launched.
+    root = cfg.data.get("root")
+    root = root and (recorded_root(record.parent, str(root), HYDRA_MULTIRUN) or root)
     return Run(
         job_dir,
         str(cfg.model.get("name", "?")),
-        dataset_key(cfg, cfg.data.get("root")),
+        dataset_key(cfg, root),
         seed if isinstance(seed, int) else None,
         _settings(overrides, cfg),
         status=FAILED,

@@ -193,15 +193,16 @@ def _resolve_stored_root(stored: dict[str, Any], out_dir: Path) -> None:
         data["root"] = recorded_root(out_dir, root) or root
 
 
-def recorded_root(run_dir: Path, root: str) -> str | None:
+def recorded_root(run_dir: Path, root: str, settings: str | Path = HYDRA_SETTINGS) -> str | None:
     """The absolute ``data.root`` (symlinks resolved) that the run in ``run_dir`` read: a relative
     root counts from the folder its launch started in, which Hydra records in
-    .hydra/hydra.yaml (``hydra.runtime.cwd``: the physical path). None when a relative root has
-    no such record (a copied-out run)."""
+    .hydra/hydra.yaml (``hydra.runtime.cwd``: the physical path), and for a whole sweep in its
+    multirun.yaml (``settings``, relative to ``run_dir``). None when a relative root has no such
+    record (a copied-out run)."""
     path = os.path.expanduser(root)
     if not os.path.isabs(path):
         try:
-            cwd = OmegaConf.select(OmegaConf.load(Path(run_dir) / HYDRA_SETTINGS), "hydra.runtime.cwd")
+            cwd = OmegaConf.select(OmegaConf.load(Path(run_dir) / settings), "hydra.runtime.cwd")
         except Exception:  # no or broken hydra.yaml
             return None
         if not cwd:
