@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -313,6 +314,29 @@ def test_a_folder_locked_by_a_process_that_has_not_yet_recorded_itself_is_refuse
         os.close(fd)
     resumed = train_cli(*TINY, f"hydra.run.dir={run_dir}", "resume=true", cwd=tmp_path)
     assert (run_dir / "test_metrics.json").exists() and "resuming" in resumed.stdout + resumed.stderr
+
+
+def test_a_launch_refused_because_another_holds_its_new_folder_leaves_that_folder(tmp_path, monkeypatch):
+    # Two launches into one new folder: both see it missing, so each counts it as made by itself.
+    # The one refused at the lock must not then remove it as a folder nothing ran in: the other
+    # holds it and may not have written its records yet.
+    from skinclf import train_command
+    from skinclf.sweep.jobs import FolderBusy
+
+    run_dir = tmp_path / "run"
+
+    @contextlib.contextmanager
+    def held_by_another(out_dir):
+        (out_dir / RUN_CONFIG).write_text("{}")  # the other's claim, nothing trained yet
+        raise FolderBusy(f"{out_dir}: is being trained now by another process on this machine")
+        yield
+
+    monkeypatch.setattr(train_command, "run_dir_lock", held_by_another)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train_command.main([*TINY, f"hydra.run.dir={run_dir}", "trainer.progress=never"])
+    assert stop.value.code == 2
+    assert (run_dir / RUN_CONFIG).read_text() == "{}"
 
 
 def test_a_resume_refused_for_a_bad_setting_leaves_an_unfinished_folder_as_it_was(tmp_path: Path) -> None:

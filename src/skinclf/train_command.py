@@ -33,6 +33,7 @@ from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
 from skinclf.sweep.jobs import (
     BOOKKEEPING,
+    FolderBusy,
     claim_run_dir,
     holds_a_run,
     record_stopped_jobs,
@@ -163,32 +164,43 @@ def hydra_main(cfg: DictConfig) -> None:
     found = {p.name for p in out_dir.iterdir()}  # what a refusal must leave (Hydra made out_dir)
     try:
         with run_dir_lock(out_dir):
-            state = _claim(out_dir, cfg, overrides, single_run=True)
-            if state == "finished":
-                # As a sweep skips its finished jobs: retraining over the results would leave the
-                # old test_metrics.json until the end, so an interrupted retrain would read as
-                # finished.
-                print(
-                    f"{out_dir}: holds a finished run of this config; nothing to do "
-                    "(a new hydra.run.dir trains it again)"
-                )
-            else:
-                # A crash is then listed by `skinclf report` as failed with its error, not as
-                # unfinished; Ctrl-C or `kill` as stopped, resumable with resume=true. A refused
-                # folder is left alone.
-                with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):
-                    try:
-                        run_in_hydra(cfg, out_dir)
-                    except BaseException as stop:
-                        # Stopped (Ctrl-C, kill) or crashed: the folder that resume=true needs, or
-                        # that holds the log; a timestamped one is otherwise hard to find.
-                        if not isinstance(stop, SkinclfError):
-                            print(f"output directory: {out_dir}")
-                            resume_folder = out_dir
-                        raise
+            try:
+                state = _claim(out_dir, cfg, overrides, single_run=True)
+                if state == "finished":
+                    # As a sweep skips its finished jobs: retraining over the results would leave
+                    # the old test_metrics.json until the end, so an interrupted retrain would read
+                    # as finished.
+                    print(
+                        f"{out_dir}: holds a finished run of this config; nothing to do "
+                        "(a new hydra.run.dir trains it again)"
+                    )
+                else:
+                    # A crash is then listed by `skinclf report` as failed with its error, not as
+                    # unfinished; Ctrl-C or `kill` as stopped, resumable with resume=true. A
+                    # refused folder is left alone.
+                    with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):
+                        try:
+                            run_in_hydra(cfg, out_dir)
+                        except BaseException as stop:
+                            # Stopped (Ctrl-C, kill) or crashed: the folder that resume=true needs,
+                            # or that holds the log; a timestamped one is otherwise hard to find.
+                            if not isinstance(stop, SkinclfError):
+                                print(f"output directory: {out_dir}")
+                                resume_folder = out_dir
+                            raise
+            except SkinclfError as err:
+                # Undone while the folder is still ours: no other process claims it in between.
+                if not isinstance(err, FolderBusy):
+                    _undo_refused_run(out_dir, state, found)
+                raise
+    except FolderBusy as err:
+        # Another process trains there (it may not have written its records yet): the folder is
+        # left exactly as it is, not removed as one this launch made and nothing ran in.
+        SweepSummary.started = None
+        print(f"skinclf train: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     except SkinclfError as err:
         print(f"skinclf train: error: {err}", file=sys.stderr)
-        _undo_refused_run(out_dir, state, found)
         # A folder the user made keeps only its log: the log says why nothing ran. One that holds
         # an earlier run is left exactly as it was.
         if out_dir.is_dir() and not holds_a_run(out_dir):

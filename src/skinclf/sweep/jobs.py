@@ -68,6 +68,11 @@ VOLATILE_KEYS = (
 )
 
 
+class FolderBusy(SkinclfError):
+    """A run folder that another process is training in: the refusal must leave it exactly as it
+    is, its records included (that process may not have written them yet)."""
+
+
 def comparable_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without the keys a resume may change (VOLATILE_KEYS), and with
     ``data.root`` as the absolute path it names (symlinks resolved): a relative root typed in
@@ -130,7 +135,7 @@ def claim_run_dir(
         if state == "unfinished" and trained_now(status):
             # Two processes training into one folder would interleave their epochs and
             # checkpoints: a second `resume=true`, or a sweep launched again while it runs.
-            raise SkinclfError(
+            raise FolderBusy(
                 f"{out_dir}: is being trained now by process {status['pid']} on this machine "
                 f"({STATUS_FILE}); wait for it to end, or use a new hydra.run.dir / hydra.sweep.dir "
                 f"(if that process is not skinclf, its id reused after a crash, delete {STATUS_FILE})"
@@ -319,7 +324,7 @@ def run_dir_lock(out_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
-            raise SkinclfError(
+            raise FolderBusy(
                 f"{out_dir}: is being trained now by another process on this machine (it holds the "
                 "folder's lock); wait for it to end, or use a new hydra.run.dir / hydra.sweep.dir"
             ) from err
@@ -496,20 +501,9 @@ def run_sweep_job(
     info = {"job": job_num, "overrides": overrides, "log": str(out_dir / TRAIN_LOG)}
     recorded = False
     state = None
-    try:
-        with run_dir_lock(out_dir):
-            state = claim(out_dir, cfg, overrides)
-            if state == "finished":
-                log.info(f"job {job_num}: already finished in {out_dir}, skipped")
-                write_status(out_dir, "skipped", launch, **info)
-                return "skipped"
-            # A re-launch continues an interrupted job from its last checkpointed epoch.
-            cfg.resume = bool(cfg.resume) or state == "unfinished"
-            recorded = True
-            # Ctrl-C or `kill` is recorded as stopped and stops the sweep; a re-launch resumes it.
-            with recorded_status(out_dir, launch, **info):
-                task(cfg, out_dir)
-    except Exception as err:  # noqa: BLE001 - any failure of one job must not stop the sweep
+
+    def failed(err: Exception) -> str:
+        nonlocal recorded
         message = first_line(err)
         if isinstance(err, SkinclfError):
             log.error(f"job {job_num} failed: {message}")
@@ -525,6 +519,27 @@ def run_sweep_job(
         if not recorded:  # refused before it ran: the folder is not this job's to write in
             record_refusal(sweep_dir, out_dir, launch, error=message, **info)
         return "failed"
+
+    try:
+        with run_dir_lock(out_dir):
+            try:
+                state = claim(out_dir, cfg, overrides)
+                if state == "finished":
+                    log.info(f"job {job_num}: already finished in {out_dir}, skipped")
+                    write_status(out_dir, "skipped", launch, **info)
+                    return "skipped"
+                # A re-launch continues an interrupted job from its last checkpointed epoch.
+                cfg.resume = bool(cfg.resume) or state == "unfinished"
+                recorded = True
+                # Ctrl-C or `kill` is recorded as stopped and stops the sweep; a re-launch resumes it.
+                with recorded_status(out_dir, launch, **info):
+                    task(cfg, out_dir)
+            except Exception as err:  # noqa: BLE001 - any failure of one job must not stop the sweep
+                # While the folder is still this job's: its claim is released before another
+                # process can take the folder.
+                return failed(err)
+    except FolderBusy as err:  # another process holds the folder: nothing of it is touched
+        return failed(err)
     print(f"output directory: {out_dir}")
     return "done"
 
