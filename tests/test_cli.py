@@ -763,8 +763,11 @@ def test_keys_that_the_chosen_configs_have_pass_the_key_check(args):
         ["--cfg", "job"],
         ["--info", "config"],
         ["-cp", "/my/configs", "-cn", "mine"],
-        ["--info", "model=resnet"],  # --info's value is optional: this is an override
         ["-p", "model", "--cfg", "job", "~data.seed"],
+        ["--cfg", "job", "--config-n", "train"],  # abbreviated, as argparse takes it
+        ["--multi", "seed=1,2"],
+        ["--info", "model=resnet"],  # not a topic of --info: Hydra's parser refuses it, itself
+        ["--version"],
     ],
 )
 def test_a_hydra_option_with_a_separate_value_passes_the_checks(args):
@@ -802,12 +805,14 @@ def test_a_key_only_the_sweeps_choices_have_goes_to_hydra_as_a_forced_add():
         ("trainer.max_epochs", "trainer.max_epochs: no value; expected key=value (trainer.max_epochs=2, "),
         ("optim.lr=1e-3,1e-4", "optim.lr=1e-3,1e-4: several values make a sweep; add -m to train one run "),
         ("seed=range(3)", "seed=range(3): several values make a sweep; add -m "),
+        ("--info -m seed=1,2", "--multirun and --info: expected only one of --run, --multirun, --cfg, "),
+        ("-i --resolve", "--resolve: expected it with --cfg (or --help), whose config it resolves"),
     ],
 )
 def test_a_value_of_the_wrong_shape_is_one_line_before_hydra(tmp_path, arg, message):
     # Before: tracebacks (trainer=null, recipe.augment=null, model=null), Hydra's multi-line
     # errors, or a cache folder named "['a', 'b']".
-    proc = error_run(tmp_path, arg)
+    proc = error_run(tmp_path, *arg.split())
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("skinclf train: error: ") and message in proc.stderr
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "['a', 'b']").exists()

@@ -8,6 +8,7 @@ and a mistyped option (``model=resnt``) answer without the seconds that importin
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import functools
 import logging
@@ -17,8 +18,10 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, Override
@@ -264,28 +267,62 @@ def _check_launcher(args: list[str]) -> None:
 
 
 OVERRIDE_GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
-# Hydra's options that take the next word as their value (hydra._internal.utils.get_args_parser);
-# --info takes it only when it is one of INFO_TOPICS.
-VALUE_OPTIONS = {
-    "-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
-    "-cd", "--config-dir", "--experimental-rerun",
-}  # fmt: skip
-INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-SHELL_COMPLETION = {"-sc", "--shell-completion"}  # its words are a query, not overrides
 
 
-def _override_words(args: list[str]) -> Iterator[str]:
-    """The words of ``args`` that Hydra reads as overrides: not its options, nor their values."""
-    words = iter(args)
-    for arg in words:
-        if arg in VALUE_OPTIONS:
-            next(words, None)
-        elif arg in {"-i", "--info"}:
-            following = next(words, None)
-            if following is not None and following not in INFO_TOPICS:
-                yield following
-        elif not arg.startswith("-"):
-            yield arg
+class _NotHydrasCommandLine(Exception):
+    """Hydra's argument parser refuses the command line: Hydra then says why, itself."""
+
+
+@functools.cache
+def _hydra_arguments(args: tuple[str, ...]) -> argparse.Namespace | None:
+    """The command line as Hydra's own argument parser reads it (its options, their values, their
+    abbreviations such as --multi; the overrides); None where that parser would refuse it, or
+    print and exit itself (--version), which is then left to Hydra."""
+    if any(len(arg) > 2 and "--version".startswith(arg) for arg in args):
+        return None
+    parser = get_args_parser()
+
+    def refuse(*_: object, **__: object) -> NoReturn:
+        raise _NotHydrasCommandLine
+
+    parser.error = refuse  # type: ignore[method-assign]
+    parser.exit = refuse  # type: ignore[method-assign]
+    try:
+        namespace, unknown = parser.parse_known_args(list(args))
+    except _NotHydrasCommandLine:
+        return None
+    # Words after the overrides' run (`model=x -m seed=1`) are refused by Hydra's parse_args.
+    return None if unknown else namespace
+
+
+def _override_words(args: list[str]) -> list[str]:
+    """The words of ``args`` that Hydra reads as overrides: not its options, nor their values.
+    None at all where Hydra will refuse the command line itself, or where its words are a
+    shell-completion query (``-sc install=bash``)."""
+    namespace = _hydra_arguments(tuple(args))
+    if namespace is None or namespace.shell_completion:
+        return []
+    return list(namespace.overrides)
+
+
+def _check_hydra_options(args: list[str]) -> None:
+    """Hydra's options that do not go together: one line, where Hydra raises a ValueError (a
+    traceback) once it has parsed them."""
+    namespace = _hydra_arguments(tuple(args))
+    if namespace is None:
+        return
+    modes = {
+        "--run": namespace.run,
+        "--multirun": namespace.multirun,
+        "--cfg": namespace.cfg,
+        "--info": namespace.info,
+        "--shell-completion": namespace.shell_completion,
+    }
+    chosen = [option for option, given in modes.items() if given]
+    if len(chosen) > 1:
+        raise SkinclfError(f"{' and '.join(chosen)}: expected only one of {', '.join(modes)}")
+    if namespace.resolve and not (namespace.cfg or namespace.help):
+        raise SkinclfError("--resolve: expected it with --cfg (or --help), whose config it resolves")
 
 
 def _parsed_overrides(args: list[str]) -> Iterator[tuple[str, Override, list | None]]:
@@ -300,9 +337,15 @@ def _parsed_overrides(args: list[str]) -> Iterator[tuple[str, Override, list | N
 def _is_sweep(args: list[str]) -> bool:
     """Whether ``args`` launch a sweep: -m, or experiment=paper and hparams_search=grid, which
     set hydra.mode=MULTIRUN themselves."""
-    return any(arg in {"-m", "--multirun", "hydra.mode=MULTIRUN"} for arg in args) or any(
-        override.key_or_group in {"experiment", "hparams_search"} and values != [None]
-        for _, override, values in _parsed_overrides(args)
+    namespace = _hydra_arguments(tuple(args))
+    multirun = namespace is not None and namespace.multirun
+    return (
+        multirun
+        or "hydra.mode=MULTIRUN" in _override_words(args)
+        or any(
+            override.key_or_group in {"experiment", "hparams_search"} and values != [None]
+            for _, override, values in _parsed_overrides(args)
+        )
     )
 
 
@@ -502,14 +545,13 @@ def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
     global resume_folder
     resume_folder = None
-    forced = []
-    if not SHELL_COMPLETION & set(args):
-        _check_output_folders(args)
-        _check_launcher(args)
-        _check_group_choices(args)
-        _check_sweeps_are_launched_as_sweeps(args)
-        _check_sweeps_have_values(args)
-        forced = _check_override_keys(args)
+    _check_hydra_options(args)
+    _check_output_folders(args)
+    _check_launcher(args)
+    _check_group_choices(args)
+    _check_sweeps_are_launched_as_sweeps(args)
+    _check_sweeps_have_values(args)
+    forced = _check_override_keys(args)
     sys.argv = ["skinclf train", *(f"++{arg}" if arg in forced else arg for arg in args)]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
     SweepSummary.started = SweepSummary.sweep_dir = SweepSummary.last = None
