@@ -370,6 +370,14 @@ def test_an_out_inside_an_explained_folder_is_not_explained_again(tiny_run, tmp_
     for _ in range(2):
         cli_main(["explain", str(tiny_run), str(tmp_path), "--out", str(tmp_path / "explanations")])
     assert sorted(p.name for p in (tmp_path / "explanations").iterdir()) == ["lesion_gradcam.png"]
+    # An --out that is the folder being explained, or holds it, leaves every image in: its figures
+    # join the images, as before (and are named so as not to overwrite one).
+    outer = tmp_path / "outer"
+    (outer / "in").mkdir(parents=True)
+    image_and_kept_file(outer / "in")
+    cli_main(["explain", str(tiny_run), str(outer / "in"), "--out", str(outer / "in")])
+    cli_main(["explain", str(tiny_run), str(outer / "in"), "--out", str(outer)])
+    assert (outer / "in" / "lesion_gradcam.png").is_file() and (outer / "lesion_gradcam.png").is_file()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")

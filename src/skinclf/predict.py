@@ -26,18 +26,21 @@ CHUNK = 256
 
 def collect_images(paths: Sequence[str | Path], skip: Path | None = None) -> list[Path]:
     """The files named by ``paths``: files as given, folders expanded to every file inside them
-    (see :func:`files_under`) but those inside the folder ``skip`` (an output folder among the
-    inputs, whose earlier output is no input). Non-image files and dangling links are kept: they
-    get a reported error."""
-    skipped = None if skip is None else os.path.realpath(skip) + os.sep
+    (see :func:`files_under`), but those in the folder ``skip`` where it lies inside a folder being
+    scanned (an output folder among the inputs: its earlier output is no input; a ``skip`` that
+    is the scanned folder itself, or holds it, skips nothing). Non-image files and dangling links
+    are kept: they get a reported error."""
+    skipped = None if skip is None else os.path.realpath(skip)
     files: list[Path] = []
     for arg in map(Path, paths):
         if arg.is_dir():
-            found = [
-                f for f in files_under(arg) if not skipped or not os.path.realpath(f).startswith(skipped)
-            ]
+            found = files_under(arg)
+            inside = skipped is not None and skipped.startswith(os.path.realpath(arg) + os.sep)
+            if inside:
+                found = [f for f in found if not os.path.realpath(f).startswith(skipped + os.sep)]
             if not found:
-                raise SkinclfError(f"{arg}: folder holds no files; expected images (JPEG, PNG, ...)")
+                besides = f" besides the output folder {skip}" if inside else ""
+                raise SkinclfError(f"{arg}: folder holds no files{besides}; expected images (JPEG, PNG, ...)")
             files += found
         elif arg.is_file():
             files.append(arg)
