@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -503,6 +504,24 @@ def test_synthetic_data_with_other_validation_and_test_images_is_another_dataset
     assert "## Dataset: synthetic data [data.seed=1] (procedurally generated, not real lesions)" in md
     confusion = pd.read_csv(tmp_path / "reports" / "confusion_matrix.csv")
     assert set(confusion[confusion["data"] == "synthetic"]["model"]) == {"baseline"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda data: data.pop("seed"), "synthetic"),  # an older skinclf's config: generated with 0
+        (lambda data: data.update(val_size=256.0), "synthetic"),  # 256.0 images are 256
+        (lambda data: data.update(seed="${hydra:job.num}"), "synthetic [data.seed=${hydra:job.num}]"),
+    ],
+    ids=["no-seed-key", "float-size", "hydra-interpolation"],
+)
+def test_a_synthetic_dataset_is_named_by_what_it_generates(tmp_path, edit, expected):
+    run = write_run(tmp_path / "outputs", "baseline", [0.70, 0.80], [0.7, 0.8])
+    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    edit(config["data"])
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    [found] = find_runs([tmp_path / "outputs"])
+    assert (found.status, found.data) == ("finished", expected)
 
 
 def test_a_long_model_label_stays_inside_the_confusion_figure(tmp_path):

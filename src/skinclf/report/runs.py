@@ -197,14 +197,27 @@ def dataset_key(cfg: DictConfig, root: str | None) -> str:
     (``synthetic [data.seed=1 data.val_size=64]``), so that default runs keep the plain name."""
     name = str(OmegaConf.select(cfg, "data.name", default="?"))
     key = f"{name}:{root}" if root else name
-    defaults = _composed((f"data={name}",)) if name in DATASET_SETTINGS else None
-    differing = [
-        f"data.{setting}={value}"
-        for setting in DATASET_SETTINGS.get(name, ())
-        if (value := OmegaConf.select(cfg, f"data.{setting}", default=None))
-        != OmegaConf.select(defaults, f"data.{setting}", default=None)
-    ]
+    settings = DATASET_SETTINGS.get(name, ())
+    defaults = _composed((f"data={name}",)) if settings else None
+    differing = []
+    for setting in settings:
+        value = _dataset_setting(cfg, setting)
+        if value is not None and value != _dataset_setting(defaults, setting):
+            differing.append(f"data.{setting}={value}")
     return f"{key} [{' '.join(differing)}]" if differing else key
+
+
+def _dataset_setting(cfg: DictConfig | None, setting: str) -> int | str | None:
+    """``data.<setting>`` as the data source reads it: a whole number (64.0 is 64); None where the
+    key is absent (a run from an older skinclf, which used the default); the text of a value
+    that cannot be resolved here (``${hydra:job.num}``, known only inside Hydra)."""
+    data = None if cfg is None else cfg.get("data")
+    if not isinstance(data, DictConfig) or setting not in data:
+        return None
+    try:
+        return number_setting(data, setting, int)
+    except (SkinclfError, OmegaConfBaseException):
+        return str(OmegaConf.to_container(data, resolve=False).get(setting))
 
 
 def describe_dataset(data: str) -> str:
