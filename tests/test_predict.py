@@ -378,14 +378,20 @@ def test_a_best_pt_copied_in_from_another_run_is_refused(run_and_images, tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         _predict(mixed, folder / "test_000.png")
     assert exit_info.value.code == 2
-    assert (
-        capsys.readouterr()
-        .err.strip()
-        .endswith(
-            f"{mixed / 'best.pt'}: is not this run's checkpoint: its config differs from the folder's "
-            "run_config.json in optim.lr, seed; expected the best.pt the run wrote"
-        )
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        f"{mixed / 'best.pt'}: is not this run's checkpoint: its config differs from the folder's "
+        "run_config.json in optim.lr, seed; expected the best.pt the run wrote"
     )
+    # The same config on other data (another data.root, which is not compared): another accuracy.
+    state["config"] = json.loads((mixed / "run_config.json").read_text())
+    state["val_acc"] = 0.123
+    torch.save(state, mixed / "best.pt")
+    with pytest.raises(SystemExit):
+        _predict(mixed, folder / "test_000.png")
+    err = capsys.readouterr().err.strip()
+    assert f"{mixed / 'best.pt'}: is not this run's checkpoint: its epoch " in err
+    assert " and validation accuracy 0.123 are not the best_epoch " in err
 
 
 def test_without_out_the_table_goes_to_standard_output_alone(run_and_images, capsys):

@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from skinclf.config import instantiate_config
+from skinclf.config import instantiate_config, is_number
 from skinclf.errors import SkinclfError, first_line, not_a_folder
 from skinclf.models import build_model, check_model_config
 from skinclf.run_files import BEST_CHECKPOINT, HYDRA_MULTIRUN, TEST_METRICS
@@ -110,6 +110,29 @@ def _inference_settings(cfg: DictConfig, precision: str) -> LoopSettings:
     )
 
 
+def _check_own_checkpoint(run_dir: Path, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Refuse a best.pt copied in from another run: it would be scored with this run's threshold
+    and named after this folder, without a word. Its config must match the folder's
+    run_config.json (on the keys both hold; another data.root is not compared, recorded absolute
+    on one side only), and its epoch and validation accuracy the best_epoch and best_val_acc that
+    test_metrics.json took from it (another dataset or seed gives another accuracy)."""
+    where = f"{run_dir / BEST_CHECKPOINT}: is not this run's checkpoint"
+    expected = "expected the best.pt the run wrote"
+    foreign = differences_from_record(run_dir, state["config"])
+    if foreign:
+        raise SkinclfError(
+            f"{where}: its config differs from the folder's {RUN_CONFIG} in {', '.join(foreign[:5])}; "
+            f"{expected}"
+        )
+    own = (state.get("epoch"), state.get("val_acc"))
+    recorded = (metrics.get("best_epoch"), metrics.get("best_val_acc"))
+    if all(is_number(v) for v in (*own, *recorded)) and (int(own[0]), float(own[1])) != recorded:
+        raise SkinclfError(
+            f"{where}: its epoch {own[0]} and validation accuracy {float(own[1])} are not the "
+            f"best_epoch {recorded[0]} and best_val_acc {recorded[1]} of {TEST_METRICS}; {expected}"
+        )
+
+
 def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     """Load the finished run in ``run_dir``: best.pt (``weights_only``, format-checked), its config,
     the fitted pipeline, and the operating threshold from test_metrics.json.
@@ -151,14 +174,7 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     for key in ("model", "pipeline", "config"):
         if key not in state:
             raise SkinclfError(f"{run_dir / BEST_CHECKPOINT}: checkpoint has no {key!r} entry")
-    # A best.pt copied in from another run would be used with this run's threshold and named
-    # after this folder, without a word.
-    foreign = differences_from_record(run_dir, state["config"])
-    if foreign:
-        raise SkinclfError(
-            f"{run_dir / BEST_CHECKPOINT}: is not this run's checkpoint: its config differs from the "
-            f"folder's {RUN_CONFIG} in {', '.join(foreign[:5])}; expected the best.pt the run wrote"
-        )
+    _check_own_checkpoint(run_dir, state, metrics)
     # The checkpoint's config is the resolved one the model was built from (.hydra/ holds
     # interpolations, and in-process runs have no .hydra/ at all).
     cfg = OmegaConf.create(state["config"])
