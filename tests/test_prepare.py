@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 from PIL import Image
 
 from skinclf import cli
@@ -140,7 +141,7 @@ def test_ham10000_split_by_lesion_in_the_paper_proportions(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "out", ["out", "out dir ü", "a,b", "it's", 'say "hi"', "back\\slash", "end\\"], ids=repr
+    "out", ["out", "out dir ü", "a,b", "it's", 'say "hi"', "back\\slash", "end\\", "a${b}"], ids=repr
 )
 def test_the_next_command_pastes_into_a_shell_and_names_the_output(tmp_path, capsys, out):
     # An OUT with a space was printed bare: pasted, the shell split it and Hydra refused the rest.
@@ -150,7 +151,8 @@ def test_the_next_command_pastes_into_a_shell_and_names_the_output(tmp_path, cap
     words = shlex.split(line.removeprefix("next: "))
     assert words[:3] == ["skinclf", "train", "data=folder"] and len(words) == 4
     override = OverridesParser.create().parse_overrides([words[3]])[0]
-    assert (override.key_or_group, override.value()) == ("data.root", str(tmp_path / out))
+    root = OmegaConf.create({"root": override.value()}).root  # as the run's config resolves it
+    assert (override.key_or_group, root) == ("data.root", str(tmp_path / out))
 
 
 def test_isic2019_with_and_without_lesion_metadata_seeded(tmp_path):
@@ -307,6 +309,7 @@ def _isic_mel_cell(value):
     [
         (lambda s: s.mkdir(), [], "neither ISIC_2019_Training_GroundTruth.csv"),
         (lambda s: None, [], "no such folder"),
+        (lambda s: s.symlink_to(s.with_name("unpacked_elsewhere")), [], "is a symlink to nothing ("),
         (_missing_mel_image, [], "not under it"),
         (
             lambda s: (fake_ham10000(s), (s / "HAM10000_metadata.csv").write_text("image_id,dx\nx,mel\n")),
@@ -335,6 +338,7 @@ def _isic_mel_cell(value):
     ids=[
         "no-metadata",
         "no-source",
+        "source-dangling-symlink",
         "missing-image",
         "missing-column",
         "tab-separated",

@@ -28,7 +28,7 @@ from PIL import Image
 from skinclf.arguments import HAM10000_CSV, ISIC_2019_CSV, prepare_parser
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.data.splits import SPLIT_NAMES, undersample_majority
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, not_a_folder
 from skinclf.io import files_under, missing_folders, remove_empty_folders
 from skinclf.sweep.resources import available_cores
 from skinclf.training.progress import progress
@@ -236,7 +236,7 @@ def prepare(
 ) -> pd.DataFrame:
     """Build OUT from SOURCE (see the module docstring); returns the manifest."""
     if not source.is_dir():
-        what = "is a file (an archive? unpack it first)" if source.is_file() else "no such folder"
+        what = "is a file (an archive? unpack it first)" if source.is_file() else not_a_folder(source)
         raise SkinclfError(f"{source}: {what}; expected an unpacked ISIC 2019 or HAM10000 download")
     # Absolute and normalised, so that OUT "." or "x/.." still has a name and a parent folder
     # for the hidden temporary sibling.
@@ -337,12 +337,13 @@ _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./+-]+")
 def train_command_for(root: Path) -> str:
     """``skinclf train data=folder data.root=ROOT`` as it can be pasted into a shell: a root with
     spaces or commas quoted for Hydra's grammar (backslashes doubled only before a quote, as it
-    reads them), then the whole override quoted for the shell."""
+    reads them; ``${`` escaped), then the whole override quoted for the shell."""
     value = str(root)
     if not _PLAIN_VALUE.fullmatch(value):
         escaped = re.sub(r'(\\*)"', lambda m: 2 * m.group(1) + '\\"', value)
         escaped = re.sub(r"(\\+)$", lambda m: 2 * m.group(1), escaped)
-        value = f'"{escaped}"'
+        # ${ would start an OmegaConf interpolation once the value is in the config.
+        value = '"' + escaped.replace("${", "\\${") + '"'
     return f"skinclf train data=folder {shlex.quote(f'data.root={value}')}"
 
 
