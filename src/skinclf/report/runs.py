@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -369,8 +370,11 @@ def load_run(path: Path) -> Run | None:
                 )
             elif trained_now(status):
                 run.problem = f"still running: process {status['pid']} on this machine ({epochs} done)"
-            else:  # running on another machine, or no record of how it ended (an older skinclf)
-                run.problem = f"no {TEST_METRICS} ({epochs} done): may still be running elsewhere"
+            elif status.get("status") == "running" and status.get("host") not in (None, socket.gethostname()):
+                # A cluster node's run: its process cannot be checked from here.
+                run.problem = f"no {TEST_METRICS} ({epochs} done): may still be running on {status['host']}"
+            else:  # no record of how it ended (an older skinclf, or a platform where it cannot tell)
+                run.problem = f"no {TEST_METRICS} ({epochs} done)"
     except (ValueError, OSError) as err:
         run.status, run.problem = FAILED, str(err)
     return run
