@@ -316,6 +316,20 @@ class WideCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x).flatten(1))
+
+
+class FixedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(1000, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(x).flatten(1))
+
+
+class NotAModule:
+    pass
 """
 
 
@@ -479,6 +493,18 @@ def test_a_key_added_beside_the_target_of_a_model_of_the_users_own_reaches_its_c
             "_target_: my_models.WideCNN\n  outputs: 2",
             "the model returns (2, 2) for a batch of 2 images; expected one logit per image, (2, 1) or (2,)",
         ),
+        (
+            "_target_: my_models.WideCNN\n  channels: 0",  # a layer that cannot run, on any device
+            "the model fails on a batch of 2 images of 128x128: RuntimeError: ",
+        ),
+        (
+            "_target_: my_models.FixedHead",  # sized for other images: shapes do not fit
+            "the model fails on a batch of 2 images of 128x128: RuntimeError: mat1 and mat2 shapes ",
+        ),
+        (
+            "_target_: my_models.NotAModule",
+            "model.arch._target_ builds a NotAModule; expected a torch.nn.Module",
+        ),
     ],
 )
 def test_a_model_of_the_users_own_that_cannot_be_built_is_one_clear_error(
@@ -489,7 +515,8 @@ def test_a_model_of_the_users_own_that_cannot_be_built_is_one_clear_error(
     config = OWN_CONFIG.format(name="mine", arch=arch)
     proc = error_run(tmp_path, _own_model_config(tmp_path, "mine", config), "model=mine", *TINY)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"skinclf train: error: model=mine: {message}"
+    assert proc.stderr.strip().startswith(f"skinclf train: error: model=mine: {message}")
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "outputs").exists()  # before the run folder was made
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -91,29 +91,57 @@ def build_model(model_cfg: DictConfig) -> torch.nn.Module:
 
 
 def check_model_output(model_cfg: DictConfig, where: str) -> None:
-    """A model of the user's own, built on PyTorch's meta device (shapes only: no memory, no
-    computation, no weights) and run on a batch of two images: a constructor that refuses its
-    arguments, or an output other than one logit per image, is one line before anything trains
-    instead of a traceback once the run has begun. A forward pass that the meta device cannot
-    run (a custom op, data-dependent control flow) is left to the run itself."""
+    """A model of the user's own, built and run on a batch of two images before anything trains:
+    a constructor that refuses its arguments, a class that is no ``torch.nn.Module``, a forward
+    pass that fails (layer sizes that do not fit 128x128 images) or an output other than one logit
+    per image is one line, not a traceback once the run has begun.
+
+    First on PyTorch's meta device (shapes only: no memory, no computation, no weights). A pass
+    the meta device cannot run (a custom op, data-dependent control flow), or one that fails
+    there, is tried again for real on the CPU, so that only a real failure is reported."""
     import torch
-    from hydra.errors import InstantiationException
 
     from skinclf import IMAGE_SIZE
 
     try:
         with torch.device("meta"):
-            model = build_model(model_cfg)
-    except InstantiationException as err:
-        raise SkinclfError(f"{where}: {first_line(err)}") from err
-    try:
-        with torch.no_grad():
-            logits = model(torch.empty(2, 3, IMAGE_SIZE, IMAGE_SIZE, device="meta"))
-    except Exception:  # noqa: BLE001 - not a verdict on the model: the real run will tell
-        return
+            logits = _run_on_two_images(model_cfg, where, "meta")
+    except SkinclfError:
+        raise
+    except Exception:  # noqa: BLE001 - no verdict on the model yet: the CPU's is the real one
+        try:
+            with torch.no_grad():
+                logits = _run_on_two_images(model_cfg, where, "cpu")
+        except SkinclfError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any error of the user's code, named in one line
+            raise SkinclfError(
+                f"{where}: the model fails on a batch of 2 images of {IMAGE_SIZE}x{IMAGE_SIZE}: "
+                f"{type(err).__name__}: {first_line(err)}"
+            ) from err
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) not in {(2,), (2, 1)}:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise SkinclfError(
             f"{where}: the model returns {got} for a batch of 2 images; expected one logit per "
             "image, (2, 1) or (2,)"
         )
+
+
+def _run_on_two_images(model_cfg: DictConfig, where: str, device: str) -> Any:
+    """``model_cfg``'s model, built on ``device`` (also the default device around the call), and
+    its output for two blank images there."""
+    import torch
+    from hydra.errors import InstantiationException
+
+    from skinclf import IMAGE_SIZE
+
+    try:
+        model = build_model(model_cfg)
+    except InstantiationException as err:
+        raise SkinclfError(f"{where}: {first_line(err)}") from err
+    if not isinstance(model, torch.nn.Module):
+        raise SkinclfError(
+            f"{where}: model.arch._target_ builds a {type(model).__name__}; expected a torch.nn.Module"
+        )
+    with torch.no_grad():
+        return model.eval()(torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE, device=device))
