@@ -75,6 +75,13 @@ def test_a_weights_switch_applies_to_the_models_that_have_weights(capsys, caplog
         # A bad model option: a Hydra InstantiationException traceback before.
         (["model=baseline", "model.arch.norm=batchnorm"], "model.arch.norm='batchnorm': expected"),
         (["model=resnet", "model.arch.dropout=1.5"], "model.arch.dropout=1.5: expected"),
+        # A key the constructor refuses, a model that fails on 128x128 images: torchinfo's or
+        # Hydra's traceback before, where `skinclf train` says it in one line.
+        (["model=resnet", "+model.arch.foo=1"], "unexpected keyword argument 'foo'"),
+        (
+            ["model=resnet", "model.arch._target_=torch.nn.Identity"],
+            "model=resnet: the model returns (2, 3, 128, 128) for a batch of 2 images",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, named, capsys):

@@ -17,8 +17,8 @@ from skinclf import IMAGE_SIZE
 from skinclf.arguments import summary_parser
 from skinclf.config import adds_config_folders, compose_config, config_choices
 from skinclf.errors import SkinclfError
-from skinclf.models import build_model, check_model_config, model_order
-from skinclf.trained_run import quiet_logs
+from skinclf.models import build_model, check_model_config, check_model_output, model_order
+from skinclf.trained_run import quiet_logs, without_pretrained_download
 
 INPUT_SIZE = (64, 3, IMAGE_SIZE, IMAGE_SIZE)  # the paper's batch of 64 RGB 128x128 images
 
@@ -38,6 +38,10 @@ def model_config(name: str, overrides: list[str] = ()) -> DictConfig:
     if "pretrained" in cfg.model and not any(o.startswith("model.pretrained=") for o in overrides):
         # Weights do not change the table; downloading them would need a network.
         cfg = compose_config([f"model={name}", *overrides, "model.pretrained=false"])
+    # As `skinclf train` checks it: a constructor that refuses a key, or a forward pass that
+    # fails, is one line here too, not torchinfo's traceback.
+    with quiet_logs():
+        check_model_output(without_pretrained_download(cfg.model), f"model={name}")
     return cfg
 
 

@@ -56,7 +56,7 @@ class TrainedRun:
         return torch.sigmoid(logits)
 
 
-def _without_pretrained_download(model_cfg: DictConfig) -> DictConfig:
+def without_pretrained_download(model_cfg: DictConfig) -> DictConfig:
     """A copy of the model config that builds random-init weights: the checkpoint replaces them
     all, so fetching ImageNet weights (a download on a fresh machine) would be wasted."""
     model_cfg = model_cfg.copy()
@@ -184,7 +184,7 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         # Quiet: a "random init, not the paper's setup" warning would be false here, since the
         # checkpoint's weights replace the random ones right away.
         with quiet_logs():
-            model = build_model(_without_pretrained_download(cfg.model))
+            model = build_model(without_pretrained_download(cfg.model))
         model.load_state_dict(state["model"])
         pipeline = instantiate_config(cfg.model.pipeline)
         pipeline.load_state_dict(state["pipeline"])
