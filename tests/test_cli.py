@@ -734,6 +734,18 @@ def test_no_experiment_is_no_sweep_for_the_slurm_check(tmp_path, monkeypatch):
         _check_launcher(["experiment=paper", "hydra/launcher=slurm"])
 
 
+def test_a_grid_search_without_folds_is_refused_rather_than_tested(tmp_path):
+    # cv.folds=0 made each grid point a plain run: trained, tested, and ranked by nothing but
+    # the report, which would pick the best point on the test split.
+    sweep = tmp_path / "grid"
+    proc = error_run(
+        tmp_path, "hparams_search=grid", "cv.folds=0", *TINY, "data.batch_size=64", "optim.lr=1e-3",
+        f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert "job 0 failed: cv.folds=0: hparams_search=grid ranks its points by cross-validation" in proc.stderr
+    assert not list(sweep.glob("*/test_metrics.json"))
+
+
 def test_a_grid_search_refuses_a_size_below_one_before_it_trains(tmp_path):
     proc = error_run(tmp_path, *TINY, "cv.folds=2", "data.batch_size=0")
     assert "data.batch_size=0: must be at least 1" in proc.stderr
