@@ -291,6 +291,17 @@ def test_grid_summary_ranks_points_by_mean_then_std(tmp_path: Path) -> None:
     assert len((tmp_path / GRID_CSV).read_text().strip().splitlines()) == 4
 
 
+def test_a_grid_with_failed_points_says_so_beside_its_best(tmp_path: Path) -> None:
+    # The best of the points that ran is no best of the grid: a failed point may have been better.
+    shared = ["cv.folds=3", "optim.lr=1e-4"]
+    _fake_point(tmp_path, "0_baseline_bs32", ["data.batch_size=32", *shared], [0.6, 0.7, 0.8], 32, 1e-4)
+    failed = [{"dir": str(tmp_path / "1_baseline_bs0"), "overrides": ["data.batch_size=0", *shared]}]
+    write_grid(tmp_path, failed)
+    text = (tmp_path / GRID_MD).read_text()
+    assert "| 1 | 32 | 0.0001 | data.batch_size=32 | 70.00 ± 8.16 % | 3 |" in text  # the point, alone
+    assert "Not ranked: 1 of the 2 points failed (1_baseline_bs0; the sweep's summary says why)" in text
+
+
 @pytest.mark.slow
 def test_grid_search_sweep_end_to_end(tmp_path: Path, shared_data_dir: Path) -> None:
     proc = train_cli(

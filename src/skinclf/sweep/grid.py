@@ -4,7 +4,9 @@ grid_search.csv and grid_search.md into the sweep folder at the end of the sweep
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -14,9 +16,10 @@ from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_OVERRIDES
 from skinclf.sweep.summary import job_order
 
 
-def rank_grid(sweep_dir: Path) -> pd.DataFrame:
+def rank_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
     """One row per cross-validated job in ``sweep_dir``, best first (higher mean validation
-    accuracy; on a tie, the lower std). ``point`` names the overrides that differ between jobs."""
+    accuracy; on a tie, the lower std). ``point`` names the overrides that differ between jobs,
+    the ``failed`` ones (the sweep summary's records, with their overrides) included."""
     rows = []
     for path in sorted(Path(sweep_dir).glob(f"**/{CV_RESULT}"), key=lambda p: job_order(p.parent)):
         result = json.loads(path.read_text())
@@ -29,7 +32,8 @@ def rank_grid(sweep_dir: Path) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     # Overrides shared by every job (e.g. data.root=...) say nothing about the point: hide them.
-    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
+    everyone = [set(r["overrides"]) for r in rows] + [set(f.get("overrides") or []) for f in failed]
+    shared = set.intersection(*everyone) if len(everyone) > 1 else set()
     for r in rows:
         r["point"] = " ".join(o for o in r["overrides"] if o not in shared) or "(defaults)"
         r["overrides"] = " ".join(r["overrides"])
@@ -40,8 +44,9 @@ def rank_grid(sweep_dir: Path) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def format_grid(table: pd.DataFrame) -> str:
-    """Markdown table of the ranked grid points and a line naming the best one."""
+def format_grid(table: pd.DataFrame, failed: Sequence[dict[str, Any]] = ()) -> str:
+    """Markdown table of the ranked grid points and a line naming the best one; the ``failed``
+    points (the sweep summary's records) named after it: the best is only of those that ran."""
     lines = [
         "| rank | batch size | lr | point | validation accuracy (mean ± std) | folds |",
         "|---:|---:|---:|---|---|---:|",
@@ -58,17 +63,25 @@ def format_grid(table: pd.DataFrame) -> str:
         f"validation accuracy {100 * best['mean_val_acc']:.2f} ± {100 * best['std_val_acc']:.2f} % "
         f"over {best['folds']} folds, job folder {best['dir']}.",
     ]
+    if failed:
+        names = ", ".join(Path(f["dir"]).name for f in failed)
+        lines += [
+            "",
+            f"Not ranked: {len(failed)} of the {len(table) + len(failed)} points failed ({names}; "
+            "the sweep's summary says why): the best point is the best of the rest.",
+        ]
     return "\n".join(lines)
 
 
-def write_grid(sweep_dir: Path) -> pd.DataFrame:
-    """Rank the sweep's grid points; write grid_search.csv and grid_search.md into the sweep folder."""
-    table = rank_grid(sweep_dir)
+def write_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
+    """Rank the sweep's grid points; write grid_search.csv and grid_search.md into the sweep folder
+    (the ``failed`` points named in the latter)."""
+    table = rank_grid(sweep_dir, failed)
     if table.empty:
         return table
     csv_table = table.copy()
     csv_table["fold_val_acc"] = csv_table["fold_val_acc"].map(lambda accs: " ".join(f"{a:.6f}" for a in accs))
     atomic_write_text(csv_table.to_csv(index=False), Path(sweep_dir) / GRID_CSV)
-    text = "# Cross-validated grid search\n\n" + format_grid(table) + "\n"
+    text = "# Cross-validated grid search\n\n" + format_grid(table, failed) + "\n"
     atomic_write_text(text, Path(sweep_dir) / GRID_MD)
     return table

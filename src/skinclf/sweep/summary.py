@@ -85,7 +85,14 @@ def collect_jobs(sweep_dir: Path, launch: str | None) -> JobsSummary:
             summary.skipped.append(job_dir)
         else:
             error = status.get("error", "stopped before finishing (killed?); re-launch to resume it")
-            summary.failed.append({"dir": job_dir, "error": error, "log": status.get("log")})
+            summary.failed.append(
+                {
+                    "dir": job_dir,
+                    "error": error,
+                    "log": status.get("log"),
+                    "overrides": status.get("overrides"),
+                }
+            )
     return summary
 
 
@@ -183,7 +190,7 @@ class SweepSummary(Callback):
         # every single run would pay for a table that only a grid search writes.
         from skinclf.sweep.grid import format_grid, write_grid
 
-        table = write_grid(sweep_dir)
+        table = write_grid(sweep_dir, jobs.failed)
         if not table.empty:
-            print(f"\n{format_grid(table)}\n(written to {sweep_dir / GRID_MD})")
+            print(f"\n{format_grid(table, jobs.failed)}\n(written to {sweep_dir / GRID_MD})")
         print(jobs.format(sweep_dir))
