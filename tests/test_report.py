@@ -543,6 +543,24 @@ def test_a_long_model_label_stays_inside_the_confusion_figure(tmp_path):
     assert page.x0 <= extent.x0 and extent.x1 <= page.x1
 
 
+def test_runs_whose_configs_differ_without_an_override_are_not_averaged_as_seeds(tmp_path):
+    # A model YAML edited between two seeds (or two model configs of one name): alike overrides,
+    # different architectures. The differing value names each row.
+    root = tmp_path / "outputs"
+    runs = [write_run(root, "baseline", [0.7, 0.8], [0.7, 0.8], seed=s) for s in (0, 1, 2)]
+    for run in runs[1:]:
+        config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        config["model"]["arch"]["norm"] = "batch"
+        config["data"]["cache_dir"] = "elsewhere"  # not an experiment setting: no row of its own
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    build_report([root], tmp_path / "reports")
+    table = pd.read_csv(tmp_path / "reports" / "table1.csv", keep_default_na=False, na_values=[""])
+    assert list(zip(table["variant"], table["n"], strict=True)) == [
+        ("model.arch.norm=batch", 2),
+        ("model.arch.norm=none", 1),
+    ]
+
+
 def test_tied_means_mark_the_earlier_row_best_and_its_confusion_matrix_is_shown(tmp_path):
     # 100 validation images: the trainer records float32 accuracies. Seeds at 96 % and 99 % and
     # seeds at 97 % and 98 % both average 97.5 %, but not in their last float bits.

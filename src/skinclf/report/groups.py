@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from skinclf.models import model_order
-from skinclf.report.runs import Run
+from skinclf.report.runs import NOT_AN_EXPERIMENT_SETTING, Run, as_override
 
 
 @dataclass
@@ -44,11 +44,60 @@ def common_settings(runs: Iterable[Run]) -> dict[str, str]:
     return shared
 
 
+def add_config_differences(runs: list[Run]) -> None:
+    """Add to the settings of ``runs`` (of one model on one dataset) the config values that differ
+    between them though no setting says why: a model YAML edited between two runs, or two model
+    configs of one name. Their overrides alike, they would otherwise be averaged as seeds of one
+    experiment. Compared as written (``data.seed: ${seed}`` is one value), on the keys every run's
+    config has (an older skinclf's lacks those added since), and leaving out the keys that make no
+    other experiment (NOT_AN_EXPERIMENT_SETTING) and those a setting explains."""
+    leaves = [(run, dict(_leaves(run.config))) for run in runs if run.config is not None]
+    if len(leaves) < 2:
+        return
+    common = set.intersection(*(set(values) for _, values in leaves))
+    explained = {_package(key) for run in runs for key in run.settings}
+    for key in sorted(common):
+        values = {repr(config[key]) for _, config in leaves}
+        if (
+            len(values) == 1
+            or _under(key, NOT_AN_EXPERIMENT_SETTING - {"model", "data"})
+            or _under(key, explained)
+        ):
+            continue
+        for run, config in leaves:
+            run.settings[key] = as_override(config[key])
+
+
+def _leaves(node: object, prefix: str = "") -> Iterable[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a nested dict."""
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+def _package(key: str) -> str:
+    """Where a setting's key puts its values: ``pipeline@model.pipeline`` -> ``model.pipeline``."""
+    return key.split("@", 1)[1] if "@" in key else key
+
+
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    """Whether dotted ``key`` is one of ``prefixes`` or inside one."""
+    return any(key == prefix or key.startswith(f"{prefix}.") for prefix in prefixes)
+
+
 def group_runs(runs: Iterable[Run]) -> dict[str, list[Group]]:
     """Finished runs grouped per dataset (sorted by name), each dataset's groups in paper order."""
     by_data: dict[str, list[Run]] = {}
     for run in runs:
         by_data.setdefault(run.data, []).append(run)
+    for data_runs in by_data.values():
+        by_model: dict[str, list[Run]] = {}
+        for run in data_runs:
+            by_model.setdefault(run.model, []).append(run)
+        for model_runs in by_model.values():
+            add_config_differences(model_runs)
     result = {}
     for data in sorted(by_data):
         shared = common_settings(by_data[data])

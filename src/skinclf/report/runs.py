@@ -109,6 +109,9 @@ class Run:
     data: str
     seed: int | None
     settings: dict[str, str] = field(default_factory=dict)
+    # Its .hydra/config.yaml as written (interpolations unresolved), None where there is none:
+    # what tells runs apart whose overrides are alike (see groups.add_config_differences).
+    config: dict | None = field(default=None, repr=False, compare=False)
     status: str = UNFINISHED
     problem: str = ""
     history: pd.DataFrame | None = None
@@ -340,6 +343,7 @@ def load_run(path: Path) -> Run | None:
         # A whole number, as `skinclf train` takes it (3.0 is 3): text such as `abc` is damage.
         seed = None if seed is None else number_setting(cfg, "seed", int)
         run = Run(path, str(model), data, seed, _settings(_overrides(path), cfg))
+        run.config = OmegaConf.to_container(cfg, resolve=False)
     except (OmegaConfBaseException, SkinclfError) as err:
         # As failed as a YAML error: a `${...}` that names no key, a seed that is no number.
         key = getattr(err, "full_key", "")
@@ -553,7 +557,7 @@ def _settings(overrides: Sequence[str], cfg: DictConfig) -> dict[str, str]:
             else OmegaConf.select(defaults, key, default=_ABSENT, throw_on_resolution_failure=False)
         )
         if resolved != default:
-            settings[key] = _as_override(resolved)
+            settings[key] = as_override(resolved)
     return settings
 
 
@@ -565,7 +569,7 @@ def _changes_nothing(choice: str, choices: tuple[str, ...]) -> bool:
     return OmegaConf.to_container(with_it) == OmegaConf.to_container(without_it)
 
 
-def _as_override(value: object) -> str:
+def as_override(value: object) -> str:
     """A config value as an override writes it (`0.001`, `false`, `null`, `[0.5, 1.0]`): one
     spelling per value, so that equal values make equal row labels."""
     if isinstance(value, DictConfig | ListConfig):
