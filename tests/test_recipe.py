@@ -191,6 +191,19 @@ def test_cosine_schedule_warms_up_then_decays_per_step():
     assert build_scheduler(optimizer, Recipe(), steps_per_epoch, epochs) is None
 
 
+def test_a_warm_up_on_the_constant_schedule_rises_then_holds():
+    # recipe=paper recipe.warmup_epochs=1 was silently the paper's constant rate.
+    steps_per_epoch, epochs, lr = 4, 3, 1e-3
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = build_scheduler(optimizer, Recipe(warmup_epochs=1), steps_per_epoch, epochs)
+    seen = []
+    for _ in range(steps_per_epoch * epochs):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([lr * (i + 1) / 4 for i in range(4)] + [lr] * 8)
+
+
 def test_loop_steps_the_schedule_every_batch_and_keeps_the_paper_rate_constant(tmp_path):
     # 12 images, batch 4: 3 steps per epoch; the lr column is the rate after each epoch's last step.
     _, _, history = fit_tiny(tmp_path / "cosine", Recipe(schedule="cosine", warmup_epochs=1), lr=1e-2)

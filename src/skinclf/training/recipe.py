@@ -108,11 +108,14 @@ def build_optimizer(
         return optimizer(groups, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, cosine: bool = True) -> float:
     """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up to 1 over
-    ``warmup_steps``, then a cosine decay towards 0 at ``total_steps``."""
+    ``warmup_steps``, then a cosine decay towards 0 at ``total_steps`` (or 1 on, when not
+    ``cosine``: the constant schedule's warm-up)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if not cosine:
+        return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
@@ -120,13 +123,15 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int, max_epochs: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The recipe's per-batch schedule over ``max_epochs`` epochs; None for a constant rate."""
-    if recipe.schedule == "constant":
-        return None
+    """The recipe's per-batch schedule over ``max_epochs`` epochs; None for a constant rate
+    without warm-up (the paper's), which leaves the optimizer exactly as it was."""
     total = steps_per_epoch * max_epochs
     warmup = min(total, round(recipe.warmup_epochs * steps_per_epoch))
+    cosine = recipe.schedule != "constant"
+    if not cosine and warmup == 0:
+        return None
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, warmup_steps=warmup, total_steps=total)
+        optimizer, partial(warmup_cosine, warmup_steps=warmup, total_steps=total, cosine=cosine)
     )
 
 
