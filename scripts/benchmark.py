@@ -404,11 +404,13 @@ def main() -> None:
     )
     if not all(r["kept_freed_memory"] for r in rows):
         print("freed memory NOT kept here (not glibc): 'not kept' measures the same as 'step fast'")
-    header = (
-        f"{'model':<11} {'prec':>5} {'step fp32':>10} {'step fast':>10} {'speed-up':>8} {'not kept':>9} "
-        f"{'epoch ref':>10} {'train skinclf':>13} {'speed-up':>8} {'pure steps':>10} {'overhead':>8} "
-        f"{'fit epoch':>10} {'peak MB':>8}"
-    )
+    header = f"{'model':<11} {'prec':>5} {'step fp32':>10} {'step fast':>10} {'speed-up':>8} {'not kept':>9} "
+    if not args.steps_only:  # with --steps-only the rows have no epoch columns: neither has the header
+        header += (
+            f"{'epoch ref':>10} {'train skinclf':>13} {'speed-up':>8} {'pure steps':>10} {'overhead':>8} "
+            f"{'fit epoch':>10} "
+        )
+    header += f"{'peak MB':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -49,3 +49,18 @@ def test_refused_arguments_leave_earlier_results_as_they_were(tmp_path):
     )
     assert done.returncode == 2 and "argument --images: 63" in done.stderr
     assert results.read_text() == '{"baseline": {}}\n'
+
+
+@pytest.mark.slow
+def test_the_steps_only_table_has_a_header_for_each_column(tmp_path):
+    # --steps-only rows have no epoch columns; the header had them, so peak MB sat under "epoch ref".
+    args = ["--steps-only", "--models", "resnet", "--repeats", "1", "--json", str(tmp_path / "r.json")]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "benchmark.py"), *args], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("model "))
+    row = next(line for line in lines if line.startswith("resnet "))
+    assert "epoch ref" not in header and header.split()[-2:] == ["peak", "MB"]
+    assert len(row.split()) == len(header.split()) - 4  # "step fp32", "step fast", "not kept", "peak MB"
