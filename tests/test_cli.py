@@ -28,8 +28,8 @@ from skinclf.summary import model_names
 from skinclf.train_command import (
     _check_group_choices,
     _check_launcher,
-    _check_override_keys,
     _check_sweeps_are_launched_as_sweeps,
+    check_override_keys,
 )
 from skinclf.training.loop import METRICS_COLUMNS
 
@@ -236,7 +236,7 @@ def test_a_stop_before_the_run_has_a_folder_gives_no_resume_hint(tmp_path, monke
     def interrupted(args):  # Ctrl-C while the command line is still being checked
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_command, "_check_override_keys", interrupted)
+    monkeypatch.setattr(train_command, "check_override_keys", interrupted)
     proc = train_cli(*TINY, cwd=tmp_path, check=False)
     assert proc.returncode == 130
     assert proc.stderr.strip() == "skinclf train: stopped (Ctrl-C)"  # nothing to resume
@@ -770,10 +770,10 @@ def test_a_key_of_other_configs_names_them(tmp_path):
         "data=dermamnist, data=folder have it"
     )
     with pytest.raises(SkinclfError, match=r"\(model=resnet\) have no such key; .*model=vgg16"):
-        _check_override_keys(["model=resnet", "model.pretrained=false"])
+        check_override_keys(["model=resnet", "model.pretrained=false"])
     # A choice put in another package is composed as given: the augmented pipeline has p, no q.
     with pytest.raises(SkinclfError, match=r"model.pipeline.q: no skinclf config has this key; did you mean"):
-        _check_override_keys(["pipeline@model.pipeline=augmented", "model.pipeline.q=0.3"])
+        check_override_keys(["pipeline@model.pipeline=augmented", "model.pipeline.q=0.3"])
 
 
 @pytest.mark.parametrize(
@@ -792,7 +792,7 @@ def test_a_key_of_other_configs_names_them(tmp_path):
     ],
 )
 def test_keys_that_the_chosen_configs_have_pass_the_key_check(args):
-    _check_override_keys(args)
+    check_override_keys(args)
 
 
 @pytest.mark.parametrize(
@@ -813,16 +813,16 @@ def test_a_hydra_option_with_a_separate_value_passes_the_checks(args):
     # The value (a word without "=") is no override: Hydra's argument parser takes it.
     _check_launcher(args)
     _check_group_choices(args)
-    _check_override_keys(args)
+    check_override_keys(args)
     _check_sweeps_are_launched_as_sweeps(args)
 
 
 def test_a_key_only_the_sweeps_choices_have_goes_to_hydra_as_a_forced_add():
     # Hydra composes model=baseline (the default) before a sweep's jobs: no model.pretrained there.
     for sweep in (["model=vgg16,vgg16_ft"], ["model=baseline,vgg16"]):
-        assert _check_override_keys(["-m", *sweep, "model.pretrained=false"]) == ["model.pretrained=false"]
-    assert _check_override_keys(["model=vgg16", "model.pretrained=false"]) == []  # composed as given
-    assert _check_override_keys(["-m", "model=vgg16,vgg16_ft", "seed=1,2"]) == []
+        assert check_override_keys(["-m", *sweep, "model.pretrained=false"]) == ["model.pretrained=false"]
+    assert check_override_keys(["model=vgg16", "model.pretrained=false"]) == []  # composed as given
+    assert check_override_keys(["-m", "model=vgg16,vgg16_ft", "seed=1,2"]) == []
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,7 @@ def test_a_weights_switch_applies_to_the_models_that_have_weights(capsys, caplog
         # A key the constructor refuses, a model that fails on 128x128 images: torchinfo's or
         # Hydra's traceback before, where `skinclf train` says it in one line.
         (["model=resnet", "+model.arch.foo=1"], "unexpected keyword argument 'foo'"),
+        (["model=resnet", "trainer.max_epoch=3"], "did you mean trainer.max_epochs?"),
         (
             ["model=resnet", "model.arch._target_=torch.nn.Identity"],
             "model=resnet: the model returns (2, 3, 128, 128) for a batch of 2 images",

@@ -18,6 +18,7 @@ from skinclf.arguments import summary_parser
 from skinclf.config import adds_config_folders, compose_config, config_choices
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model, check_model_config, check_model_output, model_order
+from skinclf.train_command import check_override_keys
 from skinclf.trained_run import quiet_logs, without_pretrained_download
 
 INPUT_SIZE = (64, 3, IMAGE_SIZE, IMAGE_SIZE)  # the paper's batch of 64 RGB 128x128 images
@@ -125,5 +126,10 @@ def main(args: list[str]) -> None:
             raise SkinclfError(f"{override!r}: expected KEY=VALUE, e.g. model=resnet")
     names = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "model"]
     rest = [o for o in overrides if o.split("=", 1)[0] != "model"]
-    name = names[-1] if names else str(compose_config(rest).model.name)
+    name = names[-1] if names else None
+    if name != "all":  # model=all's keys go to the models that have them (model.pretrained)
+        # A misspelt key named with the nearest one, as `skinclf train` names it (Hydra's "Could
+        # not override 'trainer.max_epoch'" says neither).
+        check_override_keys([*([f"model={name}"] if name else []), *rest])
+    name = name or str(compose_config(rest).model.name)
     print(overview(rest) if name == "all" else layer_table(name, rest))

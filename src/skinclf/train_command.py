@@ -70,7 +70,7 @@ def check_appended_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
         choices = HydraConfig.get().runtime.choices
         chosen = ", ".join(f"{g}={choices[g]}" for g in ("model", "data", "recipe") if g in choices)
         # A plain key that only a sweep's other choices have reached this job as ++key (see
-        # _check_override_keys): named as the user typed it.
+        # check_override_keys): named as the user typed it.
         given = given.removeprefix("++")
         raise SkinclfError(
             f"{unknown[0]}: not a key of this run's configs ({chosen}; given as "
@@ -430,7 +430,7 @@ def _check_sweeps_are_launched_as_sweeps(args: list[str]) -> None:
             )
 
 
-def _check_override_keys(args: list[str]) -> list[str]:
+def check_override_keys(args: list[str]) -> list[str]:
     """A key that no config has (``trainer.max_epoch=3``, in a sweep too): one line naming it and
     the nearest key, or the choices whose configs have it (``data.root`` under data=synthetic),
     exit 2, where Hydra prints a multi-line error and exits 1. Keys are left to Hydra when a
@@ -551,7 +551,7 @@ def main(args: list[str]) -> None:
     _check_group_choices(args)
     _check_sweeps_are_launched_as_sweeps(args)
     _check_sweeps_have_values(args)
-    forced = _check_override_keys(args)
+    forced = check_override_keys(args)
     sys.argv = ["skinclf train", *(f"++{arg}" if arg in forced else arg for arg in args)]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
     SweepSummary.started = SweepSummary.sweep_dir = SweepSummary.last = None
