@@ -904,6 +904,31 @@ def test_top_level_help_and_unknown_command(tmp_path):
     assert bare.returncode == 2 and bare.stderr.strip() == helped.stdout.strip() and not bare.stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["predict", "run", "x.png", "--threshold", "1.5"],
+            "argument --threshold: '1.5': expected a probability",
+        ),
+        (["explain", "run", "x.png", "--class", "foo"], "argument --class: invalid choice: 'foo'"),
+        (["report", "--bogus"], "unrecognized arguments: --bogus"),
+        (["prepare", "a", "b", "--seed", "-1"], "argument --seed: '-1': expected a non-negative integer"),
+        (["summary", "--x"], "unrecognized arguments: --x"),
+    ],
+)
+def test_a_bad_argument_of_any_command_is_one_error_line(args, message, capsys):
+    # argparse printed its usage block above the error: three lines where skinclf says one.
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"skinclf {args[0]}: error: {message}" + err.split(message, 1)[1]
+    assert len(err.strip().splitlines()) == 1 and err.strip().endswith(
+        f"(`skinclf {args[0]} --help` shows the usage)"
+    )
+
+
 def test_train_help_lists_the_models(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "skinclf", "train", "--help"], capture_output=True, text=True, check=True

@@ -9,6 +9,7 @@ parses with the same parser when its ``main`` is called.
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 DISCLAIMER = "skinclf is a research tool, not a diagnosis: do not use its output for medical decisions."
 # Said wherever a model that learned from the built-in data scores images: the synthetic data is
@@ -20,6 +21,14 @@ EXPLAIN_TARGETS = ("mel", "nv", "predicted")
 # The ground-truth files `prepare` recognises a download by.
 ISIC_2019_CSV = "ISIC_2019_Training_GroundTruth.csv"
 HAM10000_CSV = "HAM10000_metadata.csv"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line, as every other skinclf error is: the usage
+    block argparse prints above it is what ``--help`` is for."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` shows the usage)\n")
 
 
 def _threshold(text: str) -> float:
@@ -46,7 +55,7 @@ def _seed(text: str) -> int:
 
 def _run_and_images_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser of ``RUN_DIR IMAGE_OR_FOLDER... [--device D]``, the part predict and explain share."""
-    parser = argparse.ArgumentParser(prog=prog, description=f"{description} {DISCLAIMER}")
+    parser = CommandParser(prog=prog, description=f"{description} {DISCLAIMER}")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="output directory of a finished `skinclf train`")
     parser.add_argument(
         "images", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files, or folders scanned recursively"
@@ -93,7 +102,7 @@ def explain_parser() -> argparse.ArgumentParser:
 
 
 def prepare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="skinclf prepare",
         description=(
             "Build the paper's ROOT/{train,val,test}/{MEL,NV} layout of 128x128 images from a raw ISIC 2019 "
@@ -126,7 +135,7 @@ SUMMARY_EPILOG = """examples:
 
 
 def summary_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="skinclf summary",
         description="The layer table of paper Appendix C (torchinfo) for input (64, 3, 128, 128): "
         "output shapes, parameters per layer, total and trainable parameters, mult-adds.",

@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from skinclf.arguments import CommandParser
 from skinclf.errors import SkinclfError, counted, not_a_folder
 from skinclf.io import FILE_NAME_ERRORS, output_folder
 from skinclf.report.figures import confusion_figure, curves_figure, roc_figure
@@ -146,7 +147,7 @@ def _grid_search_hint(dirs: Sequence[Path]) -> str:
 
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf report ARGS``."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="skinclf report", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
