@@ -22,7 +22,7 @@ import skinclf
 from skinclf.cli import RESUME_HINTS
 from skinclf.cli import main as cli_main
 from skinclf.errors import SkinclfError
-from skinclf.models import PAPER_MODELS
+from skinclf.models import PAPER_MODELS, check_model_output
 from skinclf.report.runs import find_runs
 from skinclf.summary import model_names
 from skinclf.train_command import (
@@ -518,6 +518,34 @@ def test_a_model_of_the_users_own_that_cannot_be_built_is_one_clear_error(
     assert proc.stderr.strip().startswith(f"skinclf train: error: model=mine: {message}")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "outputs").exists()  # before the run folder was made
+
+
+MODELS_THE_META_DEVICE_CANNOT_RUN = """
+import torch
+import torch.nn as nn
+
+
+class CropsToTheLesion(nn.Module):  # data-dependent: fails on meta, and on blank images
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        rows = torch.nonzero(x.mean(dim=(0, 1)) > 0.5)[:, 0]
+        return self.head(x[:, :, rows.min() : rows.max() + 1].mean(dim=(2, 3)))
+
+
+class NoCpuKernel(nn.Module):  # an op the CPU has no kernel for (a CUDA-only extension)
+    def forward(self, x):
+        raise NotImplementedError("Could not run 'ext::op' with arguments from the 'CPU' backend")
+"""
+
+
+@pytest.mark.parametrize("target", ["CropsToTheLesion", "NoCpuKernel"])
+def test_a_model_the_meta_device_cannot_run_is_left_to_the_run(tmp_path, monkeypatch, target):
+    # Refusing them would stop models that train (on real images, on a GPU) from training at all.
+    _users_module(tmp_path, monkeypatch, "meta_free", MODELS_THE_META_DEVICE_CANNOT_RUN)
+    check_model_output(OmegaConf.create({"arch": {"_target_": f"meta_free.{target}"}}), "model=mine")
 
 
 @pytest.mark.parametrize(
