@@ -3,9 +3,11 @@
 import re
 
 import pytest
+from omegaconf import OmegaConf
 
 from skinclf.cli import main as cli_main
-from skinclf.summary import model_config, model_names
+from skinclf.errors import SkinclfError
+from skinclf.summary import model_config, model_names, model_statistics
 
 # Paper Appendix C: total parameters and torchinfo mult-adds (G) at input (64, 3, 128, 128).
 APPENDIX_C = {
@@ -91,3 +93,39 @@ def test_bad_arguments_exit_2_with_one_line(args, named, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err
+
+
+USERS_MODELS = """
+import torch
+import torch.nn as nn
+
+
+class CropsToTheLesion(nn.Module):  # data-dependent: the meta device cannot run it
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        rows = torch.nonzero(x.mean(dim=(0, 1)) > 0.5)[:, 0]
+        return self.head(x[:, :, rows.min() : rows.max() + 1].mean(dim=(2, 3)))
+
+
+class NoCpuKernel(nn.Linear):  # an op the CPU has no kernel for (a CUDA-only extension)
+    def __init__(self):
+        super().__init__(3, 1)
+
+    def forward(self, x):
+        raise NotImplementedError("Could not run 'ext::op' with arguments from the 'CPU' backend")
+"""
+
+
+def test_a_model_the_meta_device_cannot_run_is_counted_on_the_cpu(tmp_path, monkeypatch):
+    (tmp_path / "users_models.py").write_text(USERS_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = {"name": "mine", "arch": {"_target_": "users_models.CropsToTheLesion"}}
+    assert model_statistics(OmegaConf.create({"model": model})).total_params == 4
+    model["arch"]["_target_"] = "users_models.NoCpuKernel"  # nowhere to run it: one line
+    with pytest.raises(
+        SkinclfError, match=r"^model=mine: torchinfo cannot run it on the meta device or the CPU \("
+    ):
+        model_statistics(OmegaConf.create({"model": model}))

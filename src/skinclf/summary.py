@@ -16,7 +16,7 @@ from torchinfo import ModelStatistics, summary
 from skinclf import IMAGE_SIZE
 from skinclf.arguments import summary_parser
 from skinclf.config import adds_config_folders, compose_config, config_choices
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, first_line
 from skinclf.models import build_model, check_model_config, check_model_output, model_order
 from skinclf.train_command import check_override_keys
 from skinclf.trained_run import quiet_logs, without_pretrained_download
@@ -52,15 +52,30 @@ def has_weights(name: str) -> bool:
 
 
 def model_statistics(cfg: DictConfig) -> ModelStatistics:
-    """torchinfo's statistics of ``cfg.model`` at input (64, 3, 128, 128), computed on shapes only."""
+    """torchinfo's statistics of ``cfg.model`` at input (64, 3, 128, 128), computed on shapes only
+    (on the CPU, for real, for a model of the user's own that the meta device cannot run)."""
+    try:
+        return _statistics_on(cfg, "meta")
+    except RuntimeError:  # torchinfo's "Failed to run torchinfo": data-dependent code, custom ops
+        pass
+    try:
+        return _statistics_on(cfg, "cpu")
+    except RuntimeError as err:  # a CUDA-only op: trainable on a GPU, not countable here
+        cause = first_line(err.__cause__ or err)
+        raise SkinclfError(
+            f"model={cfg.model.name}: torchinfo cannot run it on the meta device or the CPU ({cause})"
+        ) from err
+
+
+def _statistics_on(cfg: DictConfig, device: str) -> ModelStatistics:
     # Quietly: a table of shapes needs no weights, and "vgg16: random features, NOT the paper's
     # setup" would read as if it changed the table.
-    with torch.device("meta"), quiet_logs():
+    with torch.device(device), quiet_logs():
         model = build_model(cfg.model)
     return summary(
         model,
         input_size=INPUT_SIZE,
-        device="meta",
+        device=device,
         verbose=0,
         col_names=("output_size", "num_params"),
         depth=4,
