@@ -561,6 +561,20 @@ def test_runs_whose_configs_differ_without_an_override_are_not_averaged_as_seeds
     ]
 
 
+def test_values_a_choice_sets_or_written_two_ways_do_not_label_rows(tmp_path):
+    # recipe=modern sets optim.lr and optim.weight_decay: its row is `recipe=modern`, not those.
+    # A value written two ways (the default 0.0 as 0) is one value: that run is another seed.
+    root = tmp_path / "outputs"
+    write_run(root, "baseline", [0.7, 0.8], [0.7, 0.8], seed=0)
+    write_run(root, "baseline", [0.7, 0.8], [0.7, 0.8], seed=1, overrides=("recipe=modern",))
+    spelt = write_run(root, "baseline", [0.7, 0.8], [0.7, 0.8], seed=2)
+    config = yaml.safe_load((spelt / ".hydra" / "config.yaml").read_text())
+    config["optim"]["weight_decay"] = 0
+    (spelt / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    groups = group_runs(finished(find_runs([root])))["synthetic"]
+    assert [(g.variant, len(g.runs)) for g in groups] == [("", 2), ("recipe=modern", 1)]
+
+
 def test_tied_means_mark_the_earlier_row_best_and_its_confusion_matrix_is_shown(tmp_path):
     # 100 validation images: the trainer records float32 accuracies. Seeds at 96 % and 99 % and
     # seeds at 97 % and 98 % both average 97.5 %, but not in their last float bits.

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from skinclf.models import model_order
-from skinclf.report.runs import NOT_AN_EXPERIMENT_SETTING, Run, as_override
+from skinclf.report.runs import NOT_AN_EXPERIMENT_SETTING, Run, as_override, is_group, keys_set_by, leaves_of
 
 
 @dataclass
@@ -44,37 +44,44 @@ def common_settings(runs: Iterable[Run]) -> dict[str, str]:
     return shared
 
 
+# The config keys of NOT_AN_EXPERIMENT_SETTING (not its group names, model and data, whose keys
+# are settings).
+NO_EXPERIMENT_KEYS = NOT_AN_EXPERIMENT_SETTING - {"model", "data"}
+
+
 def add_config_differences(runs: list[Run]) -> None:
     """Add to the settings of ``runs`` (of one model on one dataset) the config values that differ
     between them though no setting says why: a model YAML edited between two runs, or two model
     configs of one name. Their overrides alike, they would otherwise be averaged as seeds of one
-    experiment. Compared as written (``data.seed: ${seed}`` is one value), on the keys every run's
-    config has (an older skinclf's lacks those added since), and leaving out the keys that make no
-    other experiment (NOT_AN_EXPERIMENT_SETTING) and those a setting explains."""
-    leaves = [(run, dict(_leaves(run.config))) for run in runs if run.config is not None]
-    if len(leaves) < 2:
+    experiment. Compared as written (``data.seed: ${seed}`` is one value) and, where that differs,
+    as resolved (``freeze: ${..freeze}`` and ``none``, ``0`` and ``0.0`` are one value); on the
+    keys every run's config has (an older skinclf's lacks those added since); leaving out the keys
+    that make no other experiment (NOT_AN_EXPERIMENT_SETTING) and those a setting explains, a
+    group choice's included (recipe=modern sets optim.lr)."""
+    compared = [run for run in runs if run.config is not None]
+    if len(compared) < 2:
         return
-    common = set.intersection(*(set(values) for _, values in leaves))
+    written = [dict(leaves_of(run.config)) for run in compared]
+    resolved = [None if run.resolved is None else dict(leaves_of(run.resolved)) for run in compared]
+    common = set.intersection(*(set(values) for values in written))
     explained = {_package(key) for run in runs for key in run.settings}
+    for run in runs:
+        for key, value in run.settings.items():
+            if is_group(key):
+                explained |= keys_set_by(f"{key}={value}")
     for key in sorted(common):
-        values = {repr(config[key]) for _, config in leaves}
-        if (
-            len(values) == 1
-            or _under(key, NOT_AN_EXPERIMENT_SETTING - {"model", "data"})
-            or _under(key, explained)
-        ):
+        if len({repr(values[key]) for values in written}) == 1:
             continue
-        for run, config in leaves:
-            run.settings[key] = as_override(config[key])
-
-
-def _leaves(node: object, prefix: str = "") -> Iterable[tuple[str, object]]:
-    """(dotted key, value) of every leaf of a nested dict."""
-    if isinstance(node, dict) and node:
-        for key, value in node.items():
-            yield from _leaves(value, f"{prefix}{key}.")
-    else:
-        yield prefix.rstrip("."), node
+        if _under(key, NO_EXPERIMENT_KEYS) or _under(key, explained):
+            continue
+        shown = [
+            as_override((values if values is not None and key in values else raw)[key])
+            for values, raw in zip(resolved, written, strict=True)
+        ]
+        if len(set(shown)) == 1:  # one value, written two ways
+            continue
+        for run, value in zip(compared, shown, strict=True):
+            run.settings[key] = value
 
 
 def _package(key: str) -> str:

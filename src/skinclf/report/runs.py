@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -109,9 +109,11 @@ class Run:
     data: str
     seed: int | None
     settings: dict[str, str] = field(default_factory=dict)
-    # Its .hydra/config.yaml as written (interpolations unresolved), None where there is none:
-    # what tells runs apart whose overrides are alike (see groups.add_config_differences).
+    # Its .hydra/config.yaml as written (interpolations unresolved) and resolved (None where it
+    # cannot be here: ${hydra:...}), None where there is none: what tells runs apart whose
+    # overrides are alike (see groups.add_config_differences).
     config: dict | None = field(default=None, repr=False, compare=False)
+    resolved: dict | None = field(default=None, repr=False, compare=False)
     status: str = UNFINISHED
     problem: str = ""
     history: pd.DataFrame | None = None
@@ -344,6 +346,10 @@ def load_run(path: Path) -> Run | None:
         seed = None if seed is None else number_setting(cfg, "seed", int)
         run = Run(path, str(model), data, seed, _settings(_overrides(path), cfg))
         run.config = OmegaConf.to_container(cfg, resolve=False)
+        try:
+            run.resolved = OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException:
+            run.resolved = None
     except (OmegaConfBaseException, SkinclfError) as err:
         # As failed as a YAML error: a `${...}` that names no key, a seed that is no number.
         key = getattr(err, "full_key", "")
@@ -559,6 +565,31 @@ def _settings(overrides: Sequence[str], cfg: DictConfig) -> dict[str, str]:
         if resolved != default:
             settings[key] = as_override(resolved)
     return settings
+
+
+@cache
+def keys_set_by(choice: str) -> frozenset[str]:
+    """The config keys (dotted leaves) whose values a group ``choice`` (``recipe=modern``) changes
+    from the defaults: ``optim.lr`` among them, outside the recipe's own package."""
+    with_it, without_it = _composed((choice,)), _composed(())
+    if with_it is None or without_it is None:
+        return frozenset()
+    leaves = [dict(leaves_of(OmegaConf.to_container(c, resolve=False))) for c in (with_it, without_it)]
+    return frozenset(k for k in leaves[0].keys() | leaves[1].keys() if leaves[0].get(k) != leaves[1].get(k))
+
+
+def leaves_of(node: object, prefix: str = "") -> Iterable[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a nested dict."""
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from leaves_of(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+def is_group(key: str) -> bool:
+    """Whether a setting's key is a config group (``recipe``), not a value (``optim.lr``)."""
+    return key in _default_group_choices()
 
 
 def _changes_nothing(choice: str, choices: tuple[str, ...]) -> bool:
