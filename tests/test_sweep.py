@@ -3,7 +3,9 @@ sweep jobs, the end-of-sweep summary, and whole sweeps through the joblib and su
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -28,6 +30,7 @@ from skinclf.sweep import resources
 from skinclf.sweep.jobs import (
     RUN_CONFIG,
     STATUS_FILE,
+    current_launch,
     read_status,
     record_stopped_jobs,
     run_sweep_job,
@@ -158,6 +161,19 @@ def _job(tmp_path: Path, sweep: Path, num: int, task, *overrides: str) -> str:
     return run_sweep_job(cfg, out, task, num, sweep, list(overrides))
 
 
+@contextlib.contextmanager
+def caplog_to(path: Path):
+    """skinclf's log lines appended to ``path`` inside, as Hydra's file handler does for a job."""
+    handler = logging.FileHandler(path)
+    logger = logging.getLogger("skinclf")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
 @pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
 def test_a_sweep_job_whose_folder_another_process_holds_is_refused_not_run(tmp_path: Path, capsys) -> None:
     import fcntl
@@ -171,13 +187,17 @@ def test_a_sweep_job_whose_folder_another_process_holds_is_refused_not_run(tmp_p
         (out_dir / "test_metrics.json").write_text("{}")
 
     (sweep / "0_job").mkdir()
+    (sweep / "0_job" / "train.log").write_text("the other launch's log\n")
     fd = os.open(sweep / "0_job", os.O_RDONLY)  # another launch's job, not yet recorded as running
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        assert _job(tmp_path, sweep, 0, finishing, "seed=0") == "failed"
+        with caplog_to(sweep / "0_job" / "train.log"):  # where Hydra sends the job's log lines
+            assert _job(tmp_path, sweep, 0, finishing, "seed=0") == "failed"
         assert calls == []
         assert "job 0 failed: " in capsys.readouterr().err
         assert not (sweep / "0_job" / RUN_CONFIG).exists()  # not claimed: its holder's to write
+        assert (sweep / "0_job" / "train.log").read_text() == "the other launch's log\n"
+        assert "log:" not in collect_jobs(sweep, current_launch(sweep)).format(sweep)
     finally:
         os.close(fd)
     assert _job(tmp_path, sweep, 0, finishing, "seed=0") == "done" and calls == [0]

@@ -505,6 +505,12 @@ def run_sweep_job(
     def failed(err: Exception) -> str:
         nonlocal recorded
         message = first_line(err)
+        if isinstance(err, FolderBusy):
+            # Its train.log (where the job's log lines go) is the other process's: not a word there.
+            info["log"] = None
+            print(f"skinclf train: job {job_num} failed: {message}", file=sys.stderr)
+            record_refusal(sweep_dir, out_dir, launch, error=message, **info)
+            return "failed"
         if isinstance(err, SkinclfError):
             log.error(f"job {job_num} failed: {message}")
         else:

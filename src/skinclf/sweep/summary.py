@@ -55,7 +55,8 @@ class JobsSummary:
         for failed in self.failed:
             # An error about the job's folder names it already: the folder is not repeated.
             error = str(failed["error"]).removeprefix(f"{failed['dir']}: ")
-            lines.append(f"  FAILED {failed['dir']}: {error}\n    log: {failed['log']}")
+            log = f"\n    log: {failed['log']}" if failed.get("log") else ""  # none: another's folder
+            lines.append(f"  FAILED {failed['dir']}: {error}{log}")
         return "\n".join(lines)
 
 
