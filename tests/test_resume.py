@@ -332,10 +332,8 @@ def test_a_launch_refused_because_another_holds_its_new_folder_leaves_that_folde
         yield
 
     monkeypatch.setattr(train_command, "run_dir_lock", held_by_another)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stop:
-        train_command.main([*TINY, f"hydra.run.dir={run_dir}", "trainer.progress=never"])
-    assert stop.value.code == 2
+    refused = train_cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "being trained now by another process" in refused.stderr
     assert (run_dir / RUN_CONFIG).read_text() == "{}"
 
 
