@@ -243,6 +243,27 @@ def test_a_stop_before_the_run_has_a_folder_gives_no_resume_hint(tmp_path, monke
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize(
+    ("stop", "code", "by"), [(KeyboardInterrupt(), 130, "Ctrl-C"), (None, 143, "SIGTERM")]
+)
+def test_a_stop_while_the_command_imports_is_one_line(monkeypatch, capsys, stop, code, by):
+    # The command's module (torch) takes seconds to import: a Ctrl-C then was a traceback, a
+    # `kill` a silent exit 143.
+    from skinclf import cli
+
+    def importing(name):
+        if stop is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the handler raises in here
+        raise stop
+
+    monkeypatch.setattr(cli.importlib, "import_module", importing)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report"])
+    assert exit_info.value.code == code
+    assert capsys.readouterr().err.strip() == f"skinclf report: stopped ({by})"
+
+
 def test_a_config_error_in_a_relaunched_sweep_names_no_folder(tmp_path):
     folder = tmp_path / "sweep"
     folder.mkdir()

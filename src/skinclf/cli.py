@@ -95,8 +95,10 @@ def _dispatch(argv: list[str]) -> None:
     if command in PARSERS:
         # Before the command's module (torch: seconds): --help and a wrong argument answer now.
         PARSERS[command]().parse_args(args)
-    module = importlib.import_module(COMMANDS[command][0])
+    module = None
     try:
+        # Inside: a Ctrl-C or `kill` while the command's module (torch) imports is a stop too.
+        module = importlib.import_module(COMMANDS[command][0])
         module.main(args)
     except SkinclfError as err:
         print(f"skinclf {command}: error: {err}", file=sys.stderr)
