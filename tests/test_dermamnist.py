@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -152,6 +153,14 @@ def test_wrong_keys_or_shapes_name_the_key(tmp_path, kwargs, key):
     with pytest.raises(SkinclfError) as err:
         splits_of(path)
     assert key in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_missing_key_is_named_before_any_split_is_counted(tmp_path, caplog):
+    # val's labels missing: the train split's count line came first, as if training had begun.
+    path = write_npz(tmp_path / "bad.npz", drop_key="val_labels")
+    with caplog.at_level(logging.INFO, logger="skinclf"), pytest.raises(SkinclfError, match="val_labels"):
+        splits_of(path)
+    assert "dermamnist train" not in caplog.text
 
 
 def test_images_and_labels_of_different_counts_say_so(tmp_path):

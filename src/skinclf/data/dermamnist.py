@@ -57,15 +57,21 @@ def _npz_path(data_cfg: DictConfig) -> Path:
     return path
 
 
-def _checked_arrays(npz, path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``split``'s images (N, S, S, 3) uint8 and integer labels (N,), checked against MedMNIST's format."""
-    keys = (f"{split}_images", f"{split}_labels")
-    for key in keys:
+def _check_keys(npz, path: Path) -> None:
+    """Every split's keys are in the archive: checked before any split is read and counted, so
+    that a file missing val's arrays says so without a line about train first."""
+    for key in (f"{split}_{part}" for split in SPLIT_NAMES for part in ("images", "labels")):
         if key not in npz.files:
             raise SkinclfError(
                 f"{path}: no key {key!r} (has {', '.join(sorted(npz.files)) or 'none'}); expected a MedMNIST "
                 f"npz with {', '.join(f'{s}_images, {s}_labels' for s in SPLIT_NAMES)}"
             )
+
+
+def _checked_arrays(npz, path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``split``'s images (N, S, S, 3) uint8 and integer labels (N,), checked against MedMNIST's
+    format (its keys: :func:`_check_keys`)."""
+    keys = (f"{split}_images", f"{split}_labels")
     try:  # the arrays are decompressed only now: a damaged archive fails here, not at np.load
         images, labels = npz[keys[0]], npz[keys[1]]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
@@ -136,6 +142,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
     balance = bool(data_cfg.get("balance_train", False))
     splits = {}
     with npz:
+        _check_keys(npz, path)
         for split in SPLIT_NAMES:
             images, labels = _checked_arrays(npz, path, split)
             keep = np.flatnonzero((labels == MEL_LABEL) | (labels == NV_LABEL))
