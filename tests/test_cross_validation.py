@@ -300,6 +300,10 @@ def test_a_grid_with_failed_points_says_so_beside_its_best(tmp_path: Path) -> No
     text = (tmp_path / GRID_MD).read_text()
     assert "| 1 | 32 | 0.0001 | data.batch_size=32 | 70.00 ± 8.16 % | 3 |" in text  # the point, alone
     assert "Not ranked: 1 of the 2 points failed (1_baseline_bs0; the sweep's summary says why)" in text
+    # A point that failed now but holds an earlier launch's result is ranked by it, not counted twice.
+    _fake_point(tmp_path, "1_baseline_bs0", ["data.batch_size=0", *shared], [0.5, 0.5, 0.5], 0, 1e-4)
+    write_grid(tmp_path, failed)
+    assert "Not ranked" not in (tmp_path / GRID_MD).read_text()
 
 
 @pytest.mark.slow

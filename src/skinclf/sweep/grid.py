@@ -73,9 +73,16 @@ def format_grid(table: pd.DataFrame, failed: Sequence[dict[str, Any]] = ()) -> s
     return "\n".join(lines)
 
 
+def unranked(failed: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``failed`` points without a result: one that failed in this launch but holds a result
+    of an earlier launch is ranked by that result, not named as missing."""
+    return [f for f in failed if not (Path(f["dir"]) / CV_RESULT).is_file()]
+
+
 def write_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
     """Rank the sweep's grid points; write grid_search.csv and grid_search.md into the sweep folder
     (the ``failed`` points named in the latter)."""
+    failed = unranked(failed)
     table = rank_grid(sweep_dir, failed)
     if table.empty:
         return table
