@@ -190,3 +190,38 @@ def batches_by_warp_chunk(monkeypatch: pytest.MonkeyPatch, train_batch) -> list[
         monkeypatch.setattr(pipeline_module, "WARP_CHUNK", chunk)
         batches.append(train_batch())
     return batches
+
+
+def users_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, text: str) -> Path:
+    """A module of the user's own, ``name``.py, importable (its folder on the path)."""
+    code = tmp_path / "my_code"
+    code.mkdir(exist_ok=True)
+    (code / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(code))
+    return code
+
+
+# Models of the user's own that PyTorch's meta device cannot run, which train and summary must
+# still take: they are run for real on the CPU instead, or left to the run.
+MODELS_THE_META_DEVICE_CANNOT_RUN = """
+import torch
+import torch.nn as nn
+
+
+class CropsToTheLesion(nn.Module):  # data-dependent: fails on meta, and on blank images
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        rows = torch.nonzero(x.mean(dim=(0, 1)) > 0.5)[:, 0]
+        return self.head(x[:, :, rows.min() : rows.max() + 1].mean(dim=(2, 3)))
+
+
+class NoCpuKernel(nn.Linear):  # an op the CPU has no kernel for (a CUDA-only extension)
+    def __init__(self):
+        super().__init__(3, 1)
+
+    def forward(self, x):
+        raise NotImplementedError("Could not run 'ext::op' with arguments from the 'CPU' backend")
+"""

@@ -33,7 +33,7 @@ from skinclf.train_command import (
 )
 from skinclf.training.loop import METRICS_COLUMNS
 
-from conftest import TINY, run_dir_from_output, train_cli
+from conftest import MODELS_THE_META_DEVICE_CANNOT_RUN, TINY, run_dir_from_output, train_cli, users_module
 
 TEST_METRIC_KEYS = {
     "accuracy",
@@ -374,17 +374,8 @@ def _own_model_config(tmp_path, name: str, text: str) -> str:
     return f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
 
 
-def _users_module(tmp_path, monkeypatch, name: str, text: str):
-    """A module of the user's own, ``name``.py, importable (its folder on the path)."""
-    code = tmp_path / "my_code"
-    code.mkdir(exist_ok=True)
-    (code / f"{name}.py").write_text(text)
-    monkeypatch.syspath_prepend(str(code))
-    return code
-
-
 def test_a_model_of_the_users_own_trains_reports_predicts_and_explains(tmp_path, monkeypatch, capsys):
-    code = _users_module(tmp_path, monkeypatch, "my_models", USERS_MODULE)
+    code = users_module(tmp_path, monkeypatch, "my_models", USERS_MODULE)
     config = OWN_CONFIG.format(name="wide_cnn", arch="_target_: my_models.WideCNN")
     searchpath = _own_model_config(tmp_path, "wide_cnn", config)
     proc = train_cli("-m", searchpath, "model=wide_cnn,baseline", *TINY, cwd=tmp_path)
@@ -531,8 +522,8 @@ def test_a_key_added_beside_the_target_of_a_model_of_the_users_own_reaches_its_c
 def test_a_model_of_the_users_own_that_cannot_be_built_is_one_clear_error(
     tmp_path, monkeypatch, arch, message
 ):
-    _users_module(tmp_path, monkeypatch, "my_models", USERS_MODULE)
-    _users_module(tmp_path, monkeypatch, "needs_a_package", "import not_installed_xyz\n")
+    users_module(tmp_path, monkeypatch, "my_models", USERS_MODULE)
+    users_module(tmp_path, monkeypatch, "needs_a_package", "import not_installed_xyz\n")
     config = OWN_CONFIG.format(name="mine", arch=arch)
     proc = error_run(tmp_path, _own_model_config(tmp_path, "mine", config), "model=mine", *TINY)
     assert proc.returncode == 2
@@ -541,31 +532,10 @@ def test_a_model_of_the_users_own_that_cannot_be_built_is_one_clear_error(
     assert not (tmp_path / "outputs").exists()  # before the run folder was made
 
 
-MODELS_THE_META_DEVICE_CANNOT_RUN = """
-import torch
-import torch.nn as nn
-
-
-class CropsToTheLesion(nn.Module):  # data-dependent: fails on meta, and on blank images
-    def __init__(self):
-        super().__init__()
-        self.head = nn.Linear(3, 1)
-
-    def forward(self, x):
-        rows = torch.nonzero(x.mean(dim=(0, 1)) > 0.5)[:, 0]
-        return self.head(x[:, :, rows.min() : rows.max() + 1].mean(dim=(2, 3)))
-
-
-class NoCpuKernel(nn.Module):  # an op the CPU has no kernel for (a CUDA-only extension)
-    def forward(self, x):
-        raise NotImplementedError("Could not run 'ext::op' with arguments from the 'CPU' backend")
-"""
-
-
 @pytest.mark.parametrize("target", ["CropsToTheLesion", "NoCpuKernel"])
 def test_a_model_the_meta_device_cannot_run_is_left_to_the_run(tmp_path, monkeypatch, target):
     # Refusing them would stop models that train (on real images, on a GPU) from training at all.
-    _users_module(tmp_path, monkeypatch, "meta_free", MODELS_THE_META_DEVICE_CANNOT_RUN)
+    users_module(tmp_path, monkeypatch, "meta_free", MODELS_THE_META_DEVICE_CANNOT_RUN)
     check_model_output(OmegaConf.create({"arch": {"_target_": f"meta_free.{target}"}}), "model=mine")
 
 

@@ -9,6 +9,8 @@ from skinclf.cli import main as cli_main
 from skinclf.errors import SkinclfError
 from skinclf.summary import model_config, model_names, model_statistics
 
+from conftest import MODELS_THE_META_DEVICE_CANNOT_RUN, users_module
+
 # Paper Appendix C: total parameters and torchinfo mult-adds (G) at input (64, 3, 128, 128).
 APPENDIX_C = {
     "baseline": ("8,408,257", "6.33"),
@@ -95,33 +97,8 @@ def test_bad_arguments_exit_2_with_one_line(args, named, capsys):
     assert len(err.splitlines()) == 1 and named in err
 
 
-USERS_MODELS = """
-import torch
-import torch.nn as nn
-
-
-class CropsToTheLesion(nn.Module):  # data-dependent: the meta device cannot run it
-    def __init__(self):
-        super().__init__()
-        self.head = nn.Linear(3, 1)
-
-    def forward(self, x):
-        rows = torch.nonzero(x.mean(dim=(0, 1)) > 0.5)[:, 0]
-        return self.head(x[:, :, rows.min() : rows.max() + 1].mean(dim=(2, 3)))
-
-
-class NoCpuKernel(nn.Linear):  # an op the CPU has no kernel for (a CUDA-only extension)
-    def __init__(self):
-        super().__init__(3, 1)
-
-    def forward(self, x):
-        raise NotImplementedError("Could not run 'ext::op' with arguments from the 'CPU' backend")
-"""
-
-
 def test_a_model_the_meta_device_cannot_run_is_counted_on_the_cpu(tmp_path, monkeypatch):
-    (tmp_path / "users_models.py").write_text(USERS_MODELS)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    users_module(tmp_path, monkeypatch, "users_models", MODELS_THE_META_DEVICE_CANNOT_RUN)
     model = {"name": "mine", "arch": {"_target_": "users_models.CropsToTheLesion"}}
     assert model_statistics(OmegaConf.create({"model": model})).total_params == 4
     model["arch"]["_target_"] = "users_models.NoCpuKernel"  # nowhere to run it: one line
