@@ -527,6 +527,30 @@ def test_a_synthetic_dataset_is_named_by_what_it_generates(tmp_path, edit, expec
     assert (found.status, found.data) == ("finished", expected)
 
 
+def test_a_dermamnist_folder_and_its_npz_file_are_one_dataset(tmp_path):
+    # data.root may name the folder or the file in it: the same images, so one row of two seeds.
+    folder = tmp_path / "medmnist"
+    folder.mkdir()
+    npz = folder / "dermamnist_128.npz"
+    npz.write_bytes(b"")
+    for seed, root in enumerate((folder, npz, tmp_path / "moved")):
+        run = write_run(
+            tmp_path / "outputs", "baseline", [0.7, 0.8], [0.7, 0.8], seed=seed, data="dermamnist"
+        )
+        config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        config["data"]["root"] = str(root)
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    # A root that names no file now keeps its recorded name: nothing tells which images it held.
+    assert sorted(run.data for run in find_runs([tmp_path / "outputs"])) == [
+        f"dermamnist:{npz}",
+        f"dermamnist:{npz}",
+        f"dermamnist:{tmp_path / 'moved'}",
+    ]
+    build_report([tmp_path / "outputs"], tmp_path / "reports")
+    table = pd.read_csv(tmp_path / "reports" / "table1.csv")
+    assert sorted(table["n"]) == [1, 2]
+
+
 def test_a_long_model_label_stays_inside_the_confusion_figure(tmp_path):
     # The title was one line per part, cut off at both edges for a variant of several settings.
     root = tmp_path / "outputs"

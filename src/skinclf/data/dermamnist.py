@@ -35,8 +35,10 @@ DOWNLOAD_HELP = (
 )
 
 
-def _npz_path(data_cfg: DictConfig) -> Path:
-    path = data_path(data_cfg, "root")
+def npz_file(path: Path) -> Path:
+    """The npz file a ``data.root`` of ``path`` reads: the path itself, or in a folder its
+    dermamnist_128.npz, else the one DermaMNIST file of another size there. A SkinclfError when
+    there is none, or several to choose from."""
     if path.is_dir():
         folder, path = path, path / FILE_NAME
         # Else the one file of another size there. MedMNIST names the 64 and 224 pixel files
@@ -130,7 +132,7 @@ def _why_unreadable(path: Path, err: Exception) -> str:
 
 def load_splits(data_cfg: DictConfig) -> ImageSplits:
     """The MEL (4) / NV (5) images of each split of the DermaMNIST npz at ``data.root``, as 128x128."""
-    path = _npz_path(data_cfg)
+    path = npz_file(data_path(data_cfg, "root"))
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as err:

@@ -202,6 +202,8 @@ def dataset_key(cfg: DictConfig, root: str | None) -> str:
     (absolute, when known), and those of its DATASET_SETTINGS that differ from their defaults
     (``synthetic [data.seed=1 data.val_size=64]``), so that default runs keep the plain name."""
     name = str(OmegaConf.select(cfg, "data.name", default="?"))
+    if name == "dermamnist" and root:
+        root = _dermamnist_file(root)
     key = f"{name}:{root}" if root else name
     settings = DATASET_SETTINGS.get(name, ())
     defaults = _composed((f"data={name}",)) if settings else None
@@ -211,6 +213,19 @@ def dataset_key(cfg: DictConfig, root: str | None) -> str:
         if value is not None and value != _dataset_setting(defaults, setting):
             differing.append(f"data.{setting}={value}")
     return f"{key} [{' '.join(differing)}]" if differing else key
+
+
+def _dermamnist_file(root: str) -> str:
+    """The npz file a DermaMNIST run's ``data.root`` names (a folder or the file itself), so that
+    runs given the folder and runs given its file are one dataset; the root as recorded where it
+    names no file here now (moved, deleted, or relative to another folder)."""
+    # Imported here: skinclf.data imports torch, which a report of other datasets never needs.
+    from skinclf.data.dermamnist import npz_file
+
+    try:
+        return str(npz_file(Path(root)))
+    except (SkinclfError, OSError):
+        return root
 
 
 def _dataset_setting(cfg: DictConfig | None, setting: str) -> int | str | None:
