@@ -28,6 +28,7 @@ from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS
 from skinclf.sweep import resources
 from skinclf.sweep.jobs import (
+    REFUSED_PREFIX,
     RUN_CONFIG,
     STATUS_FILE,
     current_launch,
@@ -259,6 +260,15 @@ def test_sweep_jobs_skip_finished_resume_unfinished_and_record_failures(tmp_path
     (refused,) = collect_jobs(sweep, third).failed
     assert refused["dir"] == str(sweep / "0_job") and "different config" in refused["error"]
     assert collect_jobs(sweep, second).failed[0]["dir"] == str(sweep / "0_job")  # its own record
+
+    # A torn or hand-edited record (of any launch) is passed over: the summary still comes.
+    (sweep / "5_job").mkdir()
+    (sweep / "5_job" / STATUS_FILE).write_text('{"status": "done", "launch": ')
+    (sweep / "6_job").mkdir()
+    (sweep / "6_job" / STATUS_FILE).write_text(json.dumps({"launch": third}))
+    (sweep / f"{REFUSED_PREFIX}7_job.json").write_text("[]")
+    jobs = collect_jobs(sweep, third)
+    assert [Path(f["dir"]).name for f in jobs.failed] == ["0_job", "6_job"] and not jobs.done
 
 
 def _report(sweep: Path, tmp_path: Path) -> pd.DataFrame:

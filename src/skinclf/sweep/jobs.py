@@ -259,11 +259,17 @@ def current_launch(sweep_dir: Path) -> str | None:
 def read_status(out_dir: Path) -> dict[str, Any]:
     """The run's or sweep job's job_status.json; empty when it has none or it is unreadable (runs
     from before status files, a torn copy)."""
+    return read_record(Path(out_dir) / STATUS_FILE)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A job_status.json or refusal record (a JSON object); empty when missing or unreadable (a
+    torn copy, a hand edit), so that one bad record never stops a sweep's summary or a report."""
     try:
-        status = json.loads((Path(out_dir) / STATUS_FILE).read_text())
+        record = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
-    return status if isinstance(status, dict) else {}
+    return record if isinstance(record, dict) else {}
 
 
 def write_status(out_dir: Path, status: str, launch: str | None, **info: Any) -> None:

@@ -4,7 +4,6 @@ hydra.callbacks) in the process that launched the sweep, whatever the launcher."
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,6 +24,7 @@ from skinclf.sweep.jobs import (
     REFUSED_PREFIX,
     STATUS_FILE,
     job_in_training,
+    read_record,
     refused_job_dir,
     start_launch,
 )
@@ -72,17 +72,18 @@ def collect_jobs(sweep_dir: Path, launch: str | None) -> JobsSummary:
     # Job folders may be nested (hydra.sweep.subdir=${model.name}/seed${seed}).
     records = {path.parent: path for path in sweep_dir.glob(f"**/{STATUS_FILE}")}
     for path in sweep_dir.glob(f"{REFUSED_PREFIX}*.json"):
-        refused = json.loads(path.read_text())
-        if refused.get("launch") == launch:
+        if read_record(path).get("launch") == launch:
             records[refused_job_dir(sweep_dir, path)] = path
     for folder in sorted(records, key=job_order):
-        status = json.loads(records[folder].read_text())
+        status = read_record(records[folder])
         if status.get("launch") != launch:
-            continue  # a job of an earlier launch that this one did not touch
+            # A job of an earlier launch that this one did not touch, or an unreadable record
+            # (which names no launch): counted by nobody, rather than ending the summary.
+            continue
         job_dir = str(folder)
-        if status["status"] == "done":
+        if status.get("status") == "done":
             summary.done.append(job_dir)
-        elif status["status"] == "skipped":
+        elif status.get("status") == "skipped":
             summary.skipped.append(job_dir)
         else:
             error = status.get("error", "stopped before finishing (killed?); re-launch to resume it")
