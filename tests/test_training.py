@@ -13,6 +13,7 @@ import torch
 from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.data.pipeline import DefaultPipeline
+from skinclf.data.splits import Split
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model
 from skinclf.training import loop
@@ -154,6 +155,37 @@ def test_validation_accuracy_counts_mel_as_the_test_metrics_do(monkeypatch):
     split = type("Split", (), {"images": None, "labels": torch.tensor([1.0, 0.0, 1.0, 0.0])})()
     _, acc, probs = evaluate(None, None, split, LoopSettings(), torch.device("cpu"))
     assert probs[0] == 0.5 and acc == 1.0
+
+
+def test_training_accuracy_counts_mel_as_the_validation_accuracy_does():
+    # A model whose every logit is -1e-8: float32's sigmoid makes that p = 0.5, MEL, as the
+    # validation and test metrics count it; "logit >= 0" counted it NV.
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logit = torch.nn.Parameter(torch.tensor(-1e-8))
+
+        def forward(self, x):
+            return self.logit.expand(len(x), 1)
+
+    model = Constant()
+    images = torch.zeros(8, 3, 4, 4, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    split = Split(images, torch.ones(8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    settings = LoopSettings(batch_size=4, progress="never")
+    _, acc = loop.train_one_epoch(
+        model,
+        DefaultPipeline(),
+        split,
+        optimizer,
+        scaler,
+        torch.Generator(),
+        settings,
+        torch.device("cpu"),
+        "",
+    )
+    assert acc == 1.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -157,11 +157,15 @@ def evaluate(
     # The logits come back on the CPU; on CUDA, fit has moved the split's labels to the GPU.
     labels = split.labels.cpu()
     loss = F.binary_cross_entropy_with_logits(logits, labels).item()
-    probs = torch.sigmoid(logits)
-    # MEL at p >= 0.5, as the test metrics and the report count it from these probabilities:
-    # "logit >= 0" differs where float32's sigmoid rounds a small negative logit up to 0.5.
-    acc = ((probs >= 0.5).float() == labels).float().mean().item()
-    return loss, acc, probs.numpy()
+    acc = (predicted_mel(logits) == labels).float().mean().item()
+    return loss, acc, torch.sigmoid(logits).numpy()
+
+
+def predicted_mel(logits: torch.Tensor) -> torch.Tensor:
+    """1.0 where a logit calls MEL (float32 sigmoid >= 0.5, as the test metrics and the report
+    count it from the probabilities), else 0.0. "logit >= 0" differs where float32's sigmoid rounds
+    a small negative logit up to 0.5; training and validation accuracy use this one rule."""
+    return (torch.sigmoid(logits.float()) >= 0.5).float()
 
 
 def train_one_epoch(
@@ -211,7 +215,7 @@ def train_one_epoch(
             loss = F.binary_cross_entropy_with_logits(logits.detach().float(), target)
         # Accumulated on the device: no host sync per step.
         loss_sum += loss.detach() * len(idx)
-        correct += ((logits.detach() >= 0).float() == y).sum()
+        correct += (predicted_mel(logits.detach()) == y).sum()
     return loss_sum.item() / len(split), correct.item() / len(split)
 
 
