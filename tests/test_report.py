@@ -1093,6 +1093,25 @@ def test_file_names_that_are_no_utf8_keep_their_bytes_in_csv_files_and_show_esca
     assert {"curves.png", "curves.pdf", "roc.png"} <= {p.name for p in out.iterdir()}
 
 
+def test_tables_are_utf8_under_an_ascii_locale(tmp_path):
+    # A model named beyond ASCII, reported under the C locale without UTF-8 mode (the locale's
+    # encoding is then ASCII, as cp1252 is narrower than UTF-8 on Windows): table1.md and .tex
+    # were written in the locale's encoding, and the report died.
+    root = tmp_path / "outputs"
+    run = write_run(root, "resnet", *RESNET)
+    _set_config(run / ".hydra" / "config.yaml", "model.name", "résnet")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    out = tmp_path / "reports"
+    proc = subprocess.run(
+        [sys.executable, "-m", "skinclf", "report", str(root), "--out", str(out)],
+        capture_output=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert "| **résnet** |" in (out / "table1.md").read_text(encoding="utf-8")
+    assert "résnet" in (out / "table1.tex").read_text(encoding="utf-8")
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")
 def test_a_skipped_image_whose_name_is_no_utf8_is_logged_in_train_log(tmp_path):
     # (Here beside the report's own test of such names: a run's train.log is what its row in

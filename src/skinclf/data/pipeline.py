@@ -2,7 +2,7 @@
 
 They work on whole batches of tensors already in memory (no PIL, no per-image Python loop),
 so that the training step, not data handling, dominates an epoch. Normalisation is one
-multiply-add per pixel: fused into the uint8 -> float conversion, or after the augmentation's warp.
+multiply-add per pixel, after the cast to the model's input dtype or after the augmentation's warp.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class DefaultPipeline:
 
     def to_input(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(N, 3, H, W) in 0-255 units (uint8 or float) -> normalised channels-last ``dtype``:
-        (x / 255 - mean) / std in one pass, into a new tensor."""
+        (x / 255 - mean) / std as one multiply-add after the cast, into a new tensor."""
         n, c, h, w = images.shape
         # Cast first, then one fused multiply-add in the target dtype: bf16 input goes straight
         # to the model without a later fp32 -> bf16 cast (0..255 integers are exact in bf16).

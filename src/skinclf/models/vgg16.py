@@ -2,7 +2,9 @@
 
 The only transfer-learning combination of the study. The features are frozen, so
 :meth:`VGG16Transfer.frozen_split` hands them to the feature cache (skinclf.data.features):
-they run once per split, and the training loop only ever trains the head.
+they run once per split, and the training loop only ever trains the head. Where the images
+change every epoch (an augmenting pipeline, mixup, test-time flips) the cache is off and they
+run on every batch.
 """
 
 from __future__ import annotations

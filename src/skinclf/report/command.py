@@ -75,8 +75,9 @@ def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]
             staging = Path(staging_dir)
             runs_table(runs).to_csv(staging / "runs.csv", index=False, errors=FILE_NAME_ERRORS)
             table.to_csv(staging / "table1.csv", index=False, errors=FILE_NAME_ERRORS)
-            (staging / "table1.md").write_text(table1_markdown(table, groups))
-            (staging / "table1.tex").write_text(table1_latex(table, groups))
+            # UTF-8 whatever the locale, as every other text skinclf writes.
+            (staging / "table1.md").write_text(table1_markdown(table, groups), encoding="utf-8")
+            (staging / "table1.tex").write_text(table1_latex(table, groups), encoding="utf-8")
             curves = curves_figure(groups)
             curves.savefig(staging / "curves.png", dpi=DPI)
             curves.savefig(staging / "curves.pdf")

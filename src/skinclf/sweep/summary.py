@@ -1,6 +1,7 @@
 """The end of a sweep: which jobs are done, skipped or failed, and for a grid search the ranking
 of its points (:mod:`skinclf.sweep.grid`). Runs as a Hydra callback (conf/train.yaml,
-hydra.callbacks) in the process that launched the sweep, whatever the launcher."""
+hydra.callbacks) in the process that launched the sweep, whatever the launcher; only
+``on_job_start`` runs in each job's process."""
 
 from __future__ import annotations
 
