@@ -984,6 +984,9 @@ print("imported:", [m for m in ("torch", "pandas", "skinclf.train") if m in sys.
         (["prepare", "--help"], None),
         (["prepare", "src"], "the following arguments are required: out"),
         (["summary", "--help"], None),
+        # report's module imports pandas and matplotlib (a second).
+        (["report", "--help"], None),
+        (["report", "--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
 def test_help_and_argument_errors_answer_without_importing_torch(tmp_path, args, error):

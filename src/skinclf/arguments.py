@@ -1,14 +1,16 @@
-"""The command lines of `skinclf predict`, `explain`, `prepare` and `summary`.
+"""The command lines of `skinclf predict`, `explain`, `prepare`, `summary` and `report`.
 
 Apart from the commands' modules, which import torch for their work: cli.py parses a command's
 arguments with these before it imports the module, so that `--help` and a wrong argument answer
-in 0.1 s instead of the 4-6 s that importing torch takes (2-core VM). Each module
+in 0.1 s instead of the 4-6 s that importing torch takes (2-core VM; report's pandas and
+matplotlib, about 1 s). Each module
 parses with the same parser when its ``main`` is called.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import NoReturn
 
 DISCLAIMER = "skinclf is a research tool, not a diagnosis: do not use its output for medical decisions."
@@ -148,10 +150,39 @@ def summary_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REPORT_DESCRIPTION = """\
+Writes paper Table 1 (table1.csv/.md/.tex), the best model's test confusion matrix
+(confusion_matrix.csv/.png, paper Table 2), training curves (curves.png/.pdf, paper Figure 2),
+test ROC curves of all models (roc.png) and a list of every run found (runs.csv).
+Runs are grouped per dataset and never averaged across datasets; runs of one model that differ
+only in seed are aggregated as mean ± std over n. Unfinished or failed runs are listed in
+runs.csv only; a run whose predictions.csv is damaged or missing is left out of roc.png alone (a warning
+names the file)."""
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
+        prog="skinclf report",
+        description=REPORT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "dirs",
+        nargs="*",
+        type=Path,
+        default=[Path("outputs")],
+        metavar="DIR",
+        help="run or multirun folders to search, recursively (default: outputs)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
+    return parser
+
+
 # command -> its parser, for cli.py
 PARSERS = {
     "predict": predict_parser,
     "explain": explain_parser,
     "prepare": prepare_parser,
     "summary": summary_parser,
+    "report": report_parser,
 }

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from skinclf.arguments import CommandParser
+from skinclf.arguments import report_parser
 from skinclf.errors import SkinclfError, counted, not_a_folder
 from skinclf.io import FILE_NAME_ERRORS, output_folder
 from skinclf.report.figures import confusion_figure, curves_figure, roc_figure
@@ -34,15 +33,6 @@ from skinclf.report.tables import (
 from skinclf.run_files import CV_RESULT, GRID_MD, HYDRA_CONFIG, METRICS, TEST_METRICS
 
 DPI = 300  # print resolution at the figures' paper size
-
-DESCRIPTION = """\
-Writes paper Table 1 (table1.csv/.md/.tex), the best model's test confusion matrix
-(confusion_matrix.csv/.png, paper Table 2), training curves (curves.png/.pdf, paper Figure 2),
-test ROC curves of all models (roc.png) and a list of every run found (runs.csv).
-Runs are grouped per dataset and never averaged across datasets; runs of one model that differ
-only in seed are aggregated as mean ± std over n. Unfinished or failed runs are listed in
-runs.csv only; a run whose predictions.csv is damaged or missing is left out of roc.png alone (a warning
-names the file)."""
 
 
 def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]]:
@@ -148,19 +138,7 @@ def _grid_search_hint(dirs: Sequence[Path]) -> str:
 
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf report ARGS``."""
-    parser = CommandParser(
-        prog="skinclf report", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "dirs",
-        nargs="*",
-        type=Path,
-        default=[Path("outputs")],
-        metavar="DIR",
-        help="run or multirun folders to search, recursively (default: outputs)",
-    )
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
-    ns = parser.parse_args(args)
+    ns = report_parser().parse_args(args)
     runs, written = build_report(ns.dirs, ns.out)
     for run in runs:
         if run.predictions_problem:  # begins with the file's name: after the folder, its path
