@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,18 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
             return compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
     except HydraException as err:
         raise SkinclfError(first_line(err)) from err
+
+
+@cache
+def composed_or_none(overrides: tuple[str, ...]) -> DictConfig | None:
+    """:func:`compose_config` of ``overrides``, cached (the checks of a command line and the report
+    ask for the same few configs again and again; never modify what it returns); None where it
+    does not compose: a bad choice or value, which is Hydra's to report, or a model this skinclf
+    no longer has."""
+    try:
+        return compose_config(overrides)
+    except SkinclfError:
+        return None
 
 
 def config_choices(group: str) -> list[str]:

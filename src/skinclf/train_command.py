@@ -30,7 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins import skinclf_launcher
-from skinclf.config import adds_config_folders, compose_config, config_choices
+from skinclf.config import adds_config_folders, composed_or_none, config_choices
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError, first_line
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
@@ -508,14 +508,10 @@ def _check_value_shape(arg: str, key: str, values: list | None, reference: DictC
             raise SkinclfError(f"{arg}: expected one value for {key} (default: {default}), not a list")
 
 
-@functools.cache
 def _composed(chosen: tuple[tuple[str, str], ...]) -> DictConfig | None:
     """The config composed with these group choices; None where it does not compose (a bad
-    choice or value is Hydra's to report). Cached: the checks ask for the same one."""
-    try:
-        return compose_config([f"{group}={value}" for group, value in chosen])
-    except SkinclfError:
-        return None
+    choice or value is Hydra's to report)."""
+    return composed_or_none(tuple(f"{group}={value}" for group, value in chosen))
 
 
 def _key_in_any(key: str, choices: list[dict[str, str]]) -> bool:

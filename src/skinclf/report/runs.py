@@ -26,7 +26,7 @@ import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from skinclf.config import compose_config, number_setting
+from skinclf.config import compose_config, composed_or_none, number_setting
 from skinclf.errors import SkinclfError, counted, first_line
 from skinclf.io import readable
 from skinclf.run_files import (
@@ -206,7 +206,7 @@ def dataset_key(cfg: DictConfig, root: str | None) -> str:
         root = _dermamnist_file(root)
     key = f"{name}:{root}" if root else name
     settings = DATASET_SETTINGS.get(name, ())
-    defaults = _composed((f"data={name}",)) if settings else None
+    defaults = composed_or_none((f"data={name}",)) if settings else None
     differing = []
     for setting in settings:
         value = _dataset_setting(cfg, setting)
@@ -286,7 +286,7 @@ def _refused_job(record: Path, runs_found: set[Path]) -> Run | None:
     problem = f"refused before it ran: {info.get('error', 'no error recorded')}"
     # The job's config as it would have run: its model, dataset, seed and settings named as a
     # run's are.
-    cfg = _composed(tuple(overrides))
+    cfg = composed_or_none(tuple(overrides))
     if cfg is None:  # e.g. a model this skinclf no longer has
         return Run(job_dir, "?", "?", None, status=FAILED, problem=problem)
     seed = cfg.get("seed")
@@ -517,16 +517,6 @@ def _default_group_choices() -> dict[str, str | None]:
     }
 
 
-@cache
-def _composed(overrides: tuple[str, ...]) -> DictConfig | None:
-    """The train config of ``overrides`` (group choices such as ``model=resnet`` give every other
-    value at its default); None when this skinclf cannot compose it (a model it no longer has)."""
-    try:
-        return compose_config(overrides)
-    except SkinclfError:
-        return None
-
-
 _ABSENT = object()  # OmegaConf.select's answer for a key the config does not have
 
 
@@ -555,7 +545,7 @@ def _settings(overrides: Sequence[str], cfg: DictConfig) -> dict[str, str]:
         parsed.append((key.lstrip("+~"), value))
     groups = _default_group_choices()
     choices = tuple(f"{key}={value}" for key, value in parsed if key in groups)
-    defaults = _composed(choices)
+    defaults = composed_or_none(choices)
     settings = {}
     for key, value in parsed:
         if key in NOT_AN_EXPERIMENT_SETTING or key.startswith("hydra."):
@@ -586,7 +576,7 @@ def _settings(overrides: Sequence[str], cfg: DictConfig) -> dict[str, str]:
 def keys_set_by(choice: str) -> frozenset[str]:
     """The config keys (dotted leaves) whose values a group ``choice`` (``recipe=modern``) changes
     from the defaults: ``optim.lr`` among them, outside the recipe's own package."""
-    with_it, without_it = _composed((choice,)), _composed(())
+    with_it, without_it = composed_or_none((choice,)), composed_or_none(())
     if with_it is None or without_it is None:
         return frozenset()
     leaves = [dict(leaves_of(OmegaConf.to_container(c, resolve=False))) for c in (with_it, without_it)]
@@ -609,7 +599,10 @@ def is_group(key: str) -> bool:
 
 def _changes_nothing(choice: str, choices: tuple[str, ...]) -> bool:
     """Whether group ``choice``, among the run's ``choices``, leaves every config value as it was."""
-    with_it, without_it = _composed(choices), _composed(tuple(c for c in choices if c != choice))
+    with_it, without_it = (
+        composed_or_none(choices),
+        composed_or_none(tuple(c for c in choices if c != choice)),
+    )
     if with_it is None or without_it is None:
         return False
     return OmegaConf.to_container(with_it) == OmegaConf.to_container(without_it)
