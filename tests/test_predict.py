@@ -392,6 +392,20 @@ def test_a_best_pt_copied_in_from_another_run_is_refused(run_and_images, tmp_pat
     err = capsys.readouterr().err.strip()
     assert f"{mixed / 'best.pt'}: is not this run's checkpoint: its epoch " in err
     assert " and validation accuracy 0.123 are not the best_epoch " in err
+    # The run's own last.pt (a later epoch, no validation accuracy) copied over its best.pt: it
+    # was let through, and scored the last epoch's model with the best epoch's threshold.
+    last = {key: value for key, value in state.items() if key != "val_acc"}
+    recorded = json.loads((mixed / "test_metrics.json").read_text())
+    for epoch in (recorded["best_epoch"] + 1, recorded["best_epoch"]):
+        torch.save({**last, "epoch": epoch}, mixed / "best.pt")
+        with pytest.raises(SystemExit):
+            _predict(mixed, folder / "test_000.png")
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(
+            f"{mixed / 'best.pt'}: is not this run's checkpoint: its epoch {epoch} and no validation "
+            f"accuracy (a last.pt?) are not the best_epoch {recorded['best_epoch']} and best_val_acc "
+            f"{recorded['best_val_acc']} of test_metrics.json; expected the best.pt the run wrote"
+        )
 
 
 def test_without_out_the_table_goes_to_standard_output_alone(run_and_images, capsys):

@@ -124,12 +124,22 @@ def _check_own_checkpoint(run_dir: Path, state: dict[str, Any], metrics: dict[st
             f"{where}: its config differs from the folder's {RUN_CONFIG} in {', '.join(foreign[:5])}; "
             f"{expected}"
         )
+    # Each compared where test_metrics.json records it. A checkpoint without a validation
+    # accuracy is no best.pt: last.pt (which a resume reads) holds none.
     own = (state.get("epoch"), state.get("val_acc"))
     recorded = (metrics.get("best_epoch"), metrics.get("best_val_acc"))
-    if all(is_number(v) for v in (*own, *recorded)) and (int(own[0]), float(own[1])) != recorded:
+    if any(
+        is_number(best) and not (is_number(mine) and float(mine) == float(best))
+        for mine, best in zip(own, recorded, strict=True)
+    ):
+        acc = (
+            f"validation accuracy {float(own[1])}"
+            if is_number(own[1])
+            else "no validation accuracy (a last.pt?)"
+        )
         raise SkinclfError(
-            f"{where}: its epoch {own[0]} and validation accuracy {float(own[1])} are not the "
-            f"best_epoch {recorded[0]} and best_val_acc {recorded[1]} of {TEST_METRICS}; {expected}"
+            f"{where}: its epoch {own[0]} and {acc} are not the best_epoch {recorded[0]} and "
+            f"best_val_acc {recorded[1]} of {TEST_METRICS}; {expected}"
         )
 
 
