@@ -25,7 +25,7 @@ from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.evaluation.metrics import binary_metrics
 from skinclf.report.command import build_report
-from skinclf.report.figures import confusion_figure, curve_data, roc_data
+from skinclf.report.figures import confusion_figure, curve_data, curves_figure, roc_data, roc_figure
 from skinclf.report.groups import group_runs
 from skinclf.report.runs import find_runs
 from skinclf.report.tables import _tex_escape, finished
@@ -565,6 +565,35 @@ def test_a_long_model_label_stays_inside_the_confusion_figure(tmp_path):
     assert "trainer.patience=8" in title.get_text()
     extent, page = title.get_window_extent(renderer), fig.bbox
     assert page.x0 <= extent.x0 and extent.x1 <= page.x1
+
+
+def test_long_dataset_names_and_legends_stay_inside_the_curves_and_roc_figures(tmp_path):
+    # curves.png ran a dataset named with its settings off both edges ("synthetic" lost with it);
+    # roc.png cut the last legend entries off at the bottom when the title took two more lines.
+    # A dataset whose runs stopped after one epoch had ticks 0.945 ... 1.05 for its epochs.
+    root = tmp_path / "outputs"
+    for extra in ((), ("data.train_size=512", "optim.lr=0.001", "trainer.patience=3")):
+        for model, data in (("resnet", ()), ("baseline", ("data.seed=1",))):
+            overrides = (*data, "data.val_size=64", "data.test_size=64", *extra)
+            write_run(root, model, *RESNET, overrides=overrides)
+    write_run(root, "res_aug", [0.7], [0.7], overrides=("data.seed=2",))
+    groups = group_runs(finished(find_runs([root])))
+    curves, roc = curves_figure(groups), roc_figure(groups)
+    titles_and_legends = {
+        curves: [sub._suptitle for sub in curves.subfigs] + curves.legends[0].get_texts(),
+        roc: [t for ax in roc.axes for t in (ax.title, *ax.get_legend().get_texts())],
+    }
+    for fig, texts in titles_and_legends.items():
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        assert any("synthetic data [data.seed=1" in t.get_text() for t in texts)
+        page = fig.bbox
+        for text in texts:
+            extent = text.get_window_extent(renderer)
+            inside = page.x0 - 1 <= extent.x0 and extent.x1 <= page.x1 + 1
+            assert inside and page.y0 - 1 <= extent.y0 and extent.y1 <= page.y1 + 1, text.get_text()
+    one_epoch = [ax for ax in curves.axes if ax.get_subplotspec() and len(ax.lines) == 2]
+    assert one_epoch and all(tick == int(tick) for ax in one_epoch for tick in ax.get_xticks())
 
 
 def test_runs_whose_configs_differ_without_an_override_are_not_averaged_as_seeds(tmp_path):

@@ -35,6 +35,7 @@ PAPER_STYLE = {
     "lines.linewidth": 1.2,
 }
 LEGEND_WIDTH = 45  # characters per legend line
+TITLE_WIDTH = 60  # characters per line of a title across a figure's two panels
 ROC_GRID = np.linspace(0.0, 1.0, 201)  # false-positive rates at which seeds' ROC curves are averaged
 
 
@@ -98,7 +99,9 @@ def curves_figure(groups: dict[str, list[Group]]) -> Figure:
     for subfig, (data, data_groups) in zip(
         fig.subfigures(len(groups), 1, squeeze=False)[:, 0], groups.items(), strict=True
     ):
-        subfig.suptitle(f"{describe_dataset(data)}; rolling {SMOOTHING_EPOCHS}-epoch mean", fontsize=8)
+        # Wrapped: a dataset named with its settings ran off both edges, "synthetic" with it.
+        title = textwrap.fill(f"{describe_dataset(data)}; rolling {SMOOTHING_EPOCHS}-epoch mean", TITLE_WIDTH)
+        subfig.suptitle(title, fontsize=8)
         val_ax, train_ax = subfig.subplots(1, 2)
         for group in data_groups:
             curve = curve_data(group)
@@ -111,7 +114,8 @@ def curves_figure(groups: dict[str, list[Group]]) -> Figure:
         for ax, title in ((val_ax, "(a) Validation"), (train_ax, "(b) Training")):
             ax.set_title(title)
             ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            # min_n_ticks=1: a dataset whose runs all stopped after epoch 1 got ticks 0.945 ... 1.05.
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.set_ylabel("accuracy (%)")
             ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=c, label=_wrap(label)) for label, c in colors.items()]
@@ -210,7 +214,10 @@ def roc_figure(groups: dict[str, list[Group]]) -> Figure | None:
     legend_lines = max(
         sum(_wrap(c.label).count("\n") + 1 for c in data_curves) for data_curves in curves.values()
     )
-    height = PAPER_WIDTH / 2 + 0.6 + 0.16 * legend_lines  # square panel plus its legend below
+    title_lines = max(_roc_title(data).count("\n") + 1 for data in curves)
+    # A square panel, its title above and its legend below: a long dataset name's title lines
+    # took the legend's room, and its last entries were cut off at the bottom.
+    height = PAPER_WIDTH / 2 + 0.3 + 0.16 * (legend_lines + title_lines)
     fig = Figure(figsize=(PAPER_WIDTH / 2 * len(curves), height), layout="constrained")
     axes = fig.subplots(1, len(curves), squeeze=False)[0]
     for ax, (data, data_curves) in zip(axes, curves.items(), strict=True):
@@ -221,8 +228,12 @@ def roc_figure(groups: dict[str, list[Group]]) -> Figure | None:
         ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
         ax.set_xlabel("false-positive rate (1 - specificity)")
         ax.set_ylabel("true-positive rate (sensitivity)")
-        ax.set_title(_title("Test ROC", describe_dataset(data)))
+        ax.set_title(_roc_title(data))
         # Below the panel: a legend inside would hide the curves' upper-left corner.
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18))
         ax.grid(alpha=0.3)
     return fig
+
+
+def _roc_title(data: str) -> str:
+    return _title("Test ROC", describe_dataset(data))
