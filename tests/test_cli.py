@@ -79,7 +79,8 @@ def test_train_from_another_directory_writes_all_run_files(tmp_path):
     if torch.cuda.is_available():
         assert environment["machine"].startswith(torch.cuda.get_device_name())
     else:
-        assert environment["machine"].endswith(f", {torch.get_num_threads()} threads")
+        threads = torch.get_num_threads()
+        assert environment["machine"].endswith(f", {threads} thread{'s' if threads != 1 else ''}")
     assert (
         f"torch {torch.__version__}, Python {platform.python_version()}; "
         in (run_dir / "train.log").read_text()
@@ -901,6 +902,37 @@ def test_a_refused_run_keeps_a_folder_the_user_made_and_removes_one_its_launch_m
     # Refused once it has claimed the folder (.hydra/ and its status record written).
     error_run(tmp_path, "data=folder", "data.root=missing", "hydra.run.dir=sub/../made/run")
     assert not (tmp_path / "made").exists()
+
+
+def _file_size_limit(limit: int):
+    """For subprocess's preexec_fn: files of at most ``limit`` bytes, a longer write failing with
+    EFBIG (SIGXFSZ ignored), as a full disk fails it."""
+
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    return apply
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file size limits as Linux sets them")
+def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    # A full disk: torch.save's "[enforce fail at inline_container.cc] unexpected pos ..." came as
+    # Hydra's traceback, naming neither the file nor the reason.
+    command = [sys.executable, "-m", "skinclf", "train", *TINY, "hydra.run.dir=run"]
+    subprocess.run([*command[:4], *TINY, "hydra.run.dir=warm"], cwd=tmp_path, check=True, capture_output=True)
+    proc = subprocess.run(  # the data cached by the first run; baseline's checkpoint is ~100 MB
+        command, cwd=tmp_path, capture_output=True, text=True, preexec_fn=_file_size_limit(20_000_000)
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(
+        f"skinclf train: error: {tmp_path / 'run' / 'best.pt'}: could not be written ("
+    )
+    assert last_line.endswith(" GB free on its file system")
+    assert not list((tmp_path / "run").glob(".best.pt.*"))  # no temporary file left behind
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -18,7 +18,7 @@ from skinclf.errors import SkinclfError
 from skinclf.models import build_model
 from skinclf.training import loop
 from skinclf.training.checkpoint import load_checkpoint
-from skinclf.training.hardware import resolve_device
+from skinclf.training.hardware import describe_machine, resolve_device
 from skinclf.training.loop import METRICS_COLUMNS, EarlyStopping, LoopSettings, evaluate, place_splits
 
 from conftest import train_in_process
@@ -125,6 +125,13 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     )
     other_seed = train_in_process(tmp_path / "2", *SMALL, "model=res_aug", "trainer.max_epochs=2", "seed=1")
     assert json.dumps(other_seed[1]) != json.dumps(metrics_a)
+
+
+def test_the_recorded_machine_counts_its_threads(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert describe_machine(torch.device("cpu")).endswith(", 1 thread")  # was "1 threads"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert describe_machine(torch.device("cpu")).endswith(", 8 threads")
 
 
 def test_early_stopping_rule():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,18 @@ ZIP_MAGIC = b"PK\x03\x04"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Save ``state`` (model, optimizer, epoch, config, ...) atomically, tagged with our format."""
-    atomic_torch_save({"format": FORMAT, **state}, path)
+    """Save ``state`` (model, optimizer, epoch, config, ...) atomically, tagged with our format.
+    A write that fails (a full disk, a file size limit) is a SkinclfError naming the file and
+    the space left; the file it replaces, if any, stays as it was."""
+    try:
+        atomic_torch_save({"format": FORMAT, **state}, path)
+    except (OSError, RuntimeError) as err:
+        # torch.save reports a short write as "[enforce fail at inline_container.cc] unexpected
+        # pos ...", which names neither the file nor the reason.
+        free = shutil.disk_usage(Path(path).parent).free / 1e9
+        raise SkinclfError(
+            f"{path}: could not be written ({first_line(err)}); {free:.1f} GB free on its file system"
+        ) from err
 
 
 def load_checkpoint(

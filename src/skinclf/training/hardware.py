@@ -76,7 +76,8 @@ def describe_machine(device: torch.device) -> str:
     lines = _cpuinfo().splitlines()
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     cpu = names[0] if names else platform.processor() or platform.machine()
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def run_environment(device: torch.device) -> dict[str, str]:
