@@ -178,6 +178,26 @@ def test_a_sweep_folder_given_as_the_run_points_to_its_job_folders(run_and_image
     assert err.endswith("; a sweep's folder: give one of its job folders") and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("given", ["sweep", "point"])
+def test_a_grid_search_given_as_the_run_says_it_keeps_no_model(run_and_images, tmp_path, capsys, given):
+    # Its folder and its points' folders: "a sweep's folder: give one of its job folders", and
+    # then a job folder's "best.pt is missing", sent the user round in a circle.
+    _, folder, _ = run_and_images
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    (tmp_path / "grid_search.md").write_text("# Grid search\n")
+    point = tmp_path / "0_baseline_bs32_lr0.001"
+    point.mkdir()
+    (point / "cv_result.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(tmp_path if given == "sweep" else point, folder)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(
+        "; a grid search's points are cross-validated and keep no model: train the best point of its "
+        "grid_search.md with `skinclf train` and give that run"
+    )
+
+
 def test_a_file_given_as_the_run_folder_is_named_a_file(tmp_path, capsys):
     image, _ = image_and_kept_file(tmp_path)
     best = tmp_path / "run" / "best.pt"  # the run's checkpoint, given for its folder

@@ -18,7 +18,7 @@ from torch import nn
 from skinclf.config import instantiate_config, is_number
 from skinclf.errors import SkinclfError, first_line, not_a_folder
 from skinclf.models import build_model, check_model_config
-from skinclf.run_files import BEST_CHECKPOINT, HYDRA_MULTIRUN, TEST_METRICS
+from skinclf.run_files import BEST_CHECKPOINT, CV_RESULT, GRID_MD, HYDRA_MULTIRUN, TEST_METRICS
 from skinclf.sweep.jobs import RUN_CONFIG, differences_from_record
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
@@ -143,6 +143,20 @@ def _check_own_checkpoint(run_dir: Path, state: dict[str, Any], metrics: dict[st
         )
 
 
+def _not_a_run_hint(folder: Path) -> str:
+    """What to give instead of ``folder``, which holds no finished run: a grid search trains no
+    model (its points are cross-validated, never tested), a sweep's folder holds runs."""
+    grid_search = (folder / CV_RESULT).is_file() or (folder / GRID_MD).is_file()
+    if grid_search or (folder.parent / GRID_MD).is_file():
+        return (
+            "; a grid search's points are cross-validated and keep no model: train the best point "
+            f"of its {GRID_MD} with `skinclf train` and give that run"
+        )
+    if (folder / HYDRA_MULTIRUN).is_file():
+        return "; a sweep's folder: give one of its job folders"
+    return ""
+
+
 def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     """Load the finished run in ``run_dir``: best.pt (``weights_only``, format-checked), its config,
     the fitted pipeline, and the operating threshold from test_metrics.json.
@@ -156,12 +170,7 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         )
     for name in (BEST_CHECKPOINT, TEST_METRICS):
         if not (run_dir / name).is_file():
-            # A sweep's folder holds runs rather than being one: say which to give instead.
-            hint = (
-                "; a sweep's folder: give one of its job folders"
-                if (run_dir / HYDRA_MULTIRUN).is_file()
-                else ""
-            )
+            hint = _not_a_run_hint(run_dir)
             raise SkinclfError(
                 f"{run_dir}: not a finished skinclf run ({name} is missing); expected the output "
                 f"directory of a completed `skinclf train`{hint}"
