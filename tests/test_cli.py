@@ -754,16 +754,18 @@ def test_no_experiment_is_no_sweep_for_the_slurm_check(tmp_path, monkeypatch):
         _check_launcher(["experiment=paper", "hydra/launcher=slurm"])
 
 
-def test_a_grid_search_without_folds_is_refused_rather_than_tested(tmp_path):
+@pytest.mark.parametrize("folds", ["cv.folds=0", "cv.folds=3,0"])
+def test_a_grid_search_without_folds_is_refused_rather_than_tested(tmp_path, folds):
     # cv.folds=0 made each grid point a plain run: trained, tested, and ranked by nothing but
-    # the report, which would pick the best point on the test split.
+    # the report, which would pick the best point on the test split. Refused before the launch:
+    # it was refused job by job, as many failed jobs in a new sweep folder.
     sweep = tmp_path / "grid"
-    proc = error_run(
-        tmp_path, "hparams_search=grid", "cv.folds=0", *TINY, "data.batch_size=64", "optim.lr=1e-3",
-        f"hydra.sweep.dir={sweep}",
-    )  # fmt: skip
-    assert "job 0 failed: cv.folds=0: hparams_search=grid ranks its points by cross-validation" in proc.stderr
-    assert not list(sweep.glob("*/test_metrics.json"))
+    proc = error_run(tmp_path, "hparams_search=grid", folds, *TINY, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "skinclf train: error: cv.folds=0: hparams_search=grid ranks its points by cross-validation on "
+        "the training split; expected at least 2 folds"
+    ]
+    assert not sweep.exists()
 
 
 def test_a_grid_search_refuses_a_size_below_one_before_it_trains(tmp_path):

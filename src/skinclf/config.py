@@ -139,3 +139,12 @@ def data_path(data_cfg: DictConfig, key: str = "root") -> Path:
     if value in (None, ""):
         raise SkinclfError(f"data.{key} is not set: data={data_cfg.name} needs data.{key}=PATH")
     return Path(to_absolute_path(str(Path(str(value)).expanduser())))
+
+
+def grid_search_without_folds(search: str) -> SkinclfError:
+    """The refusal of ``hparams_search=search`` with cv.folds=0: each point would be trained and
+    tested, and the search would choose on the test split."""
+    return SkinclfError(
+        f"cv.folds=0: hparams_search={search} ranks its points by cross-validation on the training "
+        "split; expected at least 2 folds"
+    )

@@ -20,7 +20,14 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from skinclf.config import check_bool, config_choices, data_path, instantiate_config, number_setting
+from skinclf.config import (
+    check_bool,
+    config_choices,
+    data_path,
+    grid_search_without_folds,
+    instantiate_config,
+    number_setting,
+)
 from skinclf.data import ImageSplits, load_splits
 from skinclf.data.dermoscopy import recipe_pipeline
 from skinclf.data.features import TrainingStage, training_stage
@@ -301,11 +308,7 @@ def check_settings(cfg: DictConfig) -> None:
     if folds < 0 or folds == 1:  # -1 would quietly train and test instead of cross-validating
         raise SkinclfError(f"cv.folds={folds}: expected 0 (no cross-validation) or at least 2 folds")
     if folds == 0 and choices.get("hparams_search") is not None:
-        # Each point would be trained and tested: the search would choose on the test split.
-        raise SkinclfError(
-            f"cv.folds=0: hparams_search={choices['hparams_search']} ranks its points by "
-            "cross-validation on the training split; expected at least 2 folds"
-        )
+        raise grid_search_without_folds(choices["hparams_search"])
     if not 0 <= seed < 2**32:
         raise SkinclfError(f"seed={seed}: expected 0 to 2**32 - 1 (what NumPy and scikit-learn take)")
     threads_given = OmegaConf.select(cfg, "trainer.num_threads") is not None

@@ -30,7 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins import skinclf_launcher
-from skinclf.config import adds_config_folders, composed_or_none, config_choices
+from skinclf.config import adds_config_folders, composed_or_none, config_choices, grid_search_without_folds
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError, first_line
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
@@ -417,6 +417,16 @@ def _check_sweeps_have_values(args: list[str]) -> None:
             )
 
 
+def _check_grid_search_folds(args: list[str]) -> None:
+    """``hparams_search=grid cv.folds=0`` on the command line: one line before the launch, as
+    every job would be refused alike (train.check_settings), each as a failed job of a new sweep."""
+    values = {override.key_or_group: values for _, override, values in _parsed_overrides(args)}
+    searches = [search for search in values.get("hparams_search") or [] if search is not None]
+    # A sweep's values come as text (cv.folds=3,0), a single one as Hydra types it.
+    if searches and any(str(folds).strip() == "0" for folds in values.get("cv.folds") or []):
+        raise grid_search_without_folds(searches[0])
+
+
 def _check_sweeps_are_launched_as_sweeps(args: list[str]) -> None:
     """Several values without -m (``optim.lr=1e-3,1e-4``): one line, where Hydra prints four
     and exits 1."""
@@ -547,6 +557,7 @@ def main(args: list[str]) -> None:
     _check_group_choices(args)
     _check_sweeps_are_launched_as_sweeps(args)
     _check_sweeps_have_values(args)
+    _check_grid_search_folds(args)
     forced = check_override_keys(args)
     sys.argv = ["skinclf train", *(f"++{arg}" if arg in forced else arg for arg in args)]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
