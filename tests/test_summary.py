@@ -71,10 +71,21 @@ def test_a_weights_switch_applies_to_the_models_that_have_weights(capsys, caplog
     assert "NOT the paper's setup" not in caplog.text
 
 
+def test_a_key_only_some_models_have_goes_to_those_under_model_all(capsys):
+    # model=all model.freeze=2 was Hydra's bare "Could not override 'model.freeze'".
+    out = summary_output(capsys, "model=all", "model.freeze=2")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:-1]}
+    single = summary_output(capsys, "model=vgg16_ft", "model.freeze=2")
+    trainable = re.search(r"^Trainable params: ([\d,]+)$", single, re.M).group(1)
+    assert rows["vgg16_ft"][3] == trainable != rows["vgg16_ft"][2]
+    assert rows["baseline"][2:4] == [APPENDIX_C["baseline"][0]] * 2
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [
         (["model=nope"], "model=nope"),
+        (["model=all", "model.freez=2"], "model.freez: no skinclf config has this key"),
         (["resnet"], "resnet"),
         # A bad model option: a Hydra InstantiationException traceback before.
         (["model=baseline", "model.arch.norm=batchnorm"], "model.arch.norm='batchnorm': expected"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchinfo import ModelStatistics, summary
 
 from skinclf import IMAGE_SIZE
@@ -46,9 +46,14 @@ def model_config(name: str, overrides: list[str] = ()) -> DictConfig:
     return cfg
 
 
-def has_weights(name: str) -> bool:
-    """Whether model ``name`` has a ``model.pretrained`` switch (pretrained weights to load)."""
-    return "pretrained" in compose_config([f"model={name}"]).model
+def has_key(name: str, override: str) -> bool:
+    """Whether model ``name``'s config has the key ``override`` sets (``model.pretrained=true``:
+    only the models with pretrained weights)."""
+    key = override.split("=", 1)[0].lstrip("+")
+    return OmegaConf.select(compose_config([f"model={name}"]), key, default=_ABSENT) is not _ABSENT
+
+
+_ABSENT = object()
 
 
 def model_statistics(cfg: DictConfig) -> ModelStatistics:
@@ -114,11 +119,12 @@ def totals(name: str, overrides: list[str] = ()) -> Totals:
     )
 
 
-def overview(overrides: list[str] = ()) -> str:
-    """One line per model in conf/model/: architecture, total and trainable parameters, mult-adds."""
-    # model.pretrained (e.g. model.pretrained=true) concerns only the models that have weights.
+def overview(overrides: list[str] = (), some_models_only: list[str] = ()) -> str:
+    """One line per model in conf/model/: architecture, total and trainable parameters, mult-adds.
+    ``some_models_only``: the overrides of keys only some models have (model.pretrained,
+    model.freeze), each given to those models alone."""
     rows = [
-        totals(name, [o for o in overrides if not o.startswith("model.pretrained=") or has_weights(name)])
+        totals(name, [o for o in overrides if o not in some_models_only or has_key(name, o)])
         for name in model_names()
     ]
     width = max(len(r.model) for r in rows)
@@ -142,9 +148,10 @@ def main(args: list[str]) -> None:
     names = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "model"]
     rest = [o for o in overrides if o.split("=", 1)[0] != "model"]
     name = names[-1] if names else None
-    if name != "all":  # model=all's keys go to the models that have them (model.pretrained)
-        # A misspelt key named with the nearest one, as `skinclf train` names it (Hydra's "Could
-        # not override 'trainer.max_epoch'" says neither).
-        check_override_keys([*([f"model={name}"] if name else []), *rest])
+    # A misspelt key named with the nearest one, as `skinclf train` names it (Hydra's "Could not
+    # override 'trainer.max_epoch'" says neither). model=all is checked as a sweep over the models:
+    # a key only some have (model.pretrained) goes to those.
+    chosen = ",".join(model_names()) if name == "all" else name
+    some_models_only = check_override_keys([*([f"model={chosen}"] if chosen else []), *rest])
     name = name or str(compose_config(rest).model.name)
-    print(overview(rest) if name == "all" else layer_table(name, rest))
+    print(overview(rest, some_models_only) if name == "all" else layer_table(name, rest))
