@@ -283,12 +283,30 @@ def test_grid_summary_ranks_points_by_mean_then_std(tmp_path: Path) -> None:
     assert table["rank"].tolist() == [1, 2, 3]
     assert table["point"].tolist() == ["data.batch_size=64", "data.batch_size=128", "data.batch_size=32"]
     text = format_grid(table)
-    assert "Best point: data.batch_size=64 optim.lr=0.0001" in text
+    assert "Best point: data.batch_size=64 optim.lr=0.0001: validation accuracy 80.00" in text
     assert "| 1 | 64 | 0.0001 | data.batch_size=64 | 80.00 ± 0.00 % | 3 |" in text
 
     write_grid(tmp_path)
     assert (tmp_path / GRID_MD).read_text().count("\n| ") == 4  # separator + 3 points
     assert len((tmp_path / GRID_CSV).read_text().strip().splitlines()) == 4
+
+
+def test_the_best_point_is_named_as_a_train_command(tmp_path: Path) -> None:
+    # It repeated the point in parentheses ("data.batch_size=64 optim.lr=0.001 (data.batch_size=64
+    # optim.lr=0.001)"); a single point's column listed hparams_search=grid.
+    grid = ["hparams_search=grid", "cv.folds=3"]
+    point = ["model=resnet", "data.batch_size=64", "optim.lr=0.001", "cv.folds=3"]
+    _fake_point(tmp_path / "a", "0_resnet", [*point, "hparams_search=grid"], [0.8, 0.8, 0.8], 64, 1e-3)
+    table = rank_grid(tmp_path / "a")
+    assert table["point"].tolist() == [" ".join(point)]
+    assert "Best point: data.batch_size=64 optim.lr=0.001 model=resnet: validation" in format_grid(table)
+    _fake_point(tmp_path / "b", "0_baseline", ["data.batch_size=32", *grid], [0.6, 0.7, 0.8], 32, 1e-4)
+    _fake_point(
+        tmp_path / "b", "1_resnet", ["model=resnet", "data.batch_size=32", *grid], [0.8] * 3, 32, 1e-4
+    )
+    table = rank_grid(tmp_path / "b")
+    assert table["point"].tolist() == ["model=resnet", "(defaults)"]
+    assert "Best point: data.batch_size=32 optim.lr=0.0001 model=resnet: validation" in format_grid(table)
 
 
 def test_a_grid_with_failed_points_says_so_beside_its_best(tmp_path: Path) -> None:

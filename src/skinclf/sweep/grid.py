@@ -35,7 +35,9 @@ def rank_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.Data
     everyone = [set(r["overrides"]) for r in rows] + [set(f.get("overrides") or []) for f in failed]
     shared = set.intersection(*everyone) if len(everyone) > 1 else set()
     for r in rows:
-        r["point"] = " ".join(o for o in r["overrides"] if o not in shared) or "(defaults)"
+        # hparams_search=grid is every point's, also where a grid has a single point.
+        own = [o for o in r["overrides"] if o not in shared and not o.startswith("hparams_search=")]
+        r["point"] = " ".join(own) or "(defaults)"
         r["overrides"] = " ".join(r["overrides"])
     table = pd.DataFrame(rows).sort_values(
         ["mean_val_acc", "std_val_acc"], ascending=[False, True], kind="stable"
@@ -59,9 +61,9 @@ def format_grid(table: pd.DataFrame, failed: Sequence[dict[str, Any]] = ()) -> s
     best = table.iloc[0]
     lines += [
         "",
-        f"Best point: data.batch_size={best['batch_size']} optim.lr={best['lr']:g} ({best['point']}): "
-        f"validation accuracy {100 * best['mean_val_acc']:.2f} ± {100 * best['std_val_acc']:.2f} % "
-        f"over {best['folds']} folds, job folder {best['dir']}.",
+        f"Best point: {' '.join(train_overrides(best))}: validation accuracy "
+        f"{100 * best['mean_val_acc']:.2f} ± {100 * best['std_val_acc']:.2f} % over {best['folds']} "
+        f"folds, job folder {best['dir']}.",
     ]
     if failed:
         names = ", ".join(Path(f["dir"]).name for f in failed)
@@ -71,6 +73,20 @@ def format_grid(table: pd.DataFrame, failed: Sequence[dict[str, Any]] = ()) -> s
             "the sweep's summary says why): the best point is the best of the rest.",
         ]
     return "\n".join(lines)
+
+
+def train_overrides(point: pd.Series) -> list[str]:
+    """What to give `skinclf train` to train a ranked ``point`` for real: its batch size and
+    learning rate, and the other overrides that tell it from the other points (model=resnet),
+    without cross-validation's own (cv.folds would cross-validate it again)."""
+    others = [
+        override
+        for override in str(point["point"]).split()
+        if override != "(defaults)"
+        and override.split("=", 1)[0].lstrip("+~") not in {"data.batch_size", "optim.lr"}
+        and not override.lstrip("+~").startswith("cv.")
+    ]
+    return [f"data.batch_size={point['batch_size']}", f"optim.lr={point['lr']:g}", *others]
 
 
 def unranked(failed: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
