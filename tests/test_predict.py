@@ -124,6 +124,8 @@ def test_threshold_option_overrides_the_operating_point(run_and_images, tmp_path
     table = pd.read_csv(out)
     assert (table["threshold"] == 1.0).all()
     assert (table["prediction"] == "NV").all()  # a sigmoid below 1 is never >= 1
+    _predict(run_dir, folder / "test_000.png", "--out", out, "--threshold", "-0")
+    assert pd.read_csv(out, dtype=str)["threshold"].tolist() == ["0.0"]  # not -0.0
 
     # At a threshold equal to an image's own probability, the call is MEL (prob_mel >= threshold).
     run = load_trained_run(run_dir)

@@ -41,7 +41,7 @@ def _threshold(text: str) -> float:
         value = float("nan")
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a probability threshold in [0, 1]")
-    return value
+    return value + 0.0  # -0 is 0, not "-0.0" in the output
 
 
 def _seed(text: str) -> int:
