@@ -34,8 +34,7 @@ import torch
 from _args import add_models_argument
 
 from skinclf.models import PAPER_MODELS
-from skinclf.run_files import METRICS, TEST_METRICS
-from skinclf.sweep.jobs import RUN_CONFIG
+from skinclf.run_files import METRICS, RUN_CONFIG, TEST_METRICS
 from skinclf.training.hardware import describe_machine, resolve_device
 
 # The paper's split sizes (section 2, data collection).

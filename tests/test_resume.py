@@ -21,7 +21,8 @@ from PIL import Image
 from skinclf import train
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
-from skinclf.sweep.jobs import RUN_CONFIG, STATUS_FILE, claim_run_dir, comparable_config
+from skinclf.run_files import RUN_CONFIG, STATUS_FILE
+from skinclf.sweep.jobs import claim_run_dir, comparable_config
 from skinclf.train import run
 from skinclf.training import loop
 from skinclf.training.checkpoint import load_checkpoint

@@ -26,11 +26,9 @@ from skinclf import train_command
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS
+from skinclf.run_files import REFUSED_PREFIX, RUN_CONFIG, STATUS_FILE, SWEEP_SUMMARY
 from skinclf.sweep import resources
 from skinclf.sweep.jobs import (
-    REFUSED_PREFIX,
-    RUN_CONFIG,
-    STATUS_FILE,
     current_launch,
     read_status,
     record_stopped_jobs,
@@ -38,7 +36,7 @@ from skinclf.sweep.jobs import (
     start_launch,
     write_status,
 )
-from skinclf.sweep.summary import SWEEP_SUMMARY, JobsSummary, SweepSummary, collect_jobs
+from skinclf.sweep.summary import JobsSummary, SweepSummary, collect_jobs
 
 from conftest import TINY, train_cli
 

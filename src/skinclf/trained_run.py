@@ -18,8 +18,8 @@ from torch import nn
 from skinclf.config import instantiate_config, is_number
 from skinclf.errors import SkinclfError, first_line, not_a_folder
 from skinclf.models import build_model, check_model_config
-from skinclf.run_files import BEST_CHECKPOINT, CV_RESULT, GRID_MD, HYDRA_MULTIRUN, TEST_METRICS
-from skinclf.sweep.jobs import RUN_CONFIG, differences_from_record
+from skinclf.run_files import BEST_CHECKPOINT, CV_RESULT, GRID_MD, HYDRA_MULTIRUN, RUN_CONFIG, TEST_METRICS
+from skinclf.sweep.jobs import differences_from_record
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import LoopSettings, predict_logits

@@ -38,21 +38,19 @@ from skinclf.run_files import (
     HYDRA_DIR,
     HYDRA_SETTINGS,
     LAST_CHECKPOINT,
+    LAUNCH_FILE,
     METRICS,
+    REFUSED_PREFIX,
+    RUN_CONFIG,
+    STATUS_FILE,
     TEST_METRICS,
     TRAIN_LOG,
 )
 
 log = logging.getLogger("skinclf")
 
-RUN_CONFIG = "run_config.json"
-STATUS_FILE = "job_status.json"
 # What a run folder holds before its run produced anything.
 BOOKKEEPING = frozenset({HYDRA_DIR, TRAIN_LOG, RUN_CONFIG, STATUS_FILE})
-# sweep_dir/.refused_<job folder>.json: the status of a job refused before it ran (see
-# record_refusal).
-REFUSED_PREFIX = ".refused_"
-LAUNCH_FILE = ".skinclf_launch"
 # What a finished job has written last: run() the test metrics, cross_validate() its CV result.
 RESULT_FILES = (TEST_METRICS, CV_RESULT)
 # What a run writes once it has trained: a folder holding any of these holds a run.

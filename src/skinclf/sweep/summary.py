@@ -19,11 +19,16 @@ from omegaconf import DictConfig
 
 from skinclf.errors import exit_with_error
 from skinclf.io import atomic_write_json, missing_folders, remove_empty_folders
-from skinclf.run_files import GRID_MD, HYDRA_MULTIRUN, TRAIN_LOG
-from skinclf.sweep.jobs import (
+from skinclf.run_files import (
+    GRID_MD,
+    HYDRA_MULTIRUN,
     LAUNCH_FILE,
     REFUSED_PREFIX,
     STATUS_FILE,
+    SWEEP_SUMMARY,
+    TRAIN_LOG,
+)
+from skinclf.sweep.jobs import (
     job_in_training,
     read_record,
     refused_job_dir,
@@ -31,8 +36,6 @@ from skinclf.sweep.jobs import (
 )
 
 log = logging.getLogger("skinclf")
-
-SWEEP_SUMMARY = "sweep_summary.json"
 
 
 @dataclass
