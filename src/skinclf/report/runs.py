@@ -61,12 +61,21 @@ FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 # config, they tell a run whose config was damaged from another Hydra application's output. Not
 # train.log, metrics.csv or last.pt/best.pt: Hydra names an application's log after its script
 # (any train.py writes one), and the others are common names in other training tools.
-RUN_FILES = (RUN_CONFIG, STATUS_FILE, *RESULT_FILES)
+SKINCLF_ONLY_FILES = (RUN_CONFIG, STATUS_FILE, *RESULT_FILES)
 # Every file `skinclf train` (a sweep job, a grid-search point) writes in its run folder, and the
 # folders that hold only its files (.hydra/, a grid point's fold_K/): what `skinclf predict` and
 # `skinclf explain` must never write over, in any run folder, whether the file exists yet or not.
 OWN_FILES = frozenset(
-    {*RUN_FILES, *RUN_OUTPUTS, PREDICTIONS, TRAIN_LOG, ROC_FIGURE, PR_FIGURE, FOLDS_RECORD, HYDRA_DIR}
+    {
+        *SKINCLF_ONLY_FILES,
+        *RUN_OUTPUTS,
+        PREDICTIONS,
+        TRAIN_LOG,
+        ROC_FIGURE,
+        PR_FIGURE,
+        FOLDS_RECORD,
+        HYDRA_DIR,
+    }
 )
 FOLD_DIR = re.compile(r"fold_\d+")
 # How an interrupted run (stopped, or killed outright) goes on.
@@ -307,7 +316,7 @@ def _refused_job(record: Path, runs_found: set[Path]) -> Run | None:
 def is_run_folder(folder: Path) -> bool:
     """Whether ``folder`` is a skinclf run's: one the report reads as a run, or one with a file only
     skinclf writes (a grid-search point, which the report does not list)."""
-    return any((folder / name).exists() for name in RUN_FILES) or reads_as_run(folder)
+    return any((folder / name).exists() for name in SKINCLF_ONLY_FILES) or reads_as_run(folder)
 
 
 def reads_as_run(folder: Path) -> bool:
@@ -341,7 +350,7 @@ def load_run(path: Path) -> Run | None:
         model = OmegaConf.select(cfg, "model.name", default=None) if mapping else None
         data_name = OmegaConf.select(cfg, "data.name", default=None) if mapping else None
         if model is None or data_name is None:
-            if any((path / name).exists() for name in RUN_FILES):
+            if any((path / name).exists() for name in SKINCLF_ONLY_FILES):
                 # A run's config, emptied or overwritten (OmegaConf reads an empty file, and CSV
                 # text, as a mapping): as failed as one with a YAML error, not silently left out.
                 problem = (
