@@ -283,7 +283,8 @@ def test_grid_summary_ranks_points_by_mean_then_std(tmp_path: Path) -> None:
     assert table["rank"].tolist() == [1, 2, 3]
     assert table["point"].tolist() == ["data.batch_size=64", "data.batch_size=128", "data.batch_size=32"]
     text = format_grid(table)
-    assert "Best point: data.batch_size=64 optim.lr=0.0001: validation accuracy 80.00" in text
+    assert "Best point: data.batch_size=64: validation accuracy 80.00" in text
+    assert "Train it: `skinclf train data.batch_size=64 data.train_size=64`" in text  # not cv.folds
     assert "| 1 | 64 | 0.0001 | data.batch_size=64 | 80.00 ± 0.00 % | 3 |" in text
 
     write_grid(tmp_path)
@@ -291,22 +292,48 @@ def test_grid_summary_ranks_points_by_mean_then_std(tmp_path: Path) -> None:
     assert len((tmp_path / GRID_CSV).read_text().strip().splitlines()) == 4
 
 
-def test_the_best_point_is_named_as_a_train_command(tmp_path: Path) -> None:
-    # It repeated the point in parentheses ("data.batch_size=64 optim.lr=0.001 (data.batch_size=64
-    # optim.lr=0.001)"); a single point's column listed hparams_search=grid.
-    grid = ["hparams_search=grid", "cv.folds=3"]
-    point = ["model=resnet", "data.batch_size=64", "optim.lr=0.001", "cv.folds=3"]
-    _fake_point(tmp_path / "a", "0_resnet", [*point, "hparams_search=grid"], [0.8, 0.8, 0.8], 64, 1e-3)
+def test_the_best_point_comes_with_the_command_that_trains_it(tmp_path: Path) -> None:
+    # The line named the batch size and lr alone (a copy trained baseline on the default data),
+    # or repeated the point in parentheses; a single point's column listed hparams_search=grid.
+    shared = [
+        "hparams_search=grid",
+        "model=resnet",
+        "data=folder",
+        "data.root=/data/my lesions",
+        "cv.folds=3",
+    ]
+    for name, bs, accs in (("0_resnet_bs32", 32, [0.6, 0.7, 0.8]), ("1_resnet_bs64", 64, [0.8] * 3)):
+        _fake_point(
+            tmp_path / "a", name, [*shared, f"data.batch_size={bs}", "optim.lr=0.001"], accs, bs, 1e-3
+        )
     table = rank_grid(tmp_path / "a")
-    assert table["point"].tolist() == [" ".join(point)]
-    assert "Best point: data.batch_size=64 optim.lr=0.001 model=resnet: validation" in format_grid(table)
-    _fake_point(tmp_path / "b", "0_baseline", ["data.batch_size=32", *grid], [0.6, 0.7, 0.8], 32, 1e-4)
-    _fake_point(
-        tmp_path / "b", "1_resnet", ["model=resnet", "data.batch_size=32", *grid], [0.8] * 3, 32, 1e-4
+    assert table["point"].tolist() == ["data.batch_size=64", "data.batch_size=32"]
+    text = format_grid(table)
+    assert "Best point: data.batch_size=64: validation accuracy 80.00 ± 0.00 % over 3 folds" in text
+    train = (
+        "skinclf train model=resnet data=folder 'data.root=/data/my lesions' "
+        "data.batch_size=64 optim.lr=0.001"
     )
-    table = rank_grid(tmp_path / "b")
-    assert table["point"].tolist() == ["model=resnet", "(defaults)"]
-    assert "Best point: data.batch_size=32 optim.lr=0.0001 model=resnet: validation" in format_grid(table)
+    assert f"Train it: `{train}`" in text
+    assert table["train_command"].tolist()[0] == train
+    # One point: nothing tells it from others, and hparams_search=grid is no part of it.
+    _fake_point(tmp_path / "b", "0_resnet", ["hparams_search=grid", "model=resnet"], [0.8] * 3, 64, 1e-4)
+    assert rank_grid(tmp_path / "b")["point"].tolist() == ["model=resnet"]
+
+
+def test_a_damaged_grid_record_leaves_its_point_out_not_the_ranking(tmp_path: Path, caplog) -> None:
+    # A torn cv_result.json ended the sweep's summary in a JSONDecodeError (Hydra only warns of a
+    # callback's error: no summary, exit 0); a failed record's overrides of another type, in a TypeError.
+    _fake_point(tmp_path, "0_baseline_bs32", ["data.batch_size=32"], [0.6, 0.7, 0.8], 32, 1e-4)
+    _fake_point(tmp_path, "1_baseline_bs64", ["data.batch_size=64"], [0.8] * 3, 64, 1e-4)
+    (tmp_path / "1_baseline_bs64" / CV_RESULT).write_text('{"folds": 3, "mean_val')
+    failed = [
+        {"dir": str(tmp_path / "2_x"), "overrides": 5},
+        {"dir": str(tmp_path / "3_x"), "overrides": [["a"]]},
+    ]
+    table = write_grid(tmp_path, failed)
+    assert table["dir"].tolist() == ["0_baseline_bs32"]
+    assert f"{tmp_path / '1_baseline_bs64' / CV_RESULT}: unreadable" in caplog.text
 
 
 def test_a_grid_with_failed_points_says_so_beside_its_best(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@ grid_search.csv and grid_search.md into the sweep folder at the end of the sweep
 
 from __future__ import annotations
 
-import json
+import logging
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,37 +14,74 @@ import yaml
 
 from skinclf.io import atomic_write_text
 from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_OVERRIDES
+from skinclf.sweep.jobs import read_record
 from skinclf.sweep.summary import job_order
+
+log = logging.getLogger("skinclf")
 
 
 def rank_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
     """One row per cross-validated job in ``sweep_dir``, best first (higher mean validation
     accuracy; on a tie, the lower std). ``point`` names the overrides that differ between jobs,
-    the ``failed`` ones (the sweep summary's records, with their overrides) included."""
+    the ``failed`` ones (the sweep summary's records, with their overrides) included;
+    ``train_command`` is the `skinclf train` command line that trains the point for real. A job
+    whose result cannot be read (a torn or hand-edited cv_result.json) is left out, with a warning."""
     rows = []
     for path in sorted(Path(sweep_dir).glob(f"**/{CV_RESULT}"), key=lambda p: job_order(p.parent)):
-        result = json.loads(path.read_text())
-        overrides_file = path.parent / HYDRA_OVERRIDES
-        overrides = (
-            yaml.safe_load(overrides_file.read_text(encoding="utf-8")) if overrides_file.exists() else []
-        )
+        result = read_record(path)
+        if not all(isinstance(result.get(key), int | float) for key in RESULT_NUMBERS):
+            log.warning(f"{path}: unreadable, or not a cross-validation result; its point is not ranked")
+            continue
+        overrides = _overrides(path.parent / HYDRA_OVERRIDES)
         job = path.parent.relative_to(sweep_dir).as_posix()
-        rows.append({"overrides": overrides or [], "dir": job, **result})
+        rows.append({"overrides": overrides, "dir": job, **result})
     if not rows:
         return pd.DataFrame()
     # Overrides shared by every job (e.g. data.root=...) say nothing about the point: hide them.
-    everyone = [set(r["overrides"]) for r in rows] + [set(f.get("overrides") or []) for f in failed]
+    everyone = [set(r["overrides"]) for r in rows] + [set(_strings(f.get("overrides"))) for f in failed]
     shared = set.intersection(*everyone) if len(everyone) > 1 else set()
     for r in rows:
         # hparams_search=grid is every point's, also where a grid has a single point.
         own = [o for o in r["overrides"] if o not in shared and not o.startswith("hparams_search=")]
         r["point"] = " ".join(own) or "(defaults)"
+        r["train_command"] = train_command(r["overrides"])
         r["overrides"] = " ".join(r["overrides"])
     table = pd.DataFrame(rows).sort_values(
         ["mean_val_acc", "std_val_acc"], ascending=[False, True], kind="stable"
     )
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.reset_index(drop=True)
+
+
+# What a point's cv_result.json must hold to be ranked.
+RESULT_NUMBERS = ("mean_val_acc", "std_val_acc", "folds", "batch_size", "lr")
+
+
+def _overrides(path: Path) -> list[str]:
+    """A job's command-line overrides (.hydra/overrides.yaml); none where missing or unreadable."""
+    try:
+        return _strings(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+
+
+def _strings(value: object) -> list[str]:
+    """``value`` as a list of overrides: empty unless it is a list of strings."""
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    return []
+
+
+def train_command(overrides: Sequence[str]) -> str:
+    """The `skinclf train` command line that trains a grid point for real, ready for a shell: the
+    job's overrides (its model, data, batch size and learning rate as given) without those that
+    made it a grid-search job (hparams_search, cv.*: cross-validating it again) or Hydra's."""
+    kept = [
+        override
+        for override in overrides
+        if not override.lstrip("+~").startswith(("hparams_search=", "cv.", "hydra.", "hydra/"))
+    ]
+    return " ".join(["skinclf train", *map(shlex.quote, kept)])
 
 
 def format_grid(table: pd.DataFrame, failed: Sequence[dict[str, Any]] = ()) -> str:
@@ -61,9 +99,9 @@ def format_grid(table: pd.DataFrame, failed: Sequence[dict[str, Any]] = ()) -> s
     best = table.iloc[0]
     lines += [
         "",
-        f"Best point: {' '.join(train_overrides(best))}: validation accuracy "
-        f"{100 * best['mean_val_acc']:.2f} ± {100 * best['std_val_acc']:.2f} % over {best['folds']} "
-        f"folds, job folder {best['dir']}.",
+        f"Best point: {best['point']}: validation accuracy {100 * best['mean_val_acc']:.2f} ± "
+        f"{100 * best['std_val_acc']:.2f} % over {best['folds']} folds, job folder {best['dir']}.",
+        f"Train it: `{best['train_command']}`",
     ]
     if failed:
         names = ", ".join(Path(f["dir"]).name for f in failed)
@@ -73,20 +111,6 @@ def format_grid(table: pd.DataFrame, failed: Sequence[dict[str, Any]] = ()) -> s
             "the sweep's summary says why): the best point is the best of the rest.",
         ]
     return "\n".join(lines)
-
-
-def train_overrides(point: pd.Series) -> list[str]:
-    """What to give `skinclf train` to train a ranked ``point`` for real: its batch size and
-    learning rate, and the other overrides that tell it from the other points (model=resnet),
-    without cross-validation's own (cv.folds would cross-validate it again)."""
-    others = [
-        override
-        for override in str(point["point"]).split()
-        if override != "(defaults)"
-        and override.split("=", 1)[0].lstrip("+~") not in {"data.batch_size", "optim.lr"}
-        and not override.lstrip("+~").startswith("cv.")
-    ]
-    return [f"data.batch_size={point['batch_size']}", f"optim.lr={point['lr']:g}", *others]
 
 
 def unranked(failed: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
