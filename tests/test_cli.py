@@ -754,7 +754,7 @@ def test_no_experiment_is_no_sweep_for_the_slurm_check(tmp_path, monkeypatch):
         _check_launcher(["experiment=paper", "hydra/launcher=slurm"])
 
 
-@pytest.mark.parametrize("folds", ["cv.folds=0", "cv.folds=3,0"])
+@pytest.mark.parametrize("folds", ["cv.folds=0", "cv.folds=3,0", "cv.folds=00", "cv.folds=3,0.0"])
 def test_a_grid_search_without_folds_is_refused_rather_than_tested(tmp_path, folds):
     # cv.folds=0 made each grid point a plain run: trained, tested, and ranked by nothing but
     # the report, which would pick the best point on the test split. Refused before the launch:

@@ -527,13 +527,17 @@ def test_a_synthetic_dataset_is_named_by_what_it_generates(tmp_path, edit, expec
     assert (found.status, found.data) == ("finished", expected)
 
 
-def test_a_dermamnist_folder_and_its_npz_file_are_one_dataset(tmp_path):
+def test_a_dermamnist_folder_and_its_npz_file_are_one_dataset(tmp_path, monkeypatch):
     # data.root may name the folder or the file in it: the same images, so one row of two seeds.
     folder = tmp_path / "medmnist"
     folder.mkdir()
     npz = folder / "dermamnist_128.npz"
     npz.write_bytes(b"")
-    for seed, root in enumerate((folder, npz, tmp_path / "moved")):
+    (tmp_path / "link.npz").symlink_to(npz)  # one file under two names: symlinks resolved
+    # A relative root with no record of the folder the run began in is kept as typed: it named
+    # the file it read from there, not from wherever the report runs.
+    monkeypatch.chdir(tmp_path)
+    for seed, root in enumerate((folder, tmp_path / "link.npz", tmp_path / "moved", "medmnist")):
         run = write_run(
             tmp_path / "outputs", "baseline", [0.7, 0.8], [0.7, 0.8], seed=seed, data="dermamnist"
         )
@@ -545,10 +549,11 @@ def test_a_dermamnist_folder_and_its_npz_file_are_one_dataset(tmp_path):
         f"dermamnist:{npz}",
         f"dermamnist:{npz}",
         f"dermamnist:{tmp_path / 'moved'}",
+        "dermamnist:medmnist",
     ]
     build_report([tmp_path / "outputs"], tmp_path / "reports")
     table = pd.read_csv(tmp_path / "reports" / "table1.csv")
-    assert sorted(table["n"]) == [1, 2]
+    assert sorted(table["n"]) == [1, 1, 2]
 
 
 def test_a_long_model_label_stays_inside_the_confusion_figure(tmp_path):

@@ -422,9 +422,17 @@ def _check_grid_search_folds(args: list[str]) -> None:
     every job would be refused alike (train.check_settings), each as a failed job of a new sweep."""
     values = {override.key_or_group: values for _, override, values in _parsed_overrides(args)}
     searches = [search for search in values.get("hparams_search") or [] if search is not None]
-    # A sweep's values come as text (cv.folds=3,0), a single one as Hydra types it.
-    if searches and any(str(folds).strip() == "0" for folds in values.get("cv.folds") or []):
+    if searches and any(_is_zero(folds) for folds in values.get("cv.folds") or []):
         raise grid_search_without_folds(searches[0])
+
+
+def _is_zero(value: object) -> bool:
+    """Whether an override's value reads as 0: a sweep's values come as text (cv.folds=3,0), a
+    single one as Hydra types it (00 as text, 0.0 as a float)."""
+    try:
+        return float(str(value)) == 0
+    except ValueError:
+        return False
 
 
 def _check_sweeps_are_launched_as_sweeps(args: list[str]) -> None:

@@ -14,6 +14,7 @@ can trust it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from collections.abc import Iterable, Sequence
@@ -225,14 +226,17 @@ def dataset_key(cfg: DictConfig, root: str | None) -> str:
 
 
 def _dermamnist_file(root: str) -> str:
-    """The npz file a DermaMNIST run's ``data.root`` names (a folder or the file itself), so that
-    runs given the folder and runs given its file are one dataset; the root as recorded where it
-    names no file here now (moved, deleted, or relative to another folder)."""
+    """The npz file a DermaMNIST run's absolute ``data.root`` names (a folder or the file itself),
+    symlinks resolved as for every root, so that runs given the folder and runs given its file are
+    one dataset; the root as recorded where it names no file here now (moved, deleted), or where
+    it is relative (a run without a record of the folder it started in)."""
     # Imported here: skinclf.data imports torch, which a report of other datasets never needs.
     from skinclf.data.dermamnist import npz_file
 
+    if not os.path.isabs(root):
+        return root
     try:
-        return str(npz_file(Path(root)))
+        return os.path.realpath(npz_file(Path(root)))
     except (SkinclfError, OSError):
         return root
 
