@@ -180,18 +180,23 @@ def test_a_sweep_folder_given_as_the_run_points_to_its_job_folders(run_and_image
     assert err.endswith("; a sweep's folder: give one of its job folders") and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("given", ["sweep", "point"])
+@pytest.mark.parametrize("given", ["sweep", "point", "running sweep", "running point"])
 def test_a_grid_search_given_as_the_run_says_it_keeps_no_model(run_and_images, tmp_path, capsys, given):
     # Its folder and its points' folders: "a sweep's folder: give one of its job folders", and
-    # then a job folder's "best.pt is missing", sent the user round in a circle.
+    # then a job folder's "best.pt is missing", sent the user round in a circle. While it runs
+    # (or where every point failed) there is no grid_search.md nor cv_result.json yet: Hydra's
+    # record of the choice tells.
     _, folder, _ = run_and_images
-    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
-    (tmp_path / "grid_search.md").write_text("# Grid search\n")
+    choices = "hydra:\n  runtime:\n    choices:\n      hparams_search: grid\n"
+    (tmp_path / "multirun.yaml").write_text(choices)
     point = tmp_path / "0_baseline_bs32_lr0.001"
-    point.mkdir()
-    (point / "cv_result.json").write_text("{}")
+    (point / ".hydra").mkdir(parents=True)
+    (point / ".hydra" / "hydra.yaml").write_text(choices)
+    if not given.startswith("running"):
+        (tmp_path / "grid_search.md").write_text("# Grid search\n")
+        (point / "cv_result.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_info:
-        _predict(tmp_path if given == "sweep" else point, folder)
+        _predict(tmp_path if given.endswith("sweep") else point, folder)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.endswith(

@@ -101,7 +101,7 @@ def test_sparser_checkpoints_resume_by_redoing_the_epochs_since(
     overrides = in_process(
         shared_data_dir, "model=augmented", "trainer.max_epochs=5", "trainer.checkpoint_every=2"
     )
-    real_save, real_link, real_write_metrics = loop.save_checkpoint, loop.atomic_link, loop._write_metrics
+    real_save, real_link, real_write_metrics = loop.save_checkpoint, loop.link_checkpoint, loop._write_metrics
     last_saves = []
 
     def recording_save(state, path):
@@ -114,7 +114,7 @@ def test_sparser_checkpoints_resume_by_redoing_the_epochs_since(
         last_saves.append(load_checkpoint(path, mmap=True)["epoch"])
 
     monkeypatch.setattr(loop, "save_checkpoint", recording_save)
-    monkeypatch.setattr(loop, "atomic_link", recording_link)
+    monkeypatch.setattr(loop, "link_checkpoint", recording_link)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run(compose_config(overrides), straight)
     assert last_saves == [2, 4, 5]  # every second epoch, and after the last

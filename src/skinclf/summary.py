@@ -15,7 +15,7 @@ from torchinfo import ModelStatistics, summary
 
 from skinclf import IMAGE_SIZE
 from skinclf.arguments import summary_parser
-from skinclf.config import adds_config_folders, compose_config, config_choices
+from skinclf.config import adds_config_folders, compose_config, composed_or_none, config_choices
 from skinclf.errors import SkinclfError, first_line
 from skinclf.models import build_model, check_model_config, check_model_output, model_order
 from skinclf.train_command import check_override_keys
@@ -50,7 +50,8 @@ def has_key(name: str, override: str) -> bool:
     """Whether model ``name``'s config has the key ``override`` sets (``model.pretrained=true``:
     only the models with pretrained weights)."""
     key = override.split("=", 1)[0].lstrip("+")
-    return OmegaConf.select(compose_config([f"model={name}"]), key, default=_ABSENT) is not _ABSENT
+    cfg = composed_or_none((f"model={name}",))
+    return cfg is not None and OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
 
 
 _ABSENT = object()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
@@ -18,7 +19,15 @@ from torch import nn
 from skinclf.config import instantiate_config, is_number
 from skinclf.errors import SkinclfError, first_line, not_a_folder
 from skinclf.models import build_model, check_model_config
-from skinclf.run_files import BEST_CHECKPOINT, CV_RESULT, GRID_MD, HYDRA_MULTIRUN, RUN_CONFIG, TEST_METRICS
+from skinclf.run_files import (
+    BEST_CHECKPOINT,
+    CV_RESULT,
+    GRID_MD,
+    HYDRA_MULTIRUN,
+    HYDRA_SETTINGS,
+    RUN_CONFIG,
+    TEST_METRICS,
+)
 from skinclf.sweep.jobs import differences_from_record
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
@@ -146,8 +155,7 @@ def _check_own_checkpoint(run_dir: Path, state: dict[str, Any], metrics: dict[st
 def _not_a_run_hint(folder: Path) -> str:
     """What to give instead of ``folder``, which holds no finished run: a grid search trains no
     model (its points are cross-validated, never tested), a sweep's folder holds runs."""
-    grid_search = (folder / CV_RESULT).is_file() or (folder / GRID_MD).is_file()
-    if grid_search or (folder.parent / GRID_MD).is_file():
+    if _grid_search(folder):
         return (
             "; a grid search's points are cross-validated and keep no model: train the best point "
             f"of its {GRID_MD} with `skinclf train` and give that run"
@@ -155,6 +163,22 @@ def _not_a_run_hint(folder: Path) -> str:
     if (folder / HYDRA_MULTIRUN).is_file():
         return "; a sweep's folder: give one of its job folders"
     return ""
+
+
+def _grid_search(folder: Path) -> bool:
+    """Whether ``folder`` is a grid search's sweep folder or one of its points, by its results
+    or, before there are any (a search still running, or whose points all failed), by Hydra's
+    record of the hparams_search chosen."""
+    if any((folder / name).is_file() for name in (CV_RESULT, GRID_MD)) or (folder.parent / GRID_MD).is_file():
+        return True
+    for record in (folder / HYDRA_SETTINGS, folder / HYDRA_MULTIRUN):
+        try:
+            choices = yaml.safe_load(record.read_text(encoding="utf-8"))["hydra"]["runtime"]["choices"]
+        except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+            continue
+        if isinstance(choices, dict) and choices.get("hparams_search") is not None:
+            return True
+    return False
 
 
 def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:

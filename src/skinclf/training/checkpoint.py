@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from skinclf.errors import SkinclfError, first_line
-from skinclf.io import atomic_torch_save
+from skinclf.io import atomic_link, atomic_torch_save
 
 FORMAT = "skinclf-checkpoint-v1"
 # torch.save's format since torch 1.6 is a zip archive; any other file is refused before torch
@@ -18,18 +19,29 @@ ZIP_MAGIC = b"PK\x03\x04"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Save ``state`` (model, optimizer, epoch, config, ...) atomically, tagged with our format.
-    A write that fails (a full disk, a file size limit) is a SkinclfError naming the file and
-    the space left; the file it replaces, if any, stays as it was."""
+    """Save ``state`` (model, optimizer, epoch, config, ...) atomically, tagged with our format."""
+    _write(path, lambda: atomic_torch_save({"format": FORMAT, **state}, path))
+
+
+def link_checkpoint(source: Path, path: Path) -> None:
+    """Make ``path`` a second name of the checkpoint ``source`` (a copy where there are no hard
+    links), atomically."""
+    _write(path, lambda: atomic_link(source, path))
+
+
+def _write(path: Path, write: Callable[[], None]) -> None:
+    """``write()`` the checkpoint ``path``; one that fails (a full disk, a file size limit) is a
+    SkinclfError naming the file and the space left. The file it replaces, if any, stays as it was."""
     try:
-        atomic_torch_save({"format": FORMAT, **state}, path)
+        write()
     except (OSError, RuntimeError) as err:
         # torch.save reports a short write as "[enforce fail at inline_container.cc] unexpected
         # pos ...", which names neither the file nor the reason.
-        free = shutil.disk_usage(Path(path).parent).free / 1e9
-        raise SkinclfError(
-            f"{path}: could not be written ({first_line(err)}); {free:.1f} GB free on its file system"
-        ) from err
+        try:
+            space = f"; {shutil.disk_usage(Path(path).parent).free / 1e9:.1f} GB free on its file system"
+        except OSError:
+            space = ""
+        raise SkinclfError(f"{path}: could not be written ({first_line(err)}){space}") from err
 
 
 def load_checkpoint(

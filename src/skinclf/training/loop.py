@@ -25,9 +25,9 @@ from torch import nn
 
 from skinclf.data.splits import Split, content_hash
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_link, atomic_write
+from skinclf.io import atomic_write
 from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS
-from skinclf.training.checkpoint import load_checkpoint, save_checkpoint
+from skinclf.training.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
 from skinclf.training.hardware import (
     DATA_SHARE_OF_FREE_GPU_MEMORY,
     autocast,
@@ -427,7 +427,7 @@ def fit(
             # 1.3 GB: an improving epoch writes them once.
             save_checkpoint({**last, **best}, best_path)
             if write_last:
-                atomic_link(best_path, last_path)
+                link_checkpoint(best_path, last_path)
         elif write_last:
             save_checkpoint(last, last_path)
         _write_metrics(metrics_path, history)
