@@ -136,8 +136,9 @@ def test_grad_cam_over_flips_maps_every_view_back_onto_the_image():
 @pytest.mark.parametrize(
     ("model", "layer"),
     [
-        ("baseline", "3 (Conv2d)"),  # the second conv (the first is module 0)
-        ("layer_norm", "4 (Conv2d)"),  # after its LayerNorm, the second conv is module 4
+        ("baseline", "5 (ReLU)"),  # the second block's output: conv 3, max-pool 4, ReLU 5
+        ("layer_norm", "7 (ReLU)"),  # conv 4, LayerNorm 5, max-pool 6, ReLU 7
+        ("batch_norm", "7 (ReLU)"),  # after the norm, not the conv's raw output
         ("vgg16", "features (Sequential)"),  # the whole frozen extractor, as its features are cached
     ],
 )
@@ -146,6 +147,26 @@ def test_grad_cam_maps_the_last_convolutional_block(model, layer):
     with quiet_logs():  # vgg16 without ImageNet weights says so
         net = build_model(compose_config([f"model={model}", *no_weights]).model)
     assert grad_cam(net, torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)).layer == layer
+
+
+def test_a_plain_cnns_map_ignores_what_its_relu_discards():
+    # The map was of the second conv's raw output: doubling its negative values (which the
+    # max-pool and ReLU after it discard, so the logits stay bit for bit the same) changed the map
+    # by up to 0.26. (With a norm layer, the map also followed offsets the norm removes.)
+    torch.manual_seed(0)
+    net = build_model(compose_config(["model=baseline"]).model).eval()
+    images = torch.rand(4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    plain = grad_cam(net, images, toward_mel=torch.tensor([True, False, True, False]))
+    second_pool = [i for i, m in enumerate(net) if isinstance(m, nn.MaxPool2d)][1]
+    handle = net[second_pool - 1].register_forward_hook(
+        lambda _m, _i, out: torch.where(out < 0, 2 * out, out)
+    )
+    try:
+        doubled = grad_cam(net, images, toward_mel=torch.tensor([True, False, True, False]))
+    finally:
+        handle.remove()
+    assert torch.equal(doubled.logits, plain.logits)
+    torch.testing.assert_close(doubled.heatmaps, plain.heatmaps, atol=1e-6, rtol=0)
 
 
 class GloballyPooledCNN(nn.Module):
@@ -402,6 +423,22 @@ def test_a_file_name_that_is_no_utf8_is_titled_with_escapes_and_named_as_it_is(
         ["lesion_gradcam.png", f"{named.stem}_gradcam.png"]
     )
     assert sorted(title.split(" - ")[0] for title in titles) == ["\\xff\\xfe.png", "lesion.png"]
+
+
+@pytest.mark.parametrize(
+    ("prob", "threshold", "shown"),
+    [
+        (0.7, 0.5, "P(MEL) = 0.700: MEL at threshold 0.500"),
+        # Rounded to 3 decimals, 0.399 "NV at threshold 0.39864066" read as a contradiction.
+        (0.39864060282707214, 0.39864066, "P(MEL) = 0.3986406: NV at threshold 0.3986407"),
+        (0.45, 0.45, "P(MEL) = 0.45: MEL at threshold 0.45"),
+    ],
+)
+def test_the_figure_shows_probability_and_threshold_told_apart(prob, threshold, shown):
+    fig = explain.render(
+        torch.zeros(3, 8, 8, dtype=torch.uint8), torch.rand(8, 8), prob, threshold, "x.png", "MEL"
+    )
+    assert fig._suptitle.get_text().splitlines()[1] == shown
 
 
 @pytest.mark.parametrize("synthetic", [False, True])

@@ -21,6 +21,16 @@ from skinclf.trained_run import TrainedRun, load_trained_run
 CHUNK = 16
 
 
+def _told_apart(prob: float, threshold: float) -> tuple[str, str]:
+    """Probability and threshold to as many decimals as tell them apart, at least 3: "P(MEL) =
+    0.399: NV at threshold 0.39864066" read as a contradiction. Equal, both in full."""
+    for digits in range(3, 18):
+        shown = f"{prob:.{digits}f}", f"{threshold:.{digits}f}"
+        if shown[0] != shown[1]:
+            return shown
+    return repr(prob), repr(threshold)
+
+
 def render(
     image: torch.Tensor,
     heatmap: torch.Tensor,
@@ -57,7 +67,8 @@ def render(
         ax.set_axis_off()
     fig.colorbar(shown, ax=right, fraction=0.046, pad=0.03)
     call = "MEL" if prob_mel >= threshold else "NV"
-    fig.suptitle(f"{title}\nP(MEL) = {prob_mel:.3f}: {call} at threshold {float(threshold)!r}", fontsize=10)
+    prob_text, threshold_text = _told_apart(prob_mel, float(threshold))
+    fig.suptitle(f"{title}\nP(MEL) = {prob_text}: {call} at threshold {threshold_text}", fontsize=10)
     footer = "Research aid, not a diagnosis."
     if synthetic:
         footer += " Model trained on synthetic data, not real lesions."

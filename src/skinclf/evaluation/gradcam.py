@@ -2,7 +2,8 @@
 
 The heat map of an image is ReLU(sum_k w_k A_k), where A_k are the channels of the last
 convolutional block's output and w_k the spatial mean of d(logit)/dA_k; it is upsampled to the
-image size and scaled to [0, 1]. The layer is found generically, so every architecture works.
+image size and scaled to [0, 1]. A model may name that layer (``grad_cam_layer()``, as the
+paper's plain CNNs do); otherwise it is found generically, so every architecture works.
 """
 
 from __future__ import annotations
@@ -45,15 +46,20 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
     model has one score, so the NV map is the MEL map with the gradient's sign flipped; without it,
     an image the model calls NV would mostly get an empty map.
 
-    The layer is the last module, in forward order, that is or holds a Conv2d and returns a 4-D
-    feature map larger than 1x1: the last convolutional block. That is the residual block (not its
-    1x1 shortcut conv) in the ResNet, the last conv in the plain CNNs, the whole frozen extractor
-    in VGG-16.
+    The layer is the one the model names with a ``grad_cam_layer()`` method (the plain CNNs:
+    their second block's ReLU), else the last module, in forward order, that is or holds a Conv2d
+    and returns a 4-D feature map larger than 1x1: the last convolutional block. That is the
+    residual block (not its 1x1 shortcut conv) in the ResNet, the whole frozen extractor in VGG-16.
     Runs in fp32 with the model in eval mode, on the model's device (``inputs`` are moved
     there); the model's parameters get no gradients. Heat maps and logits come back on the CPU.
     """
     model.eval()
     blocks = _conv_blocks(model)
+    if hasattr(model, "grad_cam_layer"):
+        named = model.grad_cam_layer()
+        blocks = {
+            named: next(f"{name} ({type(m).__name__})" for name, m in model.named_modules() if m is named)
+        }
     captured: list[tuple[str, torch.Tensor]] = []
 
     def keep(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:

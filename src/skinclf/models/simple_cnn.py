@@ -56,3 +56,10 @@ class SimpleCNN(nn.Sequential):
             nn.Linear(128, 1),
         ]
         super().__init__(*layers)
+
+    def grad_cam_layer(self) -> nn.Module:
+        """Where Grad-CAM explains the model: the second block's output (its last ReLU, after the
+        norm and the max-pool), the activations the classifier reads. Its second conv's raw output
+        holds negative values the ReLU discards, and (with a norm layer) offsets the norm removes:
+        the map would change with values the model ignores."""
+        return [module for module in self if isinstance(module, nn.ReLU)][1]
