@@ -19,6 +19,7 @@ from skinclf.arguments import SYNTHETIC_MODEL_NOTE
 from skinclf.cli import main as cli_main
 from skinclf.config import compose_config
 from skinclf.data.synthetic import draw_lesion
+from skinclf.errors import SkinclfError
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
 from skinclf.models import PAPER_MODELS, build_model
 from skinclf.models.vgg16 import VGG16Transfer
@@ -181,6 +182,21 @@ class GloballyPooledCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).flatten(1))
+
+
+def test_a_users_grad_cam_layer_is_used_or_refused_in_one_line():
+    class Named(GloballyPooledCNN):
+        def grad_cam_layer(self) -> nn.Module:
+            return self.features[1]  # the ReLU after the first conv
+
+    torch.manual_seed(0)
+    assert grad_cam(Named(), torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)).layer == "features.1 (ReLU)"
+    Named.grad_cam_layer = lambda self: nn.ReLU()  # a module the model does not hold
+    with pytest.raises(SkinclfError, match=r"^Named.grad_cam_layer\(\): not one of the model's modules$"):
+        grad_cam(Named(), torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+    Named.grad_cam_layer = lambda self: self.features[3]  # pools to 1x1
+    with pytest.raises(SkinclfError, match=r"its grad_cam_layer\(\) returns no feature map larger than 1x1"):
+        grad_cam(Named(), torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE))
 
 
 def test_grad_cam_skips_a_block_that_pools_to_1x1():

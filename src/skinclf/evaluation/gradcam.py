@@ -57,9 +57,9 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
     blocks = _conv_blocks(model)
     if hasattr(model, "grad_cam_layer"):
         named = model.grad_cam_layer()
-        blocks = {
-            named: next(f"{name} ({type(m).__name__})" for name, m in model.named_modules() if m is named)
-        }
+        blocks = {m: f"{name} ({type(m).__name__})" for name, m in model.named_modules() if m is named}
+        if not blocks:
+            raise SkinclfError(f"{type(model).__name__}.grad_cam_layer(): not one of the model's modules")
     captured: list[tuple[str, torch.Tensor]] = []
 
     def keep(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -81,10 +81,12 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
             x = inputs.detach().to(device, torch.float32).requires_grad_()
             logits = model(x).flatten()
             if not captured:
-                raise SkinclfError(
-                    f"{type(model).__name__}: no convolutional layer with a feature map larger than 1x1 "
-                    "to explain with Grad-CAM"
+                what = (
+                    "its grad_cam_layer() returns no feature map"
+                    if hasattr(model, "grad_cam_layer")
+                    else "no convolutional layer with a feature map"
                 )
+                raise SkinclfError(f"{type(model).__name__}: {what} larger than 1x1 to explain with Grad-CAM")
             layer, activations = captured[-1]
             sign = (
                 torch.ones_like(logits)
