@@ -321,19 +321,63 @@ def test_the_best_point_comes_with_the_command_that_trains_it(tmp_path: Path) ->
     assert rank_grid(tmp_path / "b")["point"].tolist() == ["model=resnet"]
 
 
-def test_a_damaged_grid_record_leaves_its_point_out_not_the_ranking(tmp_path: Path, caplog) -> None:
-    # A torn cv_result.json ended the sweep's summary in a JSONDecodeError (Hydra only warns of a
-    # callback's error: no summary, exit 0); a failed record's overrides of another type, in a TypeError.
+@pytest.mark.parametrize(
+    ("damage", "file"),
+    [
+        ('{"folds": 3, "mean_val', CV_RESULT),  # torn
+        ('{"folds": 3, "mean_val_acc": 0.8, "std_val_acc": 0, "batch_size": 64, "lr": 1e-4}', CV_RESULT),
+        ("- [broken", ".hydra/overrides.yaml"),  # its command would have been a bare `skinclf train`
+    ],
+    ids=["torn-result", "no-fold-accuracies", "torn-overrides"],
+)
+def test_a_damaged_grid_record_leaves_its_point_out_not_the_ranking(
+    tmp_path: Path, caplog, damage, file
+) -> None:
+    # A torn or hand-edited record ended the sweep's summary (Hydra only warns of a callback's
+    # error: no summary, exit 0); a failed record's overrides of another type, in a TypeError.
     _fake_point(tmp_path, "0_baseline_bs32", ["data.batch_size=32"], [0.6, 0.7, 0.8], 32, 1e-4)
     _fake_point(tmp_path, "1_baseline_bs64", ["data.batch_size=64"], [0.8] * 3, 64, 1e-4)
-    (tmp_path / "1_baseline_bs64" / CV_RESULT).write_text('{"folds": 3, "mean_val')
+    (tmp_path / "1_baseline_bs64" / file).write_text(damage)
     failed = [
         {"dir": str(tmp_path / "2_x"), "overrides": 5},
         {"dir": str(tmp_path / "3_x"), "overrides": [["a"]]},
     ]
     table = write_grid(tmp_path, failed)
     assert table["dir"].tolist() == ["0_baseline_bs32"]
-    assert f"{tmp_path / '1_baseline_bs64' / CV_RESULT}: unreadable" in caplog.text
+    assert (
+        f"{tmp_path / '1_baseline_bs64'}: its cv_result.json or .hydra/overrides.yaml cannot be read"
+        in caplog.text
+    )
+    assert (
+        "Left out: 1_baseline_bs64 (cv_result.json or .hydra/overrides.yaml cannot be read)."
+        in (tmp_path / GRID_MD).read_text()
+    )
+
+
+def test_the_train_command_keeps_the_users_config_folders_and_drops_what_made_it_a_grid_job(tmp_path: Path):
+    # A model of the user's own came from hydra.searchpath (or --config-dir), which overrides.yaml
+    # does not hold: the pasted command failed with "unknown model". resume=true, cv={folds:2} and
+    # ~cv would have resumed nothing or cross-validated again.
+    overrides = [
+        "model=wide_cnn",
+        "data.batch_size=32",
+        "optim.lr=0.001",
+        "resume=true",
+        "cv={folds:2}",
+        "~cv",
+    ]
+    _fake_point(tmp_path, "0_wide_cnn", ["hparams_search=grid", *overrides], [0.8] * 3, 32, 1e-3)
+    hydra = {
+        "hydra": {
+            "overrides": {"hydra": ["hydra.sweep.dir=/x", "hydra.searchpath=[file:///home/me/my conf]"]},
+            "runtime": {"config_sources": [{"path": "file:///home/me/cd", "provider": "command-line"}]},
+        }
+    }
+    (tmp_path / "0_wide_cnn" / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    assert rank_grid(tmp_path)["train_command"].tolist() == [
+        "skinclf train 'hydra.searchpath=[file:///home/me/my conf]' --config-dir=/home/me/cd "
+        "model=wide_cnn data.batch_size=32 optim.lr=0.001"
+    ]
 
 
 def test_a_grid_with_failed_points_says_so_beside_its_best(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 
 from skinclf.io import atomic_write_text
-from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_OVERRIDES
+from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_OVERRIDES, HYDRA_SETTINGS
 from skinclf.sweep.jobs import read_record
 from skinclf.sweep.summary import job_order
 
@@ -25,62 +25,105 @@ def rank_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.Data
     accuracy; on a tie, the lower std). ``point`` names the overrides that differ between jobs,
     the ``failed`` ones (the sweep summary's records, with their overrides) included;
     ``train_command`` is the `skinclf train` command line that trains the point for real. A job
-    whose result cannot be read (a torn or hand-edited cv_result.json) is left out, with a warning."""
-    rows = []
+    whose cv_result.json or overrides cannot be read (torn, hand-edited) is left out with a
+    warning, and named in ``table.attrs["unreadable"]``."""
+    rows, unreadable = [], []
     for path in sorted(Path(sweep_dir).glob(f"**/{CV_RESULT}"), key=lambda p: job_order(p.parent)):
-        result = read_record(path)
-        if not all(isinstance(result.get(key), int | float) for key in RESULT_NUMBERS):
-            log.warning(f"{path}: unreadable, or not a cross-validation result; its point is not ranked")
-            continue
-        overrides = _overrides(path.parent / HYDRA_OVERRIDES)
         job = path.parent.relative_to(sweep_dir).as_posix()
-        rows.append({"overrides": overrides, "dir": job, **result})
+        result = read_record(path)
+        overrides = _strings(_yaml(path.parent / HYDRA_OVERRIDES))
+        if not _is_cv_result(result) or overrides is None:
+            log.warning(f"{path.parent}: its {CV_RESULT} or {HYDRA_OVERRIDES} cannot be read; not ranked")
+            unreadable.append(job)
+            continue
+        command = train_command([*_config_folders(path.parent / HYDRA_SETTINGS), *overrides])
+        rows.append({"overrides": overrides, "dir": job, "train_command": command, **result})
     if not rows:
         return pd.DataFrame()
     # Overrides shared by every job (e.g. data.root=...) say nothing about the point: hide them.
-    everyone = [set(r["overrides"]) for r in rows] + [set(_strings(f.get("overrides"))) for f in failed]
+    everyone = [set(r["overrides"]) for r in rows] + [set(_strings(f.get("overrides")) or ()) for f in failed]
     shared = set.intersection(*everyone) if len(everyone) > 1 else set()
     for r in rows:
         # hparams_search=grid is every point's, also where a grid has a single point.
         own = [o for o in r["overrides"] if o not in shared and not o.startswith("hparams_search=")]
         r["point"] = " ".join(own) or "(defaults)"
-        r["train_command"] = train_command(r["overrides"])
         r["overrides"] = " ".join(r["overrides"])
     table = pd.DataFrame(rows).sort_values(
         ["mean_val_acc", "std_val_acc"], ascending=[False, True], kind="stable"
     )
     table.insert(0, "rank", range(1, len(table) + 1))
-    return table.reset_index(drop=True)
+    table = table.reset_index(drop=True)
+    table.attrs["unreadable"] = unreadable
+    return table
 
 
-# What a point's cv_result.json must hold to be ranked.
-RESULT_NUMBERS = ("mean_val_acc", "std_val_acc", "folds", "batch_size", "lr")
+def _is_cv_result(result: dict[str, Any]) -> bool:
+    """Whether a cv_result.json holds what the ranking reads: its numbers and the folds' accuracies."""
+    numbers = ("mean_val_acc", "std_val_acc", "folds", "batch_size", "lr")
+    folds = result.get("fold_val_acc")
+    return all(_is_number(result.get(key)) for key in numbers) and (
+        isinstance(folds, list) and all(_is_number(acc) for acc in folds)
+    )
 
 
-def _overrides(path: Path) -> list[str]:
-    """A job's command-line overrides (.hydra/overrides.yaml); none where missing or unreadable."""
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _yaml(path: Path) -> object:
+    """A YAML file's content; None where missing or unreadable."""
     try:
-        return _strings(yaml.safe_load(path.read_text(encoding="utf-8")))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
-        return []
+        return None
 
 
-def _strings(value: object) -> list[str]:
-    """``value`` as a list of overrides: empty unless it is a list of strings."""
+def _strings(value: object) -> list[str] | None:
+    """``value`` as a list of overrides; None unless it is a list of strings."""
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return value
-    return []
+    return None
 
 
-def train_command(overrides: Sequence[str]) -> str:
-    """The `skinclf train` command line that trains a grid point for real, ready for a shell: the
-    job's overrides (its model, data, batch size and learning rate as given) without those that
-    made it a grid-search job (hparams_search, cv.*: cross-validating it again) or Hydra's."""
-    kept = [
-        override
-        for override in overrides
-        if not override.lstrip("+~").startswith(("hparams_search=", "cv.", "hydra.", "hydra/"))
+def _config_folders(hydra_settings: Path) -> list[str]:
+    """The config folders a job was given besides skinclf's (a model of the user's own), from its
+    .hydra/hydra.yaml: its ``hydra.searchpath`` overrides and ``--config-dir``."""
+    settings = _yaml(hydra_settings)
+    given = _strings(_at(settings, "hydra", "overrides", "hydra")) or []
+    folders = [o for o in given if o.lstrip("+").startswith("hydra.searchpath=")]
+    sources = _at(settings, "hydra", "runtime", "config_sources")
+    folders += [
+        f"--config-dir={source['path'].removeprefix('file://')}"
+        for source in (sources if isinstance(sources, list) else [])
+        if isinstance(source, dict) and source.get("provider") == "command-line" and source.get("path")
     ]
+    return folders
+
+
+def _at(node: object, *keys: str) -> object:
+    """``node[k1][k2]...``; None where a level is missing or no mapping."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+# Overrides that made a job a grid-search point, or are Hydra's or a launch's: not the point's
+# run. (hydra.searchpath and --config-dir come back from the job's Hydra record.)
+NOT_THE_POINTS = ("hparams_search", "cv", "resume")
+
+
+def train_command(args: Sequence[str]) -> str:
+    """The `skinclf train` command line that trains a grid point for real, ready for a shell: the
+    job's config folders and overrides (its model, data, batch size and learning rate as given)
+    without those that made it a grid-search job (hparams_search, cv: cross-validating it again),
+    resume, or Hydra's own."""
+    kept = []
+    for arg in args:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        own_hydra = key.startswith(("hydra.", "hydra/")) and not key.startswith("hydra.searchpath")
+        if key in NOT_THE_POINTS or key.startswith("cv.") or own_hydra:
+            continue
+        kept.append(arg)
     return " ".join(["skinclf train", *map(shlex.quote, kept)])
 
 
@@ -103,6 +146,12 @@ def format_grid(table: pd.DataFrame, failed: Sequence[dict[str, Any]] = ()) -> s
         f"{100 * best['std_val_acc']:.2f} % over {best['folds']} folds, job folder {best['dir']}.",
         f"Train it: `{best['train_command']}`",
     ]
+    unreadable = table.attrs.get("unreadable") or []
+    if unreadable:
+        lines += [
+            "",
+            f"Left out: {', '.join(unreadable)} ({CV_RESULT} or {HYDRA_OVERRIDES} cannot be read).",
+        ]
     if failed:
         names = ", ".join(Path(f["dir"]).name for f in failed)
         lines += [
