@@ -327,8 +327,9 @@ def test_the_best_point_comes_with_the_command_that_trains_it(tmp_path: Path) ->
         ('{"folds": 3, "mean_val', CV_RESULT),  # torn
         ('{"folds": 3, "mean_val_acc": 0.8, "std_val_acc": 0, "batch_size": 64, "lr": 1e-4}', CV_RESULT),
         ("- [broken", ".hydra/overrides.yaml"),  # its command would have been a bare `skinclf train`
+        ("hydra: [torn", ".hydra/hydra.yaml"),  # its command would have lost hydra.searchpath
     ],
-    ids=["torn-result", "no-fold-accuracies", "torn-overrides"],
+    ids=["torn-result", "no-fold-accuracies", "torn-overrides", "torn-hydra-record"],
 )
 def test_a_damaged_grid_record_leaves_its_point_out_not_the_ranking(
     tmp_path: Path, caplog, damage, file
@@ -344,12 +345,13 @@ def test_a_damaged_grid_record_leaves_its_point_out_not_the_ranking(
     ]
     table = write_grid(tmp_path, failed)
     assert table["dir"].tolist() == ["0_baseline_bs32"]
+    assert "Not ranked: 2 of the 4 points failed" in (tmp_path / GRID_MD).read_text()  # 1 ran, 1 left out
     assert (
-        f"{tmp_path / '1_baseline_bs64'}: its cv_result.json or .hydra/overrides.yaml cannot be read"
+        f"{tmp_path / '1_baseline_bs64'}: a record of its run (cv_result.json, .hydra/) cannot be read"
         in caplog.text
     )
     assert (
-        "Left out: 1_baseline_bs64 (cv_result.json or .hydra/overrides.yaml cannot be read)."
+        "Left out: 1_baseline_bs64 (a record of its run, cv_result.json or .hydra/, cannot be read)."
         in (tmp_path / GRID_MD).read_text()
     )
 

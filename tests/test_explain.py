@@ -417,6 +417,30 @@ def test_an_out_inside_an_explained_folder_is_not_explained_again(tiny_run, tmp_
     assert (outer / "in" / "lesion_gradcam.png").is_file() and (outer / "lesion_gradcam.png").is_file()
 
 
+def test_an_empty_map_is_said_in_the_figure_and_on_the_console(tiny_run, tmp_path, monkeypatch, capsys):
+    # Grad-CAM keeps only positive evidence: a briefly trained norm model's maps were often all
+    # zero, drawn as a plain blue overlay without a word.
+    image, _ = image_and_kept_file(tmp_path)
+    real_cam, real_render, notes = explain.grad_cam, explain.render, []
+
+    def empty_cam(*args, **kwargs):
+        cam = real_cam(*args, **kwargs)
+        return replace(cam, heatmaps=torch.zeros_like(cam.heatmaps))
+
+    def render(*args):
+        fig = real_render(*args)
+        notes.extend(text.get_text() for ax in fig.axes for text in ax.texts)
+        return fig
+
+    monkeypatch.setattr(explain, "render", render)
+    cli_main(["explain", str(tiny_run), str(image), "--out", str(tmp_path / "full")])
+    assert not notes  # a map with evidence says nothing
+    monkeypatch.setattr(explain, "grad_cam", empty_cam)
+    cli_main(["explain", str(tiny_run), str(image), "--out", str(tmp_path / "empty")])
+    assert notes == ["no positive evidence for MEL\nat this layer"]
+    assert "note: 1/1 maps show no positive evidence for the class explained" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")
 def test_a_file_name_that_is_no_utf8_is_titled_with_escapes_and_named_as_it_is(
     tiny_run, tmp_path, monkeypatch

@@ -63,6 +63,11 @@ def render(
             )
     left.set_title(caption, fontsize=8)
     right.set_title(f"Grad-CAM: evidence for {evidence}", fontsize=8)
+    if float(heatmap.max()) == 0:
+        # Grad-CAM keeps only positive evidence: an all-blue overlay would read as a drawing error.
+        note = f"no positive evidence for {evidence.split(',')[0]}\nat this layer"
+        box = {"facecolor": "white", "alpha": 0.8, "lw": 0}
+        right.text(0.5, 0.5, note, transform=right.transAxes, ha="center", va="center", fontsize=8, bbox=box)
     for ax in (left, right):
         ax.set_axis_off()
     fig.colorbar(shown, ax=right, fraction=0.046, pad=0.03)
@@ -87,12 +92,14 @@ def _unique_name(path: Path, taken: set[str]) -> str:
 
 def explain_files(
     run: TrainedRun, files: Sequence[Path], out_dir: Path, target: str = "mel"
-) -> tuple[list[Path], list[str]]:
-    """Write one Grad-CAM PNG per readable file into ``out_dir``; returns (written, problems)."""
+) -> tuple[list[Path], list[str], list[Path]]:
+    """Write one Grad-CAM PNG per readable file into ``out_dir``; returns (written, problems, and
+    the written figures whose map is empty: no positive evidence at the layer)."""
     if target not in EXPLAIN_TARGETS:
         raise SkinclfError(f"--class {target}: expected one of {', '.join(EXPLAIN_TARGETS)}")
     written: list[Path] = []
     problems: list[str] = []
+    empty: list[Path] = []
     # An input image in out_dir named like an output (X_gradcam.png beside X.png) keeps its name:
     # the figure of X.png takes the next free one instead of overwriting it.
     out_folder = out_dir.resolve()
@@ -124,6 +131,8 @@ def explain_files(
             out = out_dir / _unique_name(path, taken)
             save_figure(fig, out)
             written.append(out)
+            if float(heatmap.max()) == 0:
+                empty.append(out)
         chunk.clear()
 
     for path, decoded in decode_all(files, desc="explaining"):
@@ -134,7 +143,7 @@ def explain_files(
         if len(chunk) >= CHUNK:
             explain_chunk()
     explain_chunk()
-    return written, problems
+    return written, problems, empty
 
 
 def main(args: list[str]) -> None:
@@ -148,7 +157,7 @@ def main(args: list[str]) -> None:
         # An --out inside a folder being explained: its figures from an earlier run are no input.
         files = collect_images(opts.images, skip=out_dir)
         run = load_trained_run(opts.run_dir, device=opts.device)
-        written, problems = explain_files(run, files, out_dir, opts.target)
+        written, problems, empty = explain_files(run, files, out_dir, opts.target)
         if not written:  # before any output: the --out made here is removed again
             raise no_readable_image(problems, "explain")
         for problem in problems:
@@ -160,6 +169,14 @@ def main(args: list[str]) -> None:
             f"{out_dir}/, {counted(len(problems), 'file')} unreadable",
             file=sys.stderr,
         )
+        if empty:
+            # Legitimate Grad-CAM (no channel at the layer pushes toward the class), common for a
+            # briefly trained model: said, so that blank figures do not read as a failure.
+            print(
+                f"note: {len(empty)}/{len(written)} maps show no positive evidence for the class "
+                "explained (an all-blue overlay; each such figure says so)",
+                file=sys.stderr,
+            )
         if run.trained_on_synthetic_data:
             print(f"note: {SYNTHETIC_MODEL_NOTE}", file=sys.stderr)
         print(DISCLAIMER, file=sys.stderr)

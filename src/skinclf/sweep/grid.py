@@ -32,11 +32,14 @@ def rank_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.Data
         job = path.parent.relative_to(sweep_dir).as_posix()
         result = read_record(path)
         overrides = _strings(_yaml(path.parent / HYDRA_OVERRIDES))
-        if not _is_cv_result(result) or overrides is None:
-            log.warning(f"{path.parent}: its {CV_RESULT} or {HYDRA_OVERRIDES} cannot be read; not ranked")
+        folders = _config_folders(path.parent / HYDRA_SETTINGS)
+        if not _is_cv_result(result) or overrides is None or folders is None:
+            log.warning(
+                f"{path.parent}: a record of its run ({CV_RESULT}, .hydra/) cannot be read; not ranked"
+            )
             unreadable.append(job)
             continue
-        command = train_command([*_config_folders(path.parent / HYDRA_SETTINGS), *overrides])
+        command = train_command([*folders, *overrides])
         rows.append({"overrides": overrides, "dir": job, "train_command": command, **result})
     if not rows:
         return pd.DataFrame()
@@ -85,10 +88,15 @@ def _strings(value: object) -> list[str] | None:
     return None
 
 
-def _config_folders(hydra_settings: Path) -> list[str]:
+def _config_folders(hydra_settings: Path) -> list[str] | None:
     """The config folders a job was given besides skinclf's (a model of the user's own), from its
-    .hydra/hydra.yaml: its ``hydra.searchpath`` overrides and ``--config-dir``."""
+    .hydra/hydra.yaml: its ``hydra.searchpath`` overrides and ``--config-dir``; None where that
+    file is there but unreadable (the command would lose them: "unknown model")."""
+    if not hydra_settings.exists():
+        return []
     settings = _yaml(hydra_settings)
+    if not isinstance(settings, dict):
+        return None
     given = _strings(_at(settings, "hydra", "overrides", "hydra")) or []
     folders = [o for o in given if o.lstrip("+").startswith("hydra.searchpath=")]
     sources = _at(settings, "hydra", "runtime", "config_sources")
@@ -150,13 +158,15 @@ def format_grid(table: pd.DataFrame, failed: Sequence[dict[str, Any]] = ()) -> s
     if unreadable:
         lines += [
             "",
-            f"Left out: {', '.join(unreadable)} ({CV_RESULT} or {HYDRA_OVERRIDES} cannot be read).",
+            f"Left out: {', '.join(unreadable)} (a record of its run, {CV_RESULT} or .hydra/, "
+            "cannot be read).",
         ]
     if failed:
         names = ", ".join(Path(f["dir"]).name for f in failed)
         lines += [
             "",
-            f"Not ranked: {len(failed)} of the {len(table) + len(failed)} points failed ({names}; "
+            f"Not ranked: {len(failed)} of the {len(table) + len(unreadable) + len(failed)} points failed "
+            f"({names}; "
             "the sweep's summary says why): the best point is the best of the rest.",
         ]
     return "\n".join(lines)
