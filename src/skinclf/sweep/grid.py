@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from skinclf.config import is_number
 from skinclf.io import atomic_write_text
 from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_OVERRIDES, HYDRA_SETTINGS
 from skinclf.sweep.jobs import read_record
@@ -64,13 +65,9 @@ def _is_cv_result(result: dict[str, Any]) -> bool:
     """Whether a cv_result.json holds what the ranking reads: its numbers and the folds' accuracies."""
     numbers = ("mean_val_acc", "std_val_acc", "folds", "batch_size", "lr")
     folds = result.get("fold_val_acc")
-    return all(_is_number(result.get(key)) for key in numbers) and (
-        isinstance(folds, list) and all(_is_number(acc) for acc in folds)
+    return all(is_number(result.get(key)) for key in numbers) and (
+        isinstance(folds, list) and all(is_number(acc) for acc in folds)
     )
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _yaml(path: Path) -> object:
