@@ -30,6 +30,14 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
         raise SkinclfError(first_line(err)) from err
 
 
+def holds_key(cfg: DictConfig, key: str) -> bool:
+    """Whether ``cfg`` has the dotted ``key`` (its value may be anything, null included)."""
+    return OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
+
+
+_ABSENT = object()  # OmegaConf.select's answer for a key the config does not have
+
+
 @cache
 def composed_or_none(overrides: tuple[str, ...]) -> DictConfig | None:
     """:func:`compose_config` of ``overrides``, cached (the checks of a command line and the report

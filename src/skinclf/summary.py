@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchinfo import ModelStatistics, summary
 
 from skinclf import IMAGE_SIZE
 from skinclf.arguments import summary_parser
-from skinclf.config import adds_config_folders, compose_config, composed_or_none, config_choices
+from skinclf.config import adds_config_folders, compose_config, composed_or_none, config_choices, holds_key
 from skinclf.errors import SkinclfError, first_line
 from skinclf.models import build_model, check_model_config, check_model_output, model_order
 from skinclf.train_command import check_override_keys
@@ -51,10 +51,7 @@ def has_key(name: str, override: str) -> bool:
     only the models with pretrained weights)."""
     key = override.split("=", 1)[0].lstrip("+")
     cfg = composed_or_none((f"model={name}",))
-    return cfg is not None and OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
-
-
-_ABSENT = object()
+    return cfg is not None and holds_key(cfg, key)
 
 
 def model_statistics(cfg: DictConfig) -> ModelStatistics:

@@ -30,7 +30,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins import skinclf_launcher
-from skinclf.config import adds_config_folders, composed_or_none, config_choices, grid_search_without_folds
+from skinclf.config import (
+    adds_config_folders,
+    composed_or_none,
+    config_choices,
+    grid_search_without_folds,
+    holds_key,
+)
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError, first_line
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
@@ -537,12 +543,9 @@ def _key_in_any(key: str, choices: list[dict[str, str]]) -> bool:
     where one does not compose."""
     for chosen in choices:
         cfg = _composed(tuple(chosen.items()))
-        if cfg is None or OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+        if cfg is None or holds_key(cfg, key):
             return True
     return False
-
-
-_ABSENT = object()
 
 
 def _dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

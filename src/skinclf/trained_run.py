@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
@@ -28,7 +27,7 @@ from skinclf.run_files import (
     RUN_CONFIG,
     TEST_METRICS,
 )
-from skinclf.sweep.jobs import differences_from_record
+from skinclf.sweep.jobs import differences_from_record, hydra_record, recorded
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import LoopSettings, predict_logits
@@ -171,14 +170,10 @@ def _grid_search(folder: Path) -> bool:
     record of the hparams_search chosen."""
     if any((folder / name).is_file() for name in (CV_RESULT, GRID_MD)) or (folder.parent / GRID_MD).is_file():
         return True
-    for record in (folder / HYDRA_SETTINGS, folder / HYDRA_MULTIRUN):
-        try:
-            choices = yaml.safe_load(record.read_text(encoding="utf-8"))["hydra"]["runtime"]["choices"]
-        except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
-            continue
-        if isinstance(choices, dict) and choices.get("hparams_search") is not None:
-            return True
-    return False
+    return any(
+        recorded(hydra_record(record), "hydra.runtime.choices.hparams_search") is not None
+        for record in (folder / HYDRA_SETTINGS, folder / HYDRA_MULTIRUN)
+    )
 
 
 def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:

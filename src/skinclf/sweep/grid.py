@@ -15,7 +15,7 @@ import yaml
 from skinclf.config import is_number
 from skinclf.io import atomic_write_text
 from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_OVERRIDES, HYDRA_SETTINGS
-from skinclf.sweep.jobs import read_record
+from skinclf.sweep.jobs import hydra_record, read_record, recorded
 from skinclf.sweep.summary import job_order
 
 log = logging.getLogger("skinclf")
@@ -91,25 +91,18 @@ def _config_folders(hydra_settings: Path) -> list[str] | None:
     file is there but unreadable (the command would lose them: "unknown model")."""
     if not hydra_settings.exists():
         return []
-    settings = _yaml(hydra_settings)
-    if not isinstance(settings, dict):
+    record = hydra_record(hydra_settings)
+    if record is None:
         return None
-    given = _strings(_at(settings, "hydra", "overrides", "hydra")) or []
+    given = _strings(recorded(record, "hydra.overrides.hydra")) or []
     folders = [o for o in given if o.lstrip("+").startswith("hydra.searchpath=")]
-    sources = _at(settings, "hydra", "runtime", "config_sources")
+    sources = recorded(record, "hydra.runtime.config_sources")
     folders += [
         f"--config-dir={source['path'].removeprefix('file://')}"
         for source in (sources if isinstance(sources, list) else [])
         if isinstance(source, dict) and source.get("provider") == "command-line" and source.get("path")
     ]
     return folders
-
-
-def _at(node: object, *keys: str) -> object:
-    """``node[k1][k2]...``; None where a level is missing or no mapping."""
-    for key in keys:
-        node = node.get(key) if isinstance(node, dict) else None
-    return node
 
 
 # Overrides that made a job a grid-search point, or are Hydra's or a launch's: not the point's

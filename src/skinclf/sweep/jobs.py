@@ -27,7 +27,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import HydraContext
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from skinclf.config import data_path
 from skinclf.errors import SkinclfError, first_line
@@ -204,14 +204,30 @@ def recorded_root(run_dir: Path, root: str, settings: str | Path = HYDRA_SETTING
     record (a copied-out run)."""
     path = os.path.expanduser(root)
     if not os.path.isabs(path):
-        try:
-            cwd = OmegaConf.select(OmegaConf.load(Path(run_dir) / settings), "hydra.runtime.cwd")
-        except Exception:  # no or broken hydra.yaml
-            return None
+        cwd = recorded(hydra_record(Path(run_dir) / settings), "hydra.runtime.cwd")
         if not cwd:
             return None
         path = os.path.join(str(cwd), path)
     return os.path.realpath(path)
+
+
+def hydra_record(path: Path) -> DictConfig | None:
+    """A run's or sweep's record of its Hydra settings (.hydra/hydra.yaml, multirun.yaml); None
+    where it is missing or unreadable (torn, hand-edited, a copied-out run without one)."""
+    try:
+        record = OmegaConf.load(path)
+    except Exception:  # noqa: BLE001 - OmegaConf.load raises whatever its YAML reader meets
+        return None
+    return record if isinstance(record, DictConfig) else None
+
+
+def recorded(record: DictConfig | None, key: str) -> Any:
+    """``key``'s value in a Hydra ``record`` (:func:`hydra_record`) as plain Python; None where the
+    record or the key is missing, or the value cannot be resolved here."""
+    if record is None:
+        return None
+    value = OmegaConf.select(record, key, default=None, throw_on_resolution_failure=False)
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
