@@ -35,7 +35,6 @@ from skinclf.run_files import (
     HYDRA_CONFIG,
     HYDRA_DIR,
     HYDRA_MULTIRUN,
-    HYDRA_OVERRIDES,
     METRICS,
     PR_FIGURE,
     PREDICTIONS,
@@ -52,6 +51,7 @@ from skinclf.sweep.jobs import (
     VOLATILE_KEYS,
     process_gone,
     read_status,
+    recorded_overrides,
     recorded_root,
     refused_job_dir,
     trained_now,
@@ -372,7 +372,7 @@ def load_run(path: Path) -> Run | None:
         seed = OmegaConf.select(cfg, "seed", default=None)
         # A whole number, as `skinclf train` takes it (3.0 is 3): text such as `abc` is damage.
         seed = None if seed is None else number_setting(cfg, "seed", int)
-        run = Run(path, str(model), data, seed, _settings(_overrides(path), cfg))
+        run = Run(path, str(model), data, seed, _settings(recorded_overrides(path) or [], cfg))
         run.config = OmegaConf.to_container(cfg, resolve=False)
         try:
             run.resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -531,16 +531,6 @@ def _default_group_choices() -> dict[str, str | None]:
 
 
 _ABSENT = object()  # OmegaConf.select's answer for a key the config does not have
-
-
-def _overrides(path: Path) -> list[str]:
-    """The run's command-line overrides (.hydra/overrides.yaml); none when the file is missing or
-    broken: the run then counts as run with the defaults."""
-    try:
-        overrides = OmegaConf.to_container(OmegaConf.load(path / HYDRA_OVERRIDES))
-    except Exception:
-        return []
-    return [str(override) for override in overrides] if isinstance(overrides, list) else []
 
 
 def _settings(overrides: Sequence[str], cfg: DictConfig) -> dict[str, str]:

@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from skinclf.config import is_number
 from skinclf.io import atomic_write_text
-from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_OVERRIDES, HYDRA_SETTINGS
-from skinclf.sweep.jobs import hydra_record, read_record, recorded
+from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_SETTINGS
+from skinclf.sweep.jobs import hydra_record, read_record, recorded, recorded_overrides
 from skinclf.sweep.summary import job_order
 
 log = logging.getLogger("skinclf")
@@ -32,7 +31,7 @@ def rank_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.Data
     for path in sorted(Path(sweep_dir).glob(f"**/{CV_RESULT}"), key=lambda p: job_order(p.parent)):
         job = path.parent.relative_to(sweep_dir).as_posix()
         result = read_record(path)
-        overrides = _strings(_yaml(path.parent / HYDRA_OVERRIDES))
+        overrides = recorded_overrides(path.parent)
         folders = _config_folders(path.parent / HYDRA_SETTINGS)
         if not _is_cv_result(result) or overrides is None or folders is None:
             log.warning(
@@ -68,14 +67,6 @@ def _is_cv_result(result: dict[str, Any]) -> bool:
     return all(is_number(result.get(key)) for key in numbers) and (
         isinstance(folds, list) and all(is_number(acc) for acc in folds)
     )
-
-
-def _yaml(path: Path) -> object:
-    """A YAML file's content; None where missing or unreadable."""
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
 
 
 def _strings(value: object) -> list[str] | None:

@@ -36,6 +36,7 @@ from skinclf.run_files import (
     BEST_CHECKPOINT,
     CV_RESULT,
     HYDRA_DIR,
+    HYDRA_OVERRIDES,
     HYDRA_SETTINGS,
     LAST_CHECKPOINT,
     LAUNCH_FILE,
@@ -219,6 +220,18 @@ def hydra_record(path: Path) -> DictConfig | None:
     except Exception:  # noqa: BLE001 - OmegaConf.load raises whatever its YAML reader meets
         return None
     return record if isinstance(record, DictConfig) else None
+
+
+def recorded_overrides(run_dir: Path) -> list[str] | None:
+    """A run's command-line overrides, as Hydra recorded them in .hydra/overrides.yaml; None where
+    that file is missing or is not a list of strings (torn, hand-edited)."""
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / HYDRA_OVERRIDES))
+    except Exception:  # noqa: BLE001 - OmegaConf.load raises whatever its YAML reader meets
+        return None
+    if isinstance(overrides, list) and all(isinstance(item, str) for item in overrides):
+        return overrides
+    return None
 
 
 def recorded(record: DictConfig | None, key: str) -> Any:
