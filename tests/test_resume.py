@@ -22,7 +22,7 @@ from skinclf import train
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.run_files import RUN_CONFIG, STATUS_FILE
-from skinclf.sweep.jobs import claim_run_dir, comparable_config
+from skinclf.run_folder import claim_run_dir, comparable_config
 from skinclf.train import run
 from skinclf.training import loop
 from skinclf.training.checkpoint import load_checkpoint
@@ -322,7 +322,7 @@ def test_a_launch_refused_because_another_holds_its_new_folder_leaves_that_folde
     # The one refused at the lock must not then remove it as a folder nothing ran in: the other
     # holds it and may not have written its records yet.
     from skinclf import train_command
-    from skinclf.sweep.jobs import FolderBusy
+    from skinclf.run_folder import FolderBusy
 
     run_dir = tmp_path / "run"
 

@@ -27,15 +27,9 @@ from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS
 from skinclf.run_files import REFUSED_PREFIX, RUN_CONFIG, STATUS_FILE, SWEEP_SUMMARY
+from skinclf.run_folder import read_status, write_status
 from skinclf.sweep import resources
-from skinclf.sweep.jobs import (
-    current_launch,
-    read_status,
-    record_stopped_jobs,
-    run_sweep_job,
-    start_launch,
-    write_status,
-)
+from skinclf.sweep.jobs import current_launch, record_stopped_jobs, run_sweep_job, start_launch
 from skinclf.sweep.summary import JobsSummary, SweepSummary, collect_jobs
 
 from conftest import TINY, train_cli

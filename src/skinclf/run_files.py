@@ -1,7 +1,7 @@
 """The files of a run folder, named once: what ``skinclf train`` writes there (README.md, "What a
 run leaves behind") and what ``report``, ``predict``, ``explain`` and the sweep tools read back;
 and a sweep folder's own. Which of them decide what (a run's bookkeeping, its outputs) is
-:mod:`skinclf.sweep.jobs`' to say.
+:mod:`skinclf.run_folder`'s to say.
 """
 
 from __future__ import annotations

@@ -40,17 +40,16 @@ from skinclf.config import (
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError, first_line
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
-from skinclf.sweep.jobs import (
+from skinclf.run_folder import (
     BOOKKEEPING,
     FolderBusy,
     claim_run_dir,
     holds_a_run,
-    record_stopped_jobs,
     recorded_status,
     release_claim,
     run_dir_lock,
-    run_sweep_job,
 )
+from skinclf.sweep.jobs import record_stopped_jobs, run_sweep_job
 from skinclf.sweep.resources import N_JOBS_ZERO
 from skinclf.sweep.summary import SweepSummary, remove_unstarted
 

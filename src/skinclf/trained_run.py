@@ -27,7 +27,7 @@ from skinclf.run_files import (
     RUN_CONFIG,
     TEST_METRICS,
 )
-from skinclf.sweep.jobs import differences_from_record, hydra_record, recorded
+from skinclf.run_folder import differences_from_record, hydra_record, recorded
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import LoopSettings, predict_logits

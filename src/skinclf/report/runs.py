@@ -45,7 +45,7 @@ from skinclf.run_files import (
     TEST_METRICS,
     TRAIN_LOG,
 )
-from skinclf.sweep.jobs import (
+from skinclf.run_folder import (
     RESULT_FILES,
     RUN_OUTPUTS,
     VOLATILE_KEYS,
@@ -53,9 +53,9 @@ from skinclf.sweep.jobs import (
     read_status,
     recorded_overrides,
     recorded_root,
-    refused_job_dir,
     trained_now,
 )
+from skinclf.sweep.jobs import refused_job_dir
 
 FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 # Files only a skinclf run or sweep job writes: beside a .hydra/config.yaml that is no skinclf

@@ -18,7 +18,8 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurm
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from skinclf.sweep.jobs import job_dir, read_status, record_lost_job
+from skinclf.run_folder import read_status
+from skinclf.sweep.jobs import job_dir, record_lost_job
 
 
 class _RecordsLostJobs:

@@ -14,7 +14,7 @@ import pandas as pd
 from skinclf.config import is_number
 from skinclf.io import atomic_write_text
 from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_SETTINGS
-from skinclf.sweep.jobs import hydra_record, read_record, recorded, recorded_overrides
+from skinclf.run_folder import hydra_record, read_record, recorded, recorded_overrides
 from skinclf.sweep.summary import job_order
 
 log = logging.getLogger("skinclf")

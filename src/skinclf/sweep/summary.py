@@ -28,12 +28,8 @@ from skinclf.run_files import (
     SWEEP_SUMMARY,
     TRAIN_LOG,
 )
-from skinclf.sweep.jobs import (
-    job_in_training,
-    read_record,
-    refused_job_dir,
-    start_launch,
-)
+from skinclf.run_folder import read_record
+from skinclf.sweep.jobs import job_in_training, refused_job_dir, start_launch
 
 log = logging.getLogger("skinclf")
 
