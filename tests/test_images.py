@@ -131,6 +131,48 @@ def test_damaged_exif_is_one_error_naming_the_file(tmp_path):
     assert str(err.value).endswith("(re-save the image without EXIF to use it)")
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # pytest shows what skinclf silences
+@pytest.mark.parametrize("kept", [7, 12])  # bytes of the directory's entries kept: part of one, one
+def test_exif_cut_short_is_an_error_not_an_upright_image(tmp_path, kept):
+    # PIL reads the entries that fit, warns without naming the file, and returns the image
+    # unturned: the orientation tag past the cut is lost.
+    img = Image.new("RGB", (30, 40))
+    exif = img.getexif()
+    exif[0x010F] = "Cam"
+    exif[0x0112] = 6
+    block = exif.tobytes()  # "Exif\0\0", TIFF header (8 bytes), entry count (2), 12 bytes an entry
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", exif=block)
+    data = buffer.getvalue()
+    start = data.find(b"Exif")
+    app1_size = int.from_bytes(data[start - 2 : start], "big")
+    cut_block = block[: 6 + 8 + 2 + kept]  # the first entry, whole or not, of two
+    cut = data[: start - 2] + (len(cut_block) + 2).to_bytes(2, "big") + cut_block
+    cut += data[start - 2 + app1_size :]
+    path = tmp_path / "cut_exif.jpg"
+    path.write_bytes(cut)
+    with pytest.raises(SkinclfError) as err:
+        decode_image(path)
+    assert str(err.value).startswith(f"{path}: damaged EXIF metadata (its first directory is cut short")
+
+
+def test_a_jpeg_padded_with_zeros_after_a_cut_names_the_file(tmp_path):
+    # What an interrupted download into a preallocated file leaves: PIL decodes it without an
+    # error, the top of the picture over flat grey.
+    full = tmp_path / "full.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (150, 150, 3), dtype=np.uint8)).save(full)
+    data = full.read_bytes()
+    padded = tmp_path / "padded.jpg"
+    padded.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
+    with pytest.raises(SkinclfError) as err:
+        decode_image(padded)
+    assert str(err.value).startswith(f"{padded}: corrupt or truncated image (its JPEG data does not end")
+    # Bytes after the end marker (padding, a camera's appended data) are no cut.
+    (tmp_path / "trailing.jpg").write_bytes(data + bytes(64))
+    assert decode_image(tmp_path / "trailing.jpg").shape == (3, 128, 128)
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "big.png"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -18,6 +20,8 @@ _WIDE_GRAY_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 # We refuse images over Image.MAX_IMAGE_PIXELS ourselves (see _check_pixel_count) with a clear
 # error, so PIL's own warning for the same images would only be noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Likewise a first EXIF directory cut short (_check_exif_directory); PIL's warning names no file.
+warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
 
 
 def _check_pixel_count(path: Path, img: Image.Image) -> None:
@@ -63,10 +67,46 @@ def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _check_jpeg_end(path: Path, data: bytes) -> None:
+    """A JPEG's data must end in its end-of-image marker (FF D9) after its last scan (FF DA; the
+    marker cannot occur inside a scan's data). A download cut short and padded with zeros (a
+    preallocated file) decodes without an error, as the top of the picture over flat grey."""
+    if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        raise SkinclfError(
+            f"{path}: corrupt or truncated image (its JPEG data does not end: no end-of-image marker "
+            "after the last scan); expected a readable image"
+        )
+
+
+def _check_exif_directory(path: Path, img: Image.Image) -> None:
+    """An EXIF block whose first directory, where the orientation tag is, is cut short: PIL reads
+    the tags that fit, warns once per process without naming the file, and the image counts as
+    upright whatever its tag said."""
+    data = img.info.get("exif")
+    if not isinstance(data, bytes):
+        return
+    data = data.removeprefix(b"Exif\x00\x00")
+    if len(data) < 8 or data[:2] not in (b"II", b"MM"):
+        return  # no TIFF header: PIL's parser refuses it (see _apply_exif_orientation)
+    order = "<" if data[:2] == b"II" else ">"
+    (start,) = struct.unpack_from(order + "L", data, 4)
+    # The directory: a 2-byte entry count, then 12 bytes an entry.
+    if start + 2 <= len(data):
+        (entries,) = struct.unpack_from(order + "H", data, start)
+        if start + 2 + 12 * entries <= len(data):
+            return
+    raise SkinclfError(
+        f"{path}: damaged EXIF metadata (its first directory is cut short, so the orientation tag may "
+        "be lost); expected a readable orientation tag (re-save the image without EXIF to use it)"
+    )
+
+
 def _apply_exif_orientation(img: Image.Image, path: Path) -> Image.Image:
     """The image turned as its EXIF orientation says. A damaged EXIF block makes PIL's parser fail
-    with whatever its bytes lead to (struct.error, TypeError, ...); its orientation is then
-    unknown, and a guess would train on a turned image without a word."""
+    with whatever its bytes lead to (struct.error, TypeError, ...), or, cut short, lose the tags
+    past the cut (:func:`_check_exif_directory`); its orientation is then unknown, and a guess
+    would train on a turned image without a word."""
+    _check_exif_directory(path, img)
     try:
         return ImageOps.exif_transpose(img)
     except Exception as err:
@@ -94,8 +134,11 @@ def decode_image(path: str | Path, size: int = IMAGE_SIZE) -> torch.Tensor:
     """
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
             _check_pixel_count(path, img)
+            if img.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with more images appended
+                _check_jpeg_end(path, data)
             if img.format == "JPEG":
                 img.draft("RGB", (size, size))
             img.load()  # decode everything now: a truncated file fails here, not later
