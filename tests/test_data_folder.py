@@ -83,6 +83,20 @@ def test_every_mode_size_and_nev_alias_in_any_case(tmp_path):
         assert ((mean[:, 0] > mean[:, 2]) == colour)[colourful].all()
 
 
+def test_files_that_windows_and_file_servers_leave_in_folders_are_passed_over(tmp_path):
+    # Not images: without the rule, Thumbs.db in a class folder stopped the run ("not an image
+    # file"), one in a split folder too ("file outside a class folder"), and a Synology NAS's
+    # @eaDir thumbnails trained as extra MEL images.
+    root = make_dataset(tmp_path / "ds", {"train": (2, 2), "val": (1, 1)})
+    for folder in (root / "train", root / "train" / "MEL", root / "val" / "NV"):
+        (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 not an image")
+        (folder / "desktop.ini").write_text("[.ShellClassInfo]\n")
+    write_image(root / "train" / "MEL" / "@eaDir" / "m0.jpg" / "SYNOPHOTO_THUMB_S.jpg", BLUE)
+    splits = load_splits(data_cfg(root, None))
+    assert splits.train.class_counts() == {"MEL": 2, "NV": 2}
+    assert splits.val.class_counts() == {"MEL": 1, "NV": 1}
+
+
 def test_a_misspelt_test_folder_is_named_in_a_warning(tmp_path, caplog):
     # tests/ is no split name: the run has no test split, and the warning says what was there.
     root = make_dataset(tmp_path / "ds", {"train": (2, 2), "val": (1, 1), "tests": (1, 1)})

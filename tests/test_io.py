@@ -76,6 +76,10 @@ def test_files_under_follows_symlinked_folders_once_and_keeps_dangling_links(tmp
     (images / ".hidden.jpg").write_bytes(b"x")
     (images / ".cache").mkdir()
     (images / ".cache" / "e.jpg").write_bytes(b"x")
+    (images / "Thumbs.db").write_bytes(b"x")  # what Windows, and a Synology NAS, leave in folders
+    (images / "sub" / "DESKTOP.INI").write_bytes(b"x")
+    (images / "@eaDir" / "a.jpg").mkdir(parents=True)
+    (images / "@eaDir" / "a.jpg" / "SYNOPHOTO_THUMB_S.jpg").write_bytes(b"x")
     (images / "linked").symlink_to(elsewhere, target_is_directory=True)
     (elsewhere / "deeper" / "back_up").symlink_to(elsewhere, target_is_directory=True)  # a loop
     (images / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")

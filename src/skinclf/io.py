@@ -180,8 +180,19 @@ def remove_empty_folders(folders: Sequence[Path]) -> None:
             return
 
 
+# What operating systems and file servers put into a user's folders besides hidden (dot) files:
+# Windows' thumbnail cache and folder settings, a Synology NAS's thumbnail folders. Never images.
+SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "@eadir"})
+
+
+def is_system_file(name: str) -> bool:
+    """Whether ``name`` is a hidden file or folder, or one of :data:`SYSTEM_NAMES` (any case)."""
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES
+
+
 def files_under(folder: Path) -> list[Path]:
-    """Every non-hidden file under ``folder`` (hidden folders skipped too), sorted.
+    """Every file under ``folder`` but hidden and system files (:func:`is_system_file`; their
+    folders skipped too), sorted.
 
     Symlinked subfolders are followed, as a user who linked images in expects (Python 3.11's
     ``rglob`` silently skips them), each real folder once, so a link back up ends the walk.
@@ -204,9 +215,9 @@ def files_under(folder: Path) -> list[Path]:
             subfolders.clear()
             continue
         seen.add(real)
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        subfolders[:] = sorted(name for name in subfolders if not is_system_file(name))
         for name in names:
             path = Path(parent) / name
-            if not name.startswith(".") and (path.is_file() or (path.is_symlink() and not path.exists())):
+            if not is_system_file(name) and (path.is_file() or (path.is_symlink() and not path.exists())):
                 files.append(path)
     return sorted(files)

@@ -2,7 +2,8 @@
 
 Split and class folder names are matched case-insensitively; the class folder ``NEV`` is
 accepted for NV; ``test`` may be absent. Files and folders whose name starts with a dot
-(.DS_Store, .ipynb_checkpoints) are ignored; anything else out of place is an error, so that
+(.DS_Store, .ipynb_checkpoints), and those Windows and file servers leave (Thumbs.db, desktop.ini,
+a Synology NAS's @eaDir) are ignored; anything else out of place is an error, so that
 nothing silently trains on the wrong data. Other entries directly in ROOT (a README) are not
 looked at, except ``manifest.csv`` as ``skinclf prepare`` writes it: its ``lesion_id`` column
 tells which images show one lesion (see :attr:`Split.lesions`).
@@ -25,7 +26,7 @@ from skinclf.data.decode_cache import load_or_decode, store
 from skinclf.data.images import IMAGE_SIZE
 from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split
 from skinclf.errors import SkinclfError, first_line, not_a_folder
-from skinclf.io import files_under
+from skinclf.io import files_under, is_system_file
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ MANIFEST = "manifest.csv"
 
 
 def _visible(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    return sorted(p for p in path.iterdir() if not is_system_file(p.name))
 
 
 def _by_lower_name(parent: Path, entries: list[Path]) -> dict[str, Path]:
