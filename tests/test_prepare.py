@@ -268,6 +268,13 @@ def _missing_mel_image(source):
     next(source.rglob(f"{table[table['label'] == 'MEL']['image_id'].iloc[0]}.jpg")).unlink()
 
 
+def _mel_image_converted_to_webp(source):
+    table = fake_ham10000(source)
+    jpg = next(source.rglob(f"{table[table['label'] == 'MEL']['image_id'].iloc[0]}.jpg"))
+    Image.open(jpg).save(jpg.with_suffix(".webp"))
+    jpg.unlink()
+
+
 def _relabelled_twice(source):
     """A HAM10000 metadata file that lists one NV image a second time, as MEL of another lesion."""
     table = fake_ham10000(source)
@@ -311,6 +318,7 @@ def _isic_mel_cell(value):
         (lambda s: None, [], "no such folder"),
         (lambda s: s.symlink_to(s.with_name("unpacked_elsewhere")), [], "is a symlink to nothing ("),
         (_missing_mel_image, [], "not under it"),
+        (_mel_image_converted_to_webp, [], ".webp is there: only .jpg/.jpeg/.png files are read)"),
         (
             lambda s: (fake_ham10000(s), (s / "HAM10000_metadata.csv").write_text("image_id,dx\nx,mel\n")),
             [],
@@ -340,6 +348,7 @@ def _isic_mel_cell(value):
         "no-source",
         "source-dangling-symlink",
         "missing-image",
+        "image-of-another-kind",
         "missing-column",
         "tab-separated",
         "archive",

@@ -171,14 +171,18 @@ def locate_images(source: Path, image_ids: pd.Series, metadata: Path) -> list[Pa
     """The image file of each id, searched anywhere under SOURCE, symlinked folders included
     (first in path order when repeated)."""
     index: dict[str, Path] = {}
+    others: dict[str, Path] = {}  # files of other kinds, to name one that stands for a listed image
     for path in files_under(source):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.stem not in index:
-            index[path.stem] = path
+        found = index if path.suffix.lower() in IMAGE_SUFFIXES else others
+        found.setdefault(path.stem, path)
     missing = [i for i in image_ids if i not in index]
     if missing:
+        other = others.get(missing[0])
+        seen = f", though {other} is there: only .jpg/.jpeg/.png files are read" if other else ""
         raise SkinclfError(
             f"{source}: {len(missing)} of the {len(image_ids)} MEL/NV images listed in {metadata.name} are "
-            f"not under it (first: {missing[0]}); expected the .jpg/.png images of the download inside SOURCE"
+            f"not under it (first: {missing[0]}{seen}); expected the .jpg/.png images of the download "
+            "inside SOURCE"
         )
     return [index[i] for i in image_ids]
 
