@@ -195,6 +195,13 @@ def test_truncated_jpeg_names_the_file(tmp_path):
     assert str(cut) in str(err.value)
 
 
+def test_an_empty_file_is_named_empty(tmp_path):
+    (tmp_path / "upload.jpg").write_bytes(b"")
+    with pytest.raises(SkinclfError) as err:
+        decode_image(tmp_path / "upload.jpg")
+    assert str(err.value) == f"{tmp_path / 'upload.jpg'}: an empty file (0 bytes); expected an image"
+
+
 def test_non_image_and_missing_files_name_the_path(tmp_path):
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")

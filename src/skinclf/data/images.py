@@ -135,6 +135,8 @@ def decode_image(path: str | Path, size: int = IMAGE_SIZE) -> torch.Tensor:
     path = Path(path)
     try:
         data = path.read_bytes()
+        if not data:  # an upload or copy that never got its bytes
+            raise SkinclfError(f"{path}: an empty file (0 bytes); expected an image")
         with Image.open(io.BytesIO(data)) as img:
             _check_pixel_count(path, img)
             if img.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with more images appended
