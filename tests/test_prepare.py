@@ -452,6 +452,44 @@ def test_a_failure_while_writing_removes_the_folders_made_for_out(tmp_path):
     assert list((tmp_path / "data").iterdir()) == []  # new/deeper made for OUT, removed again
 
 
+def test_skip_bad_images_leaves_out_unreadable_images_and_keeps_the_others_splits(tmp_path, capsys):
+    table = fake_ham10000(tmp_path / "ham")
+    prepare_main([str(tmp_path / "ham"), str(tmp_path / "whole")])
+    whole = pd.read_csv(tmp_path / "whole" / "manifest.csv")
+    bad_ids = [table[table["label"] == label]["image_id"].iloc[0] for label in ("MEL", "NV")]
+    bad = [next((tmp_path / "ham").rglob(f"{image_id}.jpg")) for image_id in bad_ids]
+    bad[0].write_bytes(bad[0].read_bytes()[:200])  # cut short
+    bad[1].write_bytes(b"")
+    with pytest.raises(SkinclfError) as err:  # without the option: the first named, with the way out
+        prepare_main([str(tmp_path / "ham"), str(tmp_path / "out")])
+    assert str(err.value).endswith("(--skip-bad-images leaves such files out)")
+    assert not (tmp_path / "out").exists()
+    capsys.readouterr()
+
+    prepare_main([str(tmp_path / "ham"), str(tmp_path / "out"), "--skip-bad-images"])
+    captured = capsys.readouterr()
+    assert [line.split(": ")[1] for line in captured.err.splitlines() if line.startswith("skipped: ")] == [
+        str(path) for path in sorted(bad, key=lambda path: path.stem)
+    ]
+    assert "HAM10000: 108 MEL/NV images" in captured.out and "2 unreadable left out" in captured.out
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    expected = whole[~whole["file"].str.contains("|".join(bad_ids))].reset_index(drop=True)
+    pd.testing.assert_frame_equal(manifest, expected)  # the other images' splits as they were
+    files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.jpg"))
+    assert files == sorted(manifest["file"])
+
+
+def test_skipping_every_mel_image_of_a_split_is_an_error_that_writes_nothing(tmp_path):
+    fake_ham10000(tmp_path / "ham")
+    prepare_main([str(tmp_path / "ham"), str(tmp_path / "whole")])
+    whole = pd.read_csv(tmp_path / "whole" / "manifest.csv")
+    for source in whole[(whole["split"] == "val") & (whole["label"] == "MEL")]["source"]:
+        (tmp_path / "ham" / source).write_bytes(b"")
+    with pytest.raises(SkinclfError, match="no MEL image left for the val split"):
+        prepare_main([str(tmp_path / "ham"), str(tmp_path / "out"), "--skip-bad-images"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ham", "whole"]
+
+
 def test_images_in_a_symlinked_folder_of_the_download_are_found(tmp_path):
     table = fake_ham10000(tmp_path / "ham", n_mel=12, n_nv=12, n_other=0)
     part = tmp_path / "ham" / "HAM10000_images_part_2"

@@ -127,6 +127,11 @@ def prepare_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--format", choices=["jpg", "png"], default="jpg", help="output image format (default jpg)"
     )
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave out images that cannot be read (each named), instead of stopping at the first",
+    )
     return parser
 
 

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -235,10 +236,36 @@ def _check_out(out: Path) -> None:
         raise SkinclfError(f"{out}: already exists and is not an empty folder; expected a new output folder")
 
 
+def _split_counts(manifest: pd.DataFrame, fractions: np.ndarray, source: Path) -> pd.DataFrame:
+    """Images per split (rows) and class (columns); an error when a split with a share holds no
+    image of a class."""
+    counts = pd.crosstab(manifest["split"], manifest["label"]).reindex(
+        index=[s for s, f in zip(SPLIT_NAMES, fractions, strict=True) if f > 0],
+        columns=["MEL", "NV"],
+        fill_value=0,
+    )
+    for split_name, row in counts.iterrows():
+        for label, n in row.items():
+            if n == 0:
+                raise SkinclfError(
+                    f"{source}: no {label} image left for the {split_name} split ({len(manifest)} MEL/NV "
+                    "images); expected a larger dataset, another --split or another --seed"
+                )
+    return counts
+
+
 def prepare(
-    source: Path, out: Path, fractions: np.ndarray, balance: bool, seed: int, fmt: str
+    source: Path,
+    out: Path,
+    fractions: np.ndarray,
+    balance: bool,
+    seed: int,
+    fmt: str,
+    skip_bad_images: bool = False,
 ) -> pd.DataFrame:
-    """Build OUT from SOURCE (see the module docstring); returns the manifest."""
+    """Build OUT from SOURCE (see the module docstring); returns the manifest. With
+    ``skip_bad_images``, an image that cannot be read is left out (named on stderr) instead of
+    stopping it; the others keep the splits they had with it."""
     if not source.is_dir():
         what = "is a file (an archive? unpack it first)" if source.is_file() else not_a_folder(source)
         raise SkinclfError(f"{source}: {what}; expected an unpacked ISIC 2019 or HAM10000 download")
@@ -273,18 +300,7 @@ def prepare(
             "lesion_id": records["lesion_id"],
         }
     )
-    counts = pd.crosstab(manifest["split"], manifest["label"]).reindex(
-        index=[s for s, f in zip(SPLIT_NAMES, fractions, strict=True) if f > 0],
-        columns=["MEL", "NV"],
-        fill_value=0,
-    )
-    for split_name, row in counts.iterrows():
-        for label, n in row.items():
-            if n == 0:
-                raise SkinclfError(
-                    f"{source}: no {label} image left for the {split_name} split ({len(records)} MEL/NV "
-                    "images); expected a larger dataset, another --split or another --seed"
-                )
+    counts = _split_counts(manifest, fractions, source)
 
     # Everything is written into a hidden sibling and renamed into place only when complete; the
     # folders above OUT that this makes are removed again when it fails.
@@ -296,13 +312,26 @@ def prepare(
         # The folders first: an OUT that cannot be written fails now, not after minutes of decoding.
         for split_name, label in manifest[["split", "label"]].drop_duplicates().itertuples(index=False):
             (tmp / split_name / label).mkdir(parents=True, exist_ok=True)
+
+        def write(job: tuple[Path, str]) -> str | None:
+            """The image written; or, skipped, why it could not be read."""
+            try:
+                _write_image(job[0], tmp / job[1], fmt)
+            except SkinclfError as err:
+                if not skip_bad_images:
+                    raise SkinclfError(f"{err} (--skip-bad-images leaves such files out)") from err
+                return str(err)
+            return None
+
         with ThreadPoolExecutor(_WORKERS) as pool:
-            jobs = pool.map(
-                lambda job: _write_image(job[0], tmp / job[1], fmt),
-                zip(sources, manifest["file"], strict=True),
-            )
-            for _ in progress(jobs, total=len(manifest), desc=f"prepare {name}", unit="img"):
-                pass
+            jobs = pool.map(write, zip(sources, manifest["file"], strict=True))
+            problems = list(progress(jobs, total=len(manifest), desc=f"prepare {name}", unit="img"))
+        skipped = [row for row, problem in enumerate(problems) if problem is not None]
+        if skipped:
+            for row in skipped:
+                print(f"skipped: {problems[row]}", file=sys.stderr)
+            manifest = manifest.drop(index=skipped).reset_index(drop=True)
+            counts = _split_counts(manifest, fractions, source)
         manifest.to_csv(tmp / "manifest.csv", index=False)
         _check_out(out)  # still free after the minutes of writing
         if out.exists():
@@ -328,7 +357,8 @@ def prepare(
         raise
     shutil.rmtree(tmp, ignore_errors=True)  # emptied into an OUT that existed
     counts["total"] = counts.sum(axis=1)
-    print(f"{name}: {len(manifest)} MEL/NV images from {source} -> {out} (manifest.csv)")
+    left_out = f", {len(skipped)} unreadable left out (listed above)" if skipped else ""
+    print(f"{name}: {len(manifest)} MEL/NV images from {source} -> {out} (manifest.csv){left_out}")
     print(counts.rename_axis(index="split", columns=None).to_string())
     print(f"next: {train_command_for(out)}")
     return manifest
@@ -355,4 +385,12 @@ def main(args: list[str]) -> None:
     """Entry point of ``skinclf prepare SOURCE OUT [--balance] [--split 71,14,15] [--seed N]
     [--format jpg|png]``."""
     ns = prepare_parser().parse_args(args)
-    prepare(Path(ns.source), Path(ns.out), parse_fractions(ns.split), ns.balance, ns.seed, ns.format)
+    prepare(
+        Path(ns.source),
+        Path(ns.out),
+        parse_fractions(ns.split),
+        ns.balance,
+        ns.seed,
+        ns.format,
+        ns.skip_bad_images,
+    )
