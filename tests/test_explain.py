@@ -465,6 +465,23 @@ def test_a_file_name_that_is_no_utf8_is_titled_with_escapes_and_named_as_it_is(
     assert sorted(title.split(" - ")[0] for title in titles) == ["\\xff\\xfe.png", "lesion.png"]
 
 
+def test_images_of_one_name_from_several_folders_are_titled_by_their_paths(tiny_run, tmp_path, monkeypatch):
+    # Their figures are x_gradcam.png, x_2_gradcam.png, ...: titled "x.png" alone, which was which?
+    image, _ = image_and_kept_file(tmp_path)
+    for folder in ("a", "b", "b/deeper"):
+        (tmp_path / "in" / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / folder / "x.png").write_bytes(image.read_bytes())
+    titles, real_render = [], explain.render
+
+    def render(*args):
+        titles.append(args[4].split(" - ")[0])
+        return real_render(*args)
+
+    monkeypatch.setattr(explain, "render", render)
+    cli_main(["explain", str(tiny_run), str(tmp_path / "in"), str(image), "--out", str(tmp_path / "out")])
+    assert sorted(titles) == ["a/x.png", "b/deeper/x.png", "b/x.png", "lesion.png"]
+
+
 @pytest.mark.parametrize(
     ("prob", "threshold", "shown"),
     [

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,6 +83,21 @@ def render(
     return fig
 
 
+def _labels(files: Sequence[Path]) -> dict[Path, str]:
+    """What each figure's title calls its image: the file name; for files of one name from several
+    folders, their paths from the deepest folder they share (a/x.png, b/x.png), so that
+    x_gradcam.png and x_2_gradcam.png can be told apart."""
+    by_name: dict[str, list[Path]] = defaultdict(list)
+    for path in files:
+        by_name[path.name].append(path)
+    labels = {}
+    for name, paths in by_name.items():
+        shared = os.path.commonpath([os.path.abspath(path.parent) for path in paths])
+        for path in paths:
+            labels[path] = name if len(paths) == 1 else os.path.relpath(os.path.abspath(path), shared)
+    return labels
+
+
 def _unique_name(path: Path, taken: set[str]) -> str:
     name, n = f"{path.stem}_gradcam.png", 1
     while name in taken:  # same file name from two folders
@@ -106,6 +123,7 @@ def explain_files(
     taken = {path.name for path in files if path.resolve().parent == out_folder}
     chunk: list[tuple[Path, torch.Tensor]] = []
     synthetic = run.trained_on_synthetic_data  # said at the foot of every figure
+    labels = _labels(files)
 
     def explain_chunk() -> None:
         if not chunk:
@@ -125,7 +143,7 @@ def explain_files(
         for (path, image), heatmap, prob, mel in zip(
             chunk, cam.heatmaps, probs.tolist(), toward_mel, strict=True
         ):
-            title = f"{readable(path.name)} - model={run.model_name}, layer {cam.layer}"
+            title = f"{readable(labels[path])} - model={run.model_name}, layer {cam.layer}"
             evidence = ("MEL" if mel else "NV") + (", mean of image + 3 flips" if tta else "")
             fig = render(image, heatmap, prob, run.threshold, title, evidence, cam.window, synthetic)
             out = out_dir / _unique_name(path, taken)
