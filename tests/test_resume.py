@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from skinclf import train
@@ -93,6 +94,23 @@ def test_resume_after_a_crash_between_epochs_matches_an_uninterrupted_run(
 
     run(compose_config([*overrides, "resume=true"]), interrupted)
     _same_results(straight, interrupted)
+
+
+def test_a_last_checkpoint_without_the_schedule_this_recipe_needs_is_one_error(
+    tmp_path: Path, shared_data_dir: Path
+) -> None:
+    # An older skinclf trained recipe.warmup_epochs with the constant schedule as no schedule at
+    # all: its last.pt holds no scheduler state, though its config is this one.
+    overrides = in_process(shared_data_dir, "recipe.warmup_epochs=1")
+    run(compose_config(overrides), tmp_path)
+    last = tmp_path / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["scheduler"]
+    torch.save(state, last)
+    (tmp_path / "test_metrics.json").unlink()  # unfinished, as it was
+    with pytest.raises(SkinclfError) as err:
+        run(compose_config([*overrides, "resume=true"]), tmp_path)
+    assert str(err.value).startswith(f"{last}: holds no scheduler state, which this recipe needs (")
 
 
 def test_sparser_checkpoints_resume_by_redoing_the_epochs_since(

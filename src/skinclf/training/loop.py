@@ -346,8 +346,12 @@ def fit(
         for key, part in (("scheduler", scheduler), ("ema", ema)):
             if part is not None:
                 if key not in state:
+                    # The run's config matched (its folder was claimed), so its last.pt is from an
+                    # older skinclf, from before warm-up applied to the constant schedule.
                     raise SkinclfError(
-                        f"{last_path}: no {key} state to resume; resume with the run's own recipe"
+                        f"{last_path}: holds no {key} state, which this recipe needs (written by an "
+                        "older skinclf that trained this recipe without one, or copied from a run of "
+                        "another recipe); expected a last.pt of this run: start a new run"
                     )
                 part.load_state_dict(state[key])
         _set_rng_state(state["rng"], generator, device)
