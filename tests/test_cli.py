@@ -305,6 +305,11 @@ def error_run(tmp_path, *overrides):
             "pipeline@model.pipeline=plain",
             "pipeline@model.pipeline=plain: unknown pipeline; expected one of augmented, default, imagenet",
         ),
+        (  # Hydra's own group, with its plugins' choices and skinclf's (was Hydra's 15-line error, exit 1)
+            "hydra/launcher=slurmm",
+            "hydra/launcher=slurmm: unknown hydra/launcher; expected one of basic, joblib, local, slurm, "
+            "slurm_local, submitit_local, submitit_slurm",
+        ),
     ],
 )
 def test_an_unknown_config_choice_is_one_line_naming_the_choices(tmp_path, override, message):

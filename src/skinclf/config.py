@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
@@ -52,12 +53,21 @@ def composed_or_none(overrides: tuple[str, ...]) -> DictConfig | None:
 
 def config_choices(group: str) -> list[str]:
     """The configs shipped in config group ``group`` (``model``: baseline, ...), sorted; none when
-    skinclf has no such group (``hydra/launcher`` choices also come from Hydra's plugins)."""
+    skinclf has no such group. Hydra's own groups (``hydra/launcher``) have Hydra's, its plugins'
+    and skinclf's choices."""
+    if group.startswith("hydra/"):
+        return list(_hydra_group_choices(group))
     folder = files(CONFIG_MODULE).joinpath(group)
     if group.startswith("hydra") or not folder.is_dir():
         return []
     names = (entry.name for entry in folder.iterdir() if entry.name.endswith(".yaml"))
     return sorted(name.removesuffix(".yaml") for name in names if not name.startswith("_"))
+
+
+@cache
+def _hydra_group_choices(group: str) -> tuple[str, ...]:
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return tuple(sorted(GlobalHydra.instance().config_loader().get_group_options(group)))
 
 
 def adds_config_folders(args: Sequence[str]) -> bool:
