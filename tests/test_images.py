@@ -156,6 +156,16 @@ def test_exif_cut_short_is_an_error_not_an_upright_image(tmp_path, kept):
     assert str(err.value).startswith(f"{path}: damaged EXIF metadata (its first directory is cut short")
 
 
+def test_an_exif_header_without_a_directory_is_no_damage(tmp_path):
+    # Nothing was cut: there is no orientation tag to lose.
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 40), (200, 20, 20)).save(
+        buffer, "JPEG", exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00"
+    )
+    (tmp_path / "bare_exif.jpg").write_bytes(buffer.getvalue())
+    assert decode_image(tmp_path / "bare_exif.jpg")[0].float().mean() > 150
+
+
 def test_a_jpeg_padded_with_zeros_after_a_cut_names_the_file(tmp_path):
     # What an interrupted download into a preallocated file leaves: PIL decodes it without an
     # error, the top of the picture over flat grey.
@@ -167,10 +177,12 @@ def test_a_jpeg_padded_with_zeros_after_a_cut_names_the_file(tmp_path):
     padded.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
     with pytest.raises(SkinclfError) as err:
         decode_image(padded)
-    assert str(err.value).startswith(f"{padded}: corrupt or truncated image (its JPEG data does not end")
-    # Bytes after the end marker (padding, a camera's appended data) are no cut.
-    (tmp_path / "trailing.jpg").write_bytes(data + bytes(64))
-    assert decode_image(tmp_path / "trailing.jpg").shape == (3, 128, 128)
+    assert str(err.value).startswith(f"{padded}: corrupt or truncated image (its JPEG data ends before")
+    # Bytes after the end marker are no cut: padding, or a phone's motion-photo video, whose bytes
+    # hold marker-like pairs (a start-of-scan FF DA with no end marker after it here).
+    for name, trailer in [("padding", bytes(64)), ("video", b"ftypmp42\x00\xff\xda\x00\x01" + bytes(99))]:
+        (tmp_path / f"{name}.jpg").write_bytes(data + trailer)
+        assert decode_image(tmp_path / f"{name}.jpg").shape == (3, 128, 128)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

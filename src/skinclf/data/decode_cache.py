@@ -34,8 +34,11 @@ from skinclf.training.progress import progress
 
 log = logging.getLogger(__name__)
 
-# Bump when decode_image's output changes (resampling, colour handling), to invalidate caches.
-DECODER_VERSION = 2  # 2: 16-bit grayscale always scaled from 0-65535
+# Bump when decode_image's output changes (resampling, colour handling, what it refuses), to
+# invalidate caches: a cache would otherwise keep serving an image the decoder now refuses.
+# 2: 16-bit grayscale always scaled from 0-65535; 3: zero-padded JPEGs, EXIF cut short and empty
+# files refused.
+DECODER_VERSION = 3
 # PIL releases the GIL while decoding and resizing, so threads decode in parallel: as many as
 # torch's threads (this job's share of the cores when a sweep runs jobs side by side), at most 8.
 _MAX_WORKERS = 8

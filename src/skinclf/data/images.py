@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -67,14 +68,49 @@ def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+# Within a scan's entropy-coded data an FF byte is followed by 00 (a stuffed FF), a restart
+# marker (D0-D7) or another FF (fill): anything else is the marker that ends the scan.
+_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# Markers without a length field: TEM, the restart markers, and SOI.
+_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8), 0xD8}
+
+
+def _jpeg_ends(data: bytes) -> bool:
+    """Whether the JPEG in ``data`` reaches its end-of-image marker (FF D9): its segments walked by
+    their lengths, each scan to the marker that ends it. Whatever follows the end marker (a phone's
+    motion-photo video, an MPO's further images, padding) is not looked at. A structure this walk
+    cannot follow counts as ended: judging it is PIL's decoder's job."""
+    pos = 2  # after the start-of-image marker
+    while pos + 1 < len(data):
+        if data[pos] != 0xFF:
+            return True  # not where a marker should be: not this check's to judge
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return True
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            pos += 2
+            continue
+        if pos + 4 > len(data):
+            return False
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:  # start of scan: its entropy-coded data runs to the next marker
+            end = _MARKER_AFTER_SCAN.search(data, pos)
+            if end is None:
+                return False
+            pos = end.start()
+    return False
+
+
 def _check_jpeg_end(path: Path, data: bytes) -> None:
-    """A JPEG's data must end in its end-of-image marker (FF D9) after its last scan (FF DA; the
-    marker cannot occur inside a scan's data). A download cut short and padded with zeros (a
+    """A JPEG must reach its end-of-image marker. A download cut short and padded with zeros (a
     preallocated file) decodes without an error, as the top of the picture over flat grey."""
-    if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+    if not _jpeg_ends(data):
         raise SkinclfError(
-            f"{path}: corrupt or truncated image (its JPEG data does not end: no end-of-image marker "
-            "after the last scan); expected a readable image"
+            f"{path}: corrupt or truncated image (its JPEG data ends before its end-of-image "
+            "marker); expected a readable image"
         )
 
 
@@ -90,6 +126,8 @@ def _check_exif_directory(path: Path, img: Image.Image) -> None:
         return  # no TIFF header: PIL's parser refuses it (see _apply_exif_orientation)
     order = "<" if data[:2] == b"II" else ">"
     (start,) = struct.unpack_from(order + "L", data, 4)
+    if start == len(data):
+        return  # a header without a directory: no orientation tag to lose
     # The directory: a 2-byte entry count, then 12 bytes an entry.
     if start + 2 <= len(data):
         (entries,) = struct.unpack_from(order + "H", data, start)
