@@ -485,9 +485,37 @@ def test_skipping_every_mel_image_of_a_split_is_an_error_that_writes_nothing(tmp
     whole = pd.read_csv(tmp_path / "whole" / "manifest.csv")
     for source in whole[(whole["split"] == "val") & (whole["label"] == "MEL")]["source"]:
         (tmp_path / "ham" / source).write_bytes(b"")
-    with pytest.raises(SkinclfError, match="no MEL image left for the val split"):
+    with pytest.raises(SkinclfError, match="no MEL image left for the val split .* after leaving out"):
         prepare_main([str(tmp_path / "ham"), str(tmp_path / "out"), "--skip-bad-images"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ham", "whole"]
+
+
+def test_balance_with_skipped_images_leaves_out_as_many_of_the_other_class_per_split(tmp_path, capsys):
+    fake_ham10000(tmp_path / "ham")
+    prepare_main([str(tmp_path / "ham"), str(tmp_path / "whole"), "--balance"])
+    whole = pd.read_csv(tmp_path / "whole" / "manifest.csv")
+    bad = pd.concat(
+        [
+            whole[(whole["split"] == "train") & (whole["label"] == "MEL")].head(2),
+            whole[(whole["split"] == "val") & (whole["label"] == "NV")].head(1),
+        ]
+    )
+    for source in bad["source"]:
+        (tmp_path / "ham" / source).write_bytes(b"")
+    capsys.readouterr()
+    prepare_main([str(tmp_path / "ham"), str(tmp_path / "out"), "--balance", "--skip-bad-images"])
+    assert "--balance: 3 images of the other class left out too" in capsys.readouterr().err
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+
+    def mel_minus_nv(table):
+        return table.groupby("split")["label"].agg(
+            lambda labels: (labels == "MEL").sum() - (labels == "NV").sum()
+        )
+
+    pd.testing.assert_series_equal(mel_minus_nv(manifest), mel_minus_nv(whole))  # balanced as before
+    assert len(manifest) == len(whole) - 6 and set(manifest["file"]) < set(whole["file"])
+    files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.jpg"))
+    assert files == sorted(manifest["file"])
 
 
 def test_images_in_a_symlinked_folder_of_the_download_are_found(tmp_path):

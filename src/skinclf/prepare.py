@@ -29,7 +29,7 @@ from PIL import Image
 from skinclf.arguments import HAM10000_CSV, ISIC_2019_CSV, prepare_parser
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.data.splits import SPLIT_NAMES, undersample_majority
-from skinclf.errors import SkinclfError, not_a_folder
+from skinclf.errors import SkinclfError, counted, not_a_folder
 from skinclf.io import files_under, missing_folders, remove_empty_folders
 from skinclf.sweep.resources import available_cores
 from skinclf.training.progress import progress
@@ -236,9 +236,11 @@ def _check_out(out: Path) -> None:
         raise SkinclfError(f"{out}: already exists and is not an empty folder; expected a new output folder")
 
 
-def _split_counts(manifest: pd.DataFrame, fractions: np.ndarray, source: Path) -> pd.DataFrame:
+def _split_counts(
+    manifest: pd.DataFrame, fractions: np.ndarray, source: Path, left_out: int = 0
+) -> pd.DataFrame:
     """Images per split (rows) and class (columns); an error when a split with a share holds no
-    image of a class."""
+    image of a class (``left_out``: images left out as unreadable, said in that error)."""
     counts = pd.crosstab(manifest["split"], manifest["label"]).reindex(
         index=[s for s, f in zip(SPLIT_NAMES, fractions, strict=True) if f > 0],
         columns=["MEL", "NV"],
@@ -247,11 +249,27 @@ def _split_counts(manifest: pd.DataFrame, fractions: np.ndarray, source: Path) -
     for split_name, row in counts.iterrows():
         for label, n in row.items():
             if n == 0:
+                after = f" after leaving out {left_out} unreadable" if left_out else ""
                 raise SkinclfError(
                     f"{source}: no {label} image left for the {split_name} split ({len(manifest)} MEL/NV "
-                    "images); expected a larger dataset, another --split or another --seed"
+                    f"images{after}); expected a larger dataset, another --split or another --seed"
                 )
     return counts
+
+
+def _rebalanced(manifest: pd.DataFrame, skipped: list[int], seed: int) -> list[int]:
+    """The rows that --balance leaves out beside the ``skipped`` ones: per split, for each skipped
+    image of one class beyond those of the other, one image of the other class, drawn with
+    ``seed``; so the classes stay as many as they were, and every split keeps its balance."""
+    rng = np.random.default_rng(seed)
+    left = manifest.drop(index=skipped)
+    dropped: list[int] = []
+    for split_name, rows in manifest.loc[skipped].groupby("split", sort=True):
+        excess = int((rows["label"] == "MEL").sum() - (rows["label"] == "NV").sum())
+        other = "NV" if excess > 0 else "MEL"
+        candidates = left.index[(left["split"] == split_name) & (left["label"] == other)]
+        dropped += rng.choice(candidates, min(abs(excess), len(candidates)), replace=False).tolist()
+    return sorted(dropped)
 
 
 def prepare(
@@ -323,15 +341,27 @@ def prepare(
                 return str(err)
             return None
 
-        with ThreadPoolExecutor(_WORKERS) as pool:
+        pool = ThreadPoolExecutor(_WORKERS)
+        try:
             jobs = pool.map(write, zip(sources, manifest["file"], strict=True))
             problems = list(progress(jobs, total=len(manifest), desc=f"prepare {name}", unit="img"))
+        finally:  # a bad image ends it now, not after the images queued behind it
+            pool.shutdown(cancel_futures=True)
         skipped = [row for row, problem in enumerate(problems) if problem is not None]
         if skipped:
             for row in skipped:
                 print(f"skipped: {problems[row]}", file=sys.stderr)
-            manifest = manifest.drop(index=skipped).reset_index(drop=True)
-            counts = _split_counts(manifest, fractions, source)
+            balancing = _rebalanced(manifest, skipped, seed) if balance else []
+            for row in balancing:
+                (tmp / manifest.at[row, "file"]).unlink()
+            if balancing:
+                print(
+                    f"--balance: {counted(len(balancing), 'image')} of the other class left out too, "
+                    "one for each unreadable one in its split, so that MEL and NV stay as many",
+                    file=sys.stderr,
+                )
+            manifest = manifest.drop(index=skipped + balancing).reset_index(drop=True)
+            counts = _split_counts(manifest, fractions, source, left_out=len(skipped))
         manifest.to_csv(tmp / "manifest.csv", index=False)
         _check_out(out)  # still free after the minutes of writing
         if out.exists():
