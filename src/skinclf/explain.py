@@ -92,9 +92,13 @@ def _labels(files: Sequence[Path]) -> dict[Path, str]:
         by_name[path.name].append(path)
     labels = {}
     for name, paths in by_name.items():
-        shared = os.path.commonpath([os.path.abspath(path.parent) for path in paths])
+        try:
+            shared = os.path.commonpath([os.path.abspath(path.parent) for path in paths])
+        except ValueError:  # Windows: folders on different drives share none
+            shared = None
         for path in paths:
-            labels[path] = name if len(paths) == 1 else os.path.relpath(os.path.abspath(path), shared)
+            alone = len(paths) == 1
+            labels[path] = name if alone else str(path) if shared is None else os.path.relpath(path, shared)
     return labels
 
 
