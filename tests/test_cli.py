@@ -987,6 +987,22 @@ def test_a_bad_argument_of_any_command_is_one_error_line(args, message, capsys):
     )
 
 
+def test_an_unknown_train_option_is_one_line_and_version_names_skinclf(tmp_path, capsys, monkeypatch):
+    # Hydra printed its 9-line usage before the option; its --version named only Hydra.
+    monkeypatch.chdir(tmp_path)
+    for args in (["--bogus"], ["-m", "model=baseline", "-x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["train", *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"skinclf train: error: {args[-1]}: unknown option; expected Hydra's (")
+        assert "\n" not in err
+    assert not (tmp_path / "outputs").exists()
+    for args in (["--version"], ["train", "--version"]):
+        cli_main(args)
+        assert capsys.readouterr().out.startswith(f"skinclf {skinclf.__version__}")
+
+
 def test_train_help_lists_the_models(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "skinclf", "train", "--help"], capture_output=True, text=True, check=True

@@ -7,6 +7,7 @@ import io
 import signal
 import sys
 
+from skinclf import __version__
 from skinclf.arguments import PARSERS
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError
 from skinclf.io import FILE_NAME_ERRORS
@@ -39,7 +40,7 @@ A research aid, not a diagnostic device.
 commands:
 {commands}
 
-`skinclf COMMAND --help` explains each command."""
+`skinclf COMMAND --help` explains each command; `skinclf --version` names this version."""
 
 
 def _usage() -> str:
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
 def _dispatch(argv: list[str]) -> None:
     if argv and argv[0] in {"-h", "--help", "help"}:
         print(_usage())
+        return
+    if argv and argv[0] in {"-V", "--version"}:
+        print(f"skinclf {__version__}")
         return
     if not argv:
         # Nothing was done: a script that forgot the command must not carry on as if it had run.

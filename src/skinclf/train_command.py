@@ -30,6 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins import skinclf_launcher
+from skinclf import __version__
 from skinclf.config import (
     adds_config_folders,
     composed_or_none,
@@ -296,6 +297,12 @@ def _hydra_arguments(args: tuple[str, ...]) -> argparse.Namespace | None:
         namespace, unknown = parser.parse_known_args(list(args))
     except _NotHydrasCommandLine:
         return None
+    option = next((word for word in unknown if word.startswith("-")), None)
+    if option is not None:  # Hydra prints its whole usage, then the word: one line instead
+        raise SkinclfError(
+            f"{option}: unknown option; expected Hydra's (-m/--multirun, --cfg, --config-dir, --help, "
+            "... see `skinclf train --help`) and key=value overrides"
+        )
     # Words after the overrides' run (`model=x -m seed=1`) are refused by Hydra's parse_args.
     return None if unknown else namespace
 
@@ -561,6 +568,9 @@ def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
     global resume_folder
     resume_folder = None
+    if any(len(arg) > 2 and "--version".startswith(arg) for arg in args):  # Hydra's names only Hydra
+        print(f"skinclf {__version__} (Hydra {hydra.__version__})")
+        return
     _check_hydra_options(args)
     _check_output_folders(args)
     _check_launcher(args)
