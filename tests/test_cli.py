@@ -325,6 +325,23 @@ def test_a_sweep_with_an_unknown_model_runs_nothing_and_leaves_no_folder(tmp_pat
     assert not (tmp_path / "outputs").exists()  # nor the folders made for the sweep's
 
 
+@pytest.mark.parametrize(
+    ("swept", "message"),
+    [
+        (
+            "trainer.max_epochs=abc,2",
+            "abc is no number; expected numbers for trainer.max_epochs (default: 30)",
+        ),
+        ("optim.lr=1e-3,fast", "fast is no number; expected numbers for optim.lr (default: 0.0001)"),
+    ],
+)
+def test_a_sweep_value_that_is_no_number_runs_nothing(tmp_path, swept, message):
+    # Found only by the job that got it, after the sweep's other jobs had trained.
+    proc = error_run(tmp_path, "-m", swept, *TINY[:-1])
+    assert proc.returncode == 2 and proc.stderr.strip() == f"skinclf train: error: {swept}: {message}"
+    assert not (tmp_path / "outputs").exists()
+
+
 BASELINE_CONFIG = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
 
 # A user's own model, as the README's example: its feature block ends in global pooling.

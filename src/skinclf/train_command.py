@@ -536,6 +536,23 @@ def _check_value_shape(arg: str, key: str, values: list | None, reference: DictC
             )
         if isinstance(default, str | int | float | bool) and isinstance(value, list | dict):
             raise SkinclfError(f"{arg}: expected one value for {key} (default: {default}), not a list")
+        numeric = isinstance(default, int | float) and not isinstance(default, bool)
+        if len(values) > 1 and numeric and isinstance(value, str) and not _reads_as_number(value):
+            # A single run's check names it too, but a sweep would find it only in the job that
+            # gets it, after the others trained.
+            raise SkinclfError(
+                f"{arg}: {value} is no number; expected numbers for {key} (default: {default})"
+            )
+
+
+def _reads_as_number(text: str) -> bool:
+    """Whether a swept value's text (sweeps give their values as text) is a number as Hydra reads
+    it, or an interpolation that may resolve to one."""
+    try:
+        float(text)
+    except ValueError:
+        return "${" in text
+    return True
 
 
 def _composed(chosen: tuple[tuple[str, str], ...]) -> DictConfig | None:
