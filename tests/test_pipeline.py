@@ -1,12 +1,15 @@
 """Batch pipelines and the fast path: augmentation probabilities, train-only augmentation and
 statistics, and precision / memory-format choices applied as configured."""
 
+import math
+
 import pytest
 import torch
 
-from skinclf.data.pipeline import AugmentedPipeline, DefaultPipeline, channel_stats
+from skinclf.data.pipeline import AugmentedPipeline, DefaultPipeline, ImageNetPipeline, channel_stats
 from skinclf.data.splits import Split
 from skinclf.data.synthetic import generate_split
+from skinclf.errors import SkinclfError
 from skinclf.models.resnet import ShallowResNet
 from skinclf.models.simple_cnn import SimpleCNN
 from skinclf.training.hardware import autocast, resolve_precision
@@ -56,6 +59,56 @@ def test_transforms_are_independent():
     assert 1 - changed_fraction(pipeline, patterned_images(N, symmetric=True)) == pytest.approx(
         0.25, abs=0.035
     )
+
+
+def test_draws_rotate_both_ways_and_crop_within_the_scale_range_independently():
+    # The other tests warp with pipeline.draw's own choices, so they cannot see a bug inside it:
+    # here the draws themselves, over many images. Rotation: uniform in [-max, +max] where it
+    # fires (about half clockwise), 0 elsewhere; crop: a scale in crop_scale where it fires, 1
+    # elsewhere; angle and scale from separate random numbers.
+    pipeline = AugmentedPipeline(p=0.5, max_rotation_degrees=30.0, crop_scale=(0.5, 0.8))
+    n, max_angle = 20000, math.radians(30.0)
+    flip, warp, angle, scale, offset = pipeline.draw(n, torch.Generator().manual_seed(0))
+    rotated, cropped = angle != 0, scale != 1
+    assert rotated.float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert cropped.float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert (rotated & cropped).float().mean().item() == pytest.approx(0.25, abs=0.02)
+    assert torch.equal(warp, rotated | cropped)
+    turns = angle[rotated]
+    assert (turns < 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert (
+        turns.abs().max() <= max_angle and turns.min() < -0.95 * max_angle and turns.max() > 0.95 * max_angle
+    )
+    assert turns.mean().item() == pytest.approx(0.0, abs=0.03 * max_angle)
+    crops = scale[cropped]
+    assert crops.min() >= 0.5 and crops.max() <= 0.8
+    assert crops.mean().item() == pytest.approx(0.65, abs=0.01)
+    # The crop window stays inside the image; an uncropped image is not moved.
+    assert (offset.abs() <= (1 - scale).unsqueeze(1) + 1e-6).all()
+    assert (offset[~cropped] == 0).all()
+    both = rotated & cropped
+    correlation = torch.corrcoef(torch.stack([angle[both], scale[both]]))[0, 1].item()
+    assert abs(correlation) < 0.05, f"angle and scale correlate: {correlation:.3f}"
+
+
+def test_imagenet_pipeline_normalises_with_the_imagenet_statistics():
+    # The constants pretrained backbones were trained with, channel by channel (R, G, B).
+    pipeline = ImageNetPipeline()
+    assert pipeline.mean.tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert pipeline.std.tolist() == pytest.approx([0.229, 0.224, 0.225])
+    # A mid-grey pixel of 0.5 comes out as (0.5 - mean) / std in each channel.
+    out = pipeline.eval_batch(torch.full((1, 3, 2, 2), 0.5 * 255))
+    expected = [(0.5 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), strict=True)]
+    assert out[0, :, 0, 0].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_crop_scale_whose_low_end_is_above_its_high_end_is_refused():
+    # [0.9, 0.5] would sample scales from an inverted range without complaint.
+    with pytest.raises(
+        SkinclfError, match=r"^model\.pipeline\.crop_scale=\[0\.9, 0\.5\]: expected \[lo, hi\]"
+    ):
+        AugmentedPipeline(crop_scale=[0.9, 0.5])
+    assert AugmentedPipeline(crop_scale=[0.7, 0.7]).crop_scale == (0.7, 0.7)
 
 
 def test_each_output_row_is_its_own_image_plain_or_flipped():

@@ -96,6 +96,26 @@ def test_resume_after_a_crash_between_epochs_matches_an_uninterrupted_run(
     _same_results(straight, interrupted)
 
 
+def test_resume_continues_the_dropout_random_stream_as_an_uninterrupted_run(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # resnet: its dropout draws its masks from torch's global random stream (not the loop's own
+    # generator), which the resume must restore too. In this process a resume re-seeds it and
+    # builds the model anew, so without the restore the redone epochs would reuse epoch 1's masks.
+    overrides = in_process(shared_data_dir, "model=resnet", "trainer.max_epochs=2")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run(compose_config(overrides), straight)
+
+    monkeypatch.setattr(loop, "_write_metrics", _crash_once_metrics_have(1))
+    with pytest.raises(_Crash):
+        run(compose_config(overrides), interrupted)
+    monkeypatch.undo()
+    assert load_checkpoint(interrupted / "last.pt")["epoch"] == 1
+
+    run(compose_config([*overrides, "resume=true"]), interrupted)
+    _same_results(straight, interrupted)
+
+
 def test_a_last_checkpoint_without_the_schedule_this_recipe_needs_is_one_error(
     tmp_path: Path, shared_data_dir: Path
 ) -> None:

@@ -89,16 +89,18 @@ def test_a_tiny_run_stores_a_threshold_that_reaches_the_target_on_validation(tmp
 
 
 def test_binary_metrics_match_a_hand_count():
-    # At 0.5: NV .1 .2 correct, NV .6 .7 false alarms; MEL .8 found, MEL .4 missed. fp != fn and
-    # tp != tn, so swapped cells in any formula show.
-    metrics = binary_metrics(np.array([0, 0, 0, 0, 1, 1]), np.array([0.1, 0.6, 0.7, 0.2, 0.8, 0.4]))
-    assert metrics["confusion"] == {"tn": 2, "fp": 2, "fn": 1, "tp": 1}
-    assert metrics["accuracy"] == pytest.approx(3 / 6)
-    assert metrics["sensitivity"] == pytest.approx(1 / 2)
-    assert metrics["specificity"] == pytest.approx(2 / 4)
-    assert metrics["f1"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 1))
-    # AUC: of the 8 (MEL, NV) pairs the MEL scores higher in 6 (.4 loses to .6 and .7).
-    assert metrics["roc_auc"] == pytest.approx(6 / 8)
+    # At 0.5: NV .1 .2 .3 correct, NV .6 .7 false alarms; MEL .8 .9 found, MEL .4 missed.
+    # fp != fn, tp != tn and sensitivity (2/3) != specificity (3/5), so swapped cells in any
+    # formula, or the two rates swapped, show.
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    metrics = binary_metrics(labels, np.array([0.1, 0.6, 0.7, 0.2, 0.3, 0.8, 0.4, 0.9]))
+    assert metrics["confusion"] == {"tn": 3, "fp": 2, "fn": 1, "tp": 2}
+    assert metrics["accuracy"] == pytest.approx(5 / 8)
+    assert metrics["sensitivity"] == pytest.approx(2 / 3)
+    assert metrics["specificity"] == pytest.approx(3 / 5)
+    assert metrics["f1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))
+    # AUC: of the 15 (MEL, NV) pairs the MEL scores higher in 13 (.4 loses to .6 and .7).
+    assert metrics["roc_auc"] == pytest.approx(13 / 15)
 
 
 def _circles(fig) -> list[tuple[float, float]]:

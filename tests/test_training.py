@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from skinclf import train
 from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.data.pipeline import DefaultPipeline
@@ -20,7 +21,7 @@ from skinclf.models import build_model
 from skinclf.training import loop
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import describe_machine, resolve_device
-from skinclf.training.loop import METRICS_COLUMNS, EarlyStopping, LoopSettings, evaluate, place_splits
+from skinclf.training.loop import METRICS_COLUMNS, EarlyStopping, LoopSettings, evaluate, fit, place_splits
 
 from conftest import train_in_process
 
@@ -92,26 +93,49 @@ def test_a_diverging_run_stops_with_one_error_naming_the_epoch(tmp_path):
         train_in_process(tmp_path, *SMALL, "trainer.max_epochs=3", "optim.lr=1e30")
 
 
-def test_best_checkpoint_is_the_one_evaluated_on_test(tmp_path):
+def test_best_checkpoint_is_the_one_evaluated_on_test(tmp_path, monkeypatch):
+    # Validation accuracy (as fit sees it) peaks at epoch 1 of 3, while the weights go on moving
+    # (lr 1e-3): the test predictions must be best.pt's (epoch 1), not the last epoch's weights.
+    real_evaluate = loop.evaluate
+    val_accs = iter([0.9, 0.5, 0.6])
+
+    def scripted_evaluate(*args, **kwargs):
+        loss, _, probs = real_evaluate(*args, **kwargs)
+        return loss, next(val_accs), probs
+
+    monkeypatch.setattr(loop, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(train, "evaluate", real_evaluate)  # the run's own val and test evaluation
     out, metrics = train_in_process(tmp_path, *SMALL, "trainer.max_epochs=3", "optim.lr=1e-3")
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
     history = pd.read_csv(out / "metrics.csv")
     best_row = history.loc[history["val_acc"].idxmax()]
-    assert metrics["best_epoch"] == best_row["epoch"]
+    assert metrics["best_epoch"] == best_row["epoch"] == 1 and metrics["epochs_run"] == 3
     assert metrics["best_val_acc"] == pytest.approx(best_row["val_acc"], abs=1e-6)
 
-    # Re-evaluate best.pt on the test split: the stored test metrics must be its metrics.
-    best = load_checkpoint(out / "best.pt")
+    # Re-evaluate best.pt and last.pt on the test split: the stored test predictions and metrics
+    # must be best.pt's, and last.pt's weights must give other probabilities.
     cfg = compose_config([*SMALL, f"data.cache_dir={tmp_path / 'data'}"])
-    model = build_model(cfg.model)
-    model.load_state_dict(best["model"])
-    pipeline = DefaultPipeline()
-    pipeline.load_state_dict(best["pipeline"])
     test = load_splits(cfg.data).test
-    settings = LoopSettings(precision=best["precision"])
-    _, acc, _ = evaluate(model, pipeline, test, settings, torch.device("cpu"))
+    predictions = pd.read_csv(out / "predictions.csv")
+    stored = predictions.loc[predictions["split"] == "test", "prob_mel"].to_numpy()
+    scores = {}
+    for name in ("best.pt", "last.pt"):
+        state = load_checkpoint(out / name)
+        model = build_model(cfg.model)
+        model.load_state_dict(state["model"])
+        pipeline = DefaultPipeline()
+        pipeline.load_state_dict(state["pipeline"])
+        settings = LoopSettings(precision=state["precision"])
+        scores[name] = evaluate(model, pipeline, test, settings, torch.device("cpu"))
+    assert load_checkpoint(out / "last.pt")["epoch"] == 3
+    _, acc, best_probs = scores["best.pt"]
+    np.testing.assert_allclose(stored, best_probs, rtol=1e-5, atol=1e-7)
+    assert np.abs(scores["last.pt"][2] - best_probs).max() > 1e-3
     assert acc == pytest.approx(metrics["accuracy"])
     # It holds the optimizer of that epoch too (SPEC): Adam's state after best_epoch epochs of one
     # batch each (64 training images), for every parameter, loadable into the model's optimizer.
+    best = load_checkpoint(out / "best.pt")
+    model = build_model(cfg.model)
     optimizer = torch.optim.Adam(model.parameters())
     optimizer.load_state_dict(best["optimizer"])
     steps = {int(state["step"]) for state in optimizer.state.values()}
@@ -199,6 +223,29 @@ def test_training_accuracy_counts_mel_as_the_validation_accuracy_does():
         "",
     )
     assert acc == 1.0
+
+
+def test_the_training_loss_is_the_mean_over_images_not_over_batches(tmp_path):
+    # 10 images in batches of 4: two full batches and one of 2. With lr=0 the weights never move,
+    # so metrics.csv's train_loss must be the mean BCE of the 10 images, counted by hand; a mean
+    # of the batch means would weigh the last batch's 2 images like the others' 4.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 1))
+    images = torch.randint(
+        0, 256, (10, 3, 4, 4), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+    )
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    split = Split(images, labels)
+    settings = LoopSettings(max_epochs=1, batch_size=4, lr=0.0, progress="never")
+    fit(model, DefaultPipeline(), split, split, settings, torch.device("cpu"), tmp_path)
+    with torch.no_grad():
+        p = torch.sigmoid(model(images.float() / 255).flatten()).double()
+    losses = -(labels * p.log() + (1 - labels) * (1 - p).log())
+    by_hand = losses.mean().item()
+    assert losses.std() > 0.05  # the images' losses differ: how they are weighed matters
+    row = pd.read_csv(tmp_path / "metrics.csv").iloc[0]
+    assert row["train_loss"] == pytest.approx(by_hand, abs=2e-6)
+    assert row["val_loss"] == pytest.approx(by_hand, abs=2e-6)  # the same images, the same weights
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
