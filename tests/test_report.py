@@ -200,6 +200,38 @@ def test_runs_csv_lists_unfinished_and_failed_runs(sweep, tmp_path):
     assert runs.loc["res_aug", "best_val_acc_pct"] == pytest.approx(80.0)
 
 
+def test_runs_csv_gives_an_unfinished_runs_first_best_validation_epoch_so_far(tmp_path):
+    # No test_metrics.json yet: its best checkpoint so far is at the highest validation accuracy,
+    # not the latest, and of tied epochs at the first, which the trainer saved as best.pt.
+    write_run(tmp_path / "runs", "resnet", *RESNET)
+    write_run(tmp_path / "runs", "baseline", [0.7, 0.9, 0.9, 0.8], [0.6, 0.7, 0.8, 0.9], tested=False)
+    build_report([tmp_path / "runs"], tmp_path / "reports")
+    runs = pd.read_csv(tmp_path / "reports" / "runs.csv").set_index("model")
+    assert runs.loc["baseline", "status"] == "unfinished"
+    assert runs.loc["baseline", "best_epoch"] == 2
+    assert runs.loc["baseline", "best_val_acc_pct"] == pytest.approx(90.0)
+
+
+def test_a_test_metric_of_one_tested_seed_shows_no_spread(tmp_path):
+    # Two seeds, only one with a test split: its test numbers are one run's, shown without a
+    # std, while the validation numbers of both seeds show theirs.
+    root = tmp_path / "runs"
+    tested = write_run(root, "baseline", [0.6, 0.8], [0.6, 0.7], seed=0)
+    untested = write_run(root, "baseline", [0.6, 0.7], [0.6, 0.7], seed=1, tested=False)
+    record = {"best_epoch": 2, "best_val_acc": 0.7, "epochs_run": 2, "data": "synthetic", "n_test": 0}
+    (untested / "test_metrics.json").write_text(json.dumps(record))
+    build_report([root], tmp_path / "reports")
+    [row] = pd.read_csv(tmp_path / "reports" / "table1.csv").to_dict("records")
+    assert (row["n"], row["n_tested"]) == (2, 1)
+    [line] = [
+        line for line in (tmp_path / "reports" / "table1.md").read_text().splitlines() if "baseline" in line
+    ]
+    cells = [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+    test = json.loads((tested / "test_metrics.json").read_text())
+    assert cells[2] == "75.00 ± 7.07"
+    assert cells[-2:] == [f"{100 * test['accuracy']:.2f}", f"{test['roc_auc']:.3f}"]
+
+
 def test_runs_csv_keeps_whole_numbers_beside_a_run_without_them(tmp_path):
     write_run(tmp_path / "runs", "baseline", *BASELINE[2], seed=2)
     broken = write_run(tmp_path / "runs", "resnet", *RESNET)
@@ -451,6 +483,27 @@ def test_roc_is_the_runs_test_curve_with_its_auc(sweep):
     averaged = roc_data(next(g for g in groups if g.model == "baseline"))
     assert averaged.n == 3 and averaged.tpr[0] == 0 and averaged.tpr[-1] == 1
     assert np.all(np.diff(averaged.tpr) >= 0)
+
+
+def test_seed_averaged_roc_is_the_mean_curve_with_the_seeds_sample_std_auc(sweep):
+    # Several seeds: vertical averaging, the mean true-positive rate of each seed's own test curve
+    # at fixed false-positive rates, and the AUC's spread as Table 1 gives it (sample std).
+    groups = group_runs(finished(find_runs([sweep])))["synthetic"]
+    averaged = roc_data(next(g for g in groups if g.model == "baseline"))
+    curves, aucs = [], []
+    for run_dir in sorted(sweep.rglob("baseline_*")):
+        predictions = pd.read_csv(run_dir / "predictions.csv").query("split == 'test'")
+        fpr, tpr, _ = roc_curve(predictions["label"], predictions["prob_mel"])
+        curves.append((fpr, tpr))
+        aucs.append(json.loads((run_dir / "test_metrics.json").read_text())["roc_auc"])
+    grid = np.linspace(0.0, 1.0, 201)
+    expected = np.mean([np.interp(grid, fpr, tpr) for fpr, tpr in curves], axis=0)
+    expected[0] = 0.0  # every curve starts at the origin
+    np.testing.assert_allclose(averaged.fpr, grid)
+    np.testing.assert_allclose(averaged.tpr, expected)
+    assert averaged.n == 3
+    assert averaged.auc_mean == pytest.approx(np.mean(aucs))
+    assert averaged.auc_std == pytest.approx(np.std(aucs, ddof=1))
 
 
 def test_datasets_and_settings_are_never_averaged_together(tmp_path):

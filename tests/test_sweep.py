@@ -588,6 +588,25 @@ def test_a_new_launch_removes_the_summary_of_the_last(tmp_path: Path) -> None:
     assert not (sweep / SWEEP_SUMMARY).exists()
 
 
+def test_jobs_are_summarised_in_job_number_order(tmp_path: Path, capsys) -> None:
+    # Job 10 after job 2, as Hydra numbered them: sorted as text, 10_ would come before 2_.
+    sweep = tmp_path / "sweep"
+    summary = SweepSummary()
+    summary.on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    for num, status in ((10, "done"), (2, "done"), (1, "failed"), (11, "failed")):
+        (sweep / f"{num}_job").mkdir()
+        write_status(sweep / f"{num}_job", status, summary.launch, error=f"job {num} broke")
+    jobs = collect_jobs(sweep, summary.launch)
+    assert [Path(d).name for d in jobs.done] == ["2_job", "10_job"]
+    assert [Path(f["dir"]).name for f in jobs.failed] == ["1_job", "11_job"]
+    summary.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    written = json.loads((sweep / SWEEP_SUMMARY).read_text())
+    assert written["done"] == [str(sweep / "2_job"), str(sweep / "10_job")]
+    assert [f["dir"] for f in written["failed"]] == [str(sweep / "1_job"), str(sweep / "11_job")]
+    printed = capsys.readouterr().out
+    assert printed.index(f"FAILED {sweep / '1_job'}:") < printed.index(f"FAILED {sweep / '11_job'}:")
+
+
 def test_a_failed_job_line_names_its_folder_once(tmp_path: Path) -> None:
     folder = str(tmp_path / "0_baseline")
     jobs = JobsSummary(
