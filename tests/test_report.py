@@ -704,11 +704,15 @@ def test_tied_means_mark_the_earlier_row_best_and_its_confusion_matrix_is_shown(
     assert set(confusion["model"]) == {"baseline"}  # the row marked best
 
 
-def test_a_seed_run_twice_counts_once_and_runs_csv_says_why(tmp_path):
+def test_a_seed_run_twice_counts_once_and_runs_csv_says_why(tmp_path, capsys):
     first = write_run(tmp_path / "outputs" / "a", "baseline", [0.6, 0.7], [0.6, 0.7], seed=0)
     again = write_run(tmp_path / "outputs" / "b", "baseline", [0.6, 0.9], [0.6, 0.7], seed=0)
     write_run(tmp_path / "outputs" / "b", "baseline", [0.6, 0.8], [0.6, 0.7], seed=1)
-    build_report([tmp_path / "outputs"], tmp_path / "reports")
+    cli_main(["report", str(tmp_path / "outputs"), "--out", str(tmp_path / "reports")])
+    # The console's count says so too: 3 finished runs, a Table 1 of n = 2.
+    assert capsys.readouterr().out.startswith(
+        "3 finished (1 not counted: seeds run again), 0 unfinished, 0 failed run(s); see runs.csv"
+    )
     row = pd.read_csv(tmp_path / "reports" / "table1.csv").iloc[0]
     assert row["n"] == 2 and row["best_val_acc_pct_mean"] == pytest.approx(75.0)  # seeds 0 (first) and 1
     runs = pd.read_csv(tmp_path / "reports" / "runs.csv", keep_default_na=False).set_index("run_dir")

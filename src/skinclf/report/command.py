@@ -12,7 +12,7 @@ from skinclf.arguments import report_parser
 from skinclf.errors import SkinclfError, counted, not_a_folder
 from skinclf.io import FILE_NAME_ERRORS, output_folder
 from skinclf.report.figures import confusion_figure, curves_figure, roc_figure
-from skinclf.report.groups import group_runs
+from skinclf.report.groups import NOT_COUNTED, group_runs
 from skinclf.report.runs import (
     FAILED,
     FINISHED,
@@ -147,7 +147,11 @@ def main(args: list[str]) -> None:
                 "its run is left out of roc.png",
                 file=sys.stderr,
             )
-    print(", ".join(f"{n} {status}" for status, n in status_counts(runs).items()) + " run(s); see runs.csv")
+    counts = {status: f"{n} {status}" for status, n in status_counts(runs).items()}
+    repeats = sum(run.status == FINISHED and run.problem.startswith(NOT_COUNTED) for run in runs)
+    if repeats:  # Table 1's n would not add up to the finished runs
+        counts[FINISHED] += f" ({repeats} not counted: seeds run again)"
+    print(", ".join(counts.values()) + " run(s); see runs.csv")
     if not any(path.name == "confusion_matrix.csv" for path in written):
         print("no tested runs (no test split): confusion_matrix.* not written")
     if not any(path.name == "roc.png" for path in written):

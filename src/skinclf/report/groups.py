@@ -47,6 +47,8 @@ def common_settings(runs: Iterable[Run]) -> dict[str, str]:
 # The config keys of NOT_AN_EXPERIMENT_SETTING (not its group names, model and data, whose keys
 # are settings).
 NO_EXPERIMENT_KEYS = NOT_AN_EXPERIMENT_SETTING - {"model", "data"}
+# The problem of a finished run left out of Table 1 (runs.csv says which, and why).
+NOT_COUNTED = "not counted: "
 
 
 def add_config_differences(runs: list[Run]) -> None:
@@ -116,7 +118,7 @@ def group_runs(runs: Iterable[Run]) -> dict[str, list[Group]]:
             if twin is not None:
                 # The same experiment and seed again (another folder, another device): counting it
                 # would add a run that is no independent repetition, raising n and shrinking std.
-                run.problem = f"not counted: repeats seed {run.seed} of {twin.path}"
+                run.problem = f"{NOT_COUNTED}repeats seed {run.seed} of {twin.path}"
                 continue
             group.runs.append(run)
         result[data] = sorted(groups.values(), key=lambda g: (model_order(g.model), g.variant))
