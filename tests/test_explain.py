@@ -211,15 +211,17 @@ def test_grad_cam_skips_a_block_that_pools_to_1x1():
 def test_explain_draws_the_map_of_the_runs_own_prediction(tiny_run, tmp_path, monkeypatch):
     images, _ = _off_centre_mel_images(1, 20)
     Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "lesion.png")
-    drawn = []
+    drawn, shown = [], []
 
     def record(image, heatmap, prob_mel, threshold, title, evidence, window=None, synthetic=False):
         drawn.append((heatmap, evidence, window))
+        shown.append((prob_mel, threshold))  # the figure's title: P(MEL) and the call's threshold
         return Figure()
 
     monkeypatch.setattr(explain, "render", record)
     run = load_trained_run(tiny_run)
     batch = run.pipeline.eval_batch(images)
+    assert run.threshold != 0.5  # the run's operating point, which a default would not be
 
     # A run with test-time augmentation: the map averaged over the flips, and the figure says so.
     run.settings = replace(run.settings, recipe=replace(run.settings.recipe, tta=True))
@@ -228,6 +230,10 @@ def test_explain_draws_the_map_of_the_runs_own_prediction(tiny_run, tmp_path, mo
     assert torch.allclose(heatmap, grad_cam_over_flips(run.model, batch).heatmaps[0], atol=1e-6)
     assert not torch.allclose(heatmap, grad_cam(run.model, batch).heatmaps[0], atol=1e-3)
     assert evidence == "MEL, mean of image + 3 flips"
+    # The figure says what `skinclf predict` says: the run's probability (over the flips) and threshold.
+    prob, threshold = shown.pop()
+    assert threshold == run.threshold
+    assert prob == pytest.approx(float(run.predict_probs(images)[0]), abs=1e-6)
 
     # --class nv: the map of the evidence toward NV; --class predicted: toward the run's call at
     # its threshold (NV above every probability, MEL at 0 and at the image's own probability:
@@ -245,6 +251,7 @@ def test_explain_draws_the_map_of_the_runs_own_prediction(tiny_run, tmp_path, mo
         heatmap, evidence, _ = drawn.pop()
         toward_mel = torch.tensor([call == "MEL"])
         assert evidence == call
+        assert shown.pop() == (pytest.approx(own_prob, abs=1e-6), threshold)
         assert torch.allclose(heatmap, grad_cam(run.model, batch, toward_mel).heatmaps[0], atol=1e-6)
 
     # A model that sees only part of the image (VGG-16's full preset): the figure gets its window.
@@ -465,8 +472,12 @@ def test_a_file_name_that_is_no_utf8_is_titled_with_escapes_and_named_as_it_is(
     assert sorted(title.split(" - ")[0] for title in titles) == ["\\xff\\xfe.png", "lesion.png"]
 
 
-def test_images_of_one_name_from_several_folders_are_titled_by_their_paths(tiny_run, tmp_path, monkeypatch):
+def test_images_of_one_name_from_several_folders_are_titled_by_their_paths(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
     # Their figures are x_gradcam.png, x_2_gradcam.png, ...: titled "x.png" alone, which was which?
+    # And each its own file: a name handed out but not kept as taken was given again, and the
+    # figure of b/x.png overwrote that of a/x.png.
     image, _ = image_and_kept_file(tmp_path)
     for folder in ("a", "b", "b/deeper"):
         (tmp_path / "in" / folder).mkdir(parents=True, exist_ok=True)
@@ -478,8 +489,14 @@ def test_images_of_one_name_from_several_folders_are_titled_by_their_paths(tiny_
         return real_render(*args)
 
     monkeypatch.setattr(explain, "render", render)
-    cli_main(["explain", str(tiny_run), str(tmp_path / "in"), str(image), "--out", str(tmp_path / "out")])
+    out = tmp_path / "out"
+    cli_main(["explain", str(tiny_run), str(tmp_path / "in"), str(image), "--out", str(out)])
     assert sorted(titles) == ["a/x.png", "b/deeper/x.png", "b/x.png", "lesion.png"]
+    figures = ["x_gradcam.png", "x_2_gradcam.png", "x_3_gradcam.png", "lesion_gradcam.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(figures)
+    printed, err = capsys.readouterr()
+    assert printed.splitlines() == [str(out / name) for name in figures]  # in the order of the images
+    assert f"4 Grad-CAM images in {out}/, 0 files unreadable" in err
 
 
 @pytest.mark.parametrize(

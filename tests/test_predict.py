@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -94,6 +95,43 @@ def test_unreadable_files_are_reported_and_the_rest_scored(run_and_images, tmp_p
     assert "not an image" in text["error"]
     assert corrupt["prob_mel"] == "" and text["prediction"] == ""
     assert (table.drop(index=[str(folder / "corrupt.png"), str(folder / "notes.txt")])["error"] == "").all()
+
+
+def test_images_scored_in_several_chunks_get_one_row_each_with_their_own_probability(
+    run_and_images, tmp_path, monkeypatch
+):
+    # Past CHUNK images a folder is scored chunk by chunk: a chunk left pending after it was
+    # scored came out again with the next one, as extra rows. Chunks of 3 here: 10 images, 4 chunks.
+    run_dir, folder, _ = run_and_images
+    monkeypatch.setattr("skinclf.predict.CHUNK", 3)
+    files = sorted(folder.iterdir())
+    out = tmp_path / "pred.csv"
+    _predict(run_dir, *files, "--out", out)
+    table = pd.read_csv(out, keep_default_na=False)
+    assert table["path"].tolist() == [str(f) for f in files]  # one row each, in the order given
+    run = load_trained_run(run_dir)
+    scored = table[table["error"] == ""]
+    assert len(scored) == N_IMAGES
+    # Each image's probability is its own, as scored alone (fp32 run: batching changes no digit).
+    alone = [float(predict_files(run, [Path(p)], 0.5)["prob_mel"].iloc[0]) for p in scored["path"]]
+    assert scored["prob_mel"].astype(float).tolist() == pytest.approx(alone, abs=1e-6)
+
+
+def test_rows_come_in_the_order_the_files_were_given(run_and_images, tmp_path):
+    # Unreadable files get their row at once, readable ones when their chunk is scored: without
+    # putting the rows back in order the error rows came first, and rows no longer matched files.
+    run_dir, folder, _ = run_and_images
+    files = [folder / name for name in ("test_003.png", "corrupt.png", "test_001.png", "test_000.png")]
+    out = tmp_path / "pred.csv"
+    _predict(run_dir, *files, "--out", out)
+    table = pd.read_csv(out, keep_default_na=False)
+    assert table["path"].tolist() == [str(f) for f in files]
+    assert table["error"].iloc[1].startswith(f"{files[1]}: corrupt or truncated")
+    assert (table["error"].drop(index=1) == "").all() and table["prob_mel"].iloc[1] == ""
+    run = load_trained_run(run_dir)
+    for row in (0, 2, 3):
+        own = float(predict_files(run, [files[row]], 0.5)["prob_mel"].iloc[0])
+        assert float(table["prob_mel"].iloc[row]) == pytest.approx(own, abs=1e-6)
 
 
 @pytest.mark.parametrize("which", ["one", "both"])
@@ -386,6 +424,59 @@ def test_a_run_from_an_older_skinclf_still_predicts(run_and_images, tmp_path):
     new, older = pd.read_csv(tmp_path / "new.csv"), pd.read_csv(tmp_path / "old.csv")
     assert older["prob_mel"].tolist() == pytest.approx(new["prob_mel"].tolist(), abs=1e-6)
     assert (older["prediction"] == new["prediction"]).all()
+
+
+def test_a_run_with_test_time_augmentation_predicts_with_it(tmp_path):
+    # recipe.tta=true: the run's test probabilities are the mean over flips; scoring new images
+    # without the flips gave other probabilities (and calls) than the run reported.
+    overrides = [
+        "data.train_size=8",
+        "data.val_size=4",
+        "data.test_size=4",
+        "trainer.max_epochs=1",
+        "model=resnet",
+        "recipe.tta=true",
+        "trainer.precision=fp32",
+    ]
+    run_dir, _ = train_in_process(tmp_path, *overrides)
+    test = load_splits(compose_config([f"data.cache_dir={tmp_path / 'data'}", *overrides]).data).test
+    images = []
+    for i, image in enumerate(test.images):
+        images.append(tmp_path / f"test_{i}.png")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(images[-1])
+    out = tmp_path / "pred.csv"
+    _predict(run_dir, *images, "--out", out)
+    probs = pd.read_csv(out)["prob_mel"].to_numpy()
+    recorded = pd.read_csv(run_dir / "predictions.csv").query("split == 'test'").sort_values("index")
+    assert probs == pytest.approx(recorded["prob_mel"].to_numpy(), abs=1e-6)
+    # Proof that the flips count here: the model alone gives other probabilities.
+    run = load_trained_run(run_dir)
+    run.settings = replace(run.settings, recipe=replace(run.settings.recipe, tta=False))
+    plain = run.predict_probs(test.images).numpy()
+    assert abs(probs - plain).max() > 1e-4
+
+
+@pytest.mark.parametrize("change", ["a missing weight", "a renamed weight"])
+def test_a_best_pt_whose_weights_do_not_fit_the_model_is_refused(run_and_images, tmp_path, capsys, change):
+    # A state dict short of a weight (or with one under another name) left that weight at its
+    # random initialisation, and the run's name and threshold went on scoring with it.
+    run_dir, folder, _ = run_and_images
+    bad = tmp_path / "bad_run"
+    shutil.copytree(run_dir, bad)
+    state = torch.load(bad / "best.pt", weights_only=True)
+    weight = state["model"].pop("9.bias")
+    if change == "a renamed weight":
+        state["model"]["9.offset"] = weight
+    torch.save(state, bad / "best.pt")
+    out = tmp_path / "new" / "pred.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(bad, folder / "test_000.png", "--out", out)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"error: {bad / 'best.pt'}: does not match model=augmented (Error(s) in loading state_dict" in err
+    assert 'Missing key(s) in state_dict: "9.bias"' in err
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_best_pt_copied_in_from_another_run_is_refused(run_and_images, tmp_path, capsys):
