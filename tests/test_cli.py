@@ -21,6 +21,7 @@ from PIL import Image
 import skinclf
 from skinclf.cli import RESUME_HINTS
 from skinclf.cli import main as cli_main
+from skinclf.config import config_choices
 from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS, check_model_output
 from skinclf.report.runs import find_runs
@@ -307,8 +308,8 @@ def error_run(tmp_path, *overrides):
         ),
         (  # Hydra's own group, with its plugins' choices and skinclf's (was Hydra's 15-line error, exit 1)
             "hydra/launcher=slurmm",
-            "hydra/launcher=slurmm: unknown hydra/launcher; expected one of basic, joblib, local, slurm, "
-            "slurm_local, submitit_local, submitit_slurm",
+            "hydra/launcher=slurmm: unknown hydra/launcher; expected one of "
+            + ", ".join(config_choices("hydra/launcher")),
         ),
     ],
 )
@@ -323,6 +324,17 @@ def test_a_sweep_with_an_unknown_model_runs_nothing_and_leaves_no_folder(tmp_pat
     assert proc.returncode == 2 and "model=alexnet: unknown model; expected one of" in proc.stderr
     # Caught before Hydra starts: baseline did not train either.
     assert not (tmp_path / "outputs").exists()  # nor the folders made for the sweep's
+
+
+def test_hydra_groups_offer_hydras_and_skinclfs_choices():
+    # The launchers whatever extras are installed (joblib and submitit come with [launchers]).
+    assert {"basic", "local", "slurm", "slurm_local"} <= set(config_choices("hydra/launcher"))
+
+
+@pytest.mark.parametrize("swept", ["data.train_size=${data.val_size},32", "seed='1','2'", "optim.lr=1e-3,.5"])
+def test_swept_numbers_quoted_numbers_and_interpolations_pass_the_number_check(swept):
+    # Sweeps give their values as Hydra's escaped text ($\{data.val_size\}, '1' with its quotes).
+    assert check_override_keys([swept]) == []
 
 
 @pytest.mark.parametrize(

@@ -546,12 +546,15 @@ def _check_value_shape(arg: str, key: str, values: list | None, reference: DictC
 
 
 def _reads_as_number(text: str) -> bool:
-    """Whether a swept value's text (sweeps give their values as text) is a number as Hydra reads
-    it, or an interpolation that may resolve to one."""
+    """Whether a swept value's text is a number as skinclf reads it, or an interpolation that may
+    resolve to one. Sweeps give their values as Hydra's escaped text: ``${a.b}`` as ``$\\{a.b\\}``,
+    a quoted ``'1'`` with its quotes (text that a number setting reads as the number)."""
+    if "${" in text or "$\\{" in text:
+        return True
     try:
-        float(text)
+        float(text.strip("'\""))
     except ValueError:
-        return "${" in text
+        return False
     return True
 
 
