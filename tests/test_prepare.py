@@ -518,6 +518,20 @@ def test_balance_with_skipped_images_leaves_out_as_many_of_the_other_class_per_s
     assert files == sorted(manifest["file"])
 
 
+def test_a_split_emptied_by_balancing_after_a_skip_says_so(tmp_path):
+    # Every val NV image unreadable: --balance then leaves out val's MEL images too, which were
+    # readable; the error must not blame them on unreadable files alone.
+    fake_ham10000(tmp_path / "ham")
+    prepare_main([str(tmp_path / "ham"), str(tmp_path / "whole"), "--balance"])
+    whole = pd.read_csv(tmp_path / "whole" / "manifest.csv")
+    val = whole[whole["split"] == "val"]
+    assert (val["label"] == "MEL").sum() <= (val["label"] == "NV").sum()  # balancing can empty MEL
+    for source in val[val["label"] == "NV"]["source"]:
+        (tmp_path / "ham" / source).write_bytes(b"")
+    with pytest.raises(SkinclfError, match=r"no MEL image left for the val split \(.* to keep --balance\)"):
+        prepare_main([str(tmp_path / "ham"), str(tmp_path / "out"), "--balance", "--skip-bad-images"])
+
+
 def test_images_in_a_symlinked_folder_of_the_download_are_found(tmp_path):
     table = fake_ham10000(tmp_path / "ham", n_mel=12, n_nv=12, n_other=0)
     part = tmp_path / "ham" / "HAM10000_images_part_2"

@@ -237,10 +237,10 @@ def _check_out(out: Path) -> None:
 
 
 def _split_counts(
-    manifest: pd.DataFrame, fractions: np.ndarray, source: Path, left_out: int = 0
+    manifest: pd.DataFrame, fractions: np.ndarray, source: Path, left_out: str = ""
 ) -> pd.DataFrame:
     """Images per split (rows) and class (columns); an error when a split with a share holds no
-    image of a class (``left_out``: images left out as unreadable, said in that error)."""
+    image of a class (``left_out``: what was left out after the split, said in that error)."""
     counts = pd.crosstab(manifest["split"], manifest["label"]).reindex(
         index=[s for s, f in zip(SPLIT_NAMES, fractions, strict=True) if f > 0],
         columns=["MEL", "NV"],
@@ -249,7 +249,7 @@ def _split_counts(
     for split_name, row in counts.iterrows():
         for label, n in row.items():
             if n == 0:
-                after = f" after leaving out {left_out} unreadable" if left_out else ""
+                after = f" after leaving out {left_out}" if left_out else ""
                 raise SkinclfError(
                     f"{source}: no {label} image left for the {split_name} split ({len(manifest)} MEL/NV "
                     f"images{after}); expected a larger dataset, another --split or another --seed"
@@ -361,7 +361,10 @@ def prepare(
                     file=sys.stderr,
                 )
             manifest = manifest.drop(index=skipped + balancing).reset_index(drop=True)
-            counts = _split_counts(manifest, fractions, source, left_out=len(skipped))
+            left_out = f"{len(skipped)} unreadable" + (
+                f" and {len(balancing)} to keep --balance" if balancing else ""
+            )
+            counts = _split_counts(manifest, fractions, source, left_out)
         manifest.to_csv(tmp / "manifest.csv", index=False)
         _check_out(out)  # still free after the minutes of writing
         if out.exists():
