@@ -31,6 +31,7 @@ from skinclf.train_command import (
     _check_launcher,
     _check_sweeps_are_launched_as_sweeps,
     check_override_keys,
+    options_first,
 )
 from skinclf.training.loop import METRICS_COLUMNS
 
@@ -1030,6 +1031,23 @@ def test_an_unknown_train_option_is_one_line_and_version_names_skinclf(tmp_path,
     for args in (["--version"], ["train", "--version"]):
         cli_main(args)
         assert capsys.readouterr().out.startswith(f"skinclf {skinclf.__version__}")
+
+
+def test_overrides_on_both_sides_of_an_option_are_all_read(capsys, monkeypatch, tmp_path):
+    # Hydra 1.3's parser stopped at the first option: `model=resnet --cfg job seed=3` (or
+    # `model=res_aug -m seed=0,1`) printed its usage and "unrecognized arguments: seed=3".
+    monkeypatch.chdir(tmp_path)
+    cli_main(["train", "model=resnet", "--cfg", "job", "seed=3"])
+    printed = OmegaConf.create(capsys.readouterr().out)
+    assert (printed.model.name, printed.seed) == ("resnet", 3)
+    assert options_first(["model=res_aug", "-m", "seed=0,1", "-cn", "train"]) == [
+        "-m",
+        "-cn",
+        "train",
+        "model=res_aug",
+        "seed=0,1",
+    ]
+    assert options_first(["--info", "a=1"]) == ["--info", "a=1"]  # Hydra's to refuse, as typed
 
 
 def test_train_help_lists_the_models(tmp_path):

@@ -574,6 +574,35 @@ def _key_in_any(key: str, choices: list[dict[str, str]]) -> bool:
     return False
 
 
+def options_first(args: list[str]) -> list[str]:
+    """``args`` with Hydra's options before the overrides, each in its order: Hydra 1.3's parser
+    reads overrides only up to the first option, so `model=res_aug -m seed=0,1` ended in its usage
+    and "unrecognized arguments: seed=0,1" (Hydra issue 3053). As it is where Hydra's parser
+    refuses it anyway."""
+    if not any(arg.startswith("-") for arg in args):
+        return args
+    parser = get_args_parser()
+
+    def refuse(*_: object, **__: object) -> NoReturn:
+        raise _NotHydrasCommandLine
+
+    parser.error = refuse  # type: ignore[method-assign]
+    parser.exit = refuse  # type: ignore[method-assign]
+    try:
+        namespace, unknown = parser.parse_known_intermixed_args(list(args))
+    except (_NotHydrasCommandLine, TypeError):  # TypeError: argparse's intermixed limits
+        return args
+    if unknown:
+        return args
+    overrides, options, taken = list(namespace.overrides), [], 0
+    for arg in args:
+        if taken < len(overrides) and arg == overrides[taken]:
+            taken += 1
+        else:
+            options.append(arg)
+    return [*options, *overrides]
+
+
 def _dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Every key of ``cfg`` as a dotted path (``trainer.max_epochs``)."""
     out = []
@@ -591,6 +620,7 @@ def main(args: list[str]) -> None:
     if any(len(arg) > 2 and "--version".startswith(arg) for arg in args):  # Hydra's names only Hydra
         print(f"skinclf {__version__} (Hydra {hydra.__version__})")
         return
+    args = options_first(args)
     _check_hydra_options(args)
     _check_output_folders(args)
     _check_launcher(args)
