@@ -136,7 +136,7 @@ class _NeverRead:
 
 
 def test_cross_validation_trains_on_training_folds_only(
-    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     real_load = cross_validation.load_splits
     loaded = {}
@@ -169,7 +169,12 @@ def test_cross_validation_trains_on_training_folds_only(
         ]
     )
     out = tmp_path / "point"
-    result = cross_validate(cfg, out)
+    with caplog.at_level(logging.INFO):
+        result = cross_validate(cfg, out)
+    # Its first lines say what it trains in which precision and layout, on what, as a run's do.
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("model=baseline data=synthetic") and "channels_last=" in m for m in messages)
+    assert any(m.startswith("skinclf ") and ", torch " in m for m in messages)
 
     train = loaded["train"]
     rows = {bytes(img.numpy().tobytes()): i for i, img in enumerate(train.images)}

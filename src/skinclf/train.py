@@ -161,6 +161,21 @@ def run_precision(cfg: DictConfig, device: torch.device, records: Sequence[Path]
     return precision
 
 
+def log_setup(cfg: DictConfig, device: torch.device, settings: LoopSettings) -> dict[str, str]:
+    """A run's (or grid point's) first log lines: what it trains, on what, in which precision and
+    layout, and the versions and machine its numbers come from (returned, for its records)."""
+    log.info(
+        f"model={cfg.model.name} data={cfg.data.name} seed={cfg.seed} device={device} "
+        f"precision={settings.precision} channels_last={settings.channels_last}"
+    )
+    environment = run_environment(device)
+    log.info(
+        f"skinclf {environment['skinclf']}, torch {environment['torch']}, Python {environment['python']}; "
+        f"{environment['machine']}"
+    )
+    return environment
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Train and test one combination; writes the run files into ``out_dir`` and returns the test metrics."""
     device = resolve_device(str(cfg.device))
@@ -168,15 +183,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     settings = loop_settings(cfg, precision)
     target = target_sensitivity(cfg)
     torch.manual_seed(settings.seed)
-    log.info(
-        f"model={cfg.model.name} data={cfg.data.name} seed={cfg.seed} device={device} "
-        f"precision={precision} channels_last={settings.channels_last}"
-    )
-    environment = run_environment(device)
-    log.info(
-        f"skinclf {environment['skinclf']}, torch {environment['torch']}, Python {environment['python']}; "
-        f"{environment['machine']}"
-    )
+    environment = log_setup(cfg, device, settings)
 
     splits = load_splits(cfg.data)
     model, stage = prepare_training(cfg, splits, settings, device)

@@ -164,7 +164,7 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     on the labels, the lesions (where known) and ``seed``. std is the population std (ddof=0), as
     scikit-learn's GridSearchCV.
     """
-    from skinclf.train import loop_settings, run_precision  # lazily: train.py dispatches here
+    from skinclf.train import log_setup, loop_settings, run_precision  # lazily: train.py dispatches here
 
     device = resolve_device(str(cfg.device))
     # Every fold in the precision the job began in, should a resume run where auto picks another.
@@ -175,6 +175,7 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     precision = run_precision(cfg, device, records)
     settings = loop_settings(cfg, precision)  # refuses bad settings before the data loads
     k, seed = number_setting(cfg, "cv.folds", int), settings.seed
+    log_setup(cfg, device, settings)
     # Keep the training split only: the test split must not take part in choosing hyperparameters
     # (the loaders decode every split; a corrupt test image still stops the grid point here).
     splits = load_splits(cfg.data)
