@@ -15,8 +15,8 @@ from matplotlib.patches import Rectangle
 from skinclf.arguments import DISCLAIMER, EXPLAIN_TARGETS, SYNTHETIC_MODEL_NOTE, explain_parser
 from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
+from skinclf.image_inputs import check_out_spares_runs, collect_images, decode_all, no_readable_image
 from skinclf.io import output_folder, readable, save_figure
-from skinclf.predict import check_out_spares_runs, collect_images, decode_all, no_readable_image
 from skinclf.trained_run import TrainedRun, load_trained_run
 
 # Images explained per forward/backward pass: Grad-CAM keeps activations and gradients in memory.
