@@ -31,7 +31,7 @@ from skinclf.train_command import (
     _check_launcher,
     _check_sweeps_are_launched_as_sweeps,
     check_override_keys,
-    options_first,
+    overrides_together,
 )
 from skinclf.training.loop import METRICS_COLUMNS
 
@@ -343,9 +343,16 @@ def test_swept_numbers_quoted_numbers_and_interpolations_pass_the_number_check(s
     [
         (
             "trainer.max_epochs=abc,2",
-            "abc is no number; expected numbers for trainer.max_epochs (default: 30)",
+            "abc is no finite number; expected numbers for trainer.max_epochs (default: 30)",
         ),
-        ("optim.lr=1e-3,fast", "fast is no number; expected numbers for optim.lr (default: 0.0001)"),
+        ("optim.lr=inf,1e-3", "inf is no finite number; expected numbers for optim.lr (default: 0.0001)"),
+        ("seed=\"'1'\",2", "\"'1'\" is no finite number; expected numbers for seed (default: 0)"),
+        (
+            "optim.lr=interval(1e-4,1e-3)",
+            "Hydra's basic sweeper cannot sweep an interval; expected a list, range() or choice() of "
+            "values (an interval needs a sampling sweeper, hydra/sweeper=optuna)",
+        ),
+        ("optim.lr=1e-3,fast", "fast is no finite number; expected numbers for optim.lr (default: 0.0001)"),
     ],
 )
 def test_a_sweep_value_that_is_no_number_runs_nothing(tmp_path, swept, message):
@@ -1040,14 +1047,17 @@ def test_overrides_on_both_sides_of_an_option_are_all_read(capsys, monkeypatch, 
     cli_main(["train", "model=resnet", "--cfg", "job", "seed=3"])
     printed = OmegaConf.create(capsys.readouterr().out)
     assert (printed.model.name, printed.seed) == ("resnet", 3)
-    assert options_first(["model=res_aug", "-m", "seed=0,1", "-cn", "train"]) == [
+    assert overrides_together(["model=res_aug", "-m", "seed=0,1", "-cn", "train"]) == [
+        "model=res_aug",
+        "seed=0,1",
         "-m",
         "-cn",
         "train",
-        "model=res_aug",
-        "seed=0,1",
     ]
-    assert options_first(["--info", "a=1"]) == ["--info", "a=1"]  # Hydra's to refuse, as typed
+    # As typed: lines Hydra reads (a bare --info after the overrides), lines it refuses anyway,
+    # and lines another order would change (an option's value that reads like an override).
+    for args in (["model=resnet", "-i"], ["--info", "a=1"], ["-p", "seed=1", "--cfg", "job", "seed=1"]):
+        assert overrides_together(args) == args
 
 
 def test_train_help_lists_the_models(tmp_path):

@@ -12,6 +12,7 @@ import argparse
 import difflib
 import functools
 import logging
+import math
 import os
 import shutil
 import sys
@@ -24,7 +25,7 @@ import hydra
 from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Glob, Override
+from hydra.core.override_parser.types import Glob, IntervalSweep, Override
 from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -279,13 +280,8 @@ class _NotHydrasCommandLine(Exception):
     """Hydra's argument parser refuses the command line: Hydra then says why, itself."""
 
 
-@functools.cache
-def _hydra_arguments(args: tuple[str, ...]) -> argparse.Namespace | None:
-    """The command line as Hydra's own argument parser reads it (its options, their values, their
-    abbreviations such as --multi; the overrides); None where that parser would refuse it, or
-    print and exit itself (--version), which is then left to Hydra."""
-    if any(len(arg) > 2 and "--version".startswith(arg) for arg in args):
-        return None
+def _hydra_parser() -> argparse.ArgumentParser:
+    """Hydra's own argument parser, raising _NotHydrasCommandLine where it would print and exit."""
     parser = get_args_parser()
 
     def refuse(*_: object, **__: object) -> NoReturn:
@@ -293,6 +289,17 @@ def _hydra_arguments(args: tuple[str, ...]) -> argparse.Namespace | None:
 
     parser.error = refuse  # type: ignore[method-assign]
     parser.exit = refuse  # type: ignore[method-assign]
+    return parser
+
+
+@functools.cache
+def _hydra_arguments(args: tuple[str, ...]) -> argparse.Namespace | None:
+    """The command line as Hydra's own argument parser reads it (its options, their values, their
+    abbreviations such as --multi; the overrides); None where that parser would refuse it, or
+    print and exit itself (--version), which is then left to Hydra."""
+    if any(len(arg) > 2 and "--version".startswith(arg) for arg in args):
+        return None
+    parser = _hydra_parser()
     try:
         namespace, unknown = parser.parse_known_args(list(args))
     except _NotHydrasCommandLine:
@@ -416,7 +423,9 @@ def _check_group_choices(args: list[str]) -> None:
 def _check_sweeps_have_values(args: list[str]) -> None:
     """A swept value that expands to nothing (``model=glob(zzz*)``, ``seed=range(0)``): one line
     before Hydra, which would launch no job (and submitit's launchers fail on an empty batch with
-    an AssertionError; a re-launch into the sweep's folder read as a finished sweep of 0 jobs)."""
+    an AssertionError; a re-launch into the sweep's folder read as a finished sweep of 0 jobs).
+    An interval, which only a sampling sweeper can sweep, too."""
+    basic_sweeper = not any(o.key_or_group == "hydra/sweeper" for _, o, _ in _parsed_overrides(args))
     for arg, override, values in _parsed_overrides(args):
         # Configs of the user's own are Hydra's to know: a glob may match them.
         choices = [] if adds_config_folders(args) else config_choices(override.key_or_group)
@@ -426,6 +435,11 @@ def _check_sweeps_have_values(args: list[str]) -> None:
             raise SkinclfError(
                 f"{arg}: expands to no value (a glob that matches no config, an empty range); "
                 "expected at least one job"
+            )
+        if basic_sweeper and isinstance(override.value(), IntervalSweep):  # was Hydra's traceback
+            raise SkinclfError(
+                f"{arg}: Hydra's basic sweeper cannot sweep an interval; expected a list, range() "
+                "or choice() of values (an interval needs a sampling sweeper, hydra/sweeper=optuna)"
             )
 
 
@@ -541,21 +555,22 @@ def _check_value_shape(arg: str, key: str, values: list | None, reference: DictC
             # A single run's check names it too, but a sweep would find it only in the job that
             # gets it, after the others trained.
             raise SkinclfError(
-                f"{arg}: {value} is no number; expected numbers for {key} (default: {default})"
+                f"{arg}: {value} is no finite number; expected numbers for {key} (default: {default})"
             )
 
 
 def _reads_as_number(text: str) -> bool:
-    """Whether a swept value's text is a number as skinclf reads it, or an interpolation that may
-    resolve to one. Sweeps give their values as Hydra's escaped text: ``${a.b}`` as ``$\\{a.b\\}``,
-    a quoted ``'1'`` with its quotes (text that a number setting reads as the number)."""
-    if "${" in text or "$\\{" in text:
+    """Whether a swept value's text is a finite number as skinclf reads it, or an interpolation
+    that may resolve to one. Sweeps give their values as Hydra's escaped text: ``${a.b}`` as
+    ``$\\{a.b\\}``, a quoted ``'1'`` with its quotes (text that a number setting reads as the number)."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]  # one pair of quotes
+    if text.startswith(("${", "$\\{")) and text.endswith("}"):
         return True
     try:
-        float(text.strip("'\""))
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
 
 
 def _composed(chosen: tuple[tuple[str, str], ...]) -> DictConfig | None:
@@ -574,20 +589,17 @@ def _key_in_any(key: str, choices: list[dict[str, str]]) -> bool:
     return False
 
 
-def options_first(args: list[str]) -> list[str]:
-    """``args`` with Hydra's options before the overrides, each in its order: Hydra 1.3's parser
-    reads overrides only up to the first option, so `model=res_aug -m seed=0,1` ended in its usage
-    and "unrecognized arguments: seed=0,1" (Hydra issue 3053). As it is where Hydra's parser
-    refuses it anyway."""
-    if not any(arg.startswith("-") for arg in args):
+def overrides_together(args: list[str]) -> list[str]:
+    """``args`` as typed where Hydra's parser reads them; where it reads overrides only up to the
+    first option (Hydra 1.3: `model=res_aug -m seed=0,1` ended in its usage and "unrecognized
+    arguments: seed=0,1", Hydra issue 3053), the overrides first, each in its order, and the
+    options after them; as typed where that line would mean anything else."""
+    parser = _hydra_parser()
+    try:
+        parser.parse_args(list(args))
         return args
-    parser = get_args_parser()
-
-    def refuse(*_: object, **__: object) -> NoReturn:
-        raise _NotHydrasCommandLine
-
-    parser.error = refuse  # type: ignore[method-assign]
-    parser.exit = refuse  # type: ignore[method-assign]
+    except _NotHydrasCommandLine:
+        pass
     try:
         namespace, unknown = parser.parse_known_intermixed_args(list(args))
     except (_NotHydrasCommandLine, TypeError):  # TypeError: argparse's intermixed limits
@@ -600,7 +612,12 @@ def options_first(args: list[str]) -> list[str]:
             taken += 1
         else:
             options.append(arg)
-    return [*options, *overrides]
+    together = [*overrides, *options]
+    try:  # an option's value that reads like an override could have been taken for one
+        same = vars(parser.parse_args(together)) == vars(namespace)
+    except _NotHydrasCommandLine:
+        same = False
+    return together if same else args
 
 
 def _dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -620,7 +637,7 @@ def main(args: list[str]) -> None:
     if any(len(arg) > 2 and "--version".startswith(arg) for arg in args):  # Hydra's names only Hydra
         print(f"skinclf {__version__} (Hydra {hydra.__version__})")
         return
-    args = options_first(args)
+    args = overrides_together(args)
     _check_hydra_options(args)
     _check_output_folders(args)
     _check_launcher(args)
