@@ -198,6 +198,13 @@ def test_runs_csv_lists_unfinished_and_failed_runs(sweep, tmp_path):
     assert runs.loc["group_norm", "status"] == "failed"
     assert sorted(runs.loc["baseline", "seed"]) == [0, 1, 2]
     assert runs.loc["res_aug", "best_val_acc_pct"] == pytest.approx(80.0)
+    # The tables name what they leave out: a row's mean is that of the seeds that finished.
+    left_out = (
+        "Not in the table: 1 failed run of group_norm, 1 unfinished run of batch_norm (runs.csv says why)."
+    )
+    assert f"\n{left_out}\n" in (tmp_path / "reports" / "table1.md").read_text()
+    # At the end of the LaTeX table's caption.
+    assert _tex_escape(left_out) + "}" in (tmp_path / "reports" / "table1.tex").read_text()
 
 
 def test_runs_csv_gives_an_unfinished_runs_first_best_validation_epoch_so_far(tmp_path):

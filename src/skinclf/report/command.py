@@ -66,8 +66,8 @@ def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]
             runs_table(runs).to_csv(staging / "runs.csv", index=False, errors=FILE_NAME_ERRORS)
             table.to_csv(staging / "table1.csv", index=False, errors=FILE_NAME_ERRORS)
             # UTF-8 whatever the locale, as every other text skinclf writes.
-            (staging / "table1.md").write_text(table1_markdown(table, groups), encoding="utf-8")
-            (staging / "table1.tex").write_text(table1_latex(table, groups), encoding="utf-8")
+            (staging / "table1.md").write_text(table1_markdown(table, groups, runs), encoding="utf-8")
+            (staging / "table1.tex").write_text(table1_latex(table, groups, runs), encoding="utf-8")
             curves = curves_figure(groups)
             curves.savefig(staging / "curves.png", dpi=DPI)
             curves.savefig(staging / "curves.pdf")
