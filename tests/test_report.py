@@ -543,6 +543,14 @@ def test_datasets_and_settings_are_never_averaged_together(tmp_path):
     confusion = pd.read_csv(tmp_path / "reports" / "confusion_matrix.csv")
     assert set(confusion[confusion["data"] == "dermamnist"]["run_dir"]) == {str(derm[1])}
     assert set(confusion[confusion["data"] == "synthetic"]["model"]) == {"baseline"}
+    # Which run it is, said in the CSV and the figure: one seed of the row, not Table 1's mean.
+    assert confusion.groupby("data")[["seed", "of_runs"]].first().to_dict("index") == {
+        "dermamnist": {"seed": 1, "of_runs": 2},
+        "synthetic": {"seed": 0, "of_runs": 1},
+    }
+    titles = [ax.get_title() for ax in confusion_figure(confusion).axes]
+    assert "baseline, test set (seed 1: best validation of 2 runs)" in titles[0].replace("\n", " ")
+    assert "seed" not in titles[1]  # a model of one run: its run is the row
 
 
 def test_synthetic_data_with_other_validation_and_test_images_is_another_dataset(tmp_path):

@@ -143,7 +143,13 @@ def confusion_figure(confusion: pd.DataFrame) -> Figure:
         ax.set_yticks([0, 1], list(CLASSES))
         ax.set_ylabel("true class")
         first = rows.iloc[0]
-        ax.set_title(_title(f"{first['model']}, test set", describe_dataset(data)))
+        # One run of the row: with several seeds, the best on validation, not the mean of Table 1.
+        which = (
+            f" (seed {first['seed']}: best validation of {first['of_runs']} runs)"
+            if first["of_runs"] > 1
+            else ""
+        )
+        ax.set_title(_title(f"{first['model']}, test set{which}", describe_dataset(data)))
         scores = "\n".join(
             f"{name:<12}{first[key]:.4f}"
             for name, key in (

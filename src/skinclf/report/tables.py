@@ -123,7 +123,8 @@ def best_tested_run(groups: list[Group], table: pd.DataFrame) -> tuple[Group, Ru
 
 def confusion_table(groups: dict[str, list[Group]], table: pd.DataFrame) -> pd.DataFrame:
     """Paper Table 2 per dataset: rows true NEV/MEL, columns predicted NEV/MEL, for the best model's
-    test set, with its accuracy, F1, sensitivity, specificity and ROC AUC beside the counts."""
+    test set, with its accuracy, F1, sensitivity, specificity and ROC AUC beside the counts; the
+    run shown (its folder, its seed, of how many tested runs of that model)."""
     rows = []
     for data, data_groups in groups.items():
         chosen = best_tested_run(data_groups, table[table["data"] == data])
@@ -132,7 +133,15 @@ def confusion_table(groups: dict[str, list[Group]], table: pd.DataFrame) -> pd.D
         group, run = chosen
         c = run.test["confusion"]
         scores = {"accuracy": run.test["accuracy"], **{k: run.test.get(k, math.nan) for k in TEST_KEYS}}
-        common = {"data": data, "model": group.label, "run_dir": str(run.path)}
+        # Which of the row's seeds it is: the one with the best validation accuracy, not their mean.
+        tested = sum(r.tested for r in group.runs)
+        common = {
+            "data": data,
+            "model": group.label,
+            "run_dir": str(run.path),
+            "seed": run.seed,
+            "of_runs": tested,
+        }
         rows.append({**common, "true": "NEV", "pred_NEV": c["tn"], "pred_MEL": c["fp"], **scores})
         rows.append({**common, "true": "MEL", "pred_NEV": c["fn"], "pred_MEL": c["tp"], **scores})
     return pd.DataFrame(rows).round(DECIMALS)
