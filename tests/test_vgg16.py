@@ -19,7 +19,7 @@ from torchinfo import summary
 from torchvision.models import vgg16
 
 from skinclf.config import compose_config
-from skinclf.data import ImageSplits, Split, load_splits
+from skinclf.data import ImageSplits, Split, features, load_splits
 from skinclf.data.features import FeatureSplit, extractor_key, training_stage
 from skinclf.data.pipeline import AugmentedPipeline, ImageNetPipeline
 from skinclf.data.splits import content_hash
@@ -297,6 +297,17 @@ def test_feature_cache_key_names_the_device_and_cuda_tf32(random_vgg):
         assert extractor_key(extractor, pipeline, "fp32", CPU) == cpu  # TF32 is no CPU setting
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_feature_cache_key_names_the_machines_processor_and_torch_version(random_vgg, monkeypatch):
+    # Another CPU (AVX2 vs AVX-512 kernels) or torch version rounds differently: a data.cache_dir
+    # shared between machines must not serve one machine's features as the other's.
+    extractor, pipeline = random_vgg.frozen_split()[0], ImageNetPipeline()
+    here = extractor_key(extractor, pipeline, "fp32", CPU)
+    monkeypatch.setattr(features, "cpu_model", lambda: "Another CPU")
+    elsewhere = extractor_key(extractor, pipeline, "fp32", CPU)
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert len({here, elsewhere, extractor_key(extractor, pipeline, "fp32", CPU)}) == 3
 
 
 def test_a_sweep_with_a_key_only_vgg16_has_runs_vgg16_and_refuses_it_for_the_others(tmp_path):

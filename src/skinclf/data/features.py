@@ -31,6 +31,7 @@ from skinclf.data.pipeline import DefaultPipeline
 from skinclf.data.splits import ImageSplits, Split, hash_tensor
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_torch_save
+from skinclf.training.hardware import cpu_model
 from skinclf.training.loop import LoopSettings, forward_batches
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,14 @@ class TrainingStage:
 
 def device_numerics(device: torch.device) -> str:
     """What about ``device`` changes an extractor's outputs: its type (CPU and CUDA kernels differ by
-    up to ~1e-3 in fp32), and on CUDA whether matmuls and convolutions may round through TF32.
-    Read from torch's flags, so no GPU is needed to compute it."""
+    up to ~1e-3 in fp32), its model and torch's version (which kernels run, and how they round:
+    a cache shared between machines must not serve one machine's features to another), and on
+    CUDA whether matmuls and convolutions may round through TF32. Computable without a GPU."""
     if device.type != "cuda":
-        return device.type
+        return f"{device.type} {cpu_model()} torch {torch.__version__}"
+    gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "no GPU here"
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    return f"cuda tf32(matmul={tf32[0]}, cudnn={tf32[1]})"
+    return f"cuda {gpu} torch {torch.__version__} tf32(matmul={tf32[0]}, cudnn={tf32[1]})"
 
 
 def extractor_key(

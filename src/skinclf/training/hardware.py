@@ -73,11 +73,15 @@ def describe_machine(device: torch.device) -> str:
     there is one) and torch's thread count."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    threads = torch.get_num_threads()
+    return f"{cpu_model()}, {threads} thread{'s' if threads != 1 else ''}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     lines = _cpuinfo().splitlines()
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    cpu = names[0] if names else platform.processor() or platform.machine()
-    threads = torch.get_num_threads()
-    return f"{cpu}, {threads} thread{'s' if threads != 1 else ''}"
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def run_environment(device: torch.device) -> dict[str, str]:
