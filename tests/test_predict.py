@@ -426,6 +426,24 @@ def test_a_run_from_an_older_skinclf_still_predicts(run_and_images, tmp_path):
     assert (older["prediction"] == new["prediction"]).all()
 
 
+def test_a_precision_this_machine_only_emulates_is_noted(run_and_images, tmp_path, capsys, monkeypatch):
+    # A bf16 run scored on a CPU without AVX-512 BF16 or AMX (or a T4): its probabilities are
+    # reproduced, but emulated bf16 is far slower than fp32, which nothing said.
+    run_dir, folder, _ = run_and_images
+    bf16_run = tmp_path / "bf16_run"
+    shutil.copytree(run_dir, bf16_run)
+    state = torch.load(bf16_run / "best.pt", weights_only=True)
+    torch.save({**state, "precision": "bf16"}, bf16_run / "best.pt")
+    image = folder / "test_000.png"
+    for native in (True, False):
+        monkeypatch.setattr("skinclf.training.hardware.cpu_has_native_bf16", lambda native=native: native)
+        _predict(bf16_run, image, "--out", tmp_path / f"native_{native}.csv")
+        noted = "note: the run was evaluated in bf16, which cpu here only emulates" in capsys.readouterr().err
+        assert noted is not native
+    _predict(run_dir, image, "--out", tmp_path / "fp32.csv")  # fp32 runs natively anywhere
+    assert "only emulates" not in capsys.readouterr().err
+
+
 def test_a_run_with_test_time_augmentation_predicts_with_it(tmp_path):
     # recipe.tta=true: the run's test probabilities are the mean over flips; scoring new images
     # without the flips gave other probabilities (and calls) than the run reported.

@@ -199,6 +199,8 @@ def main(args: list[str]) -> None:
                 "explained (an all-blue overlay; each such figure says so)",
                 file=sys.stderr,
             )
+        if run.emulation_note:
+            print(f"note: {run.emulation_note}", file=sys.stderr)
         if run.trained_on_synthetic_data:
             print(f"note: {SYNTHETIC_MODEL_NOTE}", file=sys.stderr)
         print(DISCLAIMER, file=sys.stderr)

@@ -99,6 +99,8 @@ def main(args: list[str]) -> None:
         f"MEL when prob_mel >= {float(threshold)!r}, from {source}",  # exact: the rule the CSV follows
         file=sys.stderr,
     )
+    if run.emulation_note:
+        print(f"note: {run.emulation_note}", file=sys.stderr)
     if run.trained_on_synthetic_data:
         print(f"note: {SYNTHETIC_MODEL_NOTE}", file=sys.stderr)
     print(DISCLAIMER, file=sys.stderr)

@@ -29,7 +29,7 @@ from skinclf.run_files import (
 )
 from skinclf.run_folder import differences_from_record, hydra_record, recorded
 from skinclf.training.checkpoint import load_checkpoint
-from skinclf.training.hardware import resolve_device, resolve_precision
+from skinclf.training.hardware import resolve_device, resolve_precision, runs_natively
 from skinclf.training.loop import LoopSettings, predict_logits
 from skinclf.training.recipe import Recipe
 
@@ -57,6 +57,18 @@ class TrainedRun:
     @property
     def trained_on_synthetic_data(self) -> bool:
         return OmegaConf.select(self.config, "data.name") == "synthetic"
+
+    @property
+    def emulation_note(self) -> str:
+        """A note where this device only emulates the run's precision (a bf16 run on a CPU without
+        AVX-512 BF16 or AMX, or on a T4 or V100): predictions reproduce the run's, but slowly."""
+        precision = self.settings.precision
+        if runs_natively(precision, self.device):
+            return ""
+        return (
+            f"the run was evaluated in {precision}, which {self.device.type} here only emulates: "
+            "its probabilities are reproduced, at a fraction of fp32's speed"
+        )
 
     def predict_probs(self, images: torch.Tensor) -> torch.Tensor:
         """MEL probabilities (float32, CPU) for uint8 (N, 3, H, W) images, exactly as at test time."""

@@ -106,6 +106,16 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def runs_natively(precision: str, device: torch.device) -> bool:
+    """Whether ``device`` has the hardware for ``precision``: bf16 as :func:`resolve_precision`
+    judges it, fp16 on CUDA only (a CPU emulates it)."""
+    if precision == "bf16":
+        return cuda_has_native_bf16(device) if device.type == "cuda" else cpu_has_native_bf16()
+    if precision == "fp16":
+        return device.type == "cuda"
+    return True
+
+
 def cuda_has_native_bf16(device: torch.device) -> bool:
     """True on the GPU ``device`` if it runs bf16 natively: compute capability 8.0 (Ampere) or
     later, or any ROCm GPU, as ``torch.cuda.is_bf16_supported(including_emulation=False)`` judges
