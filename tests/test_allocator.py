@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 # In a fresh interpreter (the allocator setting is process-wide and lasting): bytes page-faulted
 # in by four training steps of the baseline model at batch 16, after two warm-up steps.
@@ -53,3 +54,29 @@ def test_kept_memory_spares_training_steps_most_page_faults():
     assert applied == "False"
     assert default > 4 * 50 * 2**20
     assert kept < default / 5
+
+
+def test_freed_memory_is_kept_for_cpu_runs_only(monkeypatch):
+    # On a GPU the CPU runs no training step: keeping freed memory would only hold host buffers
+    # (vgg16's 1.3 GB checkpoint copies) for the whole run, in every job.
+    from hydra.core.hydra_config import HydraConfig
+
+    from skinclf import train
+    from skinclf.config import compose_config
+
+    hydra_config = HydraConfig.instance()
+    monkeypatch.setattr(hydra_config, "cfg", hydra_config.cfg)  # put back after the test
+    hydra_config.set_config(compose_config(return_hydra_config=True))
+    calls = []
+    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(True))
+    monkeypatch.setattr(train, "task", lambda cfg, out_dir: {})
+    cfg = compose_config()
+    for device, kept in (("cpu", True), ("cuda", False)):
+        monkeypatch.setattr(train, "resolve_device", lambda name, device=device: torch.device(device))
+        calls.clear()
+        train.run_in_hydra(cfg, None)
+        assert calls == ([True] if kept else [])
+    cfg.trainer.keep_freed_memory = False
+    monkeypatch.setattr(train, "resolve_device", lambda name: torch.device("cpu"))
+    train.run_in_hydra(cfg, None)
+    assert calls == []

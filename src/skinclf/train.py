@@ -281,19 +281,21 @@ def task(cfg: DictConfig, out_dir: Path) -> dict:
 
 def run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     """``task`` with this job's share of the hardware: torch threads divided between parallel
-    jobs (trainer.num_threads), sweep jobs spread over the GPUs when device=auto, and freed
-    memory kept for reuse (trainer.keep_freed_memory)."""
+    jobs (trainer.num_threads), sweep jobs spread over the GPUs when device=auto, and, on the
+    CPU, freed memory kept for reuse (trainer.keep_freed_memory)."""
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     launcher = hydra_cfg.launcher if multirun else None
     threads = resources.threads_per_job(cfg.trainer.num_threads, launcher, resources.available_cores())
     if threads is not None:
         torch.set_num_threads(threads)
-    if cfg.trainer.keep_freed_memory:
-        keep_freed_memory()
     if multirun and torch.cuda.is_available():
         slot = OmegaConf.select(launcher, "slot", default=hydra_cfg.job.num)
         cfg.device = resources.spread_device(str(cfg.device), slot, torch.cuda.device_count())
+    # For the CPU's training steps; a GPU run would only hold host memory with it (vgg16's 1.3 GB
+    # checkpoint buffers, per job, until it ends).
+    if cfg.trainer.keep_freed_memory and resolve_device(str(cfg.device)).type == "cpu":
+        keep_freed_memory()
     return task(cfg, out_dir)
 
 
