@@ -21,7 +21,9 @@ from PIL import Image
 import skinclf
 from skinclf.cli import RESUME_HINTS
 from skinclf.cli import main as cli_main
-from skinclf.config import config_choices
+from skinclf.config import compose_config, config_choices
+from skinclf.data import load_splits
+from skinclf.data.splits import content_hash
 from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS, check_model_output
 from skinclf.report.runs import find_runs
@@ -74,8 +76,12 @@ def test_train_from_another_directory_writes_all_run_files(tmp_path):
     # Hydra names a job after its entry point's module; Slurm job names and job ids use it.
     assert OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.name == "train"
     # What produced the numbers, recorded with them and logged.
-    environment = json.loads((run_dir / "test_metrics.json").read_text())["environment"]
+    recorded = json.loads((run_dir / "test_metrics.json").read_text())
+    environment = recorded["environment"]
     assert environment["torch"] == torch.__version__ and environment["skinclf"] == skinclf.__version__
+    # And what its scores were measured on: the validation and test images and labels.
+    splits = load_splits(compose_config([*TINY, f"data.cache_dir={tmp_path / 'data'}"]).data)
+    assert recorded["eval_data_sha256"] == content_hash(splits.val, splits.test)
     assert environment["python"] == platform.python_version()
     # trainer.device=auto trains on the GPU where there is one (the CUDA test machine), else the CPU.
     if torch.cuda.is_available():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -551,6 +552,29 @@ def test_datasets_and_settings_are_never_averaged_together(tmp_path):
     titles = [ax.get_title() for ax in confusion_figure(confusion).axes]
     assert "baseline, test set (seed 1: best validation of 2 runs)" in titles[0].replace("\n", " ")
     assert "seed" not in titles[1]  # a model of one run: its run is the row
+
+
+def test_runs_measured_on_other_validation_and_test_images_are_other_datasets(tmp_path):
+    # One folder, changed between runs (images added, moved from test to train): the runs'
+    # scores are of different images, which seeds of one row would average as one experiment.
+    root = tmp_path / "outputs"
+    digests = {0: "a" * 64, 1: "a" * 64, 2: "b" * 64, 3: None}  # seed 3: an older skinclf's run
+    for seed, digest in digests.items():
+        run = write_run(root, "baseline", [0.6, 0.7 + seed / 100], [0.6, 0.7], seed=seed)
+        if digest is not None:
+            metrics = json.loads((run / "test_metrics.json").read_text())
+            (run / "test_metrics.json").write_text(json.dumps({**metrics, "eval_data_sha256": digest}))
+    build_report([root], tmp_path / "reports")
+    table = pd.read_csv(tmp_path / "reports" / "table1.csv")
+    assert dict(zip(table["data"], table["n"], strict=True)) == {
+        "synthetic": 1,
+        "synthetic [eval data aaaaaaaa]": 2,
+        "synthetic [eval data bbbbbbbb]": 1,
+    }
+    # One content, however many runs: the plain name, older runs with it.
+    shutil.rmtree(next(root.glob("baseline_synthetic_2_*")))
+    build_report([root], tmp_path / "again")
+    assert pd.read_csv(tmp_path / "again" / "table1.csv")["n"].tolist() == [3]
 
 
 def test_synthetic_data_with_other_validation_and_test_images_is_another_dataset(tmp_path):

@@ -222,6 +222,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "best_val_acc": float(best["val_acc"]),
         "epochs_run": result.epochs_run,
         "data": splits.name,
+        # What the scores were measured on (the report tells runs of other such images apart;
+        # another training split is a row of the same dataset, as data.train_size is).
+        "eval_data_sha256": content_hash(*[s for s in (splits.val, splits.test) if s is not None]),
         "operating_point": {"target_sensitivity": target, "threshold": threshold},
         # Where the run ended: a resume may have finished it on another machine than it began on.
         "environment": environment,

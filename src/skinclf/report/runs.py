@@ -278,7 +278,29 @@ def find_runs(dirs: Sequence[Path]) -> list[Run]:
     runs = [load_run(seen[key]) for key in sorted(seen)]
     run_dirs = set(seen)
     runs += [_refused_job(records[key], run_dirs) for key in sorted(records)]
-    return sorted((run for run in runs if run is not None), key=lambda run: str(run.path))
+    found = sorted((run for run in runs if run is not None), key=lambda run: str(run.path))
+    _tell_evaluation_data_apart(found)
+    return found
+
+
+def _tell_evaluation_data_apart(runs: list[Run]) -> None:
+    """Runs of one dataset (one root) validated and tested on other images (images added to the
+    folder, moved between splits, relabelled between runs) are scores of different data: each
+    such content becomes a dataset of its own, named by its digest (``folder:/data/isic [eval
+    data 1a2b3c4d]``). Runs that record no digest (older skinclf, unfinished) keep the plain name."""
+    digests: dict[str, set[str]] = {}
+    for run in runs:
+        if digest := _eval_digest(run):
+            digests.setdefault(run.data, set()).add(digest)
+    for run in runs:
+        digest = _eval_digest(run)
+        if digest and len(digests[run.data]) > 1:
+            run.data = f"{run.data} [eval data {digest[:8]}]"
+
+
+def _eval_digest(run: Run) -> str | None:
+    digest = (run.test or {}).get("eval_data_sha256")
+    return digest if isinstance(digest, str) and digest else None
 
 
 def _refused_job(record: Path, runs_found: set[Path]) -> Run | None:
