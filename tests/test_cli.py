@@ -338,7 +338,14 @@ def test_hydra_groups_offer_hydras_and_skinclfs_choices():
     assert {"basic", "local", "slurm", "slurm_local"} <= set(config_choices("hydra/launcher"))
 
 
-@pytest.mark.parametrize("swept", ["data.train_size=${data.val_size},32", "seed='1','2'", "optim.lr=1e-3,.5"])
+@pytest.mark.parametrize(
+    "swept",
+    [
+        "data.train_size=${data.val_size},32",
+        "seed='1','2'",
+        "optim.lr=1e-3,.5",
+    ],
+)
 def test_swept_numbers_quoted_numbers_and_interpolations_pass_the_number_check(swept):
     # Sweeps give their values as Hydra's escaped text ($\{data.val_size\}, '1' with its quotes).
     assert check_override_keys([swept]) == []
@@ -356,7 +363,12 @@ def test_swept_numbers_quoted_numbers_and_interpolations_pass_the_number_check(s
         (
             "optim.lr=interval(1e-4,1e-3)",
             "Hydra's basic sweeper cannot sweep an interval; expected a list, range() or choice() of "
-            "values (an interval needs a sampling sweeper, hydra/sweeper=optuna)",
+            "values (an interval needs a sampling sweeper: pip install hydra-optuna-sweeper, then "
+            "hydra/sweeper=optuna)",
+        ),
+        (  # text beside its interpolations: never a number
+            "optim.lr=${seed}-${seed},1e-3",
+            "$\\{seed\\}-$\\{seed\\} is no finite number; expected numbers for optim.lr (default: 0.0001)",
         ),
         ("optim.lr=1e-3,fast", "fast is no finite number; expected numbers for optim.lr (default: 0.0001)"),
     ],
@@ -366,6 +378,9 @@ def test_a_sweep_value_that_is_no_number_runs_nothing(tmp_path, swept, message):
     proc = error_run(tmp_path, "-m", swept, *TINY[:-1])
     assert proc.returncode == 2 and proc.stderr.strip() == f"skinclf train: error: {swept}: {message}"
     assert not (tmp_path / "outputs").exists()
+    if "interval" in swept:  # naming the basic sweeper is no way past the check
+        proc = error_run(tmp_path, "-m", "hydra/sweeper=basic", swept, *TINY[:-1])
+        assert proc.stderr.strip() == f"skinclf train: error: {swept}: {message}"
 
 
 BASELINE_CONFIG = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()

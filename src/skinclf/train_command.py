@@ -425,7 +425,8 @@ def _check_sweeps_have_values(args: list[str]) -> None:
     before Hydra, which would launch no job (and submitit's launchers fail on an empty batch with
     an AssertionError; a re-launch into the sweep's folder read as a finished sweep of 0 jobs).
     An interval, which only a sampling sweeper can sweep, too."""
-    basic_sweeper = not any(o.key_or_group == "hydra/sweeper" for _, o, _ in _parsed_overrides(args))
+    sweepers = [v for _, o, v in _parsed_overrides(args) if o.key_or_group == "hydra/sweeper"]
+    basic_sweeper = not sweepers or sweepers[-1] in ([None], ["basic"])
     for arg, override, values in _parsed_overrides(args):
         # Configs of the user's own are Hydra's to know: a glob may match them.
         choices = [] if adds_config_folders(args) else config_choices(override.key_or_group)
@@ -439,7 +440,8 @@ def _check_sweeps_have_values(args: list[str]) -> None:
         if basic_sweeper and isinstance(override.value(), IntervalSweep):  # was Hydra's traceback
             raise SkinclfError(
                 f"{arg}: Hydra's basic sweeper cannot sweep an interval; expected a list, range() "
-                "or choice() of values (an interval needs a sampling sweeper, hydra/sweeper=optuna)"
+                "or choice() of values (an interval needs a sampling sweeper: pip install "
+                "hydra-optuna-sweeper, then hydra/sweeper=optuna)"
             )
 
 
@@ -559,13 +561,27 @@ def _check_value_shape(arg: str, key: str, values: list | None, reference: DictC
             )
 
 
+def _one_interpolation(text: str) -> bool:
+    """Whether ``text`` is one interpolation as a whole (``${a}``, ``${oc.env:LR,${b}}``), not one
+    with text around it (``x${a}``, ``${a}-${b}``), which can never resolve to a number."""
+    text = text.replace("\\", "")  # Hydra's escapes in a sweep's values
+    if not text.startswith("${"):
+        return False
+    depth = 0
+    for end, char in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "}" and depth == 0:
+            return end == len(text) - 1
+    return False
+
+
 def _reads_as_number(text: str) -> bool:
     """Whether a swept value's text is a finite number as skinclf reads it, or an interpolation
     that may resolve to one. Sweeps give their values as Hydra's escaped text: ``${a.b}`` as
     ``$\\{a.b\\}``, a quoted ``'1'`` with its quotes (text that a number setting reads as the number)."""
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         text = text[1:-1]  # one pair of quotes
-    if text.startswith(("${", "$\\{")) and text.endswith("}"):
+    if _one_interpolation(text):
         return True
     try:
         return math.isfinite(float(text))
