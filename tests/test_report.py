@@ -208,6 +208,25 @@ def test_runs_csv_lists_unfinished_and_failed_runs(sweep, tmp_path):
     assert _tex_escape(left_out) + "}" in (tmp_path / "reports" / "table1.tex").read_text()
 
 
+def test_a_dataset_with_no_finished_run_and_runs_of_no_known_dataset_are_named(tmp_path):
+    # No table shows them: the tables' text must, or they vanish from everything but runs.csv.
+    root = tmp_path / "runs"
+    write_run(root, "baseline", [0.6, 0.7], [0.6, 0.7])
+    write_run(root, "vgg16_ft", [0.6, 0.7], [0.6, 0.7], data="dermamnist", tested=False)
+    broken = write_run(root, "resnet", [0.6, 0.7], [0.6, 0.7], seed=1)
+    (broken / ".hydra" / "config.yaml").write_text("a: [")
+    build_report([root], tmp_path / "reports")
+    markdown = (tmp_path / "reports" / "table1.md").read_text()
+    assert "Also found: 1 failed run whose dataset cannot be read (runs.csv says why)." in markdown
+    assert (
+        "## Dataset: dermamnist data\n\nNo finished run. Not in the table: 1 unfinished run of vgg16_ft "
+        "(runs.csv says why)." in markdown
+    )
+    latex = (tmp_path / "reports" / "table1.tex").read_text()
+    assert "% Also found: 1 failed run whose dataset cannot be read" in latex
+    assert "% dermamnist data: no finished run. Not in the table: 1 unfinished run of vgg16_ft" in latex
+
+
 def test_runs_csv_gives_an_unfinished_runs_first_best_validation_epoch_so_far(tmp_path):
     # No test_metrics.json yet: its best checkpoint so far is at the highest validation accuracy,
     # not the latest, and of tied epochs at the first, which the trainer saved as best.pt.
@@ -552,6 +571,17 @@ def test_datasets_and_settings_are_never_averaged_together(tmp_path):
     titles = [ax.get_title() for ax in confusion_figure(confusion).axes]
     assert "baseline, test set (seed 1: best validation of 2 runs)" in titles[0].replace("\n", " ")
     assert "seed" not in titles[1]  # a model of one run: its run is the row
+    # Runs whose config records no seed (an older skinclf's): no "seed nan" and no 1.0 seeds.
+    for run in derm:
+        config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        del config["seed"]
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    build_report([root], tmp_path / "again")
+    raw = pd.read_csv(tmp_path / "again" / "confusion_matrix.csv", dtype=str, keep_default_na=False)
+    assert raw.groupby("data")["seed"].first().to_dict() == {"dermamnist": "", "synthetic": "0"}  # not 0.0
+    confusion = pd.read_csv(tmp_path / "again" / "confusion_matrix.csv")
+    titles = [ax.get_title().replace("\n", " ") for ax in confusion_figure(confusion).axes]
+    assert "baseline, test set (best validation of 2 runs)" in titles[0]
 
 
 def test_runs_measured_on_other_validation_and_test_images_are_other_datasets(tmp_path):

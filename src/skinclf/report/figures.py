@@ -144,11 +144,10 @@ def confusion_figure(confusion: pd.DataFrame) -> Figure:
         ax.set_ylabel("true class")
         first = rows.iloc[0]
         # One run of the row: with several seeds, the best on validation, not the mean of Table 1.
-        which = (
-            f" (seed {first['seed']}: best validation of {first['of_runs']} runs)"
-            if first["of_runs"] > 1
-            else ""
-        )
+        which = ""
+        if first["of_runs"] > 1:
+            seed = "" if pd.isna(first["seed"]) else f"seed {int(first['seed'])}: "
+            which = f" ({seed}best validation of {first['of_runs']} runs)"
         ax.set_title(_title(f"{first['model']}, test set{which}", describe_dataset(data)))
         scores = "\n".join(
             f"{name:<12}{first[key]:.4f}"
