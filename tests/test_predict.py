@@ -437,10 +437,10 @@ def test_a_precision_this_machine_only_emulates_is_noted(run_and_images, tmp_pat
     image = folder / "test_000.png"
     for native in (True, False):
         monkeypatch.setattr("skinclf.training.hardware.cpu_has_native_bf16", lambda native=native: native)
-        _predict(bf16_run, image, "--out", tmp_path / f"native_{native}.csv")
+        _predict(bf16_run, image, "--out", tmp_path / f"native_{native}.csv", "--device", "cpu")
         noted = "note: the run was evaluated in bf16, which cpu here only emulates" in capsys.readouterr().err
         assert noted is not native
-    _predict(run_dir, image, "--out", tmp_path / "fp32.csv")  # fp32 runs natively anywhere
+    _predict(run_dir, image, "--out", tmp_path / "fp32.csv", "--device", "cpu")  # fp32 runs natively anywhere
     assert "only emulates" not in capsys.readouterr().err
 
 

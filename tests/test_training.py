@@ -18,7 +18,7 @@ from skinclf.data.pipeline import DefaultPipeline
 from skinclf.data.splits import Split
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model
-from skinclf.training import loop
+from skinclf.training import hardware, loop
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import describe_machine, resolve_device
 from skinclf.training.loop import METRICS_COLUMNS, EarlyStopping, LoopSettings, evaluate, fit, place_splits
@@ -162,6 +162,20 @@ def test_the_recorded_machine_counts_its_threads(monkeypatch):
     assert describe_machine(torch.device("cpu")).endswith(", 1 thread")  # was "1 threads"
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     assert describe_machine(torch.device("cpu")).endswith(", 8 threads")
+
+
+ARM_CPUINFO = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
+
+
+def test_the_cpu_model_of_an_arm_machine_names_its_implementer_and_part(monkeypatch):
+    # ARM's /proc/cpuinfo has no model name: every aarch64 CPU (Graviton2, Graviton3) read as one,
+    # in the recorded machine and in the vgg16 feature cache's key.
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: ARM_CPUINFO)
+    monkeypatch.setattr(hardware.platform, "processor", lambda: "")
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "aarch64")
+    assert hardware.cpu_model() == "aarch64 (implementer 0x41, part 0xd0c)"
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: "processor\t: 0\nmodel name\t: AMD EPYC 9B45\n")
+    assert hardware.cpu_model() == "AMD EPYC 9B45"
 
 
 def test_early_stopping_rule():

@@ -78,10 +78,18 @@ def describe_machine(device: torch.device) -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    lines = _cpuinfo().splitlines()
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
+    """The CPU's model name (from /proc/cpuinfo where there is one; on ARM, which names none there,
+    its implementer and part numbers)."""
+    fields: dict[str, str] = {}
+    for line in _cpuinfo().splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if fields.get("model name"):
+        return fields["model name"]
+    machine = platform.processor() or platform.machine()
+    if "CPU implementer" in fields and "CPU part" in fields:
+        return f"{machine} (implementer {fields['CPU implementer']}, part {fields['CPU part']})"
+    return machine
 
 
 def run_environment(device: torch.device) -> dict[str, str]:
@@ -108,11 +116,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 def runs_natively(precision: str, device: torch.device) -> bool:
     """Whether ``device`` has the hardware for ``precision``: bf16 as :func:`resolve_precision`
-    judges it, fp16 on CUDA only (a CPU emulates it)."""
+    judges it, fp16 on CUDA and on CPUs with AVX-512 FP16 or AMX FP16 (others emulate it)."""
     if precision == "bf16":
         return cuda_has_native_bf16(device) if device.type == "cuda" else cpu_has_native_bf16()
     if precision == "fp16":
-        return device.type == "cuda"
+        return device.type == "cuda" or any(flag in _cpuinfo() for flag in ("avx512_fp16", "amx_fp16"))
     return True
 
 
