@@ -28,7 +28,7 @@ from skinclf.evaluation.metrics import binary_metrics
 from skinclf.report.command import build_report
 from skinclf.report.figures import confusion_figure, curve_data, curves_figure, roc_data, roc_figure
 from skinclf.report.groups import group_runs
-from skinclf.report.runs import find_runs
+from skinclf.report.runs import describe_dataset, find_runs
 from skinclf.report.tables import _tex_escape, finished
 from skinclf.run_files import CV_RESULT, GRID_MD
 
@@ -594,17 +594,30 @@ def test_runs_measured_on_other_validation_and_test_images_are_other_datasets(tm
         if digest is not None:
             metrics = json.loads((run / "test_metrics.json").read_text())
             (run / "test_metrics.json").write_text(json.dumps({**metrics, "eval_data_sha256": digest}))
+    write_run(root, "resnet", [0.6, 0.7], [0.6, 0.7], tested=False)  # unfinished: content unknown
     build_report([root], tmp_path / "reports")
     table = pd.read_csv(tmp_path / "reports" / "table1.csv")
     assert dict(zip(table["data"], table["n"], strict=True)) == {
-        "synthetic": 1,
         "synthetic [eval data aaaaaaaa]": 2,
         "synthetic [eval data bbbbbbbb]": 1,
+        "synthetic [eval data unknown]": 1,
     }
+    # The unfinished run is named under the runs of unknown content, not as a dataset of no run.
+    markdown = (tmp_path / "reports" / "table1.md").read_text()
+    assert "No finished run" not in markdown
+    assert "Not in the table: 1 unfinished run of resnet" in markdown.split("[eval data unknown]")[-1]
     # One content, however many runs: the plain name, older runs with it.
     shutil.rmtree(next(root.glob("baseline_synthetic_2_*")))
     build_report([root], tmp_path / "again")
     assert pd.read_csv(tmp_path / "again" / "table1.csv")["n"].tolist() == [3]
+
+
+def test_a_folder_dataset_split_by_its_evaluation_data_is_titled_with_it():
+    # "data" belongs after the folder's name, not after the digest; a root may hold " [" itself.
+    assert describe_dataset("folder:/data/isic [eval data 1a2b3c4d]") == (
+        "folder:/data/isic data [eval data 1a2b3c4d]"
+    )
+    assert describe_dataset("folder:/data/set [v2]") == "folder:/data/set [v2] data"
 
 
 def test_synthetic_data_with_other_validation_and_test_images_is_another_dataset(tmp_path):

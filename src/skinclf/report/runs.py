@@ -258,7 +258,10 @@ def describe_dataset(data: str) -> str:
     """The dataset's name as shown in table headers and figure titles; the synthetic data says so."""
     if data == "synthetic" or data.startswith("synthetic ["):
         return f"{data.replace('synthetic', 'synthetic data', 1)} (procedurally generated, not real lesions)"
-    return f"{readable(data)} data"  # a folder dataset's root may be no UTF-8
+    # "data" after the name, before the evaluation content's digest (a root may hold " [" itself).
+    content = re.search(r" \[eval data (?:[0-9a-f]{8}|unknown)\]$", data)
+    name, suffix = (data[: content.start()], content.group()) if content else (data, "")
+    return f"{readable(name)} data{suffix}"  # a folder dataset's root may be no UTF-8
 
 
 def find_runs(dirs: Sequence[Path]) -> list[Run]:
@@ -287,15 +290,17 @@ def _tell_evaluation_data_apart(runs: list[Run]) -> None:
     """Runs of one dataset (one root) validated and tested on other images (images added to the
     folder, moved between splits, relabelled between runs) are scores of different data: each
     such content becomes a dataset of its own, named by its digest (``folder:/data/isic [eval
-    data 1a2b3c4d]``). Runs that record no digest (older skinclf, unfinished) keep the plain name."""
+    data 1a2b3c4d]``); its runs that record none (older skinclf, unfinished) are ``[eval data
+    unknown]``. A dataset of one content keeps its plain name, its older runs with it."""
     digests: dict[str, set[str]] = {}
     for run in runs:
         if digest := _eval_digest(run):
             digests.setdefault(run.data, set()).add(digest)
     for run in runs:
-        digest = _eval_digest(run)
-        if digest and len(digests[run.data]) > 1:
-            run.data = f"{run.data} [eval data {digest[:8]}]"
+        if len(digests.get(run.data, ())) > 1:
+            # Unfinished, failed or older runs of a split dataset: which content, nothing says.
+            digest = _eval_digest(run)
+            run.data = f"{run.data} [eval data {digest[:8] if digest else 'unknown'}]"
 
 
 def _eval_digest(run: Run) -> str | None:
