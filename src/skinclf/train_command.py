@@ -292,12 +292,17 @@ def _hydra_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _asks_version(args: Sequence[str]) -> bool:
+    """Whether ``args`` hold Hydra's --version (or an abbreviation of it, as argparse takes)."""
+    return any(len(arg) > 2 and "--version".startswith(arg) for arg in args)
+
+
 @functools.cache
 def _hydra_arguments(args: tuple[str, ...]) -> argparse.Namespace | None:
     """The command line as Hydra's own argument parser reads it (its options, their values, their
     abbreviations such as --multi; the overrides); None where that parser would refuse it, or
     print and exit itself (--version), which is then left to Hydra."""
-    if any(len(arg) > 2 and "--version".startswith(arg) for arg in args):
+    if _asks_version(args):
         return None
     parser = _hydra_parser()
     try:
@@ -650,7 +655,7 @@ def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
     global resume_folder
     resume_folder = None
-    if any(len(arg) > 2 and "--version".startswith(arg) for arg in args):  # Hydra's names only Hydra
+    if _asks_version(args):  # Hydra's own answer names only Hydra
         print(f"skinclf {__version__} (Hydra {hydra.__version__})")
         return
     args = overrides_together(args)
