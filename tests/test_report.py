@@ -217,13 +217,16 @@ def test_a_dataset_with_no_finished_run_and_runs_of_no_known_dataset_are_named(t
     (broken / ".hydra" / "config.yaml").write_text("a: [")
     build_report([root], tmp_path / "reports")
     markdown = (tmp_path / "reports" / "table1.md").read_text()
-    assert "Also found: 1 failed run whose dataset cannot be read (runs.csv says why)." in markdown
+    assert (
+        "Also found: 1 failed run of no known model or dataset (a damaged record, a refused job: runs.csv)."
+        in markdown
+    )
     assert (
         "## Dataset: dermamnist data\n\nNo finished run. Not in the table: 1 unfinished run of vgg16_ft "
         "(runs.csv says why)." in markdown
     )
     latex = (tmp_path / "reports" / "table1.tex").read_text()
-    assert "% Also found: 1 failed run whose dataset cannot be read" in latex
+    assert "% Also found: 1 failed run of no known model or dataset" in latex
     assert "% dermamnist data: no finished run. Not in the table: 1 unfinished run of vgg16_ft" in latex
 
 

@@ -194,11 +194,12 @@ def _left_out_note(runs: Sequence[Run], data: str) -> str:
 
 
 def _unknown_dataset_note(runs: Sequence[Run]) -> str:
-    """Failed runs whose dataset could not be read (see runs.csv)."""
+    """Failed runs of no known model or dataset: a damaged config, a sweep job refused before it ran."""
     n = sum(run.data == "?" for run in runs)
     if not n:
         return ""
-    return f"Also found: {counted(n, 'failed run')} whose dataset cannot be read (runs.csv says why)."
+    failed = counted(n, "failed run")
+    return f"Also found: {failed} of no known model or dataset (a damaged record, a refused job: runs.csv)."
 
 
 def table1_markdown(table: pd.DataFrame, groups: dict[str, list[Group]], runs: Sequence[Run] = ()) -> str:
