@@ -15,6 +15,7 @@ from importlib.resources import files
 import pandas as pd
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -1065,6 +1066,8 @@ def test_overrides_on_both_sides_of_an_option_are_all_read(capsys, monkeypatch, 
     # Hydra 1.3's parser stopped at the first option: `model=resnet --cfg job seed=3` (or
     # `model=res_aug -m seed=0,1`) printed its usage and "unrecognized arguments: seed=3".
     monkeypatch.chdir(tmp_path)
+    hydra_config = HydraConfig.instance()  # --cfg leaves Hydra's config of this folder set: put back
+    monkeypatch.setattr(hydra_config, "cfg", hydra_config.cfg)
     cli_main(["train", "model=resnet", "--cfg", "job", "seed=3"])
     printed = OmegaConf.create(capsys.readouterr().out)
     assert (printed.model.name, printed.seed) == ("resnet", 3)
