@@ -83,6 +83,7 @@ def test_train_from_another_directory_writes_all_run_files(tmp_path):
     # And what its scores were measured on: the validation and test images and labels.
     splits = load_splits(compose_config([*TINY, f"data.cache_dir={tmp_path / 'data'}"]).data)
     assert recorded["eval_data_sha256"] == content_hash(splits.val, splits.test)
+    assert recorded["train_data_sha256"] == content_hash(splits.train)
     assert environment["python"] == platform.python_version()
     # trainer.device=auto trains on the GPU where there is one (the CUDA test machine), else the CPU.
     if torch.cuda.is_available():

@@ -623,6 +623,25 @@ def test_a_folder_dataset_split_by_its_evaluation_data_is_titled_with_it():
     assert describe_dataset("folder:/data/set [v2]") == "folder:/data/set [v2] data"
 
 
+def test_seeds_trained_on_other_training_images_are_rows_of_their_own(tmp_path):
+    # Images added to a folder's train/ between two seeds: the same validation and test images,
+    # but the runs learned from other data, which one row would average as seeds.
+    root = tmp_path / "outputs"
+    digests = {0: "c" * 64, 1: "c" * 64, 2: "d" * 64}
+    for seed, digest in digests.items():
+        run = write_run(root, "baseline", [0.6, 0.7 + seed / 100], [0.6, 0.7], seed=seed)
+        metrics = json.loads((run / "test_metrics.json").read_text())
+        (run / "test_metrics.json").write_text(json.dumps({**metrics, "train_data_sha256": digest}))
+    write_run(root, "resnet", [0.6, 0.7], [0.6, 0.7])  # an older run, and another model: as before
+    build_report([root], tmp_path / "reports")
+    table = pd.read_csv(tmp_path / "reports" / "table1.csv", keep_default_na=False)
+    assert list(zip(table["model"], table["variant"], table["n"], strict=True)) == [
+        ("baseline", "training_data=cccccccc", 2),
+        ("baseline", "training_data=dddddddd", 1),
+        ("resnet", "", 1),
+    ]
+
+
 def test_synthetic_data_with_other_validation_and_test_images_is_another_dataset(tmp_path):
     # Another data.seed or val/test size: other images to validate and test on, so its runs must
     # not compete for `best` with the default data's. Another train size is a row of the same.

@@ -13,9 +13,9 @@ import torch
 
 from skinclf import train
 from skinclf.config import compose_config
-from skinclf.data import load_splits
+from skinclf.data import ImageSplits, load_splits
 from skinclf.data.pipeline import DefaultPipeline
-from skinclf.data.splits import Split
+from skinclf.data.splits import Split, content_hash
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model
 from skinclf.training import hardware, loop
@@ -310,3 +310,21 @@ def test_a_cuda_run_with_the_data_in_cpu_memory_copies_batches_over(tmp_path, mo
         )
     assert "stay in CPU memory" in caplog.text
     assert metrics["epochs_run"] == 3
+
+
+def test_runs_record_their_data_digests_but_a_seeded_training_subset_none():
+    # data.balance_train draws its NV subset with the run's seed: recorded, each seed's digest
+    # would make the report tell the seeds apart as runs trained on other data.
+    images = torch.randint(
+        0, 256, (6, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    splits = ImageSplits("dermamnist", Split(images[:2], labels[:2]), Split(images[2:4], labels[2:4]))
+    splits.test = Split(images[4:], labels[4:])
+    plain = train.data_digests(compose_config(["data=dermamnist"]), splits)
+    assert plain == {
+        "eval_data_sha256": content_hash(splits.val, splits.test),
+        "train_data_sha256": content_hash(splits.train),
+    }
+    balanced = train.data_digests(compose_config(["data=dermamnist", "data.balance_train=true"]), splits)
+    assert balanced == {"eval_data_sha256": plain["eval_data_sha256"]}

@@ -161,6 +161,18 @@ def run_precision(cfg: DictConfig, device: torch.device, records: Sequence[Path]
     return precision
 
 
+def data_digests(cfg: DictConfig, splits: ImageSplits) -> dict[str, str]:
+    """What a run's scores were measured on (validation and test images and labels) and, where it
+    does not depend on the run's seed, what it learned from: the report tells runs of other such
+    data apart. ``data.balance_train`` draws its training subset with the seed by design: each
+    seed would seem to learn from other data, so such runs record no training digest."""
+    evaluated = [split for split in (splits.val, splits.test) if split is not None]
+    digests = {"eval_data_sha256": content_hash(*evaluated)}
+    if not OmegaConf.select(cfg, "data.balance_train", default=False):
+        digests["train_data_sha256"] = content_hash(splits.train)
+    return digests
+
+
 def log_setup(cfg: DictConfig, device: torch.device, settings: LoopSettings) -> dict[str, str]:
     """A run's (or grid point's) first log lines: what it trains, on what, in which precision and
     layout, and the versions and machine its numbers come from (returned, for its records)."""
@@ -222,9 +234,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "best_val_acc": float(best["val_acc"]),
         "epochs_run": result.epochs_run,
         "data": splits.name,
-        # What the scores were measured on (the report tells runs of other such images apart;
-        # another training split is a row of the same dataset, as data.train_size is).
-        "eval_data_sha256": content_hash(*[s for s in (splits.val, splits.test) if s is not None]),
+        **data_digests(cfg, splits),
         "operating_point": {"target_sensitivity": target, "threshold": threshold},
         # Where the run ended: a resume may have finished it on another machine than it began on.
         "environment": environment,

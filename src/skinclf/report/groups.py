@@ -51,6 +51,28 @@ NO_EXPERIMENT_KEYS = NOT_AN_EXPERIMENT_SETTING - {"model", "data"}
 NOT_COUNTED = "not counted: "
 
 
+# The setting that tells apart runs of one experiment trained on other images (see below); one
+# word, as runs.csv separates settings by spaces.
+TRAINING_DATA = "training_data"
+
+
+def add_training_data_differences(runs: list[Run]) -> None:
+    """Add ``training_data=<digest>`` to the settings of ``runs`` (of one model on one dataset)
+    whose settings are alike but whose training images or labels differ, as their test_metrics.json
+    records them (images added to a folder's train/ between two seeds): they learned from other
+    data, and would otherwise be averaged as seeds of one experiment. Runs that record no digest
+    (an older skinclf's, a data.balance_train run's) are left as they are."""
+    alike: dict[tuple, list[tuple[Run, str]]] = {}
+    for run in runs:
+        digest = (run.test or {}).get("train_data_sha256")
+        if isinstance(digest, str) and digest:
+            alike.setdefault(tuple(sorted(run.settings.items())), []).append((run, digest))
+    for members in alike.values():
+        if len({digest for _, digest in members}) > 1:
+            for run, digest in members:
+                run.settings[TRAINING_DATA] = digest[:8]
+
+
 def add_config_differences(runs: list[Run]) -> None:
     """Add to the settings of ``runs`` (of one model on one dataset) the config values that differ
     between them though no setting says why: a model YAML edited between two runs, or two model
@@ -107,6 +129,7 @@ def group_runs(runs: Iterable[Run]) -> dict[str, list[Group]]:
             by_model.setdefault(run.model, []).append(run)
         for model_runs in by_model.values():
             add_config_differences(model_runs)
+            add_training_data_differences(model_runs)
     result = {}
     for data in sorted(by_data):
         shared = common_settings(by_data[data])
