@@ -632,12 +632,14 @@ def test_seeds_trained_on_other_training_images_are_rows_of_their_own(tmp_path):
         run = write_run(root, "baseline", [0.6, 0.7 + seed / 100], [0.6, 0.7], seed=seed)
         metrics = json.loads((run / "test_metrics.json").read_text())
         (run / "test_metrics.json").write_text(json.dumps({**metrics, "train_data_sha256": digest}))
-    write_run(root, "resnet", [0.6, 0.7], [0.6, 0.7])  # an older run, and another model: as before
+    write_run(root, "baseline", [0.6, 0.7], [0.6, 0.7], seed=3)  # an older run: which data, unknown
+    write_run(root, "resnet", [0.6, 0.7], [0.6, 0.7])  # an older run of a model not told apart: as before
     build_report([root], tmp_path / "reports")
     table = pd.read_csv(tmp_path / "reports" / "table1.csv", keep_default_na=False)
     assert list(zip(table["model"], table["variant"], table["n"], strict=True)) == [
         ("baseline", "training_data=cccccccc", 2),
         ("baseline", "training_data=dddddddd", 1),
+        ("baseline", "training_data=unknown", 1),
         ("resnet", "", 1),
     ]
 

@@ -60,17 +60,18 @@ def add_training_data_differences(runs: list[Run]) -> None:
     """Add ``training_data=<digest>`` to the settings of ``runs`` (of one model on one dataset)
     whose settings are alike but whose training images or labels differ, as their test_metrics.json
     records them (images added to a folder's train/ between two seeds): they learned from other
-    data, and would otherwise be averaged as seeds of one experiment. Runs that record no digest
-    (an older skinclf's, a data.balance_train run's) are left as they are."""
-    alike: dict[tuple, list[tuple[Run, str]]] = {}
+    data, and would otherwise be averaged as seeds of one experiment. Where runs are told apart so,
+    those that record no digest (an older skinclf's) are ``training_data=unknown``; elsewhere they
+    are left as they are (a data.balance_train run records none: its subset follows the seed)."""
+    alike: dict[tuple, list[tuple[Run, str | None]]] = {}
     for run in runs:
         digest = (run.test or {}).get("train_data_sha256")
-        if isinstance(digest, str) and digest:
-            alike.setdefault(tuple(sorted(run.settings.items())), []).append((run, digest))
+        known = digest if isinstance(digest, str) and digest else None
+        alike.setdefault(tuple(sorted(run.settings.items())), []).append((run, known))
     for members in alike.values():
-        if len({digest for _, digest in members}) > 1:
+        if len({digest for _, digest in members if digest}) > 1:
             for run, digest in members:
-                run.settings[TRAINING_DATA] = digest[:8]
+                run.settings[TRAINING_DATA] = digest[:8] if digest else "unknown"
 
 
 def add_config_differences(runs: list[Run]) -> None:
