@@ -12,7 +12,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from skinclf.arguments import DISCLAIMER, EXPLAIN_TARGETS, SYNTHETIC_MODEL_NOTE, explain_parser
+from skinclf.arguments import EXPLAIN_TARGETS, explain_parser
 from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
 from skinclf.image_inputs import check_out_spares_runs, collect_images, decode_all, no_readable_image
@@ -92,13 +92,15 @@ def _labels(files: Sequence[Path]) -> dict[Path, str]:
         by_name[path.name].append(path)
     labels = {}
     for name, paths in by_name.items():
+        if len(paths) == 1:
+            labels[paths[0]] = name
+            continue
         try:
             shared = os.path.commonpath([os.path.abspath(path.parent) for path in paths])
         except ValueError:  # Windows: folders on different drives share none
             shared = None
         for path in paths:
-            alone = len(paths) == 1
-            labels[path] = name if alone else str(path) if shared is None else os.path.relpath(path, shared)
+            labels[path] = str(path) if shared is None else os.path.relpath(path, shared)
     return labels
 
 
@@ -199,8 +201,4 @@ def main(args: list[str]) -> None:
                 "explained (an all-blue overlay; each such figure says so)",
                 file=sys.stderr,
             )
-        if run.emulation_note:
-            print(f"note: {run.emulation_note}", file=sys.stderr)
-        if run.trained_on_synthetic_data:
-            print(f"note: {SYNTHETIC_MODEL_NOTE}", file=sys.stderr)
-        print(DISCLAIMER, file=sys.stderr)
+        run.print_notes()

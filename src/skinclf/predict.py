@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from skinclf.arguments import DISCLAIMER, SYNTHETIC_MODEL_NOTE, predict_parser
+from skinclf.arguments import predict_parser
 from skinclf.errors import SkinclfError, counted
 from skinclf.image_inputs import check_out_spares_runs, collect_images, decode_all, no_readable_image
 from skinclf.io import FILE_NAME_ERRORS, atomic_write_text, output_folder
@@ -99,8 +99,4 @@ def main(args: list[str]) -> None:
         f"MEL when prob_mel >= {float(threshold)!r}, from {source}",  # exact: the rule the CSV follows
         file=sys.stderr,
     )
-    if run.emulation_note:
-        print(f"note: {run.emulation_note}", file=sys.stderr)
-    if run.trained_on_synthetic_data:
-        print(f"note: {SYNTHETIC_MODEL_NOTE}", file=sys.stderr)
-    print(DISCLAIMER, file=sys.stderr)
+    run.print_notes()

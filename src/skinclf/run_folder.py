@@ -232,8 +232,13 @@ def recorded_overrides(run_dir: Path) -> list[str] | None:
         overrides = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / HYDRA_OVERRIDES))
     except Exception:  # noqa: BLE001 - OmegaConf.load raises whatever its YAML reader meets
         return None
-    if isinstance(overrides, list) and all(isinstance(item, str) for item in overrides):
-        return overrides
+    return string_list(overrides)
+
+
+def string_list(value: object) -> list[str] | None:
+    """``value`` as a list of overrides; None unless it is a list of strings."""
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
     return None
 
 

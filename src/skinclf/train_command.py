@@ -615,12 +615,9 @@ def overrides_together(args: list[str]) -> list[str]:
     first option (Hydra 1.3: `model=res_aug -m seed=0,1` ended in its usage and "unrecognized
     arguments: seed=0,1", Hydra issue 3053), the overrides first, each in its order, and the
     options after them; as typed where that line would mean anything else."""
-    parser = _hydra_parser()
-    try:
-        parser.parse_args(list(args))
+    if _hydra_arguments(tuple(args)) is not None:
         return args
-    except _NotHydrasCommandLine:
-        pass
+    parser = _hydra_parser()
     try:
         namespace, unknown = parser.parse_known_intermixed_args(list(args))
     except (_NotHydrasCommandLine, TypeError):  # TypeError: argparse's intermixed limits

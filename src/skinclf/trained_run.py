@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from skinclf.arguments import DISCLAIMER, SYNTHETIC_MODEL_NOTE
 from skinclf.config import instantiate_config, is_number
 from skinclf.errors import SkinclfError, first_line, not_a_folder
 from skinclf.models import build_model, check_model_config
@@ -69,6 +71,14 @@ class TrainedRun:
             f"the run was evaluated in {precision}, which {self.device.type} here only emulates: "
             "its probabilities are reproduced, at a fraction of fp32's speed"
         )
+
+    def print_notes(self) -> None:
+        """What a user of its outputs must know, on stderr, after predict's or explain's summary:
+        an emulated precision, a model trained on synthetic data, and that this is no diagnosis."""
+        for note in (self.emulation_note, SYNTHETIC_MODEL_NOTE if self.trained_on_synthetic_data else ""):
+            if note:
+                print(f"note: {note}", file=sys.stderr)
+        print(DISCLAIMER, file=sys.stderr)
 
     def predict_probs(self, images: torch.Tensor) -> torch.Tensor:
         """MEL probabilities (float32, CPU) for uint8 (N, 3, H, W) images, exactly as at test time."""

@@ -8,6 +8,7 @@ paper's plain CNNs do); otherwise it is found generically, so every architecture
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +32,17 @@ class GradCam:
 
 def _conv_blocks(model: nn.Module) -> dict[nn.Module, str]:
     """Every submodule that is or holds a Conv2d (the model itself excluded: its output is the logit)."""
+    return _labelled(
+        model, lambda module: module is not model and any(isinstance(m, nn.Conv2d) for m in module.modules())
+    )
+
+
+def _labelled(model: nn.Module, chosen: Callable[[nn.Module], bool]) -> dict[nn.Module, str]:
+    """The ``chosen`` submodules of ``model``, each with its label in messages: ``name (Type)``."""
     return {
         module: f"{name} ({type(module).__name__})"
         for name, module in model.named_modules()
-        if module is not model and any(isinstance(m, nn.Conv2d) for m in module.modules())
+        if chosen(module)
     }
 
 
@@ -54,12 +62,14 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
     there); the model's parameters get no gradients. Heat maps and logits come back on the CPU.
     """
     model.eval()
-    blocks = _conv_blocks(model)
-    if hasattr(model, "grad_cam_layer"):
+    names_its_layer = hasattr(model, "grad_cam_layer")
+    if names_its_layer:
         named = model.grad_cam_layer()
-        blocks = {m: f"{name} ({type(m).__name__})" for name, m in model.named_modules() if m is named}
+        blocks = _labelled(model, lambda module: module is named)
         if not blocks:
             raise SkinclfError(f"{type(model).__name__}.grad_cam_layer(): not one of the model's modules")
+    else:
+        blocks = _conv_blocks(model)
     captured: list[tuple[str, torch.Tensor]] = []
 
     def keep(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -83,7 +93,7 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
             if not captured:
                 what = (
                     "its grad_cam_layer() returns no feature map"
-                    if hasattr(model, "grad_cam_layer")
+                    if names_its_layer
                     else "no convolutional layer with a feature map"
                 )
                 raise SkinclfError(f"{type(model).__name__}: {what} larger than 1x1 to explain with Grad-CAM")

@@ -148,7 +148,7 @@ def main(args: list[str]) -> None:
                 file=sys.stderr,
             )
     counts = {status: f"{n} {status}" for status, n in status_counts(runs).items()}
-    repeats = sum(run.status == FINISHED and run.problem.startswith(NOT_COUNTED) for run in runs)
+    repeats = sum(run.problem.startswith(NOT_COUNTED) for run in runs)  # finished runs only have it
     if repeats:  # Table 1's n would not add up to the finished runs
         counts[FINISHED] += f" ({repeats} not counted: seeds run again)"
     print(", ".join(counts.values()) + " run(s); see runs.csv")

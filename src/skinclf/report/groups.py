@@ -15,7 +15,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from skinclf.models import model_order
-from skinclf.report.runs import NOT_AN_EXPERIMENT_SETTING, Run, as_override, is_group, keys_set_by, leaves_of
+from skinclf.report.runs import (
+    NOT_AN_EXPERIMENT_SETTING,
+    Run,
+    as_override,
+    is_group,
+    keys_set_by,
+    leaves_of,
+    recorded_digest,
+    short_digest,
+)
 
 
 @dataclass
@@ -65,13 +74,12 @@ def add_training_data_differences(runs: list[Run]) -> None:
     are left as they are (a data.balance_train run records none: its subset follows the seed)."""
     alike: dict[tuple, list[tuple[Run, str | None]]] = {}
     for run in runs:
-        digest = (run.test or {}).get("train_data_sha256")
-        known = digest if isinstance(digest, str) and digest else None
-        alike.setdefault(tuple(sorted(run.settings.items())), []).append((run, known))
+        digest = recorded_digest(run, "train_data_sha256")
+        alike.setdefault(tuple(sorted(run.settings.items())), []).append((run, digest))
     for members in alike.values():
         if len({digest for _, digest in members if digest}) > 1:
             for run, digest in members:
-                run.settings[TRAINING_DATA] = digest[:8] if digest else "unknown"
+                run.settings[TRAINING_DATA] = short_digest(digest)
 
 
 def add_config_differences(runs: list[Run]) -> None:

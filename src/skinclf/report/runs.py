@@ -294,18 +294,24 @@ def _tell_evaluation_data_apart(runs: list[Run]) -> None:
     unknown]``. A dataset of one content keeps its plain name, its older runs with it."""
     digests: dict[str, set[str]] = {}
     for run in runs:
-        if digest := _eval_digest(run):
+        if digest := recorded_digest(run, "eval_data_sha256"):
             digests.setdefault(run.data, set()).add(digest)
     for run in runs:
         if len(digests.get(run.data, ())) > 1:
             # Unfinished, failed or older runs of a split dataset: which content, nothing says.
-            digest = _eval_digest(run)
-            run.data = f"{run.data} [eval data {digest[:8] if digest else 'unknown'}]"
+            run.data = f"{run.data} [eval data {short_digest(recorded_digest(run, 'eval_data_sha256'))}]"
 
 
-def _eval_digest(run: Run) -> str | None:
-    digest = (run.test or {}).get("eval_data_sha256")
+def recorded_digest(run: Run, key: str) -> str | None:
+    """A data digest that ``run``'s test_metrics.json records under ``key``; None where it has none
+    (an older skinclf's run, an unfinished one)."""
+    digest = (run.test or {}).get(key)
     return digest if isinstance(digest, str) and digest else None
+
+
+def short_digest(digest: str | None) -> str:
+    """How a digest names data in labels: its first 8 hex digits, or ``unknown``."""
+    return digest[:8] if digest else "unknown"
 
 
 def _refused_job(record: Path, runs_found: set[Path]) -> Run | None:

@@ -14,7 +14,7 @@ import pandas as pd
 from skinclf.config import is_number
 from skinclf.io import atomic_write_text
 from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_SETTINGS
-from skinclf.run_folder import hydra_record, read_record, recorded, recorded_overrides
+from skinclf.run_folder import hydra_record, read_record, recorded, recorded_overrides, string_list
 from skinclf.sweep.summary import job_order
 
 log = logging.getLogger("skinclf")
@@ -44,7 +44,8 @@ def rank_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.Data
     if not rows:
         return pd.DataFrame()
     # Overrides shared by every job (e.g. data.root=...) say nothing about the point: hide them.
-    everyone = [set(r["overrides"]) for r in rows] + [set(_strings(f.get("overrides")) or ()) for f in failed]
+    everyone = [set(r["overrides"]) for r in rows]
+    everyone += [set(string_list(f.get("overrides")) or ()) for f in failed]
     shared = set.intersection(*everyone) if len(everyone) > 1 else set()
     for r in rows:
         # hparams_search=grid is every point's, also where a grid has a single point.
@@ -69,13 +70,6 @@ def _is_cv_result(result: dict[str, Any]) -> bool:
     )
 
 
-def _strings(value: object) -> list[str] | None:
-    """``value`` as a list of overrides; None unless it is a list of strings."""
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return value
-    return None
-
-
 def _config_folders(hydra_settings: Path) -> list[str] | None:
     """The config folders a job was given besides skinclf's (a model of the user's own), from its
     .hydra/hydra.yaml: its ``hydra.searchpath`` overrides and ``--config-dir``; None where that
@@ -85,7 +79,7 @@ def _config_folders(hydra_settings: Path) -> list[str] | None:
     record = hydra_record(hydra_settings)
     if record is None:
         return None
-    given = _strings(recorded(record, "hydra.overrides.hydra")) or []
+    given = string_list(recorded(record, "hydra.overrides.hydra")) or []
     folders = [o for o in given if o.lstrip("+").startswith("hydra.searchpath=")]
     sources = recorded(record, "hydra.runtime.config_sources")
     folders += [

@@ -109,9 +109,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
         raise SkinclfError(f"trainer.precision={name}: expected one of {', '.join(PRECISIONS)}")
     if name != "auto":
         return name
-    if device.type == "cuda":
-        return "bf16" if cuda_has_native_bf16(device) else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "bf16" if runs_natively("bf16", device) else "fp32"
 
 
 def runs_natively(precision: str, device: torch.device) -> bool:
