@@ -105,7 +105,8 @@ def test_best_checkpoint_is_the_one_evaluated_on_test(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "evaluate", scripted_evaluate)
     monkeypatch.setattr(train, "evaluate", real_evaluate)  # the run's own val and test evaluation
-    out, metrics = train_in_process(tmp_path, *SMALL, "trainer.max_epochs=3", "optim.lr=1e-3")
+    # On the CPU, where the re-evaluation below runs: a GPU's bf16 kernels round otherwise.
+    out, metrics = train_in_process(tmp_path, *SMALL, "trainer.max_epochs=3", "optim.lr=1e-3", "device=cpu")
     monkeypatch.setattr(loop, "evaluate", real_evaluate)
     history = pd.read_csv(out / "metrics.csv")
     best_row = history.loc[history["val_acc"].idxmax()]

@@ -282,14 +282,19 @@ def test_feature_cache_key_names_the_memory_layout(random_vgg):
     assert extractor_key(extractor, pipeline, "fp32", CPU, channels_last=False) != channels_last
 
 
-def test_feature_cache_key_names_the_device_and_cuda_tf32(random_vgg):
+def test_feature_cache_key_names_the_device_and_cuda_tf32(random_vgg, monkeypatch):
     # CPU and CUDA kernels give features up to ~1e-3 apart: a CPU run must never read a GPU run's
-    # file. The key is computed from torch's flags, so no GPU is needed here.
+    # file. The key is computed from torch's flags and the GPU's name, so no GPU is needed here:
+    # a machine with two H100s and an A100 is faked (on a real GPU machine too, which may have one).
+    gpus = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA H100 80GB HBM3", 2: "NVIDIA A100-SXM4-40GB"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: gpus[device.index or 0])
     extractor, pipeline = random_vgg.frozen_split()[0], ImageNetPipeline()
     cpu = extractor_key(extractor, pipeline, "fp32", CPU)
     cuda = extractor_key(extractor, pipeline, "fp32", torch.device("cuda"))
     assert cpu != cuda
     assert extractor_key(extractor, pipeline, "fp32", torch.device("cuda", 1)) == cuda  # same kernels
+    assert extractor_key(extractor, pipeline, "fp32", torch.device("cuda", 2)) != cuda  # another GPU
     tf32 = torch.backends.cuda.matmul.allow_tf32  # a torch flag, not a plain attribute: no monkeypatch
     try:
         torch.backends.cuda.matmul.allow_tf32 = not tf32
