@@ -22,6 +22,7 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 
 from skinclf.cli import main as cli_main
+from skinclf.cli import python_strings
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.evaluation.metrics import binary_metrics
@@ -1274,14 +1275,16 @@ def test_file_names_that_are_no_utf8_keep_their_bytes_in_csv_files_and_show_esca
     _set_config(folder_run / ".hydra" / "config.yaml", "data.root", str(data_root))
     out = tmp_path / "reports"
     cli_main(["report", str(root), "--out", str(out)])
-    # CSV files hold the names' own bytes: what they name can be found again.
-    runs = pd.read_csv(out / "runs.csv", encoding_errors="surrogateescape")
+    # CSV files hold the names' own bytes: what they name can be found again (read back as
+    # Python strings: pandas' pyarrow strings, where installed, refuse such names).
+    with python_strings():
+        runs = pd.read_csv(out / "runs.csv", encoding_errors="surrogateescape")
+        table = pd.read_csv(out / "table1.csv", encoding_errors="surrogateescape")
+        confusion = pd.read_csv(out / "confusion_matrix.csv", encoding_errors="surrogateescape")
     assert sorted(runs["run_dir"]) == sorted([str(named), str(folder_run)])
     assert all(Path(run_dir).is_dir() for run_dir in runs["run_dir"])
     assert f"folder:{data_root}" in set(runs["data"])
-    table = pd.read_csv(out / "table1.csv", encoding_errors="surrogateescape")
     assert set(table["data"]) == {"synthetic", f"folder:{data_root}"}
-    confusion = pd.read_csv(out / "confusion_matrix.csv", encoding_errors="surrogateescape")
     assert str(named) in set(confusion["run_dir"])
     # Markdown, LaTeX and the figures' titles show the byte escaped, as UTF-8 text.
     shown = f"folder:{tmp_path.resolve()}/ds_\\xff data"
