@@ -22,10 +22,10 @@ from PIL import Image
 
 from skinclf.arguments import SYNTHETIC_MODEL_NOTE
 from skinclf.cli import main as cli_main
-from skinclf.cli import python_strings
 from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.errors import SkinclfError
+from skinclf.io import python_strings
 from skinclf.predict import predict_files
 from skinclf.trained_run import load_trained_run
 

@@ -22,10 +22,10 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 
 from skinclf.cli import main as cli_main
-from skinclf.cli import python_strings
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.evaluation.metrics import binary_metrics
+from skinclf.io import python_strings
 from skinclf.report.command import build_report
 from skinclf.report.figures import confusion_figure, curve_data, curves_figure, roc_data, roc_figure
 from skinclf.report.groups import group_runs

@@ -80,15 +80,6 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def python_strings():
-    """pandas tables of this command keep their text as Python strings. pandas 3 stores text in
-    pyarrow where it is installed, and pyarrow refuses a file name's bytes that are no UTF-8
-    (kept in a str as surrogate escapes): predict and report ended in UnicodeEncodeError."""
-    import pandas as pd
-
-    return pd.option_context("mode.string_storage", "python")
-
-
 def _dispatch(argv: list[str]) -> None:
     if argv and argv[0] in {"-h", "--help", "help"}:
         print(_usage())
@@ -112,8 +103,7 @@ def _dispatch(argv: list[str]) -> None:
     try:
         # Inside: a Ctrl-C or `kill` while the command's module (torch) imports is a stop too.
         module = importlib.import_module(COMMANDS[command][0])
-        with python_strings():
-            module.main(args)
+        module.main(args)
     except SkinclfError as err:
         print(f"skinclf {command}: error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 FILE_NAME_ERRORS = "surrogateescape"
 
 
+def python_strings():
+    """A context in which pandas keeps text as Python strings, for tables that hold file names.
+    pandas 3 stores text in pyarrow where it is installed, and pyarrow refuses the surrogate
+    escapes in which Python keeps a name's bytes that are no UTF-8 (UnicodeEncodeError)."""
+    import pandas as pd  # here: --help and argument errors answer without importing pandas
+
+    return pd.option_context("mode.string_storage", "python")
+
+
 def readable(text: str) -> str:
     """``text`` with a file name's bytes that are no UTF-8 shown as ``\\xff``: for titles and
     headers, which matplotlib, Markdown and LaTeX cannot take as bytes."""

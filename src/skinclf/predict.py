@@ -13,7 +13,7 @@ import torch
 from skinclf.arguments import predict_parser
 from skinclf.errors import SkinclfError, counted
 from skinclf.image_inputs import check_out_spares_runs, collect_images, decode_all, no_readable_image
-from skinclf.io import FILE_NAME_ERRORS, atomic_write_text, output_folder
+from skinclf.io import FILE_NAME_ERRORS, atomic_write_text, output_folder, python_strings
 from skinclf.trained_run import TrainedRun, load_trained_run
 
 COLUMNS = ["path", "prob_mel", "prediction", "threshold", "error"]
@@ -56,8 +56,9 @@ def predict_files(run: TrainedRun, files: Sequence[Path], threshold: float) -> p
                 score_pending()
     score_pending()
     order = {str(p): i for i, p in enumerate(files)}
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    return table.sort_values("path", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    with python_strings():
+        table = pd.DataFrame(rows, columns=COLUMNS)
+        return table.sort_values("path", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
 
 def _check_out_spares_inputs(out: Path, images: list[Path], run_dir: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from skinclf.arguments import report_parser
 from skinclf.errors import SkinclfError, counted, not_a_folder
-from skinclf.io import FILE_NAME_ERRORS, output_folder
+from skinclf.io import FILE_NAME_ERRORS, output_folder, python_strings
 from skinclf.report.figures import confusion_figure, curves_figure, roc_figure
 from skinclf.report.groups import NOT_COUNTED, group_runs
 from skinclf.report.runs import (
@@ -50,7 +50,7 @@ def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]
                 f"{path}: {not_a_folder(path)}; expected a run or multirun folder of `skinclf train`"
             )
     _check_out_outside_runs(out)
-    with output_folder(out):
+    with output_folder(out), python_strings():  # run folders' names in every table
         runs = find_runs(dirs)
         done = finished(runs)
         if not done:
