@@ -11,6 +11,7 @@ import torch
 
 from skinclf.config import compose_config
 from skinclf.data import load_splits
+from skinclf.data.splits import content_hash
 from skinclf.errors import SkinclfError
 
 from conftest import train_in_process
@@ -105,6 +106,20 @@ def test_balance_train_undersamples_nv_in_train_only(tmp_path):
         for s in range(6)
     }
     assert len(draws) > 1  # the NV kept depend on the seed
+
+
+def test_balanced_runs_name_the_training_split_their_subset_is_drawn_from(tmp_path):
+    # Each seed keeps other NV images by design; what they are drawn from is one split, hashed as
+    # an unbalanced run hashes its training split, so the report keeps the seeds one experiment.
+    path = write_npz(tmp_path / "d.npz")
+    whole = content_hash(splits_of(path).train)
+    assert splits_of(path).train_drawn_from is None  # nothing drawn: the split is its own record
+    drawn = [splits_of(path, "data.balance_train=true", f"seed={s}") for s in range(4)]
+    assert {splits.train_drawn_from for splits in drawn} == {whole}
+    assert len({content_hash(splits.train) for splits in drawn}) > 1
+    # Another training split (its first NV image relabelled MEL) is another source.
+    write_npz(path, labels={**LABELS, "train": [0, 1, 2, 3, 4, 4, 4, 5, 5, 5, 5, 5, 6]})
+    assert splits_of(path, "data.balance_train=true", "seed=0").train_drawn_from != whole
 
 
 def test_class_weighted_loss_weights_mel_by_nv_over_mel_and_reports_the_plain_loss(tmp_path):

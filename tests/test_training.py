@@ -313,9 +313,10 @@ def test_a_cuda_run_with_the_data_in_cpu_memory_copies_batches_over(tmp_path, mo
     assert metrics["epochs_run"] == 3
 
 
-def test_runs_record_their_data_digests_but_a_seeded_training_subset_none():
+def test_runs_record_their_data_digests_and_a_seeded_subset_the_split_it_is_drawn_from():
     # data.balance_train draws its NV subset with the run's seed: recorded, each seed's digest
-    # would make the report tell the seeds apart as runs trained on other data.
+    # would make the report tell the seeds apart as runs trained on other data. The split it is
+    # drawn from is recorded instead, where the loader says it.
     images = torch.randint(
         0, 256, (6, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
     )
@@ -327,5 +328,11 @@ def test_runs_record_their_data_digests_but_a_seeded_training_subset_none():
         "eval_data_sha256": content_hash(splits.val, splits.test),
         "train_data_sha256": content_hash(splits.train),
     }
-    balanced = train.data_digests(compose_config(["data=dermamnist", "data.balance_train=true"]), splits)
-    assert balanced == {"eval_data_sha256": plain["eval_data_sha256"]}
+    balanced = compose_config(["data=dermamnist", "data.balance_train=true"])
+    assert train.data_digests(balanced, splits) == {"eval_data_sha256": plain["eval_data_sha256"]}
+    splits.train_drawn_from = "ab" * 32
+    assert train.data_digests(balanced, splits) == {
+        "eval_data_sha256": plain["eval_data_sha256"],
+        "train_data_sha256": "ab" * 32,
+    }
+    assert train.data_digests(compose_config(["data=dermamnist"]), splits) == plain  # the split's own

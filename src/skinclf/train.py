@@ -162,14 +162,17 @@ def run_precision(cfg: DictConfig, device: torch.device, records: Sequence[Path]
 
 
 def data_digests(cfg: DictConfig, splits: ImageSplits) -> dict[str, str]:
-    """What a run's scores were measured on (validation and test images and labels) and, where it
-    does not depend on the run's seed, what it learned from: the report tells runs of other such
-    data apart. ``data.balance_train`` draws its training subset with the seed by design: each
-    seed would seem to learn from other data, so such runs record no training digest."""
+    """What a run's scores were measured on (validation and test images and labels) and what it
+    learned from: the report tells runs of other such data apart. ``data.balance_train`` draws
+    its training subset with the seed by design (each seed would seem to learn from other data):
+    such a run records the training split its subset is drawn from, or none where the loader
+    does not say it."""
     evaluated = [split for split in (splits.val, splits.test) if split is not None]
     digests = {"eval_data_sha256": content_hash(*evaluated)}
     if not OmegaConf.select(cfg, "data.balance_train", default=False):
         digests["train_data_sha256"] = content_hash(splits.train)
+    elif splits.train_drawn_from is not None:
+        digests["train_data_sha256"] = splits.train_drawn_from
     return digests
 
 

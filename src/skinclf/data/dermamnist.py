@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from skinclf.config import data_path
 from skinclf.data.images import IMAGE_SIZE
-from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split, undersample_majority
+from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split, content_hash, undersample_majority
 from skinclf.errors import SkinclfError
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
     if not isinstance(npz, np.lib.npyio.NpzFile):  # np.load reads a .npy file as one bare array
         raise SkinclfError(f"{path}: a single array (.npy), not an npz archive of splits; {DOWNLOAD_HELP}")
     balance = bool(data_cfg.get("balance_train", False))
-    splits = {}
+    splits, drawn_from = {}, None
     with npz:
         _check_keys(npz, path)
         for split in SPLIT_NAMES:
@@ -154,10 +154,12 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
                 f"dermamnist {split}: MEL {n_mel}, NV {len(keep) - n_mel} "
                 f"(dropped {len(labels) - len(keep)} images of the other 5 classes)"
             )
-            if split == "train" and balance:
-                subset = undersample_majority(binary, int(data_cfg.get("seed", 0)))
-                keep, binary = keep[subset], binary[subset]
-                log.info(f"dermamnist train: balanced by undersampling NV to {len(keep) // 2} per class")
             chw = torch.from_numpy(images[keep]).permute(0, 3, 1, 2)
             splits[split] = Split(_resize(chw, IMAGE_SIZE), torch.from_numpy(binary))
-    return ImageSplits(name="dermamnist", **splits)
+            if split == "train" and balance:
+                # Hashed whole, as an unbalanced run's, before the seed picks its NV images.
+                drawn_from = content_hash(splits[split])
+                subset = torch.from_numpy(undersample_majority(binary, int(data_cfg.get("seed", 0))))
+                splits[split] = Split(splits[split].images_at(subset), splits[split].labels[subset])
+                log.info(f"dermamnist train: balanced by undersampling NV to {len(subset) // 2} per class")
+    return ImageSplits(name="dermamnist", **splits, train_drawn_from=drawn_from)

@@ -133,6 +133,9 @@ class ImageSplits:
     train: Split
     val: Split
     test: Split | None = None
+    # content_hash of the whole training split where ``train`` is a subset of it drawn with the
+    # run's seed (dermamnist's data.balance_train): what every seed's subset comes from.
+    train_drawn_from: str | None = None
 
     def items(self) -> list[tuple[str, Split]]:
         return [

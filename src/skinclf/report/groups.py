@@ -71,7 +71,8 @@ def add_training_data_differences(runs: list[Run]) -> None:
     records them (images added to a folder's train/ between two seeds): they learned from other
     data, and would otherwise be averaged as seeds of one experiment. Where runs are told apart so,
     those that record no digest (an older skinclf's) are ``training_data=unknown``; elsewhere they
-    are left as they are (a data.balance_train run records none: its subset follows the seed)."""
+    are left as they are. A data.balance_train run records the split its seeded subset is drawn
+    from, so that its seeds stay one experiment."""
     alike: dict[tuple, list[tuple[Run, str | None]]] = {}
     for run in runs:
         digest = recorded_digest(run, "train_data_sha256")
