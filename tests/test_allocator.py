@@ -80,3 +80,29 @@ def test_freed_memory_is_kept_for_cpu_runs_only(monkeypatch):
     monkeypatch.setattr(train, "resolve_device", lambda name: torch.device("cpu"))
     train.run_in_hydra(cfg, None)
     assert calls == []
+
+
+def test_a_job_on_a_numbered_gpu_makes_it_the_current_one(monkeypatch):
+    # Parallel sweep jobs spread over the GPUs (cuda:1, cuda:2, ...): what torch does on the
+    # current GPU must happen on the job's, not on cuda:0, the default. Faked: no GPU needed.
+    from hydra.core.hydra_config import HydraConfig
+
+    from skinclf import train
+    from skinclf.config import compose_config
+
+    hydra_config = HydraConfig.instance()
+    monkeypatch.setattr(hydra_config, "cfg", hydra_config.cfg)  # put back after the test
+    hydra_config.set_config(compose_config(return_hydra_config=True))
+    events = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: events.append(("set_device", device)))
+    monkeypatch.setattr(train, "task", lambda cfg, out_dir: events.append(("task", cfg.device)))
+    cfg = compose_config()
+    for device, made_current in (
+        (torch.device("cuda", 1), True),
+        (torch.device("cuda"), False),  # the current GPU already
+        (torch.device("cpu"), False),
+    ):
+        monkeypatch.setattr(train, "resolve_device", lambda name, device=device: device)
+        events.clear()
+        train.run_in_hydra(cfg, None)
+        assert events == ([("set_device", device)] if made_current else []) + [("task", cfg.device)]

@@ -297,8 +297,8 @@ def task(cfg: DictConfig, out_dir: Path) -> dict:
 
 def run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     """``task`` with this job's share of the hardware: torch threads divided between parallel
-    jobs (trainer.num_threads), sweep jobs spread over the GPUs when device=auto, and, on the
-    CPU, freed memory kept for reuse (trainer.keep_freed_memory)."""
+    jobs (trainer.num_threads), sweep jobs spread over the GPUs when device=auto (the job's GPU
+    made the current one), and, on the CPU, freed memory kept for reuse (trainer.keep_freed_memory)."""
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     launcher = hydra_cfg.launcher if multirun else None
@@ -308,9 +308,14 @@ def run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     if multirun and torch.cuda.is_available():
         slot = OmegaConf.select(launcher, "slot", default=hydra_cfg.job.num)
         cfg.device = resources.spread_device(str(cfg.device), slot, torch.cuda.device_count())
+    device = resolve_device(str(cfg.device))
+    if device.type == "cuda" and device.index is not None:
+        # What torch does on "the current GPU" (the CUDA context, mem_get_info, a synchronize)
+        # would otherwise also take memory on cuda:0 from the job that runs there.
+        torch.cuda.set_device(device)
     # For the CPU's training steps; a GPU run would only hold host memory with it (vgg16's 1.3 GB
     # checkpoint buffers, per job, until it ends).
-    if cfg.trainer.keep_freed_memory and resolve_device(str(cfg.device)).type == "cpu":
+    if cfg.trainer.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
     return task(cfg, out_dir)
 
