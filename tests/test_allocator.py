@@ -82,9 +82,10 @@ def test_freed_memory_is_kept_for_cpu_runs_only(monkeypatch):
     assert calls == []
 
 
-def test_a_job_on_a_numbered_gpu_makes_it_the_current_one(monkeypatch):
+def test_a_job_on_a_numbered_gpu_makes_it_the_current_one_while_it_runs(monkeypatch):
     # Parallel sweep jobs spread over the GPUs (cuda:1, cuda:2, ...): what torch does on the
-    # current GPU must happen on the job's, not on cuda:0, the default. Faked: no GPU needed.
+    # current GPU must happen on the job's, not on cuda:0, the default; and only during the job,
+    # as the next job of a sequential sweep may be on plain "cuda". Faked: no GPU needed.
     from hydra.core.hydra_config import HydraConfig
 
     from skinclf import train
@@ -94,15 +95,27 @@ def test_a_job_on_a_numbered_gpu_makes_it_the_current_one(monkeypatch):
     monkeypatch.setattr(hydra_config, "cfg", hydra_config.cfg)  # put back after the test
     hydra_config.set_config(compose_config(return_hydra_config=True))
     events = []
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: events.append(("set_device", device)))
+
+    class CurrentGpu:  # torch.cuda.device, which needs a GPU
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            events.append(("current", self.device))
+
+        def __exit__(self, *exc):
+            events.append(("restored", self.device))
+
+    monkeypatch.setattr(torch.cuda, "device", CurrentGpu)
     monkeypatch.setattr(train, "task", lambda cfg, out_dir: events.append(("task", cfg.device)))
     cfg = compose_config()
     for device, made_current in (
         (torch.device("cuda", 1), True),
-        (torch.device("cuda"), False),  # the current GPU already
+        (torch.device("cuda"), False),  # whichever GPU is current
         (torch.device("cpu"), False),
     ):
         monkeypatch.setattr(train, "resolve_device", lambda name, device=device: device)
         events.clear()
         train.run_in_hydra(cfg, None)
-        assert events == ([("set_device", device)] if made_current else []) + [("task", cfg.device)]
+        task = [("task", cfg.device)]
+        assert events == ([("current", device), *task, ("restored", device)] if made_current else task)

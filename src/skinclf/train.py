@@ -7,6 +7,7 @@ The data flows: source (cfg.data) -> decoded uint8 splits -> pipeline of the mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -309,15 +310,16 @@ def run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
         slot = OmegaConf.select(launcher, "slot", default=hydra_cfg.job.num)
         cfg.device = resources.spread_device(str(cfg.device), slot, torch.cuda.device_count())
     device = resolve_device(str(cfg.device))
-    if device.type == "cuda" and device.index is not None:
-        # What torch does on "the current GPU" (the CUDA context, mem_get_info, a synchronize)
-        # would otherwise also take memory on cuda:0 from the job that runs there.
-        torch.cuda.set_device(device)
     # For the CPU's training steps; a GPU run would only hold host memory with it (vgg16's 1.3 GB
     # checkpoint buffers, per job, until it ends).
     if cfg.trainer.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
-    return task(cfg, out_dir)
+    # The job's GPU is the current one while it runs: what torch does on "the current GPU" (the
+    # CUDA context, mem_get_info, a synchronize) would otherwise take memory on cuda:0 from the
+    # job there. Only while it runs: the next job of a sequential sweep may be on plain "cuda".
+    numbered_gpu = device.type == "cuda" and device.index is not None
+    with torch.cuda.device(device) if numbered_gpu else contextlib.nullcontext():
+        return task(cfg, out_dir)
 
 
 def check_settings(cfg: DictConfig) -> None:
