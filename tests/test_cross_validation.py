@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import yaml
 from skinclf import train
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
+from skinclf.io import python_strings
 from skinclf.run_files import CV_RESULT, FOLD_RESULT, FOLDS_RECORD, GRID_CSV, GRID_MD
 from skinclf.sweep import cross_validation
 from skinclf.sweep.cross_validation import cross_validate, stratified_folds
@@ -295,6 +298,23 @@ def test_grid_summary_ranks_points_by_mean_then_std(tmp_path: Path) -> None:
     write_grid(tmp_path)
     assert (tmp_path / GRID_MD).read_text().count("\n| ") == 4  # separator + 3 points
     assert len((tmp_path / GRID_CSV).read_text().strip().splitlines()) == 4
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")
+def test_a_path_that_is_no_utf8_keeps_its_bytes_in_the_csv_and_shows_escaped_in_text(tmp_path: Path) -> None:
+    # A data folder so named (Linux allows any bytes; Python keeps them as "\udcff"): the summary
+    # was lost (pandas' pyarrow strings, then the CSV writer, refused the name; Hydra only warns).
+    not_utf8 = os.fsdecode(b"\xff")
+    root = f"data.root=/data/ds_{not_utf8}"
+    _fake_point(tmp_path, "0_baseline_bs32", ["data.batch_size=32", root], [0.6, 0.7], 32, 1e-4)
+    _fake_point(tmp_path, "1_baseline_bs64", ["data.batch_size=64", root], [0.8, 0.8], 64, 1e-4)
+    write_grid(tmp_path)
+    with python_strings():
+        table = pd.read_csv(tmp_path / GRID_CSV, encoding_errors="surrogateescape")
+    assert table["train_command"][0] == f"skinclf train data.batch_size=64 '{root}'"
+    assert "Train it: `skinclf train data.batch_size=64 'data.root=/data/ds_\\xff'`" in (
+        (tmp_path / GRID_MD).read_text(encoding="utf-8")
+    )
 
 
 def test_the_best_point_comes_with_the_command_that_trains_it(tmp_path: Path) -> None:

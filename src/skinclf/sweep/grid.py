@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from skinclf.config import is_number
-from skinclf.io import atomic_write_text
+from skinclf.io import FILE_NAME_ERRORS, atomic_write_text, python_strings, readable
 from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_SETTINGS
 from skinclf.run_folder import hydra_record, read_record, recorded, recorded_overrides, string_list
 from skinclf.sweep.summary import job_order
@@ -157,12 +157,17 @@ def write_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.Dat
     """Rank the sweep's grid points; write grid_search.csv and grid_search.md into the sweep folder
     (the ``failed`` points named in the latter)."""
     failed = unranked(failed)
-    table = rank_grid(sweep_dir, failed)
-    if table.empty:
-        return table
-    csv_table = table.copy()
-    csv_table["fold_val_acc"] = csv_table["fold_val_acc"].map(lambda accs: " ".join(f"{a:.6f}" for a in accs))
-    atomic_write_text(csv_table.to_csv(index=False), Path(sweep_dir) / GRID_CSV)
-    text = "# Cross-validated grid search\n\n" + format_grid(table, failed) + "\n"
-    atomic_write_text(text, Path(sweep_dir) / GRID_MD)
+    with python_strings():  # overrides may name paths whose bytes are no UTF-8
+        table = rank_grid(sweep_dir, failed)
+        if table.empty:
+            return table
+        csv_table = table.copy()
+        csv_table["fold_val_acc"] = csv_table["fold_val_acc"].map(
+            lambda accs: " ".join(f"{a:.6f}" for a in accs)
+        )
+        # The CSV keeps such a path's bytes (train_command finds the folder again); the Markdown,
+        # text for people, shows them escaped, as the report's tables do.
+        atomic_write_text(csv_table.to_csv(index=False), Path(sweep_dir) / GRID_CSV, errors=FILE_NAME_ERRORS)
+        text = "# Cross-validated grid search\n\n" + format_grid(table, failed) + "\n"
+    atomic_write_text(readable(text), Path(sweep_dir) / GRID_MD)
     return table
