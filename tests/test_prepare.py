@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import sys
 
 import numpy as np
 import pandas as pd
@@ -116,6 +117,19 @@ def check_output(out, table, fractions=(0.71, 0.14, 0.15)):
         counts = group["split"].value_counts().reindex(["train", "val", "test"], fill_value=0)
         assert (abs(counts.to_numpy() - np.array(fractions) * len(group)) <= 4).all(), (label, counts)
     return manifest
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")
+def test_a_source_folder_named_in_bytes_that_are_no_utf8_is_named_escaped_in_the_manifest(tmp_path):
+    # Linux allows any bytes in a name (Python keeps them as "\udcff"); prepare ended in a
+    # traceback after writing every image, and data=folder reads manifest.csv as UTF-8.
+    table = fake_ham10000(tmp_path / "ham")
+    (tmp_path / "ham" / "HAM10000_images_part_1").rename(tmp_path / "ham" / os.fsdecode(b"part_\xff"))
+    cli.main(["prepare", str(tmp_path / "ham"), str(tmp_path / "out")])
+    manifest = check_output(tmp_path / "out", table)  # read as UTF-8
+    assert set(manifest["source"].str.split("/").str[0]) == {"part_\\xff", "HAM10000_images_part_2"}
+    splits = load_splits(compose_config(["data=folder", f"data.root={tmp_path / 'out'}"]).data)
+    assert sum(len(split) for _, split in splits.items()) == len(manifest)
 
 
 def test_ham10000_split_by_lesion_in_the_paper_proportions(tmp_path, capsys):

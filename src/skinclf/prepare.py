@@ -30,7 +30,7 @@ from skinclf.arguments import HAM10000_CSV, ISIC_2019_CSV, prepare_parser
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.data.splits import SPLIT_NAMES, undersample_majority
 from skinclf.errors import SkinclfError, counted, not_a_folder
-from skinclf.io import files_under, missing_folders, remove_empty_folders
+from skinclf.io import files_under, missing_folders, readable, remove_empty_folders
 from skinclf.sweep.resources import available_cores
 from skinclf.training.progress import progress
 
@@ -314,7 +314,8 @@ def prepare(
             ],
             "label": records["label"],
             "split": [SPLIT_NAMES[s] for s in split],
-            "source": [p.relative_to(source).as_posix() for p in sources],
+            # Escaped where a folder's name is no UTF-8: data=folder reads manifest.csv as UTF-8.
+            "source": [readable(p.relative_to(source).as_posix()) for p in sources],
             "lesion_id": records["lesion_id"],
         }
     )
