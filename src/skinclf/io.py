@@ -31,7 +31,13 @@ def python_strings():
     escapes in which Python keeps a name's bytes that are no UTF-8 (UnicodeEncodeError)."""
     import pandas as pd  # here: --help and argument errors answer without importing pandas
 
-    return pd.option_context("mode.string_storage", "python")
+    settings: list[object] = ["mode.string_storage", "python"]
+    future = getattr(pd.options, "future", None)  # none in pandas 2.0
+    if int(pd.__version__.split(".")[0]) < 3 and hasattr(future, "infer_string"):
+        # pandas 2.1/2.2 with the opt-in future.infer_string infer pyarrow strings whatever the
+        # storage; pandas 3 always infers its str dtype and deprecates the option.
+        settings += ["future.infer_string", False]
+    return pd.option_context(*settings)
 
 
 def readable(text: str) -> str:
