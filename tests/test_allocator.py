@@ -119,3 +119,24 @@ def test_a_job_on_a_numbered_gpu_makes_it_the_current_one_while_it_runs(monkeypa
         train.run_in_hydra(cfg, None)
         task = [("task", cfg.device)]
         assert events == ([("current", device), *task, ("restored", device)] if made_current else task)
+
+    # The case it is for: a sweep job with device=auto, spread to its GPU by its slot (the real
+    # resolve_device, on a faked machine with two GPUs); put back also when the job fails.
+    monkeypatch.undo()
+    monkeypatch.setattr(hydra_config, "cfg", hydra_config.cfg)
+    sweep = compose_config(["hydra.mode=MULTIRUN", "hydra.job.num=3"], return_hydra_config=True)
+    hydra_config.set_config(sweep)
+    monkeypatch.setattr(torch.cuda, "device", CurrentGpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def failing_task(cfg, out_dir):
+        events.append(("task", cfg.device))
+        raise RuntimeError("the job failed")
+
+    monkeypatch.setattr(train, "task", failing_task)
+    events.clear()
+    with pytest.raises(RuntimeError, match="the job failed"):
+        train.run_in_hydra(compose_config(["device=auto"]), None)
+    gpu = torch.device("cuda", 1)  # job 3 of 2 GPUs
+    assert events == [("current", gpu), ("task", "cuda:1"), ("restored", gpu)]

@@ -314,9 +314,10 @@ def run_in_hydra(cfg: DictConfig, out_dir: Path) -> dict:
     # checkpoint buffers, per job, until it ends).
     if cfg.trainer.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
-    # The job's GPU is the current one while it runs: what torch does on "the current GPU" (the
-    # CUDA context, mem_get_info, a synchronize) would otherwise take memory on cuda:0 from the
-    # job there. Only while it runs: the next job of a sequential sweep may be on plain "cuda".
+    # The job's GPU is the current one while it runs. skinclf's own CUDA calls name their device;
+    # this is a safeguard for code that uses "the current GPU" (a library's synchronize or
+    # allocation), which would otherwise open a context and take memory on cuda:0, another job's.
+    # Only while it runs: the next job of a sequential sweep may be on plain "cuda".
     numbered_gpu = device.type == "cuda" and device.index is not None
     with torch.cuda.device(device) if numbered_gpu else contextlib.nullcontext():
         return task(cfg, out_dir)
