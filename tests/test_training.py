@@ -283,6 +283,9 @@ def test_a_cuda_device_past_the_last_gpu_or_misspelt_is_refused_up_front(monkeyp
         resolve_device("cuda:1")
     with pytest.raises(SkinclfError, match=r"^device=cuda:x: expected cuda or cuda:N$"):
         resolve_device("cuda:x")
+    # Not a device at all, spelt as the command takes it (predict and explain: --device).
+    with pytest.raises(SkinclfError, match=r"^--device gpu: expected auto, cpu, cuda or cuda:N$"):
+        resolve_device("gpu", option="--device ")
 
 
 @pytest.mark.parametrize(("free_mb", "resident"), [(100, True), (8, False)])

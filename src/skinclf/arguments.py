@@ -62,7 +62,7 @@ def _run_and_images_parser(prog: str, description: str) -> argparse.ArgumentPars
     parser.add_argument(
         "images", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files, or folders scanned recursively"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     return parser
 
 

@@ -40,7 +40,7 @@ def resolve_device(name: str, option: str = "device=") -> torch.device:
         if device.index is not None and device.index >= count:
             raise SkinclfError(f"{option}{name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
         return device
-    raise SkinclfError(f"{option}{name}: expected auto, cpu or cuda")
+    raise SkinclfError(f"{option}{name}: expected auto, cpu, cuda or cuda:N")
 
 
 # Resident uint8 splits may take at most this share of the GPU's free memory; the rest is for
