@@ -49,9 +49,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _args import add_models_argument, int_at_least, positive_int, writable_json
+from _provenance import describe, provenance
 
 from skinclf.models import PAPER_MODELS
-from skinclf.training.hardware import describe_machine, resolve_device
+from skinclf.training.hardware import resolve_device
 
 BATCH = 64
 
@@ -378,7 +379,7 @@ def main() -> None:
         help="results file, rewritten after each model (default: benchmark.json)",
     )
     args = parser.parse_args()
-    machine = describe_machine(resolve_device("auto"))
+    record = provenance(resolve_device("auto"))
 
     with tempfile.TemporaryDirectory() as tmp:
         root, cache_dir = Path(tmp) / "jpegs", Path(tmp) / "cache"
@@ -394,12 +395,12 @@ def main() -> None:
                 with context.Pool(1) as pool:
                     row.update(pool.apply(_measure, (job,)))
             rows.append(row)
-            _write_results(args.json, machine, args.images, rows)  # kept should a later model fail
+            _write_results(args.json, record, args.images, rows)  # kept should a later model fail
             print(f"measured {model}", flush=True)
 
     batches = -(-args.images // BATCH)
     print(
-        f"\nmachine: {machine}; torch {torch.__version__}; {args.images} training images "
+        f"\n{describe(record)}; {args.images} training images "
         f"({batches} batches of {BATCH}), median of {args.repeats} steps"
     )
     if not all(r["kept_freed_memory"] for r in rows):
@@ -436,8 +437,8 @@ def main() -> None:
     print(f"\nwritten: {args.json}")
 
 
-def _write_results(path: Path, machine: str, images: int, rows: list[dict]) -> None:
-    results = {"machine": machine, "torch": torch.__version__, "images": images, "rows": rows}
+def _write_results(path: Path, record: dict, images: int, rows: list[dict]) -> None:
+    results = {**record, "images": images, "rows": rows}
     path.write_text(json.dumps(results, indent=2))
 
 

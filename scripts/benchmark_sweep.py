@@ -30,12 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from _args import add_models_argument
+from _provenance import describe, provenance
 
 from skinclf.models import PAPER_MODELS
 from skinclf.run_files import METRICS, RUN_CONFIG, TEST_METRICS
-from skinclf.training.hardware import describe_machine, resolve_device
+from skinclf.training.hardware import resolve_device
 
 # The paper's split sizes (section 2, data collection).
 PAPER_SIZES = {"train": 6429, "val": 1255, "test": 1369}
@@ -132,9 +132,9 @@ def main() -> None:
             jobs.update({d.name.split("_", 1)[1]: read_job(d) for d in finished})
         jobs = {model: jobs[model] for model in args.models if model in jobs}
 
-    machine = describe_machine(resolve_device(args.device))
+    record = provenance(resolve_device(args.device))
     print(
-        f"\nmachine: {machine}; torch {torch.__version__}; "
+        f"\n{describe(record)}; "
         f"{args.train_size}/{args.val_size}/{args.test_size} synthetic images "
         f"(generated beforehand in {generate_s:.0f} s)"
     )
@@ -158,8 +158,7 @@ def main() -> None:
     args.json.write_text(
         json.dumps(
             {
-                "machine": machine,
-                "torch": torch.__version__,
+                **record,
                 "sizes": [args.train_size, args.val_size, args.test_size],
                 "vgg16_pretrained": pretrained,
                 "generate_s": generate_s,

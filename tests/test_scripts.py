@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -64,3 +66,33 @@ def test_the_steps_only_table_has_a_header_for_each_column(tmp_path):
     row = next(line for line in lines if line.startswith("resnet "))
     assert "epoch ref" not in header and header.split()[-2:] == ["peak", "MB"]
     assert len(row.split()) == len(header.split()) - 4  # "step fp32", "step fast", "not kept", "peak MB"
+
+
+def test_benchmark_results_name_the_commit_they_were_measured_at(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import _provenance
+
+    if shutil.which("git") is None:
+        pytest.skip("no git here")
+    head = subprocess.run(
+        ["git", "-C", str(SCRIPTS), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    record = _provenance.provenance(torch.device("cpu"))
+    assert record["commit"] in (head, f"{head}+changes")
+    assert f"skinclf {record['skinclf']} at {record['commit']}, torch {torch.__version__}" in (
+        _provenance.describe(record)
+    )
+    # A tracked file changed: the figures are not that commit's.
+    tracked = tmp_path / "repo"
+    tracked.mkdir()
+    git = ["git", "-C", str(tracked), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    (tracked / "f.py").write_text("a = 1\n")
+    subprocess.run([*git, "add", "f.py"], check=True)
+    monkeypatch.setattr(_provenance, "CHECKOUT", tracked)
+    assert _provenance.checkout_commit().endswith("+changes")
+    monkeypatch.setattr(_provenance, "CHECKOUT", tmp_path / "not_a_checkout")
+    assert _provenance.checkout_commit() is None

@@ -1,0 +1,43 @@
+"""What produced a benchmark's numbers, written into its JSON and printed above its table: the
+skinclf, torch and Python versions, the machine, and the commit of this checkout, so that a
+figure quoted in the README can be traced to the code it was measured on."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import torch
+
+from skinclf.training.hardware import run_environment
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def provenance(device: torch.device) -> dict[str, str | None]:
+    return {**run_environment(device), "commit": checkout_commit()}
+
+
+def describe(record: dict[str, str | None]) -> str:
+    """One line of :func:`provenance`'s record."""
+    commit = f" at {record['commit']}" if record["commit"] else ""
+    return (
+        f"machine: {record['machine']}; skinclf {record['skinclf']}{commit}, torch {record['torch']}, "
+        f"Python {record['python']}"
+    )
+
+
+def checkout_commit() -> str | None:
+    """This checkout's commit, with "+changes" where tracked files differ from it; None outside a
+    git checkout (an installed copy of the scripts) or without git."""
+    try:
+        commit = _git("rev-parse", "--short", "HEAD")
+        changes = _git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changes else "")
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(CHECKOUT), *args], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
