@@ -70,6 +70,11 @@ def _hydra_group_choices(group: str) -> tuple[str, ...]:
         return tuple(sorted(GlobalHydra.instance().config_loader().get_group_options(group)))
 
 
+def override_key(override: str) -> str:
+    """The key a command-line override sets or removes: ``a.b`` of ``a.b=1``, ``+a.b=1``, ``~a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def adds_config_folders(args: Sequence[str]) -> bool:
     """Whether ``args`` add config folders of the user's own beside skinclf's (hydra.searchpath,
     --config-dir) or replace skinclf's (--config-path): their choices and keys are then Hydra's to

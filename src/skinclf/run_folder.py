@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from skinclf.config import data_path
+from skinclf.config import data_path, override_key
 from skinclf.errors import SkinclfError, first_line
 from skinclf.io import atomic_write_json
 from skinclf.run_files import (
@@ -274,7 +274,7 @@ def _has_key(config: dict[str, Any], dotted: str) -> bool:
 def _overridden(dotted: str, overrides: Sequence[str]) -> bool:
     """Whether a command-line override (``key=value``, ``+key=value``, ``~key``) sets ``dotted``
     or something inside it."""
-    names = (override.split("=", 1)[0].lstrip("+~") for override in overrides)
+    names = (override_key(override) for override in overrides)
     return any(name == dotted or name.startswith(f"{dotted}.") for name in names)
 
 

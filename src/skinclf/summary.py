@@ -15,7 +15,14 @@ from torchinfo import ModelStatistics, summary
 
 from skinclf import IMAGE_SIZE
 from skinclf.arguments import summary_parser
-from skinclf.config import adds_config_folders, compose_config, composed_or_none, config_choices, holds_key
+from skinclf.config import (
+    adds_config_folders,
+    compose_config,
+    composed_or_none,
+    config_choices,
+    holds_key,
+    override_key,
+)
 from skinclf.errors import SkinclfError, first_line
 from skinclf.models import build_model, check_model_config, check_model_output, model_order
 from skinclf.train_command import check_override_keys
@@ -49,9 +56,8 @@ def model_config(name: str, overrides: list[str] = ()) -> DictConfig:
 def has_key(name: str, override: str) -> bool:
     """Whether model ``name``'s config has the key ``override`` sets (``model.pretrained=true``:
     only the models with pretrained weights)."""
-    key = override.split("=", 1)[0].lstrip("+")
     cfg = composed_or_none((f"model={name}",))
-    return cfg is not None and holds_key(cfg, key)
+    return cfg is not None and holds_key(cfg, override_key(override))
 
 
 def model_statistics(cfg: DictConfig) -> ModelStatistics:

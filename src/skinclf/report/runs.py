@@ -27,7 +27,7 @@ import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from skinclf.config import compose_config, composed_or_none, number_setting
+from skinclf.config import compose_config, composed_or_none, number_setting, override_key
 from skinclf.errors import SkinclfError, counted, first_line
 from skinclf.io import readable
 from skinclf.run_files import (
@@ -577,8 +577,7 @@ def _settings(overrides: Sequence[str], cfg: DictConfig) -> dict[str, str]:
     """
     parsed = []
     for override in overrides:
-        key, _, value = str(override).partition("=")
-        parsed.append((key.lstrip("+~"), value))
+        parsed.append((override_key(str(override)), str(override).partition("=")[2]))
     groups = _default_group_choices()
     choices = tuple(f"{key}={value}" for key, value in parsed if key in groups)
     defaults = composed_or_none(choices)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from skinclf.config import is_number
+from skinclf.config import is_number, override_key
 from skinclf.io import FILE_NAME_ERRORS, atomic_write_text, python_strings, readable
 from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_SETTINGS
 from skinclf.run_folder import hydra_record, read_record, recorded, recorded_overrides, string_list
@@ -102,7 +102,7 @@ def train_command(args: Sequence[str]) -> str:
     resume, or Hydra's own."""
     kept = []
     for arg in args:
-        key = arg.lstrip("+~").split("=", 1)[0]
+        key = override_key(arg)
         own_hydra = key.startswith(("hydra.", "hydra/")) and not key.startswith("hydra.searchpath")
         if key in NOT_THE_POINTS or key.startswith("cv.") or own_hydra:
             continue
