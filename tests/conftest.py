@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from skinclf.config import compose_config
+from skinclf.io import readable
 
 # Small enough for a 2-core CPU, large enough to learn something.
 TINY = ["data.train_size=64", "data.val_size=32", "data.test_size=32", "trainer.max_epochs=1"]
@@ -225,3 +226,13 @@ class NoCpuKernel(nn.Linear):  # an op the CPU has no kernel for (a CUDA-only ex
     def forward(self, x):
         raise NotImplementedError("Could not run 'ext::op' with arguments from the 'CPU' backend")
 """
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Captured output as text that is valid UTF-8: tests of file names whose bytes are no UTF-8
+    print them as they are, and pytest-xdist cannot send such text from a worker (the whole run
+    ended in an INTERNALERROR). Shown escaped (``\\xff``), as skinclf's own titles show them."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(title, readable(content)) for title, content in report.sections]
