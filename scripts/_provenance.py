@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import skinclf
 from skinclf.training.hardware import run_environment
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -28,9 +29,14 @@ def describe(record: dict[str, str | None]) -> str:
 
 
 def checkout_commit() -> str | None:
-    """This checkout's commit, with "+changes" where tracked files differ from it; None outside a
-    git checkout (an installed copy of the scripts) or without git."""
+    """This checkout's commit, with "+changes" where tracked files differ from it, when the skinclf
+    being measured is this checkout's own (an editable install); None for an installed copy
+    (`pip install .` measures the code as it was then), outside a git checkout, or without git."""
+    if not Path(skinclf.__file__).resolve().is_relative_to(CHECKOUT / "src"):
+        return None
     try:
+        if Path(_git("rev-parse", "--show-toplevel")).resolve() != CHECKOUT:
+            return None  # a copy of the project inside another repository
         commit = _git("rev-parse", "--short", "HEAD")
         changes = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):

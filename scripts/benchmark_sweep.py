@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("benchmark_sweep.json"))
     args = parser.parse_args()
 
+    record = provenance(resolve_device(args.device))  # before: a sweep can take hours
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "sweep"
         data = [
@@ -132,7 +133,6 @@ def main() -> None:
             jobs.update({d.name.split("_", 1)[1]: read_job(d) for d in finished})
         jobs = {model: jobs[model] for model in args.models if model in jobs}
 
-    record = provenance(resolve_device(args.device))
     print(
         f"\n{describe(record)}; "
         f"{args.train_size}/{args.val_size}/{args.test_size} synthetic images "

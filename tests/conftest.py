@@ -230,9 +230,19 @@ class NoCpuKernel(nn.Linear):  # an op the CPU has no kernel for (a CUDA-only ex
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Captured output as text that is valid UTF-8: tests of file names whose bytes are no UTF-8
-    print them as they are, and pytest-xdist cannot send such text from a worker (the whole run
-    ended in an INTERNALERROR). Shown escaped (``\\xff``), as skinclf's own titles show them."""
+    """A report's text as valid UTF-8: tests of file names whose bytes are no UTF-8 print them as
+    they are, and pytest-xdist cannot send such text from a worker (the whole run ended in an
+    INTERNALERROR, a failure's message lost). Shown escaped (``\\xff``), as skinclf's titles show
+    them; a failure's message is then plain text (pytest's own layout of it is kept otherwise)."""
     outcome = yield
     report = outcome.get_result()
-    report.sections = [(title, readable(content)) for title, content in report.sections]
+    report.sections = [(title, _valid_text(content)) for title, content in report.sections]
+    if report.failed and _valid_text(str(report.longrepr)) != str(report.longrepr):
+        report.longrepr = _valid_text(str(report.longrepr))
+
+
+def _valid_text(text: str) -> str:
+    try:
+        return readable(text)  # a file name's bytes, as Python keeps them (surrogate escapes)
+    except UnicodeEncodeError:  # any other lone surrogate
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

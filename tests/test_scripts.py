@@ -74,25 +74,37 @@ def test_benchmark_results_name_the_commit_they_were_measured_at(tmp_path, monke
 
     if shutil.which("git") is None:
         pytest.skip("no git here")
+
+    def measuring(checkout: Path) -> None:
+        """As if the skinclf measured were ``checkout``'s own (an editable install)."""
+        monkeypatch.setattr(_provenance, "CHECKOUT", checkout)
+        monkeypatch.setattr(_provenance.skinclf, "__file__", str(checkout / "src/skinclf/__init__.py"))
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
+    repo = tmp_path / "repo"
+    (repo / "src" / "skinclf").mkdir(parents=True)
+    subprocess.run([*git, "-C", str(repo), "init", "-q"], check=True)
+    (repo / "f.py").write_text("a = 1\n")
+    subprocess.run([*git, "-C", str(repo), "add", "f.py"], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-q", "-m", "x"], check=True)
     head = subprocess.run(
-        ["git", "-C", str(SCRIPTS), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        [*git, "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    if not head:
-        pytest.skip("not a git checkout")
+    measuring(repo)
+    (repo / ".venv").mkdir()  # untracked files (CI's venv) are no change to the code
+    (repo / ".venv" / "x").write_text("")
     record = _provenance.provenance(torch.device("cpu"))
-    assert record["commit"] in (head, f"{head}+changes")
-    assert f"skinclf {record['skinclf']} at {record['commit']}, torch {torch.__version__}" in (
-        _provenance.describe(record)
-    )
-    # A tracked file changed: the figures are not that commit's.
-    tracked = tmp_path / "repo"
-    tracked.mkdir()
-    git = ["git", "-C", str(tracked), "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run([*git, "init", "-q"], check=True)
-    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
-    (tracked / "f.py").write_text("a = 1\n")
-    subprocess.run([*git, "add", "f.py"], check=True)
-    monkeypatch.setattr(_provenance, "CHECKOUT", tracked)
-    assert _provenance.checkout_commit().endswith("+changes")
-    monkeypatch.setattr(_provenance, "CHECKOUT", tmp_path / "not_a_checkout")
+    assert record["commit"] == head
+    assert f"skinclf {record['skinclf']} at {head}, torch {torch.__version__}" in _provenance.describe(record)
+    (repo / "f.py").write_text("a = 2\n")  # a tracked file changed: the figures are not that commit's
+    assert _provenance.checkout_commit() == f"{head}+changes"
+    # An installed copy measures the code as it was installed, whichever commit the checkout is at.
+    monkeypatch.setattr(_provenance.skinclf, "__file__", str(tmp_path / "site-packages/skinclf/__init__.py"))
+    assert _provenance.checkout_commit() is None
+    assert " at " not in _provenance.describe(_provenance.provenance(torch.device("cpu")))
+    # A copy of the project inside another repository, or outside any: no commit of its own.
+    measuring(repo / "src")
+    assert _provenance.checkout_commit() is None
+    (tmp_path / "plain").mkdir()
+    measuring(tmp_path / "plain")
     assert _provenance.checkout_commit() is None
