@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import skinclf
-from skinclf.training.hardware import run_environment
+from skinclf.training.hardware import describe_environment, run_environment
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -20,12 +20,9 @@ def provenance(device: torch.device) -> dict[str, str | None]:
 
 
 def describe(record: dict[str, str | None]) -> str:
-    """One line of :func:`provenance`'s record."""
-    commit = f" at {record['commit']}" if record["commit"] else ""
-    return (
-        f"machine: {record['machine']}; skinclf {record['skinclf']}{commit}, torch {record['torch']}, "
-        f"Python {record['python']}"
-    )
+    """One line of :func:`provenance`'s record, as a run's log gives its versions and machine."""
+    version = f"{record['skinclf']} at {record['commit']}" if record["commit"] else record["skinclf"]
+    return describe_environment({**record, "skinclf": version})
 
 
 def checkout_commit() -> str | None:

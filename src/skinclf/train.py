@@ -45,7 +45,7 @@ from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
 from skinclf.training.allocator import keep_freed_memory
 from skinclf.training.checkpoint import load_checkpoint
-from skinclf.training.hardware import resolve_device, resolve_precision, run_environment
+from skinclf.training.hardware import describe_environment, resolve_device, resolve_precision, run_environment
 from skinclf.training.loop import LoopSettings, evaluate, fit
 from skinclf.training.progress import PROGRESS_MODES
 from skinclf.training.recipe import Recipe
@@ -185,10 +185,7 @@ def log_setup(cfg: DictConfig, device: torch.device, settings: LoopSettings) -> 
         f"precision={settings.precision} channels_last={settings.channels_last}"
     )
     environment = run_environment(device)
-    log.info(
-        f"skinclf {environment['skinclf']}, torch {environment['torch']}, Python {environment['python']}; "
-        f"{environment['machine']}"
-    )
+    log.info(describe_environment(environment))
     return environment
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -101,6 +101,14 @@ def run_environment(device: torch.device) -> dict[str, str]:
         "python": platform.python_version(),
         "machine": describe_machine(device),
     }
+
+
+def describe_environment(environment: Mapping[str, str]) -> str:
+    """:func:`run_environment`'s record as one line: "skinclf 0.1.0, torch 2.6.0, Python 3.12.3; MACHINE"."""
+    return (
+        f"skinclf {environment['skinclf']}, torch {environment['torch']}, Python {environment['python']}; "
+        f"{environment['machine']}"
+    )
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
