@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,16 +23,7 @@ from PIL import Image
 
 from skinclf.data.decode_cache import decode_files, decode_threads, load_or_decode, store
 from skinclf.data.synthetic import draw_lesion
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from skinclf.training.hardware import cpu_model
 
 
 def write_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -80,7 +70,7 @@ def main() -> None:
         cache_mb = sum(p.stat().st_size for p in cache.glob("*.pt")) / 1e6
 
     print(
-        f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.1f}; "
+        f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.1f}; "
         f"decoding on {decode_threads()} threads"
     )
     print(

@@ -22,8 +22,7 @@ from skinclf.report.runs import (
     is_group,
     keys_set_by,
     leaves_of,
-    recorded_digest,
-    short_digest,
+    told_apart_by_digest,
 )
 
 
@@ -73,14 +72,12 @@ def add_training_data_differences(runs: list[Run]) -> None:
     those that record no digest (an older skinclf's) are ``training_data=unknown``; elsewhere they
     are left as they are. A data.balance_train run records the split its seeded subset is drawn
     from, so that its seeds stay one experiment."""
-    alike: dict[tuple, list[tuple[Run, str | None]]] = {}
-    for run in runs:
-        digest = recorded_digest(run, "train_data_sha256")
-        alike.setdefault(tuple(sorted(run.settings.items())), []).append((run, digest))
-    for members in alike.values():
-        if len({digest for _, digest in members if digest}) > 1:
-            for run, digest in members:
-                run.settings[TRAINING_DATA] = short_digest(digest)
+    for run, digest in told_apart_by_digest(runs, "train_data_sha256", _settings_of):
+        run.settings[TRAINING_DATA] = digest
+
+
+def _settings_of(run: Run) -> tuple:
+    return tuple(sorted(run.settings.items()))
 
 
 def add_config_differences(runs: list[Run]) -> None:

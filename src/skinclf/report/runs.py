@@ -17,7 +17,7 @@ import json
 import os
 import re
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -292,14 +292,24 @@ def _tell_evaluation_data_apart(runs: list[Run]) -> None:
     such content becomes a dataset of its own, named by its digest (``folder:/data/isic [eval
     data 1a2b3c4d]``); its runs that record none (older skinclf, unfinished) are ``[eval data
     unknown]``. A dataset of one content keeps its plain name, its older runs with it."""
-    digests: dict[str, set[str]] = {}
+    for run, digest in told_apart_by_digest(runs, "eval_data_sha256", lambda run: run.data):
+        run.data = f"{run.data} [eval data {digest}]"
+
+
+def told_apart_by_digest(
+    runs: Iterable[Run], key: str, alike: Callable[[Run], Hashable]
+) -> list[tuple[Run, str]]:
+    """Each run of ``runs`` whose ``alike`` peers record more than one data digest under ``key``,
+    with its :func:`short_digest` (``unknown`` where it records none); the others not at all."""
+    peers: dict[Hashable, list[tuple[Run, str | None]]] = {}
     for run in runs:
-        if digest := recorded_digest(run, "eval_data_sha256"):
-            digests.setdefault(run.data, set()).add(digest)
-    for run in runs:
-        if len(digests.get(run.data, ())) > 1:
-            # Unfinished, failed or older runs of a split dataset: which content, nothing says.
-            run.data = f"{run.data} [eval data {short_digest(recorded_digest(run, 'eval_data_sha256'))}]"
+        peers.setdefault(alike(run), []).append((run, recorded_digest(run, key)))
+    return [
+        (run, short_digest(digest))
+        for members in peers.values()
+        if len({digest for _, digest in members if digest}) > 1
+        for run, digest in members
+    ]
 
 
 def recorded_digest(run: Run, key: str) -> str | None:
@@ -575,9 +585,7 @@ def _settings(overrides: Sequence[str], cfg: DictConfig) -> dict[str, str]:
     (`optim.lr=1e-4`, `recipe=paper`, `experiment=paper`, whose values are the defaults) is the
     default run spelled out, not another setting.
     """
-    parsed = []
-    for override in overrides:
-        parsed.append((override_key(str(override)), str(override).partition("=")[2]))
+    parsed = [(override_key(override), override.partition("=")[2]) for override in overrides]
     groups = _default_group_choices()
     choices = tuple(f"{key}={value}" for key, value in parsed if key in groups)
     defaults = composed_or_none(choices)
