@@ -58,7 +58,7 @@ def config_choices(group: str) -> list[str]:
     if group.startswith("hydra/"):
         return list(_hydra_group_choices(group))
     folder = files(CONFIG_MODULE).joinpath(group)
-    if group.startswith("hydra") or not folder.is_dir():
+    if not folder.is_dir():
         return []
     names = (entry.name for entry in folder.iterdir() if entry.name.endswith(".yaml"))
     return sorted(name.removesuffix(".yaml") for name in names if not name.startswith("_"))

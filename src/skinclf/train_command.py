@@ -38,6 +38,7 @@ from skinclf.config import (
     config_choices,
     grid_search_without_folds,
     holds_key,
+    override_key,
 )
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError, first_line
 from skinclf.io import atomic_write_text, remove_empty_folders
@@ -421,7 +422,7 @@ def _check_group_choices(args: list[str]) -> None:
             )
         for value in values or []:
             if choices and isinstance(value, str) and "${" not in value and value not in choices:
-                key = arg.split("=", 1)[0].lstrip("+")  # as typed: pipeline@model.pipeline
+                key = override_key(arg)  # as typed: pipeline@model.pipeline
                 raise SkinclfError(f"{key}={value}: unknown {group}; expected one of {', '.join(choices)}")
 
 
