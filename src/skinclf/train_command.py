@@ -302,7 +302,8 @@ def _asks_version(args: Sequence[str]) -> bool:
 def _hydra_arguments(args: tuple[str, ...]) -> argparse.Namespace | None:
     """The command line as Hydra's own argument parser reads it (its options, their values, their
     abbreviations such as --multi; the overrides); None where that parser would refuse it, or
-    print and exit itself (--version), which is then left to Hydra."""
+    print and exit itself (--version), which is then left to Hydra. An option it does not know
+    is a SkinclfError here (one line instead of Hydra's usage)."""
     if _asks_version(args):
         return None
     parser = _hydra_parser()
