@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -306,6 +307,7 @@ def test_skip_bad_images_lists_and_leaves_them_out(tmp_path, caplog):
         splits = load_splits(cfg)
     assert splits.train.class_counts() == {"MEL": 3, "NV": 3}
     assert str(bad) in caplog.text
+    assert "train/NV/broken.jpg" not in splits.train.sources and len(splits.train.sources) == 6
     # The cache remembers the bad file: without the option it is an error again, not silently skipped.
     with pytest.raises(SkinclfError, match="broken.jpg"):
         load_splits(data_cfg(root, tmp_path / "cache"))
@@ -346,6 +348,13 @@ def test_train_cli_end_to_end_with_relative_root(tmp_path):
     run_dir = Path(proc.stdout.strip().splitlines()[-1].removeprefix("output directory: "))
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
     assert metrics["n_test"] == 6 and metrics["data"] == "folder"
+    # Each prediction names its image under data.root, in the order the splits hold them.
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    assert list(predictions.columns) == ["split", "index", "source", "label", "prob_mel"]
+    for split, rows in predictions.groupby("split"):
+        expected = [f"{split}/MEL/m{i}.jpg" for i in range(3)] + [f"{split}/NV/n{i}.jpg" for i in range(3)]
+        assert sorted(rows["source"]) == sorted(expected)
+        assert all(rows["label"] == [int("/MEL/" in source) for source in rows["source"]])
     assert len(list((tmp_path / "data").glob("folder-ds-*.pt"))) == 3  # default cache_dir, per split
 
 

@@ -55,6 +55,8 @@ def test_keeps_melanoma_and_nevi_as_mel_and_nv(tmp_path):
         pixel = split.images[:, 0, 0, 0].numpy()
         assert pixel.tolist() == [10 * ys[i] + i for i in kept]
         assert (split.labels.numpy() == (ys[kept] == 4)).all()
+        # predictions.csv names each image by its place in the npz, the other classes counted.
+        assert split.sources == [f"{name}_images[{i}]" for i in kept]
 
 
 def test_folder_holding_the_file_and_other_sizes_are_resized(tmp_path):
@@ -101,6 +103,10 @@ def test_balance_train_undersamples_nv_in_train_only(tmp_path):
     assert a.val.class_counts() == {"MEL": 1, "NV": 2}
     b = splits_of(path, "data.balance_train=true", "seed=1")
     assert torch.equal(a.train.images, b.train.images)  # seeded
+    # The subset keeps each image's place in the npz: image i has pixel value 10 * label + i.
+    for source, pixel in zip(a.train.sources, a.train.images[:, 0, 0, 0].tolist(), strict=True):
+        i = int(source.removeprefix("train_images[").removesuffix("]"))
+        assert pixel == 10 * LABELS["train"][i] + i
     draws = {
         tuple(splits_of(path, "data.balance_train=true", f"seed={s}").train.images[:, 0, 0, 0].tolist())
         for s in range(6)

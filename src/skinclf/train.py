@@ -245,6 +245,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             {
                 "split": "val",
                 "index": np.arange(len(val_probs)),
+                "source": splits.val.sources,
                 "label": splits.val.labels.numpy().astype(int),
                 "prob_mel": val_probs,
             }
@@ -267,6 +268,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                 {
                     "split": "test",
                     "index": np.arange(len(labels)),
+                    "source": splits.test.sources,
                     "label": labels.astype(int),
                     "prob_mel": test_probs,
                 }

@@ -155,11 +155,16 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
                 f"(dropped {len(labels) - len(keep)} images of the other 5 classes)"
             )
             chw = torch.from_numpy(images[keep]).permute(0, 3, 1, 2)
-            splits[split] = Split(_resize(chw, IMAGE_SIZE), torch.from_numpy(binary))
+            sources = [f"{split}_images[{i}]" for i in keep]
+            splits[split] = Split(_resize(chw, IMAGE_SIZE), torch.from_numpy(binary), sources=sources)
             if split == "train" and balance:
                 # Hashed whole, as an unbalanced run's, before the seed picks its NV images.
                 drawn_from = content_hash(splits[split])
                 subset = torch.from_numpy(undersample_majority(binary, int(data_cfg.get("seed", 0))))
-                splits[split] = Split(splits[split].images_at(subset), splits[split].labels[subset])
+                splits[split] = Split(
+                    splits[split].images_at(subset),
+                    splits[split].labels[subset],
+                    sources=[sources[i] for i in subset.tolist()],
+                )
                 log.info(f"dermamnist train: balanced by undersampling NV to {len(subset) // 2} per class")
     return ImageSplits(name="dermamnist", **splits, train_drawn_from=drawn_from)

@@ -26,7 +26,7 @@ from skinclf.data.decode_cache import load_or_decode, store
 from skinclf.data.images import IMAGE_SIZE
 from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split
 from skinclf.errors import SkinclfError, first_line, not_a_folder
-from skinclf.io import files_under, is_system_file
+from skinclf.io import files_under, is_system_file, readable
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,8 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
         _check_classes_kept(root, files, labels, kept_labels)
         kept_files = [files[i] for i in decoded.kept]
         lesions = None if lesion_of is None else _lesions_of(kept_files, root, lesion_of)
-        splits[name] = Split(decoded.images, kept_labels, lesions)
+        sources = [readable(str(file.relative_to(root))) for file in kept_files]
+        splits[name] = Split(decoded.images, kept_labels, lesions, sources)
         files_of[name] = kept_files
     _warn_of_copies_across_splits(splits, files_of)
     # Only once every split decoded: a bad file in val leaves no train cache behind either.

@@ -31,6 +31,10 @@ class Split:
     # from its manifest.csv), so that cross-validation keeps a lesion's images in one fold; None
     # where unknown.
     lesions: np.ndarray | None = None
+    # Where each image came from, for a person reading predictions.csv: a folder dataset's file
+    # under data.root, a DermaMNIST image's place in its npz array; None where there is no such
+    # place (the built-in synthetic data).
+    sources: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
@@ -41,6 +45,8 @@ class Split:
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
         if self.lesions is not None and len(self.lesions) != len(self.labels):
             raise ValueError(f"{len(self.labels)} images but {len(self.lesions)} lesion ids")
+        if self.sources is not None and len(self.sources) != len(self.labels):
+            raise ValueError(f"{len(self.labels)} images but {len(self.sources)} sources")
         self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.labels = self.labels.to(torch.float32)
 
