@@ -298,6 +298,24 @@ def _relabelled_twice(source):
     csv.write_text(f"{header}\nHAM_9999999,{nv},mel\n{rest}")
 
 
+def _mel_listed_again_as_bkl(source):
+    """A HAM10000 metadata file that lists one MEL image a second time, as a keratosis (bkl)."""
+    table = fake_ham10000(source)
+    mel = table[table["label"] == "MEL"].iloc[0]
+    with (source / "HAM10000_metadata.csv").open("a") as csv:
+        csv.write(f"{mel.lesion_id},{mel.image_id},bkl\n")
+
+
+def _nv_listed_again_as_bcc(source):
+    """An ISIC ground truth that lists one NV image in a second row, as a basal cell carcinoma."""
+    table = fake_isic2019(source)
+    csv = source / "ISIC_2019_Training_GroundTruth.csv"
+    rows = pd.read_csv(csv, dtype=str)
+    again = rows[rows["image"] == table[table["label"] == "NV"]["image_id"].iloc[0]].copy()
+    again[["NV", "BCC"]] = ["0.0", "1.0"]
+    pd.concat([rows, again]).to_csv(csv, index=False)
+
+
 def _both_labels_in_isic_row(source):
     fake_isic2019(source)
     csv = source / "ISIC_2019_Training_GroundTruth.csv"
@@ -332,6 +350,7 @@ def _isic_mel_cell(value):
         (lambda s: None, [], "no such folder"),
         (lambda s: s.symlink_to(s.with_name("unpacked_elsewhere")), [], "is a symlink to nothing ("),
         (_missing_mel_image, [], "not under it"),
+        (_missing_mel_image, ["--skip-bad-images"], "unpacked (--skip-bad-images leaves out unreadable"),
         (_mel_image_converted_to_webp, [], ".webp is there: only .jpg/.jpeg/.png files are read)"),
         (
             lambda s: (fake_ham10000(s), (s / "HAM10000_metadata.csv").write_text("image_id,dx\nx,mel\n")),
@@ -348,6 +367,8 @@ def _isic_mel_cell(value):
         (lambda s: fake_ham10000(s, n_mel=0, n_nv=20, n_other=3), [], "no MEL image listed; expected"),
         (lambda s: fake_ham10000(s), ["--split", "70,30"], "--split 70,30"),
         (_relabelled_twice, [], "is listed 2 times, as MEL lesion HAM_9999999; NV lesion"),
+        (_mel_listed_again_as_bkl, [], "; bkl lesion HAM_"),
+        (_nv_listed_again_as_bcc, [], "; BCC lesion "),
         # The edited row is the table's fourth: line 5 of the file, after the header.
         (_isic_mel_cell("x"), [], "row 5 (ISIC_0001003), column MEL: 'x'; expected 0 or 1"),
         (_isic_mel_cell(""), [], "row 5 (ISIC_0001003), column MEL: empty; expected 0 or 1"),
@@ -362,6 +383,7 @@ def _isic_mel_cell(value):
         "no-source",
         "source-dangling-symlink",
         "missing-image",
+        "missing-image-not-skipped",
         "image-of-another-kind",
         "missing-column",
         "tab-separated",
@@ -370,6 +392,8 @@ def _isic_mel_cell(value):
         "no-mel",
         "bad-split",
         "conflicting-duplicate",
+        "mel-also-listed-as-bkl",
+        "nv-also-listed-as-bcc",
         "non-numeric-label",
         "empty-label",
         "mel-and-nv",
@@ -386,6 +410,17 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, setup, args,
     if expected != "--split 70,30":
         assert str(source) in err
     assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_images_of_other_classes_listed_twice_do_not_matter(tmp_path):
+    # Only MEL and NV images are prepared: a keratosis listed under two lesions is not refused.
+    source, out = tmp_path / "ham10000", tmp_path / "out"
+    table = fake_ham10000(source)
+    other = table[table["label"] == "other"].iloc[0]
+    with (source / "HAM10000_metadata.csv").open("a") as csv:
+        csv.write(f"HAM_9999999,{other.image_id},bkl\n")
+    cli.main(["prepare", str(source), str(out)])
+    check_output(out, table)
 
 
 def test_an_output_folder_inside_the_download_is_refused(tmp_path, capsys):

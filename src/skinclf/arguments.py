@@ -115,7 +115,11 @@ def prepare_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("source", help="the unpacked download (metadata CSV and images anywhere under it)")
     parser.add_argument("out", help="output folder (must not exist, or be empty)")
-    parser.add_argument("--balance", action="store_true", help="undersample NV to as many images as MEL")
+    parser.add_argument(
+        "--balance",
+        action="store_true",
+        help="undersample the larger class (NV in both downloads) to as many images as the other",
+    )
     parser.add_argument(
         "--split",
         default="71,14,15",

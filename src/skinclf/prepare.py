@@ -105,10 +105,21 @@ def _one_hot(table: pd.DataFrame, path: Path, column: str) -> pd.Series:
     return values
 
 
-def _without_duplicates(records: pd.DataFrame, metadata: Path) -> pd.DataFrame:
-    """Drop repeated rows of one image; refuse an image listed with two labels or lesions."""
+def _other_class(table: pd.DataFrame, nv: pd.Series) -> np.ndarray:
+    """Per row of the ISIC ground truth: NV, or the first other column set to 1 (BCC, ...)."""
+    others = table.drop(columns=["image", "MEL", "NV"]).apply(pd.to_numeric, errors="coerce").eq(1)
+    first = others.idxmax(axis=1) if len(others.columns) else ""
+    return np.where(nv, "NV", np.where(others.any(axis=1), first, "no diagnosis"))
+
+
+def _mel_nv_without_duplicates(records: pd.DataFrame, metadata: Path) -> pd.DataFrame:
+    """The MEL and NV rows of ``records``, repeated rows of one image dropped; an image listed as
+    MEL or NV and again with another label (another class included) or lesion is refused."""
     records = records.drop_duplicates()
-    repeated = records["image_id"].duplicated(keep=False)
+    kept = records["label"].isin(["MEL", "NV"])
+    repeated = records["image_id"].duplicated(keep=False) & records["image_id"].isin(
+        records.loc[kept, "image_id"]
+    )
     if repeated.any():
         image_id = records.loc[repeated, "image_id"].iloc[0]
         rows = records[records["image_id"] == image_id]
@@ -117,11 +128,12 @@ def _without_duplicates(records: pd.DataFrame, metadata: Path) -> pd.DataFrame:
             f"{metadata}: {image_id} is listed {len(rows)} times, as {listed}; "
             "expected one label and lesion per image"
         )
-    return records
+    return records[kept]
 
 
 def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
-    """(dataset name, metadata file, table of image_id, label MEL/NV, lesion_id or '') of SOURCE."""
+    """(dataset name, metadata file, table of image_id, label, lesion_id or '') of SOURCE: every
+    listed image, its label MEL, NV or the other class it is listed as (to find conflicts)."""
     isic, ham = _find_one(source, ISIC_2019_CSV), _find_one(source, HAM10000_CSV)
     if isic and ham:
         raise SkinclfError(
@@ -130,12 +142,11 @@ def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
     if ham:
         table = _read_csv(ham)
         _require_columns(table, ham, ["image_id", "dx", "lesion_id"])
-        dx = table["dx"].str.strip().str.lower()
-        records = pd.DataFrame(
-            {"image_id": table["image_id"].str.strip(), "label": dx.map({"mel": "MEL", "nv": "NV"})}
-        )
+        dx = table["dx"].fillna("").str.strip()
+        label = dx.str.lower().map({"mel": "MEL", "nv": "NV"}).fillna(dx)
+        records = pd.DataFrame({"image_id": table["image_id"].str.strip(), "label": label})
         records["lesion_id"] = table["lesion_id"].fillna("").str.strip()
-        return "HAM10000", ham, records.dropna(subset=["label"])
+        return "HAM10000", ham, records
     if isic:
         table = _read_csv(isic)
         _require_columns(table, isic, ["image", "MEL", "NV"])
@@ -146,8 +157,9 @@ def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
                 f"{isic}: row {row + 2} ({table['image'].iloc[row]}) has both MEL and NV set to 1; "
                 "expected one diagnosis per image"
             )
-        records = pd.DataFrame({"image_id": table["image"].str.strip(), "label": np.where(mel, "MEL", "NV")})
-        records = records[mel | nv]
+        records = pd.DataFrame(
+            {"image_id": table["image"].str.strip(), "label": np.where(mel, "MEL", _other_class(table, nv))}
+        )
         metadata = _find_one(source, ISIC_2019_METADATA)
         lesions: dict[str, str] = {}
         if metadata:
@@ -168,9 +180,13 @@ def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
     )
 
 
-def locate_images(source: Path, image_ids: pd.Series, metadata: Path) -> list[Path]:
+def locate_images(
+    source: Path, image_ids: pd.Series, metadata: Path, skip_bad_images: bool = False
+) -> list[Path]:
     """The image file of each id, searched anywhere under SOURCE, symlinked folders included
-    (first in path order when repeated)."""
+    (first in path order when repeated). A missing one is an error even with ``skip_bad_images``:
+    a download unpacked in part (HAM10000 comes in two parts) would otherwise lose a share of its
+    images to the skipped list."""
     index: dict[str, Path] = {}
     others: dict[str, Path] = {}  # files of other kinds, to name one that stands for a listed image
     for path in files_under(source):
@@ -180,10 +196,13 @@ def locate_images(source: Path, image_ids: pd.Series, metadata: Path) -> list[Pa
     if missing:
         other = others.get(missing[0])
         seen = f", though {other} is there: only .jpg/.jpeg/.png files are read" if other else ""
+        skip = ""
+        if skip_bad_images:
+            skip = " (--skip-bad-images leaves out unreadable images, not missing ones)"
         raise SkinclfError(
             f"{source}: {len(missing)} of the {len(image_ids)} MEL/NV images listed in {metadata.name} are "
             f"not under it (first: {missing[0]}{seen}); expected the .jpg/.png images of the download "
-            "inside SOURCE"
+            f"inside SOURCE, every part of it unpacked{skip}"
         )
     return [index[i] for i in image_ids]
 
@@ -295,14 +314,14 @@ def prepare(
         raise SkinclfError(f"{out}: inside the download {source}; expected an output folder outside it")
     _check_out(out)
     name, metadata, records = read_records(source)
-    records = _without_duplicates(records, metadata).sort_values("image_id", ignore_index=True)
+    records = _mel_nv_without_duplicates(records, metadata).sort_values("image_id", ignore_index=True)
     for label in ("MEL", "NV"):  # as read, before balancing or looking for the images
         if not (records["label"] == label).any():
             raise SkinclfError(f"{metadata}: no {label} image listed; expected a download with MEL and NV")
     if balance:
         records = records.iloc[undersample_majority((records["label"] == "MEL").to_numpy(), seed)]
         records = records.reset_index(drop=True)
-    sources = locate_images(source, records["image_id"], metadata)
+    sources = locate_images(source, records["image_id"], metadata, skip_bad_images)
     # Images without a lesion id are their own group.
     groups = records["lesion_id"].where(records["lesion_id"] != "", "image:" + records["image_id"])
     split = assign_splits(records["label"].to_numpy(), groups.to_numpy(), fractions, seed)
