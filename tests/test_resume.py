@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from skinclf import train
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.run_files import RUN_CONFIG, STATUS_FILE
-from skinclf.run_folder import claim_run_dir, comparable_config
+from skinclf.run_folder import claim_run_dir, comparable_config, remove_leftover_temporaries
 from skinclf.train import run
 from skinclf.training import loop
 from skinclf.training.checkpoint import load_checkpoint
@@ -453,6 +454,57 @@ def test_a_resume_that_fails_on_its_data_records_it_and_resumes_once_fixed(tmp_p
     train_cli(*args, f"hydra.run.dir={run_dir}", "resume=true", "trainer.progress=never", cwd=tmp_path)
     assert json.loads((run_dir / "job_status.json").read_text())["status"] == "done"
     assert json.loads((run_dir / "test_metrics.json").read_text())["n_test"] == 8
+
+
+# A training process killed outright (SIGKILL) while it writes its first best.pt, half written.
+_KILLED_WHILE_SAVING = """
+import os, signal, sys
+from skinclf import cli, io
+
+save = io._save_without_crc32
+
+def save_half_and_die(obj, path):
+    if not path.name.startswith(".best.pt."):
+        return save(obj, path)  # the data cache
+    path.write_bytes(b"half a checkpoint")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+io._save_without_crc32 = save_half_and_die
+cli.main(["train", *sys.argv[1:]])
+"""
+
+
+def test_a_resume_removes_what_a_killed_process_left_half_written(tmp_path, shared_data_dir) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [*in_process(shared_data_dir), f"hydra.run.dir={run_dir}"]
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_WHILE_SAVING, *overrides], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = [path.name for path in run_dir.glob(".*.tmp")]
+    assert len(left) == 1 and left[0].startswith(".best.pt."), left  # what the resume must remove
+
+    train_cli(*overrides, "resume=true", cwd=tmp_path)
+    assert not list(run_dir.glob(".*.tmp"))
+    assert (run_dir / "test_metrics.json").exists()
+    log = (run_dir / "train.log").read_text()
+    assert f"removed what an interrupted process left half-written: {left[0]}" in log
+
+
+def test_only_skinclfs_own_temporaries_are_removed_grid_folds_included(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    for folder in (run_dir / "fold_1", run_dir / "notes"):
+        folder.mkdir(parents=True)
+    ours = []
+    for folder, name in ((run_dir, "last.pt"), (run_dir / "fold_1", "best.pt")):
+        fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)  # as atomic_write
+        os.close(fd)
+        ours.append(Path(path))
+    others = [run_dir / ".draft.tmp", run_dir / "notes" / ".best.pt.abcd1234.tmp", run_dir / "best.pt"]
+    for path in others:
+        path.write_text("a user's")
+    remove_leftover_temporaries(run_dir)
+    assert not any(path.exists() for path in ours) and all(path.exists() for path in others)
 
 
 def _as_an_older_skinclf_wrote_it(run_dir: Path, *dotted_keys: str) -> None:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from skinclf.config import data_path, override_key
 from skinclf.errors import SkinclfError, first_line
-from skinclf.io import atomic_write_json
+from skinclf.io import atomic_write_json, leftover_temporaries
 from skinclf.run_files import (
     BEST_CHECKPOINT,
     CV_RESULT,
@@ -342,7 +342,9 @@ def recorded_status(out_dir: Path, launch: str | None, **info: Any) -> Iterator[
 
     "running" names the process and its machine: a process killed outright (SIGKILL, the
     out-of-memory killer) records nothing more, and ``skinclf report`` can then tell it from a
-    run that is still going (:func:`process_gone`)."""
+    run that is still going (:func:`process_gone`). Such a process may also have left a
+    half-written file (:func:`remove_leftover_temporaries`)."""
+    remove_leftover_temporaries(out_dir)
     write_status(out_dir, "running", launch, pid=os.getpid(), host=socket.gethostname(), **info)
     try:
         yield
@@ -353,6 +355,19 @@ def recorded_status(out_dir: Path, launch: str | None, **info: Any) -> Iterator[
         write_status(out_dir, "stopped", launch, **info)
         raise
     write_status(out_dir, "done", launch, **info)
+
+
+def remove_leftover_temporaries(out_dir: Path) -> None:
+    """Remove the temporary files that an earlier process of this run (or of a grid point's
+    folds) was killed while writing: a checkpoint's can take gigabytes, and nothing else would
+    ever remove them. Called by the process that holds the folder, before it writes anything."""
+    folders = [out_dir, *sorted(folder for folder in out_dir.glob("fold_*") if folder.is_dir())]
+    leftovers = [tmp for folder in folders for tmp in leftover_temporaries(folder)]
+    for tmp in leftovers:
+        tmp.unlink(missing_ok=True)
+    if leftovers:
+        names = ", ".join(str(tmp.relative_to(out_dir)) for tmp in leftovers)
+        log.info(f"{out_dir}: removed what an interrupted process left half-written: {names}")
 
 
 def trained_now(status: dict[str, Any]) -> bool:
