@@ -205,11 +205,16 @@ def test_a_warm_up_on_the_constant_schedule_rises_then_holds():
 
 
 def test_loop_steps_the_schedule_every_batch_and_keeps_the_paper_rate_constant(tmp_path):
-    # 12 images, batch 4: 3 steps per epoch; the lr column is the rate after each epoch's last step.
-    _, _, history = fit_tiny(tmp_path / "cosine", Recipe(schedule="cosine", warmup_epochs=1), lr=1e-2)
-    # After 3 steps the warm-up is over (cosine at 0/3), after 6 the decay is complete (3/3).
-    cosine = [1e-2 * 0.5 * (1 + math.cos(math.pi * done / 3)) for done in (0, 3)]
-    assert history["lr"].tolist() == pytest.approx(cosine, abs=1e-12)
+    # 12 images, batch 4: 3 steps per epoch; the lr column is the rate of each epoch's first step.
+    _, _, history = fit_tiny(
+        tmp_path / "cosine", Recipe(schedule="cosine", warmup_epochs=3), lr=1e-2, max_epochs=5
+    )
+    # Warm-up over 9 steps, then a cosine over the last 6: epoch 1 begins at 1/9 of the rate,
+    # epoch 4 at the top (cosine at 0/6), epoch 5 half-way down (3/6), never at 0.
+    expected = [1e-2 * (step + 1) / 9 for step in (0, 3, 6)] + [
+        1e-2 * 0.5 * (1 + math.cos(math.pi * done / 6)) for done in (0, 3)
+    ]
+    assert history["lr"].tolist() == pytest.approx(expected, abs=1e-12)
     _, _, paper = fit_tiny(tmp_path / "paper", lr=1e-2)
     assert paper["lr"].tolist() == [1e-2, 1e-2]
     assert list(paper.columns) == METRICS_COLUMNS

@@ -370,6 +370,9 @@ def fit(
             break
         t0 = time.perf_counter()
         desc = f"epoch {epoch}/{settings.max_epochs}"
+        # The rate of the epoch's first step (a schedule changes it every step): read after the
+        # epoch, a cosine run's last row would say 0, as if that epoch had not trained.
+        lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(
             model, pipeline, train, optimizer, scaler, generator, settings, device, desc, scheduler, ema
         )
@@ -403,7 +406,7 @@ def fit(
             "train_acc": round(train_acc, 6),
             "val_loss": round(val_loss, 6),
             "val_acc": round(val_acc, 6),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "seconds": round(seconds, 3),
             **raw_scores,
         }
