@@ -77,7 +77,7 @@ def model_statistics(cfg: DictConfig) -> ModelStatistics:
 
 
 def _statistics_on(cfg: DictConfig, device: str) -> ModelStatistics:
-    # Quietly: a table of shapes needs no weights, and "vgg16: random features, NOT the paper's
+    # Quietly: a table of shapes needs no weights, and "random VGG-16 features, NOT the paper's
     # setup" would read as if it changed the table.
     with torch.device(device), quiet_logs():
         model = build_model(cfg.model)

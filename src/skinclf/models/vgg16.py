@@ -92,11 +92,12 @@ class VGG16Transfer(nn.Module):
         self.preset = ResizeCrop() if input_preset == "full" else None
         if check_bool("model.pretrained", pretrained):
             self.features = imagenet_features()
-            log.info(f"vgg16: ImageNet IMAGENET1K_V1 features from {weights_file()}")
+            # No model name here: vgg16_ft builds its features with this class too.
+            log.info(f"VGG-16 features: ImageNet IMAGENET1K_V1 weights from {weights_file()}")
         else:
             self.features = vgg16(weights=None).features
             log.warning(
-                "vgg16: model.pretrained=false: randomly initialised features, NOT the paper's setup "
+                "model.pretrained=false: randomly initialised VGG-16 features, NOT the paper's setup "
                 "(which uses ImageNet IMAGENET1K_V1 weights)"
             )
         self.features.requires_grad_(False)
