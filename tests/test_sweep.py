@@ -434,6 +434,52 @@ def test_kill_stops_a_local_sweep_and_the_jobs_it_runs(tmp_path: Path, shared_da
     assert not (sweep / "2_baseline").exists()
 
 
+@pytest.mark.slow
+def test_the_job_processes_of_a_sweep_killed_outright_end_on_their_own(tmp_path, shared_data_dir) -> None:
+    """A launcher killed with SIGKILL cannot shut its job processes down: they finish their jobs,
+    then end once idle (loky's worker timeout), instead of waiting forever with their memory."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from skinclf.sweep.launcher import WORKER_IDLE_TIMEOUT_S
+
+    sweep = tmp_path / "sweep"
+    args = [*TINY[1:3], "data.train_size=128", "trainer.max_epochs=2", "trainer.progress=never"]
+    args += [f"data.cache_dir={shared_data_dir}", "hydra/launcher=local", "hydra.launcher.n_jobs=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "skinclf", "train", "-m", "seed=0,1", *args, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    statuses = [sweep / f"{job}_baseline" / STATUS_FILE for job in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not all(status.exists() for status in statuses) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [json.loads(status.read_text())["pid"] for status in statuses]
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + WORKER_IDLE_TIMEOUT_S + 150  # jobs to finish, idle, loky's 30 s exit
+    while _alive(workers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = _alive(workers)
+    for pid in left:  # not to leave them behind the test
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+    assert all(json.loads(status.read_text())["status"] == "done" for status in statuses)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` whose process still runs (not a zombie awaiting its parent)."""
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running.append(pid)
+    return running
+
+
 def test_jobs_divide_the_cores_between_the_jobs_the_sweep_has(tmp_path: Path, shared_data_dir: Path) -> None:
     """n_jobs=-1 is one job per core; a sweep of two jobs still gets all the cores, half each."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")

@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 # How long a stopped sweep waits for its running jobs to record that they stopped, before it
 # kills what is left of them.
 STOP_TIMEOUT_S = 60
+# How long a job's process waits idle for work before it ends on its own. Its one job is queued
+# as it starts, and the launcher shuts it down when the job returns; but a launcher killed
+# outright (SIGKILL) never does, and the process would otherwise wait forever, holding its
+# memory (about 1 GB), deaf to SIGTERM (see _run_job).
+WORKER_IDLE_TIMEOUT_S = 10
 
 
 class LocalLauncher(JoblibLauncher):
@@ -123,7 +128,7 @@ class _Jobs:
         launcher = self.launcher
         slot = min(self.free_slots)
         self.free_slots.remove(slot)
-        executor = ProcessPoolExecutor(max_workers=1)
+        executor = ProcessPoolExecutor(max_workers=1, timeout=WORKER_IDLE_TIMEOUT_S)
         future = executor.submit(
             _run_job,
             self.first_num + idx,
