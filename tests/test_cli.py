@@ -307,7 +307,8 @@ def error_run(tmp_path, *overrides):
     [
         (
             "model=alexnet",
-            f"model=alexnet: unknown model; expected one of {', '.join(sorted(model_names()))}",
+            f"model=alexnet: unknown model; expected one of {', '.join(sorted(model_names()))} "
+            "(or a model config of your own: add its folder with hydra.searchpath)",
         ),
         ("recipe=moden", "recipe=moden: unknown recipe; expected one of modern, paper"),
         ("data=Folder", "data=Folder: unknown data; expected one of dermamnist, folder, synthetic"),

@@ -192,7 +192,10 @@ def test_a_users_grad_cam_layer_is_used_or_refused_in_one_line():
     torch.manual_seed(0)
     assert grad_cam(Named(), torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)).layer == "features.1 (ReLU)"
     Named.grad_cam_layer = lambda self: nn.ReLU()  # a module the model does not hold
-    with pytest.raises(SkinclfError, match=r"^Named.grad_cam_layer\(\): not one of the model's modules$"):
+    with pytest.raises(SkinclfError, match=r"^Named.grad_cam_layer\(\): returned a ReLU, not one of"):
+        grad_cam(Named(), torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+    Named.grad_cam_layer = lambda self: "features.1"  # its name, not the module
+    with pytest.raises(SkinclfError, match=r"returned 'features.1', not one of .*; expected the module"):
         grad_cam(Named(), torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE))
     Named.grad_cam_layer = lambda self: self.features[3]  # pools to 1x1
     with pytest.raises(SkinclfError, match=r"its grad_cam_layer\(\) returns no feature map larger than 1x1"):

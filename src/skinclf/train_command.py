@@ -424,7 +424,10 @@ def _check_group_choices(args: list[str]) -> None:
         for value in values or []:
             if choices and isinstance(value, str) and "${" not in value and value not in choices:
                 key = override_key(arg)  # as typed: pipeline@model.pipeline
-                raise SkinclfError(f"{key}={value}: unknown {group}; expected one of {', '.join(choices)}")
+                known = ", ".join(choices)
+                if group == "model":  # the README's "A model of your own", its folder left out
+                    known += " (or a model config of your own: add its folder with hydra.searchpath)"
+                raise SkinclfError(f"{key}={value}: unknown {group}; expected one of {known}")
 
 
 def _check_sweeps_have_values(args: list[str]) -> None:

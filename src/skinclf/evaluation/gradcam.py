@@ -67,7 +67,12 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, toward_mel: torch.Tensor | 
         named = model.grad_cam_layer()
         blocks = _labelled(model, lambda module: module is named)
         if not blocks:
-            raise SkinclfError(f"{type(model).__name__}.grad_cam_layer(): not one of the model's modules")
+            # A name ("body.4") is the likely slip: say what was returned.
+            returned = f"{named!r}" if isinstance(named, str) else f"a {type(named).__name__}"
+            raise SkinclfError(
+                f"{type(model).__name__}.grad_cam_layer(): returned {returned}, not one of the model's "
+                "modules; expected the module itself (such as self.body[4], not its name)"
+            )
     else:
         blocks = _conv_blocks(model)
     captured: list[tuple[str, torch.Tensor]] = []
