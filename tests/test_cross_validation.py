@@ -419,7 +419,9 @@ def test_a_grid_with_failed_points_says_so_beside_its_best(tmp_path: Path) -> No
     # A point that failed now but holds an earlier launch's result is ranked by it, not counted twice.
     _fake_point(tmp_path, "1_baseline_bs0", ["data.batch_size=0", *shared], [0.5, 0.5, 0.5], 0, 1e-4)
     write_grid(tmp_path, failed)
-    assert "Not ranked" not in (tmp_path / GRID_MD).read_text()
+    text = (tmp_path / GRID_MD).read_text()
+    assert "Not ranked" not in text
+    assert "From an earlier launch: 1_baseline_bs0 failed in this one (the sweep's summary says why)" in text
 
 
 @pytest.mark.slow

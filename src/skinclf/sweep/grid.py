@@ -110,9 +110,12 @@ def train_command(args: Sequence[str]) -> str:
     return " ".join(["skinclf train", *map(shlex.quote, kept)])
 
 
-def format_grid(table: pd.DataFrame, failed: Sequence[dict[str, Any]] = ()) -> str:
+def format_grid(
+    table: pd.DataFrame, failed: Sequence[dict[str, Any]] = (), earlier: Sequence[dict[str, Any]] = ()
+) -> str:
     """Markdown table of the ranked grid points and a line naming the best one; the ``failed``
-    points (the sweep summary's records) named after it: the best is only of those that ran."""
+    points (the sweep summary's records) named after it: the best is only of those that ran. The
+    ``earlier`` points failed in this launch too, but are ranked by an earlier launch's result."""
     lines = [
         "| rank | batch size | lr | point | validation accuracy (mean ± std) | folds |",
         "|---:|---:|---:|---|---|---:|",
@@ -144,19 +147,28 @@ def format_grid(table: pd.DataFrame, failed: Sequence[dict[str, Any]] = ()) -> s
             f"({names}; "
             "the sweep's summary says why): the best point is the best of the rest.",
         ]
+    if earlier:
+        # A re-launch refused for a changed setting (cv.folds) keeps the old results: say whose.
+        names = ", ".join(Path(f["dir"]).name for f in earlier)
+        lines += [
+            "",
+            f"From an earlier launch: {names} failed in this one (the sweep's summary says why) and "
+            f"{'is' if len(earlier) == 1 else 'are'} ranked by the result held from before.",
+        ]
     return "\n".join(lines)
 
 
-def unranked(failed: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ``failed`` points without a result: one that failed in this launch but holds a result
-    of an earlier launch is ranked by that result, not named as missing."""
-    return [f for f in failed if not (Path(f["dir"]) / CV_RESULT).is_file()]
+def failed_points(failed: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ``failed`` points split into those without a result and those that hold a result of an
+    earlier launch, which ranks them (named as such, not as missing)."""
+    held = [f for f in failed if (Path(f["dir"]) / CV_RESULT).is_file()]
+    return [f for f in failed if f not in held], held
 
 
 def write_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
     """Rank the sweep's grid points; write grid_search.csv and grid_search.md into the sweep folder
     (the ``failed`` points named in the latter)."""
-    failed = unranked(failed)
+    failed, earlier = failed_points(failed)
     with python_strings():  # overrides may name paths whose bytes are no UTF-8
         table = rank_grid(sweep_dir, failed)
         if table.empty:
@@ -168,6 +180,6 @@ def write_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.Dat
         # The CSV keeps such a path's bytes (train_command finds the folder again); the Markdown,
         # text for people, shows them escaped, as the report's tables do.
         atomic_write_text(csv_table.to_csv(index=False), Path(sweep_dir) / GRID_CSV, errors=FILE_NAME_ERRORS)
-        text = "# Cross-validated grid search\n\n" + format_grid(table, failed) + "\n"
+        text = "# Cross-validated grid search\n\n" + format_grid(table, failed, earlier) + "\n"
     atomic_write_text(readable(text), Path(sweep_dir) / GRID_MD)
     return table

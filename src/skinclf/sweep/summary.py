@@ -190,9 +190,9 @@ class SweepSummary(Callback):
         )
         # Imported here: pandas takes ~0.4 s, which `skinclf train --help`, a config error and
         # every single run would pay for a table that only a grid search writes.
-        from skinclf.sweep.grid import format_grid, unranked, write_grid
+        from skinclf.sweep.grid import failed_points, format_grid, write_grid
 
         table = write_grid(sweep_dir, jobs.failed)
         if not table.empty:
-            print(f"\n{format_grid(table, unranked(jobs.failed))}\n(written to {sweep_dir / GRID_MD})")
+            print(f"\n{format_grid(table, *failed_points(jobs.failed))}\n(written to {sweep_dir / GRID_MD})")
         print(jobs.format(sweep_dir))
