@@ -684,6 +684,25 @@ def test_a_sweep_with_nested_job_folders_is_summarised_in_full(tmp_path: Path) -
     assert summary["done"] == [str(sweep / "baseline" / "seed0")]
 
 
+def test_a_sweep_named_by_its_values_grows_by_a_seed_without_training_a_job_again(tmp_path, shared_data_dir):
+    # Numbered folders would shift: resnet seed 0, job 1 at first, is job 2 of the larger sweep.
+    sweep = tmp_path / "sweep"
+    args = [*TINY, f"data.cache_dir={shared_data_dir}", "hydra.sweep.subdir=${model.name}/seed${seed}"]
+    args += [f"hydra.sweep.dir={sweep}", "trainer.progress=never"]
+    train_cli("-m", "model=baseline,resnet", "seed=0", *args, cwd=tmp_path)
+    first = {job: (job / "best.pt").stat().st_mtime_ns for job in sweep.glob("*/seed0")}
+    proc = train_cli("-m", "model=baseline,resnet", "seed=0,1", *args, cwd=tmp_path)
+    assert f"sweep {sweep}: 4 jobs: 2 done, 2 skipped (finished before), 0 failed" in proc.stdout
+    assert {job: (job / "best.pt").stat().st_mtime_ns for job in sweep.glob("*/seed0")} == first
+    tested = sweep.glob("*/seed*/test_metrics.json")
+    assert sorted(path.parent.relative_to(sweep).as_posix() for path in tested) == [
+        "baseline/seed0",
+        "baseline/seed1",
+        "resnet/seed0",
+        "resnet/seed1",
+    ]
+
+
 # A job process's stop handlers, then SIGTERM and SIGINT arriving together: both blocked before
 # any import can start a thread (threads inherit the mask, so none takes them), both sent, then
 # unblocked in the main thread, which gets both at once.
