@@ -429,6 +429,7 @@ def test_kill_stops_a_local_sweep_and_the_jobs_it_runs(tmp_path: Path, shared_da
     for log in logs:
         job = log.parent
         assert json.loads((job / STATUS_FILE).read_text())["status"] == "stopped"
+        assert "stopped by SIGTERM (resumable)" in log.read_text()
         assert not (job / "test_metrics.json").exists()
         assert not [p.name for p in job.iterdir() if p.suffix == ".tmp"]
     assert not (sweep / "2_baseline").exists()

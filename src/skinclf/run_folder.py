@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -351,10 +352,24 @@ def recorded_status(out_dir: Path, launch: str | None, **info: Any) -> Iterator[
     except Exception as err:
         write_status(out_dir, "failed", launch, error=first_line(err), **info)
         raise
-    except BaseException:
+    except BaseException as stop:
+        # For the run's train.log, read long after the console is gone (a single run's console
+        # also gets the command's own line on how to resume).
+        log.warning(f"stopped by {_stopped_by(stop)} (resumable)")
         write_status(out_dir, "stopped", launch, **info)
         raise
     write_status(out_dir, "done", launch, **info)
+
+
+def _stopped_by(stop: BaseException) -> str:
+    """Ctrl-C, or the signal a ``SystemExit(128 + N)`` stands for (`kill`: SIGTERM)."""
+    if isinstance(stop, KeyboardInterrupt):
+        return "Ctrl-C"
+    code = getattr(stop, "code", None)
+    if isinstance(code, int) and code > 128:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(code - 128).name
+    return type(stop).__name__
 
 
 def remove_leftover_temporaries(out_dir: Path) -> None:
