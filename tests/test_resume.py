@@ -24,7 +24,7 @@ from skinclf import train
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.run_files import RUN_CONFIG, STATUS_FILE
-from skinclf.run_folder import claim_run_dir, comparable_config, remove_leftover_temporaries
+from skinclf.run_folder import claim_run_dir, comparable_config, remove_leftover_temporaries, write_status
 from skinclf.train import run
 from skinclf.training import loop
 from skinclf.training.checkpoint import load_checkpoint
@@ -500,9 +500,19 @@ def test_only_skinclfs_own_temporaries_are_removed_grid_folds_included(tmp_path:
         fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)  # as atomic_write
         os.close(fd)
         ours.append(Path(path))
-    others = [run_dir / ".draft.tmp", run_dir / "notes" / ".best.pt.abcd1234.tmp", run_dir / "best.pt"]
+    others = [
+        run_dir / ".draft.tmp",
+        run_dir / ".notes.abcd1234.tmp",  # shaped as atomic_write's, of a file no run writes
+        run_dir / "notes" / ".best.pt.abcd1234.tmp",
+        run_dir / "best.pt",
+    ]
     for path in others:
         path.write_text("a user's")
+    # While the folder's status names a process on another machine, which may be writing them:
+    write_status(run_dir, "running", None, pid=1, host="another-node")
+    remove_leftover_temporaries(run_dir)
+    assert all(path.exists() for path in ours + others)
+    write_status(run_dir, "stopped", None)
     remove_leftover_temporaries(run_dir)
     assert not any(path.exists() for path in ours) and all(path.exists() for path in others)
 

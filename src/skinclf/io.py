@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,16 +79,13 @@ def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = Fals
         tmp.unlink(missing_ok=True)
 
 
-# The temporary files atomic_write makes: mkstemp's 8 random characters between the prefix and suffix.
-_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
-
-
-def leftover_temporaries(folder: Path) -> list[Path]:
-    """The temporary files of :func:`atomic_write` in ``folder``: a process killed outright
-    (SIGKILL, the out-of-memory killer) while writing leaves its file behind, as large as what
-    it was writing (a vgg16 checkpoint: up to 1.3 GB). Only safe to remove by the folder's owner."""
-    found = folder.glob(".*.tmp")
-    return sorted(path for path in found if _TEMPORARY.fullmatch(path.name) and path.is_file())
+def leftover_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
+    """The temporary files that :func:`atomic_write` makes for the files ``names`` in ``folder``
+    (``.<name>.<mkstemp's 8 characters>.tmp``): a process killed outright (SIGKILL, the
+    out-of-memory killer) while writing leaves its file behind, as large as what it was writing
+    (a vgg16 checkpoint: up to 1.3 GB). Only safe to remove by the folder's owner."""
+    pattern = re.compile("|".join(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp" for name in names))
+    return sorted(path for path in folder.glob(".*.tmp") if pattern.fullmatch(path.name) and path.is_file())
 
 
 def _fsync(path: Path, mode: int) -> None:

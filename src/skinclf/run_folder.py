@@ -34,11 +34,16 @@ from skinclf.io import atomic_write_json, leftover_temporaries
 from skinclf.run_files import (
     BEST_CHECKPOINT,
     CV_RESULT,
+    FOLD_RESULT,
+    FOLDS_RECORD,
     HYDRA_DIR,
     HYDRA_OVERRIDES,
     HYDRA_SETTINGS,
     LAST_CHECKPOINT,
     METRICS,
+    PR_FIGURE,
+    PREDICTIONS,
+    ROC_FIGURE,
     RUN_CONFIG,
     STATUS_FILE,
     TEST_METRICS,
@@ -58,6 +63,17 @@ RESULT_FILES = (TEST_METRICS, CV_RESULT)
 
 # What a run writes once it has trained: a folder holding any of these holds a run.
 RUN_OUTPUTS = (METRICS, LAST_CHECKPOINT, BEST_CHECKPOINT, *RESULT_FILES)
+# What a run (or a grid point's fold) writes through atomic_write: a temporary of one of these
+# names is its own, and only those are removed as a killed process's leftovers.
+WRITTEN_BY_A_RUN = (
+    *BOOKKEEPING - {HYDRA_DIR, TRAIN_LOG},
+    *RUN_OUTPUTS,
+    PREDICTIONS,
+    ROC_FIGURE,
+    PR_FIGURE,
+    FOLD_RESULT,
+    FOLDS_RECORD,
+)
 
 
 # Keys that do not change what a run computes, so a resume may change them.
@@ -375,9 +391,14 @@ def _stopped_by(stop: BaseException) -> str:
 def remove_leftover_temporaries(out_dir: Path) -> None:
     """Remove the temporary files that an earlier process of this run (or of a grid point's
     folds) was killed while writing: a checkpoint's can take gigabytes, and nothing else would
-    ever remove them. Called by the process that holds the folder, before it writes anything."""
+    ever remove them. Called by the process that holds the folder, before it writes anything;
+    not while its status names a process on another machine, which this one cannot see (a
+    Slurm job on another node, where the folder's lock may not reach)."""
+    status = read_status(out_dir)
+    if status.get("status") == "running" and status.get("host") not in (None, socket.gethostname()):
+        return
     folders = [out_dir, *sorted(folder for folder in out_dir.glob("fold_*") if folder.is_dir())]
-    leftovers = [tmp for folder in folders for tmp in leftover_temporaries(folder)]
+    leftovers = [tmp for folder in folders for tmp in leftover_temporaries(folder, WRITTEN_BY_A_RUN)]
     for tmp in leftovers:
         tmp.unlink(missing_ok=True)
     if leftovers:
