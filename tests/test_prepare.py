@@ -18,6 +18,7 @@ from skinclf import cli
 from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.data.folder import find_images
+from skinclf.data.splits import undersample_majority
 from skinclf.errors import SkinclfError
 from skinclf.prepare import assign_splits, parse_fractions
 from skinclf.prepare import main as prepare_main
@@ -282,6 +283,15 @@ def _missing_mel_image(source):
     next(source.rglob(f"{table[table['label'] == 'MEL']['image_id'].iloc[0]}.jpg")).unlink()
 
 
+def _missing_nv_image_balance_leaves_out(source):
+    """A missing NV image that --balance (seed 0) would not draw: still a download in part."""
+    table = fake_ham10000(source).sort_values("image_id", ignore_index=True)
+    table = table[table["label"] != "other"].reset_index(drop=True)
+    drawn = set(undersample_majority((table["label"] == "MEL").to_numpy(), 0).tolist())
+    left_out = next(i for i in range(len(table)) if i not in drawn)
+    next(source.rglob(f"{table['image_id'][left_out]}.jpg")).unlink()
+
+
 def _mel_image_converted_to_webp(source):
     table = fake_ham10000(source)
     jpg = next(source.rglob(f"{table[table['label'] == 'MEL']['image_id'].iloc[0]}.jpg"))
@@ -313,7 +323,9 @@ def _nv_listed_again_as_bcc(source):
     rows = pd.read_csv(csv, dtype=str)
     again = rows[rows["image"] == table[table["label"] == "NV"]["image_id"].iloc[0]].copy()
     again[["NV", "BCC"]] = ["0.0", "1.0"]
-    pd.concat([rows, again]).to_csv(csv, index=False)
+    table = pd.concat([rows, again])
+    table.insert(1, "age_approx", "1")  # a number beside the diagnoses, no diagnosis itself
+    table.to_csv(csv, index=False)
 
 
 def _both_labels_in_isic_row(source):
@@ -350,6 +362,7 @@ def _isic_mel_cell(value):
         (lambda s: None, [], "no such folder"),
         (lambda s: s.symlink_to(s.with_name("unpacked_elsewhere")), [], "is a symlink to nothing ("),
         (_missing_mel_image, [], "not under it"),
+        (_missing_nv_image_balance_leaves_out, ["--balance"], "1 of the 110 MEL/NV images listed"),
         (_missing_mel_image, ["--skip-bad-images"], "unpacked (--skip-bad-images leaves out unreadable"),
         (_mel_image_converted_to_webp, [], ".webp is there: only .jpg/.jpeg/.png files are read)"),
         (
@@ -383,6 +396,7 @@ def _isic_mel_cell(value):
         "no-source",
         "source-dangling-symlink",
         "missing-image",
+        "missing-image-balance-would-leave-out",
         "missing-image-not-skipped",
         "image-of-another-kind",
         "missing-column",
@@ -413,12 +427,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, setup, args,
 
 
 def test_images_of_other_classes_listed_twice_do_not_matter(tmp_path):
-    # Only MEL and NV images are prepared: a keratosis listed under two lesions is not refused.
+    # Only MEL and NV images are prepared: a keratosis listed under two lesions is not refused,
+    # nor a melanoma listed again without a diagnosis.
     source, out = tmp_path / "ham10000", tmp_path / "out"
     table = fake_ham10000(source)
-    other = table[table["label"] == "other"].iloc[0]
+    other, mel = table[table["label"] == "other"].iloc[0], table[table["label"] == "MEL"].iloc[0]
     with (source / "HAM10000_metadata.csv").open("a") as csv:
         csv.write(f"HAM_9999999,{other.image_id},bkl\n")
+        csv.write(f"HAM_9999998,{mel.image_id},\n")  # a row without a diagnosis says nothing
     cli.main(["prepare", str(source), str(out)])
     check_output(out, table)
 

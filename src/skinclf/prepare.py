@@ -105,10 +105,15 @@ def _one_hot(table: pd.DataFrame, path: Path, column: str) -> pd.Series:
     return values
 
 
+# The ISIC 2019 ground truth's diagnoses besides MEL and NV.
+ISIC_2019_OTHER_CLASSES = ["BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+
+
 def _other_class(table: pd.DataFrame, nv: pd.Series) -> np.ndarray:
-    """Per row of the ISIC ground truth: NV, or the first other column set to 1 (BCC, ...)."""
-    others = table.drop(columns=["image", "MEL", "NV"]).apply(pd.to_numeric, errors="coerce").eq(1)
-    first = others.idxmax(axis=1) if len(others.columns) else ""
+    """Per row of the ISIC ground truth: NV, or the first other diagnosis set to 1 (BCC, ...)."""
+    columns = [c for c in ISIC_2019_OTHER_CLASSES if c in table.columns]
+    others = table[columns].apply(pd.to_numeric, errors="coerce").eq(1)
+    first = others.idxmax(axis=1) if columns else ""
     return np.where(nv, "NV", np.where(others.any(axis=1), first, "no diagnosis"))
 
 
@@ -146,7 +151,7 @@ def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
         label = dx.str.lower().map({"mel": "MEL", "nv": "NV"}).fillna(dx)
         records = pd.DataFrame({"image_id": table["image_id"].str.strip(), "label": label})
         records["lesion_id"] = table["lesion_id"].fillna("").str.strip()
-        return "HAM10000", ham, records
+        return "HAM10000", ham, records[dx != ""]  # a row without a diagnosis says nothing
     if isic:
         table = _read_csv(isic)
         _require_columns(table, isic, ["image", "MEL", "NV"])
@@ -318,10 +323,12 @@ def prepare(
     for label in ("MEL", "NV"):  # as read, before balancing or looking for the images
         if not (records["label"] == label).any():
             raise SkinclfError(f"{metadata}: no {label} image listed; expected a download with MEL and NV")
-    if balance:
-        records = records.iloc[undersample_majority((records["label"] == "MEL").to_numpy(), seed)]
-        records = records.reset_index(drop=True)
+    # Every listed image looked for, also those --balance leaves out: a missing one means a
+    # download unpacked in part, whichever images the seed happens to draw.
     sources = locate_images(source, records["image_id"], metadata, skip_bad_images)
+    if balance:
+        drawn = undersample_majority((records["label"] == "MEL").to_numpy(), seed)
+        records, sources = records.iloc[drawn].reset_index(drop=True), [sources[i] for i in drawn]
     # Images without a lesion id are their own group.
     groups = records["lesion_id"].where(records["lesion_id"] != "", "image:" + records["image_id"])
     split = assign_splits(records["label"].to_numpy(), groups.to_numpy(), fractions, seed)

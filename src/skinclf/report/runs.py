@@ -159,7 +159,7 @@ class Run:
         path = self.path / PREDICTIONS
         if not path.is_file():  # removed, or a copy without it
             raise ValueError(f"{PREDICTIONS} missing; expected the file a tested run writes")
-        expected_columns = "expected columns split,index,label,prob_mel"
+        expected_columns = "expected columns split,index,source,label,prob_mel"
         try:
             frame = _read_csv_keeping_line_numbers(path)
         # ValueError: pandas' parser and empty-file errors, and a file that is no UTF-8 text.
