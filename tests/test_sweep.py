@@ -443,7 +443,7 @@ def test_the_job_processes_of_a_sweep_killed_outright_end_on_their_own(tmp_path,
     from skinclf.sweep.launcher import WORKER_IDLE_TIMEOUT_S
 
     sweep = tmp_path / "sweep"
-    args = [*TINY[1:3], "data.train_size=128", "trainer.max_epochs=2", "trainer.progress=never"]
+    args = [*TINY[1:3], "data.train_size=256", "trainer.max_epochs=3", "trainer.progress=never"]
     args += [f"data.cache_dir={shared_data_dir}", "hydra/launcher=local", "hydra.launcher.n_jobs=2"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "skinclf", "train", "-m", "seed=0,1", *args, f"hydra.sweep.dir={sweep}"],
@@ -455,8 +455,11 @@ def test_the_job_processes_of_a_sweep_killed_outright_end_on_their_own(tmp_path,
     deadline = time.monotonic() + 300
     while not all(status.exists() for status in statuses) and time.monotonic() < deadline:
         time.sleep(0.05)
-    workers = [json.loads(status.read_text())["pid"] for status in statuses]
+    records = [json.loads(status.read_text()) for status in statuses]
+    workers = [record["pid"] for record in records]
     proc.kill()
+    # Killed while its jobs ran: the launcher had no chance to shut their processes down.
+    assert [record["status"] for record in records] == ["running", "running"]
     proc.wait()
     deadline = time.monotonic() + WORKER_IDLE_TIMEOUT_S + 150  # jobs to finish, idle, loky's 30 s exit
     while _alive(workers) and time.monotonic() < deadline:
