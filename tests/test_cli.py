@@ -239,6 +239,9 @@ def test_kill_says_how_to_go_on_as_ctrl_c_does(tmp_path, monkeypatch):
     assert proc.returncode == 143, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == f"output directory: {folder}"
     assert proc.stderr.strip().splitlines()[-1] == f"skinclf train: stopped (SIGTERM){RESUME_HINTS['train']}"
+    # The run's log, read when the console is gone, says so too (and only the log).
+    assert (folder / "train.log").read_text().strip().endswith("stopped by SIGTERM (resumable)")
+    assert "stopped by" not in proc.stdout + proc.stderr
 
 
 def test_a_stop_before_the_run_has_a_folder_gives_no_resume_hint(tmp_path, monkeypatch):

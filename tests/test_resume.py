@@ -24,7 +24,7 @@ from skinclf import train
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.run_files import RUN_CONFIG, STATUS_FILE
-from skinclf.run_folder import claim_run_dir, comparable_config, remove_leftover_temporaries, write_status
+from skinclf.run_folder import claim_run_dir, comparable_config, remove_leftover_temporaries
 from skinclf.train import run
 from skinclf.training import loop
 from skinclf.training.checkpoint import load_checkpoint
@@ -493,10 +493,11 @@ def test_a_resume_removes_what_a_killed_process_left_half_written(tmp_path, shar
 
 def test_only_skinclfs_own_temporaries_are_removed_grid_folds_included(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    for folder in (run_dir / "fold_1", run_dir / "notes"):
+    for folder in (run_dir / "fold_1", run_dir / "notes", run_dir / ".hydra"):
         folder.mkdir(parents=True)
     ours = []
-    for folder, name in ((run_dir, "last.pt"), (run_dir / "fold_1", "best.pt")):
+    written = [(run_dir, "last.pt"), (run_dir / "fold_1", "best.pt"), (run_dir / ".hydra", "config.yaml")]
+    for folder, name in written:
         fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)  # as atomic_write
         os.close(fd)
         ours.append(Path(path))
@@ -508,11 +509,6 @@ def test_only_skinclfs_own_temporaries_are_removed_grid_folds_included(tmp_path:
     ]
     for path in others:
         path.write_text("a user's")
-    # While the folder's status names a process on another machine, which may be writing them:
-    write_status(run_dir, "running", None, pid=1, host="another-node")
-    remove_leftover_temporaries(run_dir)
-    assert all(path.exists() for path in ours + others)
-    write_status(run_dir, "stopped", None)
     remove_leftover_temporaries(run_dir)
     assert not any(path.exists() for path in ours) and all(path.exists() for path in others)
 

@@ -36,6 +36,7 @@ from skinclf.run_files import (
     CV_RESULT,
     FOLD_RESULT,
     FOLDS_RECORD,
+    HYDRA_CONFIG,
     HYDRA_DIR,
     HYDRA_OVERRIDES,
     HYDRA_SETTINGS,
@@ -73,6 +74,10 @@ WRITTEN_BY_A_RUN = (
     PR_FIGURE,
     FOLD_RESULT,
     FOLDS_RECORD,
+    # The run's Hydra record, in .hydra/, which skinclf writes itself (train_command).
+    HYDRA_CONFIG.name,
+    HYDRA_OVERRIDES.name,
+    HYDRA_SETTINGS.name,
 )
 
 
@@ -369,12 +374,20 @@ def recorded_status(out_dir: Path, launch: str | None, **info: Any) -> Iterator[
         write_status(out_dir, "failed", launch, error=first_line(err), **info)
         raise
     except BaseException as stop:
-        # For the run's train.log, read long after the console is gone (a single run's console
-        # also gets the command's own line on how to resume).
-        log.warning(f"stopped by {_stopped_by(stop)} (resumable)")
+        # For the run's train.log, read long after the console is gone; the console has the
+        # command's own line on how to go on.
+        log_to_file_only(f"stopped by {_stopped_by(stop)} (resumable)", logging.WARNING)
         write_status(out_dir, "stopped", launch, **info)
         raise
     write_status(out_dir, "done", launch, **info)
+
+
+def log_to_file_only(message: str, level: int = logging.ERROR) -> None:
+    """``message`` into the run's train.log (Hydra's file handler), not again on the console."""
+    record = logging.LogRecord("skinclf", level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _stopped_by(stop: BaseException) -> str:
@@ -391,13 +404,10 @@ def _stopped_by(stop: BaseException) -> str:
 def remove_leftover_temporaries(out_dir: Path) -> None:
     """Remove the temporary files that an earlier process of this run (or of a grid point's
     folds) was killed while writing: a checkpoint's can take gigabytes, and nothing else would
-    ever remove them. Called by the process that holds the folder, before it writes anything;
-    not while its status names a process on another machine, which this one cannot see (a
-    Slurm job on another node, where the folder's lock may not reach)."""
-    status = read_status(out_dir)
-    if status.get("status") == "running" and status.get("host") not in (None, socket.gethostname()):
-        return
-    folders = [out_dir, *sorted(folder for folder in out_dir.glob("fold_*") if folder.is_dir())]
+    ever remove them. Called by the process that holds the folder, before it writes anything
+    (it trains over the files they were to become)."""
+    folds = sorted(folder for folder in out_dir.glob("fold_*") if folder.is_dir())
+    folders = [out_dir, out_dir / HYDRA_DIR, *folds]
     leftovers = [tmp for folder in folders for tmp in leftover_temporaries(folder, WRITTEN_BY_A_RUN)]
     for tmp in leftovers:
         tmp.unlink(missing_ok=True)

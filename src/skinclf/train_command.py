@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
-import logging
 import math
 import os
 import shutil
@@ -48,6 +47,7 @@ from skinclf.run_folder import (
     FolderBusy,
     claim_run_dir,
     holds_a_run,
+    log_to_file_only,
     recorded_status,
     release_claim,
     run_dir_lock,
@@ -215,17 +215,9 @@ def hydra_main(cfg: DictConfig) -> None:
         # A folder the user made keeps only its log: the log says why nothing ran. One that holds
         # an earlier run is left exactly as it was.
         if out_dir.is_dir() and not holds_a_run(out_dir):
-            _log_to_file_only(f"skinclf train: error: {err}")
+            log_to_file_only(f"skinclf train: error: {err}")
         sys.exit(EXIT_USER_ERROR)
     print(f"output directory: {out_dir}")
-
-
-def _log_to_file_only(message: str) -> None:
-    """``message`` into the run's train.log (Hydra's file handler), not again on the console."""
-    record = logging.LogRecord("skinclf", logging.ERROR, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
 
 
 def _check_output_folders(args: list[str]) -> None:
