@@ -439,6 +439,18 @@ def test_images_of_other_classes_listed_twice_do_not_matter(tmp_path):
     check_output(out, table)
 
 
+def test_an_isic_row_without_a_diagnosis_beside_a_melanomas_is_passed_over(tmp_path):
+    source, out = tmp_path / "isic2019", tmp_path / "out"
+    table = fake_isic2019(source)
+    csv = source / "ISIC_2019_Training_GroundTruth.csv"
+    rows = pd.read_csv(csv, dtype=str)
+    again = rows[rows["image"] == table[table["label"] == "MEL"]["image_id"].iloc[0]].copy()
+    again[["MEL"]] = "0.0"  # every diagnosis 0
+    pd.concat([rows, again]).to_csv(csv, index=False)
+    cli.main(["prepare", str(source), str(out)])
+    check_output(out, table)
+
+
 def test_an_output_folder_inside_the_download_is_refused(tmp_path, capsys):
     # The next prepare of that download would take its 128x128 copies for originals.
     source = tmp_path / "ham10000"

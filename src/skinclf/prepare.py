@@ -110,11 +110,12 @@ ISIC_2019_OTHER_CLASSES = ["BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
 
 
 def _other_class(table: pd.DataFrame, nv: pd.Series) -> np.ndarray:
-    """Per row of the ISIC ground truth: NV, or the first other diagnosis set to 1 (BCC, ...)."""
+    """Per row of the ISIC ground truth: NV, the first other diagnosis set to 1 (BCC, ...), or ""
+    for none."""
     columns = [c for c in ISIC_2019_OTHER_CLASSES if c in table.columns]
     others = table[columns].apply(pd.to_numeric, errors="coerce").eq(1)
     first = others.idxmax(axis=1) if columns else ""
-    return np.where(nv, "NV", np.where(others.any(axis=1), first, "no diagnosis"))
+    return np.where(nv, "NV", np.where(others.any(axis=1), first, ""))
 
 
 def _mel_nv_without_duplicates(records: pd.DataFrame, metadata: Path) -> pd.DataFrame:
@@ -178,7 +179,7 @@ def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
                 f"no {ISIC_2019_METADATA} under {source}: lesion ids unknown, images are split one by one"
             )
         records["lesion_id"] = [lesions.get(image_id, "") for image_id in records["image_id"]]
-        return "ISIC 2019", isic, records
+        return "ISIC 2019", isic, records[records["label"] != ""]  # a row without a diagnosis says nothing
     raise SkinclfError(
         f"{source}: neither {ISIC_2019_CSV} (ISIC 2019 training set) nor {HAM10000_CSV} (HAM10000) "
         "found in it; expected the unpacked download of one of them"
