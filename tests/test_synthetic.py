@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import time
 
 import torch
 
 from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.data.synthetic import GENERATOR_VERSION, generate_split
+from skinclf.io import STALE_TEMPORARY_S
 
 TINY = ["data.train_size=4", "data.val_size=2", "data.test_size=2"]
 
@@ -35,6 +38,20 @@ def test_damaged_cache_is_generated_again(tmp_path, caplog):
     caplog.clear()
     synthetic(tmp_path)  # the rewritten cache loads without a warning
     assert "unreadable" not in caplog.text
+
+
+def test_a_cache_write_removes_what_a_killed_process_left_there_over_a_day_ago(tmp_path):
+    # A process killed outright while it wrote a cache leaves its temporary file; another run may
+    # be writing one now, so only those over a day old go.
+    stale, fresh = tmp_path / ".synthetic_0123.pt.abcd1234.tmp", tmp_path / ".synthetic_4567.pt.efgh5678.tmp"
+    users = tmp_path / ".notes.abcd1234.tmp"  # no cache file's
+    for path in (stale, fresh, users):
+        path.write_bytes(b"half a cache")
+    day_and_a_bit = time.time() - STALE_TEMPORARY_S - 60
+    for path in (stale, users):
+        os.utime(path, (day_and_a_bit, day_and_a_bit))
+    synthetic(tmp_path)  # generates, and caches, the images
+    assert not stale.exists() and fresh.exists() and users.exists()
 
 
 def test_the_images_of_a_generator_version_never_change():

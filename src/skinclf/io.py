@@ -6,15 +6,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from skinclf.errors import SkinclfError, first_line
+
+log = logging.getLogger("skinclf")
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -79,6 +83,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = Fals
         tmp.unlink(missing_ok=True)
 
 
+# A temporary file of atomic_write: ``.<name>.<mkstemp's 8 random characters>.tmp``.
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
 def leftover_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
     """The temporary files that :func:`atomic_write` makes for the files ``names`` in ``folder``
     (``.<name>.<mkstemp's 8 characters>.tmp``): a process killed outright (SIGKILL, the
@@ -113,6 +121,31 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     ``unzip -t`` would flag the missing checksums.
     """
     atomic_write(path, lambda tmp: _save_without_crc32(obj, tmp))
+
+
+# A temporary file this old is no write in progress (the largest, a big dataset's decoded images
+# or vgg16's features, take minutes): a process killed outright left it.
+STALE_TEMPORARY_S = 24 * 3600
+
+
+def atomic_cache_save(obj: Any, path: Path) -> None:
+    """:func:`atomic_torch_save` into a cache folder that several runs may write at once (the
+    decode cache, the synthetic data, vgg16's features), after removing the temporaries of
+    such saves there that are over :data:`STALE_TEMPORARY_S` old: a process killed outright (the
+    out-of-memory killer during feature extraction) leaves one as large as the file it was
+    writing, and no run owns the folder to clean it up sooner."""
+    path = Path(path)
+    now = time.time()
+    stale = []
+    for tmp in path.parent.glob(".*.pt.*.tmp"):
+        with contextlib.suppress(OSError):  # removed by another run meanwhile
+            if _TEMPORARY.fullmatch(tmp.name) and now - tmp.stat().st_mtime > STALE_TEMPORARY_S:
+                tmp.unlink()
+                stale.append(tmp.name)
+    if stale:
+        names = ", ".join(stale)
+        log.info(f"{path.parent}: removed what killed processes left half-written over a day ago: {names}")
+    atomic_torch_save(obj, path)
 
 
 def _save_without_crc32(obj: Any, path: Path) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_torch_save
+from skinclf.io import atomic_cache_save
 from skinclf.training.progress import progress
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def store(decoded: Decoded) -> None:
         return
     stored = {"key": decoded.key, "images": decoded.images, "kept": decoded.kept, "bad": decoded.bad}
     try:
-        atomic_torch_save(stored, decoded.cache_file)
+        atomic_cache_save(stored, decoded.cache_file)
         log.info(f"decoded {len(decoded.kept)} images into cache {decoded.cache_file}")
     except OSError as err:
         log.warning(f"cannot write the decode cache {decoded.cache_file} ({err}); next run decodes again")

@@ -24,7 +24,7 @@ from skinclf import IMAGE_SIZE
 from skinclf.config import data_path, number_setting
 from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_torch_save
+from skinclf.io import atomic_cache_save
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
             split = generate_split(seed, index, n)
             stored[name] = {"images": split.images, "labels": split.labels}
         try:
-            atomic_torch_save(stored, cache)
+            atomic_cache_save(stored, cache)
         except OSError as err:
             raise SkinclfError(
                 f"data.cache_dir={data_cfg.cache_dir}: cannot write the synthetic data cache: {err}"
