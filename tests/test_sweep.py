@@ -15,6 +15,7 @@ import threading
 import time
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -402,19 +403,24 @@ def test_a_job_stopped_by_a_signal_of_its_own_fails_alone(tmp_path: Path, shared
     assert json.loads((sweep / "1_baseline" / STATUS_FILE).read_text())["status"] == "stopped"
 
 
+def _local_sweep_process(
+    tmp_path: Path, shared_data_dir: Path, seeds: str, max_epochs: int, **output: Any
+) -> tuple[subprocess.Popen, Path]:
+    """`skinclf train -m seed=SEEDS` of baseline jobs on 256 images, two at a time under the local
+    launcher, in a process of its own (to be signalled); and its sweep folder."""
+    sweep = tmp_path / "sweep"
+    args = [*TINY[1:3], "data.train_size=256", f"trainer.max_epochs={max_epochs}", "trainer.progress=never"]
+    args += [f"data.cache_dir={shared_data_dir}", "hydra/launcher=local", "hydra.launcher.n_jobs=2"]
+    command = [sys.executable, "-m", "skinclf", "train", "-m", f"seed={seeds}", *args]
+    return subprocess.Popen([*command, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, **output), sweep
+
+
 def test_kill_stops_a_local_sweep_and_the_jobs_it_runs(tmp_path: Path, shared_data_dir: Path) -> None:
     """`kill` of the sweep stops its running jobs as it stops a run (resumable), instead of
     waiting for them to finish; the jobs not begun are not begun."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    sweep = tmp_path / "sweep"
-    args = [*TINY[1:3], "data.train_size=256", "trainer.max_epochs=5", "trainer.progress=never"]
-    args += [f"data.cache_dir={shared_data_dir}", "hydra/launcher=local", "hydra.launcher.n_jobs=2"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "skinclf", "train", "-m", "seed=0,1,2", *args, f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, sweep = _local_sweep_process(
+        tmp_path, shared_data_dir, "0,1,2", 5, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     logs = [sweep / f"{job}_baseline" / "train.log" for job in (0, 1)]
     deadline = time.monotonic() + 300
@@ -442,14 +448,8 @@ def test_the_job_processes_of_a_sweep_killed_outright_end_on_their_own(tmp_path,
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     from skinclf.sweep.launcher import WORKER_IDLE_TIMEOUT_S
 
-    sweep = tmp_path / "sweep"
-    args = [*TINY[1:3], "data.train_size=256", "trainer.max_epochs=3", "trainer.progress=never"]
-    args += [f"data.cache_dir={shared_data_dir}", "hydra/launcher=local", "hydra.launcher.n_jobs=2"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "skinclf", "train", "-m", "seed=0,1", *args, f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc, sweep = _local_sweep_process(
+        tmp_path, shared_data_dir, "0,1", 3, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     statuses = [sweep / f"{job}_baseline" / STATUS_FILE for job in (0, 1)]
     deadline = time.monotonic() + 300
