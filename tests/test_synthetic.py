@@ -40,18 +40,22 @@ def test_damaged_cache_is_generated_again(tmp_path, caplog):
     assert "unreadable" not in caplog.text
 
 
-def test_a_cache_write_removes_what_a_killed_process_left_there_over_a_day_ago(tmp_path):
+def test_a_look_at_the_cache_removes_what_a_killed_process_left_there_over_a_day_ago(tmp_path):
     # A process killed outright while it wrote a cache leaves its temporary file; another run may
-    # be writing one now, so only those over a day old go.
+    # be writing one now, so only those over a day old go; on a cache hit too.
+    synthetic(tmp_path)  # generates, and caches, the images
     stale, fresh = tmp_path / ".synthetic_0123.pt.abcd1234.tmp", tmp_path / ".synthetic_4567.pt.efgh5678.tmp"
-    users = tmp_path / ".notes.abcd1234.tmp"  # no cache file's
-    for path in (stale, fresh, users):
+    others = [
+        tmp_path / name
+        for name in (".notes.abcd1234.tmp", ".my.pt.notes.abcd1234.tmp", ".best.pt.abcd1234.tmp")
+    ]
+    for path in (stale, fresh, *others):
         path.write_bytes(b"half a cache")
     day_and_a_bit = time.time() - STALE_TEMPORARY_S - 60
-    for path in (stale, users):
+    for path in (stale, *others):
         os.utime(path, (day_and_a_bit, day_and_a_bit))
-    synthetic(tmp_path)  # generates, and caches, the images
-    assert not stale.exists() and fresh.exists() and users.exists()
+    synthetic(tmp_path)  # a cache hit
+    assert not stale.exists() and fresh.exists() and all(path.exists() for path in others)
 
 
 def test_the_images_of_a_generator_version_never_change():

@@ -83,8 +83,8 @@ def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = Fals
         tmp.unlink(missing_ok=True)
 
 
-# A temporary file of atomic_write: ``.<name>.<mkstemp's 8 random characters>.tmp``.
-_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+# What atomic_write's temporary adds after ``.<name>``: mkstemp's 8 random characters, .tmp.
+_TEMPORARY_TAIL = r"\.[a-z0-9_]{8}\.tmp"
 
 
 def leftover_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
@@ -92,7 +92,7 @@ def leftover_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
     (``.<name>.<mkstemp's 8 characters>.tmp``): a process killed outright (SIGKILL, the
     out-of-memory killer) while writing leaves its file behind, as large as what it was writing
     (a vgg16 checkpoint: up to 1.3 GB). Only safe to remove by the folder's owner."""
-    pattern = re.compile("|".join(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp" for name in names))
+    pattern = re.compile("|".join(rf"\.{re.escape(name)}{_TEMPORARY_TAIL}" for name in names))
     return sorted(path for path in folder.glob(".*.tmp") if pattern.fullmatch(path.name) and path.is_file())
 
 
@@ -126,26 +126,25 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 # A temporary file this old is no write in progress (the largest, a big dataset's decoded images
 # or vgg16's features, take minutes): a process killed outright left it.
 STALE_TEMPORARY_S = 24 * 3600
+# A cache file's temporary, .<name>.pt.<8 characters>.tmp; a run's checkpoints' excepted.
+_CACHE_TEMPORARY = re.compile(rf"\.(?!(?:best|last)\.pt\.)[^.][^/]*\.pt{_TEMPORARY_TAIL}")
 
 
-def atomic_cache_save(obj: Any, path: Path) -> None:
-    """:func:`atomic_torch_save` into a cache folder that several runs may write at once (the
-    decode cache, the synthetic data, vgg16's features), after removing the temporaries of
-    such saves there that are over :data:`STALE_TEMPORARY_S` old: a process killed outright (the
-    out-of-memory killer during feature extraction) leaves one as large as the file it was
-    writing, and no run owns the folder to clean it up sooner."""
-    path = Path(path)
-    now = time.time()
-    stale = []
-    for tmp in path.parent.glob(".*.pt.*.tmp"):
+def remove_stale_cache_temporaries(cache_file: Path) -> None:
+    """Remove, from the folder of ``cache_file``, the temporaries of cache saves (the decode cache,
+    the synthetic data, vgg16's features) that are over :data:`STALE_TEMPORARY_S` old. A process
+    killed outright while it saved (the out-of-memory killer during feature extraction) leaves one
+    as large as the file; several runs may write a cache folder at once, so none owns it to clean
+    up sooner. Called on every look at the cache, hit or miss."""
+    folder, now, stale = Path(cache_file).parent, time.time(), []
+    for tmp in folder.glob(".*.pt.*.tmp"):
         with contextlib.suppress(OSError):  # removed by another run meanwhile
-            if _TEMPORARY.fullmatch(tmp.name) and now - tmp.stat().st_mtime > STALE_TEMPORARY_S:
+            if _CACHE_TEMPORARY.fullmatch(tmp.name) and now - tmp.stat().st_mtime > STALE_TEMPORARY_S:
                 tmp.unlink()
                 stale.append(tmp.name)
     if stale:
         names = ", ".join(stale)
-        log.info(f"{path.parent}: removed what killed processes left half-written over a day ago: {names}")
-    atomic_torch_save(obj, path)
+        log.info(f"{folder}: removed what killed processes left half-written over a day ago: {names}")
 
 
 def _save_without_crc32(obj: Any, path: Path) -> None:

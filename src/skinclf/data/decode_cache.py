@@ -29,7 +29,7 @@ import torch
 
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_cache_save
+from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries
 from skinclf.training.progress import progress
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ def load_or_decode(
     """
     key = content_key(files, root, size)
     cache = None if cache_dir is None else Path(cache_dir) / f"{cache_file_stem}-{key[:20]}.pt"
+    if cache is not None:
+        remove_stale_cache_temporaries(cache)
     decoded = _read_cache(cache, key, len(files)) if cache is not None else None
     if decoded is None:
         decoded = decode_files(files, size, skip_bad, desc=f"decoding {cache_file_stem}")
@@ -154,7 +156,7 @@ def store(decoded: Decoded) -> None:
         return
     stored = {"key": decoded.key, "images": decoded.images, "kept": decoded.kept, "bad": decoded.bad}
     try:
-        atomic_cache_save(stored, decoded.cache_file)
+        atomic_torch_save(stored, decoded.cache_file)
         log.info(f"decoded {len(decoded.kept)} images into cache {decoded.cache_file}")
     except OSError as err:
         log.warning(f"cannot write the decode cache {decoded.cache_file} ({err}); next run decodes again")

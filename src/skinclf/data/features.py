@@ -30,7 +30,7 @@ from torch import nn
 from skinclf.data.pipeline import DefaultPipeline
 from skinclf.data.splits import ImageSplits, Split, hash_tensor
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_cache_save
+from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries
 from skinclf.training.hardware import cpu_model
 from skinclf.training.loop import LoopSettings, forward_batches
 
@@ -168,6 +168,7 @@ def cached_features(
     once with a progress bar and written there atomically."""
     key = split_key(images, extractor_digest)
     path = Path(cache_dir) / "features" / f"{name}_{key[:16]}.pt"
+    remove_stale_cache_temporaries(path)
     features = _load_cached(path, key, len(images))
     if features is not None:
         log.info(f"{name} features: cache hit, {path}")
@@ -177,7 +178,7 @@ def cached_features(
         extractor, pipeline, images, settings, device, out_dtype=CACHE_DTYPE, desc=f"{name} features"
     )
     try:
-        atomic_cache_save({"key": key, "features": features}, path)
+        atomic_torch_save({"key": key, "features": features}, path)
     except OSError as err:
         raise SkinclfError(
             f"data.cache_dir={cache_dir}: cannot write the feature cache {path}: {err}"

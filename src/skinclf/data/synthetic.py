@@ -24,7 +24,7 @@ from skinclf import IMAGE_SIZE
 from skinclf.config import data_path, number_setting
 from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_cache_save
+from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
     key = json.dumps({"version": GENERATOR_VERSION, "seed": seed, "sizes": sizes}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache = data_path(data_cfg, "cache_dir") / f"synthetic_{digest}.pt"  # ~ expanded, as for every cache
+    remove_stale_cache_temporaries(cache)
     stored = _read_cache(cache)
     if stored is None:
         log.info(f"synthetic data: generating {sum(sizes.values())} images (seed {seed}) into {cache}")
@@ -255,7 +256,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
             split = generate_split(seed, index, n)
             stored[name] = {"images": split.images, "labels": split.labels}
         try:
-            atomic_cache_save(stored, cache)
+            atomic_torch_save(stored, cache)
         except OSError as err:
             raise SkinclfError(
                 f"data.cache_dir={data_cfg.cache_dir}: cannot write the synthetic data cache: {err}"
