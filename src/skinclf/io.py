@@ -87,13 +87,24 @@ def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = Fals
 _TEMPORARY_TAIL = r"\.[a-z0-9_]{8}\.tmp"
 
 
-def leftover_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
-    """The temporary files that :func:`atomic_write` makes for the files ``names`` in ``folder``
-    (``.<name>.<mkstemp's 8 characters>.tmp``): a process killed outright (SIGKILL, the
-    out-of-memory killer) while writing leaves its file behind, as large as what it was writing
-    (a vgg16 checkpoint: up to 1.3 GB). Only safe to remove by the folder's owner."""
-    pattern = re.compile("|".join(rf"\.{re.escape(name)}{_TEMPORARY_TAIL}" for name in names))
-    return sorted(path for path in folder.glob(".*.tmp") if pattern.fullmatch(path.name) and path.is_file())
+def temporaries_of(names: Iterable[str]) -> re.Pattern[str]:
+    """The names of the temporary files that :func:`atomic_write` makes for the files ``names``:
+    ``.<name>.<mkstemp's 8 characters>.tmp``."""
+    return re.compile("|".join(rf"\.{re.escape(name)}{_TEMPORARY_TAIL}" for name in names))
+
+
+def remove_temporaries(folder: Path, pattern: re.Pattern[str], older_than_s: float = 0.0) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_write` in ``folder`` whose names ``pattern``
+    matches (and, with ``older_than_s``, that are older than that); return those removed. A process
+    killed outright (SIGKILL, the out-of-memory killer) while writing leaves its file behind, as
+    large as what it was writing (a vgg16 checkpoint: up to 1.3 GB)."""
+    now, removed = time.time(), []
+    for tmp in sorted(folder.glob(".*.tmp")):
+        with contextlib.suppress(OSError):  # removed by another process meanwhile; a folder
+            if pattern.fullmatch(tmp.name) and now - tmp.stat().st_mtime >= older_than_s:
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def _fsync(path: Path, mode: int) -> None:
@@ -136,14 +147,10 @@ def remove_stale_cache_temporaries(cache_file: Path) -> None:
     killed outright while it saved (the out-of-memory killer during feature extraction) leaves one
     as large as the file; several runs may write a cache folder at once, so none owns it to clean
     up sooner. Called on every look at the cache, hit or miss."""
-    folder, now, stale = Path(cache_file).parent, time.time(), []
-    for tmp in folder.glob(".*.pt.*.tmp"):
-        with contextlib.suppress(OSError):  # removed by another run meanwhile
-            if _CACHE_TEMPORARY.fullmatch(tmp.name) and now - tmp.stat().st_mtime > STALE_TEMPORARY_S:
-                tmp.unlink()
-                stale.append(tmp.name)
+    folder = Path(cache_file).parent
+    stale = remove_temporaries(folder, _CACHE_TEMPORARY, older_than_s=STALE_TEMPORARY_S)
     if stale:
-        names = ", ".join(stale)
+        names = ", ".join(tmp.name for tmp in stale)
         log.info(f"{folder}: removed what killed processes left half-written over a day ago: {names}")
 
 

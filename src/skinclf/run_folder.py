@@ -30,7 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from skinclf.config import data_path, override_key
 from skinclf.errors import SkinclfError, first_line
-from skinclf.io import atomic_write_json, leftover_temporaries
+from skinclf.io import atomic_write_json, remove_temporaries, temporaries_of
 from skinclf.run_files import (
     BEST_CHECKPOINT,
     CV_RESULT,
@@ -408,9 +408,8 @@ def remove_leftover_temporaries(out_dir: Path) -> None:
     (it trains over the files they were to become)."""
     folds = sorted(folder for folder in out_dir.glob("fold_*") if folder.is_dir())
     folders = [out_dir, out_dir / HYDRA_DIR, *folds]
-    leftovers = [tmp for folder in folders for tmp in leftover_temporaries(folder, WRITTEN_BY_A_RUN)]
-    for tmp in leftovers:
-        tmp.unlink(missing_ok=True)
+    runs_own = temporaries_of(WRITTEN_BY_A_RUN)
+    leftovers = [tmp for folder in folders for tmp in remove_temporaries(folder, runs_own)]
     if leftovers:
         names = ", ".join(str(tmp.relative_to(out_dir)) for tmp in leftovers)
         log.info(f"{out_dir}: removed what an interrupted process left half-written: {names}")
