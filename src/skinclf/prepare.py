@@ -120,8 +120,9 @@ def _other_class(table: pd.DataFrame, nv: pd.Series) -> np.ndarray:
 
 def _mel_nv_without_duplicates(records: pd.DataFrame, metadata: Path) -> pd.DataFrame:
     """The MEL and NV rows of ``records``, repeated rows of one image dropped; an image listed as
-    MEL or NV and again with another label (another class included) or lesion is refused."""
-    records = records.drop_duplicates()
+    MEL or NV and again with another label (another class included) or lesion is refused. A row
+    without a diagnosis (label "") says nothing and is passed over."""
+    records = records[records["label"] != ""].drop_duplicates()
     kept = records["label"].isin(["MEL", "NV"])
     repeated = records["image_id"].duplicated(keep=False) & records["image_id"].isin(
         records.loc[kept, "image_id"]
@@ -139,7 +140,7 @@ def _mel_nv_without_duplicates(records: pd.DataFrame, metadata: Path) -> pd.Data
 
 def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
     """(dataset name, metadata file, table of image_id, label, lesion_id or '') of SOURCE: every
-    listed image, its label MEL, NV or the other class it is listed as (to find conflicts)."""
+    listed image, its label MEL, NV, the other class it is listed as (to find conflicts) or ""."""
     isic, ham = _find_one(source, ISIC_2019_CSV), _find_one(source, HAM10000_CSV)
     if isic and ham:
         raise SkinclfError(
@@ -152,7 +153,7 @@ def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
         label = dx.str.lower().map({"mel": "MEL", "nv": "NV"}).fillna(dx)
         records = pd.DataFrame({"image_id": table["image_id"].str.strip(), "label": label})
         records["lesion_id"] = table["lesion_id"].fillna("").str.strip()
-        return "HAM10000", ham, records[dx != ""]  # a row without a diagnosis says nothing
+        return "HAM10000", ham, records
     if isic:
         table = _read_csv(isic)
         _require_columns(table, isic, ["image", "MEL", "NV"])
@@ -179,7 +180,7 @@ def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
                 f"no {ISIC_2019_METADATA} under {source}: lesion ids unknown, images are split one by one"
             )
         records["lesion_id"] = [lesions.get(image_id, "") for image_id in records["image_id"]]
-        return "ISIC 2019", isic, records[records["label"] != ""]  # a row without a diagnosis says nothing
+        return "ISIC 2019", isic, records
     raise SkinclfError(
         f"{source}: neither {ISIC_2019_CSV} (ISIC 2019 training set) nor {HAM10000_CSV} (HAM10000) "
         "found in it; expected the unpacked download of one of them"
