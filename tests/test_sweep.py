@@ -580,6 +580,58 @@ def test_a_slurm_local_job_killed_outright_fails_alone(
     assert "ended without a result (out of memory, scancel, a lost node?" in failed[0]["error"]
 
 
+STOPPER_MODEL = """
+from torch import nn
+
+class Stopper(nn.Module):  # stopped in training, as by Ctrl-C or a time limit's requeue
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.layer = nn.Linear(1, 1)
+
+    def forward(self, images):
+        if images.device.type != "meta":  # skinclf's check of the model's output runs on meta
+            raise KeyboardInterrupt
+        return self.layer(images[:, 0, 0, :1])
+"""
+
+
+@pytest.mark.slow
+def test_a_slurm_local_job_that_recorded_its_stop_is_not_called_lost(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stopped job leaves submitit no result, as a killed one does: the launch said it "ended
+    # without a result (out of memory, scancel, a lost node?)" though its folder said stopped.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    code, configs = tmp_path / "code", tmp_path / "my_conf" / "model"
+    code.mkdir()
+    configs.mkdir(parents=True)
+    (code / "my_stopper.py").write_text(STOPPER_MODEL)
+    baseline = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
+    stopper = baseline.replace("name: baseline", "name: stopper")
+    (configs / "stopper.yaml").write_text(
+        stopper.replace("skinclf.models.simple_cnn.SimpleCNN", "my_stopper.Stopper")
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{code}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    sweep = tmp_path / "sweep"
+    proc = train_cli(
+        "-m",
+        "model=stopper,baseline",
+        f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
+        *TINY,
+        f"data.cache_dir={shared_data_dir}",
+        "hydra/launcher=slurm_local",
+        "hydra.launcher.timeout_min=20",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert read_status(sweep / "0_stopper")["status"] == "stopped"
+    assert "ended without a result" not in proc.stdout + proc.stderr
+    assert "2 jobs: 1 done, 0 skipped (finished before), 1 failed" in proc.stdout
+    assert f"FAILED {sweep / '0_stopper'}: stopped; re-launch to resume it" in proc.stdout
+
+
 @pytest.mark.slow
 def test_failed_job_does_not_stop_the_sweep_and_relaunch_retrains_nothing(
     tmp_path: Path, shared_data_dir: Path

@@ -16,7 +16,7 @@ import submitit
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher as SubmititLocal
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurm
-from submitit.core.utils import FailedJobError, UncompletedJobError
+from submitit.core.utils import UncompletedJobError
 
 from skinclf.run_folder import read_status
 from skinclf.sweep.jobs import job_dir, record_lost_job
@@ -75,16 +75,15 @@ class _Recorded:
         handled = [JobReturn(overrides=self.overrides, status=JobStatus.COMPLETED)]
         try:
             return self.job.results()
-        except UncompletedJobError:  # no result at all: the process was killed
-            message = (
-                f"its job {self.job.job_id} ended without a result (out of memory, scancel, a lost "
-                f"node? {self.job.paths.stderr} may say); a re-launch resumes it"
-            )
-            record_lost_job(self.launcher, self.num, self.overrides, message)
+        except UncompletedJobError:
+            # No result at all. A skinclf job records its failures and returns; it leaves no
+            # result when stopped (Ctrl-C, a requeue's exit: recorded as stopped) or killed
+            # outright (scancel too: submitit ignores SIGTERM, and Slurm's SIGKILL follows).
+            # An error raised by the job itself (skinclf not importable on the node) is Hydra's.
+            if read_status(job_dir(self.launcher, self.num, self.overrides)).get("status") != "stopped":
+                message = (
+                    f"its job {self.job.job_id} ended without a result (out of memory, scancel, a "
+                    f"lost node? {self.job.paths.stderr} may say); a re-launch resumes it"
+                )
+                record_lost_job(self.launcher, self.num, self.overrides, message)
             return handled
-        except FailedJobError:
-            # A skinclf job raises only when stopped by a signal (scancel's SIGTERM), which it
-            # recorded as stopped; any other error (skinclf not importable on the node) is Hydra's.
-            if read_status(job_dir(self.launcher, self.num, self.overrides)).get("status") == "stopped":
-                return handled
-            raise

@@ -86,7 +86,10 @@ def collect_jobs(sweep_dir: Path, launch: str | None) -> JobsSummary:
         elif status.get("status") == "skipped":
             summary.skipped.append(job_dir)
         else:
-            error = status.get("error", "stopped before finishing (killed?); re-launch to resume it")
+            # "stopped": the job recorded its stop (Ctrl-C, `kill`, a Slurm requeue); "running":
+            # it was killed outright (or trains on, on another machine).
+            stopped = "stopped" if status.get("status") == "stopped" else "stopped before finishing (killed?)"
+            error = status.get("error", f"{stopped}; re-launch to resume it")
             summary.failed.append(
                 {
                     "dir": job_dir,
