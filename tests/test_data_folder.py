@@ -340,6 +340,16 @@ def test_skip_bad_images_never_leaves_a_class_empty(tmp_path):
         load_splits(data_cfg(root, None, "data.skip_bad_images=true"))
 
 
+def test_trainer_progress_reaches_the_decoding_bar(tmp_path):
+    # Decoding a folder dataset took minutes without a bar under trainer.progress=always: the
+    # data loader, which sees data.* only, always used auto (silent outside a terminal).
+    make_dataset(tmp_path / "ds", {"train": (3, 3), "val": (2, 2)})
+    for mode, shown in (("always", True), ("never", False)):
+        args = ("data=folder", "data.root=ds", "trainer.max_epochs=1", "data.decode_cache=false")
+        proc = train_cli(*args, f"trainer.progress={mode}", f"hydra.run.dir=run_{mode}", cwd=tmp_path)
+        assert ("decoding folder-ds-train" in proc.stderr) is shown, proc.stderr
+
+
 def test_train_cli_end_to_end_with_relative_root(tmp_path):
     make_dataset(tmp_path / "ds", {"train": (6, 6), "val": (3, 3), "test": (3, 3)})
     proc = train_cli(

@@ -47,7 +47,7 @@ from skinclf.training.allocator import keep_freed_memory
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import describe_environment, resolve_device, resolve_precision, run_environment
 from skinclf.training.loop import LoopSettings, evaluate, fit
-from skinclf.training.progress import PROGRESS_MODES
+from skinclf.training.progress import PROGRESS_MODES, progress_mode
 from skinclf.training.recipe import Recipe
 
 log = logging.getLogger("skinclf")
@@ -198,7 +198,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(settings.seed)
     environment = log_setup(cfg, device, settings)
 
-    splits = load_splits(cfg.data)
+    with progress_mode(settings.progress):  # decoding a folder dataset's images
+        splits = load_splits(cfg.data)
     model, stage = prepare_training(cfg, splits, settings, device)
     config = OmegaConf.to_container(cfg, resolve=True)
 

@@ -27,6 +27,7 @@ from skinclf.io import atomic_write_json
 from skinclf.run_files import BEST_CHECKPOINT, CV_RESULT, FOLD_RESULT, FOLDS_RECORD, LAST_CHECKPOINT
 from skinclf.training.hardware import resolve_device
 from skinclf.training.loop import LoopSettings, fit
+from skinclf.training.progress import progress_mode
 
 log = logging.getLogger("skinclf")
 
@@ -178,7 +179,8 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     log_setup(cfg, device, settings)
     # Keep the training split only: the test split must not take part in choosing hyperparameters
     # (the loaders decode every split; a corrupt test image still stops the grid point here).
-    splits = load_splits(cfg.data)
+    with progress_mode(settings.progress):  # decoding a folder dataset's images
+        splits = load_splits(cfg.data)
     name, train = splits.name, splits.train
     del splits
     folds = stratified_folds(train.labels.numpy(), k, seed, train.lesions)
