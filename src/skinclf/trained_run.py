@@ -19,6 +19,7 @@ from torch import nn
 from skinclf.arguments import DISCLAIMER, SYNTHETIC_MODEL_NOTE
 from skinclf.config import instantiate_config, is_number
 from skinclf.errors import SkinclfError, first_line, not_a_folder
+from skinclf.evaluation.metrics import DEFAULT_THRESHOLD
 from skinclf.models import build_model, check_model_config
 from skinclf.run_files import (
     BEST_CHECKPOINT,
@@ -34,8 +35,6 @@ from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision, runs_natively
 from skinclf.training.loop import LoopSettings, predict_logits
 from skinclf.training.recipe import Recipe
-
-DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass
@@ -155,12 +154,13 @@ def _check_own_checkpoint(run_dir: Path, state: dict[str, Any], metrics: dict[st
             f"{expected}"
         )
     # Each compared where test_metrics.json records it. A checkpoint without a validation
-    # accuracy is no best.pt: last.pt (which a resume reads) holds none.
+    # accuracy is no best.pt: a last.pt written apart from it holds none (one written with it is
+    # best.pt under a second name, and passes only if it is the best epoch's).
     own = (state.get("epoch"), state.get("val_acc"))
-    recorded = (metrics.get("best_epoch"), metrics.get("best_val_acc"))
+    in_metrics = (metrics.get("best_epoch"), metrics.get("best_val_acc"))
     if any(
         is_number(best) and not (is_number(mine) and float(mine) == float(best))
-        for mine, best in zip(own, recorded, strict=True)
+        for mine, best in zip(own, in_metrics, strict=True)
     ):
         acc = (
             f"validation accuracy {float(own[1])}"
@@ -168,8 +168,8 @@ def _check_own_checkpoint(run_dir: Path, state: dict[str, Any], metrics: dict[st
             else "no validation accuracy (a last.pt?)"
         )
         raise SkinclfError(
-            f"{where}: its epoch {own[0]} and {acc} are not the best_epoch {recorded[0]} and "
-            f"best_val_acc {recorded[1]} of {TEST_METRICS}; {expected}"
+            f"{where}: its epoch {own[0]} and {acc} are not the best_epoch {in_metrics[0]} and "
+            f"best_val_acc {in_metrics[1]} of {TEST_METRICS}; {expected}"
         )
 
 

@@ -10,9 +10,10 @@ averages flips (``recipe=modern``), since its front end's outputs then change fr
 
 A cache file is keyed by everything the outputs depend on: the split's images (their bytes),
 the extractor (its structure and weights, so random initialisations with different seeds never
-share features), the image pipeline's state (normalisation), the numeric precision and the device
-type (with CUDA's TF32 switches): CPU and GPU kernels round differently, and a CPU run must get
-the same numbers whether or not a GPU run filled the cache first. A changed dataset or model is
+share features), the image pipeline's state (normalisation), the numeric precision, the memory
+layout, and the device (its type and model, torch's version, CUDA's TF32 switches; see
+:func:`extractor_key`): kernels round differently, and a CPU run must get the same numbers
+whether or not a GPU run (or another machine sharing the cache) filled it first. A changed dataset or model is
 never served stale; the old file is simply not used again.
 """
 

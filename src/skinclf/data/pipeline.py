@@ -153,7 +153,8 @@ class AugmentedPipeline(DefaultPipeline):
 
 
 class AugmentationDraws(NamedTuple):
-    """Per image: flip it?, warp it (rotation or crop)?, and the warp's angle, scale and offset."""
+    """Per image: flip it?, rotate or crop it? (``warp``: what the draw chose; every image goes
+    through the warp, the identity where neither fires), and the warp's angle, scale and offset."""
 
     flip: torch.Tensor
     warp: torch.Tensor

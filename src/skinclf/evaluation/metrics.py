@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+# A MEL probability at or above this calls MEL: training and validation accuracy, test metrics at
+# the default threshold, predictions of a run with no operating point.
+DEFAULT_THRESHOLD = 0.5
 
-def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> dict:
     """Accuracy, F1, sensitivity, specificity, ROC AUC and the confusion counts at ``threshold``."""
     # Imported here: sklearn takes about a second to import, which `skinclf train` need not pay
     # before its first evaluation (nor its --help or a refused setting).

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from skinclf.evaluation.metrics import DEFAULT_THRESHOLD
+
 
 def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
     """The highest threshold whose sensitivity (MEL recall) on these labels reaches ``target``.
@@ -16,7 +18,7 @@ def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: flo
     labels = np.asarray(labels).astype(int)
     mel_probs = np.sort(np.asarray(probs)[labels == 1])[::-1]
     if len(mel_probs) == 0:
-        return 0.5
+        return DEFAULT_THRESHOLD
     # Flagging the k highest-scoring MEL images needs threshold <= their k-th probability.
     k = int(np.ceil(target * len(mel_probs) - 1e-9))
     # That probability is compared three ways: as the float32 it is (the run's metrics), as its

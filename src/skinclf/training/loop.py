@@ -25,6 +25,7 @@ from torch import nn
 
 from skinclf.data.splits import Split, content_hash
 from skinclf.errors import SkinclfError
+from skinclf.evaluation.metrics import DEFAULT_THRESHOLD
 from skinclf.io import atomic_write
 from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS
 from skinclf.training.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
@@ -165,7 +166,7 @@ def predicted_mel(logits: torch.Tensor) -> torch.Tensor:
     """1.0 where a logit calls MEL (float32 sigmoid >= 0.5, as the test metrics and the report
     count it from the probabilities), else 0.0. "logit >= 0" differs where float32's sigmoid rounds
     a small negative logit up to 0.5; training and validation accuracy use this one rule."""
-    return (torch.sigmoid(logits.float()) >= 0.5).float()
+    return (torch.sigmoid(logits.float()) >= DEFAULT_THRESHOLD).float()
 
 
 def train_one_epoch(
@@ -346,8 +347,9 @@ def fit(
         for key, part in (("scheduler", scheduler), ("ema", ema)):
             if part is not None:
                 if key not in state:
-                    # The run's config matched (its folder was claimed), so its last.pt is from an
-                    # older skinclf, from before warm-up applied to the constant schedule.
+                    # The run's config matched (its folder was claimed), so its last.pt was written
+                    # by an older skinclf (before warm-up applied to the constant schedule, it
+                    # saved no scheduler state for it) or copied in from another recipe's run.
                     raise SkinclfError(
                         f"{last_path}: holds no {key} state, which this recipe needs (written by an "
                         "older skinclf that trained this recipe without one, or copied from a run of "
