@@ -165,14 +165,15 @@ def failed_points(failed: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]
     return [f for f in failed if f not in held], held
 
 
-def write_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
+def write_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> str:
     """Rank the sweep's grid points; write grid_search.csv and grid_search.md into the sweep folder
-    (the ``failed`` points named in the latter)."""
+    (the ``failed`` points named in the latter). Returns the ranking's text for the console; ""
+    when no point has a result (nothing written)."""
     failed, earlier = failed_points(failed)
     with python_strings():  # overrides may name paths whose bytes are no UTF-8
         table = rank_grid(sweep_dir, failed)
         if table.empty:
-            return table
+            return ""
         csv_table = table.copy()
         csv_table["fold_val_acc"] = csv_table["fold_val_acc"].map(
             lambda accs: " ".join(f"{a:.6f}" for a in accs)
@@ -180,6 +181,6 @@ def write_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.Dat
         # The CSV keeps such a path's bytes (train_command finds the folder again); the Markdown,
         # text for people, shows them escaped, as the report's tables do.
         atomic_write_text(csv_table.to_csv(index=False), Path(sweep_dir) / GRID_CSV, errors=FILE_NAME_ERRORS)
-        text = "# Cross-validated grid search\n\n" + format_grid(table, failed, earlier) + "\n"
-    atomic_write_text(readable(text), Path(sweep_dir) / GRID_MD)
-    return table
+        text = format_grid(table, failed, earlier)
+    atomic_write_text(readable(f"# Cross-validated grid search\n\n{text}\n"), Path(sweep_dir) / GRID_MD)
+    return text

@@ -36,7 +36,8 @@ log = logging.getLogger("skinclf")
 
 @dataclass
 class JobsSummary:
-    """Jobs of one launch by outcome; ``failed`` holds (job folder, error, log path)."""
+    """Jobs of one launch by outcome: job folders; ``failed`` holds dicts of the job's ``dir``,
+    ``error``, ``log`` (its train.log) and ``overrides``."""
 
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -193,9 +194,9 @@ class SweepSummary(Callback):
         )
         # Imported here: pandas takes ~0.4 s, which `skinclf train --help`, a config error and
         # every single run would pay for a table that only a grid search writes.
-        from skinclf.sweep.grid import failed_points, format_grid, write_grid
+        from skinclf.sweep.grid import write_grid
 
-        table = write_grid(sweep_dir, jobs.failed)
-        if not table.empty:
-            print(f"\n{format_grid(table, *failed_points(jobs.failed))}\n(written to {sweep_dir / GRID_MD})")
+        ranking = write_grid(sweep_dir, jobs.failed)
+        if ranking:
+            print(f"\n{ranking}\n(written to {sweep_dir / GRID_MD})")
         print(jobs.format(sweep_dir))
