@@ -64,16 +64,14 @@ RESULT_FILES = (TEST_METRICS, CV_RESULT)
 
 # What a run writes once it has trained: a folder holding any of these holds a run.
 RUN_OUTPUTS = (METRICS, LAST_CHECKPOINT, BEST_CHECKPOINT, *RESULT_FILES)
+# Every file `skinclf train` (a sweep job, a grid-search point) writes in its run folder, and the
+# folders that hold only its files (.hydra/; a grid point's fold_K/ also match FOLD_DIR).
+RUN_FOLDER_FILES = frozenset({*BOOKKEEPING, *RUN_OUTPUTS, PREDICTIONS, ROC_FIGURE, PR_FIGURE, FOLDS_RECORD})
 # What a run (or a grid point's fold) writes through atomic_write: a temporary of one of these
 # names is its own, and only those are removed as a killed process's leftovers.
 WRITTEN_BY_A_RUN = (
-    *BOOKKEEPING - {HYDRA_DIR, TRAIN_LOG},
-    *RUN_OUTPUTS,
-    PREDICTIONS,
-    ROC_FIGURE,
-    PR_FIGURE,
+    *RUN_FOLDER_FILES - {HYDRA_DIR, TRAIN_LOG},
     FOLD_RESULT,
-    FOLDS_RECORD,
     # The run's Hydra record, in .hydra/, which skinclf writes itself (train_command).
     HYDRA_CONFIG.name,
     HYDRA_OVERRIDES.name,

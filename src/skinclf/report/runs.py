@@ -31,23 +31,18 @@ from skinclf.config import compose_config, composed_or_none, number_setting, ove
 from skinclf.errors import SkinclfError, counted, first_line
 from skinclf.io import readable
 from skinclf.run_files import (
-    FOLDS_RECORD,
     HYDRA_CONFIG,
-    HYDRA_DIR,
     HYDRA_MULTIRUN,
     METRICS,
-    PR_FIGURE,
     PREDICTIONS,
     REFUSED_PREFIX,
-    ROC_FIGURE,
     RUN_CONFIG,
     STATUS_FILE,
     TEST_METRICS,
-    TRAIN_LOG,
 )
 from skinclf.run_folder import (
     RESULT_FILES,
-    RUN_OUTPUTS,
+    RUN_FOLDER_FILES,
     VOLATILE_KEYS,
     process_gone,
     read_status,
@@ -63,21 +58,6 @@ FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 # train.log, metrics.csv or last.pt/best.pt: Hydra names an application's log after its script
 # (any train.py writes one), and the others are common names in other training tools.
 SKINCLF_ONLY_FILES = (RUN_CONFIG, STATUS_FILE, *RESULT_FILES)
-# Every file `skinclf train` (a sweep job, a grid-search point) writes in its run folder, and the
-# folders that hold only its files (.hydra/, a grid point's fold_K/): what `skinclf predict` and
-# `skinclf explain` must never write over, in any run folder, whether the file exists yet or not.
-OWN_FILES = frozenset(
-    {
-        *SKINCLF_ONLY_FILES,
-        *RUN_OUTPUTS,
-        PREDICTIONS,
-        TRAIN_LOG,
-        ROC_FIGURE,
-        PR_FIGURE,
-        FOLDS_RECORD,
-        HYDRA_DIR,
-    }
-)
 FOLD_DIR = re.compile(r"fold_\d+")
 # How an interrupted run (stopped, or killed outright) goes on.
 RESUME_HINT = "resume=true, or re-launching its sweep, continues it"
@@ -374,13 +354,14 @@ def reads_as_run(folder: Path) -> bool:
 
 def run_file_at(path: Path) -> Path | None:
     """The file (or folder) of a skinclf run that writing ``path`` would replace or write into:
-    one of its OWN_FILES, there or still to come; None when ``path`` is none of them.
+    one of its RUN_FOLDER_FILES or fold_K/ folders, there or still to come; None when ``path`` is
+    none of them: what `skinclf predict` and `skinclf explain` must never write over.
 
     A new file of another name in a run folder is no run's file: the folder is the user's too."""
     target = Path(path).resolve()
     for folder in target.parents:
         first = target.relative_to(folder).parts[0]
-        if (first in OWN_FILES or FOLD_DIR.fullmatch(first)) and is_run_folder(folder):
+        if (first in RUN_FOLDER_FILES or FOLD_DIR.fullmatch(first)) and is_run_folder(folder):
             return folder / first
     return None
 
