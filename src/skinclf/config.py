@@ -75,14 +75,17 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def is_searchpath(override: str) -> bool:
+    """Whether ``override`` sets ``hydra.searchpath`` (config folders of the user's own)."""
+    return override_key(override) == "hydra.searchpath"
+
+
 def adds_config_folders(args: Sequence[str]) -> bool:
     """Whether ``args`` add config folders of the user's own beside skinclf's (hydra.searchpath,
     --config-dir) or replace skinclf's (--config-path): their choices and keys are then Hydra's to
     know, not :func:`config_choices`'."""
     return any(
-        arg.lstrip("+").startswith("hydra.searchpath")
-        or arg.startswith(("--config-dir", "-cd", "--config-path", "-cp"))
-        for arg in args
+        is_searchpath(arg) or arg.startswith(("--config-dir", "-cd", "--config-path", "-cp")) for arg in args
     )
 
 

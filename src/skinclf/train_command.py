@@ -37,6 +37,7 @@ from skinclf.config import (
     config_choices,
     grid_search_without_folds,
     holds_key,
+    is_searchpath,
     override_key,
 )
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError, first_line
@@ -69,7 +70,7 @@ def check_appended_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
     # Within the running Hydra app: the same config, composed without the appended keys. The
     # config folders added with hydra.searchpath (a Hydra override, not among the job's) come
     # along, or a model of the user's own would not be found.
-    searchpath = [o for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.searchpath=")]
+    searchpath = [o for o in HydraConfig.get().overrides.hydra if is_searchpath(o)]
     kept = [o for o in overrides if o not in appended]
     known = hydra.compose(config_name="train", overrides=[*searchpath, *kept])
     unknown = _keys_not_in(cfg, known)

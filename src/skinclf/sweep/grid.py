@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from skinclf.config import is_number, override_key
+from skinclf.config import is_number, is_searchpath, override_key
 from skinclf.io import FILE_NAME_ERRORS, atomic_write_text, python_strings, readable
 from skinclf.run_files import CV_RESULT, GRID_CSV, GRID_MD, HYDRA_SETTINGS
 from skinclf.run_folder import hydra_record, read_record, recorded, recorded_overrides, string_list
@@ -80,7 +80,7 @@ def _config_folders(hydra_settings: Path) -> list[str] | None:
     if record is None:
         return None
     given = string_list(recorded(record, "hydra.overrides.hydra")) or []
-    folders = [o for o in given if o.lstrip("+").startswith("hydra.searchpath=")]
+    folders = [o for o in given if is_searchpath(o)]
     sources = recorded(record, "hydra.runtime.config_sources")
     folders += [
         f"--config-dir={source['path'].removeprefix('file://')}"
@@ -103,7 +103,7 @@ def train_command(args: Sequence[str]) -> str:
     kept = []
     for arg in args:
         key = override_key(arg)
-        own_hydra = key.startswith(("hydra.", "hydra/")) and not key.startswith("hydra.searchpath")
+        own_hydra = key.startswith(("hydra.", "hydra/")) and not is_searchpath(arg)
         if key in NOT_THE_POINTS or key.startswith("cv.") or own_hydra:
             continue
         kept.append(arg)
