@@ -29,7 +29,7 @@ from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS, check_model_output
 from skinclf.report.runs import find_runs
 from skinclf.summary import model_names
-from skinclf.train_command import (
+from skinclf.train_arguments import (
     _check_group_choices,
     _check_launcher,
     _check_sweeps_are_launched_as_sweeps,
@@ -250,7 +250,7 @@ def test_a_stop_before_the_run_has_a_folder_gives_no_resume_hint(tmp_path, monke
     def interrupted(args):  # Ctrl-C while the command line is still being checked
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_command, "check_override_keys", interrupted)
+    monkeypatch.setattr(train_command, "checked_for_hydra", interrupted)
     proc = train_cli(*TINY, cwd=tmp_path, check=False)
     assert proc.returncode == 130
     assert proc.stderr.strip() == "skinclf train: stopped (Ctrl-C)"  # nothing to resume

@@ -23,7 +23,7 @@ import torch
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from skinclf import train_command
+from skinclf import train_arguments, train_command
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
 from skinclf.models import PAPER_MODELS
@@ -908,9 +908,11 @@ def test_a_sweep_is_not_launched_again_while_a_launch_of_it_trains(tmp_path: Pat
 
 def test_a_glob_over_configs_of_the_users_own_is_left_to_hydra() -> None:
     # skinclf's configs have no model my_*; the folder added may.
-    train_command._check_sweeps_have_values(["-m", "model=glob(my_*)", "hydra.searchpath=[file:///my/conf]"])
+    train_arguments._check_sweeps_have_values(
+        ["-m", "model=glob(my_*)", "hydra.searchpath=[file:///my/conf]"]
+    )
     with pytest.raises(SkinclfError, match=r"^model=glob\(my_\*\): expands to no value"):
-        train_command._check_sweeps_have_values(["-m", "model=glob(my_*)"])
+        train_arguments._check_sweeps_have_values(["-m", "model=glob(my_*)"])
 
 
 @pytest.mark.parametrize("swept", ["model=glob(zzz*)", "seed=range(0)"])

@@ -25,7 +25,7 @@ from skinclf.config import (
 )
 from skinclf.errors import SkinclfError, first_line
 from skinclf.models import build_model, check_model_config, check_model_output, model_order
-from skinclf.train_command import check_override_keys
+from skinclf.train_arguments import check_override_keys
 from skinclf.trained_run import quiet_logs, without_pretrained_download
 
 INPUT_SIZE = (64, 3, IMAGE_SIZE, IMAGE_SIZE)  # the paper's batch of 64 RGB 128x128 images
