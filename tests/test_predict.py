@@ -356,6 +356,51 @@ def test_a_malicious_checkpoint_is_refused_without_running_its_code(run_and_imag
     assert marker.read_text() == "code executed"
 
 
+@pytest.mark.parametrize(
+    ("node", "target"),
+    [
+        ("arch", "builtins.open"),  # a function: opening the file for writing emptied it
+        ("pipeline", "builtins.open"),
+        ("arch.inner", "builtins.open"),  # Hydra instantiates nested targets too
+        ("arch", "subprocess.Popen"),  # a class, but no model
+    ],
+)
+def test_a_checkpoints_config_cannot_call_anything_but_model_classes(run_and_images, tmp_path, node, target):
+    # weights_only=True keeps a checkpoint's pickle from running code; its config was still
+    # instantiated as it stood, so any importable callable ran with the file's arguments.
+    run_dir, _, _ = run_and_images
+    crafted = tmp_path / "crafted_run"
+    shutil.copytree(run_dir, crafted)
+    (crafted / "run_config.json").unlink(missing_ok=True)  # nothing to compare the config with
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    state = torch.load(crafted / "best.pt", weights_only=True)
+    call = {"_target_": target, "file": str(victim), "mode": "w"}
+    if target == "subprocess.Popen":
+        call = {"_target_": target, "args": ["touch", str(victim)]}
+    section, _, inner = node.partition(".")
+    if inner:
+        state["config"]["model"][section][inner] = call
+    else:
+        state["config"]["model"][section] = call
+    torch.save(state, crafted / "best.pt")
+    refused = rf"model\.{node}\._target_={target} is no torch\.nn\.Module class"
+    with pytest.raises(SkinclfError, match=refused):
+        load_trained_run(crafted)
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("config", ["model: x", ["model"], {"trainer": {}}, {"model": "baseline"}])
+def test_a_checkpoint_whose_config_is_no_training_config_is_refused(run_and_images, tmp_path, config):
+    run_dir, _, _ = run_and_images
+    bad = tmp_path / "bad_run"
+    shutil.copytree(run_dir, bad)
+    state = torch.load(bad / "best.pt", weights_only=True)
+    torch.save({**state, "config": config}, bad / "best.pt")
+    with pytest.raises(SkinclfError, match="its 'config' entry is no training config with a model"):
+        load_trained_run(bad)
+
+
 @pytest.mark.parametrize("where", ["a folder", "under a file"])
 def test_an_unwritable_out_is_refused_before_any_image_is_scored(where, tmp_path, monkeypatch, capsys):
     image, notes = image_and_kept_file(tmp_path)

@@ -20,7 +20,7 @@ from skinclf.arguments import DISCLAIMER, SYNTHETIC_MODEL_NOTE
 from skinclf.config import instantiate_config, is_number
 from skinclf.errors import SkinclfError, first_line, not_a_folder
 from skinclf.evaluation.metrics import DEFAULT_THRESHOLD
-from skinclf.models import build_model, check_model_config
+from skinclf.models import build_model, check_stored_model_config
 from skinclf.run_files import (
     BEST_CHECKPOINT,
     CV_RESULT,
@@ -234,12 +234,17 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     for key in ("model", "pipeline", "config"):
         if key not in state:
             raise SkinclfError(f"{run_dir / BEST_CHECKPOINT}: checkpoint has no {key!r} entry")
+    if not (isinstance(state["config"], dict) and isinstance(state["config"].get("model"), dict)):
+        raise SkinclfError(
+            f"{run_dir / BEST_CHECKPOINT}: its 'config' entry is no training config with a model; "
+            "expected a best.pt written by skinclf train"
+        )
     _check_own_checkpoint(run_dir, state, metrics)
     # The checkpoint's config is the resolved one the model was built from (.hydra/ holds
     # interpolations, and in-process runs have no .hydra/ at all).
     cfg = OmegaConf.create(state["config"])
     # A model of the user's own must be importable here too (another machine, another venv).
-    check_model_config(cfg.model, str(run_dir / BEST_CHECKPOINT))
+    check_stored_model_config(cfg.model, str(run_dir / BEST_CHECKPOINT))
     try:
         # Quiet: a "random init, not the paper's setup" warning would be false here, since the
         # checkpoint's weights replace the random ones right away.

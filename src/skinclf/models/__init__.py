@@ -53,11 +53,46 @@ def check_model_config(model_cfg: DictConfig, where: str) -> None:
             _check_importable(f"{where}: model.{key}={value}", str(value))
 
 
-def _check_importable(setting: str, target: str) -> None:
-    """A SkinclfError starting with ``setting`` when ``target`` (``package.module.Class``) cannot
-    be found the way Hydra's instantiate finds it (its first part imported, then attribute by
-    attribute, importing submodules): Hydra would say so only once the run has started, over
-    several lines."""
+def check_stored_model_config(model_cfg: DictConfig, where: str) -> None:
+    """:func:`check_model_config` for a config read from a file (a checkpoint that someone else
+    may have written): building the model calls every ``_target_`` in it, so each must name a
+    ``torch.nn.Module`` class or a class of skinclf's own (its pipelines). A function there
+    (``builtins.open``, ``os.makedirs``) would run with the file's arguments: loading a checkpoint
+    with ``weights_only=True`` must not be a way around that."""
+    import torch
+
+    check_model_config(model_cfg, where)
+    for key, target in _targets(OmegaConf.to_container(model_cfg)):
+        found = _check_importable(f"{where}: model.{key}={target}", target)
+        own = isinstance(found, type) and found.__module__.startswith("skinclf.data.")
+        if not (own or (isinstance(found, type) and issubclass(found, torch.nn.Module))):
+            raise SkinclfError(
+                f"{where}: model.{key}={target} is no torch.nn.Module class; a checkpoint's config "
+                "names only model classes and skinclf's pipelines (expected a best.pt of skinclf train)"
+            )
+
+
+def _targets(node: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) of every ``_target_`` in a plain config tree."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if key == "_target_":
+                found.append((path, str(value)))
+            else:
+                found += _targets(value, f"{path}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _targets(value, f"{prefix}{i}.")
+    return found
+
+
+def _check_importable(setting: str, target: str) -> object:
+    """What ``target`` (``package.module.Class``) names, found the way Hydra's instantiate finds
+    it (its first part imported, then attribute by attribute, importing submodules); a
+    SkinclfError starting with ``setting`` when it cannot be found: Hydra would say so only once
+    the run has started, over several lines."""
     parts = target.split(".")
     if len(parts) < 2 or not all(parts):
         raise SkinclfError(f"{setting}: expected package.module.Class")
@@ -83,6 +118,7 @@ def _check_importable(setting: str, target: str) -> None:
             raise SkinclfError(f"{setting}: importing {path} failed: {first_line(err)}") from err
     if isinstance(found, ModuleType):
         raise SkinclfError(f"{setting}: {target} is a module; expected a class in it")
+    return found
 
 
 def build_model(model_cfg: DictConfig) -> torch.nn.Module:
