@@ -1006,6 +1006,41 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_it(tmp_path):
     assert not list((tmp_path / "run").glob(".best.pt.*"))  # no temporary file left behind
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="file size limits as Linux sets them")
+def test_a_full_disk_in_any_command_is_one_line(tmp_path):
+    # PIL's PNG writer (report, explain) met a full disk as a traceback, exit 1.
+    subprocess.run(
+        [sys.executable, "-m", "skinclf", "train", *TINY, "hydra.run.dir=run"], cwd=tmp_path, check=True
+    )
+    command = [sys.executable, "-m", "skinclf", "report", "run", "--out", "rep"]
+    proc = subprocess.run(  # the figures are larger than 10 kB, table1.csv is not
+        command, cwd=tmp_path, capture_output=True, text=True, preexec_fn=_file_size_limit(10_000)
+    )
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(
+        "skinclf report: error: File too large (while writing): nothing is left half-written"
+    )
+
+
+def test_a_run_whose_error_leaves_no_room_for_its_status_reports_that_error(tmp_path, monkeypatch):
+    # A full disk: writing "failed" into job_status.json failed too, and its OSError (with the
+    # run's own error chained under it) was what the user saw.
+    from skinclf import run_folder
+
+    real_write_status = run_folder.write_status
+
+    def no_room_after_running(out_dir, status, *args, **kwargs):
+        if status != "running":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_status(out_dir, status, *args, **kwargs)
+
+    monkeypatch.setattr(run_folder, "write_status", no_room_after_running)
+    with pytest.raises(ValueError, match="the run's own error"), run_folder.recorded_status(tmp_path, None):
+        raise ValueError("the run's own error")
+    assert run_folder.read_status(tmp_path)["status"] == "running"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_gpu_is_one_line_and_leaves_no_run(tmp_path):
     proc = error_run(tmp_path, "device=cuda", *TINY)

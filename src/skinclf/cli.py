@@ -9,7 +9,7 @@ import sys
 
 from skinclf import __version__
 from skinclf.arguments import PARSERS
-from skinclf.errors import EXIT_USER_ERROR, SkinclfError
+from skinclf.errors import EXIT_USER_ERROR, SkinclfError, out_of_space
 from skinclf.io import FILE_NAME_ERRORS
 
 # command -> (module with a ``main(args: list[str])``, one-line help)
@@ -106,6 +106,12 @@ def _dispatch(argv: list[str]) -> None:
         module.main(args)
     except SkinclfError as err:
         print(f"skinclf {command}: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except OSError as err:
+        full = out_of_space(err)
+        if full is None:
+            raise
+        print(f"skinclf {command}: error: {full}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         _report_stop(command, "Ctrl-C", module)

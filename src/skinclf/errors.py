@@ -1,5 +1,6 @@
 """User-facing errors (one clear line, a non-zero exit, no traceback wall) and message wording."""
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,22 @@ class SkinclfError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+# A full disk, a quota, a file size limit: any write can meet one, deep in a library (PIL's PNG
+# writer, pandas' to_csv).
+OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def out_of_space(err: BaseException) -> SkinclfError | None:
+    """The one-line error for an OSError that a full disk, quota or file size limit raised; None
+    for any other."""
+    if not isinstance(err, OSError) or err.errno not in OUT_OF_SPACE:
+        return None
+    where = f"{err.filename}: " if err.filename else ""
+    return SkinclfError(
+        f"{where}{err.strerror or os.strerror(err.errno)} (while writing): nothing is left half-written "
+        "(every file is written whole or not at all); make room, or write elsewhere, and run it again"
+    )
 
 
 def exit_with_error(command: str, message: str) -> None:

@@ -163,8 +163,21 @@ def _save_without_crc32(obj: Any, path: Path) -> None:
     torch.serialization.set_crc32_options(False)
     try:
         torch.save(obj, path)
+    except RuntimeError as err:
+        # torch.save reports a short write (a full disk, a file size limit) as "[enforce fail at
+        # inline_container.cc] unexpected pos ...": an OSError, as any other failed write is.
+        raise OSError(f"torch.save stopped short: {first_line(err)}") from err
     finally:
         torch.serialization.set_crc32_options(previous)
+
+
+def write_failure(path: Path, err: OSError) -> str:
+    """``path: could not be written (why); N GB free on its file system``, for a failed write."""
+    try:
+        space = f"; {shutil.disk_usage(Path(path).parent).free / 1e9:.1f} GB free on its file system"
+    except OSError:
+        space = ""
+    return f"{path}: could not be written ({first_line(err)}){space}"
 
 
 # What os.link raises where a file system has no hard links (FAT, some network shares) or no more

@@ -369,13 +369,17 @@ def recorded_status(out_dir: Path, launch: str | None, **info: Any) -> Iterator[
     try:
         yield
     except Exception as err:
-        write_status(out_dir, "failed", launch, error=first_line(err), **info)
+        # A full disk may have caused the error: the status cannot be written then, and the
+        # error itself is what the user must see (the status stays "running", a dead process).
+        with contextlib.suppress(OSError):
+            write_status(out_dir, "failed", launch, error=first_line(err), **info)
         raise
     except BaseException as stop:
         # For the run's train.log, read long after the console is gone; the console has the
         # command's own line on how to go on.
         log_to_file_only(f"stopped by {_stopped_by(stop)} (resumable)", logging.WARNING)
-        write_status(out_dir, "stopped", launch, **info)
+        with contextlib.suppress(OSError):
+            write_status(out_dir, "stopped", launch, **info)
         raise
     write_status(out_dir, "done", launch, **info)
 

@@ -23,7 +23,7 @@ from skinclf import __version__
 from skinclf.config import (
     is_searchpath,
 )
-from skinclf.errors import EXIT_USER_ERROR, SkinclfError
+from skinclf.errors import EXIT_USER_ERROR, SkinclfError, out_of_space
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
 from skinclf.run_folder import (
@@ -176,6 +176,11 @@ def hydra_main(cfg: DictConfig) -> None:
                     with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):
                         try:
                             run_in_hydra(cfg, out_dir)
+                        except OSError as err:  # Hydra would print it as a traceback
+                            full = out_of_space(err)
+                            if full is None:
+                                raise
+                            raise full from err
                         except BaseException as stop:
                             # Stopped (Ctrl-C, kill) or crashed: the folder that resume=true needs,
                             # or that holds the log; a timestamped one is otherwise hard to find.

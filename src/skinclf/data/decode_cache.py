@@ -29,7 +29,7 @@ import torch
 
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries
+from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries, write_failure
 from skinclf.training.progress import progress
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def store(decoded: Decoded) -> None:
         atomic_torch_save(stored, decoded.cache_file)
         log.info(f"decoded {len(decoded.kept)} images into cache {decoded.cache_file}")
     except OSError as err:
-        log.warning(f"cannot write the decode cache {decoded.cache_file} ({err}); next run decodes again")
+        log.warning(f"the decode cache {write_failure(decoded.cache_file, err)}; the next run decodes again")
 
 
 def _read_cache(cache: Path, key: str, n_files: int) -> Decoded | None:

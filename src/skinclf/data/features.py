@@ -31,7 +31,7 @@ from torch import nn
 from skinclf.data.pipeline import DefaultPipeline
 from skinclf.data.splits import ImageSplits, Split, hash_tensor
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries
+from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries, write_failure
 from skinclf.training.hardware import cpu_model
 from skinclf.training.loop import LoopSettings, forward_batches
 
@@ -182,7 +182,7 @@ def cached_features(
         atomic_torch_save({"key": key, "features": features}, path)
     except OSError as err:
         raise SkinclfError(
-            f"data.cache_dir={cache_dir}: cannot write the feature cache {path}: {err}"
+            f"data.cache_dir={cache_dir}: the feature cache {write_failure(path, err)}"
         ) from err
     return features
 

@@ -24,7 +24,7 @@ from skinclf import IMAGE_SIZE
 from skinclf.config import data_path, number_setting
 from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries
+from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
             atomic_torch_save(stored, cache)
         except OSError as err:
             raise SkinclfError(
-                f"data.cache_dir={data_cfg.cache_dir}: cannot write the synthetic data cache: {err}"
+                f"data.cache_dir={data_cfg.cache_dir}: the synthetic data cache {write_failure(cache, err)}"
             ) from err
     splits = {name: Split(d["images"], d["labels"]) for name, d in stored.items()}
     return ImageSplits(name="synthetic", **splits)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 
 from skinclf.errors import SkinclfError, first_line
-from skinclf.io import atomic_link, atomic_torch_save
+from skinclf.io import atomic_link, atomic_torch_save, write_failure
 
 FORMAT = "skinclf-checkpoint-v1"
 # torch.save's format since torch 1.6 is a zip archive; any other file is refused before torch
@@ -34,14 +33,8 @@ def _write(path: Path, write: Callable[[], None]) -> None:
     SkinclfError naming the file and the space left. The file it replaces, if any, stays as it was."""
     try:
         write()
-    except (OSError, RuntimeError) as err:
-        # torch.save reports a short write as "[enforce fail at inline_container.cc] unexpected
-        # pos ...", which names neither the file nor the reason.
-        try:
-            space = f"; {shutil.disk_usage(Path(path).parent).free / 1e9:.1f} GB free on its file system"
-        except OSError:
-            space = ""
-        raise SkinclfError(f"{path}: could not be written ({first_line(err)}){space}") from err
+    except OSError as err:
+        raise SkinclfError(write_failure(path, err)) from err
 
 
 def load_checkpoint(
