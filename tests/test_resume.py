@@ -134,6 +134,37 @@ def test_a_last_checkpoint_without_the_schedule_this_recipe_needs_is_one_error(
     assert str(err.value).startswith(f"{last}: holds no scheduler state, which this recipe needs (")
 
 
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        ("seed=1", "its config differs in seed"),
+        ("model=resnet", "its config differs in model.arch._target_"),
+        (
+            "model=resnet stored-without-config",
+            "does not fit this run's model (Error(s) in loading state_dict",
+        ),
+    ],
+)
+def test_a_last_checkpoint_of_another_run_is_refused(tmp_path: Path, shared_data_dir: Path, other, message):
+    # Only the data's hash was compared: another seed's last.pt (copied in by hand) resumed without
+    # a word, and another model's ended in load_state_dict's traceback, naming no file.
+    override, _, variant = other.partition(" ")
+    overrides = in_process(shared_data_dir)
+    run(compose_config(overrides), tmp_path / "mine")
+    run(compose_config([*overrides, override]), tmp_path / "other")
+    last = tmp_path / "mine" / "last.pt"
+    state = torch.load(tmp_path / "other" / "last.pt", weights_only=True)
+    if variant:
+        del state["config"]  # as skinclf versions before configs were stored wrote it
+    last.unlink()  # a hard link to best.pt
+    torch.save(state, last)
+    (tmp_path / "mine" / "test_metrics.json").unlink()  # unfinished, as it was
+    with pytest.raises(SkinclfError) as err:
+        run(compose_config([*overrides, "resume=true"]), tmp_path / "mine")
+    assert str(err.value).startswith(f"{last}: ")
+    assert message in str(err.value)
+
+
 def test_sparser_checkpoints_resume_by_redoing_the_epochs_since(
     tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

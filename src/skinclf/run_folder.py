@@ -203,12 +203,15 @@ def differences_from_record(run_dir: Path, config: dict[str, Any]) -> list[str]:
         stored = json.loads((Path(run_dir) / RUN_CONFIG).read_text())
     except (OSError, ValueError):
         return []
+    return config_differences(stored, config)
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys (dotted) that both resolved configs hold with different values, other than the
+    ones a resume may change and ``data.root`` (absolute in one, possibly typed relative in the
+    other): whether two records are of the same run."""
     ignored = (*VOLATILE_KEYS, "data.root")
-    return [
-        key
-        for key in _differences(stored, config)
-        if key not in ignored and _has_key(stored, key) and _has_key(config, key)
-    ]
+    return [key for key in _differences(a, b) if key not in ignored and _has_key(a, key) and _has_key(b, key)]
 
 
 def _resolve_stored_root(stored: dict[str, Any], out_dir: Path) -> None:

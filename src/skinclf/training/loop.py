@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from skinclf.data.splits import Split, content_hash
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, first_line
 from skinclf.evaluation.metrics import DEFAULT_THRESHOLD
 from skinclf.io import atomic_write
 from skinclf.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS
+from skinclf.run_folder import config_differences
 from skinclf.training.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
 from skinclf.training.hardware import (
     DATA_SHARE_OF_FREE_GPU_MEMORY,
@@ -239,6 +240,14 @@ def place_splits(train: Split, val: Split, device: torch.device) -> tuple[Split,
     return train, val
 
 
+def _foreign_config(stored: Any, own: Any) -> list[str]:
+    """The keys in which a checkpoint's config differs from this run's (none where either lacks
+    one: checkpoints of a plain ``fit``, or of a skinclf version before configs were stored)."""
+    if not (isinstance(stored, dict) and isinstance(own, dict)):
+        return []
+    return config_differences(stored, own)
+
+
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
     state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -341,8 +350,21 @@ def fit(
                 "changed, moved between classes or splits, or decoded by another Pillow version); "
                 "expected the same data to resume: start a new run for the new data"
             )
-        saved.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        # The folder's config matched (it was claimed): a last.pt of another config was copied in.
+        foreign = _foreign_config(state.get("config"), extra_state.get("config"))
+        if foreign:
+            raise SkinclfError(
+                f"{last_path}: is not this run's checkpoint: its config differs in {', '.join(foreign[:5])}; "
+                "expected the last.pt this run wrote"
+            )
+        try:
+            saved.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:  # a checkpoint of another model
+            raise SkinclfError(
+                f"{last_path}: does not fit this run's model ({first_line(err)}); expected the last.pt "
+                "this run wrote"
+            ) from err
         scaler.load_state_dict(state["scaler"])
         for key, part in (("scheduler", scheduler), ("ema", ema)):
             if part is not None:
