@@ -305,6 +305,17 @@ def error_run(tmp_path, *overrides):
     return proc
 
 
+@pytest.mark.parametrize("deletion", ["~model", "~trainer.num_threads", "~resume", "~cv"])
+def test_removing_a_key_every_run_reads_is_refused_up_front(tmp_path, deletion):
+    # ~model, ~resume, ~trainer.num_threads ended in a traceback (ConfigAttributeError); ~cv in
+    # "cv.folds=None: expected an integer", a value the user never typed.
+    proc = error_run(tmp_path, deletion, *TINY)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"skinclf train: error: {deletion}: removes a key that every skinclf run reads")
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

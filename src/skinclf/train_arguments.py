@@ -49,8 +49,26 @@ def checked_for_hydra(args: list[str]) -> list[str]:
     _check_sweeps_are_launched_as_sweeps(args)
     _check_sweeps_have_values(args)
     _check_grid_search_folds(args)
+    _check_deletions(args)
     forced = check_override_keys(args)
     return [f"++{arg}" if arg in forced else arg for arg in args]
+
+
+def _check_deletions(args: list[str]) -> None:
+    """``~key`` of a key skinclf's own configs set (``~model``, ``~trainer.patience``): the run
+    reads every one of them, and failed on the missing key with a traceback (a config folder of
+    the user's own cannot take one away either). Keys that only some choices or the user's
+    configs add are Hydra's to remove."""
+    for arg, override, _ in _parsed_overrides(args):
+        key = override.key_or_group
+        if not override.is_delete() or key.startswith(("hydra.", "hydra/")):
+            continue
+        default = composed_or_none(())
+        if default is not None and holds_key(default, key):
+            raise SkinclfError(
+                f"{arg}: removes a key that every skinclf run reads; set it instead "
+                f"({key}=VALUE; `skinclf train --help` lists the keys and choices)"
+            )
 
 
 def _check_output_folders(args: list[str]) -> None:
