@@ -437,20 +437,42 @@ def test_a_best_pt_that_is_not_a_checkpoint_is_one_error(content, run_and_images
     assert f"error: {broken / 'best.pt'}: not a readable skinclf checkpoint (" in err
 
 
-def test_an_operating_threshold_that_is_not_a_number_is_one_error(run_and_images, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("point", "message"),
+    [
+        ({"threshold": "high"}, "operating_point.threshold='high'; expected a number in [0, 1]"),
+        # Was scored at 0.5 as "no operating point stored in the run", though the run stored one.
+        ([1], "operating_point=[1]; expected an object with a threshold, as skinclf train writes it"),
+        ({"target_sensitivity": 0.95}, "operating_point={'target_sensitivity': 0.95}; expected an object"),
+    ],
+)
+def test_a_damaged_operating_point_is_one_error(run_and_images, tmp_path, capsys, point, message):
     run_dir, folder, _ = run_and_images
     edited = tmp_path / "edited_run"
     shutil.copytree(run_dir, edited)
     metrics = json.loads((edited / "test_metrics.json").read_text())
-    metrics["operating_point"]["threshold"] = "high"
+    metrics["operating_point"] = point
     (edited / "test_metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(SystemExit) as exit_info:
         _predict(edited, folder / "test_000.png")
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.endswith(
-        f"{edited / 'test_metrics.json'}: operating_point.threshold='high'; expected a number in [0, 1]"
-    )
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert f"{edited / 'test_metrics.json'}: {message}" in err
+
+
+@pytest.mark.parametrize("record", ["{", "", "[]"])
+def test_an_unreadable_run_config_is_one_error_not_a_skipped_check(run_and_images, tmp_path, capsys, record):
+    # A damaged run_config.json read as "no record": another run's best.pt copied in was scored.
+    run_dir, folder, _ = run_and_images
+    damaged = tmp_path / "damaged_run"
+    shutil.copytree(run_dir, damaged)
+    (damaged / "run_config.json").write_text(record)
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(damaged, folder / "test_000.png")
+    assert exit_info.value.code == 2
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert f"{damaged / 'run_config.json'}: unreadable (" in err
+    assert "so the run's checkpoint cannot be checked against it" in err
 
 
 def test_a_run_from_an_older_skinclf_still_predicts(run_and_images, tmp_path):

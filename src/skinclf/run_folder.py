@@ -198,11 +198,21 @@ def differences_from_record(run_dir: Path, config: dict[str, Any]) -> list[str]:
     """The keys (dotted) whose values in ``config`` (a checkpoint's resolved config) differ from
     the record of the run in ``run_dir`` (its run_config.json): those of the keys both hold,
     other than the ones a resume may change and ``data.root`` (recorded absolute, possibly typed
-    relative in the checkpoint). Empty when the folder has no readable record (an early run)."""
-    try:
-        stored = json.loads((Path(run_dir) / RUN_CONFIG).read_text())
-    except (OSError, ValueError):
+    relative in the checkpoint). Empty when the folder has no record (an early run); a record
+    that cannot be read (a torn copy, a hand edit) is a SkinclfError: nothing to tell by."""
+    record = Path(run_dir) / RUN_CONFIG
+    if not record.exists():
         return []
+    try:
+        stored = json.loads(record.read_text())
+    except (OSError, ValueError) as err:
+        stored = err
+    if not isinstance(stored, dict):
+        why = first_line(stored) if isinstance(stored, Exception) else "not a JSON object"
+        raise SkinclfError(
+            f"{record}: unreadable ({why}), so the run's checkpoint cannot be checked against it; "
+            "expected the record skinclf train wrote"
+        )
     return config_differences(stored, config)
 
 

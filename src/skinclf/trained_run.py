@@ -108,9 +108,14 @@ def quiet_logs() -> Iterator[None]:
 
 def _operating_threshold(metrics: dict, metrics_path: Path) -> tuple[float, str]:
     point = metrics.get("operating_point")
-    if not isinstance(point, dict) or "threshold" not in point:
+    if point is None:
         # Runs from before the operating point existed: the paper's own decision rule.
         return DEFAULT_THRESHOLD, "the default 0.5 (no operating point stored in the run)"
+    if not isinstance(point, dict) or "threshold" not in point:
+        raise SkinclfError(
+            f"{metrics_path}: operating_point={point!r}; expected an object with a threshold, as "
+            "skinclf train writes it"
+        )
     threshold = point["threshold"]
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
         raise SkinclfError(
