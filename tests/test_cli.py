@@ -1083,6 +1083,11 @@ def test_top_level_help_and_unknown_command(tmp_path):
         (["report", "--bogus"], "unrecognized arguments: --bogus"),
         (["prepare", "a", "b", "--seed", "-1"], "argument --seed: '-1': expected a non-negative integer"),
         (["summary", "--x"], "unrecognized arguments: --x"),
+        # --out "$DIR" with DIR unset: report and explain wrote into the current folder.
+        (["report", "--out", ""], "argument --out: '': empty; expected a path (. for the current folder)"),
+        (["explain", "run", "x.png", "--out", " "], "argument --out: ' ': empty; expected a path"),
+        (["predict", "run", "x.png", "--out="], "argument --out: '': empty; expected a path"),
+        (["prepare", "a", ""], "argument out: '': empty; expected a path"),
     ],
 )
 def test_a_bad_argument_of_any_command_is_one_error_line(args, message, capsys):

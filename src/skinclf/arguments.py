@@ -33,6 +33,14 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` shows the usage)\n")
 
 
+def _output(text: str) -> str:
+    """argparse type of an output path: not empty. ``--out "$DIR"`` with DIR unset would
+    otherwise write into the current folder (an empty path is ``.``)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: empty; expected a path (. for the current folder)")
+    return text
+
+
 def _threshold(text: str) -> float:
     """argparse type of --threshold: a probability."""
     try:
@@ -73,7 +81,10 @@ def predict_parser() -> argparse.ArgumentParser:
         "exact preprocessing of a finished run. Images are converted to RGB 128x128 like the training data.",
     )
     parser.add_argument(
-        "--out", metavar="FILE.csv", help="write the table here (default: print it to standard output)"
+        "--out",
+        type=_output,
+        metavar="FILE.csv",
+        help="write the table here (default: print it to standard output)",
     )
     parser.add_argument(
         "--threshold",
@@ -91,7 +102,11 @@ def explain_parser() -> argparse.ArgumentParser:
         "each image, with the probability of melanoma in the title: one PNG per image.",
     )
     parser.add_argument(
-        "--out", metavar="DIR", default="explanations", help="folder for the PNGs (default: explanations/)"
+        "--out",
+        type=_output,
+        metavar="DIR",
+        default="explanations",
+        help="folder for the PNGs (default: explanations/)",
     )
     parser.add_argument(
         "--class",
@@ -114,7 +129,7 @@ def prepare_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("source", help="the unpacked download (metadata CSV and images anywhere under it)")
-    parser.add_argument("out", help="output folder (must not exist, or be empty)")
+    parser.add_argument("out", type=_output, help="output folder (must not exist, or be empty)")
     parser.add_argument(
         "--balance",
         action="store_true",
@@ -183,7 +198,7 @@ def report_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="run or multirun folders to search, recursively (default: outputs)",
     )
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
+    parser.add_argument("--out", type=_output, default="reports", help="output folder (default: reports)")
     return parser
 
 

@@ -139,7 +139,7 @@ def _grid_search_hint(dirs: Sequence[Path]) -> str:
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf report ARGS``."""
     ns = report_parser().parse_args(args)
-    runs, written = build_report(ns.dirs, ns.out)
+    runs, written = build_report(ns.dirs, Path(ns.out))
     for run in runs:
         if run.predictions_problem:  # begins with the file's name: after the folder, its path
             print(
