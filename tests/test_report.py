@@ -1085,6 +1085,35 @@ def test_table1_reports_the_checkpoint_the_run_tested(tmp_path):
     assert row["best_val_acc_pct_mean"] == 90.0 and row["max_train_acc_pct_mean"] == 90.0
 
 
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (("accuracy", 0.99), "test_metrics.json: accuracy is 0.99, but its confusion counts"),
+        (("f1", 0.0), "test_metrics.json: f1 is 0.0, but its confusion counts"),
+        (("best_epoch", 99), "test_metrics.json: best_epoch=99, but metrics.csv has epochs 1-3"),
+        ([1, 3, 7], "metrics.csv: epochs 1, 3, 7; expected one row per epoch, 1, 2, 3, ..."),
+        ([1, 1, 2], "metrics.csv: epochs 1, 1, 2; expected one row per epoch"),
+    ],
+)
+def test_run_files_that_contradict_each_other_fail_the_run(tmp_path, damage, problem):
+    # A hand-edited or mixed-up run (a test accuracy its own counts cannot give, a tested epoch
+    # that never ran, epochs missing) was counted as finished and went into Table 1 as it stood.
+    good = write_run(tmp_path / "outputs", "baseline", [0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
+    run_dir = write_run(tmp_path / "outputs", "resnet", [0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
+    if isinstance(damage, tuple):
+        _set_key(run_dir / "test_metrics.json", *damage)
+    else:
+        history = pd.read_csv(run_dir / "metrics.csv")
+        history["epoch"] = damage
+        history.to_csv(run_dir / "metrics.csv", index=False)
+    build_report([tmp_path / "outputs"], tmp_path / "reports")
+    runs = pd.read_csv(tmp_path / "reports" / "runs.csv").set_index("run_dir")
+    assert runs.loc[str(good), "status"] == "finished"
+    assert runs.loc[str(run_dir), "status"] == "failed"
+    assert problem in runs.loc[str(run_dir), "problem"]
+    assert list(pd.read_csv(tmp_path / "reports" / "table1.csv")["model"]) == ["baseline"]
+
+
 def test_no_finished_runs_error_names_the_problem_of_a_failed_run(tmp_path):
     run_dir = write_run(tmp_path / "outputs", "baseline", [0.5], [0.5])
     (run_dir / "test_metrics.json").write_text("")

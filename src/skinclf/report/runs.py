@@ -14,6 +14,7 @@ can trust it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -415,6 +416,7 @@ def load_run(path: Path) -> Run | None:
             run.test = _read_test_metrics(test_path)
             if run.history is None or run.history.empty:
                 raise ValueError(f"{TEST_METRICS} exists but {METRICS} has no epochs")
+            _check_best_epoch(run.test, run.history)
             run.status = FINISHED
         else:
             n = 0 if run.history is None else len(run.history)
@@ -467,7 +469,26 @@ def _read_history(path: Path) -> pd.DataFrame | None:
         if bad.any():
             raise ValueError(f"{METRICS} {_first_bad_cell(history, column, bad)}; expected {expected}")
         history[column] = values.astype(int) if column == "epoch" else values
-    return history.sort_values("epoch").reset_index(drop=True)
+    history = history.sort_values("epoch").reset_index(drop=True)
+    epochs = history["epoch"].tolist()
+    if epochs != list(range(1, len(epochs) + 1)):
+        shown = ", ".join(map(str, epochs[:8])) + (", ..." if len(epochs) > 8 else "")
+        raise ValueError(
+            f"{METRICS}: epochs {shown}; expected one row per epoch, 1, 2, 3, ... (a torn or edited file?)"
+        )
+    return history
+
+
+def _check_best_epoch(test: dict, history: pd.DataFrame) -> None:
+    """The tested checkpoint's epoch (test_metrics.json) must be an epoch of metrics.csv: Table 1
+    reports both files side by side. (Its validation accuracy may differ from that row's: a GPU
+    resume whose redone epochs did not reproduce the interrupted attempt tests that attempt's.)"""
+    epoch = test.get("best_epoch")  # absent from runs before it was recorded
+    if epoch is not None and epoch > len(history):
+        raise ValueError(
+            f"{TEST_METRICS}: best_epoch={epoch}, but {METRICS} has epochs 1-{len(history)}; expected "
+            "the files of one run"
+        )
 
 
 def _read_csv_keeping_line_numbers(path: Path) -> pd.DataFrame:
@@ -527,7 +548,25 @@ def _read_test_metrics(path: Path) -> dict:
             f"{TEST_METRICS}: confusion is {confusion!r}; expected counts {', '.join(CONFUSION_CELLS)} "
             f"summing to n_test={n_test}"
         )
+    for key, expected in _scores_of(confusion).items():
+        value = test[key]
+        if not (np.isnan(expected) and np.isnan(value) or math.isclose(value, expected, abs_tol=1e-9)):
+            raise ValueError(
+                f"{TEST_METRICS}: {key} is {value!r}, but its confusion counts {confusion!r} give "
+                f"{expected:.6g}; expected the file skinclf train wrote (one number edited, or a torn copy?)"
+            )
     return test
+
+
+def _scores_of(confusion: dict[str, int]) -> dict[str, float]:
+    """The test scores that the confusion counts fix (as evaluation.metrics computes them)."""
+    tn, fp, fn, tp = (confusion[cell] for cell in CONFUSION_CELLS)
+    return {
+        "accuracy": (tp + tn) / max(tn + fp + fn + tp, 1),
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+    }
 
 
 def _is_count(value: object) -> bool:
