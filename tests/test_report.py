@@ -1114,6 +1114,24 @@ def test_run_files_that_contradict_each_other_fail_the_run(tmp_path, damage, pro
     assert list(pd.read_csv(tmp_path / "reports" / "table1.csv")["model"]) == ["baseline"]
 
 
+@pytest.mark.parametrize("record", ["x: [", "{a: 1}", None])
+def test_a_run_whose_overrides_cannot_be_read_fails_instead_of_joining_the_defaults(tmp_path, record):
+    # Read as "no overrides": an optim.lr=1e-3 run was reported in the default settings' row.
+    run_dir = write_run(tmp_path / "outputs", "resnet", [0.5, 0.6], [0.5, 0.6], overrides=("optim.lr=0.001",))
+    write_run(tmp_path / "outputs", "resnet", [0.5, 0.7], [0.5, 0.7])
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if record is None:
+        overrides.unlink()
+    else:
+        overrides.write_text(record)
+    build_report([tmp_path / "outputs"], tmp_path / "reports")
+    runs = pd.read_csv(tmp_path / "reports" / "runs.csv").set_index("run_dir")
+    assert runs.loc[str(run_dir), "status"] == "failed"
+    assert runs.loc[str(run_dir), "problem"].startswith(".hydra/overrides.yaml: missing or not a list")
+    [row] = pd.read_csv(tmp_path / "reports" / "table1.csv").to_dict("records")
+    assert row["n"] == 1 and row["best_val_acc_pct_mean"] == 70.0
+
+
 def test_no_finished_runs_error_names_the_problem_of_a_failed_run(tmp_path):
     run_dir = write_run(tmp_path / "outputs", "baseline", [0.5], [0.5])
     (run_dir / "test_metrics.json").write_text("")

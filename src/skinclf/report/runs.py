@@ -34,6 +34,7 @@ from skinclf.io import readable
 from skinclf.run_files import (
     HYDRA_CONFIG,
     HYDRA_MULTIRUN,
+    HYDRA_OVERRIDES,
     METRICS,
     PREDICTIONS,
     REFUSED_PREFIX,
@@ -397,7 +398,15 @@ def load_run(path: Path) -> Run | None:
         seed = OmegaConf.select(cfg, "seed", default=None)
         # A whole number, as `skinclf train` takes it (3.0 is 3): text such as `abc` is damage.
         seed = None if seed is None else number_setting(cfg, "seed", int)
-        run = Run(path, str(model), data, seed, _settings(recorded_overrides(path) or [], cfg))
+        overrides = recorded_overrides(path)
+        if overrides is None:
+            # Its row would be the default settings' (an lr=1e-3 run beside the 1e-4 ones).
+            problem = (
+                f"{HYDRA_OVERRIDES}: missing or not a list of overrides, so the run's settings cannot "
+                "be told; expected the record `skinclf train` wrote"
+            )
+            return Run(path, str(model), data, seed, status=FAILED, problem=problem)
+        run = Run(path, str(model), data, seed, _settings(overrides, cfg))
         run.config = OmegaConf.to_container(cfg, resolve=False)
         try:
             run.resolved = OmegaConf.to_container(cfg, resolve=True)
