@@ -207,6 +207,12 @@ def test_a_folder_that_is_not_a_finished_run_is_refused(run_and_images, tmp_path
     assert len(err.splitlines()) == 1
     assert str(unfinished) in err and "test_metrics.json is missing" in err
     assert "sweep" not in err
+    # A best.pt that is there but no file was called missing.
+    (unfinished / "best.pt").unlink()
+    (unfinished / "best.pt").mkdir()
+    with pytest.raises(SystemExit):
+        _predict(unfinished, folder)
+    assert "(best.pt is no file)" in capsys.readouterr().err
 
 
 def test_a_sweep_folder_given_as_the_run_points_to_its_job_folders(run_and_images, tmp_path, capsys):

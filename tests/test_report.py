@@ -1093,6 +1093,7 @@ def test_table1_reports_the_checkpoint_the_run_tested(tmp_path):
         (("best_epoch", 99), "test_metrics.json: best_epoch=99, but metrics.csv has epochs 1-3"),
         ([1, 3, 7], "metrics.csv: epochs 1, 3, 7; expected one row per epoch, 1, 2, 3, ..."),
         ([1, 1, 2], "metrics.csv: epochs 1, 1, 2; expected one row per epoch"),
+        (None, "test_metrics.json exists but metrics.csv is missing"),  # said "has no epochs"
     ],
 )
 def test_run_files_that_contradict_each_other_fail_the_run(tmp_path, damage, problem):
@@ -1102,6 +1103,8 @@ def test_run_files_that_contradict_each_other_fail_the_run(tmp_path, damage, pro
     run_dir = write_run(tmp_path / "outputs", "resnet", [0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
     if isinstance(damage, tuple):
         _set_key(run_dir / "test_metrics.json", *damage)
+    elif damage is None:
+        (run_dir / "metrics.csv").unlink()
     else:
         history = pd.read_csv(run_dir / "metrics.csv")
         history["epoch"] = damage

@@ -217,8 +217,9 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     for name in (BEST_CHECKPOINT, TEST_METRICS):
         if not (run_dir / name).is_file():
             hint = _not_a_run_hint(run_dir)
+            lacks = "is no file" if (run_dir / name).exists() else "is missing"
             raise SkinclfError(
-                f"{run_dir}: not a finished skinclf run ({name} is missing); expected the output "
+                f"{run_dir}: not a finished skinclf run ({name} {lacks}); expected the output "
                 f"directory of a completed `skinclf train`{hint}"
             )
     metrics_path = run_dir / TEST_METRICS

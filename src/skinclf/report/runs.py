@@ -424,7 +424,8 @@ def load_run(path: Path) -> Run | None:
         if test_path.is_file():
             run.test = _read_test_metrics(test_path)
             if run.history is None or run.history.empty:
-                raise ValueError(f"{TEST_METRICS} exists but {METRICS} has no epochs")
+                lacks = "is missing" if run.history is None else "has no epochs"
+                raise ValueError(f"{TEST_METRICS} exists but {METRICS} {lacks}")
             _check_best_epoch(run.test, run.history)
             run.status = FINISHED
         else:
