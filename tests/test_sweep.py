@@ -542,44 +542,6 @@ class Killer(nn.Module):  # dies as the out-of-memory killer kills: SIGKILL, not
         os.kill(os.getpid(), signal.SIGKILL)
 """
 
-
-@pytest.mark.slow
-def test_a_slurm_local_job_killed_outright_fails_alone(
-    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Hydra's submitit launchers raised the killed job's UncompletedJobError as the launch's own:
-    # a traceback, no summary, the other jobs no longer waited for.
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    code, configs = tmp_path / "code", tmp_path / "my_conf" / "model"
-    code.mkdir()
-    configs.mkdir(parents=True)
-    (code / "my_killer.py").write_text(KILLER_MODEL)
-    baseline = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
-    killer = baseline.replace("name: baseline", "name: killer")
-    (configs / "killer.yaml").write_text(
-        killer.replace("skinclf.models.simple_cnn.SimpleCNN", "my_killer.Killer")
-    )
-    monkeypatch.setenv("PYTHONPATH", f"{code}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    sweep = tmp_path / "sweep"
-    proc = train_cli(
-        "-m",
-        "model=killer,baseline",
-        f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
-        *TINY,
-        f"data.cache_dir={shared_data_dir}",
-        "hydra/launcher=slurm_local",
-        "hydra.launcher.timeout_min=20",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-        check=False,
-    )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "2 jobs: 1 done, 0 skipped (finished before), 1 failed" in proc.stdout
-    failed = json.loads((sweep / SWEEP_SUMMARY).read_text())["failed"]
-    assert [job["dir"] for job in failed] == [str(sweep / "0_killer")]
-    assert "ended without a result (out of memory, scancel, a lost node?" in failed[0]["error"]
-
-
 STOPPER_MODEL = """
 from torch import nn
 
@@ -595,27 +557,26 @@ class Stopper(nn.Module):  # stopped in training, as by Ctrl-C or a time limit's
 """
 
 
-@pytest.mark.slow
-def test_a_slurm_local_job_that_recorded_its_stop_is_not_called_lost(
-    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A stopped job leaves submitit no result, as a killed one does: the launch said it "ended
-    # without a result (out of memory, scancel, a lost node?)" though its folder said stopped.
+def _slurm_local_sweep_beside_baseline(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch, name: str, module: str
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """A slurm_local sweep of model=NAME (class ``NAME.capitalize()`` in ``module``'s text, a
+    model of the user's own) and baseline, on the shared built-in data; (its process, its folder)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     code, configs = tmp_path / "code", tmp_path / "my_conf" / "model"
     code.mkdir()
     configs.mkdir(parents=True)
-    (code / "my_stopper.py").write_text(STOPPER_MODEL)
+    (code / f"my_{name}.py").write_text(module)
     baseline = files("skinclf.conf").joinpath("model", "baseline.yaml").read_text()
-    stopper = baseline.replace("name: baseline", "name: stopper")
-    (configs / "stopper.yaml").write_text(
-        stopper.replace("skinclf.models.simple_cnn.SimpleCNN", "my_stopper.Stopper")
+    own = baseline.replace("name: baseline", f"name: {name}")
+    (configs / f"{name}.yaml").write_text(
+        own.replace("skinclf.models.simple_cnn.SimpleCNN", f"my_{name}.{name.capitalize()}")
     )
     monkeypatch.setenv("PYTHONPATH", f"{code}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     sweep = tmp_path / "sweep"
     proc = train_cli(
         "-m",
-        "model=stopper,baseline",
+        f"model={name},baseline",
         f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
         *TINY,
         f"data.cache_dir={shared_data_dir}",
@@ -626,9 +587,35 @@ def test_a_slurm_local_job_that_recorded_its_stop_is_not_called_lost(
         check=False,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "2 jobs: 1 done, 0 skipped (finished before), 1 failed" in proc.stdout
+    return proc, sweep
+
+
+@pytest.mark.slow
+def test_a_slurm_local_job_killed_outright_fails_alone(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hydra's submitit launchers raised the killed job's UncompletedJobError as the launch's own:
+    # a traceback, no summary, the other jobs no longer waited for.
+    _, sweep = _slurm_local_sweep_beside_baseline(
+        tmp_path, shared_data_dir, monkeypatch, "killer", KILLER_MODEL
+    )
+    failed = json.loads((sweep / SWEEP_SUMMARY).read_text())["failed"]
+    assert [job["dir"] for job in failed] == [str(sweep / "0_killer")]
+    assert "ended without a result (out of memory, scancel, a lost node?" in failed[0]["error"]
+
+
+@pytest.mark.slow
+def test_a_slurm_local_job_that_recorded_its_stop_is_not_called_lost(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stopped job leaves submitit no result, as a killed one does: the launch said it "ended
+    # without a result (out of memory, scancel, a lost node?)" though its folder said stopped.
+    proc, sweep = _slurm_local_sweep_beside_baseline(
+        tmp_path, shared_data_dir, monkeypatch, "stopper", STOPPER_MODEL
+    )
     assert read_status(sweep / "0_stopper")["status"] == "stopped"
     assert "ended without a result" not in proc.stdout + proc.stderr
-    assert "2 jobs: 1 done, 0 skipped (finished before), 1 failed" in proc.stdout
     assert f"FAILED {sweep / '0_stopper'}: stopped; re-launch to resume it" in proc.stdout
 
 
