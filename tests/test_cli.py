@@ -596,8 +596,16 @@ def test_a_key_added_beside_the_target_of_a_model_of_the_users_own_reaches_its_c
         ),
         (
             "_target_: my_models.NotAModule",
-            "model.arch._target_ builds a NotAModule; expected a torch.nn.Module",
+            "model.arch._target_=my_models.NotAModule: is a class, not a torch.nn.Module class",
         ),
+        (
+            # predict and explain build the model again from the checkpoint's config, where only
+            # classes may be called: a factory's run would train, then never predict.
+            "_target_: torchvision.models.resnet18\n  num_classes: 1",
+            "model.arch._target_=torchvision.models.resnet18: is a function, not a torch.nn.Module "
+            "class; every _target_ of a model config names one (a factory function goes in a class",
+        ),
+        ("_target_: my_models.WideCNN\n  _partial_: true", "model.arch._target_ builds a "),  # no module
     ],
 )
 def test_a_model_of_the_users_own_that_cannot_be_built_is_one_clear_error(

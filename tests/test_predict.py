@@ -362,16 +362,37 @@ def test_a_malicious_checkpoint_is_refused_without_running_its_code(run_and_imag
     assert marker.read_text() == "code executed"
 
 
+def _open_for_writing(victim: Path) -> dict:
+    return {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+
+
+def _popen_touch(victim: Path) -> dict:
+    return {"_target_": "subprocess.Popen", "args": ["touch", str(victim)]}
+
+
+def _by_oc_create(victim: Path) -> str:
+    return f"${{oc.create:'{{_target_: builtins.open, file: {victim}, mode: w}}'}}"
+
+
+FUNCTION_NOT_CLASS = r"_target_=builtins\.open: is a builtin_function_or_method, not a"
+INTERPOLATED = r"its config holds an interpolation at model\.arch\.norm"
+
+
 @pytest.mark.parametrize(
-    ("node", "target"),
+    ("node", "value", "refused"),
     [
-        ("arch", "builtins.open"),  # a function: opening the file for writing emptied it
-        ("pipeline", "builtins.open"),
-        ("arch.inner", "builtins.open"),  # Hydra instantiates nested targets too
-        ("arch", "subprocess.Popen"),  # a class, but no model
+        ("arch", _open_for_writing, FUNCTION_NOT_CLASS),  # opening the file for writing emptied it
+        ("pipeline", _open_for_writing, FUNCTION_NOT_CLASS),
+        ("arch.inner", _open_for_writing, FUNCTION_NOT_CLASS),  # nested targets are instantiated too
+        ("arch", _popen_touch, r"_target_=subprocess\.Popen: is a class, not a torch\.nn\.Module class"),
+        # Put in by interpolation, where a walk of the stored tree does not see it (a review).
+        ("arch.norm", lambda victim: "${evil}", INTERPOLATED),
+        ("arch.norm", _by_oc_create, INTERPOLATED),
     ],
 )
-def test_a_checkpoints_config_cannot_call_anything_but_model_classes(run_and_images, tmp_path, node, target):
+def test_a_checkpoints_config_cannot_call_anything_but_model_classes(
+    run_and_images, tmp_path, node, value, refused
+):
     # weights_only=True keeps a checkpoint's pickle from running code; its config was still
     # instantiated as it stood, so any importable callable ran with the file's arguments.
     run_dir, _, _ = run_and_images
@@ -381,16 +402,13 @@ def test_a_checkpoints_config_cannot_call_anything_but_model_classes(run_and_ima
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     state = torch.load(crafted / "best.pt", weights_only=True)
-    call = {"_target_": target, "file": str(victim), "mode": "w"}
-    if target == "subprocess.Popen":
-        call = {"_target_": target, "args": ["touch", str(victim)]}
+    state["config"]["evil"] = _open_for_writing(victim)
     section, _, inner = node.partition(".")
     if inner:
-        state["config"]["model"][section][inner] = call
+        state["config"]["model"][section][inner] = value(victim)
     else:
-        state["config"]["model"][section] = call
+        state["config"]["model"][section] = value(victim)
     torch.save(state, crafted / "best.pt")
-    refused = rf"model\.{node}\._target_={target} is no torch\.nn\.Module class"
     with pytest.raises(SkinclfError, match=refused):
         load_trained_run(crafted)
     assert victim.read_text() == "precious"

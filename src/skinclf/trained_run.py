@@ -20,7 +20,7 @@ from skinclf.arguments import DISCLAIMER, SYNTHETIC_MODEL_NOTE
 from skinclf.config import instantiate_config, is_number
 from skinclf.errors import SkinclfError, first_line, not_a_folder
 from skinclf.evaluation.metrics import DEFAULT_THRESHOLD
-from skinclf.models import build_model, check_stored_model_config
+from skinclf.models import build_model, check_model_config
 from skinclf.run_files import (
     BEST_CHECKPOINT,
     CV_RESULT,
@@ -144,6 +144,21 @@ def _inference_settings(cfg: DictConfig, precision: str) -> LoopSettings:
     )
 
 
+def _interpolations(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a plain config tree whose keys or string values hold ``${``."""
+    if isinstance(node, dict):
+        return [
+            found
+            for key, value in node.items()
+            for found in (
+                [f"{prefix}{key}"] if "${" in str(key) else _interpolations(value, f"{prefix}{key}.")
+            )
+        ]
+    if isinstance(node, list):
+        return [found for i, value in enumerate(node) for found in _interpolations(value, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if isinstance(node, str) and "${" in node else []
+
+
 def _check_own_checkpoint(run_dir: Path, state: dict[str, Any], metrics: dict[str, Any]) -> None:
     """Refuse a best.pt copied in from another run: it would be scored with this run's threshold
     and named after this folder, without a word. Its config must match the folder's
@@ -245,12 +260,20 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
             f"{run_dir / BEST_CHECKPOINT}: its 'config' entry is no training config with a model; "
             "expected a best.pt written by skinclf train"
         )
+    interpolated = _interpolations(state["config"])
+    if interpolated:
+        # Written resolved: a ${...} could only make the model config other than it reads (a
+        # _target_ node put in by interpolation would escape check_model_config).
+        raise SkinclfError(
+            f"{run_dir / BEST_CHECKPOINT}: its config holds an interpolation at {interpolated[0]}; "
+            "skinclf train stores it resolved (expected a best.pt of skinclf train)"
+        )
     _check_own_checkpoint(run_dir, state, metrics)
     # The checkpoint's config is the resolved one the model was built from (.hydra/ holds
     # interpolations, and in-process runs have no .hydra/ at all).
     cfg = OmegaConf.create(state["config"])
     # A model of the user's own must be importable here too (another machine, another venv).
-    check_stored_model_config(cfg.model, str(run_dir / BEST_CHECKPOINT))
+    check_model_config(cfg.model, str(run_dir / BEST_CHECKPOINT))
     try:
         # Quiet: a "random init, not the paper's setup" warning would be false here, since the
         # checkpoint's weights replace the random ones right away.

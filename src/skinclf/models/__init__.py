@@ -40,7 +40,20 @@ MODEL_CONFIG_KEYS = ("name", "arch._target_", "pipeline._target_")
 
 def check_model_config(model_cfg: DictConfig, where: str) -> None:
     """A SkinclfError naming a key that ``model_cfg`` lacks, or a ``_target_`` of it that cannot
-    be imported; ``where``: the config's origin, for the message (``model=NAME``, a checkpoint)."""
+    be imported or is no class of the kind its place takes; ``where``: the config's origin, for
+    the message (``model=NAME``, a checkpoint).
+
+    Building the model calls every ``_target_`` in it, so each must name a class: a
+    ``torch.nn.Module`` (the architecture and its parts), a skinclf pipeline under ``pipeline``.
+    The same rule for the configs a run is trained from and the one its checkpoint stores, which
+    predict and explain build again: a function there (``builtins.open``, ``os.makedirs``) would
+    run with a crafted checkpoint's arguments, and loading it with ``weights_only=True`` must not
+    be a way around that. (A factory function such as ``torchvision.models.resnet18`` goes in a
+    class of one's own.)"""
+    import torch
+
+    from skinclf.data.pipeline import DefaultPipeline
+
     for key in MODEL_CONFIG_KEYS:
         value = OmegaConf.select(model_cfg, key, default=None)
         if value in (None, ""):
@@ -49,26 +62,19 @@ def check_model_config(model_cfg: DictConfig, where: str) -> None:
                 "and a pipeline (`defaults: [/pipeline@pipeline: default, _self_]`), "
                 "as conf/model/baseline.yaml does"
             )
-        if key.endswith("._target_"):
-            _check_importable(f"{where}: model.{key}={value}", str(value))
-
-
-def check_stored_model_config(model_cfg: DictConfig, where: str) -> None:
-    """:func:`check_model_config` for a config read from a file (a checkpoint that someone else
-    may have written): building the model calls every ``_target_`` in it, so each must name a
-    ``torch.nn.Module`` class or a class of skinclf's own (its pipelines). A function there
-    (``builtins.open``, ``os.makedirs``) would run with the file's arguments: loading a checkpoint
-    with ``weights_only=True`` must not be a way around that."""
-    import torch
-
-    check_model_config(model_cfg, where)
     for key, target in _targets(OmegaConf.to_container(model_cfg)):
-        found = _check_importable(f"{where}: model.{key}={target}", target)
-        own = isinstance(found, type) and found.__module__.startswith("skinclf.data.")
-        if not (own or (isinstance(found, type) and issubclass(found, torch.nn.Module))):
+        setting = f"{where}: model.{key}={target}"
+        found = _check_importable(setting, target)
+        kind, expected = (
+            (DefaultPipeline, "pipeline")
+            if key.startswith("pipeline.")
+            else (torch.nn.Module, "torch.nn.Module")
+        )
+        if not (isinstance(found, type) and issubclass(found, kind)):
+            what = "a class" if isinstance(found, type) else f"a {type(found).__name__}"
             raise SkinclfError(
-                f"{where}: model.{key}={target} is no torch.nn.Module class; a checkpoint's config "
-                "names only model classes and skinclf's pipelines (expected a best.pt of skinclf train)"
+                f"{setting}: is {what}, not a {expected} class; every _target_ of a model config "
+                "names one (a factory function goes in a class of one's own)"
             )
 
 
