@@ -426,7 +426,6 @@ def load_run(path: Path) -> Run | None:
             if run.history is None or run.history.empty:
                 lacks = "is missing" if run.history is None else "has no epochs"
                 raise ValueError(f"{TEST_METRICS} exists but {METRICS} {lacks}")
-            _check_best_epoch(run.test, run.history)
             run.status = FINISHED
         else:
             n = 0 if run.history is None else len(run.history)
@@ -487,18 +486,6 @@ def _read_history(path: Path) -> pd.DataFrame | None:
             f"{METRICS}: epochs {shown}; expected one row per epoch, 1, 2, 3, ... (a torn or edited file?)"
         )
     return history
-
-
-def _check_best_epoch(test: dict, history: pd.DataFrame) -> None:
-    """The tested checkpoint's epoch (test_metrics.json) must be an epoch of metrics.csv: Table 1
-    reports both files side by side. (Its validation accuracy may differ from that row's: a GPU
-    resume whose redone epochs did not reproduce the interrupted attempt tests that attempt's.)"""
-    epoch = test.get("best_epoch")  # absent from runs before it was recorded
-    if epoch is not None and epoch > len(history):
-        raise ValueError(
-            f"{TEST_METRICS}: best_epoch={epoch}, but {METRICS} has epochs 1-{len(history)}; expected "
-            "the files of one run"
-        )
 
 
 def _read_csv_keeping_line_numbers(path: Path) -> pd.DataFrame:
