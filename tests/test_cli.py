@@ -312,7 +312,7 @@ def test_removing_a_key_every_run_reads_is_refused_up_front(tmp_path, deletion):
     proc = error_run(tmp_path, deletion, *TINY)
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
-    assert line.startswith(f"skinclf train: error: {deletion}: removes a key that every skinclf run reads")
+    assert line.startswith(f"skinclf train: error: {deletion}: removes a key of skinclf's configs, which")
     assert not (tmp_path / "outputs").exists()
 
 
@@ -1038,8 +1038,36 @@ def test_a_full_disk_in_any_command_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith(
-        "skinclf report: error: File too large (while writing): nothing is left half-written"
+        "skinclf report: error: File too large (while writing): no result file is left half-written"
     )
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["claiming the folder", "writing a figure", "a sweep job's figure"])
+def test_a_full_disk_while_training_is_one_line(tmp_path, monkeypatch, where):
+    # Only run_in_hydra's errors were turned into a line: a full disk while the folder was claimed
+    # (run_config.json, .hydra/) was Hydra's traceback; a sweep job logged a library's traceback.
+    from skinclf import train, train_command
+
+    if where == "claiming the folder":
+        monkeypatch.setattr(train_command, "_write_hydra_record", _disk_full)
+    else:
+        monkeypatch.setattr(train, "write_run_curves", _disk_full)
+    sweep = ("-m", "hydra.sweep.dir=sweep") if where == "a sweep job's figure" else ("hydra.run.dir=run",)
+    proc = error_run(tmp_path, *TINY, *sweep)
+    full = "No space left on device (while writing): no result file is left half-written"
+    if sweep[0] == "-m":
+        assert proc.returncode == 1
+        assert f"skinclf train: job 0 failed: {full}" in proc.stderr
+    else:
+        assert proc.returncode == 2
+        [line] = proc.stderr.strip().splitlines()
+        assert line.startswith(f"skinclf train: error: {full}")
+        # A run stopped mid-way names its folder, to resume or read its log.
+        assert ("output directory: " in proc.stdout) is (where == "writing a figure")
 
 
 def test_a_run_whose_error_leaves_no_room_for_its_status_reports_that_error(tmp_path, monkeypatch):

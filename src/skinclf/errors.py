@@ -28,8 +28,8 @@ def out_of_space(err: BaseException) -> SkinclfError | None:
         return None
     where = f"{err.filename}: " if err.filename else ""
     return SkinclfError(
-        f"{where}{err.strerror or os.strerror(err.errno)} (while writing): nothing is left half-written "
-        "(every file is written whole or not at all); make room, or write elsewhere, and run it again"
+        f"{where}{err.strerror or os.strerror(err.errno)} (while writing): no result file is left "
+        "half-written (each is written whole or not at all); make room, or write elsewhere, and run it again"
     )
 
 

@@ -166,6 +166,9 @@ def _save_without_crc32(obj: Any, path: Path) -> None:
     except RuntimeError as err:
         # torch.save reports a short write (a full disk, a file size limit) as "[enforce fail at
         # inline_container.cc] unexpected pos ...": an OSError, as any other failed write is.
+        # Its other errors (an object it cannot save) stay what they are.
+        if "inline_container" not in str(err) and "PytorchStreamWriter" not in str(err):
+            raise
         raise OSError(f"torch.save stopped short: {first_line(err)}") from err
     finally:
         torch.serialization.set_crc32_options(previous)

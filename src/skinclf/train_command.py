@@ -176,11 +176,6 @@ def hydra_main(cfg: DictConfig) -> None:
                     with recorded_status(out_dir, None, log=str(out_dir / TRAIN_LOG)):
                         try:
                             run_in_hydra(cfg, out_dir)
-                        except OSError as err:  # Hydra would print it as a traceback
-                            full = out_of_space(err)
-                            if full is None:
-                                raise
-                            raise full from err
                         except BaseException as stop:
                             # Stopped (Ctrl-C, kill) or crashed: the folder that resume=true needs,
                             # or that holds the log; a timestamped one is otherwise hard to find.
@@ -193,6 +188,14 @@ def hydra_main(cfg: DictConfig) -> None:
                 if not isinstance(err, FolderBusy):
                     _undo_refused_run(out_dir, state, found)
                 raise
+    except OSError as err:
+        # A full disk, while the folder is claimed or the run writes: Hydra would print a
+        # traceback. (A checkpoint that cannot be written is a SkinclfError already.)
+        full = out_of_space(err)
+        if full is None:
+            raise
+        print(f"skinclf train: error: {full}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     except FolderBusy as err:
         # Another process trains there (it may not have written its records yet): the folder is
         # left exactly as it is, not removed as one this launch made and nothing ran in.

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from skinclf.errors import SkinclfError, first_line
+from skinclf.errors import SkinclfError, first_line, out_of_space
 from skinclf.io import atomic_write_json, atomic_write_text
 from skinclf.run_files import LAUNCH_FILE, REFUSED_PREFIX, STATUS_FILE, TRAIN_LOG
 from skinclf.run_folder import (
@@ -181,6 +181,7 @@ def run_sweep_job(
 
     def failed(err: Exception) -> str:
         nonlocal recorded
+        err = out_of_space(err) or err  # a full disk: its line, not a library's traceback
         message = first_line(err)
         if isinstance(err, FolderBusy):
             # Its train.log (where the job's log lines go) is the other process's: not a word there.

@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from skinclf.errors import exit_with_error
+from skinclf.errors import exit_with_error, out_of_space
 from skinclf.io import atomic_write_json, missing_folders, remove_empty_folders
 from skinclf.run_files import (
     GRID_MD,
@@ -189,14 +189,21 @@ class SweepSummary(Callback):
                 "that matches no config, an empty range(...))",
             )
         SweepSummary.last = jobs
-        atomic_write_json(
-            {"done": jobs.done, "skipped": jobs.skipped, "failed": jobs.failed}, sweep_dir / SWEEP_SUMMARY
-        )
         # Imported here: pandas takes ~0.4 s, which `skinclf train --help`, a config error and
         # every single run would pay for a table that only a grid search writes.
         from skinclf.sweep.grid import write_grid
 
-        ranking = write_grid(sweep_dir, jobs.failed)
+        try:
+            atomic_write_json(
+                {"done": jobs.done, "skipped": jobs.skipped, "failed": jobs.failed}, sweep_dir / SWEEP_SUMMARY
+            )
+            ranking = write_grid(sweep_dir, jobs.failed)
+        except OSError as err:  # a full disk: Hydra would print a traceback
+            full = out_of_space(err)
+            if full is None:
+                raise
+            print(jobs.format(sweep_dir))  # what the jobs did, though it cannot be written down
+            exit_with_error("train", f"{sweep_dir}: the sweep's summary: {full}")
         if ranking:
             print(f"\n{ranking}\n(written to {sweep_dir / GRID_MD})")
         print(jobs.format(sweep_dir))
