@@ -55,18 +55,31 @@ def checked_for_hydra(args: list[str]) -> list[str]:
 
 
 def _check_deletions(args: list[str]) -> None:
-    """``~key`` of a key skinclf's own configs set (``~model``, ``~trainer.patience``): the run
-    reads every one of them, and failed on the missing key with a traceback (a config folder of
-    the user's own cannot take one away either). Keys that only some choices or the user's
-    configs add are Hydra's to remove."""
-    for arg, override, _ in _parsed_overrides(args):
-        key = override.key_or_group
-        if not override.is_delete() or key.startswith(("hydra.", "hydra/")):
-            continue
-        default = composed_or_none(())
-        if default is not None and holds_key(default, key):
+    """``~key`` of a key that skinclf's configs set (``~model``, ``~trainer.patience``; with
+    ``data=folder``, its keys): the run reads them, and failed on the missing key with a traceback
+    or an error about a value nobody typed. Keys the configs lack are Hydra's to refuse."""
+    deletions = [
+        (arg, override.key_or_group) for arg, override, _ in _parsed_overrides(args) if override.is_delete()
+    ]
+    deletions = [(arg, key) for arg, key in deletions if not key.startswith(("hydra.", "hydra/"))]
+    if not deletions:
+        return
+    # The configs as chosen on the command line (one value each; a sweep's or the user's own
+    # choices are left out): data=folder has no data.train_size to remove.
+    chosen = tuple(
+        arg
+        for arg, override, values in _parsed_overrides(args)
+        if not override.is_delete()
+        and not override.package
+        and config_choices(override.key_or_group)
+        and values is not None
+        and len(values) == 1
+    )
+    configs = composed_or_none(chosen) or composed_or_none(())
+    for arg, key in deletions:
+        if configs is not None and holds_key(configs, key):
             raise SkinclfError(
-                f"{arg}: removes a key that every skinclf run reads; set it instead "
+                f"{arg}: removes a key of skinclf's configs, which the run reads; set it instead "
                 f"({key}=VALUE; `skinclf train --help` lists the keys and choices)"
             )
 
