@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -38,6 +39,24 @@ def test_damaged_cache_is_generated_again(tmp_path, caplog):
     caplog.clear()
     synthetic(tmp_path)  # the rewritten cache loads without a warning
     assert "unreadable" not in caplog.text
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_and_the_run_gets_its_data(tmp_path, monkeypatch, caplog):
+    # It stopped the run, though the images were made and only their reuse was lost (the decode
+    # cache of folder data already trained on); a read-only shared cache_dir stopped every run.
+    from skinclf.data import synthetic as synthetic_module
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synthetic_module, "atomic_torch_save", full)
+    with caplog.at_level(logging.WARNING):
+        splits = synthetic(tmp_path)
+    assert len(splits.train) == 4 and not list(tmp_path.glob("synthetic_*.pt"))
+    assert "the synthetic data cache " in caplog.text and ": could not be written (" in caplog.text
+    assert "; the next run generates it again" in caplog.text
+    monkeypatch.undo()
+    assert torch.equal(synthetic(tmp_path).train.images, splits.train.images)  # the same images
 
 
 def test_a_look_at_the_cache_removes_what_a_killed_process_left_there_over_a_day_ago(tmp_path):

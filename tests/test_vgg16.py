@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -203,6 +204,20 @@ def test_features_run_once_per_split_and_a_changed_dataset_is_recomputed(
         with torch.no_grad():
             weight.copy_(saved)
     assert len(calls) == 4
+
+
+def test_a_feature_cache_that_cannot_be_written_is_a_warning(random_vgg, tmp_path, monkeypatch, caplog):
+    # It stopped the run after the features were computed: only their reuse was lost.
+    from skinclf.data import features
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(features, "atomic_torch_save", full)
+    with caplog.at_level(logging.WARNING, logger="skinclf"):
+        stage = training_stage(random_vgg, ImageNetPipeline(), tiny_splits(), tmp_path, SETTINGS, CPU)
+    assert stage.splits.train.images.shape == (4, 512, 1, 1)
+    assert caplog.text.count("; the next run extracts them again") == 3  # train, val, test
 
 
 def test_augmenting_pipeline_trains_the_whole_model_on_images(random_vgg, tmp_path, caplog):

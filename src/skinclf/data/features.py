@@ -30,7 +30,6 @@ from torch import nn
 
 from skinclf.data.pipeline import DefaultPipeline
 from skinclf.data.splits import ImageSplits, Split, hash_tensor
-from skinclf.errors import SkinclfError
 from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries, write_failure
 from skinclf.training.hardware import cpu_model
 from skinclf.training.loop import LoopSettings, forward_batches
@@ -180,10 +179,8 @@ def cached_features(
     )
     try:
         atomic_torch_save({"key": key, "features": features}, path)
-    except OSError as err:
-        raise SkinclfError(
-            f"data.cache_dir={cache_dir}: the feature cache {write_failure(path, err)}"
-        ) from err
+    except OSError as err:  # as for the decode cache: the run has its features, only reuse is lost
+        log.warning(f"the feature cache {write_failure(path, err)}; the next run extracts them again")
     return features
 
 

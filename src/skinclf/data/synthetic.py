@@ -257,9 +257,9 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
             stored[name] = {"images": split.images, "labels": split.labels}
         try:
             atomic_torch_save(stored, cache)
-        except OSError as err:
-            raise SkinclfError(
-                f"data.cache_dir={data_cfg.cache_dir}: the synthetic data cache {write_failure(cache, err)}"
-            ) from err
+        except OSError as err:  # as for the decode cache: the run has its data, only reuse is lost
+            log.warning(
+                f"the synthetic data cache {write_failure(cache, err)}; the next run generates it again"
+            )
     splits = {name: Split(d["images"], d["labels"]) for name, d in stored.items()}
     return ImageSplits(name="synthetic", **splits)
