@@ -31,12 +31,12 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
         raise SkinclfError(first_line(err)) from err
 
 
+ABSENT = object()  # OmegaConf.select's answer (its default=) for a key the config does not have
+
+
 def holds_key(cfg: DictConfig, key: str) -> bool:
     """Whether ``cfg`` has the dotted ``key`` (its value may be anything, null included)."""
-    return OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
-
-
-_ABSENT = object()  # OmegaConf.select's answer for a key the config does not have
+    return OmegaConf.select(cfg, key, default=ABSENT) is not ABSENT
 
 
 @cache

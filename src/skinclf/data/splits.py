@@ -144,11 +144,7 @@ class ImageSplits:
     train_drawn_from: str | None = None
 
     def items(self) -> list[tuple[str, Split]]:
-        return [
-            (n, s)
-            for n, s in (("train", self.train), ("val", self.val), ("test", self.test))
-            if s is not None
-        ]
+        return [(name, getattr(self, name)) for name in SPLIT_NAMES if getattr(self, name) is not None]
 
     def describe(self) -> str:
         parts = [

@@ -217,7 +217,7 @@ def _read_cache(cache: Path) -> dict | None:
         return None
     try:
         stored = torch.load(cache, weights_only=True)
-        splits = [stored[name] for name in ("train", "val", "test")]
+        splits = [stored[name] for name in SPLIT_NAMES]
         if any(len(s["images"]) != len(s["labels"]) for s in splits):
             raise ValueError("images and labels differ in number")
     except Exception as err:

@@ -28,7 +28,7 @@ import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from skinclf.config import compose_config, composed_or_none, number_setting, override_key
+from skinclf.config import ABSENT, compose_config, composed_or_none, number_setting, override_key
 from skinclf.errors import SkinclfError, counted, first_line
 from skinclf.io import readable
 from skinclf.run_files import (
@@ -590,9 +590,6 @@ def _default_group_choices() -> dict[str, str | None]:
     }
 
 
-_ABSENT = object()  # OmegaConf.select's answer for a key the config does not have
-
-
 def _settings(overrides: Sequence[str], cfg: DictConfig) -> dict[str, str]:
     """The run's command-line ``overrides`` that define the experiment (see
     NOT_AN_EXPERIMENT_SETTING), each with the value it resolved to in the run's config ``cfg``.
@@ -617,15 +614,15 @@ def _settings(overrides: Sequence[str], cfg: DictConfig) -> dict[str, str]:
                 continue
             settings[key] = value
             continue
-        resolved = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False)
-        if resolved is _ABSENT:  # not in the saved config (`+new.key=...` of another version)
+        resolved = OmegaConf.select(cfg, key, default=ABSENT, throw_on_resolution_failure=False)
+        if resolved is ABSENT:  # not in the saved config (`+new.key=...` of another version)
             # Hydra's multirun writes a swept `false` back as `False`.
             settings[key] = value.lower() if value in ("True", "False") else value
             continue
         default = (
-            _ABSENT
+            ABSENT
             if defaults is None
-            else OmegaConf.select(defaults, key, default=_ABSENT, throw_on_resolution_failure=False)
+            else OmegaConf.select(defaults, key, default=ABSENT, throw_on_resolution_failure=False)
         )
         if resolved != default:
             settings[key] = as_override(resolved)
