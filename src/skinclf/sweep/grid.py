@@ -39,7 +39,7 @@ def rank_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.Data
             )
             unreadable.append(job)
             continue
-        command = train_command([*folders, *overrides])
+        command = point_train_command([*folders, *overrides])
         rows.append({"overrides": overrides, "dir": job, "train_command": command, **result})
     if not rows:
         return pd.DataFrame()
@@ -95,7 +95,7 @@ def _config_folders(hydra_settings: Path) -> list[str] | None:
 NOT_THE_POINTS = ("hparams_search", "cv", "resume")
 
 
-def train_command(args: Sequence[str]) -> str:
+def point_train_command(args: Sequence[str]) -> str:
     """The `skinclf train` command line that trains a grid point for real, ready for a shell: the
     job's config folders and overrides (its model, data, batch size and learning rate as given)
     without those that made it a grid-search job (hparams_search, cv: cross-validating it again),
