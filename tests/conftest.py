@@ -23,6 +23,7 @@ from PIL import Image
 
 from skinclf.config import compose_config
 from skinclf.io import readable
+from skinclf.models.simple_cnn import SimpleCNN
 
 # Small enough for a 2-core CPU, large enough to learn something.
 TINY = ["data.train_size=64", "data.val_size=32", "data.test_size=32", "trainer.max_epochs=1"]
@@ -145,27 +146,27 @@ def files_of(folder: Path) -> dict[Path, bytes]:
     return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
-def simple_cnn_killed_at_seed(kill_seed: int, seed: int, signum: int = signal.SIGKILL, **arch):
-    """The baseline model (``model.arch._target_=conftest.simple_cnn_killed_at_seed``), except in
-    a run whose seed is ``kill_seed``: its process gets ``signum``, by default killed outright as
+class SimpleCNNKilledAtSeed(SimpleCNN):
+    """The baseline model (``model.arch._target_=conftest.SimpleCNNKilledAtSeed``), except in a
+    run whose seed is ``kill_seed``: its process gets ``signum``, by default killed outright as
     the out-of-memory killer does (SIGKILL: nothing is recorded, no ``finally`` runs)."""
-    from skinclf.models.simple_cnn import SimpleCNN
 
-    if seed == kill_seed:
-        os.kill(os.getpid(), signum)
-    return SimpleCNN(**arch)
+    def __init__(self, kill_seed: int, seed: int, signum: int = signal.SIGKILL, **arch) -> None:
+        if seed == kill_seed:
+            os.kill(os.getpid(), signum)
+        super().__init__(**arch)
 
 
-def simple_cnn_waiting_at_seed(wait_seed: int, seed: int, wait_for: str, **arch):
-    """The baseline model (``model.arch._target_=conftest.simple_cnn_waiting_at_seed``), except
-    in a run whose seed is ``wait_seed``: that one is built only once the path ``wait_for``
-    exists (another sweep job's folder: that job has started), or after 120 s."""
-    from skinclf.models.simple_cnn import SimpleCNN
+class SimpleCNNWaitingAtSeed(SimpleCNN):
+    """The baseline model (``model.arch._target_=conftest.SimpleCNNWaitingAtSeed``), except in a
+    run whose seed is ``wait_seed``: that one is built only once the path ``wait_for`` exists
+    (another sweep job's folder: that job has started), or after 120 s."""
 
-    deadline = time.monotonic() + 120
-    while seed == wait_seed and not Path(wait_for).exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return SimpleCNN(**arch)
+    def __init__(self, wait_seed: int, seed: int, wait_for: str, **arch) -> None:
+        deadline = time.monotonic() + 120
+        while seed == wait_seed and not Path(wait_for).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        super().__init__(**arch)
 
 
 class KilledAtJobStart(Callback):

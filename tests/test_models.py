@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torchinfo import summary
 
 from skinclf.config import compose_config
 from skinclf.errors import SkinclfError
-from skinclf.models import build_model
+from skinclf.models import build_model, check_model_config
 from skinclf.models.layers import Dropout, Flatten, LayerNorm
 
 # Paper Appendix C: total parameters and torchinfo mult-adds (G) at input (64, 3, 128, 128).
@@ -138,3 +139,29 @@ def test_bad_model_options_are_one_clear_error_naming_the_key(overrides, named):
     # A SkinclfError, not a ValueError: only those come through Hydra's instantiate as one line.
     with pytest.raises(SkinclfError, match=f"^{named}"):
         build_model(compose_config(overrides).model)
+
+
+def test_model_config_targets_are_checked_as_instantiate_resolves_them():
+    # The walk read the config unresolved: `_target_: ${..cls}` (a user's own config) was refused
+    # as no package.module.Class, and a node put in by interpolation escaped the check.
+    cfg = OmegaConf.create(
+        {
+            "model": {
+                "name": "mine",
+                "cls": "skinclf.models.simple_cnn.SimpleCNN",
+                "arch": {"_target_": "${..cls}"},
+                "pipeline": {"_target_": "skinclf.data.pipeline.DefaultPipeline"},
+            },
+            "elsewhere": {"_target_": "builtins.open", "file": "victim"},
+        }
+    )
+    check_model_config(cfg.model, "here")
+    cfg.model.arch.norm = "${elsewhere}"
+    with pytest.raises(
+        SkinclfError, match=r"here: model\.arch\.norm\._target_=builtins\.open: is a builtin_"
+    ):
+        check_model_config(cfg.model, "here")
+    # An escaped interpolation is stored resolved as '${x}', which predict would read as one.
+    cfg.model.arch.norm = "\\${x}"
+    with pytest.raises(SkinclfError, match=r"here: model\.arch\.norm holds '\$\{' after resolving"):
+        check_model_config(cfg.model, "here")

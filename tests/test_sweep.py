@@ -342,7 +342,7 @@ def _local_sweep_where_job_1_is_hit(tmp_path: Path, data_dir: Path, *hit: str) -
 def _signal_while_training(signum: int) -> list[str]:
     """Overrides that send ``signum`` to job 1's process as it builds its model."""
     return [
-        "model.arch._target_=conftest.simple_cnn_killed_at_seed",
+        "model.arch._target_=conftest.SimpleCNNKilledAtSeed",
         "+model.arch.kill_seed=1",
         "+model.arch.seed=${seed}",
         f"+model.arch.signum={int(signum)}",
@@ -378,7 +378,7 @@ def test_a_new_job_takes_the_gpu_slot_that_a_finished_job_left(tmp_path: Path, s
         "seed=0,1,2",
         *TINY,
         f"data.cache_dir={shared_data_dir}",
-        "model.arch._target_=conftest.simple_cnn_waiting_at_seed",
+        "model.arch._target_=conftest.SimpleCNNWaitingAtSeed",
         "+model.arch.wait_seed=0",
         "+model.arch.seed=${seed}",
         f"+model.arch.wait_for={sweep / '2_baseline'}",

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from skinclf.arguments import DISCLAIMER, SYNTHETIC_MODEL_NOTE
@@ -144,21 +145,6 @@ def _inference_settings(cfg: DictConfig, precision: str) -> LoopSettings:
     )
 
 
-def _interpolations(node: Any, prefix: str = "") -> list[str]:
-    """The dotted keys of a plain config tree whose keys or string values hold ``${``."""
-    if isinstance(node, dict):
-        return [
-            found
-            for key, value in node.items()
-            for found in (
-                [f"{prefix}{key}"] if "${" in str(key) else _interpolations(value, f"{prefix}{key}.")
-            )
-        ]
-    if isinstance(node, list):
-        return [found for i, value in enumerate(node) for found in _interpolations(value, f"{prefix}{i}.")]
-    return [prefix.rstrip(".")] if isinstance(node, str) and "${" in node else []
-
-
 def _check_own_checkpoint(run_dir: Path, state: dict[str, Any], metrics: dict[str, Any]) -> None:
     """Refuse a best.pt copied in from another run: it would be scored with this run's threshold
     and named after this folder, without a word. Its config must match the folder's
@@ -260,18 +246,15 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
             f"{run_dir / BEST_CHECKPOINT}: its 'config' entry is no training config with a model; "
             "expected a best.pt written by skinclf train"
         )
-    interpolated = _interpolations(state["config"])
-    if interpolated:
-        # Written resolved: a ${...} could only make the model config other than it reads (a
-        # _target_ node put in by interpolation would escape check_model_config).
-        raise SkinclfError(
-            f"{run_dir / BEST_CHECKPOINT}: its config holds an interpolation at {interpolated[0]}; "
-            "skinclf train stores it resolved (expected a best.pt of skinclf train)"
-        )
     _check_own_checkpoint(run_dir, state, metrics)
     # The checkpoint's config is the resolved one the model was built from (.hydra/ holds
     # interpolations, and in-process runs have no .hydra/ at all).
-    cfg = OmegaConf.create(state["config"])
+    try:
+        cfg = OmegaConf.create(state["config"])
+    except OmegaConfBaseException as err:
+        raise SkinclfError(
+            f"{run_dir / BEST_CHECKPOINT}: its config is unreadable ({first_line(err)})"
+        ) from err
     # A model of the user's own must be importable here too (another machine, another venv).
     check_model_config(cfg.model, str(run_dir / BEST_CHECKPOINT))
     try:
@@ -279,6 +262,8 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         # checkpoint's weights replace the random ones right away.
         with quiet_logs():
             model = build_model(without_pretrained_download(cfg.model))
+        if not isinstance(model, nn.Module):  # _partial_: true gives a partial, not a model
+            raise TypeError(f"model.arch._target_ builds a {type(model).__name__}, not a torch.nn.Module")
         model.load_state_dict(state["model"])
         pipeline = instantiate_config(cfg.model.pipeline)
         pipeline.load_state_dict(state["pipeline"])

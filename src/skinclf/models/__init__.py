@@ -7,6 +7,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from skinclf.config import instantiate_config
 from skinclf.errors import SkinclfError, first_line
@@ -62,7 +63,21 @@ def check_model_config(model_cfg: DictConfig, where: str) -> None:
                 "and a pipeline (`defaults: [/pipeline@pipeline: default, _self_]`), "
                 "as conf/model/baseline.yaml does"
             )
-    for key, target in _targets(OmegaConf.to_container(model_cfg)):
+    # Resolved, as instantiate resolves it: a _target_ may come by interpolation (${..cls}, or
+    # a node put in by ${oc.create:...} or a reference elsewhere in a crafted checkpoint's config).
+    try:
+        resolved = OmegaConf.to_container(model_cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise SkinclfError(f"{where}: the model config does not resolve: {first_line(err)}") from err
+    escaped = _strings_with_interpolations(resolved)
+    if escaped:
+        # An escaped \${...}: stored resolved in the checkpoint, it would be read back as an
+        # interpolation there, and predict could not build this model again.
+        raise SkinclfError(
+            f"{where}: model.{escaped[0]} holds '${{' after resolving (an escaped interpolation); "
+            "a model config cannot keep one"
+        )
+    for key, target in _targets(resolved):
         setting = f"{where}: model.{key}={target}"
         found = _check_importable(setting, target)
         kind, expected = (
@@ -76,6 +91,23 @@ def check_model_config(model_cfg: DictConfig, where: str) -> None:
                 f"{setting}: is {what}, not a {expected} class; every _target_ of a model config "
                 "names one (a factory function goes in a class of one's own)"
             )
+
+
+def _strings_with_interpolations(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a plain config tree whose keys or string values hold ``${``."""
+    if isinstance(node, dict):
+        found = []
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            found += [path] if "${" in str(key) else _strings_with_interpolations(value, f"{path}.")
+        return found
+    if isinstance(node, list):
+        return [
+            key
+            for i, value in enumerate(node)
+            for key in _strings_with_interpolations(value, f"{prefix}{i}.")
+        ]
+    return [prefix.rstrip(".")] if isinstance(node, str) and "${" in node else []
 
 
 def _targets(node: Any, prefix: str = "") -> list[tuple[str, str]]:
