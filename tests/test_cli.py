@@ -1,7 +1,9 @@
 """`skinclf` as a user runs it: from any directory, the run files, and one-line errors."""
 
 import errno
+import io
 import json
+import logging
 import os
 import platform
 import signal
@@ -1065,9 +1067,29 @@ def test_a_full_disk_while_training_is_one_line(tmp_path, monkeypatch, where):
     else:
         assert proc.returncode == 2
         [line] = proc.stderr.strip().splitlines()
-        assert line.startswith(f"skinclf train: error: {full}")
+        assert line.startswith(f"skinclf train: error: {tmp_path / 'run'}: {full}")  # the error names no file
         # A run stopped mid-way names its folder, to resume or read its log.
         assert ("output directory: " in proc.stdout) is (where == "writing a figure")
+
+
+def test_train_log_lines_a_full_disk_refuses_are_dropped_without_a_traceback(tmp_path, capsys):
+    # logging printed a 45-line "--- Logging error ---" for each line, burying the run's error.
+    from skinclf.run_folder import TrainLogHandler
+
+    handler = TrainLogHandler(tmp_path / "train.log")
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    handler.stream = FullDisk()
+    record = logging.LogRecord("skinclf", logging.INFO, __file__, 0, "epoch 1", None, None)
+    handler.handle(record)
+    assert capsys.readouterr().err == ""
+    handler.stream = io.StringIO()
+    handler.stream.write = lambda text: 1 / 0  # any other failure is still reported
+    handler.handle(record)
+    assert "--- Logging error ---" in capsys.readouterr().err
 
 
 def test_a_run_whose_error_leaves_no_room_for_its_status_reports_that_error(tmp_path, monkeypatch):

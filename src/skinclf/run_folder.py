@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from skinclf.config import data_path, override_key
-from skinclf.errors import SkinclfError, first_line
+from skinclf.errors import SkinclfError, first_line, out_of_space
 from skinclf.io import atomic_write_json, remove_temporaries, temporaries_of
 from skinclf.run_files import (
     BEST_CHECKPOINT,
@@ -395,6 +396,16 @@ def recorded_status(out_dir: Path, launch: str | None, **info: Any) -> Iterator[
             write_status(out_dir, "stopped", launch, **info)
         raise
     write_status(out_dir, "done", launch, **info)
+
+
+class TrainLogHandler(logging.FileHandler):
+    """The handler of a run's train.log (conf/hydra/job_logging/skinclf.yaml). On a full disk
+    logging's own handler printed a 45-line '--- Logging error ---' traceback for every log line,
+    burying the run's one-line error; those lines are dropped instead (the console has them)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if out_of_space(sys.exc_info()[1]) is None:
+            super().handleError(record)
 
 
 def log_to_file_only(message: str, level: int = logging.ERROR) -> None:

@@ -62,10 +62,10 @@ def _check_deletions(args: list[str]) -> None:
         (arg, override.key_or_group) for arg, override, _ in _parsed_overrides(args) if override.is_delete()
     ]
     deletions = [(arg, key) for arg, key in deletions if not key.startswith(("hydra.", "hydra/"))]
-    if not deletions:
-        return
-    # The configs as chosen on the command line (one value each; a sweep's or the user's own
-    # choices are left out): data=folder has no data.train_size to remove.
+    if not deletions or adds_config_folders(args):
+        return  # with configs of the user's own, which keys there are is Hydra's to know
+    # The configs as chosen on the command line (one value each; a sweep's choices are left out):
+    # data=folder has no data.train_size to remove.
     chosen = tuple(
         arg
         for arg, override, values in _parsed_overrides(args)
@@ -75,7 +75,7 @@ def _check_deletions(args: list[str]) -> None:
         and values is not None
         and len(values) == 1
     )
-    configs = composed_or_none(chosen) or composed_or_none(())
+    configs = composed_or_none(chosen)  # None: a choice Hydra will refuse itself
     for arg, key in deletions:
         if configs is not None and holds_key(configs, key):
             raise SkinclfError(

@@ -194,7 +194,8 @@ def hydra_main(cfg: DictConfig) -> None:
         full = out_of_space(err)
         if full is None:
             raise
-        print(f"skinclf train: error: {full}", file=sys.stderr)
+        where = "" if err.filename else f"{out_dir}: "  # PIL's and json's writes name no file
+        print(f"skinclf train: error: {where}{full}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except FolderBusy as err:
         # Another process trains there (it may not have written its records yet): the folder is

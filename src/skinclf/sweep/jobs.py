@@ -9,6 +9,7 @@ jobs' status files carry the tag, so that the end-of-sweep summary counts this l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -181,7 +182,8 @@ def run_sweep_job(
 
     def failed(err: Exception) -> str:
         nonlocal recorded
-        err = out_of_space(err) or err  # a full disk: its line, not a library's traceback
+        full = out_of_space(err)
+        err = full or err  # a full disk: its line, not a library's traceback
         message = first_line(err)
         if isinstance(err, FolderBusy):
             # Its train.log (where the job's log lines go) is the other process's: not a word there.
@@ -194,14 +196,16 @@ def run_sweep_job(
         else:
             log.exception(f"job {job_num} failed: {type(err).__name__}: {message}")
         print(f"skinclf train: job {job_num} failed: {message} (log: {info['log']})", file=sys.stderr)
-        if state == "new" and holds_only_bookkeeping(out_dir):
-            # Failed on its data or settings before training anything (a missing data.root): its
-            # new folder must not keep the config, or the corrected re-launch would be refused
-            # as a different config. Its train.log stays, with the error.
-            release_claim(out_dir)
-            recorded = False
-        if not recorded:  # refused before it ran: the folder is not this job's to write in
-            record_refusal(sweep_dir, out_dir, launch, error=message, **info)
+        # On a full disk these writes fail too: the job's line above is then all there is.
+        with contextlib.suppress(*(() if full is None else (OSError,))):
+            if state == "new" and holds_only_bookkeeping(out_dir):
+                # Failed on its data or settings before training anything (a missing data.root):
+                # its new folder must not keep the config, or the corrected re-launch would be
+                # refused as a different config. Its train.log stays, with the error.
+                release_claim(out_dir)
+                recorded = False
+            if not recorded:  # refused before it ran: the folder is not this job's to write in
+                record_refusal(sweep_dir, out_dir, launch, error=message, **info)
         return "failed"
 
     try:
