@@ -560,6 +560,20 @@ def test_a_key_added_beside_the_target_of_a_model_of_the_users_own_reaches_its_c
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_config_that_keeps_an_escaped_interpolation_is_refused_before_training(tmp_path):
+    # It trained, and its run could never be predicted: stored resolved as '${x}', the config
+    # reads back as an interpolation (and predict refuses a checkpoint config holding one).
+    own = BASELINE_CONFIG.replace("name: baseline", "name: mine\nlabel: cost \\${x}")
+    proc = error_run(tmp_path, _own_model_config(tmp_path, "mine", own), "model=mine", *TINY)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line == (
+        "skinclf train: error: model.label: holds '${' after resolving (an escaped interpolation); "
+        "expected none"
+    )
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.parametrize(
     ("arch", "message"),
     [
@@ -1070,6 +1084,23 @@ def test_a_full_disk_while_training_is_one_line(tmp_path, monkeypatch, where):
         assert line.startswith(f"skinclf train: error: {tmp_path / 'run'}: {full}")  # the error names no file
         # A run stopped mid-way names its folder, to resume or read its log.
         assert ("output directory: " in proc.stdout) is (where == "writing a figure")
+
+
+def test_a_sweep_job_whose_first_checkpoint_meets_a_full_disk_fails_alone(tmp_path, monkeypatch):
+    # The checkpoint's SkinclfError left the folder with bookkeeping only, so the job recorded a
+    # refusal beside it: on the full disk that write raised, and the sweep ended in a traceback.
+    from skinclf.sweep import jobs
+    from skinclf.training import loop
+
+    def checkpoint_not_written(state, path):
+        raise SkinclfError(f"{path}: could not be written (torch.save stopped short); 0.0 GB free")
+
+    monkeypatch.setattr(loop, "save_checkpoint", checkpoint_not_written)
+    monkeypatch.setattr(jobs, "record_refusal", _disk_full)
+    proc = error_run(tmp_path, "-m", "seed=0,1", *TINY, "hydra.sweep.dir=sweep")
+    assert proc.returncode == 1
+    assert proc.stderr.count("best.pt: could not be written (torch.save stopped short)") == 2
+    assert "sweep " in proc.stdout and "2 jobs" in proc.stdout
 
 
 def test_train_log_lines_a_full_disk_refuses_are_dropped_without_a_traceback(tmp_path, capsys):

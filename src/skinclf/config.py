@@ -51,6 +51,21 @@ def composed_or_none(overrides: tuple[str, ...]) -> DictConfig | None:
         return None
 
 
+def interpolated_strings(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a plain (resolved) config tree whose keys or string values still hold
+    ``${``: an escaped interpolation, which a config stored resolved (run_config.json, a
+    checkpoint's) would read back as one."""
+    if isinstance(node, dict):
+        found = []
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            found += [path] if "${" in str(key) else interpolated_strings(value, f"{path}.")
+        return found
+    if isinstance(node, list):
+        return [key for i, value in enumerate(node) for key in interpolated_strings(value, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if isinstance(node, str) and "${" in node else []
+
+
 def config_choices(group: str) -> list[str]:
     """The configs shipped in config group ``group`` (``model``: baseline, ...), sorted; none when
     skinclf has no such group. Hydra's own groups (``hydra/launcher``) have Hydra's, its plugins'

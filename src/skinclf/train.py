@@ -27,6 +27,7 @@ from skinclf.config import (
     data_path,
     grid_search_without_folds,
     instantiate_config,
+    interpolated_strings,
     number_setting,
 )
 from skinclf.data import ImageSplits, load_splits
@@ -331,6 +332,13 @@ def check_settings(cfg: DictConfig) -> None:
     resume's folder keeps its record and status, a sweep job's folder takes no config."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     model = str(choices.get("model", cfg.model.get("name")))
+    escaped = interpolated_strings(OmegaConf.to_container(cfg, resolve=True))
+    if escaped:
+        # Stored resolved (run_config.json, best.pt), it would read back as an interpolation:
+        # predict could not load the run (it refuses a checkpoint config holding ${).
+        raise SkinclfError(
+            f"{escaped[0]}: holds '${{' after resolving (an escaped interpolation); expected none"
+        )
     check_model_config(cfg.model, f"model={model}")
     if model not in config_choices("model"):  # a model of the user's own (hydra.searchpath)
         check_model_output(cfg.model, f"model={model}")

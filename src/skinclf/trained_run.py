@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from skinclf.arguments import DISCLAIMER, SYNTHETIC_MODEL_NOTE
-from skinclf.config import instantiate_config, is_number
+from skinclf.config import instantiate_config, interpolated_strings, is_number
 from skinclf.errors import SkinclfError, first_line, not_a_folder
 from skinclf.evaluation.metrics import DEFAULT_THRESHOLD
 from skinclf.models import build_model, check_model_config
@@ -245,6 +245,14 @@ def load_trained_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         raise SkinclfError(
             f"{run_dir / BEST_CHECKPOINT}: its 'config' entry is no training config with a model; "
             "expected a best.pt written by skinclf train"
+        )
+    interpolated = interpolated_strings(state["config"])
+    if interpolated:
+        # Stored resolved (train refuses a config that keeps one): a ${...} here could only make
+        # the config read otherwise than it was trained.
+        raise SkinclfError(
+            f"{run_dir / BEST_CHECKPOINT}: its config holds an interpolation at {interpolated[0]}; "
+            "skinclf train stores it resolved (expected a best.pt of skinclf train)"
         )
     _check_own_checkpoint(run_dir, state, metrics)
     # The checkpoint's config is the resolved one the model was built from (.hydra/ holds

@@ -44,40 +44,38 @@ def check_model_config(model_cfg: DictConfig, where: str) -> None:
     be imported or is no class of the kind its place takes; ``where``: the config's origin, for
     the message (``model=NAME``, a checkpoint).
 
-    Building the model calls every ``_target_`` in it, so each must name a class: a
-    ``torch.nn.Module`` (the architecture and its parts), a skinclf pipeline under ``pipeline``.
-    The same rule for the configs a run is trained from and the one its checkpoint stores, which
-    predict and explain build again: a function there (``builtins.open``, ``os.makedirs``) would
-    run with a crafted checkpoint's arguments, and loading it with ``weights_only=True`` must not
-    be a way around that. (A factory function such as ``torchvision.models.resnet18`` goes in a
-    class of one's own.)"""
+    Building the model calls every ``_target_`` in ``arch`` and ``pipeline``, so each must name a
+    class: a ``torch.nn.Module`` (the architecture and its parts), a skinclf pipeline under
+    ``pipeline``. The same rule for the configs a run is trained from and the one its checkpoint
+    stores, which predict and explain build again: a function there (``builtins.open``,
+    ``os.makedirs``) would run with a crafted checkpoint's arguments, and loading it with
+    ``weights_only=True`` must not be a way around that. (A factory function such as
+    ``torchvision.models.resnet18`` goes in a class of one's own.)"""
     import torch
 
     from skinclf.data.pipeline import DefaultPipeline
 
+    # Resolved, as instantiate resolves them: a _target_ may come by interpolation (${..cls}, or
+    # a node put in by ${oc.create:...} or from elsewhere in a crafted checkpoint's config). The
+    # model's other keys (a tag reading ${hydra:...}) are never instantiated: left as they are.
+    built = {}
+    for part in ("name", "arch", "pipeline"):
+        try:
+            value = model_cfg.get(part)
+            built[part] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except OmegaConfBaseException as err:
+            raise SkinclfError(f"{where}: model.{part} does not resolve: {first_line(err)}") from err
     for key in MODEL_CONFIG_KEYS:
-        value = OmegaConf.select(model_cfg, key, default=None)
+        value: Any = built
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
         if value in (None, ""):
             raise SkinclfError(
                 f"{where}: model.{key} is not set; a model config sets name, arch._target_ (its class) "
                 "and a pipeline (`defaults: [/pipeline@pipeline: default, _self_]`), "
                 "as conf/model/baseline.yaml does"
             )
-    # Resolved, as instantiate resolves it: a _target_ may come by interpolation (${..cls}, or
-    # a node put in by ${oc.create:...} or a reference elsewhere in a crafted checkpoint's config).
-    try:
-        resolved = OmegaConf.to_container(model_cfg, resolve=True)
-    except OmegaConfBaseException as err:
-        raise SkinclfError(f"{where}: the model config does not resolve: {first_line(err)}") from err
-    escaped = _strings_with_interpolations(resolved)
-    if escaped:
-        # An escaped \${...}: stored resolved in the checkpoint, it would be read back as an
-        # interpolation there, and predict could not build this model again.
-        raise SkinclfError(
-            f"{where}: model.{escaped[0]} holds '${{' after resolving (an escaped interpolation); "
-            "a model config cannot keep one"
-        )
-    for key, target in _targets(resolved):
+    for key, target in _targets({"arch": built["arch"], "pipeline": built["pipeline"]}):
         setting = f"{where}: model.{key}={target}"
         found = _check_importable(setting, target)
         kind, expected = (
@@ -91,23 +89,6 @@ def check_model_config(model_cfg: DictConfig, where: str) -> None:
                 f"{setting}: is {what}, not a {expected} class; every _target_ of a model config "
                 "names one (a factory function goes in a class of one's own)"
             )
-
-
-def _strings_with_interpolations(node: Any, prefix: str = "") -> list[str]:
-    """The dotted keys of a plain config tree whose keys or string values hold ``${``."""
-    if isinstance(node, dict):
-        found = []
-        for key, value in node.items():
-            path = f"{prefix}{key}"
-            found += [path] if "${" in str(key) else _strings_with_interpolations(value, f"{path}.")
-        return found
-    if isinstance(node, list):
-        return [
-            key
-            for i, value in enumerate(node)
-            for key in _strings_with_interpolations(value, f"{prefix}{i}.")
-        ]
-    return [prefix.rstrip(".")] if isinstance(node, str) and "${" in node else []
 
 
 def _targets(node: Any, prefix: str = "") -> list[tuple[str, str]]:

@@ -181,30 +181,31 @@ def run_sweep_job(
     state = None
 
     def failed(err: Exception) -> str:
-        nonlocal recorded
-        full = out_of_space(err)
-        err = full or err  # a full disk: its line, not a library's traceback
+        err = out_of_space(err) or err  # a full disk: its line, not a library's traceback
         message = first_line(err)
         if isinstance(err, FolderBusy):
             # Its train.log (where the job's log lines go) is the other process's: not a word there.
             info["log"] = None
             print(f"skinclf train: job {job_num} failed: {message}", file=sys.stderr)
-            record_refusal(sweep_dir, out_dir, launch, error=message, **info)
+            with contextlib.suppress(OSError):  # see below
+                record_refusal(sweep_dir, out_dir, launch, error=message, **info)
             return "failed"
         if isinstance(err, SkinclfError):
             log.error(f"job {job_num} failed: {message}")
         else:
             log.exception(f"job {job_num} failed: {type(err).__name__}: {message}")
         print(f"skinclf train: job {job_num} failed: {message} (log: {info['log']})", file=sys.stderr)
-        # On a full disk these writes fail too: the job's line above is then all there is.
-        with contextlib.suppress(*(() if full is None else (OSError,))):
+        # Best effort: on a full disk (a checkpoint's error is a SkinclfError by then) these writes
+        # fail too, and a job's failure must not end the sweep; its line above is then all there is.
+        with contextlib.suppress(OSError):
             if state == "new" and holds_only_bookkeeping(out_dir):
                 # Failed on its data or settings before training anything (a missing data.root):
                 # its new folder must not keep the config, or the corrected re-launch would be
-                # refused as a different config. Its train.log stays, with the error.
+                # refused as a different config. Its train.log stays, with the error. The refusal
+                # is recorded first: if it cannot be, the folder keeps its own record of the failure.
+                record_refusal(sweep_dir, out_dir, launch, error=message, **info)
                 release_claim(out_dir)
-                recorded = False
-            if not recorded:  # refused before it ran: the folder is not this job's to write in
+            elif not recorded:  # refused before it ran: the folder is not this job's to write in
                 record_refusal(sweep_dir, out_dir, launch, error=message, **info)
         return "failed"
 
