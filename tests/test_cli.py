@@ -622,6 +622,10 @@ def test_a_config_that_keeps_an_escaped_interpolation_is_refused_before_training
             "class; every _target_ of a model config names one (a factory function goes in a class",
         ),
         ("_target_: my_models.WideCNN\n  _partial_: true", "model.arch._target_ builds a "),  # no module
+        (
+            "_target_: my_models.WideCNN\n  channels: ${oc.env:SKINCLF_NO_SUCH_VARIABLE}",  # a traceback
+            "model.arch does not resolve: KeyError raised while resolving interpolation: ",
+        ),
     ],
 )
 def test_a_model_of_the_users_own_that_cannot_be_built_is_one_clear_error(

@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from skinclf.config import (
     check_bool,
@@ -331,17 +332,22 @@ def check_settings(cfg: DictConfig) -> None:
     Run before the run folder is claimed, so that a refused run writes nothing into it: a
     resume's folder keeps its record and status, a sweep job's folder takes no config."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    model = str(choices.get("model", cfg.model.get("name")))
-    escaped = interpolated_strings(OmegaConf.to_container(cfg, resolve=True))
+    # The choice as typed; a name that does not resolve is check_model_config's to report.
+    name = OmegaConf.select(cfg, "model.name", default=None, throw_on_resolution_failure=False)
+    model = str(choices.get("model", name))
+    check_model_config(cfg.model, f"model={model}")
+    if model not in config_choices("model"):  # a model of the user's own (hydra.searchpath)
+        check_model_output(cfg.model, f"model={model}")
+    try:
+        escaped = interpolated_strings(OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException as err:
+        raise SkinclfError(f"the config does not resolve: {first_line(err)}") from err
     if escaped:
         # Stored resolved (run_config.json, best.pt), it would read back as an interpolation:
         # predict could not load the run (it refuses a checkpoint config holding ${).
         raise SkinclfError(
             f"{escaped[0]}: holds '${{' after resolving (an escaped interpolation); expected none"
         )
-    check_model_config(cfg.model, f"model={model}")
-    if model not in config_choices("model"):  # a model of the user's own (hydra.searchpath)
-        check_model_output(cfg.model, f"model={model}")
     device = resolve_device(str(cfg.device))
     seed = loop_settings(cfg, resolve_precision(str(cfg.trainer.precision), device)).seed
     target_sensitivity(cfg)
