@@ -20,9 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins import skinclf_launcher
 from skinclf import __version__
-from skinclf.config import (
-    is_searchpath,
-)
+from skinclf.config import is_searchpath
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError, out_of_space
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
