@@ -93,6 +93,8 @@ def test_a_key_only_some_models_have_goes_to_those_under_model_all(capsys):
         # A key the constructor refuses, a model that fails on 128x128 images: torchinfo's or
         # Hydra's traceback before, where `skinclf train` says it in one line.
         (["model=resnet", "+model.arch.foo=1"], "unexpected keyword argument 'foo'"),
+        # Accepted without a word: the table of the unfrozen model, as if model.freeze were set.
+        (["model=resnet18", "+model.freez=3"], "model.freez: not a key of the configs (model=resnet18)"),
         (["model=resnet", "trainer.max_epoch=3"], "did you mean trainer.max_epochs?"),
         (
             ["model=resnet", "model.arch._target_=torch.nn.Identity"],

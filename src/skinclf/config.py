@@ -51,6 +51,22 @@ def composed_or_none(overrides: tuple[str, ...]) -> DictConfig | None:
         return None
 
 
+def keys_not_in(cfg: DictConfig, known: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of ``cfg`` that ``known`` lacks (the outermost of each new subtree), except
+    those beside a ``_target_`` (they go to its constructor): what ``+key=value`` overrides added
+    that no config defines."""
+    if "_target_" in cfg:
+        return []
+    found = []
+    for key in cfg:
+        path = f"{prefix}{key}"
+        if key not in known:
+            found.append(path)
+        elif isinstance(cfg[key], DictConfig) and isinstance(known[key], DictConfig):
+            found += keys_not_in(cfg[key], known[key], f"{path}.")
+    return found
+
+
 def interpolated_strings(node: Any, prefix: str = "") -> list[str]:
     """The dotted keys of a plain (resolved) config tree whose keys or string values still hold
     ``${``: an escaped interpolation, which a config stored resolved (run_config.json, a

@@ -21,6 +21,7 @@ from skinclf.config import (
     composed_or_none,
     config_choices,
     holds_key,
+    keys_not_in,
     override_key,
 )
 from skinclf.errors import SkinclfError, first_line
@@ -143,6 +144,22 @@ def overview(overrides: list[str] = (), some_models_only: list[str] = ()) -> str
     return "\n".join(lines) + f"\n(input {INPUT_SIZE}, torchinfo)"
 
 
+def _check_appended_keys(name: str, overrides: list[str]) -> None:
+    """A ``+key=value`` that no config of model ``name`` defines, as `skinclf train` refuses it:
+    nothing reads it, so a misspelt ``+model.freez=3`` would print the table of another setting."""
+    appended = [o for o in overrides if o.startswith("+")]
+    if not appended:
+        return
+    given = compose_config([f"model={name}", *overrides])
+    known = compose_config([f"model={name}", *(o for o in overrides if o not in appended)])
+    unknown = keys_not_in(given, known)
+    if unknown:
+        raise SkinclfError(
+            f"{unknown[0]}: not a key of the configs (model={name}), so nothing would read it; check its "
+            "spelling (`skinclf train --help` lists the keys)"
+        )
+
+
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf summary model=NAME [OVERRIDES]``."""
     overrides = summary_parser().parse_args(args).overrides
@@ -158,4 +175,6 @@ def main(args: list[str]) -> None:
     chosen = ",".join(model_names()) if name == "all" else name
     some_models_only = check_override_keys([*([f"model={chosen}"] if chosen else []), *rest])
     name = name or str(compose_config(rest).model.name)
+    if name != "all":
+        _check_appended_keys(name, rest)
     print(overview(rest, some_models_only) if name == "all" else layer_table(name, rest))

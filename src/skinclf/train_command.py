@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins import skinclf_launcher
 from skinclf import __version__
-from skinclf.config import is_searchpath
+from skinclf.config import is_searchpath, keys_not_in
 from skinclf.errors import EXIT_USER_ERROR, SkinclfError, out_of_space
 from skinclf.io import atomic_write_text, remove_empty_folders
 from skinclf.run_files import HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_SETTINGS, TRAIN_LOG
@@ -54,7 +54,7 @@ def check_appended_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
     searchpath = [o for o in HydraConfig.get().overrides.hydra if is_searchpath(o)]
     kept = [o for o in overrides if o not in appended]
     known = hydra.compose(config_name="train", overrides=[*searchpath, *kept])
-    unknown = _keys_not_in(cfg, known)
+    unknown = keys_not_in(cfg, known)
     if unknown:
         given = next((o for o in appended if o.lstrip("+").split("=")[0].split("@")[0] == unknown[0]), "")
         choices = HydraConfig.get().runtime.choices
@@ -68,21 +68,6 @@ def check_appended_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
             "it out where the config lacks it (`skinclf train --help` lists the keys; a pipeline goes "
             "in as pipeline@model.pipeline=NAME)"
         )
-
-
-def _keys_not_in(cfg: DictConfig, known: DictConfig, prefix: str = "") -> list[str]:
-    """Dotted keys of ``cfg`` that ``known`` lacks (the outermost of each new subtree), except
-    those beside a ``_target_``."""
-    if "_target_" in cfg:
-        return []
-    found = []
-    for key in cfg:
-        path = f"{prefix}{key}"
-        if key not in known:
-            found.append(path)
-        elif isinstance(cfg[key], DictConfig) and isinstance(known[key], DictConfig):
-            found += _keys_not_in(cfg[key], known[key], f"{path}.")
-    return found
 
 
 def _claim(out_dir: Path, cfg: DictConfig, overrides: list[str], single_run: bool = False) -> str:
