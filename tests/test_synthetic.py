@@ -44,12 +44,12 @@ def test_damaged_cache_is_generated_again(tmp_path, caplog):
 def test_a_cache_that_cannot_be_written_is_a_warning_and_the_run_gets_its_data(tmp_path, monkeypatch, caplog):
     # It stopped the run, though the images were made and only their reuse was lost (the decode
     # cache of folder data already trained on); a read-only shared cache_dir stopped every run.
-    from skinclf.data import synthetic as synthetic_module
+    from skinclf import io
 
     def full(obj, path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(synthetic_module, "atomic_torch_save", full)
+    monkeypatch.setattr(io, "atomic_torch_save", full)  # the cache save goes through skinclf.io
     with caplog.at_level(logging.WARNING):
         splits = synthetic(tmp_path)
     assert len(splits.train) == 4 and not list(tmp_path.glob("synthetic_*.pt"))

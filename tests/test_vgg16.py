@@ -208,12 +208,12 @@ def test_features_run_once_per_split_and_a_changed_dataset_is_recomputed(
 
 def test_a_feature_cache_that_cannot_be_written_is_a_warning(random_vgg, tmp_path, monkeypatch, caplog):
     # It stopped the run after the features were computed: only their reuse was lost.
-    from skinclf.data import features
+    from skinclf import io
 
     def full(obj, path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(features, "atomic_torch_save", full)
+    monkeypatch.setattr(io, "atomic_torch_save", full)  # the cache save goes through skinclf.io
     with caplog.at_level(logging.WARNING, logger="skinclf"):
         stage = training_stage(random_vgg, ImageNetPipeline(), tiny_splits(), tmp_path, SETTINGS, CPU)
     assert stage.splits.train.images.shape == (4, 512, 1, 1)

@@ -174,6 +174,19 @@ def _save_without_crc32(obj: Any, path: Path) -> None:
         torch.serialization.set_crc32_options(previous)
 
 
+def save_cache(obj: Any, path: Path, what: str, next_run: str) -> bool:
+    """:func:`atomic_torch_save` of a cache file (the decode cache, the synthetic data, vgg16's
+    features); one that cannot be written (a full disk, a read-only shared folder) is a warning:
+    the run has what it computed, only its reuse is lost (``next_run``: what the next one does).
+    Returns whether it was written."""
+    try:
+        atomic_torch_save(obj, path)
+    except OSError as err:
+        log.warning(f"{what} {write_failure(path, err)}; {next_run}")
+        return False
+    return True
+
+
 def write_failure(path: Path, err: OSError) -> str:
     """``path: could not be written (why); N GB free on its file system``, for a failed write."""
     try:

@@ -29,7 +29,7 @@ import torch
 
 from skinclf.data.images import IMAGE_SIZE, decode_image
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries, write_failure
+from skinclf.io import remove_stale_cache_temporaries, save_cache
 from skinclf.training.progress import progress
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,8 @@ def store(decoded: Decoded) -> None:
     if decoded.from_cache or decoded.cache_file is None:
         return
     stored = {"key": decoded.key, "images": decoded.images, "kept": decoded.kept, "bad": decoded.bad}
-    try:
-        atomic_torch_save(stored, decoded.cache_file)
+    if save_cache(stored, decoded.cache_file, "the decode cache", "the next run decodes again"):
         log.info(f"decoded {len(decoded.kept)} images into cache {decoded.cache_file}")
-    except OSError as err:
-        log.warning(f"the decode cache {write_failure(decoded.cache_file, err)}; the next run decodes again")
 
 
 def _read_cache(cache: Path, key: str, n_files: int) -> Decoded | None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from skinclf.data.pipeline import DefaultPipeline
 from skinclf.data.splits import ImageSplits, Split, hash_tensor
-from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries, write_failure
+from skinclf.io import remove_stale_cache_temporaries, save_cache
 from skinclf.training.hardware import cpu_model
 from skinclf.training.loop import LoopSettings, forward_batches
 
@@ -177,10 +177,9 @@ def cached_features(
     features = forward_batches(
         extractor, pipeline, images, settings, device, out_dtype=CACHE_DTYPE, desc=f"{name} features"
     )
-    try:
-        atomic_torch_save({"key": key, "features": features}, path)
-    except OSError as err:  # as for the decode cache: the run has its features, only reuse is lost
-        log.warning(f"the feature cache {write_failure(path, err)}; the next run extracts them again")
+    save_cache(
+        {"key": key, "features": features}, path, "the feature cache", "the next run extracts them again"
+    )
     return features
 
 

@@ -24,7 +24,7 @@ from skinclf import IMAGE_SIZE
 from skinclf.config import data_path, number_setting
 from skinclf.data.splits import SPLIT_NAMES, ImageSplits, Split
 from skinclf.errors import SkinclfError
-from skinclf.io import atomic_torch_save, remove_stale_cache_temporaries, write_failure
+from skinclf.io import remove_stale_cache_temporaries, save_cache
 
 log = logging.getLogger(__name__)
 
@@ -255,11 +255,6 @@ def load_splits(data_cfg: DictConfig) -> ImageSplits:
         for index, (name, n) in enumerate(sizes.items()):
             split = generate_split(seed, index, n)
             stored[name] = {"images": split.images, "labels": split.labels}
-        try:
-            atomic_torch_save(stored, cache)
-        except OSError as err:  # as for the decode cache: the run has its data, only reuse is lost
-            log.warning(
-                f"the synthetic data cache {write_failure(cache, err)}; the next run generates it again"
-            )
+        save_cache(stored, cache, "the synthetic data cache", "the next run generates it again")
     splits = {name: Split(d["images"], d["labels"]) for name, d in stored.items()}
     return ImageSplits(name="synthetic", **splits)
