@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from skinclf.config import ABSENT, compose_config, composed_or_none, number_setting, override_key
 from skinclf.errors import SkinclfError, counted, first_line
+from skinclf.evaluation.metrics import scores_from_confusion
 from skinclf.io import readable
 from skinclf.run_files import (
     HYDRA_CONFIG,
@@ -545,7 +546,7 @@ def _read_test_metrics(path: Path) -> dict:
             f"{TEST_METRICS}: confusion is {confusion!r}; expected counts {', '.join(CONFUSION_CELLS)} "
             f"summing to n_test={n_test}"
         )
-    for key, expected in _scores_of(confusion).items():
+    for key, expected in scores_from_confusion(confusion).items():
         value = test[key]
         if not (np.isnan(expected) and np.isnan(value) or math.isclose(value, expected, abs_tol=1e-9)):
             raise ValueError(
@@ -553,17 +554,6 @@ def _read_test_metrics(path: Path) -> dict:
                 f"{expected:.6g}; expected the file skinclf train wrote (one number edited, or a torn copy?)"
             )
     return test
-
-
-def _scores_of(confusion: dict[str, int]) -> dict[str, float]:
-    """The test scores that the confusion counts fix (as evaluation.metrics computes them)."""
-    tn, fp, fn, tp = (confusion[cell] for cell in CONFUSION_CELLS)
-    return {
-        "accuracy": (tp + tn) / max(tn + fp + fn + tp, 1),
-        "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
-        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
-        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
-    }
 
 
 def _is_count(value: object) -> bool:
