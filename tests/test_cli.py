@@ -1180,7 +1180,7 @@ def test_top_level_help_and_unknown_command(tmp_path):
         (["report", "--out", ""], "argument --out: '': empty; expected a path (. for the current folder)"),
         (["explain", "run", "x.png", "--out", " "], "argument --out: ' ': empty; expected a path"),
         (["predict", "run", "x.png", "--out="], "argument --out: '': empty; expected a path"),
-        (["prepare", "a", ""], "argument out: '': empty; expected a path"),
+        (["prepare", "a", ""], "argument OUT: '': empty; expected a path"),
     ],
 )
 def test_a_bad_argument_of_any_command_is_one_error_line(args, message, capsys):
@@ -1267,7 +1267,7 @@ print("imported:", [m for m in ("torch", "pandas", "skinclf.train") if m in sys.
         (["explain", "--help"], None),
         (["explain", "run", "img.png", "--class", "bcc"], "argument --class: invalid choice: 'bcc'"),
         (["prepare", "--help"], None),
-        (["prepare", "src"], "the following arguments are required: out"),
+        (["prepare", "src"], "the following arguments are required: OUT"),
         (["summary", "--help"], None),
         # report's module imports pandas and matplotlib (a second).
         (["report", "--help"], None),

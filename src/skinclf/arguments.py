@@ -70,7 +70,9 @@ def _run_and_images_parser(prog: str, description: str) -> argparse.ArgumentPars
     parser.add_argument(
         "images", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files, or folders scanned recursively"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument(
+        "--device", metavar="D", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)"
+    )
     return parser
 
 
@@ -128,8 +130,12 @@ def prepare_parser() -> argparse.ArgumentParser:
             "Then: skinclf train data=folder data.root=OUT"
         ),
     )
-    parser.add_argument("source", help="the unpacked download (metadata CSV and images anywhere under it)")
-    parser.add_argument("out", type=_output, help="output folder (must not exist, or be empty)")
+    parser.add_argument(
+        "source", metavar="SOURCE", help="the unpacked download (metadata CSV and images anywhere under it)"
+    )
+    parser.add_argument(
+        "out", metavar="OUT", type=_output, help="output folder (must not exist, or be empty)"
+    )
     parser.add_argument(
         "--balance",
         action="store_true",
