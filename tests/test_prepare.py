@@ -10,14 +10,16 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from skinclf import cli
 from skinclf.config import compose_config
 from skinclf.data import load_splits
 from skinclf.data.folder import find_images
+from skinclf.data.images import decode_image
 from skinclf.data.splits import undersample_majority
 from skinclf.errors import SkinclfError
 from skinclf.prepare import assign_splits, parse_fractions
@@ -267,6 +269,27 @@ def test_lesion_ids_follow_the_images_kept_and_cached(tmp_path, caplog):
         train = load_splits(cfg.data).train
     assert f"{root / 'manifest.csv'}: lists none of the {len(expected)} images of train/" in caplog.text
     assert len(set(train.lesions)) == len(train)
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_output_images_keep_the_colours_predict_would_see_in_the_download(tmp_path, fmt):
+    """png: the very pixels decode_image gives of the download, as predict sees them; jpg: lossy,
+    but without chroma subsampling, which would halve the colour resolution of 128x128 lesions."""
+    rng = np.random.default_rng(0)
+    table = fake_ham10000(tmp_path / "ham", n_other=0)
+    for image_id in table["image_id"]:  # fine colour detail, which subsampling would blur
+        path = next((tmp_path / "ham").rglob(f"{image_id}.jpg"))
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(path, format="PNG")
+    prepare_main([str(tmp_path / "ham"), str(tmp_path / "out"), "--format", fmt])
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert len(manifest) == 110
+    for row in manifest.head(10).itertuples():
+        source = next((tmp_path / "ham").rglob(row.file.split("/")[-1][:-4] + ".jpg"))
+        if fmt == "png":
+            assert torch.equal(decode_image(tmp_path / "out" / row.file), decode_image(source))
+        else:
+            with Image.open(tmp_path / "out" / row.file) as img:
+                assert JpegImagePlugin.get_sampling(img) == 0  # 4:4:4
 
 
 def test_balance_and_no_test_split(tmp_path):
