@@ -52,6 +52,29 @@ def test_palette_with_transparency_and_custom_size(tmp_path):
     assert out.shape == (3, 32, 32)
 
 
+def test_alpha_is_dropped_and_the_colours_under_it_kept(tmp_path):
+    """Not composited onto a background: an image whose lesion mask is stored as alpha keeps the
+    whole photo, even where the mask is 0 (README: a cut-out must be flattened by the user)."""
+    rgb = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    alpha = np.zeros((128, 128, 1), dtype=np.uint8)
+    alpha[32:96, 32:96] = 255  # opaque lesion, transparent skin around it
+    Image.fromarray(np.concatenate([rgb, alpha], axis=2), mode="RGBA").save(tmp_path / "masked.png")
+    assert torch.equal(decode_image(tmp_path / "masked.png"), torch.from_numpy(rgb).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".tif"])
+def test_of_an_animation_or_a_multi_page_file_the_first_frame_is_read(tmp_path, suffix):
+    path = tmp_path / f"frames{suffix}"
+    first, second = _solid("RGB", (128, 128)), Image.new("RGB", (128, 128), (10, 200, 90))
+    first.save(path, save_all=True, append_images=[second])
+    frames = []
+    with Image.open(path) as img:
+        for index in range(2):
+            img.seek(index)
+            frames.append(torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1))
+    assert torch.equal(decode_image(path), frames[0]) and not torch.equal(frames[0], frames[1])
+
+
 def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
     path = tmp_path / "gray16.png"
     ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (64, 1))
