@@ -38,6 +38,7 @@ from skinclf.train_arguments import (
     check_override_keys,
     overrides_together,
 )
+from skinclf.training.hardware import source_digest
 from skinclf.training.loop import METRICS_COLUMNS
 
 from conftest import MODELS_THE_META_DEVICE_CANNOT_RUN, TINY, run_dir_from_output, train_cli, users_module
@@ -87,6 +88,7 @@ def test_train_from_another_directory_writes_all_run_files(tmp_path):
     assert recorded["eval_data_sha256"] == content_hash(splits.val, splits.test)
     assert recorded["train_data_sha256"] == content_hash(splits.train)
     assert environment["python"] == platform.python_version()
+    assert environment["source"] == source_digest() and environment["precision"] in ("bf16", "fp32")
     # trainer.device=auto trains on the GPU where there is one (the CUDA test machine), else the CPU.
     if torch.cuda.is_available():
         assert environment["machine"].startswith(torch.cuda.get_device_name())
@@ -94,7 +96,7 @@ def test_train_from_another_directory_writes_all_run_files(tmp_path):
         threads = torch.get_num_threads()
         assert environment["machine"].endswith(f", {threads} thread{'s' if threads != 1 else ''}")
     assert (
-        f"torch {torch.__version__}, Python {platform.python_version()}; "
+        f"(source {source_digest()}), torch {torch.__version__}, Python {platform.python_version()}; "
         in (run_dir / "train.log").read_text()
     )
 

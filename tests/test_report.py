@@ -185,13 +185,19 @@ def test_runs_csv_lists_unfinished_and_failed_runs(sweep, tmp_path):
     [res_aug] = sweep.rglob("res_aug_*/test_metrics.json")
     recorded = json.loads(res_aug.read_text())
     res_aug.write_text(
-        json.dumps({**recorded, "environment": {"torch": "2.14.1", "machine": "a CPU, 2 threads"}})
+        json.dumps(
+            {
+                **recorded,
+                "environment": {"source": "0123456789ab", "torch": "2.14.1", "machine": "a CPU, 2 threads"},
+            }
+        )
     )
     build_report([sweep], tmp_path / "reports")
     runs = pd.read_csv(tmp_path / "reports" / "runs.csv").set_index("model")
     # What produced each run's numbers; runs made before skinclf recorded it have none.
-    assert tuple(runs.loc["res_aug", ["torch", "machine"]]) == ("2.14.1", "a CPU, 2 threads")
-    assert runs.loc["resnet", ["torch", "machine"]].isna().all()
+    environment = ["source", "torch", "machine"]
+    assert tuple(runs.loc["res_aug", environment]) == ("0123456789ab", "2.14.1", "a CPU, 2 threads")
+    assert runs.loc["resnet", environment].isna().all()
     assert len(runs) == 7
     assert (runs.loc["baseline", "status"] == "finished").all()
     assert runs.loc["batch_norm", "status"] == "unfinished"
@@ -1043,7 +1049,11 @@ DAMAGED_FILES = [
     ("test_metrics.json", lambda p: _set_key(p, "roc_auc", None), "roc_auc is None"),
     ("test_metrics.json", lambda p: _set_key(p, "n_test", "64 images"), "n_test is '64 images'"),
     ("test_metrics.json", lambda p: _set_key(p, "accuracy", "0.71875"), "accuracy is '0.71875'"),
-    ("test_metrics.json", lambda p: _set_key(p, "environment", {"torch": 2}), "environment is {'torch': 2}"),
+    (
+        "test_metrics.json",
+        lambda p: _set_key(p, "environment", {"torch": 2}),
+        "environment is {'torch': 2}; expected an object of strings and true/false",
+    ),
     ("test_metrics.json", lambda p: _set_key(p, "best_epoch", 0), "best_epoch=0, best_val_acc="),
     ("test_metrics.json", lambda p: _set_key(p, "best_val_acc", 87.5), "best_val_acc=87.5; expected"),
     (".hydra/config.yaml", lambda p: _set_config(p, "seed", "abc"), "seed=abc: expected an integer"),

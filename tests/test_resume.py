@@ -117,6 +117,30 @@ def test_resume_continues_the_dropout_random_stream_as_an_uninterrupted_run(
     _same_results(straight, interrupted)
 
 
+def test_a_resume_in_another_environment_is_said_and_recorded(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Epochs 1-2 on two threads, the rest on one: numbers an uninterrupted run on either would not
+    # give, so test_metrics.json lists both environments (it recorded only the last one).
+    overrides = in_process(shared_data_dir)
+    real_environment = train.run_environment
+    monkeypatch.setattr(loop, "_write_metrics", _crash_once_metrics_have(2))
+    with pytest.raises(_Crash):
+        run(compose_config(overrides), tmp_path)
+    monkeypatch.undo()
+    one_thread = {**real_environment(torch.device("cpu")), "machine": "a CPU, 1 thread"}
+    monkeypatch.setattr(train, "run_environment", lambda device: one_thread)
+    with caplog.at_level(logging.WARNING, logger="skinclf"):
+        run(compose_config([*overrides, "resume=true"]), tmp_path)
+    assert "epochs 1-2 trained in another environment (machine " in caplog.text
+    recorded = json.loads((tmp_path / "test_metrics.json").read_text())
+    began, resumed = recorded["environments"]
+    assert (began["from_epoch"], resumed["from_epoch"]) == (1, 3)
+    assert began["machine"] == real_environment(torch.device("cpu"))["machine"] != resumed["machine"]
+    assert recorded["environment"] == {key: value for key, value in resumed.items() if key != "from_epoch"}
+    assert resumed["machine"] == "a CPU, 1 thread" and resumed["precision"] == began["precision"]
+
+
 def test_a_last_checkpoint_without_the_schedule_this_recipe_needs_is_one_error(
     tmp_path: Path, shared_data_dir: Path
 ) -> None:

@@ -95,7 +95,10 @@ def test_benchmark_results_name_the_commit_they_were_measured_at(tmp_path, monke
     (repo / ".venv" / "x").write_text("")
     record = _provenance.provenance(torch.device("cpu"))
     assert record["commit"] == head
-    assert f"skinclf {record['skinclf']} at {head}, torch {torch.__version__}" in _provenance.describe(record)
+    assert (
+        f"skinclf {record['skinclf']} at {head} (source {record['source']}), torch {torch.__version__}"
+        in _provenance.describe(record)
+    )
     (repo / "f.py").write_text("a = 2\n")  # a tracked file changed: the figures are not that commit's
     assert _provenance.checkout_commit() == f"{head}+changes"
     # An installed copy measures the code as it was installed, whichever commit the checkout is at.

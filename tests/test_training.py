@@ -165,6 +165,34 @@ def test_the_recorded_machine_counts_its_threads(monkeypatch):
     assert describe_machine(torch.device("cpu")).endswith(", 8 threads")
 
 
+def _package(root, conf_inside: bool):
+    """skinclf's files as pip installs them (conf/ inside the package) or as an editable checkout
+    has them (conf/ beside src/); returns the folders of skinclf and skinclf.conf."""
+    code, conf = root / "skinclf", (root / "skinclf" / "conf" if conf_inside else root / "conf")
+    for path, text in [(code / "train.py", "x = 1\n"), (conf / "train.yaml", "seed: 0\n")]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return {"skinclf": code, "skinclf.conf": conf}
+
+
+def test_the_source_digest_tells_code_apart_however_it_is_installed(tmp_path, monkeypatch, request):
+    def digest(folders):
+        monkeypatch.setattr(hardware, "files", folders.get)
+        hardware.source_digest.cache_clear()
+        return hardware.source_digest()
+
+    request.addfinalizer(hardware.source_digest.cache_clear)  # the real package's digest again
+    installed = _package(tmp_path / "site", conf_inside=True)
+    editable = _package(tmp_path / "checkout", conf_inside=False)
+    first = digest(installed)
+    assert len(first) == 12 and digest(editable) == first
+    (installed["skinclf"] / "__pycache__").mkdir()
+    (installed["skinclf"] / "__pycache__" / "train.cpython-311.pyc").write_bytes(b"compiled")
+    assert digest(installed) == first  # compiled files and other files are no source
+    (installed["skinclf.conf"] / "train.yaml").write_text("seed: 1\n")
+    assert digest(installed) != first  # a config changed: other code
+
+
 ARM_CPUINFO = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -179,16 +180,43 @@ def data_digests(cfg: DictConfig, splits: ImageSplits) -> dict[str, str]:
     return digests
 
 
-def log_setup(cfg: DictConfig, device: torch.device, settings: LoopSettings) -> dict[str, str]:
+def log_setup(cfg: DictConfig, device: torch.device, settings: LoopSettings) -> dict[str, Any]:
     """A run's (or grid point's) first log lines: what it trains, on what, in which precision and
-    layout, and the versions and machine its numbers come from (returned, for its records)."""
+    layout, and the versions and machine its numbers come from (returned with the precision and
+    layout, which auto and the hardware decide, for its records)."""
     log.info(
         f"model={cfg.model.name} data={cfg.data.name} seed={cfg.seed} device={device} "
         f"precision={settings.precision} channels_last={settings.channels_last}"
     )
     environment = run_environment(device)
     log.info(describe_environment(environment))
-    return environment
+    return {**environment, "precision": settings.precision, "channels_last": settings.channels_last}
+
+
+def environment_history(last: Path, environment: dict[str, Any], resume: bool) -> list[dict[str, Any]]:
+    """Each environment the run trained in, with the epoch it began at (``from_epoch``): one,
+    unless a resume goes on in another (machine, thread count, versions, code), which is said."""
+    here = [{"from_epoch": 1, **environment}]
+    if not (resume and last.is_file()):
+        return here
+    state = load_checkpoint(last, mmap=True)
+    history = state.get("environments")  # absent from checkpoints of skinclf versions before it
+    if not history:
+        return here
+    before = {key: value for key, value in history[-1].items() if key != "from_epoch"}
+    if before == environment:
+        return history
+    changed = [
+        f"{key} {before.get(key)!r} -> {environment.get(key)!r}"
+        for key in environment
+        if before.get(key) != environment.get(key)
+    ]
+    log.warning(
+        f"{last}: epochs {history[-1]['from_epoch']}-{state['epoch']} trained in another environment "
+        f"({'; '.join(changed)}): the run's numbers are not those of an uninterrupted run in either "
+        f"({TEST_METRICS} lists both)"
+    )
+    return [*history, {"from_epoch": state["epoch"] + 1, **environment}]
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -199,6 +227,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     target = target_sensitivity(cfg)
     torch.manual_seed(settings.seed)
     environment = log_setup(cfg, device, settings)
+    environments = environment_history(out_dir / LAST_CHECKPOINT, environment, bool(cfg.resume))
 
     with progress_mode(settings.progress):  # decoding a folder dataset's images
         splits = load_splits(cfg.data)
@@ -213,7 +242,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         settings,
         device,
         out_dir,
-        extra_state={"config": config, "precision": precision},
+        extra_state={"config": config, "precision": precision, "environments": environments},
         resume=bool(cfg.resume),
         checkpoint_model=model,
         data_hash=content_hash(splits.train, splits.val),
@@ -240,8 +269,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "data": splits.name,
         **data_digests(cfg, splits),
         "operating_point": {"target_sensitivity": target, "threshold": threshold},
-        # Where the run ended: a resume may have finished it on another machine than it began on.
+        # Where the run ended; a run resumed in another environment also lists each it trained in.
         "environment": environment,
+        **({"environments": environments} if len(environments) > 1 else {}),
     }
     predictions = [
         pd.DataFrame(

@@ -514,8 +514,11 @@ def _read_test_metrics(path: Path) -> dict:
     if not isinstance(test, dict):
         raise ValueError(f"{TEST_METRICS}: expected a JSON object")
     environment = test.get("environment", {})  # absent from runs made before it was recorded
-    if not (isinstance(environment, dict) and all(isinstance(v, str) for v in environment.values())):
-        raise ValueError(f"{TEST_METRICS}: environment is {environment!r}; expected an object of strings")
+    # Strings, and channels_last's true/false.
+    if not (isinstance(environment, dict) and all(isinstance(v, str | bool) for v in environment.values())):
+        raise ValueError(
+            f"{TEST_METRICS}: environment is {environment!r}; expected an object of strings and true/false"
+        )
     if "best_epoch" in test:  # the tested checkpoint, which Table 1 reports (runs.csv too)
         epoch, val_acc = test["best_epoch"], test.get("best_val_acc")
         if not (_is_count(epoch) and epoch >= 1 and _is_fraction(val_acc)):

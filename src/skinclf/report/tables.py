@@ -54,7 +54,7 @@ def run_metrics(run: Run) -> dict:
 
 
 # Of a run's recorded environment (test_metrics.json), what runs.csv shows.
-ENVIRONMENT_COLUMNS = ("torch", "machine")
+ENVIRONMENT_COLUMNS = ("source", "torch", "machine")
 
 
 def runs_table(runs: list[Run]) -> pd.DataFrame:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import platform
 from collections.abc import Callable, Mapping
-from functools import lru_cache
+from functools import cache, lru_cache
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -97,18 +99,40 @@ def run_environment(device: torch.device) -> dict[str, str]:
     decide its numbers and the machine that decides its speed (metrics.csv's seconds)."""
     return {
         "skinclf": __version__,
-        "torch": torch.__version__,
+        "source": source_digest(),
+        "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
         "python": platform.python_version(),
         "machine": describe_machine(device),
     }
 
 
 def describe_environment(environment: Mapping[str, str]) -> str:
-    """:func:`run_environment`'s record as one line: "skinclf 0.1.0, torch 2.6.0, Python 3.12.3; MACHINE"."""
+    """:func:`run_environment`'s record as one line:
+    "skinclf 0.1.0 (source 0123456789ab), torch 2.6.0, Python 3.12.3; MACHINE"."""
     return (
-        f"skinclf {environment['skinclf']}, torch {environment['torch']}, Python {environment['python']}; "
-        f"{environment['machine']}"
+        f"skinclf {environment['skinclf']} (source {environment['source']}), torch {environment['torch']}, "
+        f"Python {environment['python']}; {environment['machine']}"
     )
+
+
+@cache
+def source_digest() -> str:
+    """The first 12 hex digits of a SHA-256 over skinclf's own code and configs: each .py and .yaml
+    file's path inside the package and its bytes. The version number stays the same between
+    changes; this tells the code that produced a run apart, installed or editable (where the
+    configs lie outside the package, in the checkout's conf/)."""
+    digest = hashlib.sha256()
+    for package in ("skinclf", "skinclf.conf"):
+        root = Path(str(files(package)))
+        for path in sorted(root.rglob("*")):
+            relative = path.relative_to(root)
+            # An installed package holds its configs in skinclf/conf: they count as skinclf.conf.
+            if path.suffix not in (".py", ".yaml") or (package == "skinclf" and relative.parts[0] == "conf"):
+                continue
+            digest.update(f"{package}/{relative.as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
+    return digest.hexdigest()[:12]
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
