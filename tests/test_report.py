@@ -181,6 +181,17 @@ def test_table1_has_every_number_of_the_runs(sweep, tmp_path):
     assert not [p for p in (tmp_path / "reports").iterdir() if p.name.startswith(".")], "staging left behind"
 
 
+def test_a_report_of_the_same_runs_is_the_same_bytes_whenever_it_is_made(sweep, tmp_path, monkeypatch):
+    # A reviewer diffing two reports sees only what changed in the runs: no creation date in the
+    # PDF (matplotlib writes today's, or SOURCE_DATE_EPOCH's, unless told not to).
+    reports = []
+    for epoch in ("0", "1700000000"):
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", epoch)
+        build_report([sweep], tmp_path / epoch)
+        reports.append({p.name: p.read_bytes() for p in sorted((tmp_path / epoch).iterdir())})
+    assert "curves.pdf" in reports[0] and reports[0] == reports[1]
+
+
 def test_runs_csv_lists_unfinished_and_failed_runs(sweep, tmp_path):
     [res_aug] = sweep.rglob("res_aug_*/test_metrics.json")
     recorded = json.loads(res_aug.read_text())

@@ -70,7 +70,8 @@ def build_report(dirs: Sequence[Path], out: Path) -> tuple[list[Run], list[Path]
             (staging / "table1.tex").write_text(table1_latex(table, groups, runs), encoding="utf-8")
             curves = curves_figure(groups)
             curves.savefig(staging / "curves.png", dpi=DPI)
-            curves.savefig(staging / "curves.pdf")
+            # No creation date: the same runs give the same bytes, whenever the report is made.
+            curves.savefig(staging / "curves.pdf", metadata={"CreationDate": None})
             if not confusion.empty:
                 confusion.to_csv(staging / "confusion_matrix.csv", index=False, errors=FILE_NAME_ERRORS)
                 confusion_figure(confusion).savefig(staging / "confusion_matrix.png", dpi=DPI)
