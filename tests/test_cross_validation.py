@@ -22,6 +22,7 @@ from skinclf.sweep import cross_validation
 from skinclf.sweep.cross_validation import cross_validate, stratified_folds
 from skinclf.sweep.grid import format_grid, rank_grid, write_grid
 from skinclf.training import loop
+from skinclf.training.hardware import source_digest
 
 from conftest import train_cli
 
@@ -199,6 +200,10 @@ def test_cross_validation_trains_on_training_folds_only(
     assert result["mean_val_acc"] == pytest.approx(np.mean(fold_accs))
     assert result["std_val_acc"] == pytest.approx(np.std(fold_accs))
     assert not list(out.glob("fold_*/*.pt")), "fold checkpoints are dropped once the fold is done"
+    # What produced the numbers, recorded as a run's test_metrics.json records it.
+    assert result["environment"]["source"] == source_digest() and "precision" in result["environment"]
+    for fold_result in sorted(out.glob(f"fold_*/{FOLD_RESULT}")):
+        assert json.loads(fold_result.read_text())["environment"] == result["environment"]
     assert (out / "fold_0" / "metrics.csv").exists()
 
     # A resumed grid point reuses its finished folds instead of training them again.
@@ -276,6 +281,7 @@ def _fake_point(sweep: Path, name: str, overrides: list[str], accs: list[float],
         "lr": lr,
         "seed": 0,
         "n_train": 100,
+        "environment": {"source": "0123456789ab", "machine": "a CPU, 2 threads", "channels_last": True},
     }
     (job / CV_RESULT).write_text(json.dumps(result))
 
@@ -297,7 +303,8 @@ def test_grid_summary_ranks_points_by_mean_then_std(tmp_path: Path) -> None:
 
     write_grid(tmp_path)
     assert (tmp_path / GRID_MD).read_text().count("\n| ") == 4  # separator + 3 points
-    assert len((tmp_path / GRID_CSV).read_text().strip().splitlines()) == 4
+    grid = pd.read_csv(tmp_path / GRID_CSV)
+    assert len(grid) == 3 and "environment" not in grid  # each point's own record keeps it
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")

@@ -1063,7 +1063,12 @@ DAMAGED_FILES = [
     (
         "test_metrics.json",
         lambda p: _set_key(p, "environment", {"torch": 2}),
-        "environment is {'torch': 2}; expected an object of strings and true/false",
+        "environment is {'torch': 2}; expected an object of strings (channels_last: true or false)",
+    ),
+    (
+        "test_metrics.json",
+        lambda p: _set_key(p, "environment", {"source": True}),
+        "environment is {'source': True}; expected an object of strings",
     ),
     ("test_metrics.json", lambda p: _set_key(p, "best_epoch", 0), "best_epoch=0, best_val_acc="),
     ("test_metrics.json", lambda p: _set_key(p, "best_val_acc", 87.5), "best_val_acc=87.5; expected"),

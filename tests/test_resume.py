@@ -141,6 +141,44 @@ def test_a_resume_in_another_environment_is_said_and_recorded(
     assert resumed["machine"] == "a CPU, 1 thread" and resumed["precision"] == began["precision"]
 
 
+def _interrupted_after_two_epochs(out: Path, overrides: list[str], monkeypatch, environments) -> None:
+    """A run stopped after epoch 2, its last.pt's record of environments replaced (``...``: removed,
+    as an older skinclf wrote it)."""
+    monkeypatch.setattr(loop, "_write_metrics", _crash_once_metrics_have(2))
+    with pytest.raises(_Crash):
+        run(compose_config(overrides), out)
+    monkeypatch.undo()
+    state = load_checkpoint(out / "last.pt")
+    state.pop("environments")
+    if environments is not ...:
+        state["environments"] = environments
+    torch.save(state, out / "last.pt")
+
+
+def test_epochs_an_older_skinclf_trained_are_recorded_as_of_an_unknown_environment(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    overrides = in_process(shared_data_dir)
+    _interrupted_after_two_epochs(tmp_path, overrides, monkeypatch, ...)
+    with caplog.at_level(logging.WARNING, logger="skinclf"):
+        run(compose_config([*overrides, "resume=true"]), tmp_path)
+    assert "epochs 1-2 were trained by a skinclf that did not record their environment" in caplog.text
+    recorded = json.loads((tmp_path / "test_metrics.json").read_text())
+    unknown, resumed = recorded["environments"]
+    assert unknown == {"from_epoch": 1, "unknown": True}
+    assert resumed == {"from_epoch": 3, **recorded["environment"]}
+
+
+@pytest.mark.parametrize("environments", ["abc", [1], [{"machine": "a CPU"}], [{"from_epoch": 1, "x": [1]}]])
+def test_a_damaged_record_of_environments_is_one_error_naming_the_checkpoint(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch, environments
+) -> None:
+    overrides = in_process(shared_data_dir)
+    _interrupted_after_two_epochs(tmp_path, overrides, monkeypatch, environments)
+    with pytest.raises(SkinclfError, match="last.pt: its epoch or record of environments is damaged"):
+        run(compose_config([*overrides, "resume=true"]), tmp_path)
+
+
 def test_a_last_checkpoint_without_the_schedule_this_recipe_needs_is_one_error(
     tmp_path: Path, shared_data_dir: Path
 ) -> None:

@@ -5,6 +5,7 @@ import json
 import logging
 import time
 import types
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -186,9 +187,16 @@ def test_the_source_digest_tells_code_apart_however_it_is_installed(tmp_path, mo
     editable = _package(tmp_path / "checkout", conf_inside=False)
     first = digest(installed)
     assert len(first) == 12 and digest(editable) == first
+    # Imported from a zip (zipimport): the same files, read through importlib.resources.
+    with zipfile.ZipFile(tmp_path / "skinclf.zip", "w") as archive:
+        for path in sorted((tmp_path / "site").rglob("*.*")):
+            archive.write(path, path.relative_to(tmp_path / "site").as_posix())
+    zipped = zipfile.Path(tmp_path / "skinclf.zip")
+    assert digest({"skinclf": zipped / "skinclf/", "skinclf.conf": zipped / "skinclf/conf/"}) == first
     (installed["skinclf"] / "__pycache__").mkdir()
     (installed["skinclf"] / "__pycache__" / "train.cpython-311.pyc").write_bytes(b"compiled")
-    assert digest(installed) == first  # compiled files and other files are no source
+    (installed["skinclf"] / ".#train.py").symlink_to("user@host.1234:1")  # an editor's lock: dangling
+    assert digest(installed) == first  # compiled, hidden and other files are no source
     (installed["skinclf.conf"] / "train.yaml").write_text("seed: 1\n")
     assert digest(installed) != first  # a config changed: other code
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import reprlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -182,8 +183,8 @@ def data_digests(cfg: DictConfig, splits: ImageSplits) -> dict[str, str]:
 
 def log_setup(cfg: DictConfig, device: torch.device, settings: LoopSettings) -> dict[str, Any]:
     """A run's (or grid point's) first log lines: what it trains, on what, in which precision and
-    layout, and the versions and machine its numbers come from (returned with the precision and
-    layout, which auto and the hardware decide, for its records)."""
+    layout, and the versions and machine its numbers come from (returned, with the precision
+    that auto picks by hardware and the layout, for its records)."""
     log.info(
         f"model={cfg.model.name} data={cfg.data.name} seed={cfg.seed} device={device} "
         f"precision={settings.precision} channels_last={settings.channels_last}"
@@ -194,29 +195,53 @@ def log_setup(cfg: DictConfig, device: torch.device, settings: LoopSettings) -> 
 
 
 def environment_history(last: Path, environment: dict[str, Any], resume: bool) -> list[dict[str, Any]]:
-    """Each environment the run trained in, with the epoch it began at (``from_epoch``): one,
-    unless a resume goes on in another (machine, thread count, versions, code), which is said."""
+    """Each environment the run (or fold) trained in, with the epoch it began at (``from_epoch``):
+    one, unless a resume from ``last`` goes on in another (machine, thread count, versions, code),
+    which is said. Epochs of a last.pt written before skinclf recorded this count as unknown."""
     here = [{"from_epoch": 1, **environment}]
     if not (resume and last.is_file()):
         return here
     state = load_checkpoint(last, mmap=True)
-    history = state.get("environments")  # absent from checkpoints of skinclf versions before it
-    if not history:
-        return here
+    epoch, history = state.get("epoch"), state.get("environments", [])
+    if not (_is_epoch(epoch) and isinstance(history, list) and all(map(_is_environment, history))):
+        raise SkinclfError(
+            f"{last}: its epoch or record of environments is damaged (epoch {reprlib.repr(epoch)}, "
+            f"environments {reprlib.repr(history)}); expected the last.pt this run wrote"
+        )
+    history = history or [{"from_epoch": 1, "unknown": True}]
     before = {key: value for key, value in history[-1].items() if key != "from_epoch"}
     if before == environment:
         return history
-    changed = [
-        f"{key} {before.get(key)!r} -> {environment.get(key)!r}"
-        for key in environment
-        if before.get(key) != environment.get(key)
-    ]
-    log.warning(
-        f"{last}: epochs {history[-1]['from_epoch']}-{state['epoch']} trained in another environment "
-        f"({'; '.join(changed)}): the run's numbers are not those of an uninterrupted run in either "
-        f"({TEST_METRICS} lists both)"
+    if "unknown" in before:
+        log.warning(
+            f"{last}: epochs 1-{epoch} were trained by a skinclf that did not record their environment: "
+            f"{TEST_METRICS} lists it as unknown"
+        )
+    else:
+        changed = [
+            f"{key} {before.get(key)!r} -> {environment.get(key)!r}"
+            for key in sorted(before.keys() | environment.keys())
+            if before.get(key) != environment.get(key)
+        ]
+        log.warning(
+            f"{last}: epochs {history[-1]['from_epoch']}-{epoch} trained in another environment "
+            f"({'; '.join(changed)}): the run's numbers are not those of an uninterrupted run in any "
+            f"one of them ({TEST_METRICS} lists each)"
+        )
+    return [*history, {"from_epoch": epoch + 1, **environment}]
+
+
+def _is_epoch(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_environment(entry: object) -> bool:
+    """An entry of a checkpoint's ``environments``: a first epoch and JSON scalars (test_metrics.json)."""
+    return (
+        isinstance(entry, dict)
+        and _is_epoch(entry.get("from_epoch"))
+        and all(isinstance(key, str) and isinstance(value, str | bool | int) for key, value in entry.items())
     )
-    return [*history, {"from_epoch": state["epoch"] + 1, **environment}]
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:

@@ -514,10 +514,13 @@ def _read_test_metrics(path: Path) -> dict:
     if not isinstance(test, dict):
         raise ValueError(f"{TEST_METRICS}: expected a JSON object")
     environment = test.get("environment", {})  # absent from runs made before it was recorded
-    # Strings, and channels_last's true/false.
-    if not (isinstance(environment, dict) and all(isinstance(v, str | bool) for v in environment.values())):
+    if not (
+        isinstance(environment, dict)
+        and all(isinstance(v, bool if k == "channels_last" else str) for k, v in environment.items())
+    ):
         raise ValueError(
-            f"{TEST_METRICS}: environment is {environment!r}; expected an object of strings and true/false"
+            f"{TEST_METRICS}: environment is {environment!r}; expected an object of strings "
+            "(channels_last: true or false)"
         )
     if "best_epoch" in test:  # the tested checkpoint, which Table 1 reports (runs.csv too)
         epoch, val_acc = test["best_epoch"], test.get("best_val_acc")

@@ -14,6 +14,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,10 +112,11 @@ def _fit_fold(
     fold_dir: Path,
     device: torch.device,
     settings: LoopSettings,
+    environment: dict[str, Any],
 ) -> float:
     """Train a fresh model on one fold; its best validation accuracy (resumable, like a run)."""
     # train.py dispatches here, so a top-level import would be circular.
-    from skinclf.train import prepare_training
+    from skinclf.train import environment_history, prepare_training
 
     done = fold_dir / FOLD_RESULT
     if cfg.resume and done.exists():
@@ -125,6 +127,7 @@ def _fit_fold(
     settings = replace(settings)
     # Exactly as a run trains, with statistics (normalisation, class weights) from the fold's
     # training part only.
+    environments = environment_history(fold_dir / LAST_CHECKPOINT, environment, bool(cfg.resume))
     model, stage = prepare_training(cfg, fold_splits, settings, device)
     config = OmegaConf.to_container(cfg, resolve=True)
     result = fit(
@@ -135,7 +138,12 @@ def _fit_fold(
         settings,
         device,
         fold_dir,
-        extra_state={"config": config, "fold": fold, "precision": settings.precision},
+        extra_state={
+            "config": config,
+            "fold": fold,
+            "precision": settings.precision,
+            "environments": environments,
+        },
         resume=bool(cfg.resume),
         checkpoint_model=model,
         data_hash=content_hash(fold_splits.train, fold_splits.val),
@@ -146,6 +154,9 @@ def _fit_fold(
             "best_val_acc": result.best_val_acc,
             "best_epoch": result.best_epoch,
             "precision": settings.precision,
+            # As a run's test_metrics.json: where the fold ended, and each it trained in if several.
+            "environment": environment,
+            **({"environments": environments} if len(environments) > 1 else {}),
         },
         done,
     )
@@ -176,7 +187,7 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     precision = run_precision(cfg, device, records)
     settings = loop_settings(cfg, precision)  # refuses bad settings before the data loads
     k, seed = number_setting(cfg, "cv.folds", int), settings.seed
-    log_setup(cfg, device, settings)
+    environment = log_setup(cfg, device, settings)
     # Keep the training split only: the test split must not take part in choosing hyperparameters
     # (the loaders decode every split; a corrupt test image still stops the grid point here).
     with progress_mode(settings.progress):  # decoding a folder dataset's images
@@ -198,6 +209,7 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
             out_dir / f"fold_{i}",
             device,
             settings,
+            environment,
         )
         for i, (tr, va) in enumerate(folds)
     ]
@@ -211,6 +223,7 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
         "lr": float(cfg.optim.lr),
         "seed": seed,
         "n_train": len(train),
+        "environment": environment,  # where the last fold ended; each fold's own in its fold_result.json
     }
     atomic_write_json(result, out_dir / CV_RESULT)
     log.info(

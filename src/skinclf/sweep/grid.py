@@ -40,7 +40,9 @@ def rank_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.Data
             unreadable.append(job)
             continue
         command = point_train_command([*folders, *overrides])
-        rows.append({"overrides": overrides, "dir": job, "train_command": command, **result})
+        # Its numbers; the environment it ran in stays in the point's own cv_result.json.
+        numbers = {key: value for key, value in result.items() if key != "environment"}
+        rows.append({"overrides": overrides, "dir": job, "train_command": command, **numbers})
     if not rows:
         return pd.DataFrame()
     # Overrides shared by every job (e.g. data.root=...) say nothing about the point: hide them.

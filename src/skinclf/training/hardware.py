@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import platform
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import cache, lru_cache
 from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import torch
@@ -120,19 +121,31 @@ def source_digest() -> str:
     """The first 12 hex digits of a SHA-256 over skinclf's own code and configs: each .py and .yaml
     file's path inside the package and its bytes. The version number stays the same between
     changes; this tells the code that produced a run apart, installed or editable (where the
-    configs lie outside the package, in the checkout's conf/)."""
+    configs lie outside the package, in the checkout's conf/), or imported from a zip. Hidden
+    files (an editor's lock file) are left out; "unknown" where the files cannot be read."""
     digest = hashlib.sha256()
-    for package in ("skinclf", "skinclf.conf"):
-        root = Path(str(files(package)))
-        for path in sorted(root.rglob("*")):
-            relative = path.relative_to(root)
+    try:
+        for package in ("skinclf", "skinclf.conf"):
             # An installed package holds its configs in skinclf/conf: they count as skinclf.conf.
-            if path.suffix not in (".py", ".yaml") or (package == "skinclf" and relative.parts[0] == "conf"):
-                continue
-            digest.update(f"{package}/{relative.as_posix()}\0".encode())
-            digest.update(path.read_bytes())
-            digest.update(b"\0")
+            skip = {"conf"} if package == "skinclf" else set()
+            for name, file in _source_files(files(package), f"{package}/", skip):
+                digest.update(f"{name}\0".encode())
+                digest.update(file.read_bytes())
+                digest.update(b"\0")
+    except OSError:
+        return "unknown"
     return digest.hexdigest()[:12]
+
+
+def _source_files(folder: Traversable, prefix: str, skip: set[str]) -> Iterator[tuple[str, Traversable]]:
+    """The .py and .yaml files under ``folder`` in name order, with their paths from the package."""
+    for entry in sorted(folder.iterdir(), key=lambda entry: entry.name):
+        if entry.name.startswith(".") or entry.name in skip:
+            continue
+        if entry.is_dir():
+            yield from _source_files(entry, f"{prefix}{entry.name}/", set())
+        elif entry.is_file() and entry.name.endswith((".py", ".yaml")):
+            yield f"{prefix}{entry.name}", entry
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
