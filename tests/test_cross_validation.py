@@ -211,6 +211,15 @@ def test_cross_validation_trains_on_training_folds_only(
     cfg.resume = True
     assert cross_validate(cfg, out) == result
     assert calls == []
+    # ... and says so where a fold it reuses trained in another environment than this launch's.
+    fold_1 = out / "fold_1" / FOLD_RESULT
+    elsewhere = {**result["environment"], "machine": "a CPU, 1 thread"}
+    fold_1.write_text(json.dumps({**json.loads(fold_1.read_text()), "environment": elsewhere}))
+    with caplog.at_level(logging.WARNING):
+        mixed = cross_validate(cfg, out)
+    assert "folds 1 trained in another environment than this one" in caplog.text
+    here = result["environment"]
+    assert mixed == {**result, "fold_environments": [here, elsewhere, here]}
 
 
 def test_a_resumed_grid_point_keeps_the_precision_auto_picked_when_it_began(

@@ -169,6 +169,26 @@ def test_epochs_an_older_skinclf_trained_are_recorded_as_of_an_unknown_environme
     assert resumed == {"from_epoch": 3, **recorded["environment"]}
 
 
+def test_a_resume_elsewhere_with_no_epoch_left_says_that_only_the_test_runs_there(
+    tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    overrides = in_process(shared_data_dir)  # 3 epochs: stopped after the last, before the test
+    real_environment = train.run_environment
+    monkeypatch.setattr(loop, "_write_metrics", _crash_once_metrics_have(3))
+    with pytest.raises(_Crash):
+        run(compose_config(overrides), tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        train, "run_environment", lambda device: {**real_environment(device), "machine": "a CPU, 1 thread"}
+    )
+    with caplog.at_level(logging.WARNING, logger="skinclf"):
+        run(compose_config([*overrides, "resume=true"]), tmp_path)
+    assert "epochs 1-3 trained in another environment (machine " in caplog.text
+    assert "only the test runs in this one" in caplog.text and "uninterrupted" not in caplog.text
+    recorded = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert [entry["from_epoch"] for entry in recorded["environments"]] == [1, 4]  # 4: tested only
+
+
 @pytest.mark.parametrize("environments", ["abc", [1], [{"machine": "a CPU"}], [{"from_epoch": 1, "x": [1]}]])
 def test_a_damaged_record_of_environments_is_one_error_naming_the_checkpoint(
     tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch, environments

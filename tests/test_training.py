@@ -196,7 +196,8 @@ def test_the_source_digest_tells_code_apart_however_it_is_installed(tmp_path, mo
     (installed["skinclf"] / "__pycache__").mkdir()
     (installed["skinclf"] / "__pycache__" / "train.cpython-311.pyc").write_bytes(b"compiled")
     (installed["skinclf"] / ".#train.py").symlink_to("user@host.1234:1")  # an editor's lock: dangling
-    assert digest(installed) == first  # compiled, hidden and other files are no source
+    (installed["skinclf"] / "loop").symlink_to(".")  # followed, a link up the tree never ends
+    assert digest(installed) == first  # compiled, hidden and linked files are no source
     (installed["skinclf.conf"] / "train.yaml").write_text("seed: 1\n")
     assert digest(installed) != first  # a config changed: other code
 

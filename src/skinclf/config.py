@@ -147,6 +147,11 @@ def is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_count(value: object) -> bool:
+    """A whole number >= 0 (an int, not a bool): an epoch, a count of images in a record."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def number_option(key: str, value: object, ok: Callable[[float], bool], expected: str) -> float:
     """Option ``key`` as a float, or a SkinclfError naming it: a string or inf must not reach
     ``float()`` or the comparisons (a ValueError traceback, or a NaN batch)."""

@@ -31,6 +31,7 @@ from skinclf.config import (
     grid_search_without_folds,
     instantiate_config,
     interpolated_strings,
+    is_count,
     number_setting,
 )
 from skinclf.data import ImageSplits, load_splits
@@ -50,7 +51,7 @@ from skinclf.sweep.cross_validation import cross_validate
 from skinclf.training.allocator import keep_freed_memory
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import describe_environment, resolve_device, resolve_precision, run_environment
-from skinclf.training.loop import LoopSettings, evaluate, fit
+from skinclf.training.loop import EarlyStopping, LoopSettings, evaluate, fit
 from skinclf.training.progress import PROGRESS_MODES, progress_mode
 from skinclf.training.recipe import Recipe
 
@@ -194,16 +195,21 @@ def log_setup(cfg: DictConfig, device: torch.device, settings: LoopSettings) -> 
     return {**environment, "precision": settings.precision, "channels_last": settings.channels_last}
 
 
-def environment_history(last: Path, environment: dict[str, Any], resume: bool) -> list[dict[str, Any]]:
+def environment_history(
+    last: Path, environment: dict[str, Any], resume: bool, max_epochs: int
+) -> list[dict[str, Any]]:
     """Each environment the run (or fold) trained in, with the epoch it began at (``from_epoch``):
     one, unless a resume from ``last`` goes on in another (machine, thread count, versions, code),
-    which is said. Epochs of a last.pt written before skinclf recorded this count as unknown."""
+    which is said; one that begins after the last epoch only tests. Epochs of a last.pt written
+    before skinclf recorded this count as unknown."""
     here = [{"from_epoch": 1, **environment}]
     if not (resume and last.is_file()):
         return here
     state = load_checkpoint(last, mmap=True)
     epoch, history = state.get("epoch"), state.get("environments", [])
-    if not (_is_epoch(epoch) and isinstance(history, list) and all(map(_is_environment, history))):
+    if not (
+        is_count(epoch) and epoch >= 1 and isinstance(history, list) and all(map(_is_environment, history))
+    ):
         raise SkinclfError(
             f"{last}: its epoch or record of environments is damaged (epoch {reprlib.repr(epoch)}, "
             f"environments {reprlib.repr(history)}); expected the last.pt this run wrote"
@@ -212,10 +218,18 @@ def environment_history(last: Path, environment: dict[str, Any], resume: bool) -
     before = {key: value for key, value in history[-1].items() if key != "from_epoch"}
     if before == environment:
         return history
+    trained = f"epochs {history[-1]['from_epoch']}-{epoch}"
+    if epoch >= max_epochs or _stopped_early(state):
+        consequence = f"only the test runs in this one ({TEST_METRICS} lists both)"
+    else:
+        consequence = (
+            f"the run's numbers are not those of an uninterrupted run in any one of them ({TEST_METRICS} "
+            "lists each)"
+        )
     if "unknown" in before:
         log.warning(
-            f"{last}: epochs 1-{epoch} were trained by a skinclf that did not record their environment: "
-            f"{TEST_METRICS} lists it as unknown"
+            f"{last}: {trained} were trained by a skinclf that did not record their environment; "
+            f"{consequence}"
         )
     else:
         changed = [
@@ -223,23 +237,24 @@ def environment_history(last: Path, environment: dict[str, Any], resume: bool) -
             for key in sorted(before.keys() | environment.keys())
             if before.get(key) != environment.get(key)
         ]
-        log.warning(
-            f"{last}: epochs {history[-1]['from_epoch']}-{epoch} trained in another environment "
-            f"({'; '.join(changed)}): the run's numbers are not those of an uninterrupted run in any "
-            f"one of them ({TEST_METRICS} lists each)"
-        )
+        log.warning(f"{last}: {trained} trained in another environment ({'; '.join(changed)}): {consequence}")
     return [*history, {"from_epoch": epoch + 1, **environment}]
 
 
-def _is_epoch(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _stopped_early(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint's early stopping had already ended its training (no epoch left)."""
+    try:
+        return EarlyStopping(**state["early_stopping"]).should_stop
+    except (KeyError, TypeError):  # damaged: the loop's own resume names the problem
+        return False
 
 
 def _is_environment(entry: object) -> bool:
     """An entry of a checkpoint's ``environments``: a first epoch and JSON scalars (test_metrics.json)."""
     return (
         isinstance(entry, dict)
-        and _is_epoch(entry.get("from_epoch"))
+        and is_count(entry.get("from_epoch"))
+        and entry["from_epoch"] >= 1
         and all(isinstance(key, str) and isinstance(value, str | bool | int) for key, value in entry.items())
     )
 
@@ -252,7 +267,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     target = target_sensitivity(cfg)
     torch.manual_seed(settings.seed)
     environment = log_setup(cfg, device, settings)
-    environments = environment_history(out_dir / LAST_CHECKPOINT, environment, bool(cfg.resume))
+    environments = environment_history(
+        out_dir / LAST_CHECKPOINT, environment, bool(cfg.resume), settings.max_epochs
+    )
 
     with progress_mode(settings.progress):  # decoding a folder dataset's images
         splits = load_splits(cfg.data)
@@ -278,8 +295,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     best = load_checkpoint(out_dir / BEST_CHECKPOINT, mmap=True)
     if best["epoch"] != result.best_epoch:
         # The interrupted attempt wrote best.pt after the checkpoint the resume started from, and
-        # no redone epoch beat that checkpoint's best: possible only where kernels do not repeat
-        # exactly (GPU). The metrics describe the weights that are tested.
+        # no redone epoch beat that checkpoint's best: possible where the redone epochs do not
+        # repeat exactly (a GPU's kernels; another thread count). The metrics describe the weights
+        # that are tested, which best.pt's own record of environments names (environments lists
+        # the epochs as metrics.csv has them).
         log.warning(
             f"{BEST_CHECKPOINT} is from epoch {best['epoch']} of the interrupted attempt, which the "
             f"redone epochs did not reproduce (their best: epoch {result.best_epoch}); testing it"

@@ -28,7 +28,7 @@ import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from skinclf.config import ABSENT, compose_config, composed_or_none, number_setting, override_key
+from skinclf.config import ABSENT, compose_config, composed_or_none, is_count, number_setting, override_key
 from skinclf.errors import SkinclfError, counted, first_line
 from skinclf.evaluation.metrics import scores_from_confusion
 from skinclf.io import readable
@@ -524,13 +524,13 @@ def _read_test_metrics(path: Path) -> dict:
         )
     if "best_epoch" in test:  # the tested checkpoint, which Table 1 reports (runs.csv too)
         epoch, val_acc = test["best_epoch"], test.get("best_val_acc")
-        if not (_is_count(epoch) and epoch >= 1 and _is_fraction(val_acc)):
+        if not (is_count(epoch) and epoch >= 1 and _is_fraction(val_acc)):
             raise ValueError(
                 f"{TEST_METRICS}: best_epoch={epoch!r}, best_val_acc={val_acc!r}; expected an epoch "
                 "number and a fraction in [0, 1]"
             )
     n_test = test.get("n_test", 0)  # absent: a run without a test split, from before n_test existed
-    if not _is_count(n_test):
+    if not is_count(n_test):
         raise ValueError(f"{TEST_METRICS}: n_test is {n_test!r}; expected a whole number of test images")
     if not n_test:
         return test
@@ -545,7 +545,7 @@ def _read_test_metrics(path: Path) -> dict:
     confusion = test["confusion"]
     if not (
         isinstance(confusion, dict)
-        and all(_is_count(confusion.get(cell)) for cell in CONFUSION_CELLS)
+        and all(is_count(confusion.get(cell)) for cell in CONFUSION_CELLS)
         and sum(confusion[cell] for cell in CONFUSION_CELLS) == n_test
     ):
         raise ValueError(
@@ -560,10 +560,6 @@ def _read_test_metrics(path: Path) -> dict:
                 f"{expected:.6g}; expected the file skinclf train wrote (one number edited, or a torn copy?)"
             )
     return test
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_number(value: object) -> bool:

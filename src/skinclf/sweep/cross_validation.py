@@ -125,9 +125,11 @@ def _fit_fold(
     torch.manual_seed(int(cfg.seed))
     # A copy: prepare_training sets the fold's own class weights on it.
     settings = replace(settings)
+    environments = environment_history(
+        fold_dir / LAST_CHECKPOINT, environment, bool(cfg.resume), settings.max_epochs
+    )
     # Exactly as a run trains, with statistics (normalisation, class weights) from the fold's
     # training part only.
-    environments = environment_history(fold_dir / LAST_CHECKPOINT, environment, bool(cfg.resume))
     model, stage = prepare_training(cfg, fold_splits, settings, device)
     config = OmegaConf.to_container(cfg, resolve=True)
     result = fit(
@@ -166,6 +168,13 @@ def _fit_fold(
         (fold_dir / name).unlink(missing_ok=True)
     log.info(f"fold {fold}: best validation accuracy {result.best_val_acc:.4f} (epoch {result.best_epoch})")
     return result.best_val_acc
+
+
+def _fold_environment(done: Path) -> dict[str, Any] | list[dict[str, Any]] | None:
+    """What a finished fold trained in: its environments where several, else its environment;
+    None where its record holds neither (written before skinclf recorded them)."""
+    record = json.loads(done.read_text())
+    return record.get("environments", record.get("environment"))
 
 
 def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
@@ -213,6 +222,15 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
         )
         for i, (tr, va) in enumerate(folds)
     ]
+    # Folds an earlier launch finished keep the environment they trained in: a mean over folds of
+    # several environments is said, as a run resumed in another is.
+    fold_environments = [_fold_environment(out_dir / f"fold_{i}" / FOLD_RESULT) for i in range(k)]
+    others = [str(i) for i, recorded in enumerate(fold_environments) if recorded != environment]
+    if others:
+        log.warning(
+            f"folds {', '.join(others)} trained in another environment than this one, or in several, "
+            f"or in one not recorded: the mean mixes them ({CV_RESULT} lists each fold's)"
+        )
     result = {
         "folds": k,
         "fold_val_acc": accs,
@@ -223,7 +241,9 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
         "lr": float(cfg.optim.lr),
         "seed": seed,
         "n_train": len(train),
-        "environment": environment,  # where the last fold ended; each fold's own in its fold_result.json
+        # Where this launch ran; each fold's own where the folds' differ (None: not recorded).
+        "environment": environment,
+        **({"fold_environments": fold_environments} if others else {}),
     }
     atomic_write_json(result, out_dir / CV_RESULT)
     log.info(

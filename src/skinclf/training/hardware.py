@@ -122,7 +122,8 @@ def source_digest() -> str:
     file's path inside the package and its bytes. The version number stays the same between
     changes; this tells the code that produced a run apart, installed or editable (where the
     configs lie outside the package, in the checkout's conf/), or imported from a zip. Hidden
-    files (an editor's lock file) are left out; "unknown" where the files cannot be read."""
+    files (an editor's lock file) and symlinks are left out; "unknown" where the files cannot be
+    read."""
     digest = hashlib.sha256()
     try:
         for package in ("skinclf", "skinclf.conf"):
@@ -138,9 +139,12 @@ def source_digest() -> str:
 
 
 def _source_files(folder: Traversable, prefix: str, skip: set[str]) -> Iterator[tuple[str, Traversable]]:
-    """The .py and .yaml files under ``folder`` in name order, with their paths from the package."""
+    """The .py and .yaml files under ``folder`` in name order, with their paths from the package.
+    Symlinks are not followed: a link back up the tree would walk it again and again."""
     for entry in sorted(folder.iterdir(), key=lambda entry: entry.name):
-        if entry.name.startswith(".") or entry.name in skip:
+        # zipfile.Path has is_symlink only from Python 3.12; a zip holds none.
+        linked = getattr(entry, "is_symlink", None)
+        if entry.name.startswith(".") or entry.name in skip or (linked is not None and linked()):
             continue
         if entry.is_dir():
             yield from _source_files(entry, f"{prefix}{entry.name}/", set())
