@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import skinclf
-from skinclf.training.hardware import describe_environment, run_environment
+from skinclf.training.environment import describe_environment, run_environment
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 

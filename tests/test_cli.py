@@ -38,7 +38,7 @@ from skinclf.train_arguments import (
     check_override_keys,
     overrides_together,
 )
-from skinclf.training.hardware import source_digest
+from skinclf.training.environment import source_digest
 from skinclf.training.loop import METRICS_COLUMNS
 
 from conftest import MODELS_THE_META_DEVICE_CANNOT_RUN, TINY, run_dir_from_output, train_cli, users_module

@@ -22,7 +22,7 @@ from skinclf.sweep import cross_validation
 from skinclf.sweep.cross_validation import cross_validate, stratified_folds
 from skinclf.sweep.grid import format_grid, rank_grid, write_grid
 from skinclf.training import loop
-from skinclf.training.hardware import source_digest
+from skinclf.training.environment import source_digest
 
 from conftest import train_cli
 
@@ -217,9 +217,15 @@ def test_cross_validation_trains_on_training_folds_only(
     fold_1.write_text(json.dumps({**json.loads(fold_1.read_text()), "environment": elsewhere}))
     with caplog.at_level(logging.WARNING):
         mixed = cross_validate(cfg, out)
-    assert "folds 1 trained in another environment than this one" in caplog.text
+    assert "fold 1 trained in another environment than this one" in caplog.text
     here = result["environment"]
     assert mixed == {**result, "fold_environments": [here, elsewhere, here]}
+    # A fold an older skinclf finished, which recorded none, counts as of an unknown environment.
+    fold_2 = out / "fold_2" / FOLD_RESULT
+    recorded = json.loads(fold_2.read_text())
+    fold_2.write_text(json.dumps({key: value for key, value in recorded.items() if key != "environment"}))
+    assert cross_validate(cfg, out)["fold_environments"] == [here, elsewhere, {"unknown": True}]
+    assert "folds 1, 2 trained in another environment" in caplog.text
 
 
 def test_a_resumed_grid_point_keeps_the_precision_auto_picked_when_it_began(

@@ -132,7 +132,7 @@ def test_a_resume_in_another_environment_is_said_and_recorded(
     monkeypatch.setattr(train, "run_environment", lambda device: one_thread)
     with caplog.at_level(logging.WARNING, logger="skinclf"):
         run(compose_config([*overrides, "resume=true"]), tmp_path)
-    assert "epochs 1-2 trained in another environment (machine " in caplog.text
+    assert "epochs 1-2 were trained in another environment (machine " in caplog.text
     recorded = json.loads((tmp_path / "test_metrics.json").read_text())
     began, resumed = recorded["environments"]
     assert (began["from_epoch"], resumed["from_epoch"]) == (1, 3)
@@ -162,7 +162,7 @@ def test_epochs_an_older_skinclf_trained_are_recorded_as_of_an_unknown_environme
     _interrupted_after_two_epochs(tmp_path, overrides, monkeypatch, ...)
     with caplog.at_level(logging.WARNING, logger="skinclf"):
         run(compose_config([*overrides, "resume=true"]), tmp_path)
-    assert "epochs 1-2 were trained by a skinclf that did not record their environment" in caplog.text
+    assert "epochs 1-2 were trained by a skinclf that did not record where" in caplog.text
     recorded = json.loads((tmp_path / "test_metrics.json").read_text())
     unknown, resumed = recorded["environments"]
     assert unknown == {"from_epoch": 1, "unknown": True}
@@ -183,7 +183,7 @@ def test_a_resume_elsewhere_with_no_epoch_left_says_that_only_the_test_runs_ther
     )
     with caplog.at_level(logging.WARNING, logger="skinclf"):
         run(compose_config([*overrides, "resume=true"]), tmp_path)
-    assert "epochs 1-3 trained in another environment (machine " in caplog.text
+    assert "epochs 1-3 were trained in another environment (machine " in caplog.text
     assert "only the test runs in this one" in caplog.text and "uninterrupted" not in caplog.text
     recorded = json.loads((tmp_path / "test_metrics.json").read_text())
     assert [entry["from_epoch"] for entry in recorded["environments"]] == [1, 4]  # 4: tested only

@@ -19,6 +19,7 @@ from skinclf.data.pipeline import DefaultPipeline
 from skinclf.data.splits import Split, content_hash
 from skinclf.errors import SkinclfError
 from skinclf.models import build_model
+from skinclf.training import environment as environment_module
 from skinclf.training import hardware, loop
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import describe_machine, resolve_device
@@ -178,11 +179,11 @@ def _package(root, conf_inside: bool):
 
 def test_the_source_digest_tells_code_apart_however_it_is_installed(tmp_path, monkeypatch, request):
     def digest(folders):
-        monkeypatch.setattr(hardware, "files", folders.get)
-        hardware.source_digest.cache_clear()
-        return hardware.source_digest()
+        monkeypatch.setattr(environment_module, "files", folders.get)
+        environment_module.source_digest.cache_clear()
+        return environment_module.source_digest()
 
-    request.addfinalizer(hardware.source_digest.cache_clear)  # the real package's digest again
+    request.addfinalizer(environment_module.source_digest.cache_clear)  # the real package's digest again
     installed = _package(tmp_path / "site", conf_inside=True)
     editable = _package(tmp_path / "checkout", conf_inside=False)
     first = digest(installed)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import reprlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from skinclf.config import (
     grid_search_without_folds,
     instantiate_config,
     interpolated_strings,
-    is_count,
     number_setting,
 )
 from skinclf.data import ImageSplits, load_splits
@@ -50,8 +48,9 @@ from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
 from skinclf.training.allocator import keep_freed_memory
 from skinclf.training.checkpoint import load_checkpoint
-from skinclf.training.hardware import describe_environment, resolve_device, resolve_precision, run_environment
-from skinclf.training.loop import EarlyStopping, LoopSettings, evaluate, fit
+from skinclf.training.environment import describe_environment, environment_history, run_environment
+from skinclf.training.hardware import resolve_device, resolve_precision
+from skinclf.training.loop import LoopSettings, evaluate, fit
 from skinclf.training.progress import PROGRESS_MODES, progress_mode
 from skinclf.training.recipe import Recipe
 
@@ -195,70 +194,6 @@ def log_setup(cfg: DictConfig, device: torch.device, settings: LoopSettings) -> 
     return {**environment, "precision": settings.precision, "channels_last": settings.channels_last}
 
 
-def environment_history(
-    last: Path, environment: dict[str, Any], resume: bool, max_epochs: int
-) -> list[dict[str, Any]]:
-    """Each environment the run (or fold) trained in, with the epoch it began at (``from_epoch``):
-    one, unless a resume from ``last`` goes on in another (machine, thread count, versions, code),
-    which is said; one that begins after the last epoch only tests. Epochs of a last.pt written
-    before skinclf recorded this count as unknown."""
-    here = [{"from_epoch": 1, **environment}]
-    if not (resume and last.is_file()):
-        return here
-    state = load_checkpoint(last, mmap=True)
-    epoch, history = state.get("epoch"), state.get("environments", [])
-    if not (
-        is_count(epoch) and epoch >= 1 and isinstance(history, list) and all(map(_is_environment, history))
-    ):
-        raise SkinclfError(
-            f"{last}: its epoch or record of environments is damaged (epoch {reprlib.repr(epoch)}, "
-            f"environments {reprlib.repr(history)}); expected the last.pt this run wrote"
-        )
-    history = history or [{"from_epoch": 1, "unknown": True}]
-    before = {key: value for key, value in history[-1].items() if key != "from_epoch"}
-    if before == environment:
-        return history
-    trained = f"epochs {history[-1]['from_epoch']}-{epoch}"
-    if epoch >= max_epochs or _stopped_early(state):
-        consequence = f"only the test runs in this one ({TEST_METRICS} lists both)"
-    else:
-        consequence = (
-            f"the run's numbers are not those of an uninterrupted run in any one of them ({TEST_METRICS} "
-            "lists each)"
-        )
-    if "unknown" in before:
-        log.warning(
-            f"{last}: {trained} were trained by a skinclf that did not record their environment; "
-            f"{consequence}"
-        )
-    else:
-        changed = [
-            f"{key} {before.get(key)!r} -> {environment.get(key)!r}"
-            for key in sorted(before.keys() | environment.keys())
-            if before.get(key) != environment.get(key)
-        ]
-        log.warning(f"{last}: {trained} trained in another environment ({'; '.join(changed)}): {consequence}")
-    return [*history, {"from_epoch": epoch + 1, **environment}]
-
-
-def _stopped_early(state: dict[str, Any]) -> bool:
-    """Whether a checkpoint's early stopping had already ended its training (no epoch left)."""
-    try:
-        return EarlyStopping(**state["early_stopping"]).should_stop
-    except (KeyError, TypeError):  # damaged: the loop's own resume names the problem
-        return False
-
-
-def _is_environment(entry: object) -> bool:
-    """An entry of a checkpoint's ``environments``: a first epoch and JSON scalars (test_metrics.json)."""
-    return (
-        isinstance(entry, dict)
-        and is_count(entry.get("from_epoch"))
-        and entry["from_epoch"] >= 1
-        and all(isinstance(key, str) and isinstance(value, str | bool | int) for key, value in entry.items())
-    )
-
-
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Train and test one combination; writes the run files into ``out_dir`` and returns the test metrics."""
     device = resolve_device(str(cfg.device))
@@ -268,7 +203,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(settings.seed)
     environment = log_setup(cfg, device, settings)
     environments = environment_history(
-        out_dir / LAST_CHECKPOINT, environment, bool(cfg.resume), settings.max_epochs
+        out_dir / LAST_CHECKPOINT, environment, bool(cfg.resume), settings.max_epochs, TEST_METRICS
     )
 
     with progress_mode(settings.progress):  # decoding a folder dataset's images

@@ -26,6 +26,7 @@ from skinclf.data.splits import content_hash
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_write_json
 from skinclf.run_files import BEST_CHECKPOINT, CV_RESULT, FOLD_RESULT, FOLDS_RECORD, LAST_CHECKPOINT
+from skinclf.training.environment import UNKNOWN, environment_history
 from skinclf.training.hardware import resolve_device
 from skinclf.training.loop import LoopSettings, fit
 from skinclf.training.progress import progress_mode
@@ -116,7 +117,7 @@ def _fit_fold(
 ) -> float:
     """Train a fresh model on one fold; its best validation accuracy (resumable, like a run)."""
     # train.py dispatches here, so a top-level import would be circular.
-    from skinclf.train import environment_history, prepare_training
+    from skinclf.train import prepare_training
 
     done = fold_dir / FOLD_RESULT
     if cfg.resume and done.exists():
@@ -126,7 +127,7 @@ def _fit_fold(
     # A copy: prepare_training sets the fold's own class weights on it.
     settings = replace(settings)
     environments = environment_history(
-        fold_dir / LAST_CHECKPOINT, environment, bool(cfg.resume), settings.max_epochs
+        fold_dir / LAST_CHECKPOINT, environment, bool(cfg.resume), settings.max_epochs, FOLD_RESULT
     )
     # Exactly as a run trains, with statistics (normalisation, class weights) from the fold's
     # training part only.
@@ -170,11 +171,11 @@ def _fit_fold(
     return result.best_val_acc
 
 
-def _fold_environment(done: Path) -> dict[str, Any] | list[dict[str, Any]] | None:
+def _fold_environment(done: Path) -> dict[str, Any] | list[dict[str, Any]]:
     """What a finished fold trained in: its environments where several, else its environment;
-    None where its record holds neither (written before skinclf recorded them)."""
+    unknown where its record holds neither (written before skinclf recorded them)."""
     record = json.loads(done.read_text())
-    return record.get("environments", record.get("environment"))
+    return record.get("environments", record.get("environment", UNKNOWN))
 
 
 def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
@@ -228,8 +229,9 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     others = [str(i) for i, recorded in enumerate(fold_environments) if recorded != environment]
     if others:
         log.warning(
-            f"folds {', '.join(others)} trained in another environment than this one, or in several, "
-            f"or in one not recorded: the mean mixes them ({CV_RESULT} lists each fold's)"
+            f"{'fold' if len(others) == 1 else 'folds'} {', '.join(others)} trained in another "
+            f"environment than this one, in several, or in one not recorded: the mean may differ from "
+            f"that of folds all trained in one ({CV_RESULT} lists each fold's)"
         )
     result = {
         "folds": k,
@@ -241,7 +243,7 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
         "lr": float(cfg.optim.lr),
         "seed": seed,
         "n_train": len(train),
-        # Where this launch ran; each fold's own where the folds' differ (None: not recorded).
+        # Where this launch ran; each fold's own where the folds' differ.
         "environment": environment,
         **({"fold_environments": fold_environments} if others else {}),
     }

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import platform
-from collections.abc import Callable, Iterator, Mapping
-from functools import cache, lru_cache
-from importlib.resources import files
-from importlib.resources.abc import Traversable
+from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from skinclf import __version__
 from skinclf.errors import SkinclfError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -71,7 +67,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def describe_machine(device: torch.device) -> str:
-    """What a measurement ran on, for a run's recorded environment (:func:`run_environment`) and
+    """What a measurement ran on, for a run's recorded environment (skinclf.training.environment) and
     the benchmark scripts' tables: the GPU on CUDA, else the CPU model (from /proc/cpuinfo where
     there is one) and torch's thread count."""
     if device.type == "cuda":
@@ -93,63 +89,6 @@ def cpu_model() -> str:
     if "CPU implementer" in fields and "CPU part" in fields:
         return f"{machine} (implementer {fields['CPU implementer']}, part {fields['CPU part']})"
     return machine
-
-
-def run_environment(device: torch.device) -> dict[str, str]:
-    """What produced a run's results, recorded with them (test_metrics.json): the versions that
-    decide its numbers and the machine that decides its speed (metrics.csv's seconds)."""
-    return {
-        "skinclf": __version__,
-        "source": source_digest(),
-        "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
-        "python": platform.python_version(),
-        "machine": describe_machine(device),
-    }
-
-
-def describe_environment(environment: Mapping[str, str]) -> str:
-    """:func:`run_environment`'s record as one line:
-    "skinclf 0.1.0 (source 0123456789ab), torch 2.6.0, Python 3.12.3; MACHINE"."""
-    return (
-        f"skinclf {environment['skinclf']} (source {environment['source']}), torch {environment['torch']}, "
-        f"Python {environment['python']}; {environment['machine']}"
-    )
-
-
-@cache
-def source_digest() -> str:
-    """The first 12 hex digits of a SHA-256 over skinclf's own code and configs: each .py and .yaml
-    file's path inside the package and its bytes. The version number stays the same between
-    changes; this tells the code that produced a run apart, installed or editable (where the
-    configs lie outside the package, in the checkout's conf/), or imported from a zip. Hidden
-    files (an editor's lock file) and symlinks are left out; "unknown" where the files cannot be
-    read."""
-    digest = hashlib.sha256()
-    try:
-        for package in ("skinclf", "skinclf.conf"):
-            # An installed package holds its configs in skinclf/conf: they count as skinclf.conf.
-            skip = {"conf"} if package == "skinclf" else set()
-            for name, file in _source_files(files(package), f"{package}/", skip):
-                digest.update(f"{name}\0".encode())
-                digest.update(file.read_bytes())
-                digest.update(b"\0")
-    except OSError:
-        return "unknown"
-    return digest.hexdigest()[:12]
-
-
-def _source_files(folder: Traversable, prefix: str, skip: set[str]) -> Iterator[tuple[str, Traversable]]:
-    """The .py and .yaml files under ``folder`` in name order, with their paths from the package.
-    Symlinks are not followed: a link back up the tree would walk it again and again."""
-    for entry in sorted(folder.iterdir(), key=lambda entry: entry.name):
-        # zipfile.Path has is_symlink only from Python 3.12; a zip holds none.
-        linked = getattr(entry, "is_symlink", None)
-        if entry.name.startswith(".") or entry.name in skip or (linked is not None and linked()):
-            continue
-        if entry.is_dir():
-            yield from _source_files(entry, f"{prefix}{entry.name}/", set())
-        elif entry.is_file() and entry.name.endswith((".py", ".yaml")):
-            yield f"{prefix}{entry.name}", entry
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
