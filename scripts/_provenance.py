@@ -1,6 +1,7 @@
 """What produced a benchmark's numbers, written into its JSON and printed above its table: the
-skinclf, torch and Python versions, the machine, and the commit of this checkout, so that a
-figure quoted in the README can be traced to the code it was measured on."""
+skinclf, torch and Python versions, the digest of skinclf's code (source), the machine, and the
+commit of this checkout, so that a figure quoted in the README can be traced to the code it was
+measured on."""
 
 from __future__ import annotations
 

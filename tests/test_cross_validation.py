@@ -217,7 +217,7 @@ def test_cross_validation_trains_on_training_folds_only(
     fold_1.write_text(json.dumps({**json.loads(fold_1.read_text()), "environment": elsewhere}))
     with caplog.at_level(logging.WARNING):
         mixed = cross_validate(cfg, out)
-    assert "fold 1 trained in another environment than this one" in caplog.text
+    assert "fold 1 trained in another environment than this launch's" in caplog.text
     here = result["environment"]
     assert mixed == {**result, "fold_environments": [here, elsewhere, here]}
     # A fold an older skinclf finished, which recorded none, counts as of an unknown environment.
@@ -226,6 +226,14 @@ def test_cross_validation_trains_on_training_folds_only(
     fold_2.write_text(json.dumps({key: value for key, value in recorded.items() if key != "environment"}))
     assert cross_validate(cfg, out)["fold_environments"] == [here, elsewhere, {"unknown": True}]
     assert "folds 1, 2 trained in another environment" in caplog.text
+    # Every fold in one environment, an earlier launch's: the mean mixes nothing, which is said.
+    for fold_result in out.glob(f"fold_*/{FOLD_RESULT}"):
+        fold_result.write_text(json.dumps({**json.loads(fold_result.read_text()), "environment": elsewhere}))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert cross_validate(cfg, out)["fold_environments"] == [elsewhere] * 3
+    assert "every fold trained in an earlier launch's environment" in caplog.text
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 def test_a_resumed_grid_point_keeps_the_precision_auto_picked_when_it_began(
@@ -297,6 +305,7 @@ def _fake_point(sweep: Path, name: str, overrides: list[str], accs: list[float],
         "seed": 0,
         "n_train": 100,
         "environment": {"source": "0123456789ab", "machine": "a CPU, 2 threads", "channels_last": True},
+        "fold_environments": [{"unknown": True}] * len(accs),
     }
     (job / CV_RESULT).write_text(json.dumps(result))
 
@@ -319,7 +328,8 @@ def test_grid_summary_ranks_points_by_mean_then_std(tmp_path: Path) -> None:
     write_grid(tmp_path)
     assert (tmp_path / GRID_MD).read_text().count("\n| ") == 4  # separator + 3 points
     grid = pd.read_csv(tmp_path / GRID_CSV)
-    assert len(grid) == 3 and "environment" not in grid  # each point's own record keeps it
+    # Each point's own record keeps its environments.
+    assert len(grid) == 3 and "environment" not in grid and "fold_environments" not in grid
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes are Linux's")

@@ -31,7 +31,7 @@ from skinclf.report.figures import confusion_figure, curve_data, curves_figure, 
 from skinclf.report.groups import group_runs
 from skinclf.report.runs import describe_dataset, find_runs
 from skinclf.report.tables import _tex_escape, finished
-from skinclf.run_files import CV_RESULT, FOLD_RESULT, GRID_MD
+from skinclf.run_files import CV_RESULT, FOLDS_RECORD, GRID_MD
 
 from conftest import TINY, fail_if_called, run_dir_from_output, train_cli
 
@@ -463,7 +463,7 @@ def test_grid_search_points_are_not_runs(sweep):
     assert point not in paths and len(paths) == 7
 
 
-@pytest.mark.parametrize("progress", ["ended", "a point done", "a fold done"])
+@pytest.mark.parametrize("progress", ["ended", "a point done", "started"])
 def test_a_report_of_only_a_grid_search_points_to_its_ranking(progress, tmp_path):
     # Its points are never tested, so there is no Table 1: the user is told where the result is,
     # also for a grid stopped before its first point was done.
@@ -472,9 +472,8 @@ def test_a_report_of_only_a_grid_search_points_to_its_ranking(progress, tmp_path
     point = write_run(sweep, "resnet", [0.9], [0.9], tested=False)
     config = point / ".hydra" / "config.yaml"
     config.write_text(config.read_text().replace("folds: 0", "folds: 3"))
-    (point / "fold_0").mkdir()
-    (point / "fold_0" / FOLD_RESULT).write_text('{"best_val_acc": 0.9}')
-    if progress != "a fold done":
+    (point / FOLDS_RECORD).write_text("{}")  # written as a point starts
+    if progress != "started":
         (point / CV_RESULT).write_text('{"mean_val_acc": 0.9}')
     if ended:
         (sweep / GRID_MD).write_text("# Cross-validated grid search\n")

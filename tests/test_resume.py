@@ -27,7 +27,8 @@ from skinclf.run_files import RUN_CONFIG, STATUS_FILE
 from skinclf.run_folder import claim_run_dir, comparable_config, remove_leftover_temporaries
 from skinclf.train import run
 from skinclf.training import loop
-from skinclf.training.checkpoint import load_checkpoint
+from skinclf.training.checkpoint import load_checkpoint, save_checkpoint
+from skinclf.training.environment import environment_history
 
 from conftest import TINY, run_dir_from_output, train_cli
 
@@ -120,8 +121,8 @@ def test_resume_continues_the_dropout_random_stream_as_an_uninterrupted_run(
 def test_a_resume_in_another_environment_is_said_and_recorded(
     tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Epochs 1-2 on two threads, the rest on one: numbers an uninterrupted run on either would not
-    # give, so test_metrics.json lists both environments (it recorded only the last one).
+    # Epochs 1-2 on this machine, the rest on "a CPU, 1 thread" (its recorded machine scripted):
+    # test_metrics.json lists both environments (it recorded only the last one).
     overrides = in_process(shared_data_dir)
     real_environment = train.run_environment
     monkeypatch.setattr(loop, "_write_metrics", _crash_once_metrics_have(2))
@@ -141,10 +142,10 @@ def test_a_resume_in_another_environment_is_said_and_recorded(
     assert resumed["machine"] == "a CPU, 1 thread" and resumed["precision"] == began["precision"]
 
 
-def _interrupted_after_two_epochs(out: Path, overrides: list[str], monkeypatch, environments) -> None:
-    """A run stopped after epoch 2, its last.pt's record of environments replaced (``...``: removed,
-    as an older skinclf wrote it)."""
-    monkeypatch.setattr(loop, "_write_metrics", _crash_once_metrics_have(2))
+def _interrupted_after(epochs: int, out: Path, overrides: list[str], monkeypatch, environments) -> None:
+    """A run stopped after ``epochs``, its last.pt's record of environments replaced (``...``:
+    removed, as an older skinclf wrote it)."""
+    monkeypatch.setattr(loop, "_write_metrics", _crash_once_metrics_have(epochs))
     with pytest.raises(_Crash):
         run(compose_config(overrides), out)
     monkeypatch.undo()
@@ -159,14 +160,17 @@ def test_epochs_an_older_skinclf_trained_are_recorded_as_of_an_unknown_environme
     tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     overrides = in_process(shared_data_dir)
-    _interrupted_after_two_epochs(tmp_path, overrides, monkeypatch, ...)
+    _interrupted_after(1, tmp_path, overrides, monkeypatch, ...)
     with caplog.at_level(logging.WARNING, logger="skinclf"):
         run(compose_config([*overrides, "resume=true"]), tmp_path)
-    assert "epochs 1-2 were trained by a skinclf that did not record where" in caplog.text
+    assert (
+        "epoch 1 was trained by a skinclf that did not record where; the rest train in this one"
+        in caplog.text
+    )
     recorded = json.loads((tmp_path / "test_metrics.json").read_text())
     unknown, resumed = recorded["environments"]
     assert unknown == {"from_epoch": 1, "unknown": True}
-    assert resumed == {"from_epoch": 3, **recorded["environment"]}
+    assert resumed == {"from_epoch": 2, **recorded["environment"]}
 
 
 def test_a_resume_elsewhere_with_no_epoch_left_says_that_only_the_test_runs_there(
@@ -189,12 +193,25 @@ def test_a_resume_elsewhere_with_no_epoch_left_says_that_only_the_test_runs_ther
     assert [entry["from_epoch"] for entry in recorded["environments"]] == [1, 4]  # 4: tested only
 
 
+def test_a_fold_with_no_epoch_left_says_so_and_names_its_own_record(tmp_path: Path, caplog) -> None:
+    # A grid-search fold is never tested: its last.pt at the last epoch has nothing left to train.
+    last = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 3, "environments": [{"from_epoch": 1, "machine": "A"}]}, last)
+    with caplog.at_level(logging.WARNING, logger="skinclf"):
+        history = environment_history(last, {"machine": "B"}, True, 3, "fold_result.json", tested=False)
+    assert history == [{"from_epoch": 1, "machine": "A"}, {"from_epoch": 4, "machine": "B"}]
+    assert (
+        "epochs 1-3 were trained in another environment (machine 'A' -> 'B'); no epoch is left to "
+        "train in this one (fold_result.json lists each)"
+    ) in caplog.text
+
+
 @pytest.mark.parametrize("environments", ["abc", [1], [{"machine": "a CPU"}], [{"from_epoch": 1, "x": [1]}]])
 def test_a_damaged_record_of_environments_is_one_error_naming_the_checkpoint(
     tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch, environments
 ) -> None:
     overrides = in_process(shared_data_dir)
-    _interrupted_after_two_epochs(tmp_path, overrides, monkeypatch, environments)
+    _interrupted_after(2, tmp_path, overrides, monkeypatch, environments)
     with pytest.raises(SkinclfError, match="last.pt: its epoch or record of environments is damaged"):
         run(compose_config([*overrides, "resume=true"]), tmp_path)
 

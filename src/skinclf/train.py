@@ -48,7 +48,12 @@ from skinclf.sweep import resources
 from skinclf.sweep.cross_validation import cross_validate
 from skinclf.training.allocator import keep_freed_memory
 from skinclf.training.checkpoint import load_checkpoint
-from skinclf.training.environment import describe_environment, environment_history, run_environment
+from skinclf.training.environment import (
+    describe_environment,
+    environment_history,
+    recorded_environments,
+    run_environment,
+)
 from skinclf.training.hardware import resolve_device, resolve_precision
 from skinclf.training.loop import LoopSettings, evaluate, fit
 from skinclf.training.progress import PROGRESS_MODES, progress_mode
@@ -203,7 +208,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(settings.seed)
     environment = log_setup(cfg, device, settings)
     environments = environment_history(
-        out_dir / LAST_CHECKPOINT, environment, bool(cfg.resume), settings.max_epochs, TEST_METRICS
+        out_dir / LAST_CHECKPOINT,
+        environment,
+        bool(cfg.resume),
+        settings.max_epochs,
+        TEST_METRICS,
+        tested=True,
     )
 
     with progress_mode(settings.progress):  # decoding a folder dataset's images
@@ -232,8 +242,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         # The interrupted attempt wrote best.pt after the checkpoint the resume started from, and
         # no redone epoch beat that checkpoint's best: possible where the redone epochs do not
         # repeat exactly (a GPU's kernels; another thread count). The metrics describe the weights
-        # that are tested, which best.pt's own record of environments names (environments lists
-        # the epochs as metrics.csv has them).
+        # that are tested. Where they trained is best.pt's own record of environments;
+        # test_metrics.json's environments is the resumed run's history, as metrics.csv's epochs.
         log.warning(
             f"{BEST_CHECKPOINT} is from epoch {best['epoch']} of the interrupted attempt, which the "
             f"redone epochs did not reproduce (their best: epoch {result.best_epoch}); testing it"
@@ -249,8 +259,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         **data_digests(cfg, splits),
         "operating_point": {"target_sensitivity": target, "threshold": threshold},
         # Where the run ended; a run resumed in another environment also lists each it trained in.
-        "environment": environment,
-        **({"environments": environments} if len(environments) > 1 else {}),
+        **recorded_environments(environment, environments),
     }
     predictions = [
         pd.DataFrame(

@@ -30,7 +30,7 @@ from skinclf.report.tables import (
     table1_latex,
     table1_markdown,
 )
-from skinclf.run_files import CV_RESULT, FOLD_RESULT, GRID_MD, HYDRA_CONFIG, METRICS, TEST_METRICS
+from skinclf.run_files import CV_RESULT, FOLDS_RECORD, GRID_MD, HYDRA_CONFIG, METRICS, TEST_METRICS
 
 DPI = 300  # print resolution at the figures' paper size
 
@@ -132,8 +132,9 @@ def _grid_search_hint(dirs: Sequence[Path]) -> str:
     rankings = sorted(path for root in dirs for path in Path(root).rglob(GRID_MD))
     if rankings:
         return f"; a cross-validated grid search is never tested: its ranking is in {rankings[0]}"
-    # A point's result, or a fold's where the sweep stopped before a point was done.
-    if any(next(Path(root).rglob(name), None) for root in dirs for name in (CV_RESULT, FOLD_RESULT)):
+    # A point's result, or the folds a point records as it starts (the sweep stopped before one
+    # was done).
+    if any(next(Path(root).rglob(name), None) for root in dirs for name in (CV_RESULT, FOLDS_RECORD)):
         return f"; grid-search points are never tested: the sweep ranks them in {GRID_MD} at its end"
     return ""
 

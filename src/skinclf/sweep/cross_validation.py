@@ -26,7 +26,7 @@ from skinclf.data.splits import content_hash
 from skinclf.errors import SkinclfError
 from skinclf.io import atomic_write_json
 from skinclf.run_files import BEST_CHECKPOINT, CV_RESULT, FOLD_RESULT, FOLDS_RECORD, LAST_CHECKPOINT
-from skinclf.training.environment import UNKNOWN, environment_history
+from skinclf.training.environment import UNKNOWN, environment_history, recorded_environments
 from skinclf.training.hardware import resolve_device
 from skinclf.training.loop import LoopSettings, fit
 from skinclf.training.progress import progress_mode
@@ -127,7 +127,12 @@ def _fit_fold(
     # A copy: prepare_training sets the fold's own class weights on it.
     settings = replace(settings)
     environments = environment_history(
-        fold_dir / LAST_CHECKPOINT, environment, bool(cfg.resume), settings.max_epochs, FOLD_RESULT
+        fold_dir / LAST_CHECKPOINT,
+        environment,
+        bool(cfg.resume),
+        settings.max_epochs,
+        FOLD_RESULT,
+        tested=False,
     )
     # Exactly as a run trains, with statistics (normalisation, class weights) from the fold's
     # training part only.
@@ -158,8 +163,7 @@ def _fit_fold(
             "best_epoch": result.best_epoch,
             "precision": settings.precision,
             # As a run's test_metrics.json: where the fold ended, and each it trained in if several.
-            "environment": environment,
-            **({"environments": environments} if len(environments) > 1 else {}),
+            **recorded_environments(environment, environments),
         },
         done,
     )
@@ -175,7 +179,7 @@ def _fold_environment(done: Path) -> dict[str, Any] | list[dict[str, Any]]:
     """What a finished fold trained in: its environments where several, else its environment;
     unknown where its record holds neither (written before skinclf recorded them)."""
     record = json.loads(done.read_text())
-    return record.get("environments", record.get("environment", UNKNOWN))
+    return record.get("environments", record.get("environment", dict(UNKNOWN)))
 
 
 def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
@@ -227,11 +231,15 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     # several environments is said, as a run resumed in another is.
     fold_environments = [_fold_environment(out_dir / f"fold_{i}" / FOLD_RESULT) for i in range(k)]
     others = [str(i) for i, recorded in enumerate(fold_environments) if recorded != environment]
-    if others:
+    folds = f"{'fold' if len(others) == 1 else 'folds'} {', '.join(others)}"
+    first = fold_environments[0]
+    if others and all(isinstance(e, dict) and e == first != UNKNOWN for e in fold_environments):
+        log.info(f"every fold trained in an earlier launch's environment ({CV_RESULT} lists it)")
+    elif others:
         log.warning(
-            f"{'fold' if len(others) == 1 else 'folds'} {', '.join(others)} trained in another "
-            f"environment than this one, in several, or in one not recorded: the mean may differ from "
-            f"that of folds all trained in one ({CV_RESULT} lists each fold's)"
+            f"{folds} trained in another environment than this launch's, in several, or in one not "
+            f"recorded: the mean may differ from that of folds all trained in one ({CV_RESULT} lists "
+            "each fold's)"
         )
     result = {
         "folds": k,

@@ -40,8 +40,10 @@ def rank_grid(sweep_dir: Path, failed: Sequence[dict[str, Any]] = ()) -> pd.Data
             unreadable.append(job)
             continue
         command = point_train_command([*folders, *overrides])
-        # Its numbers; the environment it ran in stays in the point's own cv_result.json.
-        numbers = {key: value for key, value in result.items() if key != "environment"}
+        # Its numbers; the environments it ran in stay in the point's own cv_result.json.
+        numbers = {
+            key: value for key, value in result.items() if key not in ("environment", "fold_environments")
+        }
         rows.append({"overrides": overrides, "dir": job, "train_command": command, **numbers})
     if not rows:
         return pd.DataFrame()

@@ -1,6 +1,7 @@
-"""What produced a run's numbers, recorded with them (test_metrics.json, a grid-search fold's
-fold_result.json, checkpoints): skinclf's version and a digest of its code, the torch and Python
-versions, the machine; and, across resumes, each environment the run's epochs trained in."""
+"""What produced a run's numbers, recorded with them (test_metrics.json; a grid-search point's
+cv_result.json and its folds' fold_result.json; checkpoints): skinclf's version and a digest of
+its code, the torch and Python versions, the machine; and, across resumes, each environment the
+run's epochs trained in."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from skinclf.training.loop import EarlyStopping
 
 log = logging.getLogger("skinclf")
 
-# The entry for epochs whose last.pt an older skinclf wrote, without this record.
+# What stands for the environment of epochs (or a finished fold) that an older skinclf trained
+# without recording it; copied wherever it is used.
 UNKNOWN = {"unknown": True}
 
 
@@ -88,13 +90,13 @@ def _source_files(folder: Traversable, prefix: str, skip: set[str]) -> Iterator[
 
 
 def environment_history(
-    last: Path, environment: dict[str, Any], resume: bool, max_epochs: int, record: str
+    last: Path, environment: dict[str, Any], resume: bool, max_epochs: int, record: str, tested: bool
 ) -> list[dict[str, Any]]:
     """Each environment a run (or grid-search fold) trained in, with the epoch it began at
     (``from_epoch``): one, unless a resume from ``last`` goes on in another (machine, thread
     count, versions, code), which is said, naming ``record``, the file that will list them. One
-    that begins after the last epoch only tests. Epochs of a last.pt written before skinclf
-    recorded this are of an unknown environment (:data:`UNKNOWN`)."""
+    that begins after the last epoch trains nothing (a run only ``tested`` there). Epochs of a
+    last.pt written before skinclf recorded this are of an unknown environment (:data:`UNKNOWN`)."""
     here = [{"from_epoch": 1, **environment}]
     if not (resume and last.is_file()):
         return here
@@ -112,18 +114,19 @@ def environment_history(
     if before == environment:
         return history
     first = history[-1]["from_epoch"]
-    trained = f"epoch {epoch}" if first == epoch else f"epochs {first}-{epoch}"
+    trained = f"epoch {epoch} was" if first == epoch else f"epochs {first}-{epoch} were"
     if before == UNKNOWN:
-        where = f"{trained} were trained by a skinclf that did not record where"
+        where = f"{trained} trained by a skinclf that did not record where"
     else:
         changed = [
             f"{key} {before.get(key)!r} -> {environment.get(key)!r}"
             for key in sorted(before.keys() | environment.keys())
             if before.get(key) != environment.get(key)
         ]
-        where = f"{trained} were trained in another environment ({'; '.join(changed)})"
+        where = f"{trained} trained in another environment ({'; '.join(changed)})"
     if epoch >= max_epochs or _stopped_early(state):
-        log.warning(f"{last}: {where}; only the test runs in this one ({record} lists each)")
+        rest = "only the test runs in this one" if tested else "no epoch is left to train in this one"
+        log.warning(f"{last}: {where}; {rest} ({record} lists each)")
     else:
         # Another thread count or CPU sums in another order: the numbers may differ (README).
         log.warning(
@@ -131,6 +134,11 @@ def environment_history(
             f"uninterrupted run's ({record} lists each)"
         )
     return [*history, {"from_epoch": epoch + 1, **environment}]
+
+
+def recorded_environments(environment: dict[str, Any], environments: list[dict[str, Any]]) -> dict[str, Any]:
+    """For a run's or fold's result file: where it ended, and each it trained in where several."""
+    return {"environment": environment, **({"environments": environments} if len(environments) > 1 else {})}
 
 
 def _stopped_early(state: dict[str, Any]) -> bool:
