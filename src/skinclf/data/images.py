@@ -148,10 +148,24 @@ def _apply_exif_orientation(img: Image.Image, path: Path) -> Image.Image:
     try:
         return ImageOps.exif_transpose(img)
     except Exception as err:
-        raise SkinclfError(
-            f"{path}: damaged EXIF metadata ({first_line(err)}); expected a readable "
-            "orientation tag (re-save the image without EXIF to use it)"
-        ) from err
+        raise SkinclfError(_damaged_exif(path, err)) from err
+
+
+def _read_exif(img: Image.Image, path: Path) -> None:
+    """Read (and keep on ``img``) a TIFF's EXIF block while the file is open: Pillow 10.0 closes a
+    multi-page TIFF's file at ``load()``, after which reading the block failed. (Not for other
+    formats: a PNG's read loads the image, and a truncated one would pass for damaged EXIF.)"""
+    try:
+        img.getexif()
+    except Exception as err:  # the parser fails on damaged bytes with any type (see above)
+        raise SkinclfError(_damaged_exif(path, err)) from err
+
+
+def _damaged_exif(path: Path, err: Exception) -> str:
+    return (
+        f"{path}: damaged EXIF metadata ({first_line(err)}); expected a readable orientation tag "
+        "(re-save the image without EXIF to use it)"
+    )
 
 
 def decode_image(path: str | Path, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -181,6 +195,8 @@ def decode_image(path: str | Path, size: int = IMAGE_SIZE) -> torch.Tensor:
                 _check_jpeg_end(path, data)
             if img.format == "JPEG":
                 img.draft("RGB", (size, size))
+            if img.format == "TIFF":
+                _read_exif(img, path)
             img.load()  # decode everything now: a truncated file fails here, not later
             img = _apply_exif_orientation(img, path)
             img = _to_rgb(img, path)
