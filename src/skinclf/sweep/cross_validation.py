@@ -231,15 +231,14 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     # several environments is said, as a run resumed in another is.
     fold_environments = [_fold_environment(out_dir / f"fold_{i}" / FOLD_RESULT) for i in range(k)]
     others = [str(i) for i, recorded in enumerate(fold_environments) if recorded != environment]
-    folds = f"{'fold' if len(others) == 1 else 'folds'} {', '.join(others)}"
     first = fold_environments[0]
     if others and all(isinstance(e, dict) and e == first != UNKNOWN for e in fold_environments):
         log.info(f"every fold trained in an earlier launch's environment ({CV_RESULT} lists it)")
     elif others:
         log.warning(
-            f"{folds} trained in another environment than this launch's, in several, or in one not "
-            f"recorded: the mean may differ from that of folds all trained in one ({CV_RESULT} lists "
-            "each fold's)"
+            f"{'fold' if len(others) == 1 else 'folds'} {', '.join(others)} trained in another "
+            "environment than this launch's, in several, or in one not recorded: the mean may differ "
+            f"from that of folds all trained in one ({CV_RESULT} lists each fold's)"
         )
     result = {
         "folds": k,
