@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
+from torchvision.transforms import RandomResizedCrop
 
 from skinclf.config import compose_config
 from skinclf.data.dermoscopy import AugmentParams, DermoscopyAugmentation, apply_augmentation, recipe_pipeline
@@ -351,6 +352,19 @@ def test_dermoscopy_draws_have_the_configured_probabilities_and_ranges():
     assert area.min() >= 0.6 - 1e-5 and area.max() <= 1 + 1e-6 and (area < 0.99).float().mean() > 0.9
     assert ratio.min() >= 0.75 - 1e-4 and ratio.max() <= 4 / 3 + 1e-4
     assert (p.crop[:, 2].abs() <= 1 - width + 1e-6).all() and (p.crop[:, 3].abs() <= 1 - height + 1e-6).all()
+    # The windows are torchvision's RandomResizedCrop's: a window that does not fit is drawn
+    # again, which leaves smaller windows on average than the area drawn (about 0.74 of the
+    # image, not 0.8), and no more square ones. Clipping such a window instead gave 0.79.
+    image = torch.zeros(3, 128, 128)
+    windows = (
+        torch.tensor(
+            [RandomResizedCrop.get_params(image, [0.6, 1.0], [3 / 4, 4 / 3])[2:] for _ in range(4000)]
+        ).float()
+        / 128
+    )
+    tv_area, tv_log_ratio = windows.prod(1), (windows[:, 1] / windows[:, 0]).log().abs()
+    assert abs(area.mean() - tv_area.mean()) < 0.006 and abs(tv_area.mean() - 0.744) < 0.006
+    assert abs(ratio.log().abs().mean() - tv_log_ratio.mean()) < 0.006
     assert p.colour.min() >= 0.9 - 1e-6 and p.colour.max() <= 1.1 + 1e-6 and p.colour.std() > 0.03
 
     off = DermoscopyAugmentation(
@@ -365,6 +379,18 @@ def test_dermoscopy_draws_have_the_configured_probabilities_and_ranges():
     ).draw(500, torch.Generator().manual_seed(0))
     assert not off.hflip.any() and not off.vflip.any() and not off.quarter_turns.any()
     assert (off.crop[:, :2] == 1).all() and (off.colour == 1).all()
+
+
+def test_dermoscopy_crop_falls_back_to_torchvisions_centre_crop_when_no_window_fits():
+    # Ratios 2 to 3 never fit a window of 0.6 of the area or more in a square image.
+    wide = DermoscopyAugmentation(DefaultPipeline(), crop_ratio=(2, 3)).draw(50, torch.Generator())
+    tall = DermoscopyAugmentation(DefaultPipeline(), crop_ratio=(0.25, 0.5)).draw(50, torch.Generator())
+    image = torch.zeros(3, 128, 128)
+    for params, ratio in ((wide, [2.0, 3.0]), (tall, [0.25, 0.5])):
+        top, left, h, w = RandomResizedCrop.get_params(image, [0.6, 1.0], ratio)
+        # (width, height, centre x, centre y): torchvision's window, in [-1, 1] coordinates.
+        expected = torch.tensor([w / 128, h / 128, (2 * left + w) / 128 - 1, (2 * top + h) / 128 - 1])
+        assert torch.equal(params.crop, expected.expand(50, 4))
 
 
 def test_dermoscopy_pieces_do_what_they_say():
@@ -386,12 +412,14 @@ def test_dermoscopy_pieces_do_what_they_say():
     out = apply_augmentation(x, AugmentParams(**{**neutral, "quarter_turns": torch.tensor([0, 1, 2, 3])}))
     for k in range(4):
         assert torch.equal(out[k], torch.rot90(x[k], k, dims=(-2, -1)))
-    # The top-left 4x4 quarter resized back to 8x8 (bilinear); the border pixels also see the
-    # image around the window, which a crop-then-resize cannot, so compare the interior.
+    # The top-left 4x4 quarter resized back to 8x8 (bilinear). At the image's edge (row and
+    # column 0) the warp repeats the edge pixels, as the resize does, instead of blending black;
+    # at the window's inner edge (row and column 7) it also sees the pixels beyond the window,
+    # which a crop-then-resize cannot, so those are left out.
     crop = torch.tensor([[0.5, 0.5, -0.5, -0.5]] * n)
     out = apply_augmentation(x, AugmentParams(**{**neutral, "crop": crop}))
     resized = torch.nn.functional.interpolate(x[:, :, :4, :4], size=8, mode="bilinear", align_corners=False)
-    assert torch.allclose(out[:, :, 1:7, 1:7], resized[:, :, 1:7, 1:7], atol=1e-3)
+    assert torch.allclose(out[:, :, :7, :7], resized[:, :, :7, :7], atol=1e-3)
     brighter = apply_augmentation(x, AugmentParams(**{**neutral, "colour": torch.tensor([[1.1, 1, 1]] * n)}))
     assert torch.allclose(brighter, (x * 1.1).clamp(0, 255))
     gray = apply_augmentation(x, AugmentParams(**{**neutral, "colour": torch.tensor([[1, 1, 0.0]] * n)}))
@@ -406,7 +434,7 @@ def sequential_augmentation(x, params):
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = width, cx, height, cy
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     x = torch.where(params.hflip.view(n, 1, 1, 1), x.flip(-1), x)
     x = torch.where(params.vflip.view(n, 1, 1, 1), x.flip(-2), x)
     x = torch.stack(

@@ -5,7 +5,8 @@ A dermoscopic image has no up, down, left or right, and its colours carry diagno
 stay small and the hue is never shifted. Per image, each applied independently:
 
 - random resized crop: a window of ``crop_scale`` of the image area and aspect ratio in
-  ``crop_ratio`` (clipped to the image), resized back to full size (bilinear);
+  ``crop_ratio``, drawn as torchvision's RandomResizedCrop draws it (up to 10 tries for a window
+  that fits in the image, else the centre crop), resized back to full size (bilinear);
 - horizontal flip and vertical flip, each with probability ``flip_p``;
 - rotation by 0, 90, 180 or 270 degrees, equally likely (``rot90``);
 - brightness, contrast and saturation factors drawn from ``1 +- brightness`` etc.
@@ -31,6 +32,8 @@ from skinclf.errors import SkinclfError
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
 _GRAY = (0.299, 0.587, 0.114)
 JITTER = ("brightness", "contrast", "saturation")
+# Tries for a crop window that fits in the image, as torchvision's RandomResizedCrop.
+CROP_TRIES = 10
 
 
 @dataclass(frozen=True)
@@ -127,15 +130,12 @@ class DermoscopyAugmentation:
 
     def draw(self, n: int, generator: torch.Generator) -> AugmentParams:
         """The random choices for ``n`` images, from ``generator`` (CPU) in a fixed order."""
-        u = torch.rand(n, 10, generator=generator)
-        lo, hi = self.crop_scale
-        area = lo + (hi - lo) * u[:, 3]
-        log_lo, log_hi = math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])
-        ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, 4])
-        width, height = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+        u = torch.rand(n, 8, generator=generator)
+        width, height, centred = self.crop_size(torch.rand(n, CROP_TRIES, 2, generator=generator))
         # The window lies inside the image: its centre moves at most (1 - size) from the middle.
-        cx, cy = (u[:, 5] * 2 - 1) * (1 - width), (u[:, 6] * 2 - 1) * (1 - height)
-        factors = 1 + (u[:, 7:10] * 2 - 1) * torch.tensor(self.jitter)
+        cx, cy = (u[:, 3] * 2 - 1) * (1 - width), (u[:, 4] * 2 - 1) * (1 - height)
+        cx, cy = cx.masked_fill(centred, 0.0), cy.masked_fill(centred, 0.0)
+        factors = 1 + (u[:, 5:8] * 2 - 1) * torch.tensor(self.jitter)
         turns = (u[:, 2] * 4).long().clamp(max=3) if self.rot90 else torch.zeros(n, dtype=torch.long)
         return AugmentParams(
             hflip=u[:, 0] < self.flip_p,
@@ -144,6 +144,26 @@ class DermoscopyAugmentation:
             crop=torch.stack([width, height, cx, cy], dim=1),
             colour=factors,
         )
+
+    def crop_size(self, tries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Crop windows' (width, height) as fractions of a square image's side, and whether each
+        fell back to the centre crop, from uniform draws ``tries`` (N, CROP_TRIES, 2): per image
+        the first try whose window of area in ``crop_scale`` and aspect ratio in ``crop_ratio``
+        (log-uniform) fits in the image, as torchvision's RandomResizedCrop; where none fits, the
+        whole image or, for a ratio range without 1, the largest centred window of the nearest
+        ratio. (Clipping a window that does not fit instead would make crops smaller and squarer
+        than drawn.)"""
+        lo, hi = self.crop_scale
+        area = lo + (hi - lo) * tries[..., 0]
+        ratio_lo, ratio_hi = self.crop_ratio
+        ratio = torch.exp(math.log(ratio_lo) + (math.log(ratio_hi) - math.log(ratio_lo)) * tries[..., 1])
+        width, height = (area * ratio).sqrt(), (area / ratio).sqrt()
+        fits = (width <= 1) & (height <= 1)
+        first = fits.int().argmax(dim=1, keepdim=True)  # argmax gives the first maximum
+        width, height = width.gather(1, first).squeeze(1), height.gather(1, first).squeeze(1)
+        centred = ~fits.any(dim=1)
+        fallback = (1.0, 1 / ratio_lo) if ratio_lo > 1 else (ratio_hi, 1.0) if ratio_hi < 1 else (1.0, 1.0)
+        return width.masked_fill(centred, fallback[0]), height.masked_fill(centred, fallback[1]), centred
 
 
 # torch.rot90(x, k, dims=(-2, -1)) as maps from output to input positions (x, y) in [-1, 1]:
@@ -183,7 +203,9 @@ def apply_augmentation(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     n, _, height, width = x.shape
     if height != width and bool(params.quarter_turns.ne(0).any()):
         raise ValueError(f"90-degree rotations need square images, got {(height, width)}")
-    x = warp(x, geometry_theta(params))
+    # Border padding: a window at the image's edge samples up to half a pixel beyond it, which
+    # resizing a crop fills with the edge pixels, not black. Flips and turns never leave the image.
+    x = warp(x, geometry_theta(params), padding="border")
     if bool((params.colour != 1).any()):
         brightness, contrast, saturation = (f.to(x.device).view(n, 1, 1) for f in params.colour.unbind(1))
         v = x.view(n, 3, -1)

@@ -210,15 +210,16 @@ def input_in_chunks(
     return out
 
 
-def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def warp(images: torch.Tensor, theta: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
     """(N, C, H, W) images (any dtype, any memory format) sampled bilinearly through the affine
     maps ``theta`` (N, 2, 3), ``affine_grid``'s convention: a new float32 NCHW tensor. Pixels
-    from outside the image are black, as torchvision's RandomRotation(fill=0)."""
+    from outside the image are black (``padding="zeros"``, as torchvision's RandomRotation(fill=0))
+    or repeat the image's edge (``"border"``, as resizing a crop that touches the edge does)."""
     n, _, height, width = images.shape
     theta = theta.to(images.device, torch.float32).reshape(n, 6)
     grid = (theta @ _grid_basis(height, width, images.device)).view(n, height, width, 2)
     return F.grid_sample(
-        images.to(torch.float32), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        images.to(torch.float32), grid, mode="bilinear", padding_mode=padding, align_corners=False
     )
 
 
