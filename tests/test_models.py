@@ -32,6 +32,20 @@ def test_parameter_count_and_mult_adds_match_the_paper(name):
     assert round(stats.total_mult_adds / 1e9, 2) == gmacs
 
 
+def test_group_counts_and_dropout_rates_are_the_papers():
+    # Neither changes a parameter count or mult-adds, so the Appendix C check cannot see them.
+    # GroupNorm: groups of 8 channels (paper section 2): 4 groups of conv 1's 32, 8 of conv 2's 64.
+    group_norm = build_model(compose_config(["model=group_norm"]).model)
+    assert [m.num_groups for m in group_norm.modules() if isinstance(m, torch.nn.GroupNorm)] == [4, 8]
+    for name in ("resnet", "res_aug", "vgg16", "vgg16_ft"):
+        cfg = compose_config(
+            [f"model={name}", "model.pretrained=false"] if "vgg" in name else [f"model={name}"]
+        )
+        model = build_model(cfg.model)
+        rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert rates == ([0.5] if name.startswith("res") else [0.5] * 3), name
+
+
 @pytest.mark.parametrize("name", APPENDIX_C)
 def test_one_logit_per_image(name):
     model = build_model(compose_config([f"model={name}"]).model).eval()

@@ -6,12 +6,14 @@ import math
 import pytest
 import torch
 
+from skinclf.config import compose_config
 from skinclf.data.pipeline import AugmentedPipeline, DefaultPipeline, ImageNetPipeline, channel_stats
-from skinclf.data.splits import Split
+from skinclf.data.splits import ImageSplits, Split
 from skinclf.data.synthetic import generate_split
 from skinclf.errors import SkinclfError
 from skinclf.models.resnet import ShallowResNet
 from skinclf.models.simple_cnn import SimpleCNN
+from skinclf.train import prepare_training
 from skinclf.training.hardware import autocast, resolve_precision
 from skinclf.training.loop import LoopSettings, fit
 
@@ -222,6 +224,21 @@ def test_statistics_come_from_the_training_split_and_eval_is_never_augmented():
     expected = (val.float() / 255 - pipeline.mean.view(1, 3, 1, 1)) / pipeline.std.view(1, 3, 1, 1)
     assert torch.allclose(pipeline.eval_batch(val), expected, atol=1e-5)
     assert torch.equal(pipeline.eval_batch(val), pipeline.eval_batch(val))
+
+
+@pytest.mark.parametrize("overrides", [["model=augmented"], ["model=res_aug", "recipe=modern"]])
+def test_a_run_normalises_with_the_training_splits_statistics(tmp_path, overrides):
+    # What a run (and a grid-search fold) fits its pipeline on: the training split, whose pixels
+    # are darker here than the validation split's, also under the modern recipe's augmentation.
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 128, (16, 3, 8, 8), dtype=torch.uint8, generator=g)
+    val = torch.randint(128, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=g)
+    splits = ImageSplits("x", Split(train, torch.arange(16.0) % 2), Split(val, torch.arange(8.0) % 2))
+    cfg = compose_config([*overrides, f"data.cache_dir={tmp_path}"])
+    _, stage = prepare_training(cfg, splits, LoopSettings(), torch.device("cpu"))
+    mean, std = channel_stats(train)
+    assert torch.equal(stage.pipeline.state_dict()["mean"], mean)
+    assert torch.equal(stage.pipeline.state_dict()["std"], std)
 
 
 def test_default_pipeline_scales_to_unit_range():

@@ -301,6 +301,49 @@ def test_the_training_loss_is_the_mean_over_images_not_over_batches(tmp_path):
     assert row["val_loss"] == pytest.approx(by_hand, abs=2e-6)  # the same images, the same weights
 
 
+def test_the_class_weighted_loss_steps_with_mel_weighted_and_reports_the_plain_loss():
+    # One batch of 8 (3 MEL) through a linear model with SGD at lr=1: the step taken must be the
+    # gradient of the BCE with MEL weighted by pos_weight=3, computed here by hand; the reported
+    # loss is the plain BCE of the weights before the step.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 1))
+    images = torch.randint(
+        0, 256, (8, 3, 4, 4), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+    )
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    x = images.float().flatten(1) / 255
+    w, b = (p.detach().clone().requires_grad_() for p in model[1].parameters())
+
+    def bce(weight):
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            (x @ w.T + b).flatten(), labels, pos_weight=weight
+        )
+
+    bce(torch.tensor(3.0)).backward()
+    by_hand = (w - w.grad, b - b.grad)
+    plain_loss = bce(None).item()
+    settings = LoopSettings(
+        batch_size=8, pos_weight=3.0, precision="fp32", channels_last=False, progress="never"
+    )
+    loss, _ = loop.train_one_epoch(
+        model,
+        DefaultPipeline(),
+        Split(images, labels),
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        torch.amp.GradScaler("cpu", enabled=False),
+        torch.Generator(),
+        settings,
+        torch.device("cpu"),
+        "",
+    )
+    for stepped, expected in zip(model[1].parameters(), by_hand, strict=True):
+        torch.testing.assert_close(stepped.detach(), expected.detach(), rtol=0, atol=1e-6)
+    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    assert (w.grad.abs().max() > 0.01) and plain_loss != pytest.approx(
+        bce(torch.tensor(3.0)).item(), abs=0.01
+    )
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("recipe", ["paper", "modern"])
 def test_a_cuda_run_augments_on_the_gpu_learns_and_tests_the_best_checkpoint(tmp_path, recipe):
