@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import logging
+import math
 import os
 import platform
 import signal
@@ -38,6 +39,7 @@ from skinclf.train_arguments import (
     check_override_keys,
     overrides_together,
 )
+from skinclf.training import loop
 from skinclf.training.environment import source_digest
 from skinclf.training.loop import METRICS_COLUMNS
 
@@ -147,6 +149,38 @@ def test_a_stopped_run_leaves_no_temporary_files_and_resumes(tmp_path, signum):
     train_cli(*overrides, "resume=true", cwd=tmp_path)
     assert len(pd.read_csv(metrics)) == 3
     assert json.loads((run_dir / "job_status.json").read_text())["status"] == "done"
+
+
+def test_a_diverging_run_exits_2_keeping_a_folder_only_once_an_epoch_finished(tmp_path, monkeypatch):
+    # lr 1e30 blows the weights up in the first steps: nothing to keep, so no folder.
+    proc = error_run(tmp_path, *TINY, "optim.lr=1e30")
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("skinclf train: error: epoch 1: the ") and "training diverged" in line
+    assert not (tmp_path / "outputs").exists()
+    # A loss that turns nan in epoch 2 (faked: a real one is too rare to provoke on cue): epoch
+    # 1's checkpoints stay, and the run is marked failed, naming the epoch.
+    real, losses = loop.train_one_epoch, []
+
+    def nan_in_epoch_2(*args, **kwargs):
+        loss, acc = real(*args, **kwargs)
+        losses.append(loss)
+        return (math.nan if len(losses) == 2 else loss), acc
+
+    monkeypatch.setattr(loop, "train_one_epoch", nan_in_epoch_2)
+    proc = error_run(tmp_path, *TINY[:-1], "trainer.max_epochs=3")
+    assert proc.returncode == 2 and len(losses) == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("skinclf train: error: epoch 2: the training loss is nan")
+    )
+    run_dir = run_dir_from_output(proc.stdout)
+    assert (run_dir / "best.pt").is_file() and (run_dir / "last.pt").is_file()
+    assert len(pd.read_csv(run_dir / "metrics.csv")) == 1
+    assert json.loads((run_dir / "job_status.json").read_text())["status"] == "failed"
+    [failed] = find_runs([tmp_path / "outputs"])
+    assert failed.status == "failed" and "epoch 2" in failed.problem
 
 
 @pytest.mark.parametrize("folder", ["a misspelt hydra.run.dir", "no hydra.run.dir"])

@@ -107,16 +107,22 @@ def _undo_refused_run(out_dir: Path, state: str | None, found: set[str]) -> None
     train.log, with the error; if the run had claimed it (``state`` new), the claim goes, so that
     the corrected launch is not held to the refused config. An earlier run's folder (even one
     stopped before its first epoch) stays."""
-    if not out_dir.is_dir():
-        return
-    added = {p.name for p in out_dir.iterdir()} - found
-    if not added <= BOOKKEEPING:  # the run produced something: it is no refusal to undo
+    if not out_dir.is_dir() or _produced_files(out_dir, found):  # no refusal to undo
         return
     if SweepSummary.started == out_dir:
         shutil.rmtree(out_dir, ignore_errors=True)
         remove_empty_folders(SweepSummary.created)
     elif state == "new":
         release_claim(out_dir)
+
+
+def _produced_files(out_dir: Path, found: set[str]) -> bool:
+    """Whether the run in ``out_dir`` wrote more than its log, config and status records to the
+    ``found`` entries of its folder (metrics, checkpoints: it trained)."""
+    if not out_dir.is_dir():
+        return False
+    added = {p.name for p in out_dir.iterdir()} - found
+    return not added <= BOOKKEEPING
 
 
 # The folder a stopped run or sweep leaves to resume (its `output directory:` line); None when
@@ -162,9 +168,13 @@ def hydra_main(cfg: DictConfig) -> None:
                         except BaseException as stop:
                             # Stopped (Ctrl-C, kill) or crashed: the folder that resume=true needs,
                             # or that holds the log; a timestamped one is otherwise hard to find.
+                            # So is that of an error after training began (diverged in epoch 2),
+                            # which keeps its checkpoints; a refusal leaves nothing to find.
                             if not isinstance(stop, SkinclfError):
                                 print(f"output directory: {out_dir}")
                                 resume_folder = out_dir
+                            elif _produced_files(out_dir, found):
+                                print(f"output directory: {out_dir}")
                             raise
             except SkinclfError as err:
                 # Undone while the folder is still ours: no other process claims it in between.
