@@ -195,6 +195,32 @@ def test_decompression_bomb_is_refused_with_a_clear_message(run_and_images, tmp_
     assert table.loc[str(folder / "test_000.png"), "error"] == ""
 
 
+def test_a_folder_scan_leaves_out_explains_figures(run_and_images, tmp_path, capsys):
+    # `skinclf explain RUN .` leaves its heat maps in ./explanations; a later `skinclf predict RUN .`
+    # scored each figure as a lesion (and called some MEL).
+    run_dir, folder, _ = run_and_images
+    for name in ("test_000.png", "test_001.png"):
+        shutil.copy(folder / name, tmp_path / name)
+    cli_main(["explain", str(run_dir), str(tmp_path), "--out", str(tmp_path / "explanations")])
+    figures = sorted((tmp_path / "explanations").iterdir())
+    assert [f.name for f in figures] == ["test_000_gradcam.png", "test_001_gradcam.png"]
+    capsys.readouterr()
+    _predict(run_dir, tmp_path, "--out", tmp_path / "pred.csv")
+    table = pd.read_csv(tmp_path / "pred.csv", keep_default_na=False)
+    assert sorted(Path(p).name for p in table["path"]) == ["test_000.png", "test_001.png"]
+    assert (
+        f"{tmp_path}: left out 2 figures of skinclf explain (*_gradcam.png, such as "
+        in capsys.readouterr().err
+    )
+    # A figure named on the command line is scored: the user asked for it.
+    _predict(run_dir, figures[0], "--out", tmp_path / "figure.csv")
+    assert pd.read_csv(tmp_path / "figure.csv", keep_default_na=False)["error"].tolist() == [""]
+    # A folder of figures only holds nothing to score.
+    with pytest.raises(SystemExit):
+        _predict(run_dir, tmp_path / "explanations")
+    assert "explanations: folder holds no files besides skinclf explain's figures" in capsys.readouterr().err
+
+
 def test_a_folder_that_is_not_a_finished_run_is_refused(run_and_images, tmp_path, capsys):
     _, folder, _ = run_and_images
     unfinished = tmp_path / "unfinished"

@@ -15,7 +15,13 @@ from matplotlib.patches import Rectangle
 from skinclf.arguments import EXPLAIN_TARGETS, explain_parser
 from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
-from skinclf.image_inputs import check_out_spares_runs, collect_images, decode_all, no_readable_image
+from skinclf.image_inputs import (
+    FIGURE_SUFFIX,
+    check_out_spares_runs,
+    collect_images,
+    decode_all,
+    no_readable_image,
+)
 from skinclf.io import output_folder, readable, save_figure
 from skinclf.trained_run import TrainedRun, load_trained_run
 
@@ -105,10 +111,10 @@ def _labels(files: Sequence[Path]) -> dict[Path, str]:
 
 
 def _unique_name(path: Path, taken: set[str]) -> str:
-    name, n = f"{path.stem}_gradcam.png", 1
+    name, n = f"{path.stem}{FIGURE_SUFFIX}", 1
     while name in taken:  # same file name from two folders
         n += 1
-        name = f"{path.stem}_{n}_gradcam.png"
+        name = f"{path.stem}_{n}{FIGURE_SUFFIX}"
     taken.add(name)
     return name
 

@@ -5,24 +5,29 @@ that keeps their --out off the run being used."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from skinclf.data.images import IMAGE_SIZE, decode_image
-from skinclf.errors import SkinclfError
+from skinclf.errors import SkinclfError, counted
 from skinclf.io import files_under
 from skinclf.report.runs import run_file_at
 from skinclf.training.progress import progress
+
+# How `skinclf explain` names its figures (X_gradcam.png for X.png).
+FIGURE_SUFFIX = "_gradcam.png"
 
 
 def collect_images(paths: Sequence[str | Path], skip: Path | None = None) -> list[Path]:
     """The files named by ``paths``: files as given, folders expanded to every file inside them
     (see :func:`files_under`), but those in the folder ``skip`` where it lies inside a folder being
     scanned (an output folder among the inputs: its earlier output is no input; a ``skip`` that
-    is the scanned folder itself, or holds it, skips nothing). Non-image files and dangling links
-    are kept: they get a reported error."""
+    is the scanned folder itself, or holds it, skips nothing), and explain's figures
+    (``*_gradcam.png``, said on stderr): a heat map scored as a lesion is a false MEL or NV call.
+    Non-image files and dangling links are kept: they get a reported error."""
     skipped = None if skip is None else os.path.realpath(skip)
     files: list[Path] = []
     for arg in map(Path, paths):
@@ -31,8 +36,17 @@ def collect_images(paths: Sequence[str | Path], skip: Path | None = None) -> lis
             inside = skipped is not None and skipped.startswith(os.path.realpath(arg) + os.sep)
             if inside:
                 found = [f for f in found if not os.path.realpath(f).startswith(skipped + os.sep)]
+            figures = [f for f in found if f.name.endswith(FIGURE_SUFFIX)]
+            if figures:
+                found = [f for f in found if not f.name.endswith(FIGURE_SUFFIX)]
+                print(
+                    f"{arg}: left out {counted(len(figures), 'figure')} of skinclf explain "
+                    f"(*{FIGURE_SUFFIX}, such as {figures[0]}); name a file to use it",
+                    file=sys.stderr,
+                )
             if not found:
                 besides = f" besides the output folder {skip}" if inside else ""
+                besides += " besides skinclf explain's figures" if figures else ""
                 raise SkinclfError(f"{arg}: folder holds no files{besides}; expected images (JPEG, PNG, ...)")
             files += found
         elif arg.is_file():
