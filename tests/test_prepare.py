@@ -35,7 +35,9 @@ COLOURS = {"MEL": RED, "NV": BLUE, "other": GREEN}
 def _image(path, label, rng):
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = rng.integers(40, 90, 2)
-    Image.new("RGB", (int(w), int(h)), COLOURS[label]).save(path)
+    # Noise makes every file its own: byte-identical files are copies, which prepare keeps together.
+    pixels = np.array(COLOURS[label]) + rng.integers(-20, 21, (int(h), int(w), 3))
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
 
 
 def _lesions(n_mel: int, n_nv: int, n_other: int, rng) -> pd.DataFrame:
@@ -157,6 +159,42 @@ def test_ham10000_split_by_lesion_in_the_paper_proportions(tmp_path, capsys):
     assert splits.train.class_counts()["MEL"] == n_train_mel
 
 
+def test_copies_of_a_file_under_other_ids_land_in_its_split(tmp_path, capsys):
+    # ISIC's archive holds some photos twice, under other image and lesion ids: split apart, a
+    # model is tested on an image it trained on.
+    table = fake_ham10000(tmp_path / "ham")
+    metadata = pd.read_csv(tmp_path / "ham" / "HAM10000_metadata.csv")
+    originals = table[table["label"] != "other"].iloc[:10]
+    copies = pd.DataFrame(
+        {
+            "lesion_id": [f"HAM_copy_{i}" for i in range(10)],
+            "image_id": [f"ISIC_9{i:06d}" for i in range(10)],
+            "dx": originals["label"].str.lower().to_numpy(),
+        }
+    )
+    for original, copy in zip(originals["image_id"], copies["image_id"], strict=True):
+        [path] = (tmp_path / "ham").rglob(f"{original}.jpg")
+        (path.parent / f"{copy}.jpg").write_bytes(path.read_bytes())
+    pd.concat([metadata, copies]).to_csv(tmp_path / "ham" / "HAM10000_metadata.csv", index=False)
+    cli.main(["prepare", str(tmp_path / "ham"), str(tmp_path / "out")])
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv", keep_default_na=False)
+    split_of = dict(
+        zip(manifest["file"].str.split("/").str[-1].str.removesuffix(".jpg"), manifest["split"], strict=True)
+    )
+    assert len(manifest) == 120
+    for original, copy in zip(originals["image_id"], copies["image_id"], strict=True):
+        assert split_of[original] == split_of[copy], (original, copy)
+    err = capsys.readouterr().err
+    assert "10 images of the download repeat another's file byte for byte under another id (first: " in err
+    # Their lesions went along: no lesion in two splits.
+    lesion_of = dict(zip(metadata["image_id"], metadata["lesion_id"], strict=True))
+    lesions = manifest.assign(lesion=[lesion_of.get(f.split("/")[-1][:-4], "") for f in manifest["file"]])
+    assert (lesions[lesions["lesion"] != ""].groupby("lesion")["split"].nunique() == 1).all()
+    # What data=folder reads finds no copy across splits.
+    splits = load_splits(compose_config(["data=folder", f"data.root={tmp_path / 'out'}"]).data)
+    assert sum(len(split) for _, split in splits.items()) == 120
+
+
 @pytest.mark.parametrize(
     "out", ["out", "out dir ü", "a,b", "it's", 'say "hi"', "back\\slash", "end\\", "a${b}"], ids=repr
 )
@@ -182,6 +220,22 @@ def test_isic2019_with_and_without_lesion_metadata_seeded(tmp_path):
     assert not pd.read_csv(tmp_path / "c" / "manifest.csv", keep_default_na=False)["split"].equals(
         first["split"]
     )
+
+
+def test_isic2019_images_missing_from_the_metadata_are_named(tmp_path, caplog):
+    # An empty lesion_id is common in the real file; an image not listed at all is a damaged or
+    # mismatched metadata file, whose lesions would otherwise be lost without a word.
+    table = fake_isic2019(tmp_path / "isic")
+    metadata = tmp_path / "isic" / "ISIC_2019_Training_Metadata.csv"
+    rows = pd.read_csv(metadata, dtype=str)
+    rows[~rows["image"].isin(["ISIC_0001002", "ISIC_0001005"])].to_csv(metadata, index=False)
+    with caplog.at_level(logging.WARNING):
+        prepare_main([str(tmp_path / "isic"), str(tmp_path / "out")])
+    assert (
+        f"{metadata}: 2 images of ISIC_2019_Training_GroundTruth.csv not listed (first: ISIC_0001002)"
+        in caplog.text
+    )
+    assert len(pd.read_csv(tmp_path / "out" / "manifest.csv")) == int((table["label"] != "other").sum())
 
 
 def test_lesions_of_every_size_reach_every_split_in_the_proportions():
@@ -292,11 +346,12 @@ def test_output_images_keep_the_colours_predict_would_see_in_the_download(tmp_pa
                 assert JpegImagePlugin.get_sampling(img) == 0  # 4:4:4
 
 
-def test_balance_and_no_test_split(tmp_path):
+def test_balance_and_no_test_split(tmp_path, capsys):
     table = fake_isic2019(tmp_path / "isic", with_metadata=False)
     prepare_main([str(tmp_path / "isic"), str(tmp_path / "out"), "--balance", "--split", "80,20,0"])
     manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
     assert manifest["label"].value_counts().to_dict() == {"MEL": 30, "NV": 30}
+    assert "ISIC 2019: 60 MEL/NV images (--balance left out 20 of the 50 NV) from " in capsys.readouterr().out
     assert set(manifest["split"]) == {"train", "val"} and not (tmp_path / "out" / "test").exists()
     assert set(manifest["file"].str.split("/").str[-1].str[:-4]) <= set(table["image_id"])
 
@@ -365,6 +420,21 @@ def _tab_separated_ham10000(source):
     pd.read_csv(csv, dtype=str).to_csv(csv, index=False, sep="\t")
 
 
+def _semicolon_separated_ham10000(source):
+    # Excel's CSV in locales with a decimal comma.
+    fake_ham10000(source)
+    csv = source / "HAM10000_metadata.csv"
+    pd.read_csv(csv, dtype=str).to_csv(csv, index=False, sep=";")
+
+
+def _ham10000_metadata_as_tab(source):
+    # The Harvard Dataverse serves HAM10000_metadata as a .tab file unless asked for the original.
+    fake_ham10000(source)
+    csv = source / "HAM10000_metadata.csv"
+    pd.read_csv(csv, dtype=str).to_csv(source / "HAM10000_metadata.tab", index=False, sep="\t")
+    csv.unlink()
+
+
 def _isic_mel_cell(value):
     """The setup of an ISIC 2019 download whose fourth row has ``value`` in its MEL column."""
 
@@ -395,6 +465,16 @@ def _isic_mel_cell(value):
         ),
         (_tab_separated_ham10000, [], "found lesion_id\timage_id\tdx (tab-separated? expected commas)"),
         (
+            _semicolon_separated_ham10000,
+            [],
+            "found lesion_id;image_id;dx (semicolon-separated? expected commas)",
+        ),
+        (
+            _ham10000_metadata_as_tab,
+            [],
+            "HAM10000_metadata.tab is there: expected it as CSV, named HAM10000_metadata.csv; expected",
+        ),
+        (
             lambda s: (s.parent.mkdir(exist_ok=True), s.write_bytes(b"PK\x03\x04")),
             [],
             "is a file (an archive?",
@@ -424,6 +504,8 @@ def _isic_mel_cell(value):
         "image-of-another-kind",
         "missing-column",
         "tab-separated",
+        "semicolon-separated",
+        "dataverse-tab",
         "archive",
         "too-few",
         "no-mel",

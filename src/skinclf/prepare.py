@@ -13,12 +13,14 @@ the end (or, when OUT exists as an empty folder, emptied into it).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import shlex
 import shutil
 import sys
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,9 +78,11 @@ def _require_columns(table: pd.DataFrame, path: Path, columns: list[str]) -> Non
     missing = [c for c in columns if c not in table.columns]
     if missing:
         found = ", ".join(map(str, table.columns[:8])) + (", ..." if len(table.columns) > 8 else "")
-        tabs = " (tab-separated? expected commas)" if any("\t" in str(c) for c in table.columns) else ""
+        separators = {"\t": "tab", ";": "semicolon"}  # Excel saves CSV with semicolons in some locales
+        seen = [name for sep, name in separators.items() if any(sep in str(c) for c in table.columns)]
+        hint = f" ({seen[0]}-separated? expected commas)" if seen else ""
         raise SkinclfError(
-            f"{path}: no column {missing[0]!r}; expected columns {', '.join(columns)}, found {found}{tabs}"
+            f"{path}: no column {missing[0]!r}; expected columns {', '.join(columns)}, found {found}{hint}"
         )
 
 
@@ -175,15 +179,25 @@ def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
             lesions = dict(
                 zip(meta["image"].str.strip(), meta["lesion_id"].fillna("").str.strip(), strict=True)
             )
+            unlisted = [i for i in records["image_id"] if i not in lesions]
+            if unlisted:
+                log.warning(
+                    f"{metadata}: {counted(len(unlisted), 'image')} of {isic.name} not listed (first: "
+                    f"{unlisted[0]}): their lesions unknown, each is split on its own"
+                )
         else:
             log.warning(
                 f"no {ISIC_2019_METADATA} under {source}: lesion ids unknown, images are split one by one"
             )
         records["lesion_id"] = [lesions.get(image_id, "") for image_id in records["image_id"]]
         return "ISIC 2019", isic, records
+    # Another format of a metadata file (Dataverse offers HAM10000_metadata as .tab): named.
+    stems = {Path(name).stem for name in (ISIC_2019_CSV, HAM10000_CSV)}
+    other = next((path for path in files_under(source) if path.stem in stems), None)
+    seen = f"; {other} is there: expected it as CSV, named {other.stem}.csv" if other else ""
     raise SkinclfError(
         f"{source}: neither {ISIC_2019_CSV} (ISIC 2019 training set) nor {HAM10000_CSV} (HAM10000) "
-        "found in it; expected the unpacked download of one of them"
+        f"found in it{seen}; expected the unpacked download of one of them"
     )
 
 
@@ -212,6 +226,58 @@ def locate_images(
             f"inside SOURCE, every part of it unpacked{skip}"
         )
     return [index[i] for i in image_ids]
+
+
+def group_copies(groups: np.ndarray, sources: list[Path]) -> np.ndarray:
+    """``groups`` (one per image) with the groups of byte-identical files joined: the same photo
+    filed under two ids, as ISIC's archive has, would otherwise land in two splits, and a model
+    would be tested on an image it trained on. Only files of one size are read (and hashed), so
+    a download without copies costs a ``stat`` per file; one that cannot be read stays apart (the
+    writing reports it). The copies are counted on stderr, the first pair named."""
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for row, path in enumerate(sources):
+        by_size[path.stat().st_size].append(row)
+    by_size.pop(0, None)  # empty files are no photos (the writing reports them), nor copies of one
+    rows = [row for same_size in by_size.values() if len(same_size) > 1 for row in same_size]
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        digests = pool.map(lambda row: _file_digest(sources[row]), rows)
+        by_digest: dict[str, list[int]] = defaultdict(list)
+        for row, digest in zip(rows, digests, strict=True):
+            if digest is not None:
+                by_digest[digest].append(row)
+    copies = [same for same in by_digest.values() if len(same) > 1]
+    if not copies:
+        return groups
+    # Union-find over the group names: a copy may link two lesions, each with more images.
+    parent: dict[str, str] = {}
+
+    def root(group: str) -> str:
+        while parent.get(group, group) != group:
+            group = parent[group]
+        return group
+
+    for same in copies:
+        for row in same[1:]:
+            a, b = root(groups[same[0]]), root(groups[row])
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # the same result whatever order the copies come in
+    first = copies[0]
+    print(
+        f"{counted(sum(len(same) - 1 for same in copies), 'image')} of the download repeat another's file "
+        f"byte for byte under another id (first: {sources[first[1]]} = {sources[first[0]]}): each kept "
+        "in one split with its copies",
+        file=sys.stderr,
+    )
+    return np.array([root(group) for group in groups], dtype=object)
+
+
+def _file_digest(path: Path) -> str | None:
+    """SHA-256 of the file's bytes; None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 def assign_splits(labels: np.ndarray, groups: np.ndarray, fractions: np.ndarray, seed: int) -> np.ndarray:
@@ -331,12 +397,19 @@ def prepare(
     # Every listed image looked for, also those --balance leaves out: a missing one means a
     # download unpacked in part, whichever images the seed happens to draw.
     sources = locate_images(source, records["image_id"], metadata, skip_bad_images)
+    balanced = ""
     if balance:
         drawn = undersample_majority((records["label"] == "MEL").to_numpy(), seed)
+        counts = records["label"].value_counts()
+        if len(drawn) < len(records):
+            balanced = (
+                f" (--balance left out {len(records) - len(drawn)} of the {counts.max()} {counts.idxmax()})"
+            )
         records, sources = records.iloc[drawn].reset_index(drop=True), [sources[i] for i in drawn]
-    # Images without a lesion id are their own group.
+    # Images without a lesion id are their own group; a file's copies under other ids join its.
     groups = records["lesion_id"].where(records["lesion_id"] != "", "image:" + records["image_id"])
-    split = assign_splits(records["label"].to_numpy(), groups.to_numpy(), fractions, seed)
+    groups = group_copies(groups.to_numpy(), sources)
+    split = assign_splits(records["label"].to_numpy(), groups, fractions, seed)
     manifest = pd.DataFrame(
         {
             "file": [
@@ -423,7 +496,7 @@ def prepare(
     shutil.rmtree(tmp, ignore_errors=True)  # emptied into an OUT that existed
     counts["total"] = counts.sum(axis=1)
     left_out = f", {len(skipped)} unreadable left out (listed above)" if skipped else ""
-    print(f"{name}: {len(manifest)} MEL/NV images from {source} -> {out} (manifest.csv){left_out}")
+    print(f"{name}: {len(manifest)} MEL/NV images{balanced} from {source} -> {out} (manifest.csv){left_out}")
     print(counts.rename_axis(index="split", columns=None).to_string())
     print(f"next: {train_command_for(out)}")
     return manifest
