@@ -293,6 +293,26 @@ def test_bad_input_names_the_path(tmp_path, breaker, expected):
     assert expected in message
 
 
+def test_a_raw_download_or_one_split_as_data_root_says_what_to_give_instead(tmp_path):
+    # Two mistakes a user makes: data.root at the unpacked download, or at the prepared train/.
+    download = tmp_path / "downloads" / "isic 2019"
+    write_image(download / "ISIC_2019_Training_Input" / "ISIC_0000000.jpg", RED)
+    (download / "ISIC_2019_Training_GroundTruth.csv").write_text("image,MEL,NV\nISIC_0000000,1,0\n")
+    with pytest.raises(SkinclfError) as err:
+        load_splits(data_cfg(download, None))
+    assert str(err.value).endswith(
+        f"(a raw download? `skinclf prepare '{download}' OUT` builds that layout in OUT)"
+    )
+    root = make_dataset(tmp_path / "prepared", {"train": (2, 2), "val": (1, 1)})
+    with pytest.raises(SkinclfError) as err:
+        load_splits(data_cfg(root / "train", None))
+    assert str(err.value).endswith(f"(train/ is one split: data.root={root} holds them all)")
+    # Any other folder without splits: the layout only.
+    with pytest.raises(SkinclfError) as err:
+        load_splits(data_cfg(root / "train" / "MEL", None))
+    assert str(err.value).endswith("NEV accepted for NV)")
+
+
 def test_root_not_set(tmp_path):
     with pytest.raises(SkinclfError, match=r"data.root is not set"):
         load_splits(compose_config(["data=folder"]).data)

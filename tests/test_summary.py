@@ -85,6 +85,10 @@ def test_a_key_only_some_models_have_goes_to_those_under_model_all(capsys):
     ("args", "named"),
     [
         (["model=nope"], "model=nope"),
+        (
+            ["model=baseline,resnet"],
+            "model=baseline,resnet: unknown model (one model, or all: summary takes no list)",
+        ),
         (["model=all", "model.freez=2"], "model.freez: no skinclf config has this key"),
         (["resnet"], "resnet"),
         # A bad model option: a Hydra InstantiationException traceback before.

@@ -132,7 +132,10 @@ def test_missing_weights_offline_is_one_clear_error(offline_hub):
     message = str(err.value)
     assert str(offline_hub / "vgg16-397923af.pth") in message  # the file, in the folder it must be in
     assert WEIGHTS.url in message and "weights='IMAGENET1K_V1'" in message  # how to get it
-    assert "model.pretrained=false" in message
+    # The offline alternative, and how to take it where experiment=paper refuses the key.
+    assert "model.pretrained=false (random features, not the paper's setup; where" in message
+    assert "experiment=paper" in message
+    assert "launch it on its own" in message
     assert "\n" not in message
 
 

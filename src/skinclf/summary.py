@@ -41,7 +41,10 @@ def model_config(name: str, overrides: list[str] = ()) -> DictConfig:
     """The train config of model ``name`` with ``overrides``; random weights unless asked otherwise.
     A model of the user's own comes from a folder added with ``hydra.searchpath=[file://DIR]``."""
     if name not in model_names() and not adds_config_folders(overrides):
-        raise SkinclfError(f"model={name}: unknown model; expected one of {', '.join(model_names())} or all")
+        several = " (one model, or all: summary takes no list)" if "," in name else ""
+        raise SkinclfError(
+            f"model={name}: unknown model{several}; expected one of {', '.join(model_names())} or all"
+        )
     cfg = compose_config([f"model={name}", *overrides])
     check_model_config(cfg.model, f"model={name}")
     if "pretrained" in cfg.model and not any(o.startswith("model.pretrained=") for o in overrides):

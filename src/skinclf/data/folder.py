@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from skinclf.arguments import HAM10000_CSV, ISIC_2019_CSV
 from skinclf.config import data_path
 from skinclf.data.decode_cache import load_or_decode, store
 from skinclf.data.images import IMAGE_SIZE
@@ -99,6 +101,16 @@ def _split_files(split_dir: Path) -> tuple[list[Path], list[float]]:
     return files, labels
 
 
+def _layout_hint(root: Path) -> str:
+    """What a ``root`` without split folders likely is, where it can be told: a raw download
+    (its metadata CSV), or one split of a prepared folder."""
+    if any((root / csv).is_file() for csv in (ISIC_2019_CSV, HAM10000_CSV)):
+        return f" (a raw download? `skinclf prepare {shlex.quote(str(root))} OUT` builds that layout in OUT)"
+    if root.name.lower() in SPLIT_NAMES and (root.parent / "train").is_dir():
+        return f" ({root.name}/ is one split: data.root={root.parent} holds them all)"
+    return ""
+
+
 def find_images(root: Path) -> dict[str, tuple[list[Path], list[float]]]:
     """The image files and labels (MEL = 1) of each split present under ``root``; checks the layout."""
     if not root.is_dir():
@@ -109,7 +121,7 @@ def find_images(root: Path) -> dict[str, tuple[list[Path], list[float]]]:
         if name not in splits:
             if name == "test":
                 continue
-            raise SkinclfError(f"{root / name}: missing split folder; expected {LAYOUT}")
+            raise SkinclfError(f"{root / name}: missing split folder; expected {LAYOUT}{_layout_hint(root)}")
         if not splits[name].is_dir():  # a test that is not a folder is a mistake, not "no test"
             raise SkinclfError(f"{splits[name]}: {not_a_folder(splits[name])}; expected {LAYOUT}")
         found[name] = _split_files(splits[name])
