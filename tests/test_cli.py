@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,16 +15,17 @@ import tempfile
 import time
 import types
 from importlib.resources import files
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from PIL import Image
 
 import skinclf
-from skinclf.cli import RESUME_HINTS
 from skinclf.cli import main as cli_main
 from skinclf.config import compose_config, config_choices
 from skinclf.data import load_splits
@@ -38,6 +40,7 @@ from skinclf.train_arguments import (
     _check_sweeps_are_launched_as_sweeps,
     check_override_keys,
     overrides_together,
+    resume_command,
 )
 from skinclf.training import loop
 from skinclf.training.environment import source_digest
@@ -136,9 +139,13 @@ def test_a_stopped_run_leaves_no_temporary_files_and_resumes(tmp_path, signum):
     assert proc.returncode == 128 + signum
     # The folder that resume=true needs is printed (a timestamped one is otherwise hard to find).
     assert stdout.strip().splitlines()[-1] == f"output directory: {run_dir}"
-    # One line saying how to go on, not a traceback.
+    # One line saying how to go on, not a traceback: the command that resumes, to paste.
     by = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-    assert stderr.strip().splitlines()[-1].startswith(f"skinclf train: stopped ({by}); resume=true")
+    stop_line = stderr.strip().splitlines()[-1]
+    assert stop_line.startswith(f"skinclf train: stopped ({by}); to go on: skinclf train ")
+    command = shlex.split(stop_line.split("; to go on: ", 1)[1])
+    assert command == ["skinclf", "train", *overrides[:-1], "trainer.progress=never", *command[-2:]]
+    assert command[-2:] == [f"hydra.run.dir={run_dir}", "resume=true"]
     assert "Traceback" not in stderr
     assert not [p.name for p in run_dir.iterdir() if p.suffix == ".tmp"]
     assert not (run_dir / "test_metrics.json").exists()
@@ -146,7 +153,7 @@ def test_a_stopped_run_leaves_no_temporary_files_and_resumes(tmp_path, signum):
     [stopped] = find_runs([tmp_path / "outputs"])
     assert stopped.status == "unfinished" and stopped.problem.startswith("stopped after 1 epoch (Ctrl-C")
 
-    train_cli(*overrides, "resume=true", cwd=tmp_path)
+    train_cli(*command[2:], cwd=tmp_path)  # as printed
     assert len(pd.read_csv(metrics)) == 3
     assert json.loads((run_dir / "job_status.json").read_text())["status"] == "done"
 
@@ -261,6 +268,32 @@ def test_a_stopped_or_crashed_launch_names_its_folder(tmp_path, monkeypatch, swe
     assert proc.returncode == returncode, proc.stderr
     # The folder to resume (the run's, or the sweep's to re-launch into), or to read the log of.
     assert f"output directory: {folder}" in proc.stdout.splitlines()
+    if returncode == 130:  # and the command that does it: a sweep's stopped jobs resume on a re-launch
+        again = (
+            ["-m", *TINY, f"hydra.sweep.dir={folder}"]
+            if sweep
+            else [*TINY, f"hydra.run.dir={folder}", "resume=true"]
+        )
+        assert (
+            proc.stderr.strip()
+            .splitlines()[-1]
+            .endswith(f"; to go on: {shlex.join(['skinclf', 'train', *again])}")
+        )
+
+
+def test_the_resume_command_replaces_the_folder_and_resume_given_and_pastes_into_a_shell():
+    folder = Path("/runs/a b,c")
+    # An option's value is no override, whatever it looks like.
+    args = ["--config-dir", "resume=dir", "model=res_aug", "resume=false", "hydra.run.dir=x", "seed=1"]
+    command = resume_command(args, folder, sweep=False)
+    words = shlex.split(command)
+    assert words == ["skinclf", "train", "--config-dir", "resume=dir", "model=res_aug", "seed=1", *words[-2:]]
+    assert words[-1] == "resume=true"
+    # The folder, quoted for Hydra's grammar (its space and comma), reads back as itself.
+    override = OverridesParser.create().parse_overrides([words[-2]])[0]
+    assert (override.key_or_group, override.value()) == ("hydra.run.dir", str(folder))
+    sweep = shlex.split(resume_command(["-m", "seed=0,1", "hydra.sweep.dir=old"], Path("/s"), sweep=True))
+    assert sweep == ["skinclf", "train", "-m", "seed=0,1", "hydra.sweep.dir=/s"]
 
 
 def test_kill_says_how_to_go_on_as_ctrl_c_does(tmp_path, monkeypatch):
@@ -276,7 +309,10 @@ def test_kill_says_how_to_go_on_as_ctrl_c_does(tmp_path, monkeypatch):
     proc = train_cli(f"hydra.run.dir={folder}", *TINY, cwd=tmp_path, check=False)
     assert proc.returncode == 143, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == f"output directory: {folder}"
-    assert proc.stderr.strip().splitlines()[-1] == f"skinclf train: stopped (SIGTERM){RESUME_HINTS['train']}"
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"skinclf train: stopped (SIGTERM); to go on: skinclf train {' '.join(TINY)} "
+        f"hydra.run.dir={folder} resume=true"
+    )
     # The run's log, read when the console is gone, says so too (and only the log).
     assert (folder / "train.log").read_text().strip().endswith("stopped by SIGTERM (resumable)")
     assert "stopped by" not in proc.stdout + proc.stderr

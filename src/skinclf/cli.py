@@ -26,10 +26,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # How work stopped by Ctrl-C or `kill` goes on, per command (the others simply start again).
-RESUME_HINTS = {
-    "train": "; resume=true with its hydra.run.dir continues a run, the same -m command with its "
-    "hydra.sweep.dir a sweep",
-}
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
 
 USAGE = """usage: skinclf COMMAND [ARGS]
@@ -124,6 +120,6 @@ def _dispatch(argv: list[str]) -> None:
 def _report_stop(command: str, by: str, module: object) -> None:
     # A stop is the user's own doing (or their scheduler's), not a crash: one line, not a
     # traceback. Files being written are atomic, so nothing is left half-written. The hint only
-    # where there is something to resume (train's ``resume_folder``: not when stopped before its folder).
-    hint = RESUME_HINTS.get(command, "") if getattr(module, "resume_folder", None) is not None else ""
+    # where there is something to resume (train's: not when stopped before its folder).
+    hint = module.resume_hint() if hasattr(module, "resume_hint") else ""
     print(f"skinclf {command}: stopped ({by}){hint}", file=sys.stderr)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -34,6 +33,7 @@ from skinclf.data.splits import SPLIT_NAMES, undersample_majority
 from skinclf.errors import SkinclfError, counted, not_a_folder
 from skinclf.io import files_under, missing_folders, readable, remove_empty_folders
 from skinclf.sweep.resources import available_cores
+from skinclf.train_arguments import override_value
 from skinclf.training.progress import progress
 
 log = logging.getLogger(__name__)
@@ -502,21 +502,10 @@ def prepare(
     return manifest
 
 
-# What Hydra's override grammar reads as a plain value; any other path is quoted for it.
-_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./+-]+")
-
-
 def train_command_for(root: Path) -> str:
     """``skinclf train data=folder data.root=ROOT`` as it can be pasted into a shell: a root with
-    spaces or commas quoted for Hydra's grammar (backslashes doubled only before a quote, as it
-    reads them; ``${`` escaped), then the whole override quoted for the shell."""
-    value = str(root)
-    if not _PLAIN_VALUE.fullmatch(value):
-        escaped = re.sub(r'(\\*)"', lambda m: 2 * m.group(1) + '\\"', value)
-        escaped = re.sub(r"(\\+)$", lambda m: 2 * m.group(1), escaped)
-        # ${ would start an OmegaConf interpolation once the value is in the config.
-        value = '"' + escaped.replace("${", "\\${") + '"'
-    return f"skinclf train data=folder {shlex.quote(f'data.root={value}')}"
+    spaces or commas quoted for Hydra's grammar, then the whole override quoted for the shell."""
+    return f"skinclf train data=folder {shlex.quote(f'data.root={override_value(str(root))}')}"
 
 
 def main(args: list[str]) -> None:

@@ -13,6 +13,8 @@ import difflib
 import functools
 import math
 import os
+import re
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -185,6 +187,34 @@ def _override_words(args: list[str]) -> list[str]:
     if namespace is None or namespace.shell_completion:
         return []
     return list(namespace.overrides)
+
+
+# What Hydra's override grammar reads as a plain value; any other is quoted for it.
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./+-]+")
+
+
+def override_value(value: str) -> str:
+    """``value`` as Hydra's override grammar reads it back: quoted where it has spaces, commas
+    and the like (backslashes doubled only before a quote, as Hydra reads them; ``${`` escaped,
+    which would start an OmegaConf interpolation once the value is in the config)."""
+    if _PLAIN_VALUE.fullmatch(value):
+        return value
+    escaped = re.sub(r'(\\*)"', lambda m: 2 * m.group(1) + '\\"', value)
+    escaped = re.sub(r"(\\+)$", lambda m: 2 * m.group(1), escaped)
+    return '"' + escaped.replace("${", "\\${") + '"'
+
+
+def resume_command(args: Sequence[str], folder: Path, sweep: bool) -> str:
+    """``skinclf train ARGS`` that continues a stopped launch, to paste into a shell: the user's
+    ``args`` with the launch's folder as ``hydra.run.dir`` plus ``resume=true`` (a run), or as
+    ``hydra.sweep.dir`` (a sweep, which resumes its stopped jobs when launched again), in place
+    of any such override given."""
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    replaced = {key} if sweep else {key, "resume"}
+    overrides = set(_override_words(list(args)))
+    kept = [arg for arg in args if arg not in overrides or override_key(arg) not in replaced]
+    added = [f"{key}={override_value(str(folder))}", *([] if sweep else ["resume=true"])]
+    return shlex.join(["skinclf", "train", *kept, *added])
 
 
 def _check_hydra_options(args: list[str]) -> None:

@@ -36,7 +36,7 @@ from skinclf.run_folder import (
 )
 from skinclf.sweep.jobs import record_stopped_jobs, run_sweep_job
 from skinclf.sweep.summary import SweepSummary, remove_unstarted
-from skinclf.train_arguments import asks_version, checked_for_hydra
+from skinclf.train_arguments import asks_version, checked_for_hydra, resume_command
 
 
 def check_appended_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
@@ -128,6 +128,17 @@ def _produced_files(out_dir: Path, found: set[str]) -> bool:
 # The folder a stopped run or sweep leaves to resume (its `output directory:` line); None when
 # it stopped before it had one, so that the command line does not send the user to resume it.
 resume_folder: Path | None = None
+# The command line of this launch (as checked_for_hydra orders it), for the command that resumes it.
+launch_args: list[str] = []
+
+
+def resume_hint() -> str:
+    """What the stop line adds: the command that continues the stopped run or sweep; nothing
+    where there is nothing to resume."""
+    if resume_folder is None:
+        return ""
+    sweep = SweepSummary.sweep_dir is not None and resume_folder == SweepSummary.sweep_dir
+    return f"; to go on: {resume_command(launch_args, resume_folder, sweep)}"
 
 
 @hydra.main(version_base="1.3", config_path="pkg://skinclf.conf", config_name="train")
@@ -208,12 +219,14 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf train ARGS``: hand the arguments to Hydra."""
-    global resume_folder
+    global resume_folder, launch_args
     resume_folder = None
     if asks_version(args):  # Hydra's own answer names only Hydra
         print(f"skinclf {__version__} (Hydra {hydra.__version__})")
         return
-    sys.argv = ["skinclf train", *checked_for_hydra(args)]
+    # As checked: options after the overrides, which Hydra then reads (and _override_words too).
+    launch_args = checked_for_hydra(args)
+    sys.argv = ["skinclf train", *launch_args]
     # Class-level (Hydra makes the callback instance): a previous call's must not count.
     SweepSummary.started = SweepSummary.sweep_dir = SweepSummary.last = None
     SweepSummary.created = []
