@@ -241,6 +241,31 @@ def test_a_folder_that_is_not_a_finished_run_is_refused(run_and_images, tmp_path
     assert "(best.pt is no file)" in capsys.readouterr().err
 
 
+def test_a_stopped_run_or_swapped_arguments_say_what_to_do(run_and_images, tmp_path, capsys):
+    run_dir, folder, _ = run_and_images
+    # A run stopped before its end (Ctrl-C): its status says so, and resume=true finishes it.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run_dir, stopped)
+    (stopped / "test_metrics.json").unlink()
+    (stopped / "job_status.json").write_text(json.dumps({"status": "stopped", "launch": None}))
+    with pytest.raises(SystemExit):
+        _predict(stopped, folder)
+    err = capsys.readouterr().err
+    assert (
+        "(test_metrics.json is missing)" in err
+        and f"hydra.run.dir={stopped} and resume=true finishes it" in err
+    )
+    (stopped / "job_status.json").write_text(json.dumps({"status": "failed", "launch": None}))
+    with pytest.raises(SystemExit):
+        _predict(stopped, folder)
+    assert "; its run is failed (its train.log says more)" in capsys.readouterr().err
+    # The images first, the run second: the folder of images is named as such.
+    with pytest.raises(SystemExit):
+        _predict(folder, run_dir)
+    assert f"{folder}: not a finished skinclf run (best.pt is missing)" in (err := capsys.readouterr().err)
+    assert err.strip().endswith("; it holds images: the run folder comes first, then the images")
+
+
 def test_a_sweep_folder_given_as_the_run_points_to_its_job_folders(run_and_images, tmp_path, capsys):
     _, folder, _ = run_and_images
     (tmp_path / "multirun.yaml").write_text("hydra: {}\n")  # what a sweep's folder holds

@@ -30,8 +30,9 @@ from skinclf.run_files import (
     HYDRA_SETTINGS,
     RUN_CONFIG,
     TEST_METRICS,
+    TRAIN_LOG,
 )
-from skinclf.run_folder import differences_from_record, hydra_record, recorded
+from skinclf.run_folder import differences_from_record, holds_a_run, hydra_record, read_status, recorded
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision, runs_natively
 from skinclf.training.loop import LoopSettings, predict_logits
@@ -179,6 +180,10 @@ def _check_own_checkpoint(run_dir: Path, state: dict[str, Any], metrics: dict[st
         )
 
 
+# Common image file suffixes, to tell a folder of images given where the run folder goes.
+PICTURE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
 def _not_a_run_hint(folder: Path) -> str:
     """What to give instead of ``folder``, which holds no finished run: a grid search trains no
     model (its points are cross-validated, never tested), a sweep's folder holds runs."""
@@ -189,6 +194,18 @@ def _not_a_run_hint(folder: Path) -> str:
         )
     if (folder / HYDRA_MULTIRUN).is_file():
         return "; a sweep's folder: give one of its job folders"
+    status = read_status(folder).get("status")
+    if status == "stopped":
+        return (
+            "; its run was stopped before its end: `skinclf train` with its overrides, "
+            f"hydra.run.dir={folder} and resume=true finishes it"
+        )
+    if status in ("failed", "running"):
+        return f"; its run is {status} (its {TRAIN_LOG} says more)"
+    if not holds_a_run(folder) and any(
+        entry.suffix.lower() in PICTURE_SUFFIXES for entry in folder.iterdir() if entry.is_file()
+    ):
+        return "; it holds images: the run folder comes first, then the images"
     return ""
 
 
