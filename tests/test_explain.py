@@ -352,6 +352,20 @@ def test_an_unwritable_out_is_refused_before_the_model_is_loaded(where, tmp_path
     assert notes.read_text() == "keep me"
 
 
+def test_an_out_named_like_an_image_file_is_refused(tmp_path, monkeypatch, capsys):
+    # `--out heatmap.png` made a folder heatmap.png/ holding the figure.
+    image, _ = image_and_kept_file(tmp_path)
+    monkeypatch.setattr("skinclf.explain.load_trained_run", fail_if_called("loading the model"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["explain", str(tmp_path / "run"), str(image), "--out", str(tmp_path / "heatmap.PNG")])
+    assert exit_info.value.code == 2
+    assert (
+        "heatmap.PNG: names a file; expected a folder, to hold one figure per image"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "heatmap.PNG").exists()
+
+
 @pytest.mark.parametrize(
     ("where", "message"),
     [

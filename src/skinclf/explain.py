@@ -23,7 +23,7 @@ from skinclf.image_inputs import (
     no_readable_image,
 )
 from skinclf.io import output_folder, readable, save_figure
-from skinclf.trained_run import TrainedRun, load_trained_run
+from skinclf.trained_run import PICTURE_SUFFIXES, TrainedRun, load_trained_run
 
 # Images explained per forward/backward pass: Grad-CAM keeps activations and gradients in memory.
 CHUNK = 16
@@ -179,6 +179,9 @@ def explain_files(
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf explain ARGS``."""
     opts = explain_parser().parse_args(args)
+    if Path(opts.out).suffix.lower() in PICTURE_SUFFIXES and not Path(opts.out).exists():
+        # --out heatmap.png would become a folder of that name holding the figures.
+        raise SkinclfError(f"--out {opts.out}: names a file; expected a folder, to hold one figure per image")
     # Before the folder is made: refused, it leaves nothing behind.
     check_out_spares_runs(Path(opts.out), Path(opts.run_dir), "a folder")
     # An unwritable --out fails now, not after the model was loaded; an --out made here is
