@@ -135,7 +135,7 @@ def test_missing_weights_offline_is_one_clear_error(offline_hub):
     # The offline alternative, and how to take it where experiment=paper refuses the key.
     assert "model.pretrained=false (random features, not the paper's setup; where" in message
     assert "experiment=paper" in message
-    assert "launch it on its own" in message
+    assert "launch this one on its own" in message
     assert "\n" not in message
 
 

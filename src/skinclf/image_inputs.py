@@ -45,8 +45,10 @@ def collect_images(paths: Sequence[str | Path], skip: Path | None = None) -> lis
                     file=sys.stderr,
                 )
             if not found:
-                besides = f" besides the output folder {skip}" if inside else ""
-                besides += " besides skinclf explain's figures" if figures else ""
+                left_out = [f"the output folder {skip}"] * inside + ["skinclf explain's figures"] * bool(
+                    figures
+                )
+                besides = f" besides {' and '.join(left_out)}" if left_out else ""
                 raise SkinclfError(f"{arg}: folder holds no files{besides}; expected images (JPEG, PNG, ...)")
             files += found
         elif arg.is_file():

@@ -179,10 +179,11 @@ def read_records(source: Path) -> tuple[str, Path, pd.DataFrame]:
             lesions = dict(
                 zip(meta["image"].str.strip(), meta["lesion_id"].fillna("").str.strip(), strict=True)
             )
-            unlisted = [i for i in records["image_id"] if i not in lesions]
+            mel_nv = records["image_id"][records["label"].isin(["MEL", "NV"])]
+            unlisted = [i for i in mel_nv if i not in lesions]
             if unlisted:
                 log.warning(
-                    f"{metadata}: {counted(len(unlisted), 'image')} of {isic.name} not listed (first: "
+                    f"{metadata}: {counted(len(unlisted), 'MEL/NV image')} of {isic.name} not listed (first: "
                     f"{unlisted[0]}): their lesions unknown, each is split on its own"
                 )
         else:
@@ -231,12 +232,15 @@ def locate_images(
 def group_copies(groups: np.ndarray, sources: list[Path]) -> np.ndarray:
     """``groups`` (one per image) with the groups of byte-identical files joined: the same photo
     filed under two ids, as ISIC's archive has, would otherwise land in two splits, and a model
-    would be tested on an image it trained on. Only files of one size are read (and hashed), so
-    a download without copies costs a ``stat`` per file; one that cannot be read stays apart (the
-    writing reports it). The copies are counted on stderr, the first pair named."""
+    would be tested on an image it trained on. Only files that share their size with another are
+    read (and hashed); one that cannot be read stays apart (the writing reports it). The copies
+    are counted on stderr, the first pair named."""
     by_size: dict[int, list[int]] = defaultdict(list)
     for row, path in enumerate(sources):
-        by_size[path.stat().st_size].append(row)
+        try:
+            by_size[path.stat().st_size].append(row)
+        except OSError:  # a dangling link: the writing names it (or --skip-bad-images skips it)
+            continue
     by_size.pop(0, None)  # empty files are no photos (the writing reports them), nor copies of one
     rows = [row for same_size in by_size.values() if len(same_size) > 1 for row in same_size]
     with ThreadPoolExecutor(_WORKERS) as pool:

@@ -33,8 +33,8 @@ def download_hint(builder: str, weights: WeightsEnum, without: str = RANDOM) -> 
         f'on a machine with network run `python -c "import torchvision; '
         f"torchvision.models.{builder}(weights='{weights.name}')\"` (or download {weights.url}) and copy "
         f"{path.name} into {path.parent}/ here; "
-        f"or set model.pretrained=false ({without}; where several models share a launch, as "
-        "in experiment=paper, only this one has the key: launch it on its own)"
+        f"or set model.pretrained=false ({without}; where a launch also has models without the "
+        "key, as experiment=paper has, launch this one on its own)"
     )
 
 
