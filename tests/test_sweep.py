@@ -214,11 +214,27 @@ def test_sweep_jobs_skip_finished_resume_unfinished_and_record_failures(tmp_path
         raise SkinclfError("trainer.precision=bogus: expected one of auto, fp32, bf16, fp16")
 
     first = start_launch(sweep)
-    assert _job(tmp_path, sweep, 0, finishing, "seed=0") == "done"
-    assert _job(tmp_path, sweep, 1, interrupted, "seed=1") == "failed"
-    assert _job(tmp_path, sweep, 2, bad_input, "trainer.precision=bogus") == "failed"
+    # As Hydra's job logging: the crash's traceback goes to the job's log file, not the console.
+    log_file, console = logging.FileHandler(tmp_path / "job.log"), logging.StreamHandler(sys.stdout)
+    logging.getLogger().addHandler(log_file)
+    logging.getLogger().addHandler(console)
+    try:
+        assert _job(tmp_path, sweep, 0, finishing, "seed=0") == "done"
+        assert _job(tmp_path, sweep, 1, interrupted, "seed=1") == "failed"
+        assert _job(tmp_path, sweep, 2, bad_input, "trainer.precision=bogus") == "failed"
+    finally:
+        for handler in (log_file, console):
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     assert calls == [(0, False), (1, False)]
-    assert "job 2 failed: trainer.precision=bogus" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "job 2 failed: trainer.precision=bogus" in printed.err
+    assert "job 1 failed: killed mid-epoch" in printed.err and "Traceback" not in printed.out + printed.err
+    logged = (tmp_path / "job.log").read_text()
+    assert (
+        "job 1 failed: RuntimeError: killed mid-epoch" in logged
+        and "Traceback (most recent call last)" in logged
+    )
 
     jobs = collect_jobs(sweep, first)
     assert [Path(d).name for d in jobs.done] == ["0_job"]
@@ -638,6 +654,9 @@ def test_failed_job_does_not_stop_the_sweep_and_relaunch_retrains_nothing(
     for failed in ("1_baseline", "3_resnet"):
         assert f"FAILED {sweep / failed}: trainer.precision=bogus" in proc.stdout
         assert f"log: {sweep / failed / 'train.log'}" in proc.stdout
+    # Each failure said once as it happens (the log line that was printed too stays in the log).
+    assert (proc.stdout + proc.stderr).count("job 1 failed: trainer.precision=bogus") == 1
+    assert "job 1 failed: trainer.precision=bogus" in (sweep / "1_baseline" / "train.log").read_text()
     finished = [sweep / "0_baseline", sweep / "2_resnet"]
     assert all((d / "test_metrics.json").exists() for d in finished)
     before = {

@@ -408,9 +408,11 @@ class TrainLogHandler(logging.FileHandler):
             super().handleError(record)
 
 
-def log_to_file_only(message: str, level: int = logging.ERROR) -> None:
-    """``message`` into the run's train.log (Hydra's file handler), not again on the console."""
-    record = logging.LogRecord("skinclf", level, __file__, 0, message, None, None)
+def log_to_file_only(message: str, level: int = logging.ERROR, exc_info: BaseException | None = None) -> None:
+    """``message`` (and ``exc_info``'s traceback) into the run's train.log (Hydra's file handler),
+    not again on the console."""
+    details = None if exc_info is None else (type(exc_info), exc_info, exc_info.__traceback__)
+    record = logging.LogRecord("skinclf", level, __file__, 0, message, None, details)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

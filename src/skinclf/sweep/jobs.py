@@ -31,6 +31,7 @@ from skinclf.run_folder import (
     FolderBusy,
     claim_run_dir,
     holds_only_bookkeeping,
+    log_to_file_only,
     process_gone,
     read_status,
     recorded_status,
@@ -190,10 +191,12 @@ def run_sweep_job(
             with contextlib.suppress(OSError):  # see below
                 record_refusal(sweep_dir, out_dir, launch, error=message, **info)
             return "failed"
+        # Into the job's train.log (a crash with its traceback); the console gets the one line
+        # below, not the log line too.
         if isinstance(err, SkinclfError):
-            log.error(f"job {job_num} failed: {message}")
+            log_to_file_only(f"job {job_num} failed: {message}")
         else:
-            log.exception(f"job {job_num} failed: {type(err).__name__}: {message}")
+            log_to_file_only(f"job {job_num} failed: {type(err).__name__}: {message}", exc_info=err)
         print(f"skinclf train: job {job_num} failed: {message} (log: {info['log']})", file=sys.stderr)
         # Best effort: on a full disk (a checkpoint's error is a SkinclfError by then) these writes
         # fail too, and a job's failure must not end the sweep; its line above is then all there is.
