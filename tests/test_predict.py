@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -243,22 +244,39 @@ def test_a_folder_that_is_not_a_finished_run_is_refused(run_and_images, tmp_path
 
 def test_a_stopped_run_or_swapped_arguments_say_what_to_do(run_and_images, tmp_path, capsys):
     run_dir, folder, _ = run_and_images
-    # A run stopped before its end (Ctrl-C): its status says so, and resume=true finishes it.
-    stopped = tmp_path / "stopped"
+    # A run stopped before its end (Ctrl-C): the command that resumes it, from its overrides.
+    stopped = tmp_path / "stopped run"
     shutil.copytree(run_dir, stopped)
     (stopped / "test_metrics.json").unlink()
-    (stopped / "job_status.json").write_text(json.dumps({"status": "stopped", "launch": None}))
-    with pytest.raises(SystemExit):
-        _predict(stopped, folder)
-    err = capsys.readouterr().err
-    assert (
-        "(test_metrics.json is missing)" in err
-        and f"hydra.run.dir={stopped} and resume=true finishes it" in err
+    (stopped / ".hydra").mkdir(exist_ok=True)
+    (stopped / ".hydra" / "overrides.yaml").write_text("- model=augmented\n- seed=1\n")
+
+    def hint(status):
+        (stopped / "job_status.json").write_text(json.dumps({"launch": None, **status}))
+        with pytest.raises(SystemExit):
+            _predict(stopped, folder)
+        err = capsys.readouterr().err
+        assert "(test_metrics.json is missing)" in err
+        return err.strip().split("; ")[-1]
+
+    resume = f"skinclf train model=augmented seed=1 'hydra.run.dir=\"{stopped}\"' resume=true"
+    assert hint({"status": "stopped"}) == f"its run ended unfinished: {resume}"
+    # Killed outright: "running", but its process is gone.
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    (stopped / "job_status.json").write_text(json.dumps({"status": "failed", "launch": None}))
-    with pytest.raises(SystemExit):
-        _predict(stopped, folder)
-    assert "; its run is failed (its train.log says more)" in capsys.readouterr().err
+    dead = {"status": "running", "pid": int(gone.stdout), "host": socket.gethostname()}
+    assert hint(dead) == f"its run ended unfinished: {resume}"
+    assert hint({"status": "running", "pid": 1, "host": "node7"}).startswith(
+        "its run is recorded as running on node7"
+    )
+    assert hint({"status": "failed"}) == "its run failed (its train.log says why)"
+    # A sweep's job: re-launching the sweep resumes it with the others.
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    assert hint({"status": "stopped"}) == (
+        "its run ended unfinished: the same `skinclf train -m` command with "
+        f"hydra.sweep.dir={tmp_path} resumes it"
+    )
     # The images first, the run second: the folder of images is named as such.
     with pytest.raises(SystemExit):
         _predict(folder, run_dir)
@@ -763,3 +781,12 @@ def test_a_name_that_is_no_utf8_prints_as_its_bytes_on_a_strict_stdout(run_and_i
     )
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert os.fsencode(images) + b"/\xff\xfe.png," in done.stdout
+    # So do the names in messages on stderr (a stop line's command to paste among them).
+    missing = tmp_path / os.fsdecode(b"run_\xff")
+    refused = subprocess.run(
+        [sys.executable, "-m", "skinclf", "predict", str(missing), str(images)],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:backslashreplace"},
+        timeout=300,
+    )
+    assert refused.returncode == 2 and os.fsencode(missing) + b": no such folder" in refused.stderr

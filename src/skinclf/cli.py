@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # File names whose bytes are no UTF-8 (printed paths, predict's CSV on stdout) go out as those
     # bytes, whatever the locale: a strict stdout (en_US.UTF-8) would end in UnicodeEncodeError.
-    if isinstance(sys.stdout, io.TextIOWrapper):
-        sys.stdout.reconfigure(errors=FILE_NAME_ERRORS)
+    for stream in (sys.stdout, sys.stderr):  # stderr: errors and the stop line name paths too
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors=FILE_NAME_ERRORS)
     # `kill`, a scheduler's time limit: stop as Ctrl-C does (only the main thread can set this).
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:

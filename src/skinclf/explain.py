@@ -179,7 +179,10 @@ def explain_files(
 def main(args: list[str]) -> None:
     """Entry point of ``skinclf explain ARGS``."""
     opts = explain_parser().parse_args(args)
-    if Path(opts.out).suffix.lower() in PICTURE_SUFFIXES and not Path(opts.out).exists():
+    named_like_a_file = (
+        not opts.out.endswith(("/", os.sep)) and Path(opts.out).suffix.lower() in PICTURE_SUFFIXES
+    )
+    if named_like_a_file and not Path(opts.out).exists():
         # --out heatmap.png would become a folder of that name holding the figures.
         raise SkinclfError(f"--out {opts.out}: names a file; expected a folder, to hold one figure per image")
     # Before the folder is made: refused, it leaves nothing behind.

@@ -137,7 +137,7 @@ def resume_hint() -> str:
     where there is nothing to resume."""
     if resume_folder is None:
         return ""
-    sweep = SweepSummary.sweep_dir is not None and resume_folder == SweepSummary.sweep_dir
+    sweep = SweepSummary.sweep_dir is not None and resume_folder == SweepSummary.sweep_dir.absolute()
     return f"; to go on: {resume_command(launch_args, resume_folder, sweep)}"
 
 
@@ -245,7 +245,7 @@ def main(args: list[str]) -> None:
             # Jobs whose launcher ended them before they recorded the stop (submitit_local).
             record_stopped_jobs(SweepSummary.sweep_dir)
             print(f"output directory: {SweepSummary.sweep_dir}")
-            resume_folder = SweepSummary.sweep_dir
+            resume_folder = SweepSummary.sweep_dir.absolute()  # the command works from any folder
         raise
     if SweepSummary.last is not None and SweepSummary.last.failed:
         sys.exit(1)  # the summary above names the failed jobs; scripts and CI must notice too

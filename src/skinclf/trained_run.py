@@ -32,7 +32,17 @@ from skinclf.run_files import (
     TEST_METRICS,
     TRAIN_LOG,
 )
-from skinclf.run_folder import differences_from_record, holds_a_run, hydra_record, read_status, recorded
+from skinclf.run_folder import (
+    differences_from_record,
+    holds_a_run,
+    hydra_record,
+    process_gone,
+    read_status,
+    recorded,
+    recorded_overrides,
+    trained_now,
+)
+from skinclf.train_arguments import resume_command
 from skinclf.training.checkpoint import load_checkpoint
 from skinclf.training.hardware import resolve_device, resolve_precision, runs_natively
 from skinclf.training.loop import LoopSettings, predict_logits
@@ -194,19 +204,38 @@ def _not_a_run_hint(folder: Path) -> str:
         )
     if (folder / HYDRA_MULTIRUN).is_file():
         return "; a sweep's folder: give one of its job folders"
-    status = read_status(folder).get("status")
-    if status == "stopped":
-        return (
-            "; its run was stopped before its end: `skinclf train` with its overrides, "
-            f"hydra.run.dir={folder} and resume=true finishes it"
+    status = read_status(folder)
+    if trained_now(status):
+        return f"; its run is still training (its {TRAIN_LOG} says how far)"
+    if status.get("status") == "stopped" or process_gone(status):  # stopped, or killed outright
+        return f"; its run ended unfinished: {_how_to_finish(folder)}"
+    if status.get("status") == "running":  # on another machine, or killed there: cannot be told
+        host = status.get("host", "another machine")
+        return f"; its run is recorded as running on {host} (its {TRAIN_LOG} says how far)"
+    if status.get("status") == "failed":
+        return f"; its run failed (its {TRAIN_LOG} says why)"
+    try:
+        images = any(
+            entry.suffix.lower() in PICTURE_SUFFIXES for entry in folder.iterdir() if entry.is_file()
         )
-    if status in ("failed", "running"):
-        return f"; its run is {status} (its {TRAIN_LOG} says more)"
-    if not holds_a_run(folder) and any(
-        entry.suffix.lower() in PICTURE_SUFFIXES for entry in folder.iterdir() if entry.is_file()
-    ):
+    except OSError:  # a folder that can be entered but not listed: no hint, the error stands
+        images = False
+    if images and not holds_a_run(folder):
         return "; it holds images: the run folder comes first, then the images"
     return ""
+
+
+def _how_to_finish(folder: Path) -> str:
+    """How a stopped or killed run goes on: a sweep job by re-launching its sweep, a run by the
+    command that resumes it (its recorded overrides)."""
+    if (folder.parent / HYDRA_MULTIRUN).is_file():
+        return (
+            f"the same `skinclf train -m` command with hydra.sweep.dir={folder.parent.absolute()} resumes it"
+        )
+    overrides = recorded_overrides(folder)
+    if overrides is None:
+        return f"`skinclf train` with its overrides, hydra.run.dir={folder.absolute()} and resume=true"
+    return resume_command(overrides, folder.absolute(), sweep=False)
 
 
 def _grid_search(folder: Path) -> bool:
