@@ -214,15 +214,15 @@ def _not_a_run_hint(folder: Path) -> str:
         return f"; its run is recorded as running on {host} (its {TRAIN_LOG} says how far)"
     if status.get("status") == "failed":
         return f"; its run failed (its {TRAIN_LOG} says why)"
+    if holds_a_run(folder):
+        return ""
     try:
         images = any(
             entry.suffix.lower() in PICTURE_SUFFIXES for entry in folder.iterdir() if entry.is_file()
         )
     except OSError:  # a folder that can be entered but not listed: no hint, the error stands
-        images = False
-    if images and not holds_a_run(folder):
-        return "; it holds images: the run folder comes first, then the images"
-    return ""
+        return ""
+    return "; it holds images: the run folder comes first, then the images" if images else ""
 
 
 def _how_to_finish(folder: Path) -> str:
