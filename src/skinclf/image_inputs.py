@@ -45,9 +45,8 @@ def collect_images(paths: Sequence[str | Path], skip: Path | None = None) -> lis
                     file=sys.stderr,
                 )
             if not found:
-                left_out = [f"the output folder {skip}"] * inside + ["skinclf explain's figures"] * bool(
-                    figures
-                )
+                left_out = [f"the output folder {skip}"] if inside else []
+                left_out += ["skinclf explain's figures"] if figures else []
                 besides = f" besides {' and '.join(left_out)}" if left_out else ""
                 raise SkinclfError(f"{arg}: folder holds no files{besides}; expected images (JPEG, PNG, ...)")
             files += found

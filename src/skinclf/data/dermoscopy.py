@@ -151,8 +151,8 @@ class DermoscopyAugmentation:
         the first try whose window of area in ``crop_scale`` and aspect ratio in ``crop_ratio``
         (log-uniform) fits in the image, as torchvision's RandomResizedCrop; where none fits, the
         whole image or, for a ratio range without 1, the largest centred window of the nearest
-        ratio. (Clipping a window that does not fit instead would make crops smaller and squarer
-        than drawn.)"""
+        ratio. (Clipping a window that does not fit instead, as skinclf did before, gave squarer
+        windows than torchvision's, and larger: a mean area of 0.78 against 0.74.)"""
         lo, hi = self.crop_scale
         area = lo + (hi - lo) * tries[..., 0]
         ratio_lo, ratio_hi = self.crop_ratio
