@@ -303,6 +303,9 @@ def test_a_raw_download_or_one_split_as_data_root_says_what_to_give_instead(tmp_
     assert str(err.value).endswith(
         f"(a raw download? `skinclf prepare '{download}' OUT` builds that layout in OUT)"
     )
+    with pytest.raises(SkinclfError) as err:  # the folder that holds downloads
+        load_splits(data_cfg(download.parent, None))
+    assert str(err.value).endswith(f"`skinclf prepare '{download}' OUT` builds that layout in OUT)")
     root = make_dataset(tmp_path / "prepared", {"train": (2, 2), "val": (1, 1)})
     with pytest.raises(SkinclfError) as err:
         load_splits(data_cfg(root / "train", None))

@@ -68,7 +68,10 @@ def _run_and_images_parser(prog: str, description: str) -> argparse.ArgumentPars
     parser = CommandParser(prog=prog, description=f"{description} {DISCLAIMER}")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="output directory of a finished `skinclf train`")
     parser.add_argument(
-        "images", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files, or folders scanned recursively"
+        "images",
+        metavar="IMAGE_OR_FOLDER",
+        nargs="+",
+        help="image files, or folders scanned recursively (leaving out explain's *_gradcam.png figures)",
     )
     parser.add_argument(
         "--device", metavar="D", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)"

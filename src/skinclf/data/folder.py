@@ -102,10 +102,25 @@ def _split_files(split_dir: Path) -> tuple[list[Path], list[float]]:
 
 
 def _layout_hint(root: Path) -> str:
-    """What a ``root`` without split folders likely is, where it can be told: a raw download
-    (its metadata CSV), or one split of a prepared folder."""
-    if any((root / csv).is_file() for csv in (ISIC_2019_CSV, HAM10000_CSV)):
-        return f" (a raw download? `skinclf prepare {shlex.quote(str(root))} OUT` builds that layout in OUT)"
+    """What a ``root`` without split folders likely is, where it can be told: a raw download (its
+    metadata CSV in it or one folder down, as in downloads/isic2019/), or one split of a prepared
+    folder."""
+    try:
+        folders = [root, *(entry for entry in root.iterdir() if entry.is_dir())]
+    except OSError:
+        folders = [root]
+    download = next(
+        (
+            folder
+            for folder in folders
+            if any((folder / csv).is_file() for csv in (ISIC_2019_CSV, HAM10000_CSV))
+        ),
+        None,
+    )
+    if download is not None:
+        return (
+            f" (a raw download? `skinclf prepare {shlex.quote(str(download))} OUT` builds that layout in OUT)"
+        )
     if root.name.lower() in SPLIT_NAMES and (root.parent / "train").is_dir():
         return f" ({root.name}/ is one split: data.root={root.parent} holds them all)"
     return ""
