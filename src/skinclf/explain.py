@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from skinclf.arguments import EXPLAIN_TARGETS, explain_parser
+from skinclf.data.images import image_file_suffixes
 from skinclf.errors import SkinclfError, counted
 from skinclf.evaluation.gradcam import grad_cam, grad_cam_over_flips
 from skinclf.image_inputs import (
@@ -23,7 +24,7 @@ from skinclf.image_inputs import (
     no_readable_image,
 )
 from skinclf.io import output_folder, readable, save_figure
-from skinclf.trained_run import PICTURE_SUFFIXES, TrainedRun, load_trained_run
+from skinclf.trained_run import TrainedRun, load_trained_run
 
 # Images explained per forward/backward pass: Grad-CAM keeps activations and gradients in memory.
 CHUNK = 16
@@ -180,7 +181,7 @@ def main(args: list[str]) -> None:
     """Entry point of ``skinclf explain ARGS``."""
     opts = explain_parser().parse_args(args)
     named_like_a_file = (
-        not opts.out.endswith(("/", os.sep)) and Path(opts.out).suffix.lower() in PICTURE_SUFFIXES
+        not opts.out.endswith(("/", os.sep)) and Path(opts.out).suffix.lower() in image_file_suffixes()
     )
     if named_like_a_file and not Path(opts.out).exists():
         # --out heatmap.png would become a folder of that name holding the figures.

@@ -181,11 +181,11 @@ def hydra_main(cfg: DictConfig) -> None:
                             # or that holds the log; a timestamped one is otherwise hard to find.
                             # So is that of an error after training began (diverged in epoch 2),
                             # which keeps its checkpoints; a refusal leaves nothing to find.
-                            if not isinstance(stop, SkinclfError):
+                            stopped_or_crashed = not isinstance(stop, SkinclfError)
+                            if stopped_or_crashed or _produced_files(out_dir, found):
                                 print(f"output directory: {out_dir}")
+                            if stopped_or_crashed:
                                 resume_folder = out_dir
-                            elif _produced_files(out_dir, found):
-                                print(f"output directory: {out_dir}")
                             raise
             except SkinclfError as err:
                 # Undone while the folder is still ours: no other process claims it in between.

@@ -19,6 +19,7 @@ from torch import nn
 
 from skinclf.arguments import DISCLAIMER, SYNTHETIC_MODEL_NOTE
 from skinclf.config import instantiate_config, interpolated_strings, is_number
+from skinclf.data.images import image_file_suffixes
 from skinclf.errors import SkinclfError, first_line, not_a_folder
 from skinclf.evaluation.metrics import DEFAULT_THRESHOLD
 from skinclf.models import build_model, check_model_config
@@ -190,10 +191,6 @@ def _check_own_checkpoint(run_dir: Path, state: dict[str, Any], metrics: dict[st
         )
 
 
-# Common image file suffixes, to tell a folder of images given where the run folder goes.
-PICTURE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
-
-
 def _not_a_run_hint(folder: Path) -> str:
     """What to give instead of ``folder``, which holds no finished run: a grid search trains no
     model (its points are cross-validated, never tested), a sweep's folder holds runs."""
@@ -218,7 +215,7 @@ def _not_a_run_hint(folder: Path) -> str:
         return ""
     try:
         images = any(
-            entry.suffix.lower() in PICTURE_SUFFIXES for entry in folder.iterdir() if entry.is_file()
+            entry.suffix.lower() in image_file_suffixes() for entry in folder.iterdir() if entry.is_file()
         )
     except OSError:  # a folder that can be entered but not listed: no hint, the error stands
         return ""

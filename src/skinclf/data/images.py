@@ -6,6 +6,7 @@ import io
 import re
 import struct
 import warnings
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,13 @@ def _damaged_exif(path: Path, err: Exception) -> str:
         f"{path}: damaged EXIF metadata ({first_line(err)}); expected a readable orientation tag "
         "(re-save the image without EXIF to use it)"
     )
+
+
+@cache
+def image_file_suffixes() -> frozenset[str]:
+    """The file suffixes of the formats Pillow opens, which :func:`decode_image` reads (.jpg,
+    .png, .tif, .webp, ...): what a file named so is taken to be."""
+    return frozenset(ext for ext, name in Image.registered_extensions().items() if name in Image.OPEN)
 
 
 def decode_image(path: str | Path, size: int = IMAGE_SIZE) -> torch.Tensor:

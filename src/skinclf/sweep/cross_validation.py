@@ -114,14 +114,15 @@ def _fit_fold(
     device: torch.device,
     settings: LoopSettings,
     environment: dict[str, Any],
-) -> float:
-    """Train a fresh model on one fold; its best validation accuracy (resumable, like a run)."""
+) -> dict[str, Any]:
+    """Train a fresh model on one fold (resumable, like a run); its fold_result.json record: best
+    validation accuracy, and where it trained."""
     # train.py dispatches here, so a top-level import would be circular.
     from skinclf.train import prepare_training
 
     done = fold_dir / FOLD_RESULT
     if cfg.resume and done.exists():
-        return float(json.loads(done.read_text())["best_val_acc"])
+        return json.loads(done.read_text())
     # Same initialisation in every fold: the folds then differ only in their data.
     torch.manual_seed(int(cfg.seed))
     # A copy: prepare_training sets the fold's own class weights on it.
@@ -156,29 +157,27 @@ def _fit_fold(
         checkpoint_model=model,
         data_hash=content_hash(fold_splits.train, fold_splits.val),
     )
-    atomic_write_json(
-        {
-            "fold": fold,
-            "best_val_acc": result.best_val_acc,
-            "best_epoch": result.best_epoch,
-            "precision": settings.precision,
-            # As a run's test_metrics.json: where the fold ended, and each it trained in if several.
-            **recorded_environments(environment, environments),
-        },
-        done,
-    )
+    record = {
+        "fold": fold,
+        "best_val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
+        "precision": settings.precision,
+        # As a run's test_metrics.json: where the fold ended, and each it trained in if several.
+        **recorded_environments(environment, environments),
+    }
+    atomic_write_json(record, done)
     # Only the accuracy matters for model selection: drop the checkpoints (a full grid of
     # them would take gigabytes). metrics.csv stays for inspection.
     for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
         (fold_dir / name).unlink(missing_ok=True)
     log.info(f"fold {fold}: best validation accuracy {result.best_val_acc:.4f} (epoch {result.best_epoch})")
-    return result.best_val_acc
+    return record
 
 
-def _fold_environment(done: Path) -> dict[str, Any] | list[dict[str, Any]]:
-    """What a finished fold trained in: its environments where several, else its environment;
-    unknown where its record holds neither (written before skinclf recorded them)."""
-    record = json.loads(done.read_text())
+def _fold_environment(record: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
+    """What a finished fold trained in (its fold_result.json ``record``): its environments where
+    several, else its environment; unknown where it holds neither (written before skinclf recorded
+    them)."""
     return record.get("environments", record.get("environment", dict(UNKNOWN)))
 
 
@@ -215,7 +214,7 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
         f"{k}-fold cross-validation of model={cfg.model.name} batch_size={cfg.data.batch_size} "
         f"lr={cfg.optim.lr} on the training split ({len(train)} images{grouping}), device={device}"
     )
-    accs = [
+    fold_records = [
         _fit_fold(
             cfg,
             ImageSplits(name, subset(train, tr), subset(train, va)),
@@ -229,7 +228,8 @@ def cross_validate(cfg: DictConfig, out_dir: Path) -> dict:
     ]
     # Folds an earlier launch finished keep the environment they trained in: a mean over folds of
     # several environments is said, as a run resumed in another is.
-    fold_environments = [_fold_environment(out_dir / f"fold_{i}" / FOLD_RESULT) for i in range(k)]
+    accs = [float(record["best_val_acc"]) for record in fold_records]
+    fold_environments = [_fold_environment(record) for record in fold_records]
     others = [str(i) for i, recorded in enumerate(fold_environments) if recorded != environment]
     first = fold_environments[0]
     if others and all(isinstance(e, dict) and e == first != UNKNOWN for e in fold_environments):
